@@ -1,0 +1,86 @@
+"""Shared fixtures: real images (CIFAR-10 slices from ../shared/data or drawn shapes) and a tiny trained run."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("TWIST_SHARED_DATA", REPO.parent / "shared" / "data"))
+CIFAR_TEST = SHARED_DATA / "cifar10-test.tar.gz"
+
+
+def extract_cifar_slice(destination: Path, per_class: int, archive: Path = CIFAR_TEST) -> Path:
+    """Extract the first ``per_class`` images of each class into ``destination/<class>/``."""
+    if not archive.exists():
+        pytest.skip(f"{archive} not found (CI checks it is there, so this never skips in CI)")
+    taken: dict[str, int] = {}
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            if not member.isfile() or not member.name.endswith(".jpg"):
+                continue
+            parts = Path(member.name).parts  # test/<class>/NNNN.jpg
+            label = parts[-2]
+            if taken.get(label, 0) >= per_class:
+                continue
+            taken[label] = taken.get(label, 0) + 1
+            target = destination / label / parts[-1]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tar.extractfile(member) as source:  # type: ignore[union-attr]
+                target.write_bytes(source.read())
+    return destination
+
+
+@pytest.fixture(scope="session")
+def cifar_1k(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1,000 real CIFAR-10 test images (100 per class) in class folders."""
+    return extract_cifar_slice(tmp_path_factory.mktemp("cifar1k"), per_class=100)
+
+
+def draw_shapes_folder(root: Path, n_per_class: int = 24, size: int = 32, seed: int = 0) -> Path:
+    """Two visually distinct classes of small images (discs and stripes) with noise; cheap and deterministic."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for label in ("discs", "stripes"):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            if label == "discs":
+                cy, cx, r = rng.uniform(size * 0.3, size * 0.7, 2).tolist() + [rng.uniform(size * 0.2, size * 0.35)]
+                mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
+            else:
+                period = rng.uniform(4, 8)
+                mask = np.sin(xx * 2 * np.pi / period + rng.uniform(0, 6)) > 0
+            colour = rng.uniform(80, 255, 3)
+            image = np.where(mask[..., None], colour, 255 - colour) + rng.normal(0, 12, (size, size, 3))
+            Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / label / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def shapes_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return draw_shapes_folder(tmp_path_factory.mktemp("shapes"))
+
+
+def tiny_train_config(data: Path, out: Path, **overrides):
+    """A configuration that trains in seconds on the CPU: narrow ResNet-18, small head, no workers."""
+    from twist_core.train import TrainConfig
+
+    settings = dict(data=str(data), out=str(out), classes=4, width=8, hidden_dim=64, image_size=32, epochs=1,
+                    batch_size=16, workers=0, progress=False, checkpoint_every=0, self_label_fraction=0.0)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, shapes_folder: Path) -> Path:
+    """A real (tiny) training run folder: config.json, metrics.jsonl, last.pt."""
+    from twist_core.train import train
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    train(tiny_train_config(shapes_folder, out, epochs=2))
+    return out

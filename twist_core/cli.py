@@ -1,0 +1,24 @@
+"""``twist COMMAND ...``: a thin dispatcher; each command parses its own config dataclass and calls one function."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("twist_core.train", "train TWIST on an image folder"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:<11} {text}" for name, (_, text) in COMMANDS.items()]
+        print("usage: twist COMMAND [options]   (twist COMMAND --help for each)\n\ncommands:\n" + "\n".join(lines))
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

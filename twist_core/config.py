@@ -1,0 +1,97 @@
+"""One dataclass per command, filled from an optional YAML/JSON file and then the command line.
+
+Every field carries its help text in ``metadata["help"]`` so that ``--help`` documents each option and
+the saved ``config.json`` reproduces a run exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+C = TypeVar("C")
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with its command-line help text."""
+    if isinstance(default, list | dict):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+def _base_type(annotation: Any) -> Any:
+    """Strip ``X | None`` to ``X`` so argparse knows how to parse the value."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0]
+    return annotation
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[str, ...] = ()) -> None:
+    """Add one option per field of ``cls``; fields named in ``positional`` become positional arguments."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if field.metadata.get("cli") is False:
+            continue
+        kind = _base_type(hints[field.name])
+        help_text = field.metadata.get("help", "")
+        if field.name in positional:
+            parser.add_argument(field.name, type=str, help=help_text, nargs="?" if field.default is None else None)
+            continue
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+        help_text = f"{help_text} (default: {default})"
+        if kind is bool:
+            parser.add_argument(_flag(field.name), dest=field.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        elif typing.get_origin(kind) is list:
+            item = typing.get_args(kind)[0]
+            parser.add_argument(_flag(field.name), dest=field.name, type=item, nargs="*",
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            choices = field.metadata.get("choices")
+            parser.add_argument(_flag(field.name), dest=field.name, type=kind, choices=choices,
+                                default=argparse.SUPPRESS, help=help_text, metavar=field.metadata.get("metavar"))
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON mapping of option names (dashes or underscores) to values."""
+    text = Path(path).read_text()
+    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of option names to values")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(cls: type[C], args: argparse.Namespace, config_file: str | None = None) -> C:
+    """File values first, then every option given on the command line; unknown keys are an error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    if config_file:
+        values.update(load_config_file(config_file))
+    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown option(s) in {config_file}: {', '.join(sorted(unknown))}")
+    return cls(**values)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: Path) -> None:
+    from twist_core.io_utils import atomic_write_text
+
+    atomic_write_text(path, json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,78 @@
+"""One code path for one process and for torchrun: gloo on CPU, NCCL on GPU, any number of nodes."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(preference)
+
+
+def setup(device_preference: str = "auto") -> Context:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise run alone, no group needed."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Context(0, 1, 0, pick_device(device_preference))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_preference)
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return Context(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_gather_objects(ctx: Context, item: Any) -> list[Any]:
+    if not ctx.distributed:
+        return [item]
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, item)
+    return gathered
+
+
+def any_rank(ctx: Context, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any: ranks must stop at the same step."""
+    if not ctx.distributed:
+        return flag
+    tensor = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
+    dist.all_reduce(tensor)
+    return bool(tensor.item() > 0)
+
+
+def sum_across(ctx: Context, tensor: torch.Tensor) -> torch.Tensor:
+    if ctx.distributed:
+        tensor = tensor.to(ctx.device)
+        dist.all_reduce(tensor)
+    return tensor

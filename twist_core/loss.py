@@ -1,0 +1,99 @@
+"""The TWIST loss and the self-labelling loss, correct over any number of processes.
+
+Per-sample terms are batch means on each process; DDP's gradient averaging turns them into global means.
+The diversity term needs the mean prediction of the *global* batch before the entropy is taken, so the
+sum of predictions crosses processes through ``torch.distributed.nn`` (autograd sees the collective).
+Each process then holds ``world_size`` times the single-process logit gradient, which DDP's 1/world_size
+averaging brings back to exactly the single-process update.
+"""
+
+from __future__ import annotations
+
+from itertools import product
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+EPS = 1e-5
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def global_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over dim 0 of the batch gathered from every process, differentiable."""
+    total = values.sum(0)
+    count = torch.tensor(float(values.shape[0]), device=values.device)
+    if _distributed():
+        from torch.distributed.nn.functional import all_reduce
+
+        total = all_reduce(total)
+        dist.all_reduce(count)
+    return total / count
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy over the last dimension, EPS inside the log as in the reference."""
+    return -(probs * torch.log(probs + EPS)).sum(-1)
+
+
+def symmetric_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    log_p, log_q = torch.log(p + EPS), torch.log(q + EPS)
+    return 0.5 * ((p * (log_p - log_q)).sum(-1) + (q * (log_q - log_p)).sum(-1)).mean()
+
+
+def twist_pair_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, tau: float = 1.0, lam1: float = 0.0,
+                    lam2: float = 1.0) -> dict[str, torch.Tensor]:
+    """The TWIST loss for two views of one batch, with its three parts.
+
+    consistency = symmetric KL of softmax(logits); sharpness = mean entropy of softmax(logits/tau);
+    diversity = entropy of the global mean of softmax(logits/tau);
+    loss = consistency + (1 + lam1) * sharpness - lam2 * diversity.
+    """
+    consistency = symmetric_kl(torch.softmax(logits_a, -1), torch.softmax(logits_b, -1))
+    sharp_a, sharp_b = torch.softmax(logits_a / tau, -1), torch.softmax(logits_b / tau, -1)
+    sharpness = 0.5 * (entropy(sharp_a).mean() + entropy(sharp_b).mean())
+    diversity = 0.5 * (entropy(global_mean(sharp_a)) + entropy(global_mean(sharp_b)))
+    loss = consistency + (1 + lam1) * sharpness - lam2 * diversity
+    return {"loss": loss, "consistency": consistency, "sharpness": sharpness, "diversity": diversity}
+
+
+def twist_multicrop_loss(view_logits: list[torch.Tensor], n_global: int = 2, tau: float = 1.0, lam1: float = 0.0,
+                         lam2: float = 1.0) -> dict[str, torch.Tensor]:
+    """Average of the pair loss over (global view i, any other view j); two views give the plain pair loss."""
+    pairs = [(i, j) for i, j in product(range(n_global), range(len(view_logits))) if i != j]
+    if n_global == 2:  # (0, 1) and (1, 0) are the same symmetric pair: count it once
+        pairs = [(i, j) for i, j in pairs if not (i == 1 and j == 0)]
+    parts = [twist_pair_loss(view_logits[i], view_logits[j], tau, lam1, lam2) for i, j in pairs]
+    return {name: torch.stack([p[name] for p in parts]).mean() for name in parts[0]}
+
+
+def self_label_loss(view_logits: list[torch.Tensor], n_global: int = 2, tau: float = 1.0,
+                    keep_fraction: float = 0.5) -> torch.Tensor:
+    """Confidence-masked pseudo-label cross-entropy (as in SCAN), with a threshold over the global batch.
+
+    The more confident global view of each image gives the pseudo-label; images whose confidence is in the
+    top ``keep_fraction`` of the global batch train every other view towards it.
+    """
+    with torch.no_grad():
+        probs = torch.stack([torch.softmax(v / tau, -1) for v in view_logits[:n_global]])
+        confidence, labels = probs.max(-1)  # views x N
+        best_view = confidence.argmax(0)  # N
+        best_conf = confidence.gather(0, best_view.view(1, -1)).squeeze(0)
+        pseudo = labels.gather(0, best_view.view(1, -1)).squeeze(0)
+        everyone = best_conf
+        if _distributed():
+            gathered = [torch.empty_like(best_conf) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, best_conf)
+            everyone = torch.cat(gathered)
+        threshold = torch.quantile(everyone.float(), 1.0 - keep_fraction)
+        keep = best_conf >= threshold
+    losses = []
+    for view, logits in enumerate(view_logits):
+        per_sample = F.cross_entropy(logits / tau, pseudo, reduction="none")
+        not_source = best_view != view if view < n_global else torch.ones_like(keep)
+        mask = (keep & not_source).float()
+        losses.append((per_sample * mask).sum() / mask.sum().clamp(min=1.0))
+    return torch.stack(losses).mean()

@@ -1,0 +1,136 @@
+"""TWIST network: a torchvision ResNet backbone, the projection MLP and the non-affine BatchNorm over K logits.
+
+The backbone uses torchvision's residual blocks and keeps torchvision's parameter names, so ``--init`` can
+load any local torchvision ResNet state dict; nothing is ever downloaded. ``width`` narrows every stage
+(64 is torchvision's), which is what makes CPU training practical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+ARCHITECTURES: dict[str, tuple[type[nn.Module], list[int]]] = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild the network (saved in checkpoints and model cards)."""
+
+    backbone: str = "resnet18"
+    width: int = 64
+    small_stem: bool = False
+    hidden_dim: int = 2048
+    n_classes: int = 10
+    tau: float = 1.0
+
+
+class ResNetBackbone(nn.Module):
+    """ResNet up to global average pooling; ``forward`` returns the pooled feature (N x feature_dim)."""
+
+    def __init__(self, backbone: str = "resnet18", width: int = 64, small_stem: bool = False):
+        super().__init__()
+        if backbone not in ARCHITECTURES:
+            raise ValueError(f"unknown backbone {backbone!r}; choose from {', '.join(ARCHITECTURES)}")
+        block, layers = ARCHITECTURES[backbone]
+        self.inplanes = width
+        if small_stem:  # 32-64 px images: keep resolution, as CIFAR ResNets do
+            self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+            self.maxpool: nn.Module = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(block, width, layers[0], stride=1)
+        self.layer2 = self._make_layer(block, width * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, width * 4, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim = width * 8 * block.expansion
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        for module in self.modules():  # zero-init the last BN of each block: starts as identity, trains faster
+            if isinstance(module, Bottleneck):
+                nn.init.zeros_(module.bn3.weight)
+            elif isinstance(module, BasicBlock):
+                nn.init.zeros_(module.bn2.weight)
+
+    def _make_layer(self, block: type[nn.Module], planes: int, blocks: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+
+class TwistHead(nn.Module):
+    """Linear-BN-ReLU-Linear-BN-ReLU-Linear to K logits, then BatchNorm1d(K, affine=False).
+
+    The non-affine BN over the logits keeps every class in use early in training (see docs/TWIST.md).
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, n_classes: int):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, n_classes),
+        )
+        self.logit_norm = nn.BatchNorm1d(n_classes, affine=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.logit_norm(self.mlp(features))
+
+
+class TwistModel(nn.Module):
+    """``forward(images) -> (embedding, logits)``; probabilities are ``softmax(logits / tau)``."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.backbone = ResNetBackbone(spec.backbone, spec.width, spec.small_stem)
+        self.head = TwistHead(self.backbone.feature_dim, spec.hidden_dim, spec.n_classes)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.backbone(images)
+        return embedding, self.head(embedding)
+
+    def probabilities(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding, logits = self(images)
+        return embedding, torch.softmax(logits / self.spec.tau, dim=-1)
+
+
+def load_torchvision_weights(backbone: ResNetBackbone, path: str | Path) -> list[str]:
+    """Initialise from a local torchvision-format state dict; returns the keys left at random init.
+
+    The classifier (``fc.*``) is ignored; a 7x7 stem cannot be loaded into the small 3x3 stem and is skipped.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    own = backbone.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise ValueError(f"{path}: no tensor matches the {type(backbone).__name__} layout (wrong backbone/width?)")
+    backbone.load_state_dict(usable, strict=False)
+    return sorted(set(own) - set(usable))

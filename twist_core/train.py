@@ -1,0 +1,458 @@
+"""Train TWIST on an unlabeled image folder, in one process or under torchrun.
+
+Read top to bottom: configure, find and decode images, build model/optimiser, maybe resume, then the epoch
+loop (augment -> forward -> loss -> step), checkpointing every epoch, every N steps, and on SIGTERM/SIGINT.
+Run with ``twist train DATA --out RUN`` or ``torchrun --nproc_per_node N -m twist_core.train DATA --out RUN``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from twist_core import distributed
+from twist_core.augment import BatchAugment, policy_for_size
+from twist_core.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from twist_core.config import add_dataclass_arguments, build_config, option, save_config
+from twist_core.dataset import EpochBatches, FolderImages, decode_all, epoch_batches, make_loader
+from twist_core.folder import DEFAULT_MAX_PIXELS, NoImagesError, decode_image, require_images
+from twist_core.io_utils import atomic_write_text
+from twist_core.loss import self_label_loss, twist_multicrop_loss
+from twist_core.model import ModelSpec, TwistModel, load_torchvision_weights
+from twist_core.optim import build_optimizer, learning_rate
+
+DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "lars": 1.5e-6, "adamw": 0.05}
+
+
+@dataclass
+class TrainConfig:
+    data: str = option(None, "folder of images (searched recursively; folder names are never used as labels)")
+    out: str = option("runs/twist", "run folder for config.json, metrics.jsonl, skipped.txt, checkpoints, curves.png")
+    classes: int = option(10, "K, the number of classes to discover")
+    backbone: str = option("resnet18", "torchvision ResNet depth", choices=["resnet18", "resnet34", "resnet50"])
+    width: int = option(0, "channels of the first ResNet stage (64 = torchvision); 0 = auto: 64 on GPU, 32 on CPU")
+    image_size: int = option(0, "training crop size in px; 0 = auto from the median image size (32/64 or 224)")
+    small_stem: bool | None = option(None, "3x3 stride-1 stem without max-pool for small images; default: size <= 64")
+    hidden_dim: int = option(2048, "width of the projection MLP")
+    local_crops: int = option(0, "number of extra small local crops per image (multi-crop)")
+    epochs: int = option(100, "training epochs")
+    batch_size: int = option(256, "images per process per step (the global batch is this times the processes)")
+    optimizer: str = option("sgd", "optimiser (SGD with Nesterov trained best in short runs here)",
+                            choices=["sgd", "lars", "adamw"])
+    lr: float = option(0.1, "base learning rate per 256 images, scaled by global batch / 256")
+    weight_decay: float | None = option(None, "weight decay; default per optimiser: sgd 5e-4, lars 1.5e-6, adamw 0.05")
+    momentum: float = option(0.9, "momentum (SGD, LARS)")
+    lars_eta: float = option(0.001, "LARS trust coefficient")
+    warmup_epochs: float = option(5.0, "linear warm-up length in epochs before the cosine decay")
+    tau: float = option(0.5, "softmax temperature of the sharpness/diversity terms and of exported probabilities")
+    lam1: float = option(0.0, "sharpness weight is (1 + lam1)")
+    lam2: float = option(1.0, "diversity weight (the term that prevents collapse)")
+    self_label_fraction: float = option(0.1, "share of the final epochs spent in the self-labelling stage (0 = off)")
+    self_label_keep: float = option(0.5, "share of the global batch, most confident first, used as pseudo-labels")
+    self_label_weight: float = option(1.0, "weight of the self-labelling cross-entropy added to the TWIST loss")
+    init: str | None = option(None, "local torchvision-format ResNet state dict to start the backbone from")
+    seed: int = option(0, "random seed (data order, augmentation, initialisation)")
+    workers: int = option(-1, "decoding worker processes; -1 = auto (CPU count, at most 8)")
+    cache: str = option("auto", "decode all images once into RAM: auto (when under 2 GB), ram or off",
+                        choices=["auto", "ram", "off"])
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "refuse images with more pixels than this (decompression bombs)")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16 (with a grad scaler)",
+                            choices=["auto", "fp32", "bf16", "fp16"])
+    channels_last: bool = option(True, "channels-last memory format (faster convolutions on CPU and GPU)")
+    compile: bool = option(False, "torch.compile the model (slow start, faster steps on GPU)")
+    checkpoint_every: int = option(500, "also checkpoint every N steps within an epoch (0 = only per epoch)")
+    resume: bool = option(False, "continue from RUN/last.pt exactly where it stopped")
+    progress: bool = option(True, "show a progress bar")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+class ResumeError(RuntimeError):
+    """``--resume`` cannot continue this run as asked."""
+
+
+class StopRequested:
+    """Remembers SIGTERM/SIGINT so the loop can save a checkpoint and exit at the end of the step."""
+
+    def __init__(self) -> None:
+        self.signal_number: int | None = None
+
+    def __call__(self, signum: int, _frame: Any) -> None:
+        self.signal_number = signum
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self)
+        signal.signal(signal.SIGINT, self)
+
+
+def median_image_side(root: Path, files: list[str], max_pixels: int, sample: int = 200) -> int:
+    """Median shorter side over an evenly spread sample of the images (header reads only)."""
+    from PIL import Image
+
+    step = max(1, len(files) // sample)
+    sides = []
+    for name in files[::step][:sample]:
+        try:
+            with Image.open(root / name) as image:
+                if image.size[0] * image.size[1] <= max_pixels:
+                    sides.append(min(image.size))
+        except Exception:  # unreadable files are reported during decoding
+            continue
+    if not sides:
+        raise NoImagesError(f"none of the {len(files)} image files in {root} could be opened")
+    return sorted(sides)[len(sides) // 2]
+
+
+def resolve_auto(config: TrainConfig, root: Path, files: list[str], device: torch.device) -> TrainConfig:
+    """Fill the ``auto`` choices from the images and the machine, so config.json records what ran."""
+    changes: dict[str, Any] = {}
+    if config.image_size <= 0:
+        side = median_image_side(root, files, config.max_pixels)
+        changes["image_size"] = 32 if side <= 40 else 64 if side <= 96 else 224
+    size = changes.get("image_size", config.image_size)
+    if config.small_stem is None:
+        changes["small_stem"] = size <= 64
+    if config.width <= 0:
+        changes["width"] = 64 if device.type == "cuda" else 32
+    if config.weight_decay is None:
+        changes["weight_decay"] = DEFAULT_WEIGHT_DECAY[config.optimizer]
+    if config.workers < 0:
+        changes["workers"] = min(8, os.cpu_count() or 1)
+    if config.precision == "auto":
+        changes["precision"] = "bf16" if device.type == "cuda" else "fp32"
+    return dataclasses.replace(config, **changes)
+
+
+def decode_size(image_size: int) -> int:
+    """Images are decoded to a square a little larger than the crop (256 for 224), as the reference resizes."""
+    return image_size if image_size <= 64 else round(image_size * 256 / 224)
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def forward_views(model: nn.Module, views: list[torch.Tensor], channels_last: bool) -> list[torch.Tensor]:
+    """One backbone pass per crop size (views of equal size are concatenated), logits split back per view."""
+    logits: list[torch.Tensor] = []
+    start = 0
+    while start < len(views):
+        end = start
+        while end < len(views) and views[end].shape[-1] == views[start].shape[-1]:
+            end += 1
+        batch = torch.cat(views[start:end])
+        if channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        _, group_logits = model(batch)
+        logits.extend(group_logits.float().chunk(end - start))
+        start = end
+    return logits
+
+
+def write_skipped(path: Path, files: list[str], skipped: dict[int, str]) -> None:
+    lines = [f"{files[i]}\t{reason}" for i, reason in sorted(skipped.items(), key=lambda item: files[item[0]])]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) a training run; returns the final epoch's metrics."""
+    ctx = distributed.setup(config.device)
+    try:
+        return _train(config, ctx)
+    finally:
+        distributed.teardown()
+
+
+def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:  # noqa: C901 - a loop read top to bottom
+    from tqdm import tqdm
+
+    out = Path(config.out)
+    root = Path(config.data)
+    checkpoint_path = out / CHECKPOINT_NAME
+    files = require_images(root)
+
+    resumed: dict[str, Any] | None = None
+    if config.resume:
+        if not checkpoint_path.exists():
+            raise ResumeError(f"--resume: no checkpoint at {checkpoint_path}")
+        resumed = load_checkpoint(checkpoint_path)
+        saved = resumed["config"]
+        # The saved run defines everything; only where to run it may change.
+        keep = {"device", "workers", "progress", "resume", "checkpoint_every"}
+        config = TrainConfig(**{**saved, **{k: getattr(config, k) for k in keep}})
+        if resumed["files"] != files:
+            raise ResumeError(f"{root} changed since the run started ({len(resumed['files'])} files then, "
+                               f"{len(files)} now): start a new run instead of --resume")
+    config = resolve_auto(config, root, files, ctx.device)
+    torch.manual_seed(config.seed)
+
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.json")
+
+    # Data: decode every image once into RAM when it fits, else stream through worker processes.
+    size = decode_size(config.image_size)
+    dataset = FolderImages(root, files, size, config.max_pixels)
+    cache_bytes = len(files) * 3 * size * size
+    use_cache = config.cache == "ram" or (config.cache == "auto" and cache_bytes < 2 * 1024**3)
+    skipped: dict[int, str] = dict(resumed["skipped"]) if resumed else {}
+    cache = None
+    if use_cache:
+        cache, failures = decode_all(dataset, config.workers, progress=config.progress and ctx.is_main)
+        skipped.update(failures)
+    elif not any(_readable(root / f, config.max_pixels) for f in files):
+        raise NoImagesError(f"none of the {len(files)} image files in {root} could be decoded")
+    n_valid = len(files) - len(skipped)
+    if n_valid == 0:
+        raise NoImagesError(f"none of the {len(files)} image files in {root} could be decoded; see the reasons in "
+                            f"{out / 'skipped.txt'}")
+    if ctx.is_main:
+        write_skipped(out / "skipped.txt", files, skipped)
+        for index, reason in sorted(skipped.items()):
+            print(f"warning: skipping {files[index]}: {reason}", file=sys.stderr)
+
+    batch_size = config.batch_size
+    if n_valid < batch_size * ctx.world_size:
+        batch_size = max(2, n_valid // ctx.world_size)
+        if ctx.is_main:
+            print(f"warning: only {n_valid} readable images: batch size lowered to {batch_size} per process",
+                  file=sys.stderr)
+    steps_per_epoch = max(1, n_valid // (batch_size * ctx.world_size))
+    total_steps = steps_per_epoch * config.epochs
+    warmup_steps = min(total_steps, max(1, round(config.warmup_epochs * steps_per_epoch)))
+    self_label_start = config.epochs - round(config.epochs * config.self_label_fraction)
+    peak_lr = config.lr * batch_size * ctx.world_size / 256
+
+    spec = ModelSpec(backbone=config.backbone, width=config.width, small_stem=bool(config.small_stem),
+                     hidden_dim=config.hidden_dim, n_classes=config.classes, tau=config.tau)
+    model = TwistModel(spec)
+    if config.init and not resumed:
+        missing = load_torchvision_weights(model.backbone, config.init)
+        if ctx.is_main and missing:
+            print(f"note: --init left {len(missing)} tensors at random init (e.g. {missing[0]})", file=sys.stderr)
+    if resumed:
+        model.load_state_dict(resumed["model"])
+    if ctx.device.type == "cuda" and ctx.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(ctx.device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(config.optimizer, model, peak_lr, float(config.weight_decay or 0.0),
+                                config.momentum, config.lars_eta)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.precision == "fp16")
+    if resumed:
+        optimizer.load_state_dict(resumed["optimizer"])
+        scaler.load_state_dict(resumed["scaler"])
+    train_model: nn.Module = model
+    if ctx.distributed:
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if config.compile:
+        train_model = torch.compile(train_model)
+
+    augment = BatchAugment(policy_for_size(config.image_size, config.local_crops))
+    n_views = 2 + config.local_crops
+    start_epoch = resumed["epoch"] if resumed else 0
+    start_step_in_epoch = resumed["step_in_epoch"] if resumed else 0
+    global_step = resumed["global_step"] if resumed else 0
+    history: list[dict[str, Any]] = resumed["history"] if resumed else []
+
+    sampler = EpochBatches()
+    loader = None if cache is not None else make_loader(dataset, sampler, config.workers,
+                                                        ctx.device.type == "cuda")
+    stop = StopRequested()
+    stop.install()
+
+    def checkpoint(epoch: int, step_in_epoch: int) -> None:
+        if not ctx.is_main:
+            return
+        save_checkpoint(checkpoint_path, {
+            "format": 1, "config": dataclasses.asdict(config), "model_spec": dataclasses.asdict(spec),
+            "model": plain_state_dict(model), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+            "skipped": dict(skipped), "files": files, "history": history,
+        })
+
+    metrics: dict[str, Any] = history[-1] if history else {}
+    lr = learning_rate(global_step, total_steps, warmup_steps, peak_lr)
+    for epoch in range(start_epoch, config.epochs):
+        batches = epoch_batches(len(files), batch_size, epoch, config.seed, ctx.rank, ctx.world_size,
+                                exclude=set(skipped))
+        first_step = start_step_in_epoch if epoch == start_epoch else 0
+        sampler.batches = batches[first_step:]
+        in_self_label = config.self_label_fraction > 0 and epoch >= self_label_start
+        train_model.train()
+        sums = {name: 0.0 for name in ("loss", "consistency", "sharpness", "diversity", "self_label")}
+        cluster_counts = torch.zeros(config.classes, dtype=torch.float64)
+        mean_probs = torch.zeros(config.classes, dtype=torch.float64)
+        seen, steps_done, epoch_start = 0, 0, time.perf_counter()
+        source = (_cache_batches(cache, sampler.batches) if cache is not None else iter(loader))
+        bar = tqdm(total=len(batches), initial=first_step, desc=f"epoch {epoch + 1}/{config.epochs}",
+                   unit="step", disable=not (config.progress and ctx.is_main), dynamic_ncols=True)
+        for step_in_epoch, (indices, images, errors) in enumerate(source, start=first_step):
+            new_failures = {int(i): e for i, e in zip(indices.tolist(), errors, strict=True) if e}
+            if new_failures:
+                for index, reason in new_failures.items():
+                    if index not in skipped and ctx.is_main:
+                        tqdm.write(f"warning: skipping {files[index]}: {reason}", file=sys.stderr)
+                skipped.update(new_failures)
+                keep = torch.tensor([not e for e in errors])
+                images = images[keep]
+            lr = learning_rate(global_step, total_steps, warmup_steps, peak_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images = images.to(ctx.device, non_blocking=True)
+            generator = torch.Generator(device=ctx.device).manual_seed(
+                config.seed * 1_000_003 + global_step * 1009 + ctx.rank)
+            views = augment(images, generator)
+            with autocast(config.precision, ctx.device):
+                view_logits = forward_views(train_model, views, config.channels_last)
+            parts = twist_multicrop_loss(view_logits, 2, config.tau, config.lam1, config.lam2)
+            loss = parts["loss"]
+            if in_self_label:
+                parts["self_label"] = self_label_loss(view_logits, 2, config.tau, config.self_label_keep)
+                loss = loss + config.self_label_weight * parts["self_label"]
+            if distributed.any_rank(ctx, not bool(torch.isfinite(loss))):
+                raise TrainingDiverged(
+                    f"the loss became {loss.item()} at epoch {epoch + 1}, step {step_in_epoch + 1}: training stopped. "
+                    f"The last good checkpoint ({checkpoint_path}) is intact; try a lower --lr or --precision fp32, "
+                    "then --resume or start again.")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            global_step += 1
+            steps_done += 1
+
+            with torch.no_grad():
+                probs = torch.softmax(view_logits[0].detach() / config.tau, -1).double().cpu()
+                cluster_counts += torch.bincount(probs.argmax(1), minlength=config.classes).double()
+                mean_probs += probs.sum(0)
+            seen += images.shape[0] * ctx.world_size
+            for name, value in parts.items():
+                sums[name] += float(value.detach())
+            elapsed = time.perf_counter() - epoch_start
+            bar.set_postfix(loss=f"{loss.item():.3f}", kl=f"{float(parts['consistency']):.3f}",
+                            sharp=f"{float(parts['sharpness']):.3f}", div=f"{float(parts['diversity']):.3f}",
+                            img_s=f"{seen / max(elapsed, 1e-9):.0f}", refresh=False)
+            bar.update(1)
+
+            at_interval = config.checkpoint_every > 0 and global_step % config.checkpoint_every == 0
+            if distributed.any_rank(ctx, stop.signal_number is not None):
+                checkpoint(epoch, step_in_epoch + 1)
+                bar.close()
+                name = signal.Signals(stop.signal_number or signal.SIGTERM).name
+                if ctx.is_main:
+                    write_skipped(out / "skipped.txt", files, skipped)
+                    print(f"\n{name}: checkpoint saved at epoch {epoch + 1}, step {step_in_epoch + 1}; "
+                          f"continue with: twist train {root} --out {out} --resume", file=sys.stderr)
+                raise SystemExit(128 + (stop.signal_number or signal.SIGTERM))
+            if at_interval and step_in_epoch + 1 < len(batches):
+                checkpoint(epoch, step_in_epoch + 1)
+        bar.close()
+
+        # Epoch summary over all processes.
+        merged_skips: dict[int, str] = {}
+        for part in distributed.all_gather_objects(ctx, skipped):
+            merged_skips.update(part)
+        skipped = merged_skips
+        totals = distributed.sum_across(ctx, torch.tensor([*sums.values(), float(steps_done)], dtype=torch.float64))
+        counts = distributed.sum_across(ctx, cluster_counts).cpu()
+        mean = distributed.sum_across(ctx, mean_probs).cpu()
+        mean = mean / mean.sum().clamp(min=1e-12)
+        n_steps = max(1.0, float(totals[-1]))
+        elapsed = time.perf_counter() - epoch_start
+        metrics = {"epoch": epoch + 1, "step": global_step, "lr": lr,
+                   **{name: float(totals[i]) / n_steps for i, name in enumerate(sums)},
+                   "images_per_s": seen / max(elapsed, 1e-9), "clusters_in_use": int((counts > 0).sum()),
+                   "mean_entropy": float(-(mean * torch.log(mean + 1e-12)).sum()),
+                   "max_entropy": math.log(config.classes), "self_labelling": in_self_label,
+                   "skipped": len(skipped), "seconds": elapsed}
+        if not in_self_label:
+            metrics.pop("self_label")
+        history.append(metrics)
+        checkpoint(epoch + 1, 0)
+        if ctx.is_main:
+            write_skipped(out / "skipped.txt", files, skipped)
+            with open(out / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(metrics) + "\n")
+            if global_step > warmup_steps and metrics["clusters_in_use"] < config.classes / 2:
+                tqdm.write(f"warning: only {metrics['clusters_in_use']} of {config.classes} clusters in use after "
+                           "warm-up: the model may be collapsing (check --lam2, --tau, --lr, or use a smaller K)",
+                           file=sys.stderr)
+    if ctx.is_main:
+        from twist_core.plots import plot_training_curves
+
+        plot_training_curves(history, out / "curves.png")
+        atomic_write_text(out / "DONE", json.dumps(metrics) + "\n")
+    return metrics
+
+
+def _readable(path: Path, max_pixels: int) -> bool:
+    try:
+        decode_image(path, max_pixels)
+        return True
+    except Exception:
+        return False
+
+
+def _cache_batches(cache: torch.Tensor, batches: list[list[int]]):
+    for batch in batches:
+        indices = torch.tensor(batch)
+        yield indices, cache[indices], [""] * len(batch)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="twist train", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_dataclass_arguments(parser, TrainConfig, positional=("data",))
+    parser.add_argument("--config", help="YAML or JSON file of options (command-line flags override it)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = build_config(TrainConfig, args, args.config)
+    if not config.data and not config.resume:
+        raise SystemExit("twist train: give the image folder (DATA)")
+    if config.resume and not config.data:
+        saved = json.loads((Path(config.out) / "config.json").read_text())
+        config = dataclasses.replace(config, data=saved["data"])
+    try:
+        train(config)
+    except (NoImagesError, TrainingDiverged, ResumeError) as error:
+        print(f"twist train: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
