@@ -18,6 +18,8 @@ CIFAR_TEST = SHARED_DATA / "cifar10-test.tar.gz"
 def extract_cifar_slice(destination: Path, per_class: int, archive: Path = CIFAR_TEST) -> Path:
     """Extract the first ``per_class`` images of each class into ``destination/<class>/``."""
     if not archive.exists():
+        if os.environ.get("TWIST_REQUIRE_DATA"):
+            pytest.fail(f"{archive} not found but TWIST_REQUIRE_DATA is set")
         pytest.skip(f"{archive} not found (CI checks it is there, so this never skips in CI)")
     taken: dict[str, int] = {}
     with tarfile.open(archive, "r:gz") as tar:
@@ -50,7 +52,7 @@ def draw_shapes_folder(root: Path, n_per_class: int = 24, size: int = 32, seed: 
         (root / label).mkdir(parents=True, exist_ok=True)
         for i in range(n_per_class):
             if label == "discs":
-                cy, cx, r = rng.uniform(size * 0.3, size * 0.7, 2).tolist() + [rng.uniform(size * 0.2, size * 0.35)]
+                cy, cx, r = [*rng.uniform(size * 0.3, size * 0.7, 2).tolist(), rng.uniform(size * 0.2, size * 0.35)]
                 mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
             else:
                 period = rng.uniform(4, 8)

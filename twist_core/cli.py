@@ -7,6 +7,11 @@ import sys
 
 COMMANDS = {
     "train": ("twist_core.train", "train TWIST on an image folder"),
+    "export": ("twist_core.export", "export a run to one ONNX file with its model card"),
+    "label": ("twist_core.label", "label every image of a folder with an exported model"),
+    "index": ("twist_core.index_build", "build or update a FAISS similarity index from labels + embeddings"),
+    "search": ("twist_core.search", "find the images most similar to an image (or an indexed id)"),
+    "duplicates": ("twist_core.duplicates", "list groups of near-identical images in an index"),
 }
 
 

@@ -1,10 +1,10 @@
 """The TWIST loss and the self-labelling loss, correct over any number of processes.
 
-Per-sample terms are batch means on each process; DDP's gradient averaging turns them into global means.
-The diversity term needs the mean prediction of the *global* batch before the entropy is taken, so the
-sum of predictions crosses processes through ``torch.distributed.nn`` (autograd sees the collective).
-Each process then holds ``world_size`` times the single-process logit gradient, which DDP's 1/world_size
-averaging brings back to exactly the single-process update.
+Every term is a mean over the *global* batch: per-sample terms and, above all, the mean prediction inside
+the diversity entropy cross processes through ``torch.distributed.nn`` (autograd sees the collective), so
+every process computes the single-process loss exactly. Its backward sums the identical upstream
+gradients of all processes, so each holds ``world_size`` times the single-process logit gradient, which
+DDP's 1/world_size gradient averaging brings back to exactly the single-process update.
 """
 
 from __future__ import annotations
@@ -22,16 +22,18 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def global_mean(values: torch.Tensor) -> torch.Tensor:
-    """Mean over dim 0 of the batch gathered from every process, differentiable."""
-    total = values.sum(0)
-    count = torch.tensor(float(values.shape[0]), device=values.device)
+def global_mean(values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over dim 0 of the batch of every process (weighted by a 0/1 mask if given), differentiable."""
+    if weights is None:
+        total, count = values.sum(0), torch.tensor(float(values.shape[0]), device=values.device)
+    else:
+        total, count = (values * weights).sum(0), weights.detach().sum()
     if _distributed():
         from torch.distributed.nn.functional import all_reduce
 
         total = all_reduce(total)
         dist.all_reduce(count)
-    return total / count
+    return total / count.clamp(min=1.0)
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -41,7 +43,7 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
 
 def symmetric_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     log_p, log_q = torch.log(p + EPS), torch.log(q + EPS)
-    return 0.5 * ((p * (log_p - log_q)).sum(-1) + (q * (log_q - log_p)).sum(-1)).mean()
+    return 0.5 * global_mean((p * (log_p - log_q)).sum(-1) + (q * (log_q - log_p)).sum(-1))
 
 
 def twist_pair_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, tau: float = 1.0, lam1: float = 0.0,
@@ -54,7 +56,7 @@ def twist_pair_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, tau: float =
     """
     consistency = symmetric_kl(torch.softmax(logits_a, -1), torch.softmax(logits_b, -1))
     sharp_a, sharp_b = torch.softmax(logits_a / tau, -1), torch.softmax(logits_b / tau, -1)
-    sharpness = 0.5 * (entropy(sharp_a).mean() + entropy(sharp_b).mean())
+    sharpness = 0.5 * global_mean(entropy(sharp_a) + entropy(sharp_b))
     diversity = 0.5 * (entropy(global_mean(sharp_a)) + entropy(global_mean(sharp_b)))
     loss = consistency + (1 + lam1) * sharpness - lam2 * diversity
     return {"loss": loss, "consistency": consistency, "sharpness": sharpness, "diversity": diversity}
@@ -94,6 +96,5 @@ def self_label_loss(view_logits: list[torch.Tensor], n_global: int = 2, tau: flo
     for view, logits in enumerate(view_logits):
         per_sample = F.cross_entropy(logits / tau, pseudo, reduction="none")
         not_source = best_view != view if view < n_global else torch.ones_like(keep)
-        mask = (keep & not_source).float()
-        losses.append((per_sample * mask).sum() / mask.sum().clamp(min=1.0))
+        losses.append(global_mean(per_sample, (keep & not_source).to(per_sample.dtype)))
     return torch.stack(losses).mean()

@@ -191,7 +191,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         distributed.teardown()
 
 
-def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:  # noqa: C901 - a loop read top to bottom
+def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
     from tqdm import tqdm
 
     out = Path(config.out)
@@ -279,7 +279,6 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:  # 
         train_model = torch.compile(train_model)
 
     augment = BatchAugment(policy_for_size(config.image_size, config.local_crops))
-    n_views = 2 + config.local_crops
     start_epoch = resumed["epoch"] if resumed else 0
     start_step_in_epoch = resumed["step_in_epoch"] if resumed else 0
     global_step = resumed["global_step"] if resumed else 0
@@ -357,11 +356,12 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:  # 
                 cluster_counts += torch.bincount(probs.argmax(1), minlength=config.classes).double()
                 mean_probs += probs.sum(0)
             seen += images.shape[0] * ctx.world_size
-            for name, value in parts.items():
-                sums[name] += float(value.detach())
+            values = {name: value.detach().item() for name, value in parts.items()}
+            for name, value in values.items():
+                sums[name] += value
             elapsed = time.perf_counter() - epoch_start
-            bar.set_postfix(loss=f"{loss.item():.3f}", kl=f"{float(parts['consistency']):.3f}",
-                            sharp=f"{float(parts['sharpness']):.3f}", div=f"{float(parts['diversity']):.3f}",
+            bar.set_postfix(loss=f"{loss.detach().item():.3f}", kl=f"{values['consistency']:.3f}",
+                            sharp=f"{values['sharpness']:.3f}", div=f"{values['diversity']:.3f}",
                             img_s=f"{seen / max(elapsed, 1e-9):.0f}", refresh=False)
             bar.update(1)
 

@@ -1,0 +1,133 @@
+"""Training runs end to end, resumes exactly after any interruption, and fails clearly on a NaN loss."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, tiny_train_config
+
+from twist_core.train import TrainConfig, build_parser, train
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def train_command(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "twist_core.cli", "train", str(data), "--out", str(out), "--classes", "4",
+            "--width", "8", "--hidden-dim", "32", "--image-size", "32", "--epochs", "2", "--batch-size", "4",
+            "--workers", "0", "--no-progress", "--checkpoint-every", "1", "--self-label-fraction", "0.5", *extra]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "last.pt", weights_only=True)["model"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    first, second = weights(a), weights(b)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def interrupt_during_second_epoch(data: Path, out: Path, sig: int) -> subprocess.CompletedProcess:
+    """Start a run and send ``sig`` as soon as epoch 1 is logged, i.e. somewhere inside epoch 2."""
+    process = subprocess.Popen(train_command(data, out), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 1:
+            process.send_signal(sig)
+            break
+        time.sleep(0.005)
+    stdout, stderr = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory: pytest.TempPathFactory, shapes_folder: Path) -> Path:
+    out = tmp_path_factory.mktemp("straight")
+    subprocess.run(train_command(shapes_folder, out), env=ENV, check=True, capture_output=True, timeout=600)
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_interrupted_and_resumed_run_equals_straight_run(straight_run: Path, shapes_folder: Path, tmp_path: Path,
+                                                         sig: int) -> None:
+    out = tmp_path / "interrupted"
+    result = interrupt_during_second_epoch(shapes_folder, out, sig)
+    assert not (out / "DONE").exists(), "the run finished before it could be interrupted"
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
+    assert checkpoint["epoch"] >= 1
+    if sig == signal.SIGTERM:
+        assert result.returncode == 128 + signal.SIGTERM
+        assert "checkpoint saved" in result.stderr and "--resume" in result.stderr
+        assert checkpoint["epoch"] == 1 and checkpoint["step_in_epoch"] >= 1  # saved mid-epoch, at the signal
+    resumed = subprocess.run(train_command(shapes_folder, out, "--resume"), env=ENV, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (out / "DONE").exists()
+    assert_same_weights(straight_run, out)
+    resumed_config, straight_config = (json.loads((run / "config.json").read_text()) for run in (out, straight_run))
+    for key in ("out", "resume"):
+        resumed_config.pop(key), straight_config.pop(key)
+    assert resumed_config == straight_config
+
+
+def test_nan_loss_stops_with_message_and_keeps_checkpoint(straight_run: Path, shapes_folder: Path,
+                                                          tmp_path: Path) -> None:
+    out = tmp_path / "nan"
+    result = interrupt_during_second_epoch(shapes_folder, out, signal.SIGTERM)
+    assert result.returncode == 128 + signal.SIGTERM
+    state = torch.load(out / "last.pt", weights_only=True)
+    state["model"]["backbone.conv1.weight"].fill_(float("nan"))  # weights gone bad: the next loss is NaN
+    torch.save(state, out / "last.pt")
+    before = (out / "last.pt").read_bytes()
+    result = subprocess.run(train_command(shapes_folder, out, "--resume"), env=ENV, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 1
+    assert "the loss became nan" in result.stderr and "Traceback" not in result.stderr
+    assert (out / "last.pt").read_bytes() == before
+
+
+def test_end_to_end_on_real_photos(cifar_1k: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cifar"
+    config = TrainConfig(data=str(cifar_1k), out=str(out), classes=10, width=16, hidden_dim=256, epochs=4,
+                         batch_size=128, workers=1, progress=False, warmup_epochs=1)
+    final = train(config)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 4
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.05
+    assert final["clusters_in_use"] > 1
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["image_size"] == 32 and saved["small_stem"] is True  # chosen from the 32 px photos
+    assert (out / "curves.png").stat().st_size > 10_000
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 4
+    assert (out / "skipped.txt").read_text() == ""
+
+
+def test_help_documents_every_option_and_config_file_fills_the_dataclass(tmp_path: Path) -> None:
+    help_text = build_parser().format_help()
+    for field in TrainConfig.__dataclass_fields__:
+        if field != "data":
+            assert "--" + field.replace("_", "-") in help_text, field
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text("classes: 7\nlr: 0.3\nlocal-crops: 2\n")
+    args = build_parser().parse_args(["photos", "--config", str(config_file), "--lr", "0.2"])
+    from twist_core.config import build_config
+
+    config = build_config(TrainConfig, args, args.config)
+    assert (config.classes, config.lr, config.local_crops, config.data) == (7, 0.2, 2, "photos")
+
+
+def test_multicrop_and_self_labelling_train(shapes_folder: Path, tmp_path: Path) -> None:
+    final = train(tiny_train_config(shapes_folder, tmp_path / "mc", local_crops=2, epochs=2,
+                                    self_label_fraction=0.5))
+    assert final["self_labelling"] is True and final["self_label"] > 0

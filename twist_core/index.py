@@ -1,0 +1,373 @@
+"""Query and update an image index: nearest neighbours by vector, id or image; add, remove, find duplicates.
+
+An :class:`ImageIndex` pairs a FAISS index (vector id = image id) with the SQLite metadata of the same
+generation (see :mod:`twist_core.index_store`), so an id always resolves to its image. Every update writes
+a new generation and swaps it in atomically; if anything fails the object reloads the last committed state.
+Build one with :func:`twist_core.index_build.build_index` (``twist index``).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from twist_core.folder import ImageReadError, decode_image
+from twist_core.index_faiss import normalized, resolve_device, search_params, set_nprobe, to_device
+from twist_core.index_store import (
+    INDEX_FILE,
+    META_FILE,
+    IndexUserError,
+    MetaStore,
+    commit_generation,
+    read_manifest,
+)
+
+TOPK_STORED = 3  # class probabilities kept per image, for the app's "why this cluster" view
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One image in a result; ``similarity`` is the cosine to the query (None when listing records)."""
+
+    id: int
+    path: str
+    abs_path: Path
+    similarity: float | None
+    cluster: int | None
+    cluster_name: str | None
+    confidence: float | None
+
+
+class ImageIndex:
+    """A FAISS index plus its metadata, loaded from one committed generation of ``index_dir``."""
+
+    def __init__(self, index_dir: Path, generation: int, cpu_index: faiss.Index, store: MetaStore,
+                 device: str) -> None:
+        self.index_dir = Path(index_dir)
+        self.generation = generation
+        self.device = device
+        self._cpu = cpu_index
+        self._store = store
+        self._info = store.info()
+        self._lock = threading.RLock()  # reads never see an update half-applied (FAISS index or metadata)
+        if self._cpu.ntotal != store.count():
+            raise IndexUserError(f"{index_dir}: index holds {self._cpu.ntotal} vectors but metadata "
+                                 f"{store.count()} images; rebuild it with twist index")
+        set_nprobe(self._cpu, self.nprobe)
+        self._search = to_device(self._cpu, device)
+
+    @classmethod
+    def open(cls, index_dir: str | Path, device: str = "auto") -> ImageIndex:
+        """The generation named by the manifest; retried if a writer swaps generations while we read."""
+        index_dir = Path(index_dir)
+        device = resolve_device(device)
+        for _ in range(5):
+            manifest = read_manifest(index_dir)
+            folder = index_dir / manifest["dir"]
+            try:
+                store = MetaStore(folder / META_FILE)
+                store.count()
+                cpu_index = faiss.read_index(str(folder / INDEX_FILE))
+            except (RuntimeError, sqlite3.Error) as error:
+                if read_manifest(index_dir) != manifest:
+                    continue
+                reason = str(error).splitlines()[0]
+                raise IndexUserError(f"index in {index_dir} cannot be read ({reason})") from error
+            return cls(index_dir, manifest["generation"], cpu_index, store, device)
+        raise IndexUserError(f"{index_dir} keeps changing under us; try again")
+
+    @classmethod
+    def create(cls, index_dir: str | Path, cpu_index: faiss.Index, rows: Sequence[dict[str, Any]],
+               info: dict[str, Any], device: str = "auto") -> ImageIndex:
+        """Publish a freshly built index whose ids are ``0..len(rows)-1`` as a new generation."""
+        def write_meta(path: Path, generation: int) -> None:
+            store = MetaStore(path, readonly=False)
+            store.insert(range(len(rows)), rows)
+            store.set_info({**info, "generation": generation, "next_id": len(rows),
+                            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            store.commit()
+            store.close()
+
+        commit_generation(Path(index_dir), cpu_index, write_meta, expected=None)
+        return cls.open(index_dir, device)
+
+    # ---- properties
+    @property
+    def size(self) -> int:
+        return int(self._cpu.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self._cpu.d)
+
+    @property
+    def root(self) -> Path:
+        return Path(self._info["root"])
+
+    @property
+    def kind(self) -> str:
+        return str(self._info["kind"])
+
+    @property
+    def nprobe(self) -> int:
+        return int(self._info.get("nprobe", 0))
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return dict(self._info)
+
+    # ---- lookups
+    def _hits(self, ids: np.ndarray, sims: np.ndarray | None) -> list[Hit]:
+        keep = [int(i) for i in ids if i >= 0]
+        rows = self._store.rows(keep)
+        hits = []
+        for pos, i in enumerate(keep):
+            row = rows[i]
+            similarity = None if sims is None else float(sims[pos])
+            hits.append(Hit(i, row["path"], self.root / row["path"], similarity, row["cluster"],
+                            row["cluster_name"], row["confidence"]))
+        return hits
+
+    def get(self, image_id: int) -> Hit:
+        with self._lock:
+            if not self._store.rows([image_id]):
+                raise IndexUserError(f"no image with id {image_id} in the index")
+            return self._hits(np.array([image_id]), None)[0]
+
+    def ids_for_paths(self, paths: Sequence[str]) -> dict[str, int]:
+        """Path (relative to ``root``) -> id, for the paths that are in the index."""
+        with self._lock:
+            return self._store.ids_for_paths(list(paths))
+
+    def paths(self) -> list[str]:
+        """Every indexed path, relative to ``root``."""
+        with self._lock:
+            return [path for _, path in self._store.all_paths()]
+
+    def vector(self, image_id: int) -> np.ndarray:
+        """The stored unit vector (approximate for an IVF-PQ index)."""
+        with self._lock:
+            try:
+                return self._cpu.reconstruct(int(image_id))
+            except RuntimeError:
+                raise IndexUserError(f"no image with id {image_id} in the index") from None
+
+    def cluster_ids(self) -> list[int]:
+        """The clusters that have at least one image."""
+        with self._lock:
+            return self._store.clusters()
+
+    def records(self, cluster: int | None = None, order_by: str = "confidence", descending: bool = True,
+                offset: int = 0, limit: int = 60, min_conf: float = 0.0, max_conf: float = 1.0) -> list[Hit]:
+        """One page of images, filtered and sorted in SQL so the app never loads a whole cluster."""
+        with self._lock:
+            rows = self._store.records(cluster, order_by, descending, offset, limit, min_conf, max_conf)
+        return [Hit(r["id"], r["path"], self.root / r["path"], None, r["cluster"], r["cluster_name"],
+                    r["confidence"]) for r in rows]
+
+    def cluster_summary(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return self._store.cluster_summary()
+
+    # ---- search
+    def _queries(self, vectors: np.ndarray) -> np.ndarray:
+        queries = normalized(vectors)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise IndexUserError(f"query vectors have dimension {queries.shape[-1]}, the index {self.dim}")
+        return queries
+
+    def search_vectors(self, vectors: np.ndarray, k: int = 10, cluster: int | None = None) -> list[list[Hit]]:
+        """The ``k`` most similar images (cosine) to each row of ``vectors``, optionally in one cluster."""
+        queries = self._queries(vectors)
+        with self._lock:
+            k = min(int(k), self.size)
+            if k <= 0:
+                return [[] for _ in queries]
+            if cluster is None:
+                sims, ids = self._search.search(queries, k)
+            else:
+                sims, ids = self._search_cluster(queries, k, cluster)
+            return [self._hits(ids[row], sims[row][ids[row] >= 0]) for row in range(len(queries))]
+
+    def _search_cluster(self, queries: np.ndarray, k: int, cluster: int) -> tuple[np.ndarray, np.ndarray]:
+        """Search restricted to a cluster; rows that an IVF probe leaves short are redone exactly."""
+        members = self._store.ids_in_cluster(cluster)
+        k = min(k, len(members))
+        if k == 0:
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        params = search_params(self._cpu, faiss.IDSelectorBatch(members), self.nprobe)
+        sims, ids = self._cpu.search(queries, k, params=params)
+        short = (ids < 0).any(axis=1)
+        if short.any():
+            member_vectors = self._cpu.reconstruct_batch(members)
+            exact = queries[short] @ member_vectors.T
+            top = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+            sims[short] = np.take_along_axis(exact, top, axis=1)
+            ids[short] = members[top]
+        return sims, ids
+
+    def search_id(self, image_id: int, k: int = 10, cluster: int | None = None) -> list[Hit]:
+        """Neighbours of an image already in the index, without the image itself."""
+        hits = self.search_vectors(self.vector(image_id), k + 1, cluster)[0]
+        return [h for h in hits if h.id != image_id][:k]
+
+    def search_image(self, model: Any, image: Any, k: int = 10, cluster: int | None = None) -> list[Hit]:
+        """Embed ``image`` (path, PIL image or array) with the ONNX model, then search by vector."""
+        if getattr(model, "embedding_dim", self.dim) != self.dim:
+            raise IndexUserError(f"the model gives {model.embedding_dim}-d embeddings but the index holds "
+                                 f"{self.dim}-d vectors; use the model the index was built with")
+        if isinstance(image, str | Path):
+            image = decode_image(image)
+        _, embeddings = model.predict([image])
+        return self.search_vectors(embeddings, k, cluster)[0]
+
+    def duplicates(self, threshold: float = 0.95, batch: int = 4096) -> list[list[Hit]]:
+        """Groups of images linked by cosine >= ``threshold`` (range search, then connected components).
+
+        Largest groups first; each hit's similarity is its closest link inside the group.
+        """
+        with self._lock:
+            ids = self._store.all_ids()
+            rows: list[np.ndarray] = []
+            cols: list[np.ndarray] = []
+            sims: list[np.ndarray] = []
+            for start in range(0, len(ids), batch):
+                chunk = ids[start:start + batch]
+                vectors = self._cpu.reconstruct_batch(chunk)
+                lims, found_sims, found = self._cpu.range_search(vectors, threshold)
+                query_pos = np.repeat(np.arange(start, start + len(chunk)), np.diff(lims).astype(np.int64))
+                other = found != chunk[query_pos - start]
+                rows.append(query_pos[other])
+                cols.append(np.searchsorted(ids, found[other]))
+                sims.append(found_sims[other])
+        row, col, sim = (np.concatenate(a) if a else np.zeros(0) for a in (rows, cols, sims))
+        graph = coo_matrix((np.ones(len(row)), (row.astype(np.int64), col.astype(np.int64))),
+                           shape=(len(ids), len(ids)))
+        _, labels = connected_components(graph, directed=False)
+        best = np.full(len(ids), -1.0)
+        np.maximum.at(best, row.astype(np.int64), sim)
+        np.maximum.at(best, col.astype(np.int64), sim)
+        groups = [np.flatnonzero(labels == label) for label in np.unique(labels[best >= 0])]
+        result = [sorted(self._hits(ids[g], best[g]), key=lambda h: -h.similarity) for g in groups]  # type: ignore[operator]
+        return sorted(result, key=lambda group: (-len(group), group[0].path))
+
+    # ---- updates
+    def _commit(self, mutate: Callable[[], Callable[[MetaStore], None]]) -> None:
+        """Apply ``mutate`` to the in-memory FAISS index, then publish it with the metadata change it returns.
+
+        On any failure the object reloads the last committed generation, so memory matches disk again.
+        """
+        with self._lock:
+            try:
+                change = mutate()
+
+                def write_meta(path: Path, generation: int) -> None:
+                    store = self._store.copy_to(path)
+                    change(store)
+                    store.set_info({"generation": generation, "next_id": self._info["next_id"]})
+                    store.commit()
+                    store.close()
+
+                folder = commit_generation(self.index_dir, self._cpu, write_meta, expected=self.generation)
+            except BaseException:
+                self._reload()
+                raise
+            self._store.close()
+            self._store = MetaStore(folder / META_FILE)
+            self._info = self._store.info()
+            self.generation = self._info["generation"]
+            self._search = to_device(self._cpu, self.device)
+
+    def _reload(self) -> None:
+        fresh = ImageIndex.open(self.index_dir, self.device)
+        self._store.close()
+        self.__dict__.update({k: v for k, v in fresh.__dict__.items() if k != "_lock"})
+
+    def add(self, rows: Sequence[str | dict[str, Any]], embeddings: np.ndarray) -> np.ndarray:
+        """Add images (relative paths, or label rows with ``path``, ``cluster``, ...) with their embeddings.
+
+        A path already in the index is replaced (new vector, new id). Returns the new ids.
+        """
+        records = [{"path": r} if isinstance(r, str) else dict(r) for r in rows]
+        vectors = self._queries(embeddings)
+        paths = [r["path"] for r in records]
+        if len(vectors) != len(records):
+            raise IndexUserError(f"{len(records)} images but {len(vectors)} embeddings")
+        if len(set(paths)) != len(paths):
+            raise IndexUserError("the same path is given twice in one add")
+        new_ids = np.arange(self._info["next_id"], self._info["next_id"] + len(records), dtype=np.int64)
+
+        def mutate() -> Callable[[MetaStore], None]:
+            replaced = np.array(list(self._store.ids_for_paths(paths).values()), dtype=np.int64)
+            if len(replaced):
+                self._cpu.remove_ids(replaced)
+            self._cpu.add_with_ids(vectors, new_ids)
+            self._info["next_id"] += len(records)
+
+            def change(store: MetaStore) -> None:
+                store.delete(replaced)
+                store.insert(new_ids, records)
+            return change
+
+        self._commit(mutate)
+        return new_ids
+
+    def add_images(self, model: Any, paths: Sequence[str],
+                   batch_size: int = 64) -> tuple[np.ndarray, list[str]]:
+        """Label and add images given relative to ``root``; returns (new ids, why files were skipped)."""
+        images, kept, problems = [], [], []
+        for path in paths:
+            try:
+                images.append(decode_image(self.root / path))
+                kept.append(path)
+            except (ImageReadError, OSError) as error:
+                problems.append(f"{path}: {error}")
+        if not kept:
+            return np.zeros(0, np.int64), problems
+        probs, embeddings = model.predict(images, batch_size=batch_size)
+        return self.add(label_rows(kept, probs, list(model.class_names)), embeddings), problems
+
+    def remove(self, items: Iterable[int | str]) -> int:
+        """Remove images given by id or relative path; unknown ones are ignored. Returns how many went."""
+        items = list(items)
+        by_path = self._store.ids_for_paths([i for i in items if isinstance(i, str)])
+        wanted = [int(i) for i in items if not isinstance(i, str)] + list(by_path.values())
+        ids = np.array(sorted(set(self._store.rows(wanted))), dtype=np.int64)
+        if len(ids):
+            def mutate() -> Callable[[MetaStore], None]:
+                self._cpu.remove_ids(ids)
+                return lambda store: store.delete(ids)
+
+            self._commit(mutate)
+        return len(ids)
+
+    def remove_missing(self) -> int:
+        """Drop entries whose files no longer exist under ``root``."""
+        gone = [i for i, path in self._store.all_paths() if not (self.root / path).is_file()]
+        return self.remove(gone)
+
+    def close(self) -> None:
+        self._store.close()
+
+
+def label_rows(paths: Sequence[str], probs: np.ndarray, class_names: Sequence[str]) -> list[dict[str, Any]]:
+    """Table rows (cluster, name, confidence, margin, top-k) from class probabilities."""
+    order = np.argsort(-probs, axis=1)
+    rows = []
+    for path, p, o in zip(paths, probs, order, strict=True):
+        second = float(p[o[1]]) if len(o) > 1 else 0.0
+        rows.append({"path": path, "cluster": int(o[0]), "cluster_name": class_names[o[0]],
+                     "confidence": float(p[o[0]]), "margin": float(p[o[0]]) - second,
+                     "topk": json.dumps([[int(c), round(float(p[c]), 4)] for c in o[:TOPK_STORED]])})
+    return rows

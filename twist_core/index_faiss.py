@@ -1,0 +1,157 @@
+"""Which FAISS index fits a collection, how to train and fill it, and how to put it on a GPU for search.
+
+Vectors are L2-normalised and compared by inner product, i.e. cosine similarity. Ids are chosen by the
+caller (the SQLite row ids) and survive removals: a flat index is wrapped in ``IndexIDMap2``, an IVF index
+takes ids directly and keeps a hash-table direct map so any id can be reconstructed or removed.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+FLAT_MAX_VECTORS = 50_000  # exact search stays under a few ms up to here on a laptop CPU
+FLAT_MAX_BYTES = 4 << 30  # beyond this, full-precision vectors no longer fit comfortably in RAM: use PQ
+TRAIN_POINTS_PER_LIST = 50  # k-means sample size per coarse centroid (FAISS asks for at least 39)
+PQ_TRAIN_POINTS = 39 * 256  # each 8-bit PQ codebook has 256 centroids
+KMEANS_ITERATIONS = 10  # the coarse quantizer barely improves after ~10 iterations; build time halves
+ADD_CHUNK = 100_000
+KINDS = ("auto", "flat", "ivf", "ivfpq")
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    kind: str
+    nlist: int = 0
+    nprobe: int = 0
+    pq_m: int = 0
+
+
+def default_nlist(n: int) -> int:
+    """~2 sqrt(N) lists (2,000 for 1M), never so many that k-means lacks 39 training points per list.
+
+    FAISS suggests 4-16 sqrt(N) for the fastest queries, but training and assigning 1M vectors to that
+    many centroids takes several minutes on a small CPU; 2 sqrt(N) with a few % of lists probed already
+    answers in milliseconds (bench/bench_index.py).
+    """
+    return max(1, min(int(2 * math.sqrt(n)), n // 39))
+
+
+def default_nprobe(nlist: int) -> int:
+    """Lists visited per query: ~3% of the lists, at least 16 (bench/bench_index.py: recall@10 >= 0.95)."""
+    return min(nlist, max(16, nlist // 32))
+
+
+def pq_subquantizers(dim: int, wanted: int) -> int:
+    """The largest divisor of ``dim`` not above ``wanted`` (PQ needs ``dim % m == 0``)."""
+    return max(m for m in range(1, min(wanted, dim) + 1) if dim % m == 0)
+
+
+def plan_index(n: int, dim: int, kind: str = "auto", nlist: int = 0, nprobe: int = 0,
+               pq_m: int = 0) -> IndexPlan:
+    """Flat (exact) for small collections, IVF above ``FLAT_MAX_VECTORS``, IVF-PQ when RAM would not do."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind == "auto":
+        kind = "flat" if n <= FLAT_MAX_VECTORS else "ivfpq" if n * dim * 4 > FLAT_MAX_BYTES else "ivf"
+    if kind == "flat":
+        return IndexPlan("flat")
+    nlist = nlist or default_nlist(n)
+    if n < nlist:
+        raise ValueError(f"an IVF index with {nlist} lists needs at least {nlist} vectors to train, got {n}")
+    return IndexPlan(kind, nlist, min(nprobe or default_nprobe(nlist), nlist),
+                     pq_subquantizers(dim, pq_m or max(1, dim // 8)) if kind == "ivfpq" else 0)
+
+
+def gpu_available() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when FAISS sees a GPU, else ``cpu``; ``cuda`` without one is an error."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    if device == "cuda" and not gpu_available():
+        raise ValueError("device cuda was asked for but FAISS sees no GPU (use --device cpu or auto)")
+    return "cuda" if device == "auto" and gpu_available() else "cpu" if device == "auto" else device
+
+
+_GPU_RESOURCES: list = []
+
+
+def to_device(index: faiss.Index, device: str) -> faiss.Index:
+    """A GPU copy for searching when ``device`` is cuda; the CPU form is always what gets saved."""
+    if device != "cuda":
+        return index
+    if not _GPU_RESOURCES:
+        _GPU_RESOURCES.append(faiss.StandardGpuResources())
+    try:
+        return faiss.index_cpu_to_gpu(_GPU_RESOURCES[0], 0, index)
+    except RuntimeError as error:  # e.g. an index type without a GPU implementation: search on the CPU
+        warnings.warn(f"FAISS could not move the index to the GPU ({error}); searching on the CPU",
+                      stacklevel=2)
+        return index
+
+
+def normalized(vectors: np.ndarray) -> np.ndarray:
+    """A float32, C-contiguous, unit-length copy (zero rows stay zero)."""
+    out = np.array(vectors, dtype=np.float32, order="C", copy=True)
+    if out.ndim == 1:
+        out = out[None]
+    faiss.normalize_L2(out)
+    return out
+
+
+def empty_index(plan: IndexPlan, dim: int) -> faiss.Index:
+    if plan.kind == "flat":
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    quantizer = faiss.IndexFlatIP(dim)
+    if plan.kind == "ivf":
+        index = faiss.IndexIVFFlat(quantizer, dim, plan.nlist, faiss.METRIC_INNER_PRODUCT)
+    else:
+        index = faiss.IndexIVFPQ(quantizer, dim, plan.nlist, plan.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
+    index.own_fields = True
+    quantizer.this.disown()
+    index.cp.niter = KMEANS_ITERATIONS
+    index.nprobe = plan.nprobe
+    return index
+
+
+def build(plan: IndexPlan, dim: int, n: int, chunks: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]],
+          sample: np.ndarray, device: str = "cpu") -> faiss.Index:
+    """Train on ``sample`` (IVF only; on the GPU when there is one), then add ``(ids, vectors)`` chunks.
+
+    All vectors must already be normalised. Adding happens on the CPU so ids and the direct map are exact.
+    """
+    index = empty_index(plan, dim)
+    if plan.kind != "flat":
+        trained = to_device(index, device)
+        trained.train(sample)
+        index = faiss.index_gpu_to_cpu(trained) if trained is not index else index
+        index.nprobe = plan.nprobe
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)
+    for ids, vectors in chunks():
+        index.add_with_ids(vectors, ids)
+    return index
+
+
+def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    """Works for a CPU IVF index and for its GPU copy; a flat index has nothing to set."""
+    if hasattr(index, "nprobe"):
+        index.nprobe = nprobe
+    else:
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None:
+            ivf.nprobe = nprobe
+
+
+def search_params(index: faiss.Index, selector: faiss.IDSelector | None,
+                  nprobe: int) -> faiss.SearchParameters:
+    if faiss.try_extract_index_ivf(index) is not None:
+        return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
+    return faiss.SearchParameters(sel=selector)

@@ -1,0 +1,379 @@
+"""``twist label MODEL FOLDER --out T.csv``: label every image of a folder with an exported model.
+
+Read top to bottom: check the model and options, prepare (or resume) the work folder ``T.csv.parts/``,
+label this process's pending chunks (decoding in worker processes while onnxruntime runs), then merge
+the chunks in scan order into the table, its row-aligned embeddings and its meta file.
+A chunk file is written atomically once all its images are done, so a killed run loses at most one chunk
+per process and a re-run continues without duplicates or gaps, with any number of processes.
+Run with ``twist label ...`` or ``torchrun --nproc_per_node N -m twist_core.label ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from twist_core import __version__, distributed
+from twist_core.config import add_dataclass_arguments, build_config, option
+from twist_core.folder import DEFAULT_MAX_PIXELS, ImageReadError, NoImagesError, require_images
+from twist_core.infer import OnnxModel, Preprocess, physical_cores
+from twist_core.io_utils import atomic_write, atomic_write_text
+from twist_core.label_table import (
+    COLUMNS,
+    Row,
+    iter_labels,
+    labels_paths,
+    read_labels,
+    table_format,
+    write_table,
+)
+from twist_core.label_tree import file_names, folder_names, prepare_tree, write_tree
+
+__all__ = ["LabelConfig", "LabelError", "label_folder", "labels_paths", "main", "read_labels"]
+
+STATE = "state.json"
+FILES = "files.json"
+
+
+@dataclass
+class LabelConfig:
+    model: str = option(None, "exported model (.onnx) written by twist export")
+    folder: str = option(None, "folder of images to label (searched recursively)")
+    out: str = option("labels.csv", "table to write (.csv, .jsonl or .parquet); .embeddings.npy and "
+                                    ".meta.json go beside it")
+    topk: int = option(5, "number of most probable clusters listed per image (capped at K)")
+    batch_size: int = option(64, "images per inference batch")
+    chunk_size: int = option(1024, "images per committed chunk: a killed run redoes at most one per process")
+    workers: int = option(-1, "decoding workers per process; -1 = auto (cores left beside inference)")
+    threads: int = option(0, "onnxruntime threads per process; 0 = physical cores / processes on this node")
+    device: str = option("auto", "auto (CUDA when onnxruntime can use it), cpu, cuda or cuda:N")
+    embedding_dtype: str = option("float16", "dtype of the saved embeddings", choices=["float16", "float32"])
+    export_tree: str | None = option(None, "also write an ImageFolder-style tree DIR/<cluster name>/<file>")
+    tree_mode: str = option("symlink", "how the tree holds the images", choices=["symlink", "copy"])
+    min_confidence: float = option(0.0, "in the tree, images below this confidence go to _uncertain")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "refuse images with more pixels (decompression bombs)")
+    overwrite: bool = option(False, "discard a finished or partial output with this name and label again")
+    progress: bool = option(True, "show a progress bar with images/s")
+
+
+class LabelError(Exception):
+    """The run cannot go on as asked (an output in the way, a resume with another model or folder, ...)."""
+
+
+def work_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def chunk_path(work: Path, chunk: int) -> Path:
+    return work / f"chunk-{chunk:08d}.npz"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_state(config: LabelConfig, model_sha: str, root: Path, files: list[str], topk: int) -> dict[str, Any]:
+    """What a resumed run must share with the one it continues."""
+    files_sha = hashlib.sha256("\n".join(files).encode()).hexdigest()
+    return {"model_sha256": model_sha, "root": str(root), "n_files": len(files), "files_sha256": files_sha,
+            "chunk_size": config.chunk_size, "topk": topk, "embedding_dtype": config.embedding_dtype}
+
+
+def prepare_work(config: LabelConfig, model_sha: str, root: Path, topk: int) -> None:
+    """Start a work folder, or check that the existing one continues the same job (main process only)."""
+    out, work = Path(config.out), work_dir(Path(config.out))
+    if config.overwrite and work.exists():
+        shutil.rmtree(work)
+    if out.exists() and not work.exists() and not config.overwrite:
+        raise LabelError(f"{out} already exists (a finished run); pass --overwrite to label again")
+    files = require_images(root)
+    state = run_state(config, model_sha, root, files, topk)
+    if (work / STATE).exists():
+        saved = json.loads((work / STATE).read_text())
+        changed = [key for key in state if saved.get(key) != state[key]]
+        if changed:
+            what = {"model_sha256": "the model", "root": "the folder", "n_files": "the folder's files",
+                    "files_sha256": "the folder's files"}
+            reasons = sorted({what.get(key, f"--{key.replace('_', '-')}") for key in changed})
+            raise LabelError(f"{work} is a partial run with a different {', '.join(reasons)}; run the same "
+                             "command again to continue it, or pass --overwrite to start again")
+        for stale in work.glob(".*.tmp"):  # a chunk being written when the run was killed
+            stale.unlink()
+        return
+    if work.exists():  # killed before the state was committed: nothing in it can be trusted
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    atomic_write_text(work / FILES, json.dumps(files))
+    atomic_write_text(work / STATE, json.dumps(state, indent=2) + "\n")
+
+
+class DecodedCrops(Dataset):
+    """``dataset[i] -> (i, uint8 H x W x 3 crop, error or "")``; one bad file never stops the run."""
+
+    def __init__(self, root: Path, files: list[str], transform: Preprocess):
+        self.root, self.files, self.transform = root, files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str]:
+        try:
+            return index, self.transform.crop(self.transform.load(self.root / self.files[index])), ""
+        except ImageReadError as error:
+            return index, None, str(error)
+        except Exception as error:
+            return index, None, f"{type(error).__name__}: {error}"
+
+
+def collate(items: list[tuple[int, np.ndarray | None, str]]) -> tuple[list[int], torch.Tensor, list[str]]:
+    """Good crops stacked into one tensor (shared memory between processes), errors kept by position."""
+    crops = [crop for _, crop, _ in items if crop is not None]
+    stacked = torch.from_numpy(np.stack(crops)) if crops else torch.zeros(0, dtype=torch.uint8)
+    return [i for i, _, _ in items], stacked, [error for _, _, error in items]
+
+
+def chunk_batches(chunks: list[int], chunk_size: int, batch_size: int, n_files: int) -> list[list[int]]:
+    """Batches never cross a chunk boundary, so a chunk is complete when its last batch is."""
+    batches = []
+    for chunk in chunks:
+        end = min((chunk + 1) * chunk_size, n_files)
+        batches += [list(range(start, min(start + batch_size, end)))
+                    for start in range(chunk * chunk_size, end, batch_size)]
+    return batches
+
+
+def summarise(probs: np.ndarray, topk: int) -> dict[str, np.ndarray]:
+    """Top-k clusters, confidence (max prob) and margin to the second class, per image."""
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :topk]
+    top = np.take_along_axis(probs, order, axis=1)
+    second = top[:, 1] if top.shape[1] > 1 else np.zeros(len(top), np.float32)
+    return {"cluster": order[:, 0].astype(np.int32), "confidence": top[:, 0], "margin": top[:, 0] - second,
+            "topk_index": order.astype(np.int32), "topk_prob": top}
+
+
+def save_chunk(path: Path, errors: list[str], ok: np.ndarray, probs: np.ndarray, embeddings: np.ndarray,
+               topk: int, dtype: str) -> None:
+    """One finished chunk: per-image summaries, embeddings (zeros for errors) and error texts."""
+    n = len(errors)
+    parts = summarise(probs, topk)
+    full: dict[str, np.ndarray] = {"embeddings": np.zeros((n, embeddings.shape[1]), dtype)}
+    full["embeddings"][ok] = embeddings
+    for key, value in parts.items():
+        full[key] = np.full((n, *value.shape[1:]), -1 if key.endswith(("cluster", "index")) else np.nan,
+                            value.dtype)
+        full[key][ok] = value
+    full["error"] = np.array(errors, dtype=str)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **full)
+
+    atomic_write(path, write)
+
+
+def label_chunks(model: OnnxModel, root: Path, files: list[str], chunks: list[int], work: Path,
+                 config: LabelConfig, topk: int, workers: int, show: bool) -> int:
+    """Label this process's chunks in order, committing each as it completes; returns images done."""
+    from tqdm import tqdm
+
+    batches = chunk_batches(chunks, config.chunk_size, config.batch_size, len(files))
+    loader = DataLoader(DecodedCrops(root, files, model.transform), batch_sampler=batches,
+                        num_workers=workers, collate_fn=collate, prefetch_factor=4 if workers else None)
+    total = sum(len(batch) for batch in batches)
+    errors: list[str] = []
+    probs: list[np.ndarray] = []
+    embeddings: list[np.ndarray] = []
+    with tqdm(total=total, unit="img", desc="labelling", disable=not show, dynamic_ncols=True) as bar:
+        for indices, crops, batch_errors in loader:
+            if len(crops):
+                batch_probs, batch_embeddings = model.predict_arrays(model.transform.normalize(crops.numpy()))
+                probs.append(batch_probs)
+                embeddings.append(batch_embeddings)
+            errors += batch_errors
+            chunk = indices[0] // config.chunk_size
+            if indices[-1] + 1 == min((chunk + 1) * config.chunk_size, len(files)):
+                ok = np.array([not error for error in errors])
+                all_probs = np.concatenate(probs) if probs else np.zeros((0, model.n_classes), np.float32)
+                all_embeddings = (np.concatenate(embeddings) if embeddings
+                                  else np.zeros((0, model.embedding_dim), np.float32))
+                save_chunk(chunk_path(work, chunk), errors, ok, all_probs, all_embeddings, topk,
+                           config.embedding_dtype)
+                errors, probs, embeddings = [], [], []
+            bar.update(len(indices))
+    return total
+
+
+def chunk_rows(data: Any, files: list[str], start: int, class_names: list[str]) -> list[Row]:
+    rows = []
+    for j, error in enumerate(data["error"].tolist()):
+        if error:
+            rows.append({"path": files[start + j], "cluster": None, "cluster_name": None, "confidence": None,
+                         "margin": None, "topk": None, "error": error})
+            continue
+        cluster = int(data["cluster"][j])
+        topk = [[int(c), round(float(p), 6)] for c, p in zip(data["topk_index"][j], data["topk_prob"][j],
+                                                              strict=True)]
+        rows.append({"path": files[start + j], "cluster": cluster, "cluster_name": class_names[cluster],
+                     "confidence": round(float(data["confidence"][j]), 6),
+                     "margin": round(float(data["margin"][j]), 6), "topk": json.dumps(topk), "error": ""})
+    return rows
+
+
+def iter_chunks(work: Path, n_chunks: int) -> Iterator[Any]:
+    for chunk in range(n_chunks):
+        with np.load(chunk_path(work, chunk), allow_pickle=False) as data:
+            yield data
+
+
+def merge(config: LabelConfig, model: OnnxModel, model_sha: str, root: Path, files: list[str],
+          topk: int, processes: int) -> dict[str, Any]:
+    """Chunks -> table, embeddings and meta in scan order (each file atomic), then the optional tree."""
+    out, work = Path(config.out), work_dir(Path(config.out))
+    n_chunks = -(-len(files) // config.chunk_size)
+    embeddings_path, meta_path = labels_paths(out)
+
+    def write_embeddings(tmp: str) -> None:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=config.embedding_dtype,
+                                          shape=(len(files), model.embedding_dim))
+        for chunk, data in enumerate(iter_chunks(work, n_chunks)):
+            start = chunk * config.chunk_size
+            array[start:start + len(data["error"])] = data["embeddings"]
+        array.flush()
+        del array
+
+    sizes = np.zeros(model.n_classes, np.int64)
+    n_errors = 0
+
+    def rows() -> Iterator[list[Row]]:
+        nonlocal n_errors
+        for chunk, data in enumerate(iter_chunks(work, n_chunks)):
+            n_errors += sum(1 for error in data["error"].tolist() if error)
+            good = data["cluster"][data["cluster"] >= 0]
+            sizes[:] += np.bincount(good, minlength=model.n_classes)
+            yield chunk_rows(data, files, chunk * config.chunk_size, model.class_names)
+
+    atomic_write(embeddings_path, write_embeddings)
+    atomic_write(out, lambda tmp: write_table(tmp, rows(), table_format(out)))
+    meta = {"format": 1, "root": str(root), "model": str(Path(config.model).resolve()),
+            "model_sha256": model_sha,
+            "checkpoint_sha256": model.card.get("checkpoint_sha256"), "table": out.name,
+            "embeddings": embeddings_path.name, "embedding_dtype": config.embedding_dtype,
+            "embedding_dim": model.embedding_dim, "columns": COLUMNS, "rows": len(files),
+            "labelled": len(files) - n_errors, "errors": n_errors, "topk": topk,
+            "class_names": model.class_names, "cluster_sizes": sizes.tolist(), "processes": processes,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "twist_version": __version__}
+    atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+    if config.export_tree:
+        tree = Path(config.export_tree)
+        prepare_tree(tree, config.overwrite)
+        placed = write_tree(tree, root, iter_labels(out), file_names(files), folder_names(model.class_names),
+                            config.tree_mode, config.min_confidence)
+        meta["tree"] = {"path": str(tree.resolve()), "mode": config.tree_mode, "folders": dict(placed)}
+        atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+    shutil.rmtree(work)
+    return meta
+
+
+def check_options(config: LabelConfig) -> None:
+    if not config.model or not config.folder:
+        raise LabelError("give the model and the folder: twist label MODEL.onnx FOLDER --out T.csv")
+    table_format(config.out)
+    if config.batch_size < 1 or config.chunk_size < 1 or config.topk < 1:
+        raise LabelError("--batch-size, --chunk-size and --topk must be at least 1")
+    if not Path(config.folder).is_dir():
+        raise NoImagesError(f"{config.folder} is not a folder")
+
+
+def label_folder(config: LabelConfig) -> dict[str, Any]:
+    """Label (or finish labelling) a folder in this process or under torchrun; returns the run's summary."""
+    ctx = distributed.setup("cpu")  # processes only exchange small objects: gloo is enough, GPU or not
+    try:
+        return _label_folder(config, ctx)
+    finally:
+        distributed.teardown()
+
+
+def _label_folder(config: LabelConfig, ctx: distributed.Context) -> dict[str, Any]:
+    check_options(config)
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = physical_cores()
+    device = config.device
+    if ctx.distributed and device in ("auto", "cuda"):
+        device = f"{device}:{ctx.local_rank}"
+    model = OnnxModel(config.model, device, config.threads or max(1, cores // local_procs), spin=False)
+    model_sha = file_sha256(model.path)
+    root, topk = Path(config.folder).resolve(), min(config.topk, model.n_classes)
+    work = work_dir(Path(config.out))
+
+    problem = None
+    if ctx.is_main:
+        try:
+            prepare_work(config, model_sha, root, topk)
+        except (LabelError, NoImagesError) as error:
+            problem = error
+    gathered = distributed.all_gather_objects(ctx, str(problem) if problem else None)  # also a barrier
+    if problem:
+        raise problem
+    if gathered[0]:
+        raise LabelError(gathered[0])
+
+    files: list[str] = json.loads((work / FILES).read_text())
+    n_chunks = -(-len(files) // config.chunk_size)
+    pending = [c for c in range(n_chunks) if not chunk_path(work, c).exists()]
+    mine = pending[ctx.rank::ctx.world_size]
+    workers = config.workers if config.workers >= 0 else max(1, min(8, cores // local_procs - 1))
+    start = time.perf_counter()
+    show = config.progress and ctx.is_main
+    done = label_chunks(model, root, files, mine, work, config, topk, workers, show)
+    seconds = time.perf_counter() - start
+    finished = distributed.all_gather_objects(ctx, done)  # every process has committed its chunks
+    summary: dict[str, Any] = {"images_this_run": sum(finished), "seconds": seconds,
+                               "images_per_s": sum(finished) / max(seconds, 1e-9),
+                               "resumed_chunks": n_chunks - len(pending), "providers": model.providers}
+    if ctx.is_main:
+        summary.update(merge(config, model, model_sha, root, files, topk, ctx.world_size))
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="twist label", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_dataclass_arguments(parser, LabelConfig, positional=("model", "folder"))
+    parser.add_argument("--config", help="YAML or JSON file of options (command-line flags override it)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = label_folder(build_config(LabelConfig, args, args.config))
+    except (LabelError, NoImagesError, FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"twist label: error: {error}", file=sys.stderr)
+        return 1
+    if "rows" in summary:
+        print(f"labelled {summary['labelled']} images ({summary['errors']} unreadable) into "
+              f"{summary['table']} at {summary['images_per_s']:.0f} img/s this run", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

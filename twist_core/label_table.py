@@ -1,0 +1,111 @@
+"""The labels table in csv, jsonl or parquet (chosen by extension), written in streamed chunks and read back.
+
+A row is ``path, cluster, cluster_name, confidence, margin, topk, error``: ``topk`` is a JSON string
+``[[cluster, prob], ...]``; a good row has an empty ``error``, an error row only ``path`` and ``error``.
+Beside ``T.csv`` lie ``T.embeddings.npy`` (row-aligned, zeros for error rows) and ``T.meta.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ["path", "cluster", "cluster_name", "confidence", "margin", "topk", "error"]
+FORMATS = (".csv", ".jsonl", ".parquet")
+Row = dict[str, Any]
+
+
+def table_format(path: str | Path) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise ValueError(f"{path}: the table must end in {', '.join(FORMATS)}")
+    return suffix
+
+
+def labels_paths(table_path: str | Path) -> tuple[Path, Path]:
+    """``(embeddings, meta)`` paths beside a table: ``T.csv`` -> ``T.embeddings.npy``, ``T.meta.json``."""
+    table_path = Path(table_path)
+    stem = table_path.with_suffix("")
+    return stem.with_name(stem.name + ".embeddings.npy"), stem.with_name(stem.name + ".meta.json")
+
+
+def _arrow_schema():
+    import pyarrow as pa
+
+    return pa.schema([("path", pa.string()), ("cluster", pa.int32()), ("cluster_name", pa.string()),
+                      ("confidence", pa.float32()), ("margin", pa.float32()), ("topk", pa.string()),
+                      ("error", pa.string())])
+
+
+def write_table(path: str | Path, chunks: Iterable[list[Row]], kind: str | None = None) -> int:
+    """Write rows chunk by chunk (memory stays at one chunk); returns the number of rows.
+
+    ``kind`` (".csv", ".jsonl", ".parquet") overrides the extension, for temporary files.
+    """
+    kind = kind or table_format(path)
+    count = 0
+    if kind == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = _arrow_schema()
+        with pq.ParquetWriter(str(path), schema) as writer:
+            for rows in chunks:
+                writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+                count += len(rows)
+            if count == 0:
+                writer.write_table(schema.empty_table())
+        return count
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, COLUMNS) if kind == ".csv" else None
+        if writer:
+            writer.writeheader()
+        for rows in chunks:
+            for row in rows:
+                if writer:
+                    writer.writerow({k: "" if v is None else v for k, v in row.items()})
+                else:
+                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += len(rows)
+    return count
+
+
+def _typed(row: dict[str, Any]) -> Row:
+    """One row with the same Python types whatever the format: None for absent values, error '' when fine."""
+    def value(key: str, kind: type) -> Any:
+        raw = row.get(key)
+        return None if raw is None or raw == "" else kind(raw)
+
+    return {"path": row["path"], "cluster": value("cluster", int), "cluster_name": value("cluster_name", str),
+            "confidence": value("confidence", float), "margin": value("margin", float),
+            "topk": value("topk", str), "error": row.get("error") or ""}
+
+
+def iter_labels(path: str | Path) -> Iterator[Row]:
+    """Rows of a table in order, typed as :func:`_typed` describes."""
+    kind = table_format(path)
+    if kind == ".parquet":
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(str(path))
+        for group in range(parquet.num_row_groups):
+            yield from (_typed(row) for row in parquet.read_row_group(group).to_pylist())
+        return
+    with open(path, newline="", encoding="utf-8") as handle:
+        if kind == ".csv":
+            yield from (_typed(row) for row in csv.DictReader(handle))
+        else:
+            yield from (_typed(json.loads(line)) for line in handle if line.strip())
+
+
+def read_labels(path: str | Path) -> tuple[list[Row], dict[str, Any]]:
+    """All rows of a csv/jsonl/parquet table and its ``.meta.json`` (root, model, counts, columns)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no labels table at {path}")
+    _, meta_path = labels_paths(path)
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return list(iter_labels(path)), meta

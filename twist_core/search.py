@@ -1,0 +1,97 @@
+"""``twist search INDEX IMAGE -k 10``: the most similar indexed images to an image file (or an indexed id)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from twist_core.config import add_dataclass_arguments, build_config, option
+from twist_core.folder import ImageReadError
+from twist_core.index import Hit, ImageIndex
+from twist_core.index_store import IndexUserError
+from twist_core.io_utils import atomic_write_text
+
+
+@dataclass
+class SearchConfig:
+    index: str = option(None, "index folder written by twist index")
+    image: str | None = option(None, "query image file (or use --id for an image already in the index)")
+    id: int | None = option(None, "search by the id of an indexed image instead of an image file")
+    k: int = option(10, "number of neighbours", metavar="K")
+    cluster: int | None = option(None, "only return images of this cluster")
+    model: str | None = option(None, "ONNX model that embeds the query image; default: the one in the index")
+    device: str = option("auto", "where FAISS and the model run", choices=["auto", "cpu", "cuda"])
+    json: str | None = option(None, "also write the results to this JSON file")
+
+
+def hit_dict(hit: Hit) -> dict[str, Any]:
+    return {**dataclasses.asdict(hit), "abs_path": str(hit.abs_path)}
+
+
+def format_hits(hits: list[Hit]) -> str:
+    """A fixed-width table: rank, similarity, cluster, confidence, id, path."""
+    lines = [f"{'#':>3}  {'sim':>6}  {'cluster':<16} {'conf':>5}  {'id':>8}  path"]
+    for rank, hit in enumerate(hits, 1):
+        cluster = "-" if hit.cluster is None else f"{hit.cluster} {hit.cluster_name or ''}".strip()
+        conf = "-" if hit.confidence is None else f"{hit.confidence:.2f}"
+        sim = "-" if hit.similarity is None else f"{hit.similarity:.4f}"
+        lines.append(f"{rank:>3}  {sim:>6}  {cluster[:16]:<16} {conf:>5}  {hit.id:>8}  {hit.path}")
+    return "\n".join(lines)
+
+
+def search(config: SearchConfig) -> list[Hit]:
+    index = ImageIndex.open(config.index, config.device)
+    try:
+        if config.id is not None:
+            return index.search_id(config.id, config.k, config.cluster)
+        if not config.image:
+            raise IndexUserError("give a query IMAGE or --id")
+        if not Path(config.image).is_file():
+            raise IndexUserError(f"query image {config.image} not found")
+        model_path = config.model or index.info.get("model")
+        if not model_path:
+            raise IndexUserError("the index records no model; give --model to embed the query image")
+        from twist_core.infer import DeviceUnavailable, OnnxModel
+
+        try:
+            model = OnnxModel(model_path, device=config.device)
+        except DeviceUnavailable as error:
+            raise IndexUserError(str(error)) from None
+        return index.search_image(model, config.image, config.k, config.cluster)
+    finally:
+        index.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="twist search", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_dataclass_arguments(parser, SearchConfig, positional=("index", "image"))
+    parser.add_argument("-k", dest="k", type=int, default=argparse.SUPPRESS, help="same as --k")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = build_config(SearchConfig, args)
+        if not config.index:
+            raise IndexUserError("give the INDEX folder")
+        hits = search(config)
+    except (IndexUserError, ImageReadError, ValueError, OSError) as error:
+        print(f"twist search: error: {error}", file=sys.stderr)
+        return 1
+    print(format_hits(hits))
+    if config.json:
+        query = {"image": config.image, "id": config.id, "k": config.k, "cluster": config.cluster}
+        atomic_write_text(config.json, json.dumps({"index": config.index, "query": query,
+                                                   "hits": [hit_dict(h) for h in hits]}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
