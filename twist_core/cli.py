@@ -7,6 +7,7 @@ import sys
 
 COMMANDS = {
     "train": ("twist_core.train", "train TWIST on an image folder"),
+    "eval": ("twist_core.evaluate", "score clusters against class folders (ACC/NMI/AMI/ARI, kNN, baselines)"),
     "export": ("twist_core.export", "export a run to one ONNX file with its model card"),
     "label": ("twist_core.label", "label every image of a folder with an exported model"),
     "index": ("twist_core.index_build", "build or update a FAISS similarity index from labels + embeddings"),

@@ -76,3 +76,12 @@ def sum_across(ctx: Context, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.to(ctx.device)
         dist.all_reduce(tensor)
     return tensor
+
+
+def broadcast_int(ctx: Context, value: int) -> int:
+    """Rank 0's value on every rank (decisions from timing must agree, or collectives would hang)."""
+    if not ctx.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=ctx.device)
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())

@@ -27,11 +27,11 @@ from twist_core import __version__
 from twist_core.augment import IMAGENET_MEAN, IMAGENET_STD
 from twist_core.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from twist_core.config import add_dataclass_arguments, build_config, option
+from twist_core.dataset import decode_size
 from twist_core.folder import ImageReadError, scan_folder
 from twist_core.infer import CARD_KEY, Preprocess, create_session
 from twist_core.io_utils import atomic_write, atomic_write_text
 from twist_core.model import ModelSpec, TwistModel
-from twist_core.train import decode_size
 
 N_VERIFY_IMAGES = 16
 

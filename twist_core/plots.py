@@ -14,27 +14,28 @@ def plot_training_curves(history: list[dict[str, Any]], path: str | Path) -> Non
 
     from twist_core.io_utils import atomic_write
 
-    epochs = [row["epoch"] for row in history]
+    trained = [row for row in history if "loss" in row]
+    epochs = [row["epoch"] for row in trained]
     figure, axes = plt.subplots(2, 2, figsize=(11, 7))
     loss_axis, cluster_axis, lr_axis, eval_axis = axes.flat
     for name in ("loss", "consistency", "sharpness", "diversity", "self_label"):
-        points = [(row["epoch"], row[name]) for row in history if name in row]
+        points = [(row["epoch"], row[name]) for row in trained if name in row]
         if points:
             loss_axis.plot(*zip(*points, strict=True), label=name)
     loss_axis.set_title("loss and its parts")
     loss_axis.legend(fontsize=8)
-    cluster_axis.plot(epochs, [row["clusters_in_use"] for row in history], color="tab:green")
+    cluster_axis.plot(epochs, [row["clusters_in_use"] for row in trained], color="tab:green")
     cluster_axis.set_title("clusters in use")
-    lr_axis.plot(epochs, [row["lr"] for row in history], color="tab:red")
+    lr_axis.plot(epochs, [row["lr"] for row in trained], color="tab:red")
     lr_axis.set_title("learning rate")
     evals = [(row["epoch"], row["eval"]) for row in history if row.get("eval")]
     if evals:
-        for name in ("acc", "nmi", "ari"):
+        for name in ("acc", "nmi", "ari", "knn_acc"):
             eval_axis.plot([e for e, _ in evals], [m[name] for _, m in evals], marker="o", label=name)
         eval_axis.legend(fontsize=8)
         eval_axis.set_title("evaluation")
     else:
-        entropy = [row["mean_entropy"] / max(row["max_entropy"], 1e-12) for row in history]
+        entropy = [row["mean_entropy"] / max(row["max_entropy"], 1e-12) for row in trained]
         eval_axis.plot(epochs, entropy, color="tab:purple")
         eval_axis.set_title("entropy of the mean prediction / log K")
     for axis in axes.flat:

@@ -25,9 +25,11 @@ from torch import nn
 
 from twist_core import distributed
 from twist_core.augment import BatchAugment, policy_for_size
+from twist_core.budget import fit_total_steps, parse_duration
 from twist_core.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from twist_core.config import add_dataclass_arguments, build_config, option, save_config
-from twist_core.dataset import EpochBatches, FolderImages, decode_all, epoch_batches, make_loader
+from twist_core.dataset import EpochBatches, FolderImages, decode_all, decode_size, epoch_batches, make_loader
+from twist_core.evaluate import load_eval_images, predict_torch, score, summary_line
 from twist_core.folder import DEFAULT_MAX_PIXELS, NoImagesError, decode_image, require_images
 from twist_core.io_utils import atomic_write_text
 from twist_core.loss import self_label_loss, twist_multicrop_loss
@@ -63,6 +65,10 @@ class TrainConfig:
     self_label_fraction: float = option(0.1, "share of the final epochs spent in the self-labelling stage (0 = off)")
     self_label_keep: float = option(0.5, "share of the global batch, most confident first, used as pseudo-labels")
     self_label_weight: float = option(1.0, "weight of the self-labelling cross-entropy added to the TWIST loss")
+    time_budget: str | None = option(None, "fit the whole schedule to this wall-clock time (e.g. 20m, 1h30m); "
+                                     "measured on the first steps, overrides --epochs")
+    eval_data: str | None = option(None, "class-folder tree to evaluate on (ACC/NMI/ARI/kNN) during training")
+    eval_every: int = option(5, "evaluate every N epochs (and at the start and the end) when --eval-data is given")
     init: str | None = option(None, "local torchvision-format ResNet state dict to start the backbone from")
     seed: int = option(0, "random seed (data order, augmentation, initialisation)")
     workers: int = option(-1, "decoding worker processes; -1 = auto (CPU count, at most 8)")
@@ -139,11 +145,6 @@ def resolve_auto(config: TrainConfig, root: Path, files: list[str], device: torc
     return dataclasses.replace(config, **changes)
 
 
-def decode_size(image_size: int) -> int:
-    """Images are decoded to a square a little larger than the crop (256 for 224), as the reference resizes."""
-    return image_size if image_size <= 64 else round(image_size * 256 / 224)
-
-
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     if precision in ("bf16", "fp16"):
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -194,6 +195,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
 def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
     from tqdm import tqdm
 
+    started = time.perf_counter()
     out = Path(config.out)
     root = Path(config.data)
     checkpoint_path = out / CHECKPOINT_NAME
@@ -206,7 +208,7 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
         resumed = load_checkpoint(checkpoint_path)
         saved = resumed["config"]
         # The saved run defines everything; only where to run it may change.
-        keep = {"device", "workers", "progress", "resume", "checkpoint_every"}
+        keep = {"device", "workers", "progress", "resume", "checkpoint_every", "eval_data", "eval_every"}
         config = TrainConfig(**{**saved, **{k: getattr(config, k) for k in keep}})
         if resumed["files"] != files:
             raise ResumeError(f"{root} changed since the run started ({len(resumed['files'])} files then, "
@@ -246,9 +248,9 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
             print(f"warning: only {n_valid} readable images: batch size lowered to {batch_size} per process",
                   file=sys.stderr)
     steps_per_epoch = max(1, n_valid // (batch_size * ctx.world_size))
-    total_steps = steps_per_epoch * config.epochs
-    warmup_steps = min(total_steps, max(1, round(config.warmup_epochs * steps_per_epoch)))
-    self_label_start = config.epochs - round(config.epochs * config.self_label_fraction)
+    total_steps = resumed["total_steps"] if resumed else steps_per_epoch * config.epochs
+    budget = parse_duration(config.time_budget) if config.time_budget else None
+    prior_seconds = resumed["train_seconds"] if resumed else 0.0
     peak_lr = config.lr * batch_size * ctx.world_size / 256
 
     spec = ModelSpec(backbone=config.backbone, width=config.width, small_stem=bool(config.small_stem),
@@ -279,7 +281,7 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
         train_model = torch.compile(train_model)
 
     augment = BatchAugment(policy_for_size(config.image_size, config.local_crops))
-    start_epoch = resumed["epoch"] if resumed else 0
+    start_epoch = resumed["epoch"] if resumed else 0  # epochs completed
     start_step_in_epoch = resumed["step_in_epoch"] if resumed else 0
     global_step = resumed["global_step"] if resumed else 0
     history: list[dict[str, Any]] = resumed["history"] if resumed else []
@@ -290,33 +292,78 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
     stop = StopRequested()
     stop.install()
 
+    eval_data = None
+    if config.eval_data and ctx.is_main:
+        eval_data = load_eval_images(config.eval_data, config.image_size, config.workers, config.max_pixels,
+                                     progress=config.progress)
+    eval_seconds = 0.0
+
+    def evaluate_now(epoch: int) -> dict[str, float]:
+        nonlocal eval_seconds
+        began = time.perf_counter()
+        probs, embeddings = predict_torch(model, eval_data.images, config.image_size, ctx.device)
+        report = score(probs, embeddings, eval_data)
+        eval_seconds = time.perf_counter() - began
+        summary = {name: report[name] for name in ("acc", "nmi", "ami", "ari", "knn_acc", "clusters_in_use")}
+        if config.progress:
+            tqdm.write(f"eval after epoch {epoch}: {summary_line(report)}", file=sys.stderr)
+        return summary
+
+    def run_seconds() -> float:
+        return prior_seconds + time.perf_counter() - started
+
     def checkpoint(epoch: int, step_in_epoch: int) -> None:
         if not ctx.is_main:
             return
         save_checkpoint(checkpoint_path, {
             "format": 1, "config": dataclasses.asdict(config), "model_spec": dataclasses.asdict(spec),
             "model": plain_state_dict(model), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-            "skipped": dict(skipped), "files": files, "history": history,
+            "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step, "total_steps": total_steps,
+            "train_seconds": run_seconds(), "skipped": dict(skipped), "files": files, "history": history,
         })
 
+    def log(row: dict[str, Any]) -> None:
+        history.append(row)
+        if ctx.is_main:
+            with open(out / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+    if eval_data is not None and not resumed:
+        log({"epoch": 0, "step": 0, "eval": evaluate_now(0)})
+
+    # Step timing for --time-budget: this session's loop time without evaluations, after two warm-up steps.
+    timed_steps, timed_since, eval_time_in_loop = 0, None, 0.0
+
+    def refit_budget() -> None:
+        nonlocal total_steps
+        if budget is None or timed_since is None or timed_steps == 0:
+            return
+        seconds_per_step = (time.perf_counter() - timed_since - eval_time_in_loop) / timed_steps
+        reserve = 0.01 * budget + 2.0  # final checkpoint, plot, process exit
+        fitted = fit_total_steps(global_step, seconds_per_step, budget - run_seconds() - reserve, steps_per_epoch,
+                                 eval_seconds if eval_data is not None else 0.0, config.eval_every)
+        total_steps = distributed.broadcast_int(ctx, max(fitted, global_step, 1))
+
     metrics: dict[str, Any] = history[-1] if history else {}
-    lr = learning_rate(global_step, total_steps, warmup_steps, peak_lr)
-    for epoch in range(start_epoch, config.epochs):
+    lr = 0.0
+    epoch = start_epoch
+    while global_step < total_steps:
         batches = epoch_batches(len(files), batch_size, epoch, config.seed, ctx.rank, ctx.world_size,
                                 exclude=set(skipped))
         first_step = start_step_in_epoch if epoch == start_epoch else 0
         sampler.batches = batches[first_step:]
-        in_self_label = config.self_label_fraction > 0 and epoch >= self_label_start
         train_model.train()
         sums = {name: 0.0 for name in ("loss", "consistency", "sharpness", "diversity", "self_label")}
         cluster_counts = torch.zeros(config.classes, dtype=torch.float64)
         mean_probs = torch.zeros(config.classes, dtype=torch.float64)
-        seen, steps_done, epoch_start = 0, 0, time.perf_counter()
+        seen, steps_done, self_label_steps, epoch_start = 0, 0, 0, time.perf_counter()
         source = (_cache_batches(cache, sampler.batches) if cache is not None else iter(loader))
-        bar = tqdm(total=len(batches), initial=first_step, desc=f"epoch {epoch + 1}/{config.epochs}",
+        n_epochs = math.ceil(total_steps / steps_per_epoch)
+        bar = tqdm(total=len(batches), initial=first_step, desc=f"epoch {epoch + 1}/{n_epochs}",
                    unit="step", disable=not (config.progress and ctx.is_main), dynamic_ncols=True)
         for step_in_epoch, (indices, images, errors) in enumerate(source, start=first_step):
+            if global_step >= total_steps:
+                break
             new_failures = {int(i): e for i, e in zip(indices.tolist(), errors, strict=True) if e}
             if new_failures:
                 for index, reason in new_failures.items():
@@ -325,9 +372,12 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
                 skipped.update(new_failures)
                 keep = torch.tensor([not e for e in errors])
                 images = images[keep]
+            warmup_steps = max(1, min(round(config.warmup_epochs * steps_per_epoch), total_steps // 5))
             lr = learning_rate(global_step, total_steps, warmup_steps, peak_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            in_self_label = global_step >= (1 - config.self_label_fraction) * total_steps and \
+                config.self_label_fraction > 0
             images = images.to(ctx.device, non_blocking=True)
             generator = torch.Generator(device=ctx.device).manual_seed(
                 config.seed * 1_000_003 + global_step * 1009 + ctx.rank)
@@ -339,6 +389,7 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
             if in_self_label:
                 parts["self_label"] = self_label_loss(view_logits, 2, config.tau, config.self_label_keep)
                 loss = loss + config.self_label_weight * parts["self_label"]
+                self_label_steps += 1
             if distributed.any_rank(ctx, not bool(torch.isfinite(loss))):
                 raise TrainingDiverged(
                     f"the loss became {loss.item()} at epoch {epoch + 1}, step {step_in_epoch + 1}: training stopped. "
@@ -364,6 +415,12 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
                             sharp=f"{values['sharpness']:.3f}", div=f"{values['diversity']:.3f}",
                             img_s=f"{seen / max(elapsed, 1e-9):.0f}", refresh=False)
             bar.update(1)
+            if timed_since is None and steps_done == 2:
+                timed_since = time.perf_counter()
+            elif timed_since is not None:
+                timed_steps += 1
+                if timed_steps == 10:
+                    refit_budget()
 
             at_interval = config.checkpoint_every > 0 and global_step % config.checkpoint_every == 0
             if distributed.any_rank(ctx, stop.signal_number is not None):
@@ -394,17 +451,26 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
                    **{name: float(totals[i]) / n_steps for i, name in enumerate(sums)},
                    "images_per_s": seen / max(elapsed, 1e-9), "clusters_in_use": int((counts > 0).sum()),
                    "mean_entropy": float(-(mean * torch.log(mean + 1e-12)).sum()),
-                   "max_entropy": math.log(config.classes), "self_labelling": in_self_label,
-                   "skipped": len(skipped), "seconds": elapsed}
-        if not in_self_label:
+                   "max_entropy": math.log(config.classes), "self_labelling": self_label_steps > 0,
+                   "skipped": len(skipped), "seconds": elapsed, "run_seconds": run_seconds()}
+        if self_label_steps == 0:
             metrics.pop("self_label")
-        history.append(metrics)
-        checkpoint(epoch + 1, 0)
+        else:
+            metrics["self_label"] = float(totals[4]) / self_label_steps
+        if global_step < total_steps:
+            refit_budget()
+        finished = global_step >= total_steps
+        if eval_data is not None and ((epoch + 1) % config.eval_every == 0 or finished):
+            began = time.perf_counter()
+            metrics["eval"] = evaluate_now(epoch + 1)
+            eval_time_in_loop += time.perf_counter() - began
+        log(metrics)
+        epoch += 1
+        checkpoint(epoch, 0)
         if ctx.is_main:
             write_skipped(out / "skipped.txt", files, skipped)
-            with open(out / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(metrics) + "\n")
-            if global_step > warmup_steps and metrics["clusters_in_use"] < config.classes / 2:
+            warmup_done = global_step > round(config.warmup_epochs * steps_per_epoch)
+            if warmup_done and metrics["clusters_in_use"] < config.classes / 2:
                 tqdm.write(f"warning: only {metrics['clusters_in_use']} of {config.classes} clusters in use after "
                            "warm-up: the model may be collapsing (check --lam2, --tau, --lr, or use a smaller K)",
                            file=sys.stderr)

@@ -1,0 +1,73 @@
+"""`twist eval`, evaluation during training, and --time-budget."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, draw_shapes_folder, tiny_train_config
+
+from twist_core.budget import fit_total_steps, parse_duration
+from twist_core.train import train
+
+
+def test_parse_duration() -> None:
+    assert parse_duration("90") == 90 and parse_duration("20m") == 1200 and parse_duration("1h30m") == 5400
+    assert parse_duration("1.5h") == 5400 and parse_duration("45s") == 45
+    with pytest.raises(ValueError, match="cannot read"):
+        parse_duration("twenty minutes")
+
+
+def test_fit_total_steps_leaves_room_for_evaluations() -> None:
+    assert fit_total_steps(10, 1.0, 100.0, 10, 0.0, 5) == 110
+    # 100 s left, 1 s/step, 10 steps/epoch, eval every epoch costing 5 s: n steps + 5 (n/10 + 1) <= 100.
+    total = fit_total_steps(0, 1.0, 100.0, 10, 5.0, 1)
+    assert 60 <= total <= 66
+
+
+def test_eval_command_reports_metrics_baselines_and_confusion(tiny_run: Path, shapes_folder: Path,
+                                                             tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    result = subprocess.run([sys.executable, "-m", "twist_core.cli", "eval", str(tiny_run), str(shapes_folder),
+                             "--json", str(report_path)], capture_output=True, text=True, timeout=300,
+                            cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "k-means on pixels" in result.stdout and "kNN accuracy" in result.stdout
+    report = json.loads(report_path.read_text())
+    assert report["n_images"] == 48 and report["classes"] == ["discs", "stripes"]
+    for name in ("acc", "nmi", "ami", "ari", "knn_acc"):
+        assert 0.0 <= report[name] <= 1.0
+    assert report["acc"] >= 0.5  # two balanced classes: any clustering matches at least half
+    assert set(report["baselines"]) == {"kmeans_embeddings", "kmeans_pixels"}
+    assert sum(row["size"] for row in report["per_cluster"]) == 48
+    assert report_path.with_suffix(".png").stat().st_size > 5_000
+
+
+def test_eval_needs_class_folders(tiny_run: Path, tmp_path: Path) -> None:
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for image in sorted((draw_shapes_folder(tmp_path / "s", 2)).rglob("*.png")):
+        (flat / f"{image.parent.name}_{image.name}").write_bytes(image.read_bytes())
+    result = subprocess.run([sys.executable, "-m", "twist_core.cli", "eval", str(tiny_run), str(flat)],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 1 and "class subfolders" in result.stderr
+
+
+def test_time_budget_ends_on_time_with_evaluations_logged(tmp_path: Path) -> None:
+    data = draw_shapes_folder(tmp_path / "shapes", n_per_class=64)
+    out = tmp_path / "run"
+    budget = 30.0
+    started = time.perf_counter()
+    final = train(tiny_train_config(data, out, epochs=10_000, time_budget=f"{budget:.0f}s", eval_data=str(data),
+                                    eval_every=2, self_label_fraction=0.2))
+    took = time.perf_counter() - started
+    assert abs(took - budget) <= 0.1 * budget, f"took {took:.1f} s for a {budget:.0f} s budget"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["epoch"] == 0 and "eval" in rows[0]  # evaluated before training
+    assert "eval" in rows[-1] and rows[-1]["epoch"] == final["epoch"]  # and at the end
+    assert any(row.get("self_labelling") for row in rows)  # the schedule's last stage was reached
+    assert rows[-1]["step"] < 10_000 * 8

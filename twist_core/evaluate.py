@@ -1,0 +1,239 @@
+"""``twist eval RUN_OR_MODEL DATA``: how well the discovered clusters match the true classes of a class-folder tree.
+
+Reports ACC/NMI/AMI/ARI, per-cluster size/purity/majority class, kNN accuracy of the embeddings, and two
+baselines on the same images (k-means on the embeddings, k-means on raw pixels), plus a confusion PNG.
+The same functions evaluate the model in memory during training (``twist train --eval-data``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from twist_core.augment import IMAGENET_MEAN, IMAGENET_STD
+from twist_core.config import add_dataclass_arguments, build_config, option
+from twist_core.dataset import FolderImages, decode_all, decode_size
+from twist_core.folder import DEFAULT_MAX_PIXELS, NoImagesError, ground_truth_labels, require_images
+from twist_core.io_utils import atomic_write_text
+from twist_core.metrics import cluster_report, kmeans_clusters, knn_accuracy
+from twist_core.model import TwistModel
+
+PIXEL_BASELINE_SIZE = 32
+
+
+@dataclass
+class EvalConfig:
+    source: str = option(None, "a run folder (uses RUN/last.pt) or an exported .onnx model")
+    data: str = option(None, "class-folder tree: first-level subfolder names are the true classes")
+    json: str | None = option(None, "write the full report (metrics, per-cluster table, baselines) to this file")
+    confusion: str | None = option(None, "confusion-matrix PNG (default: beside --json, or RUN/eval_confusion.png)")
+    knn_k: int = option(20, "k of the leave-one-out kNN accuracy (cosine)")
+    baselines: bool = option(True, "also run k-means on the embeddings and on raw pixels")
+    batch_size: int = option(256, "images per inference batch")
+    workers: int = option(2, "decoding worker processes")
+    device: str = option("auto", "auto, cpu or cuda (run folders only; ONNX chooses its own provider)")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "refuse images with more pixels than this")
+    seed: int = option(0, "seed of the k-means baselines")
+
+
+@dataclass
+class EvalImages:
+    """A labelled folder decoded once: uint8 images at the preprocessing resize size, and their classes."""
+
+    images: torch.Tensor
+    labels: np.ndarray
+    class_names: list[str]
+    files: list[str]
+    failures: dict[int, str]
+
+
+def load_eval_images(root: str | Path, image_size: int, workers: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS,
+                     progress: bool = True) -> EvalImages:
+    files = require_images(root)
+    class_names, labels = ground_truth_labels(files)
+    if len(class_names) < 2 or "" in class_names:
+        raise NoImagesError(f"{root}: evaluation needs images in class subfolders (DATA/<class>/image), "
+                            f"found {len(class_names)} class folder(s)")
+    images, failures = decode_all(FolderImages(root, files, decode_size(image_size), max_pixels), workers, progress)
+    keep = np.array([i not in failures for i in range(len(files))])
+    return EvalImages(images[torch.from_numpy(keep)], labels[keep], class_names,
+                      [f for f, k in zip(files, keep, strict=True) if k], failures)
+
+
+def normalise(images: torch.Tensor, crop: int) -> torch.Tensor:
+    """uint8 N x 3 x S x S -> centre crop -> float normalised with the ImageNet mean/std."""
+    size = images.shape[-1]
+    top = (size - crop) // 2
+    images = images[..., top:top + crop, top:top + crop].float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+@torch.no_grad()
+def predict_torch(model: TwistModel, images: torch.Tensor, crop: int, device: torch.device,
+                  batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and embeddings in eval mode (BN running statistics), as the exported model computes them."""
+    was_training = model.training
+    model.eval()
+    probs, embeddings = [], []
+    for start in range(0, len(images), batch_size):
+        batch = normalise(images[start:start + batch_size].to(device), crop)
+        embedding, p = model.probabilities(batch.contiguous(memory_format=torch.channels_last))
+        probs.append(p.float().cpu())
+        embeddings.append(embedding.float().cpu())
+    model.train(was_training)
+    return torch.cat(probs).numpy(), torch.cat(embeddings).numpy()
+
+
+def pixel_features(images: torch.Tensor) -> np.ndarray:
+    """Raw pixels at 32 x 32, the classic clustering baseline's input."""
+    small = F.interpolate(images.float(), size=(PIXEL_BASELINE_SIZE, PIXEL_BASELINE_SIZE), mode="bilinear",
+                          antialias=True, align_corners=False)
+    return (small.flatten(1) / 255.0).numpy()
+
+
+def score(probs: np.ndarray, embeddings: np.ndarray, data: EvalImages, knn_k: int = 20,
+          baselines: bool = False, seed: int = 0) -> dict[str, Any]:
+    """The full report for predictions on ``data`` (same order)."""
+    n_clusters = probs.shape[1]
+    report = cluster_report(probs.argmax(1), data.labels, n_clusters, data.class_names)
+    report["knn_acc"] = knn_accuracy(embeddings, data.labels, knn_k)
+    report["knn_k"] = knn_k
+    report["mean_confidence"] = float(probs.max(1).mean())
+    report["classes"] = data.class_names
+    report["n_clusters"] = n_clusters
+    report["skipped"] = len(data.failures)
+    if baselines:
+        normalised = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True).clip(min=1e-12)
+        report["baselines"] = {}
+        for name, features in (("kmeans_embeddings", normalised), ("kmeans_pixels", pixel_features(data.images))):
+            clusters = kmeans_clusters(features, n_clusters, seed)
+            summary = cluster_report(clusters, data.labels, n_clusters, data.class_names)
+            report["baselines"][name] = {m: summary[m] for m in ("acc", "nmi", "ami", "ari")}
+    return report
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    return " ".join(f"{name.upper()} {report[name]:.3f}" for name in ("acc", "nmi", "ami", "ari", "knn_acc"))
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"{report['n_images']} images, {len(report['classes'])} classes, {report['n_clusters']} clusters "
+             f"({report['clusters_in_use']} in use), {report['skipped']} unreadable skipped",
+             "", f"{'':<22}{'ACC':>7}{'NMI':>7}{'AMI':>7}{'ARI':>7}",
+             f"{'TWIST':<22}" + "".join(f"{report[m]:>7.3f}" for m in ("acc", "nmi", "ami", "ari"))]
+    for name, values in report.get("baselines", {}).items():
+        label = name.replace("kmeans_", "k-means on ")
+        lines.append(f"{label:<22}" + "".join(f"{values[m]:>7.3f}" for m in ("acc", "nmi", "ami", "ari")))
+    lines += [f"kNN accuracy (k={report['knn_k']}, cosine, leave-one-out): {report['knn_acc']:.3f}",
+              f"mean confidence: {report['mean_confidence']:.3f}", "",
+              f"{'cluster':>7} {'size':>7} {'purity':>7}  majority class"]
+    for row in sorted(report["per_cluster"], key=lambda r: -r["size"]):
+        lines.append(f"{row['cluster']:>7} {row['size']:>7} {row['purity']:>7.3f}  {row['majority_class'] or '-'}")
+    return "\n".join(lines)
+
+
+def plot_confusion(report: dict[str, Any], path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from twist_core.io_utils import atomic_write
+
+    table = np.array(report["contingency"], dtype=np.float64)
+    order = np.argsort(table.argmax(1) * table.shape[0] - table.max(1))  # clusters grouped by majority class
+    table = table[order]
+    figure, axis = plt.subplots(figsize=(1.2 + 0.5 * table.shape[1], 1.2 + 0.35 * min(table.shape[0], 60)))
+    axis.imshow(table / table.sum(1, keepdims=True).clip(min=1), cmap="Blues", aspect="auto")
+    axis.set_xticks(range(len(report["classes"])), report["classes"], rotation=60, ha="right", fontsize=8)
+    axis.set_yticks(range(len(order)), [str(k) for k in order], fontsize=7)
+    axis.set_xlabel("true class")
+    axis.set_ylabel("cluster")
+    axis.set_title(f"ACC {report['acc']:.3f}  NMI {report['nmi']:.3f}  ARI {report['ari']:.3f}")
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=90))
+    plt.close(figure)
+
+
+def _predict_source(config: EvalConfig) -> tuple[np.ndarray, np.ndarray, EvalImages]:
+    source = Path(config.source)
+    progress = sys.stderr.isatty()
+    if source.suffix == ".onnx":
+        from twist_core.infer import OnnxModel
+
+        onnx_model = OnnxModel(source, device=config.device)
+        image_size = int(onnx_model.card["input_size"])
+        data = load_eval_images(config.data, image_size, config.workers, config.max_pixels, progress)
+        batches = [normalise(data.images[i:i + config.batch_size], image_size).numpy()
+                   for i in range(0, len(data.images), config.batch_size)]
+        outputs = [onnx_model.predict_arrays(batch) for batch in batches]
+        return np.concatenate([o[0] for o in outputs]), np.concatenate([o[1] for o in outputs]), data
+    from twist_core.checkpoint import load_checkpoint
+    from twist_core.distributed import pick_device
+    from twist_core.model import ModelSpec
+
+    checkpoint = load_checkpoint(source)
+    model = TwistModel(ModelSpec(**checkpoint["model_spec"]))
+    model.load_state_dict(checkpoint["model"])
+    device = pick_device(config.device)
+    model.to(device).to(memory_format=torch.channels_last)
+    image_size = int(checkpoint["config"]["image_size"])
+    data = load_eval_images(config.data, image_size, config.workers, config.max_pixels, progress)
+    probs, embeddings = predict_torch(model, data.images, image_size, device, config.batch_size)
+    return probs, embeddings, data
+
+
+def evaluate(config: EvalConfig) -> dict[str, Any]:
+    started = time.perf_counter()
+    probs, embeddings, data = _predict_source(config)
+    report = score(probs, embeddings, data, config.knn_k, config.baselines, config.seed)
+    report["source"] = str(config.source)
+    report["data"] = str(Path(config.data).resolve())
+    report["seconds"] = time.perf_counter() - started
+    if config.json:
+        atomic_write_text(config.json, json.dumps(report, indent=2) + "\n")
+    confusion = config.confusion
+    if confusion is None:
+        confusion = (str(Path(config.json).with_suffix(".png")) if config.json
+                     else str(Path(config.source) / "eval_confusion.png") if Path(config.source).is_dir() else None)
+    if confusion:
+        plot_confusion(report, confusion)
+        report["confusion_png"] = confusion
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="twist eval", description=__doc__.split("\n\n")[0])
+    add_dataclass_arguments(parser, EvalConfig, positional=("source", "data"))
+    parser.add_argument("--config", help="YAML or JSON file of options")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = build_config(EvalConfig, args, args.config)
+    if not config.source or not config.data:
+        print("twist eval: give RUN_OR_MODEL and DATA", file=sys.stderr)
+        return 2
+    try:
+        report = evaluate(config)
+    except (NoImagesError, FileNotFoundError, ValueError) as error:
+        print(f"twist eval: error: {error}", file=sys.stderr)
+        return 1
+    print(format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

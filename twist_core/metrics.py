@@ -1,0 +1,84 @@
+"""Cluster-quality metrics against ground truth: ACC (Hungarian), NMI, AMI, ARI, purity, kNN accuracy.
+
+K (clusters) may differ from C (classes): ACC matches at most min(K, C) cluster-class pairs, and every
+image in an unmatched cluster counts as an error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from sklearn import metrics as skm
+
+
+def contingency(clusters: np.ndarray, classes: np.ndarray, n_clusters: int, n_classes: int) -> np.ndarray:
+    """K x C table of counts, built with one bincount (no Python loop over cells)."""
+    flat = clusters.astype(np.int64) * n_classes + classes.astype(np.int64)
+    return np.bincount(flat, minlength=n_clusters * n_classes).reshape(n_clusters, n_classes)
+
+
+def hungarian_accuracy(table: np.ndarray) -> tuple[float, dict[int, int]]:
+    """Best one-to-one cluster->class matching; returns accuracy and the mapping."""
+    rows, cols = linear_sum_assignment(table, maximize=True)
+    total = table.sum()
+    return (float(table[rows, cols].sum() / total) if total else 0.0), dict(zip(rows.tolist(), cols.tolist(),
+                                                                                  strict=True))
+
+
+def cluster_report(clusters: np.ndarray, classes: np.ndarray, n_clusters: int,
+                   class_names: list[str]) -> dict:
+    """ACC/NMI/AMI/ARI plus per-cluster size, purity and majority class."""
+    table = contingency(clusters, classes, n_clusters, len(class_names))
+    acc, mapping = hungarian_accuracy(table)
+    sizes = table.sum(1)
+    per_cluster = []
+    for k in range(n_clusters):
+        majority = int(table[k].argmax())
+        per_cluster.append({"cluster": k, "size": int(sizes[k]),
+                            "purity": float(table[k, majority] / sizes[k]) if sizes[k] else 0.0,
+                            "majority_class": class_names[majority] if sizes[k] else None,
+                            "matched_class": class_names[mapping[k]] if k in mapping else None})
+    return {
+        "acc": acc,
+        "nmi": float(skm.normalized_mutual_info_score(classes, clusters)),
+        "ami": float(skm.adjusted_mutual_info_score(classes, clusters)),
+        "ari": float(skm.adjusted_rand_score(classes, clusters)),
+        "purity": float(table.max(1).sum() / max(1, table.sum())),
+        "n_images": len(clusters),
+        "clusters_in_use": int((sizes > 0).sum()),
+        "per_cluster": per_cluster,
+        "contingency": table.tolist(),
+    }
+
+
+def knn_accuracy(embeddings: np.ndarray, labels: np.ndarray, k: int = 20, chunk: int = 2048) -> float:
+    """Leave-one-out k-nearest-neighbour accuracy with cosine similarity (majority vote, ties by similarity)."""
+    vectors = embeddings.astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
+    n, n_classes = len(vectors), int(labels.max()) + 1
+    k = min(k, n - 1)
+    if k < 1:
+        return 0.0
+    correct = 0
+    for start in range(0, n, chunk):
+        similarity = vectors[start:start + chunk] @ vectors.T
+        rows = np.arange(similarity.shape[0])
+        similarity[rows, start + rows] = -np.inf  # leave the query itself out
+        neighbours = np.argpartition(-similarity, k, axis=1)[:, :k]
+        votes = np.zeros((similarity.shape[0], n_classes))
+        weights = 1.0 + 1e-3 * np.take_along_axis(similarity, neighbours, 1)  # similarity only breaks ties
+        np.add.at(votes, (rows[:, None], labels[neighbours]), weights)
+        correct += int((votes.argmax(1) == labels[start:start + chunk]).sum())
+    return correct / n
+
+
+def kmeans_clusters(features: np.ndarray, n_clusters: int, seed: int = 0) -> np.ndarray:
+    """k-means baseline (mini-batch for large sets, so a baseline never dominates the evaluation time)."""
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    features = features.astype(np.float32)
+    if len(features) > 20_000:
+        model = MiniBatchKMeans(n_clusters=n_clusters, random_state=seed, n_init=3, batch_size=4096)
+    else:
+        model = KMeans(n_clusters=n_clusters, random_state=seed, n_init=3)
+    return model.fit_predict(features)
