@@ -6,6 +6,7 @@ import importlib
 import sys
 
 COMMANDS = {
+    "demo": ("twist_core.demo", "the whole pipeline on scikit-learn's digits, then the app (no arguments needed)"),
     "train": ("twist_core.train", "train TWIST on an image folder"),
     "eval": ("twist_core.evaluate", "score clusters against class folders (ACC/NMI/AMI/ARI, kNN, baselines)"),
     "export": ("twist_core.export", "export a run to one ONNX file with its model card"),

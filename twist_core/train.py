@@ -247,7 +247,7 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
         if ctx.is_main:
             print(f"warning: only {n_valid} readable images: batch size lowered to {batch_size} per process",
                   file=sys.stderr)
-    steps_per_epoch = max(1, n_valid // (batch_size * ctx.world_size))
+    steps_per_epoch = resumed["steps_per_epoch"] if resumed else max(1, n_valid // (batch_size * ctx.world_size))
     total_steps = resumed["total_steps"] if resumed else steps_per_epoch * config.epochs
     budget = parse_duration(config.time_budget) if config.time_budget else None
     prior_seconds = resumed["train_seconds"] if resumed else 0.0
@@ -319,6 +319,7 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
             "format": 1, "config": dataclasses.asdict(config), "model_spec": dataclasses.asdict(spec),
             "model": plain_state_dict(model), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step, "total_steps": total_steps,
+            "steps_per_epoch": steps_per_epoch,
             "train_seconds": run_seconds(), "skipped": dict(skipped), "files": files, "history": history,
         })
 
@@ -446,6 +447,10 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
         mean = distributed.sum_across(ctx, mean_probs).cpu()
         mean = mean / mean.sum().clamp(min=1e-12)
         n_steps = max(1.0, float(totals[-1]))
+        # Files that failed only now (streaming) shorten the epochs to come; the epoch count stays as asked.
+        steps_per_epoch = max(1, (len(files) - len(skipped)) // (batch_size * ctx.world_size))
+        if budget is None:
+            total_steps = global_step + (config.epochs - epoch - 1) * steps_per_epoch
         elapsed = time.perf_counter() - epoch_start
         metrics = {"epoch": epoch + 1, "step": global_step, "lr": lr,
                    **{name: float(totals[i]) / n_steps for i, name in enumerate(sums)},

@@ -1,0 +1,278 @@
+"""The curation store: cluster names, merges, per-image moves and exclusions, with an undo log.
+
+It lives in one SQLite file beside the index (``curation.sqlite``) so a restart or a second browser tab
+sees the same state. The index's own metadata is attached read-only, so every page, count and export is
+one SQL query over (images LEFT JOIN overrides LEFT JOIN merges): nothing loads a whole cluster.
+
+Effective label of an image = its override (a move, or ``EXCLUDED``), else the cluster its predicted
+cluster was merged into, else its predicted cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+EXCLUDED = -1  # the label of an image taken out of the dataset
+ORDERS = ("confidence", "id", "path")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS names (cluster INTEGER PRIMARY KEY, name TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS merges (cluster INTEGER PRIMARY KEY, into_cluster INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS overrides (image_id INTEGER PRIMARY KEY, cluster INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS overrides_cluster ON overrides (cluster);
+CREATE TABLE IF NOT EXISTS undo_log (seq INTEGER PRIMARY KEY AUTOINCREMENT, action TEXT NOT NULL,
+                                     at TEXT NOT NULL, previous TEXT NOT NULL);
+"""
+
+# The effective label as an SQL expression over images i, overrides o, merges m.
+LABEL_SQL = "COALESCE(o.cluster, m.into_cluster, i.cluster)"
+JOINS = ("FROM idx.images i LEFT JOIN overrides o ON o.image_id = i.id "
+         "LEFT JOIN merges m ON m.cluster = i.cluster")
+
+
+class CurationError(Exception):
+    """A curation request that cannot be applied (unknown cluster, nothing to undo, ...); says why."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image with its predicted and effective label."""
+
+    id: int
+    path: str
+    predicted: int | None
+    confidence: float | None
+    topk: str | None
+    label: int | None
+    status: str  # predicted, merged, moved or excluded
+
+
+def _status(predicted: int | None, label: int | None, moved: bool) -> str:
+    if label == EXCLUDED:
+        return "excluded"
+    if moved:
+        return "moved"
+    return "merged" if label != predicted else "predicted"
+
+
+class CurationStore:
+    """Read and change the curated labels of one index; every change is one transaction plus an undo entry."""
+
+    def __init__(self, path: Path, meta_path: Path, default_names: Sequence[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.default_names = list(default_names)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+        uri = f"file:{Path(meta_path).resolve()}?mode=ro"
+        self._db.execute("ATTACH DATABASE ? AS idx", (uri,))
+        self._lock = threading.Lock()  # one connection shared by the server's worker threads
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    # ---- reading
+    @property
+    def n_clusters(self) -> int:
+        return len(self.default_names)
+
+    def names(self) -> dict[int, str]:
+        """Every cluster's current name (renamed, else the model's class name)."""
+        names = dict(enumerate(self.default_names))
+        names.update(dict(self._query("SELECT cluster, name FROM names")))
+        return names
+
+    def name(self, cluster: int | None) -> str:
+        if cluster is None:
+            return ""
+        if cluster == EXCLUDED:
+            return "excluded"
+        return self.names().get(int(cluster), f"cluster {cluster}")
+
+    def merged_into(self, cluster: int) -> int:
+        found = self._query("SELECT into_cluster FROM merges WHERE cluster = ?", (int(cluster),))
+        return found[0][0] if found else int(cluster)
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Size and mean confidence per effective label (non-empty ones), excluded images as ``EXCLUDED``."""
+        rows = self._query(f"SELECT {LABEL_SQL} AS label, COUNT(*), AVG(i.confidence) {JOINS} "
+                           "WHERE i.cluster IS NOT NULL OR o.cluster IS NOT NULL GROUP BY label ORDER BY label")
+        names = self.names()
+        return [{"cluster": c, "name": "excluded" if c == EXCLUDED else names.get(c, f"cluster {c}"),
+                 "size": n, "mean_confidence": m} for c, n, m in rows]
+
+    def _where(self, label: int, min_conf: float, max_conf: float) -> tuple[str, list[Any]]:
+        """Members of ``label``: predicted into one of its source clusters and not overridden, or moved in.
+
+        Written as a union of two index-friendly conditions rather than a test on the computed label.
+        """
+        sources = [label] if label == EXCLUDED else [
+            label, *[r[0] for r in self._query("SELECT cluster FROM merges WHERE into_cluster = ?", (label,))]]
+        if label != EXCLUDED and self.merged_into(label) != label:
+            sources.remove(label)
+        marks = ",".join("?" * len(sources))
+        where = (f"((i.cluster IN ({marks}) AND o.cluster IS NULL) OR o.cluster = ?) "
+                 "AND COALESCE(i.confidence, 0) BETWEEN ? AND ?")
+        return where, [*sources, label, float(min_conf), float(max_conf)]
+
+    def count(self, label: int, min_conf: float = 0.0, max_conf: float = 1.0) -> int:
+        where, params = self._where(label, min_conf, max_conf)
+        return self._query(f"SELECT COUNT(*) {JOINS} WHERE {where}", params)[0][0]
+
+    def page(self, label: int, offset: int = 0, limit: int = 60, order_by: str = "confidence",
+             descending: bool = True, min_conf: float = 0.0, max_conf: float = 1.0) -> list[Record]:
+        """One page of a cluster, filtered and sorted in SQL (a 100k cluster opens as fast as a small one)."""
+        if order_by not in ORDERS:
+            raise CurationError(f"cannot order by {order_by!r}; choose one of {', '.join(ORDERS)}")
+        where, params = self._where(label, min_conf, max_conf)
+        direction = "DESC" if descending else "ASC"
+        rows = self._query(f"SELECT i.id, i.path, i.cluster, i.confidence, i.topk, {LABEL_SQL}, o.cluster "
+                           f"{JOINS} WHERE {where} ORDER BY i.{order_by} {direction}, i.id LIMIT ? OFFSET ?",
+                           [*params, int(limit), int(offset)])
+        return [Record(i, p, c, conf, topk, label_, _status(c, label_, moved is not None))
+                for i, p, c, conf, topk, label_, moved in rows]
+
+    def records(self, ids: Sequence[int]) -> dict[int, Record]:
+        found: dict[int, Record] = {}
+        for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit
+            chunk = [int(i) for i in ids[start:start + 900]]
+            marks = ",".join("?" * len(chunk))
+            for i, p, c, conf, topk, label, moved in self._query(
+                    f"SELECT i.id, i.path, i.cluster, i.confidence, i.topk, {LABEL_SQL}, o.cluster {JOINS} "
+                    f"WHERE i.id IN ({marks})", chunk):
+                found[i] = Record(i, p, c, conf, topk, label, _status(c, label, moved is not None))
+        return found
+
+    def iter_records(self, batch: int = 10_000) -> Iterator[Record]:
+        """Every image in id order, streamed in batches (exports of any size)."""
+        last = -1
+        while True:
+            rows = self._query(f"SELECT i.id, i.path, i.cluster, i.confidence, i.topk, {LABEL_SQL}, o.cluster "
+                               f"{JOINS} WHERE i.id > ? ORDER BY i.id LIMIT ?", (last, batch))
+            if not rows:
+                return
+            for i, p, c, conf, topk, label, moved in rows:
+                yield Record(i, p, c, conf, topk, label, _status(c, label, moved is not None))
+            last = rows[-1][0]
+
+    def all_ids(self) -> list[int]:
+        return [r[0] for r in self._query("SELECT id FROM idx.images ORDER BY id")]
+
+    def history(self, limit: int = 10) -> list[str]:
+        """The latest changes, newest first, as short sentences."""
+        return [f"{at}  {action}" for action, at in
+                self._query("SELECT action, at FROM undo_log ORDER BY seq DESC LIMIT ?", (limit,))]
+
+    # ---- changing
+    def _check_cluster(self, cluster: int) -> int:
+        cluster = int(cluster)
+        if not 0 <= cluster < self.n_clusters:
+            raise CurationError(f"there is no cluster {cluster} (clusters are 0 to {self.n_clusters - 1})")
+        return cluster
+
+    def _change(self, action: str, previous: dict[str, dict[str, Any]], statements: list[tuple[str, Sequence]]
+                ) -> None:
+        """Run ``statements`` and log what they overwrite, all in one transaction."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, params in statements:
+                    self._db.execute(sql, params)
+                self._db.execute("INSERT INTO undo_log (action, at, previous) VALUES (?, ?, ?)",
+                                 (action, time.strftime("%Y-%m-%d %H:%M:%S"), json.dumps(previous)))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _previous(self, table: str, key: str, value: str, keys: Sequence[int]) -> dict[str, Any]:
+        found = {}
+        for start in range(0, len(keys), 900):
+            chunk = [int(k) for k in keys[start:start + 900]]
+            marks = ",".join("?" * len(chunk))
+            found.update(self._query(f"SELECT {key}, {value} FROM {table} WHERE {key} IN ({marks})", chunk))
+        return {str(k): found.get(int(k)) for k in keys}
+
+    def rename(self, cluster: int, name: str) -> None:
+        cluster, name = self._check_cluster(cluster), " ".join(str(name).split())
+        if not name:
+            raise CurationError("a cluster name cannot be empty")
+        clash = [c for c, n in self.names().items() if n.lower() == name.lower() and c != cluster]
+        if clash:
+            raise CurationError(f"cluster {clash[0]} is already called {name!r}")
+        old = self.name(cluster)
+        self._change(f"renamed cluster {cluster} from {old!r} to {name!r}",
+                     {"names": self._previous("names", "cluster", "name", [cluster])},
+                     [("INSERT OR REPLACE INTO names (cluster, name) VALUES (?, ?)", (cluster, name))])
+
+    def merge(self, sources: Sequence[int], target: int) -> None:
+        """Merge ``sources`` into ``target``: their images (and anything moved into them) take its label."""
+        target = self._check_cluster(target)
+        sources = sorted({self._check_cluster(s) for s in sources} - {target})
+        if not sources:
+            raise CurationError("choose at least one cluster other than the target to merge")
+        if self.merged_into(target) != target:
+            raise CurationError(f"cluster {target} was merged into {self.merged_into(target)}; merge into that")
+        chained = [r[0] for r in self._query(
+            f"SELECT cluster FROM merges WHERE into_cluster IN ({','.join('?' * len(sources))})", sources)]
+        merged = sorted(set(sources) | set(chained))
+        moved = [r[0] for r in self._query(
+            f"SELECT image_id FROM overrides WHERE cluster IN ({','.join('?' * len(sources))})", sources)]
+        previous = {"merges": self._previous("merges", "cluster", "into_cluster", merged),
+                    "overrides": self._previous("overrides", "image_id", "cluster", moved)}
+        statements: list[tuple[str, Sequence]] = [
+            ("INSERT OR REPLACE INTO merges (cluster, into_cluster) VALUES (?, ?)", (c, target)) for c in merged]
+        statements += [("UPDATE overrides SET cluster = ? WHERE image_id = ?", (target, i)) for i in moved]
+        names = ", ".join(self.name(s) for s in sources)
+        self._change(f"merged {names} into {self.name(target)}", previous, statements)
+
+    def move(self, ids: Sequence[int], target: int) -> int:
+        """Move images to cluster ``target`` (or ``EXCLUDED``); returns how many exist and were moved."""
+        target = EXCLUDED if int(target) == EXCLUDED else self.merged_into(self._check_cluster(target))
+        known = sorted(self.records(list({int(i) for i in ids})))
+        if not known:
+            raise CurationError("no images selected (or none of the given ids is in the index)")
+        statements = [("INSERT OR REPLACE INTO overrides (image_id, cluster) VALUES (?, ?)", (i, target))
+                      for i in known]
+        verb = "excluded" if target == EXCLUDED else f"moved to {self.name(target)}"
+        self._change(f"{verb}: {len(known)} image(s)",
+                     {"overrides": self._previous("overrides", "image_id", "cluster", known)}, statements)
+        return len(known)
+
+    def undo(self) -> str:
+        """Restore what the last change overwrote; returns its description."""
+        with self._lock:
+            last = self._db.execute("SELECT seq, action, previous FROM undo_log ORDER BY seq DESC LIMIT 1").fetchone()
+            if last is None:
+                raise CurationError("nothing to undo")
+            seq, action, previous = last
+            tables = {"names": ("cluster", "name"), "merges": ("cluster", "into_cluster"),
+                      "overrides": ("image_id", "cluster")}
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for table, values in json.loads(previous).items():
+                    key, column = tables[table]
+                    for k, v in values.items():
+                        if v is None:
+                            self._db.execute(f"DELETE FROM {table} WHERE {key} = ?", (int(k),))
+                        else:
+                            self._db.execute(f"INSERT OR REPLACE INTO {table} ({key}, {column}) VALUES (?, ?)",
+                                             (int(k), v))
+                self._db.execute("DELETE FROM undo_log WHERE seq = ?", (seq,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return action

@@ -1,0 +1,41 @@
+"""Shared bench helpers: extract the CIFAR-10 archives from ../shared/data and save results as JSON."""
+
+from __future__ import annotations
+
+import json
+import platform
+import tarfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+RESULTS = REPO / "bench" / "results"
+
+
+def extract(archive_name: str, destination: Path) -> Path:
+    """Extract ``archive_name`` (e.g. cifar10-test.tar.gz) once into ``destination``; returns the class-folder root."""
+    archive = DATA / archive_name
+    if not archive.exists():
+        raise SystemExit(f"{archive} not found: the benchmarks need ../shared/data")
+    with tarfile.open(archive) as tar:
+        top = tar.next().name.split("/")[0]
+        root = destination / top
+        if not root.exists():
+            tar.extractall(destination, filter="data")
+    return root
+
+
+def machine() -> dict[str, str]:
+    import os
+
+    import torch
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": str(os.cpu_count()),
+            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
+
+
+def save(name: str, result: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path

@@ -1,0 +1,89 @@
+"""Training throughput of the small-image preset against a plain PyTorch loop over pre-decoded tensors.
+
+Both use the same model (ResNet-18, CIFAR stem, K = 10) and batch on the same 10,000 CIFAR-10 images.
+`twist train` pays for everything a real run does (batched augmentation of two views, the TWIST loss,
+metrics, checkpoints); the plain loop only crops/flips pre-decoded tensors and computes a simple loss: the
+ceiling for the data pipeline. Writes bench/results/train_speed.json.
+Usage: python bench/train_speed.py [--widths 64 32 16] [--batch 256] [--steps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import REPO, extract, machine, save
+
+sys.path.insert(0, str(REPO))
+
+
+def plain_loop_images_per_s(images: torch.Tensor, width: int, batch: int, steps: int) -> float:
+    """Two random-crop/flip views, forward, a cross-view MSE on softmax outputs, backward, SGD step."""
+    from twist_core.model import ModelSpec, TwistModel
+
+    model = TwistModel(ModelSpec(width=width, small_stem=True, n_classes=10)).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    floats = images.float().div(255)
+
+    def view(batch_images: torch.Tensor) -> torch.Tensor:
+        padded = torch.nn.functional.pad(batch_images, (4, 4, 4, 4), mode="reflect")
+        x, y = torch.randint(0, 9, (2,)).tolist()
+        out = padded[..., y:y + 32, x:x + 32]
+        return (out.flip(-1) if torch.rand(()) < 0.5 else out).contiguous(memory_format=torch.channels_last)
+
+    timed = 0.0
+    for step in range(steps + 3):
+        index = torch.randint(0, len(floats), (batch,))
+        started = time.perf_counter()
+        _, a = model(view(floats[index]))
+        _, b = model(view(floats[index]))
+        loss = (a.softmax(-1) - b.softmax(-1)).pow(2).sum(-1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step >= 3:  # the first steps allocate
+            timed += time.perf_counter() - started
+    return steps * batch / timed
+
+
+def twist_train_images_per_s(data: Path, width: int, batch: int, workdir: Path) -> float:
+    run = workdir / f"run_w{width}"
+    subprocess.run([sys.executable, "-m", "twist_core.cli", "train", str(data), "--out", str(run), "--classes", "10",
+                    "--width", str(width), "--batch-size", str(batch), "--epochs", "1", "--no-progress",
+                    "--checkpoint-every", "0"], check=True, cwd=REPO, capture_output=True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return rows[-1]["images_per_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--widths", type=int, nargs="+", default=[64, 32, 16])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="twist_speed_"))
+    data = extract("cifar10-test.tar.gz", workdir)
+    from twist_core.dataset import FolderImages, decode_all
+    from twist_core.folder import scan_folder
+
+    images, _ = decode_all(FolderImages(data, scan_folder(data), 32), workers=2, progress=False)
+    rows = []
+    for width in args.widths:
+        pipeline = twist_train_images_per_s(data, width, args.batch, workdir)
+        ceiling = plain_loop_images_per_s(images, width, args.batch, args.steps)
+        rows.append({"width": width, "twist_train_images_per_s": pipeline, "plain_loop_images_per_s": ceiling,
+                     "ratio": pipeline / ceiling})
+        print(f"ResNet-18 width {width:>3}, batch {args.batch}: twist train {pipeline:7.1f} img/s, "
+              f"plain loop {ceiling:7.1f} img/s, ratio {pipeline / ceiling:.2f}", flush=True)
+    path = save("train_speed", {"machine": machine(), "batch": args.batch, "rows": rows})
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()
