@@ -38,5 +38,10 @@ def load_or_compute(cache: Path, ids: Sequence[int], vector: Callable[[int], np.
         return ids, np.zeros((len(ids), 2), np.float32)
     xy = pca_2d(np.stack([vector(int(i)) for i in ids]))
     cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(cache, lambda tmp: np.savez(open(tmp, "wb"), ids=ids, xy=xy))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, ids=ids, xy=xy)
+
+    atomic_write(cache, write)
     return ids, xy
