@@ -86,3 +86,77 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, shapes_folder: Path) -> P
     out = tmp_path_factory.mktemp("tiny_run")
     train(tiny_train_config(shapes_folder, out, epochs=2))
     return out
+
+
+@pytest.fixture(scope="session")
+def app_bundle(tiny_run: Path, shapes_folder: Path, cifar_1k: Path, tmp_path_factory: pytest.TempPathFactory
+               ) -> dict[str, Path]:
+    """The web app's inputs made by the real pipeline: export the tiny run, label a folder, index it.
+
+    The folder mixes the drawn shapes with 20 CIFAR images per class (about 250 images).
+    """
+    import shutil
+
+    from twist_core.export import ExportConfig, export_model
+    from twist_core.index_build import IndexConfig, build_index
+    from twist_core.label import LabelConfig, label_folder
+
+    base = tmp_path_factory.mktemp("app_bundle")
+    images = base / "images"
+    shutil.copytree(shapes_folder, images / "shapes")
+    for class_dir in sorted(p for p in cifar_1k.iterdir() if p.is_dir()):
+        (images / "cifar" / class_dir.name).mkdir(parents=True)
+        for picture in sorted(class_dir.iterdir())[:20]:
+            shutil.copy(picture, images / "cifar" / class_dir.name / picture.name)
+    model = export_model(ExportConfig(run=str(tiny_run), out=str(base / "model.onnx"),
+                                      class_names="discs,stripes,animals,vehicles"))
+    label_folder(LabelConfig(model=str(model), folder=str(images), out=str(base / "labels.csv"), workers=0,
+                             progress=False))
+    build_index(IndexConfig(source=str(base / "labels.csv"), model=str(model), out=str(base / "index"),
+                            device="cpu"))
+    return {"model": model, "index": base / "index", "images": images}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_app_server(bundle: dict[str, Path], state_dir: Path, *extra: str, timeout: float = 120.0):
+    """``twist app`` in a subprocess on a free loopback port; returns (process, base URL) once it answers."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    log = open(state_dir.parent / f"{state_dir.name}-server.log", "w")  # noqa: SIM115 (closed with the process)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "twist_core.cli", "app", "--model", str(bundle["model"]), "--index",
+         str(bundle["index"]), "--state-dir", str(state_dir), "--port", str(port), *extra],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"twist app exited with {process.returncode}: {Path(log.name).read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return process, url
+        except OSError:
+            time.sleep(0.3)
+    process.terminate()
+    raise RuntimeError(f"twist app did not answer within {timeout:.0f} s")
+
+
+def stop_app_server(process) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except Exception:
+        process.kill()
+        process.wait()

@@ -40,7 +40,7 @@ class IndexConfig:
     kind: str = option("auto", "index type: auto = flat up to 50k images, IVF above, IVF-PQ past 4 GB "
                        "of vectors", choices=list(KINDS))
     nlist: int = option(0, "IVF coarse lists; 0 = about 2 sqrt(N)")
-    nprobe: int = option(0, "IVF lists searched per query (speed/recall trade-off); 0 = max(16, nlist/32)")
+    nprobe: int = option(0, "IVF lists searched per query (speed/recall trade-off); 0 = max(16, nlist/128)")
     pq_m: int = option(0, "IVF-PQ bytes per vector (sub-quantizers, divides the dimension); 0 = dim/8")
     device: str = option("auto", "where FAISS trains and searches", choices=["auto", "cpu", "cuda"])
     update: bool = option(False, "update the index at --out instead of rebuilding: drop deleted files, "

@@ -420,7 +420,7 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
                 timed_since = time.perf_counter()
             elif timed_since is not None:
                 timed_steps += 1
-                if timed_steps == 10:
+                if timed_steps % 10 == 0:  # small, frequent corrections keep every stage of the schedule
                     refit_budget()
 
             at_interval = config.checkpoint_every > 0 and global_step % config.checkpoint_every == 0

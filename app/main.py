@@ -1,0 +1,127 @@
+"""``twist app [--model M --index INDEX]``: the web app to browse, search, curate and export the clusters.
+
+It binds 127.0.0.1 unless told otherwise, serves files only from the dataset and thumbnail folders, limits
+upload size, pixels and concurrency, and turns every problem into a sentence (never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from twist_core.config import add_dataclass_arguments, build_config, option
+
+DEMO_DIR = Path("models") / "demo"
+DEMO_MODEL = "model.onnx"
+DEMO_INDEX = "index"
+
+
+@dataclass
+class AppConfig:
+    model: str | None = option(None, "exported model (.onnx); default: models/demo/model.onnx")
+    index: str | None = option(None, "index folder written by twist index; default: models/demo/index")
+    host: str = option("127.0.0.1", "address to bind (0.0.0.0 shares the app on the network: use --auth)")
+    port: int = option(7860, "port to listen on (0 = any free port)")
+    auth: str | None = option(None, "require a login: USER:PASSWORD, or a file with one USER:PASSWORD per line")
+    state_dir: str | None = option(None, "folder of the curation store, thumbnails and map cache; default: "
+                                         "the index folder")
+    max_upload_mb: int = option(20, "largest accepted upload in MB")
+    max_pixels: int = option(40_000_000, "refuse uploaded or indexed images with more pixels")
+    concurrency: int = option(4, "requests of one kind served at once (searches, pages, ...)")
+    queue_size: int = option(64, "requests that may wait in the queue before new ones are refused")
+    device: str = option("cpu", "where the model and the index run", choices=["auto", "cpu", "cuda"])
+    warm_thumbnails: bool = option(True, "make the first page of every cluster's thumbnails in the background")
+
+
+class AppStartError(Exception):
+    """The app cannot start as configured (missing model or index, bad --auth); the message says why."""
+
+
+def resolve_defaults(config: AppConfig, base: Path | None = None) -> AppConfig:
+    """Fill a missing --model / --index from ``models/demo/`` when the demo is there, else explain."""
+    demo = (base or Path.cwd()) / DEMO_DIR
+    if config.model is None:
+        if not (demo / DEMO_MODEL).is_file():
+            raise AppStartError(f"no --model given and no demo model at {demo / DEMO_MODEL}; build one with "
+                                "twist train, twist export, twist label and twist index (or run twist demo)")
+        config.model = str(demo / DEMO_MODEL)
+    if config.index is None:
+        if not (demo / DEMO_INDEX / "manifest.json").is_file():
+            raise AppStartError(f"no --index given and no demo index at {demo / DEMO_INDEX}; build one with "
+                                "twist index LABELS --model MODEL --out INDEX (or run twist demo)")
+        config.index = str(demo / DEMO_INDEX)
+    return config
+
+
+def parse_auth(value: str | None) -> list[tuple[str, str]] | None:
+    """``user:password`` or a file of such lines -> Gradio's list of credentials."""
+    if not value:
+        return None
+    lines = Path(value).read_text().splitlines() if Path(value).is_file() else [value]
+    pairs = [tuple(line.strip().split(":", 1)) for line in lines if line.strip() and not line.startswith("#")]
+    if not pairs or any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
+        raise AppStartError("--auth expects USER:PASSWORD or a file with one USER:PASSWORD per line")
+    return pairs  # type: ignore[return-value]
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def build_app(config: AppConfig):
+    """The Workspace and its Gradio Blocks with queue limits set; raises AppStartError on a bad setup."""
+    from app.ui import build_ui
+    from app.workspace import AppUserError, Workspace
+
+    config = resolve_defaults(config)
+    try:
+        workspace = Workspace(Path(config.model), Path(config.index),  # type: ignore[arg-type]
+                              Path(config.state_dir) if config.state_dir else None, config.max_pixels, config.device)
+    except AppUserError as error:
+        raise AppStartError(str(error)) from None
+    demo = build_ui(workspace)
+    demo.queue(default_concurrency_limit=config.concurrency, max_size=config.queue_size)
+    return workspace, demo
+
+
+def launch(config: AppConfig, block: bool = True):
+    """Start the server; returns (workspace, demo) when ``block`` is False (tests, benchmarks)."""
+    auth = parse_auth(config.auth)
+    workspace, demo = build_app(config)
+    if config.warm_thumbnails:
+        workspace.warm_thumbnails()
+    demo.launch(server_name=config.host, server_port=config.port or free_port(config.host), auth=auth,
+                allowed_paths=workspace.served_folders, max_file_size=f"{config.max_upload_mb}mb",
+                show_error=False, prevent_thread_lock=not block, inbrowser=False, quiet=not block)
+    return workspace, demo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="twist app", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_dataclass_arguments(parser, AppConfig)
+    parser.add_argument("--config", help="YAML or JSON file of options (command-line flags override it)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        launch(build_config(AppConfig, args, args.config))
+    except (AppStartError, ValueError, OSError) as error:
+        print(f"twist app: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""Everything the app does, as plain Python over a model, an index and the curation store (no Gradio here).
+
+The UI (:mod:`app.ui`) only turns these results into components, so every behaviour is testable and the
+client never names a file: images are addressed by index id and mapped to paths here.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import tempfile
+import threading
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from app import exporters, projection
+from app.curation import EXCLUDED, CurationError, CurationStore, Record
+from app.thumbnails import ThumbnailCache
+from twist_core.folder import IMAGE_EXTENSIONS, ImageReadError, decode_image
+from twist_core.index import ImageIndex
+from twist_core.index_store import META_FILE, IndexUserError, read_manifest
+from twist_core.infer import OnnxModel
+from twist_core.label_table import labels_paths
+
+PAGE_SIZE = 60
+COVER_IMAGES = 4  # most confident images on a cluster's card
+MAX_BATCH_IMAGES = 2000
+
+
+class AppUserError(Exception):
+    """Something the user can fix (missing model or index, bad upload, bad request); the message says what."""
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    record: Record
+    similarity: float
+    thumbnail: Path
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the model says about one image: class probabilities (K) and its nearest indexed neighbours."""
+
+    probs: np.ndarray
+    neighbours: list[Neighbour]
+
+
+class Workspace:
+    """A model, its index, the curation store and the thumbnail cache, opened once per server."""
+
+    def __init__(self, model_path: Path, index_dir: Path, state_dir: Path | None = None,
+                 max_pixels: int = 50_000_000, device: str = "cpu") -> None:
+        model_path, index_dir = Path(model_path), Path(index_dir)
+        if not model_path.is_file():
+            raise AppUserError(f"no model at {model_path} (export one with: twist export RUN --out {model_path})")
+        if not (index_dir / "manifest.json").is_file():
+            raise AppUserError(f"no index in {index_dir} (build one with: twist index LABELS --out {index_dir})")
+        try:
+            self.model = OnnxModel(model_path, device=device)
+            self.index = ImageIndex.open(index_dir, device)
+        except (ValueError, IndexUserError) as error:
+            raise AppUserError(str(error)) from None
+        if self.index.dim != self.model.embedding_dim:
+            raise AppUserError(f"the model gives {self.model.embedding_dim}-d embeddings but the index holds "
+                               f"{self.index.dim}-d vectors; use the model the index was built with")
+        self.max_pixels = max_pixels
+        self.state_dir = Path(state_dir) if state_dir else index_dir
+        manifest = read_manifest(index_dir)
+        if manifest["generation"] != self.index.generation:
+            raise AppUserError(f"{index_dir} changed while the app opened it; start the app again")
+        self.store = CurationStore(self.state_dir / "curation.sqlite", index_dir / manifest["dir"] / META_FILE,
+                                   self.model.class_names)
+        self.thumbnails = ThumbnailCache(self.state_dir / "thumbnails", max_pixels=max_pixels)
+        self.covers_dir = self.state_dir / "thumbnails" / "covers"
+        self.covers_dir.mkdir(parents=True, exist_ok=True)
+        self.exports_dir = Path(tempfile.mkdtemp(prefix="twist-app-exports-"))
+        self._stop = threading.Event()
+
+    # ---- paths the server may hand out
+    @property
+    def root(self) -> Path:
+        return self.index.root
+
+    @property
+    def served_folders(self) -> list[str]:
+        """The only folders the web server may serve files from: the dataset, thumbnails and exports."""
+        return [str(self.root.resolve()), str(self.thumbnails.folder.resolve()), str(self.exports_dir.resolve())]
+
+    def thumbnail(self, record: Record) -> Path:
+        return self.thumbnails.path(record.id, self.root / record.path)
+
+    def warm_thumbnails(self, per_cluster: int = PAGE_SIZE) -> threading.Thread:
+        """Make the first page of every cluster in the background, so the first clicks are instant."""
+        def work() -> None:
+            for cluster in self.store.summary():
+                page = self.store.page(cluster["cluster"], limit=per_cluster)
+                self.thumbnails.warm(((r.id, self.root / r.path) for r in page), self._stop.is_set)
+
+        thread = threading.Thread(target=work, name="thumbnail-warmup", daemon=True)
+        thread.start()
+        return thread
+
+    def close(self) -> None:
+        self._stop.set()
+        self.store.close()
+        self.index.close()
+
+    # ---- overview
+    def overview(self, sort: str = "size") -> list[dict[str, Any]]:
+        """One card per non-empty cluster: name, size, mean confidence and a cover of its best images."""
+        keys = {"size": lambda c: (-c["size"], c["cluster"]), "confidence": lambda c: (-c["mean_confidence"],
+                c["cluster"]), "lowest confidence": lambda c: (c["mean_confidence"], c["cluster"]),
+                "cluster": lambda c: c["cluster"]}
+        if sort not in keys:
+            raise AppUserError(f"sort by one of: {', '.join(keys)}")
+        cards = sorted(self.store.summary(), key=keys[sort])
+        for card in cards:
+            card["cover"] = self.cover(self.store.page(card["cluster"], limit=COVER_IMAGES))
+        return cards
+
+    def cover(self, records: Sequence[Record]) -> Path:
+        """A 2 x 2 mosaic of thumbnails, cached under a name derived from the image ids it shows."""
+        key = hashlib.sha1(",".join(str(r.id) for r in records).encode()).hexdigest()[:16]
+        path = self.covers_dir / f"{key}.jpg"
+        if not path.is_file():
+            size = self.thumbnails.size
+            mosaic = Image.new("RGB", (2 * size, 2 * size), (240, 240, 240))
+            for slot, record in enumerate(records[:4]):
+                with Image.open(self.thumbnail(record)) as thumb:
+                    thumb = thumb.convert("RGB")
+                    thumb.thumbnail((size, size))
+                    left, top = (slot % 2) * size, (slot // 2) * size
+                    mosaic.paste(thumb, (left + (size - thumb.width) // 2, top + (size - thumb.height) // 2))
+            tmp = path.with_name(f".{path.name}.{threading.get_ident()}")
+            mosaic.save(tmp, "JPEG", quality=85)
+            tmp.replace(path)
+        return path
+
+    def dataset_summary(self) -> dict[str, Any]:
+        """Images, skipped files (from the labels table's meta), and the model card's main facts."""
+        info = self.index.info
+        skipped = None
+        if info.get("source"):
+            meta_path = labels_paths(info["source"])[1]
+            if meta_path.is_file():
+                skipped = json.loads(meta_path.read_text()).get("errors")
+        card = self.model.card
+        return {"images": self.index.size, "skipped": skipped, "root": str(self.root), "index_kind": self.index.kind,
+                "clusters": self.model.n_classes, "backbone": card.get("backbone"),
+                "embedding_dim": card.get("embedding_dim"), "input_size": card.get("input_size"),
+                "checkpoint_epoch": card.get("checkpoint_epoch"),
+                "checkpoint_sha256": str(card.get("checkpoint_sha256", ""))[:12], "model": str(self.model.path)}
+
+    # ---- one cluster
+    def cluster_page(self, cluster: int, page: int = 0, lowest_first: bool = False, min_conf: float = 0.0,
+                     max_conf: float = 1.0) -> tuple[list[tuple[Record, Path]], int]:
+        """A page of ``PAGE_SIZE`` images of a cluster (with thumbnails) and the cluster's filtered size."""
+        cluster = int(cluster)
+        if cluster != EXCLUDED and not 0 <= cluster < self.model.n_classes:
+            raise AppUserError(f"there is no cluster {cluster}")
+        if min_conf > max_conf:
+            raise AppUserError("the lowest confidence must not exceed the highest")
+        total = self.store.count(cluster, min_conf, max_conf)
+        page = max(0, min(int(page), max(0, (total - 1) // PAGE_SIZE)))
+        records = self.store.page(cluster, page * PAGE_SIZE, PAGE_SIZE, "confidence", not lowest_first,
+                                  min_conf, max_conf)
+        return [(r, self.thumbnail(r)) for r in records], total
+
+    def record(self, image_id: int) -> Record:
+        found = self.store.records([int(image_id)])
+        if not found:
+            raise AppUserError(f"no image with id {image_id} in the index")
+        return found[int(image_id)]
+
+    def image_path(self, record: Record) -> Path:
+        return self.root / record.path
+
+    def neighbours_of(self, image_id: int, k: int = 12) -> list[Neighbour]:
+        try:
+            hits = self.index.search_id(int(image_id), int(k))
+        except IndexUserError as error:
+            raise AppUserError(str(error)) from None
+        return self._neighbours([(h.id, h.similarity or 0.0) for h in hits])
+
+    def _neighbours(self, hits: Sequence[tuple[int, float]]) -> list[Neighbour]:
+        records = self.store.records([i for i, _ in hits])
+        return [Neighbour(records[i], sim, self.thumbnail(records[i])) for i, sim in hits if i in records]
+
+    def describe(self, image_id: int, k: int = 12) -> tuple[Record, Prediction]:
+        """An indexed image: its record, the model's full class distribution and its neighbours."""
+        record = self.record(image_id)
+        probs = self._predict([self._decode(self.image_path(record))])[0][0]
+        return record, Prediction(probs, self.neighbours_of(image_id, k))
+
+    # ---- search
+    def _decode(self, path: str | Path) -> Image.Image:
+        try:
+            return decode_image(path, self.max_pixels, draft_size=self.model.transform.resize_size)
+        except ImageReadError as error:
+            raise AppUserError(f"this file cannot be used as an image: {error}") from None
+
+    def _predict(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+        return self.model.predict(list(images))
+
+    def search_file(self, path: str | Path, k: int = 12) -> Prediction:
+        """An uploaded image: class distribution and its ``k`` nearest indexed images with similarity."""
+        probs, embeddings = self._predict([self._decode(path)])
+        hits = self.index.search_vectors(embeddings, int(k))[0]
+        return Prediction(probs[0], self._neighbours([(h.id, h.similarity or 0.0) for h in hits]))
+
+    def search_id(self, image_id: int, k: int = 12) -> Prediction:
+        """Search from an indexed image (a click in any gallery)."""
+        return self.describe(image_id, k)[1]
+
+    # ---- curation
+    def names(self) -> dict[int, str]:
+        return self.store.names()
+
+    def rename(self, cluster: int, name: str) -> str:
+        self.store.rename(int(cluster), name)
+        return f"cluster {int(cluster)} is now called {self.store.name(int(cluster))!r}"
+
+    def merge(self, sources: Sequence[int], target: int) -> str:
+        self.store.merge([int(s) for s in sources], int(target))
+        return f"merged into {self.store.name(int(target))!r}"
+
+    def move(self, ids: Sequence[int], target: int) -> str:
+        moved = self.store.move(ids, int(target))
+        where = "excluded" if int(target) == EXCLUDED else f"moved to {self.store.name(int(target))!r}"
+        return f"{moved} image(s) {where}"
+
+    def undo(self) -> str:
+        return f"undone: {self.store.undo()}"
+
+    # ---- export
+    def _export_path(self, name: str) -> Path:
+        folder = Path(tempfile.mkdtemp(dir=self.exports_dir))
+        return folder / name
+
+    def export_csv(self) -> Path:
+        return exporters.write_csv(self.store.iter_records(), self.names(), self._export_path("labels.csv"))
+
+    def export_zip(self) -> Path:
+        return exporters.write_zip(self.store.iter_records(), self.names(), self.root,
+                                   self._export_path("labels-imagefolder.zip"))
+
+    def export_tree(self, folder: str, mode: str = "symlink") -> tuple[Path, dict[str, int]]:
+        """Write the tree to a server folder (a new one, or one twist wrote before)."""
+        tree = Path(str(folder)).expanduser()
+        if not str(folder).strip() or not tree.is_absolute():
+            raise AppUserError("give an absolute folder path on the server for the ImageFolder tree")
+        if tree.resolve() == self.root.resolve() or self.root.resolve().is_relative_to(tree.resolve()):
+            raise AppUserError("the tree cannot be written over the dataset folder")
+        try:
+            return tree, exporters.write_tree(self.store.iter_records(), self.names(), self.root, tree, mode)
+        except (FileExistsError, ValueError, OSError) as error:
+            raise AppUserError(str(error)) from None
+
+    def export_label_studio(self, url_prefix: str = exporters.LABEL_STUDIO_PREFIX) -> tuple[Path, str]:
+        version = f"twist-{str(self.model.card.get('checkpoint_sha256', ''))[:12]}"
+        out = exporters.write_label_studio(self.store.iter_records(), self.names(), version,
+                                           self._export_path("label-studio-tasks.json"), url_prefix)
+        return out, exporters.label_studio_config(self.names()[c] for c in sorted(self.names()))
+
+    # ---- map
+    def projection(self) -> list[dict[str, Any]]:
+        """The 2-D map: one point per sampled image with its current label."""
+        cache = self.state_dir / f"projection-gen{self.index.generation}.npz"
+        ids, xy = projection.load_or_compute(cache, self.store.all_ids(), self.index.vector)
+        records = self.store.records(ids.tolist())
+        names = self.names()
+        return [{"x": float(x), "y": float(y), "id": int(i), "cluster": names.get(records[int(i)].label, "excluded")}
+                for i, (x, y) in zip(ids, xy, strict=True) if int(i) in records]
+
+    # ---- batch
+    def batch_label(self, files: Sequence[str | Path]) -> tuple[Path, list[list[Any]]]:
+        """Predict every uploaded image (zips are opened in memory) and write a CSV of labels."""
+        items = list(self._batch_items(files))
+        if not items:
+            raise AppUserError("upload at least one image or a zip of images")
+        names = self.names()
+        rows: list[list[Any]] = []
+        for start in range(0, len(items), 64):
+            chunk = items[start:start + 64]
+            images = [image for _, image, _ in chunk if image is not None]
+            probs = iter(self._predict(images)[0] if images else [])
+            for name, image, error in chunk:
+                if image is None:
+                    rows.append([name, "", "", "", error])
+                    continue
+                p = next(probs)
+                cluster = self.store.merged_into(int(p.argmax()))
+                rows.append([name, cluster, names.get(cluster, ""), round(float(p.max()), 4), ""])
+        out = self._export_path("batch-labels.csv")
+        with open(out, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["file", "cluster", "cluster_name", "confidence", "error"])
+            writer.writerows(rows)
+        return out, rows
+
+    def _batch_items(self, files: Sequence[str | Path]):
+        """(name, image or None, error) for each uploaded image and each image inside an uploaded zip."""
+        count = 0
+        for file in files:
+            path = Path(file)
+            if zipfile.is_zipfile(path):
+                with zipfile.ZipFile(path) as archive:
+                    for member in archive.infolist():
+                        if member.is_dir() or Path(member.filename).suffix.lower() not in IMAGE_EXTENSIONS:
+                            continue
+                        count += 1
+                        if count > MAX_BATCH_IMAGES:
+                            raise AppUserError(f"at most {MAX_BATCH_IMAGES} images per batch")
+                        if member.file_size > 50 << 20:
+                            yield member.filename, None, "larger than 50 MB"
+                            continue
+                        yield (member.filename, *self._batch_decode(io.BytesIO(archive.read(member))))
+                continue
+            count += 1
+            if count > MAX_BATCH_IMAGES:
+                raise AppUserError(f"at most {MAX_BATCH_IMAGES} images per batch")
+            yield (path.name, *self._batch_decode(path))
+
+    def _batch_decode(self, source: Any) -> tuple[Image.Image | None, str]:
+        try:
+            return decode_image(source, self.max_pixels, draft_size=self.model.transform.resize_size), ""
+        except ImageReadError as error:
+            return None, str(error)
+
+
+__all__ = ["AppUserError", "CurationError", "Neighbour", "Prediction", "Workspace"]

@@ -1,0 +1,302 @@
+"""The web app over HTTP: every endpoint through gradio_client against a live server on loopback.
+
+Results are checked against the index and model used directly; file-access refusals are real HTTP requests.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import REPO, start_app_server, stop_app_server
+from gradio_client import Client, handle_file
+from PIL import Image
+
+from app.curation import CurationStore
+from app.main import AppConfig, AppStartError, parse_auth, resolve_defaults
+from twist_core.index import ImageIndex
+from twist_core.index_store import META_FILE, read_manifest
+from twist_core.infer import OnnxModel
+from twist_core.label_tree import folder_names
+
+MAX_PIXELS = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def server(app_bundle: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    state = tmp_path_factory.mktemp("app_state") / "state"
+    process, url = start_app_server(app_bundle, state, "--max-upload-mb", "1", "--max-pixels", str(MAX_PIXELS))
+    try:
+        yield {"url": url, "state": state, **app_bundle}
+    finally:
+        stop_app_server(process)
+
+
+@pytest.fixture(scope="module")
+def client(server: dict) -> Client:
+    return Client(server["url"], verbose=False)
+
+
+@pytest.fixture(scope="module")
+def index(server: dict) -> Iterator[ImageIndex]:
+    opened = ImageIndex.open(server["index"], "cpu")
+    yield opened
+    opened.close()
+
+
+@pytest.fixture(scope="module")
+def model(server: dict) -> OnnxModel:
+    return OnnxModel(server["model"], device="cpu")
+
+
+def store_of(server: dict, model: OnnxModel) -> CurationStore:
+    """A second, independent reader of the curation store (like a restarted server or another tab)."""
+    manifest = read_manifest(server["index"])
+    return CurationStore(server["state"] / "curation.sqlite", server["index"] / manifest["dir"] / META_FILE,
+                         model.class_names)
+
+
+def ids_of(gallery: list[dict]) -> list[int]:
+    return [int(re.match(r"#(\d+)", item["caption"]).group(1)) for item in gallery]
+
+
+def confidences_of(gallery: list[dict]) -> list[float]:
+    return [float(item["caption"].rsplit("· ", 1)[1]) for item in gallery]
+
+
+def largest_cluster(index: ImageIndex) -> dict:
+    return max(index.cluster_summary(), key=lambda c: (c["size"], -c["cluster"]))
+
+
+def test_overview_shows_every_cluster_and_the_dataset(client: Client, index: ImageIndex) -> None:
+    cards, table, summary = client.predict("size", api_name="/overview")
+    expected = sorted(index.cluster_summary(), key=lambda c: (-c["size"], c["cluster"]))
+    assert [int(c["caption"].split(" · ")[0]) for c in cards] == [c["cluster"] for c in expected]
+    assert [row[2] for row in table["data"]] == [c["size"] for c in expected]
+    assert f"{index.size:,} images" in summary and "skipped files: 0" in summary
+    for card in cards:
+        assert Path(card["image"]).is_file()
+    _, by_confidence, _ = client.predict("confidence", api_name="/overview")
+    means = [row[3] for row in by_confidence["data"]]
+    assert means == sorted(means, reverse=True)
+
+
+def test_cluster_pages_are_paged_sorted_and_filtered_on_the_server(client: Client, index: ImageIndex,
+                                                                   server: dict) -> None:
+    biggest = largest_cluster(index)
+    gallery, info, page = client.predict(biggest["cluster"], 0, False, 0, 1, api_name="/open_cluster")
+    expected = index.records(biggest["cluster"], limit=60)
+    assert ids_of(gallery) == [h.id for h in expected] and page == 0
+    assert f"{biggest['size']:,} images" in info
+    thumbs = [server["state"] / "thumbnails" / f"{i}.jpg" for i in ids_of(gallery)]
+    stamps = [t.stat().st_mtime_ns for t in thumbs]
+    lowest, _, _ = client.predict(biggest["cluster"], 0, True, 0, 1, api_name="/open_cluster")
+    assert ids_of(lowest) == [h.id for h in index.records(biggest["cluster"], descending=False, limit=60)]
+    assert confidences_of(lowest) == sorted(confidences_of(lowest))
+    again, _, _ = client.predict(biggest["cluster"], 0, False, 0, 1, api_name="/open_cluster")
+    assert ids_of(again) == ids_of(gallery)
+    assert [t.stat().st_mtime_ns for t in thumbs] == stamps, "thumbnails must be made once, not per request"
+    middle = float(np.median([h.confidence for h in index.records(biggest["cluster"], limit=10_000)]))
+    filtered, info, _ = client.predict(biggest["cluster"], 0, False, middle, 1, api_name="/open_cluster")
+    wanted = index.records(biggest["cluster"], limit=10_000, min_conf=middle)
+    assert ids_of(filtered) == [h.id for h in wanted][:60] and f"{len(wanted):,} images" in info
+    if biggest["size"] > 60:
+        second, _, page = client.predict(biggest["cluster"], 1, False, 0, 1, api_name="/open_cluster")
+        assert page == 1 and ids_of(second) == [h.id for h in index.records(biggest["cluster"], offset=60)]
+    with pytest.raises(Exception, match="99 is not in the list of choices"):
+        client.predict(99, 0, False, 0, 1, api_name="/open_cluster")
+
+
+def test_selecting_an_image_shows_path_distribution_and_neighbours(client: Client, index: ImageIndex,
+                                                                   model: OnnxModel) -> None:
+    hit = index.records(largest_cluster(index)["cluster"], limit=1)[0]
+    image, details, plot, neighbours = client.predict(hit.id, api_name="/select_image")
+    assert hit.path in details and Path(image).read_bytes() == hit.abs_path.read_bytes()
+    probs = model.predict([hit.abs_path])[0][0]
+    bars = {row["cluster"]: row["probability"] for row in plot["value"]["data"]} if "value" in plot else None
+    rows = plot["data"] if bars is None else None
+    values = [r[1] for r in rows] if rows is not None else list(bars.values())
+    assert abs(max(values) - float(probs.max())) < 1e-3
+    assert ids_of(neighbours) == [h.id for h in index.search_id(hit.id, 12)]
+
+
+def test_search_by_upload_matches_the_index(client: Client, index: ImageIndex, model: OnnxModel) -> None:
+    hit = index.records(None, order_by="id", limit=1)[0]
+    _, neighbours = client.predict(handle_file(str(hit.abs_path)), 8, api_name="/search_upload")
+    expected = index.search_image(model, hit.abs_path, 8)
+    assert ids_of(neighbours) == [h.id for h in expected]
+    assert float(neighbours[0]["caption"].rsplit("sim ", 1)[1]) > 0.99
+    _, from_id = client.predict(hit.id, 5, api_name="/search_id")
+    assert ids_of(from_id) == [h.id for h in index.search_id(hit.id, 5)]
+
+
+def test_bad_uploads_get_a_sentence(client: Client, tmp_path: Path) -> None:
+    text = tmp_path / "notes.jpg"
+    text.write_text("this is not an image")
+    with pytest.raises(Exception, match="cannot be used as an image") as caught:
+        client.predict(handle_file(str(text)), 5, api_name="/search_upload")
+    assert "Traceback" not in str(caught.value)
+    huge = tmp_path / "huge.png"
+    Image.new("RGB", (1200, 1000), (10, 20, 30)).save(huge)  # 1.2 MP > the 1 MP limit, a tiny file
+    with pytest.raises(Exception, match="exceeds the limit"):
+        client.predict(handle_file(str(huge)), 5, api_name="/search_upload")
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (800, 800, 3), dtype=np.uint8)).save(big)
+    assert big.stat().st_size > 1 << 20
+    with pytest.raises(Exception):  # noqa: B017  (refused by the upload route: larger than --max-upload-mb)
+        client.predict(handle_file(str(big)), 5, api_name="/search_upload")
+
+
+def test_curation_is_stored_shared_and_undoable(server: dict, client: Client, index: ImageIndex,
+                                                model: OnnxModel) -> None:
+    sizes = dict.fromkeys(range(model.n_classes), 0) | {c["cluster"]: c["size"] for c in index.cluster_summary()}
+    big = max(sizes, key=lambda c: (sizes[c], -c))
+    other = min(c for c in sizes if c != big)  # may be empty: the tiny model can put everything in one cluster
+    status, *_ = client.predict(big, "Mostly things", api_name="/rename_cluster")
+    assert "Mostly things" in status
+    second_tab = Client(server["url"], verbose=False)
+    _, table, _ = second_tab.predict("size", api_name="/overview")
+    assert "Mostly things" in [row[1] for row in table["data"]]
+    with pytest.raises(Exception, match="already called"):
+        client.predict(other, "mostly THINGS", api_name="/rename_cluster")
+
+    moved = [h.id for h in index.records(big, limit=3)]
+    client.predict(", ".join(map(str, moved)), other, api_name="/move_images")
+    excluded = index.records(big, offset=3, limit=2)
+    client.predict(" ".join(str(h.id) for h in excluded), api_name="/exclude_images")
+    store = store_of(server, model)
+    records = store.records(moved + [h.id for h in excluded])
+    assert [records[i].label for i in moved] == [other] * 3 and {records[i].status for i in moved} == {"moved"}
+    assert all(records[h.id].status == "excluded" for h in excluded)
+    assert store.count(big) == sizes[big] - 5
+    gallery, _, _ = client.predict(other, 0, False, 0, 1, api_name="/open_cluster")
+    assert set(moved) <= set(ids_of(gallery))
+
+    client.predict([other], big, api_name="/merge_clusters")
+    assert store.count(big) == sizes[big] + sizes[other] - 2
+    assert store.count(other) == 0
+    status, history, *_ = client.predict(api_name="/undo")
+    assert "undone: merged" in status
+    assert store.count(other) == sizes[other] + 3
+    client.predict(api_name="/undo")
+    assert store.records([excluded[0].id])[excluded[0].id].status == "predicted"
+    store.close()
+
+
+def test_exports_follow_the_curation(server: dict, client: Client, index: ImageIndex, model: OnnxModel,
+                                     tmp_path: Path) -> None:
+    store = store_of(server, model)
+    names = store.names()
+    expected = {r.path: r for r in store.iter_records()}
+    rows = list(csv.DictReader(open(client.predict(api_name="/export_csv"))))
+    assert len(rows) == index.size
+    for row in rows:
+        r = expected[row["path"]]
+        assert row["status"] == r.status and row["label_name"] == ("" if r.status == "excluded" else names[r.label])
+    labelled = [r for r in expected.values() if r.status != "excluded"]
+    with zipfile.ZipFile(client.predict(api_name="/export_zip")) as archive:
+        entries = [n for n in archive.namelist() if not n.endswith("/")]
+    assert len(entries) == len(labelled)
+    assert {n.split("/")[0] for n in entries} <= set(folder_names([names[c] for c in sorted(names)]))
+    tasks_path, config = client.predict("/data/local-files/?d=", api_name="/export_label_studio")
+    tasks = json.loads(Path(tasks_path).read_text())
+    assert len(tasks) == len(labelled) and '<Choices name="label" toName="image"' in config
+    task = tasks[0]
+    record = store.records([task["data"]["twist_id"]])[task["data"]["twist_id"]]
+    prediction = task["predictions"][0]
+    assert prediction["result"][0]["value"]["choices"] == [names[record.label]]
+    assert 0 < prediction["score"] <= 1 and task["data"]["image"].startswith("/data/local-files/?d=")
+    message = client.predict(str(tmp_path / "tree"), "symlink", api_name="/export_tree")
+    placed = [p for p in (tmp_path / "tree").rglob("*") if p.is_symlink()]
+    assert f"{len(labelled):,} images" in message and len(placed) == len(labelled)
+    with pytest.raises(Exception, match="absolute folder"):
+        client.predict("relative/tree", "symlink", api_name="/export_tree")
+    store.close()
+
+
+def test_map_and_batch(client: Client, index: ImageIndex, model: OnnxModel, server: dict, tmp_path: Path) -> None:
+    points = client.predict(api_name="/projection")
+    data = points["value"]["data"] if "value" in points else points["data"]
+    assert len(data) == index.size and (server["state"] / "projection-gen1.npz").is_file()
+    xs = sorted(row[0] for row in data)
+    gallery = client.predict(xs[0] - 1, xs[len(xs) // 2], api_name="/map_region")
+    assert 0 < len(gallery) <= 60
+
+    hits = index.records(None, order_by="id", limit=3)
+    bundle = tmp_path / "more.zip"
+    with zipfile.ZipFile(bundle, "w") as archive:
+        archive.write(hits[1].abs_path, "inside/one.png")
+        archive.writestr("inside/broken.jpg", b"not an image")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG nonsense")
+    out, _ = client.predict([handle_file(str(hits[0].abs_path)), handle_file(str(bundle)),
+                             handle_file(str(broken))], api_name="/batch_label")
+    rows = list(csv.DictReader(open(out)))
+    assert [r["file"] for r in rows] == [hits[0].abs_path.name, "inside/one.png", "inside/broken.jpg", "broken.png"]
+    probs = model.predict([hits[0].abs_path, hits[1].abs_path])[0]
+    assert [int(rows[0]["cluster"]), int(rows[1]["cluster"])] == probs.argmax(axis=1).tolist()
+    assert rows[2]["error"] and rows[3]["error"] and not rows[0]["error"]
+
+
+def test_only_the_dataset_and_thumbnails_are_served(server: dict, index: ImageIndex) -> None:
+    base = server["url"] + "gradio_api/file="
+    image = index.records(None, order_by="id", limit=1)[0].abs_path
+    allowed = httpx.get(base + str(image))
+    assert allowed.status_code == 200 and allowed.content == image.read_bytes()  # the check can see a file
+    secret_files = [Path("/etc/passwd"), server["state"] / "curation.sqlite", server["model"],
+                    REPO / "pyproject.toml"]
+    attempts = [base + str(p) for p in secret_files]
+    attempts += [base + str(image.parent) + "/../" * 12 + "etc/passwd",
+                 base + str(server["state"] / "thumbnails") + "/../curation.sqlite",
+                 base + "%2e%2e/" * 12 + "etc/passwd", base + "..%2f" * 12 + "etc%2fpasswd",
+                 server["url"] + "file=/etc/passwd", server["url"] + "gradio_api/file=../../../../etc/passwd"]
+    for url in attempts:
+        response = httpx.get(url)
+        assert response.status_code in (400, 403, 404), (url, response.status_code)
+        assert b"root:" not in response.content and b"SQLite format" not in response.content
+
+
+def test_twenty_concurrent_searches_are_all_answered_correctly(client: Client, index: ImageIndex,
+                                                               model: OnnxModel) -> None:
+    hits = index.records(None, order_by="id", limit=20)
+    expected = {h.id: [n.id for n in index.search_image(model, h.abs_path, 6)] for h in hits}
+
+    def search(hit) -> tuple[int, list[int]]:
+        _, neighbours = client.predict(handle_file(str(hit.abs_path)), 6, api_name="/search_upload")
+        return hit.id, ids_of(neighbours)
+
+    with ThreadPoolExecutor(20) as pool:
+        answers = dict(pool.map(search, hits))
+    assert answers == expected
+
+
+def test_startup_problems_are_one_line_and_exit_1(tmp_path: Path, app_bundle: dict[str, Path]) -> None:
+    for args in (["--model", str(tmp_path / "missing.onnx"), "--index", str(app_bundle["index"])],
+                 ["--model", str(app_bundle["model"]), "--index", str(tmp_path / "no-index")],
+                 []):
+        result = subprocess.run([sys.executable, "-m", "twist_core.cli", "app", *args], cwd=tmp_path,
+                                capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin"},
+                                timeout=120)
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.startswith("twist app: error:") and result.stderr.count("\n") == 1, result.stderr
+        assert "Traceback" not in result.stderr
+    with pytest.raises(AppStartError, match="USER:PASSWORD"):
+        parse_auth("no-colon")
+    assert parse_auth("ann:secret") == [("ann", "secret")]
+    assert AppConfig().host == "127.0.0.1"
+    demo = tmp_path / "models" / "demo"
+    (demo / "index").mkdir(parents=True)
+    (demo / "model.onnx").write_bytes(b"")
+    (demo / "index" / "manifest.json").write_text("{}")
+    resolved = resolve_defaults(AppConfig(), base=tmp_path)
+    assert resolved.model == str(demo / "model.onnx") and resolved.index == str(demo / "index")
