@@ -74,6 +74,11 @@ def confidences_of(gallery: list[dict]) -> list[float]:
     return [float(item["caption"].rsplit("· ", 1)[1]) for item in gallery]
 
 
+def read_csv(path: str) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
 def largest_cluster(index: ImageIndex) -> dict:
     return max(index.cluster_summary(), key=lambda c: (c["size"], -c["cluster"]))
 
@@ -123,10 +128,9 @@ def test_selecting_an_image_shows_path_distribution_and_neighbours(client: Clien
     image, details, plot, neighbours = client.predict(hit.id, api_name="/select_image")
     assert hit.path in details and Path(image).read_bytes() == hit.abs_path.read_bytes()
     probs = model.predict([hit.abs_path])[0][0]
-    bars = {row["cluster"]: row["probability"] for row in plot["value"]["data"]} if "value" in plot else None
-    rows = plot["data"] if bars is None else None
-    values = [r[1] for r in rows] if rows is not None else list(bars.values())
-    assert abs(max(values) - float(probs.max())) < 1e-3
+    values = [row[1] for row in plot["data"]]
+    assert values == sorted(values, reverse=True) and abs(values[0] - float(probs.max())) < 1e-3
+    assert plot["data"][0][0].startswith(f"{int(probs.argmax())} ")
     assert ids_of(neighbours) == [h.id for h in index.search_id(hit.id, 12)]
 
 
@@ -185,7 +189,7 @@ def test_curation_is_stored_shared_and_undoable(server: dict, client: Client, in
     client.predict([other], big, api_name="/merge_clusters")
     assert store.count(big) == sizes[big] + sizes[other] - 2
     assert store.count(other) == 0
-    status, history, *_ = client.predict(api_name="/undo")
+    status, *_ = client.predict(api_name="/undo")
     assert "undone: merged" in status
     assert store.count(other) == sizes[other] + 3
     client.predict(api_name="/undo")
@@ -198,7 +202,7 @@ def test_exports_follow_the_curation(server: dict, client: Client, index: ImageI
     store = store_of(server, model)
     names = store.names()
     expected = {r.path: r for r in store.iter_records()}
-    rows = list(csv.DictReader(open(client.predict(api_name="/export_csv"))))
+    rows = read_csv(client.predict(api_name="/export_csv"))
     assert len(rows) == index.size
     for row in rows:
         r = expected[row["path"]]
@@ -226,7 +230,7 @@ def test_exports_follow_the_curation(server: dict, client: Client, index: ImageI
 
 def test_map_and_batch(client: Client, index: ImageIndex, model: OnnxModel, server: dict, tmp_path: Path) -> None:
     points = client.predict(api_name="/projection")
-    data = points["value"]["data"] if "value" in points else points["data"]
+    data = points["data"]
     assert len(data) == index.size and (server["state"] / "projection-gen1.npz").is_file()
     xs = sorted(row[0] for row in data)
     gallery = client.predict(xs[0] - 1, xs[len(xs) // 2], api_name="/map_region")
@@ -241,7 +245,7 @@ def test_map_and_batch(client: Client, index: ImageIndex, model: OnnxModel, serv
     broken.write_bytes(b"\x89PNG nonsense")
     out, _ = client.predict([handle_file(str(hits[0].abs_path)), handle_file(str(bundle)),
                              handle_file(str(broken))], api_name="/batch_label")
-    rows = list(csv.DictReader(open(out)))
+    rows = read_csv(out)
     assert [r["file"] for r in rows] == [hits[0].abs_path.name, "inside/one.png", "inside/broken.jpg", "broken.png"]
     probs = model.predict([hits[0].abs_path, hits[1].abs_path])[0]
     assert [int(rows[0]["cluster"]), int(rows[1]["cluster"])] == probs.argmax(axis=1).tolist()

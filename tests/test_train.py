@@ -65,7 +65,7 @@ def test_interrupted_and_resumed_run_equals_straight_run(straight_run: Path, sha
     result = interrupt_during_second_epoch(shapes_folder, out, sig)
     assert not (out / "DONE").exists(), "the run finished before it could be interrupted"
     checkpoint = torch.load(out / "last.pt", weights_only=True)
-    assert checkpoint["epoch"] >= 1
+    assert checkpoint["global_step"] >= 1  # a kill can land before epoch 1's own checkpoint is renamed in
     if sig == signal.SIGTERM:
         assert result.returncode == 128 + signal.SIGTERM
         assert "checkpoint saved" in result.stderr and "--resume" in result.stderr

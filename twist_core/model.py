@@ -7,6 +7,7 @@ load any local torchvision ResNet state dict; nothing is ever downloaded. ``widt
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,3 +135,28 @@ def load_torchvision_weights(backbone: ResNetBackbone, path: str | Path) -> list
         raise ValueError(f"{path}: no tensor matches the {type(backbone).__name__} layout (wrong backbone/width?)")
     backbone.load_state_dict(usable, strict=False)
     return sorted(set(own) - set(usable))
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Re-estimate every BatchNorm's running statistics on clean (un-augmented) inputs.
+
+    Training sees only augmented views, so the running statistics, which eval mode and the exported model
+    use, describe a different distribution from the images being labelled. For the non-affine BN over the
+    logits this matters most: stale statistics shift whole classes and a short run's clean predictions
+    pile into a few clusters. One pass in train mode with a cumulative average fixes that; weights are
+    unchanged.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative moving average over the whole pass
+    model.train()
+    for batch in batches:
+        if batch.shape[0] > 1:
+            model(batch)
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
+    model.train(was_training)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 
 from twist_core import distributed
 from twist_core.augment import BatchAugment, policy_for_size
@@ -29,13 +30,14 @@ from twist_core.budget import fit_total_steps, parse_duration
 from twist_core.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from twist_core.config import add_dataclass_arguments, build_config, option, save_config
 from twist_core.dataset import EpochBatches, FolderImages, decode_all, decode_size, epoch_batches, make_loader
-from twist_core.evaluate import load_eval_images, predict_torch, score, summary_line
+from twist_core.evaluate import load_eval_images, normalise, predict_torch, score, summary_line
 from twist_core.folder import DEFAULT_MAX_PIXELS, NoImagesError, decode_image, require_images
 from twist_core.io_utils import atomic_write_text
 from twist_core.loss import self_label_loss, twist_multicrop_loss
-from twist_core.model import ModelSpec, TwistModel, load_torchvision_weights
+from twist_core.model import ModelSpec, TwistModel, load_torchvision_weights, recalibrate_batchnorm
 from twist_core.optim import build_optimizer, learning_rate
 
+RECALIBRATION_IMAGES = 10_000  # clean images whose BN statistics the exported model uses
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "lars": 1.5e-6, "adamw": 0.05}
 
 
@@ -298,9 +300,27 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
                                      progress=config.progress)
     eval_seconds = 0.0
 
-    def evaluate_now(epoch: int) -> dict[str, float]:
+    def clean_batches():
+        """Centre crops of up to RECALIBRATION_IMAGES training images, evenly spread, this rank's share."""
+        valid = [i for i in range(len(files)) if i not in skipped]
+        chosen = valid[::max(1, len(valid) // RECALIBRATION_IMAGES)][:RECALIBRATION_IMAGES][ctx.rank::ctx.world_size]
+        if cache is not None:
+            uint8_batches = (cache[chosen[i:i + batch_size]] for i in range(0, len(chosen), batch_size))
+        else:
+            loader = DataLoader(Subset(dataset, chosen), batch_size=batch_size, num_workers=config.workers)
+            uint8_batches = (images[torch.tensor([not e for e in errors])] for _, images, errors in loader)
+        for images in uint8_batches:
+            batch = normalise(images.to(ctx.device), config.image_size)
+            yield batch.contiguous(memory_format=torch.channels_last) if config.channels_last else batch
+
+    def calibrate_and_evaluate(epoch: int) -> dict[str, float] | None:
+        """Fresh BN statistics on clean images (all ranks), then rank 0 scores the eval set if there is one."""
         nonlocal eval_seconds
         began = time.perf_counter()
+        with autocast(config.precision, ctx.device):
+            recalibrate_batchnorm(model, clean_batches())
+        if eval_data is None:
+            return None
         probs, embeddings = predict_torch(model, eval_data.images, config.image_size, ctx.device)
         report = score(probs, embeddings, eval_data)
         eval_seconds = time.perf_counter() - began
@@ -329,8 +349,8 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
             with open(out / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps(row) + "\n")
 
-    if eval_data is not None and not resumed:
-        log({"epoch": 0, "step": 0, "eval": evaluate_now(0)})
+    if config.eval_data and not resumed:
+        log({"epoch": 0, "step": 0, "eval": calibrate_and_evaluate(0)})
 
     # Step timing for --time-budget: this session's loop time without evaluations, after two warm-up steps.
     timed_steps, timed_since, eval_time_in_loop = 0, None, 0.0
@@ -342,7 +362,7 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
         seconds_per_step = (time.perf_counter() - timed_since - eval_time_in_loop) / timed_steps
         reserve = 0.01 * budget + 2.0  # final checkpoint, plot, process exit
         fitted = fit_total_steps(global_step, seconds_per_step, budget - run_seconds() - reserve, steps_per_epoch,
-                                 eval_seconds if eval_data is not None else 0.0, config.eval_every)
+                                 eval_seconds, config.eval_every)
         total_steps = distributed.broadcast_int(ctx, max(fitted, global_step, 1))
 
     metrics: dict[str, Any] = history[-1] if history else {}
@@ -465,10 +485,12 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
         if global_step < total_steps:
             refit_budget()
         finished = global_step >= total_steps
-        if eval_data is not None and ((epoch + 1) % config.eval_every == 0 or finished):
+        if finished or (config.eval_data and (epoch + 1) % config.eval_every == 0):
             began = time.perf_counter()
-            metrics["eval"] = evaluate_now(epoch + 1)
+            metrics["eval"] = calibrate_and_evaluate(epoch + 1)
             eval_time_in_loop += time.perf_counter() - began
+            if metrics["eval"] is None:
+                metrics.pop("eval")
         log(metrics)
         epoch += 1
         checkpoint(epoch, 0)
