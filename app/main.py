@@ -77,13 +77,19 @@ def free_port(host: str) -> int:
 
 def build_app(config: AppConfig):
     """The Workspace and its Gradio Blocks with queue limits set; raises AppStartError on a bad setup."""
+    config = resolve_defaults(config)
+    model, index = Path(config.model), Path(config.index)  # type: ignore[arg-type]
+    if not model.is_file():  # checked before the slow imports, so a typo is reported at once
+        raise AppStartError(f"no model at {model} (export one with: twist export RUN --out {model})")
+    if not (index / "manifest.json").is_file():
+        raise AppStartError(f"no index in {index} (build one with: twist index LABELS --model MODEL --out {index})")
+
     from app.ui import build_ui
     from app.workspace import AppUserError, Workspace
 
-    config = resolve_defaults(config)
     try:
-        workspace = Workspace(Path(config.model), Path(config.index),  # type: ignore[arg-type]
-                              Path(config.state_dir) if config.state_dir else None, config.max_pixels, config.device)
+        state_dir = Path(config.state_dir) if config.state_dir else None
+        workspace = Workspace(model, index, state_dir, config.max_pixels, config.device)
     except AppUserError as error:
         raise AppStartError(str(error)) from None
     demo = build_ui(workspace)

@@ -60,14 +60,10 @@ class Workspace:
     def __init__(self, model_path: Path, index_dir: Path, state_dir: Path | None = None,
                  max_pixels: int = 50_000_000, device: str = "cpu") -> None:
         model_path, index_dir = Path(model_path), Path(index_dir)
-        if not model_path.is_file():
-            raise AppUserError(f"no model at {model_path} (export one with: twist export RUN --out {model_path})")
-        if not (index_dir / "manifest.json").is_file():
-            raise AppUserError(f"no index in {index_dir} (build one with: twist index LABELS --out {index_dir})")
         try:
             self.model = OnnxModel(model_path, device=device)
             self.index = ImageIndex.open(index_dir, device)
-        except (ValueError, IndexUserError) as error:
+        except (ValueError, OSError, IndexUserError) as error:
             raise AppUserError(str(error)) from None
         if self.index.dim != self.model.embedding_dim:
             raise AppUserError(f"the model gives {self.model.embedding_dim}-d embeddings but the index holds "
