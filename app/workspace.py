@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from app import exporters, projection
-from app.curation import EXCLUDED, CurationError, CurationStore, Record
+from app.curation import EXCLUDED, CurationStore, Record
 from app.thumbnails import ThumbnailCache
 from twist_core.folder import IMAGE_EXTENSIONS, ImageReadError, decode_image
 from twist_core.index import ImageIndex
@@ -332,5 +332,3 @@ class Workspace:
         except ImageReadError as error:
             return None, str(error)
 
-
-__all__ = ["AppUserError", "CurationError", "Neighbour", "Prediction", "Workspace"]

@@ -118,7 +118,9 @@ def main() -> None:
         port = args.port or free_port("127.0.0.1")
         process, startup = start_app(setup["model"], setup["index"], work / "state", port)
         try:
-            client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+            # The figures are the server's answer; a browser then fetches the thumbnails itself, in parallel
+            # (gradio_client would download them one by one, about 60 ms each here, and time that instead).
+            client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
             first, again = [], []
             for page in range(args.pages):
                 for bucket in (first, again):
