@@ -11,7 +11,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
-    OMP_WAIT_POLICY=PASSIVE
+    OMP_WAIT_POLICY=PASSIVE \
+    TWIST_DEMO_DIR=/opt/twist/models/demo
 
 # CUDA bases come without Python; python:3.11-slim only needs curl for the health check.
 # hadolint ignore=DL3008

@@ -18,7 +18,6 @@ from twist_core.config import add_dataclass_arguments, build_config, option
 
 DEMO_DIR = Path("models") / "demo"
 DEMO_MODEL = "model.onnx"
-DEMO_INDEX = "index"
 
 
 @dataclass
@@ -42,19 +41,26 @@ class AppStartError(Exception):
     """The app cannot start as configured (missing model or index, bad --auth); the message says why."""
 
 
-def resolve_defaults(config: AppConfig, base: Path | None = None) -> AppConfig:
-    """Fill a missing --model / --index from ``models/demo/`` when the demo is there, else explain."""
-    demo = (base or Path.cwd()) / DEMO_DIR
+def demo_dir() -> Path:
+    """The shipped demo model: $TWIST_DEMO_DIR (set in the Docker image), else models/demo of this checkout."""
+    return Path(os.environ.get("TWIST_DEMO_DIR") or Path(__file__).resolve().parents[1] / DEMO_DIR)
+
+
+def resolve_defaults(config: AppConfig, demo: Path | None = None) -> AppConfig:
+    """Without --model/--index, open the shipped demo model on the digits (labelled and indexed on first use)."""
+    demo = demo or demo_dir()
     if config.model is None:
         if not (demo / DEMO_MODEL).is_file():
             raise AppStartError(f"no --model given and no demo model at {demo / DEMO_MODEL}; build one with "
                                 "twist train, twist export, twist label and twist index (or run twist demo)")
         config.model = str(demo / DEMO_MODEL)
     if config.index is None:
-        if not (demo / DEMO_INDEX / "manifest.json").is_file():
-            raise AppStartError(f"no --index given and no demo index at {demo / DEMO_INDEX}; build one with "
-                                "twist index LABELS --model MODEL --out INDEX (or run twist demo)")
-        config.index = str(demo / DEMO_INDEX)
+        if Path(config.model).resolve() != (demo / DEMO_MODEL).resolve():
+            raise AppStartError("--index is needed with --model: build one with twist index LABELS --model MODEL "
+                                "--out INDEX")
+        from twist_core.demo import prepare_demo_index
+
+        config.index = str(prepare_demo_index(Path(config.model)))
     return config
 
 

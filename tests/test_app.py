@@ -298,9 +298,7 @@ def test_startup_problems_are_one_line_and_exit_1(tmp_path: Path, app_bundle: di
         parse_auth("no-colon")
     assert parse_auth("ann:secret") == [("ann", "secret")]
     assert AppConfig().host == "127.0.0.1"
-    demo = tmp_path / "models" / "demo"
-    (demo / "index").mkdir(parents=True)
-    (demo / "model.onnx").write_bytes(b"")
-    (demo / "index" / "manifest.json").write_text("{}")
-    resolved = resolve_defaults(AppConfig(), base=tmp_path)
-    assert resolved.model == str(demo / "model.onnx") and resolved.index == str(demo / "index")
+    with pytest.raises(AppStartError, match="no demo model"):
+        resolve_defaults(AppConfig(), demo=tmp_path / "models" / "demo")
+    with pytest.raises(AppStartError, match="--index is needed"):
+        resolve_defaults(AppConfig(model=str(tmp_path / "other.onnx")), demo=tmp_path)
