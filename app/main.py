@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from twist_core.config import add_dataclass_arguments, build_config, option
+from twist_core.config import build_config, command_parser, option
 
 DEMO_DIR = Path("models") / "demo"
 DEMO_MODEL = "model.onnx"
@@ -116,11 +116,7 @@ def launch(config: AppConfig, block: bool = True):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="twist app", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_dataclass_arguments(parser, AppConfig)
-    parser.add_argument("--config", help="YAML or JSON file of options (command-line flags override it)")
-    return parser
+    return command_parser("twist app", __doc__, AppConfig)
 
 
 def main(argv: list[str] | None = None) -> int:

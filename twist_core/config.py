@@ -65,6 +65,14 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, position
                                 default=argparse.SUPPRESS, help=help_text, metavar=field.metadata.get("metavar"))
 
 
+def command_parser(prog: str, doc: str | None, cls: type, positional: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """A command's parser: one option per config field, plus ``--config FILE`` (flags override the file)."""
+    parser = argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n\n")[0])
+    add_dataclass_arguments(parser, cls, positional)
+    parser.add_argument("--config", help="YAML or JSON file of options (command-line flags override it)")
+    return parser
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON mapping of option names (dashes or underscores) to values."""
     text = Path(path).read_text()

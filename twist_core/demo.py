@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from twist_core.config import add_dataclass_arguments, build_config, option
+from twist_core.config import build_config, command_parser, option
 
 DIGIT_SIZE = 32
 
@@ -63,12 +63,13 @@ def label_and_index(model: Path, images: Path, workspace: Path, progress: bool =
 
 def prepare_demo_index(model: Path) -> Path:
     """The digits labelled and indexed with the shipped demo model, built once into the user's cache."""
-    import hashlib
     import os
+
+    from twist_core.io_utils import file_sha256
 
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "twist" / "demo-app"
     stamp = cache / "model.sha256"
-    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    digest = file_sha256(model)
     index = cache / "index"
     if not (stamp.exists() and stamp.read_text() == digest and (index / "manifest.json").exists()):
         print(f"preparing the demo: labelling and indexing the digits in {cache} (once)", file=sys.stderr)
@@ -119,10 +120,7 @@ def run_demo(config: DemoConfig) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="twist demo", description=__doc__.split("\n\n")[0])
-    add_dataclass_arguments(parser, DemoConfig)
-    parser.add_argument("--config", help="YAML or JSON file of options")
-    return parser
+    return command_parser("twist demo", __doc__, DemoConfig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from twist_core.augment import IMAGENET_MEAN, IMAGENET_STD
-from twist_core.config import add_dataclass_arguments, build_config, option
+from twist_core.config import build_config, command_parser, option
 from twist_core.dataset import FolderImages, decode_all, decode_size
 from twist_core.folder import DEFAULT_MAX_PIXELS, NoImagesError, ground_truth_labels, require_images
 from twist_core.io_utils import atomic_write_text
@@ -214,10 +214,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="twist eval", description=__doc__.split("\n\n")[0])
-    add_dataclass_arguments(parser, EvalConfig, positional=("source", "data"))
-    parser.add_argument("--config", help="YAML or JSON file of options")
-    return parser
+    return command_parser("twist eval", __doc__, EvalConfig, positional=("source", "data"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import io
 import json
 import sys
@@ -26,11 +25,11 @@ from torch import nn
 from twist_core import __version__
 from twist_core.augment import IMAGENET_MEAN, IMAGENET_STD
 from twist_core.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from twist_core.config import add_dataclass_arguments, build_config, option
+from twist_core.config import build_config, command_parser, option
 from twist_core.dataset import decode_size
 from twist_core.folder import ImageReadError, scan_folder
 from twist_core.infer import CARD_KEY, Preprocess, create_session
-from twist_core.io_utils import atomic_write, atomic_write_text
+from twist_core.io_utils import atomic_write, atomic_write_text, file_sha256
 from twist_core.model import ModelSpec, TwistModel
 
 N_VERIFY_IMAGES = 16
@@ -81,14 +80,6 @@ class ProbabilityModel(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embedding, logits = self.model(images)
         return embedding, torch.softmax(logits / self.tau, dim=-1)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def parse_class_names(value: str | None, n_classes: int) -> list[str]:
@@ -226,11 +217,7 @@ def export_model(config: ExportConfig) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="twist export", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_dataclass_arguments(parser, ExportConfig, positional=("run",))
-    parser.add_argument("--config", help="YAML or JSON file of options (command-line flags override it)")
-    return parser
+    return command_parser("twist export", __doc__, ExportConfig, positional=("run",))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from twist_core.config import add_dataclass_arguments, build_config, option
+from twist_core.config import build_config, command_parser, option
 from twist_core.folder import NoImagesError, scan_folder
 from twist_core.index import ImageIndex
 from twist_core.index_faiss import (
@@ -137,11 +137,7 @@ def update_index(config: IndexConfig) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="twist index", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_dataclass_arguments(parser, IndexConfig, positional=("source",))
-    parser.add_argument("--config", help="YAML or JSON file of options (command-line flags override it)")
-    return parser
+    return command_parser("twist index", __doc__, IndexConfig, positional=("source",))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,10 +28,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from twist_core import __version__, distributed
-from twist_core.config import add_dataclass_arguments, build_config, option
+from twist_core.config import build_config, command_parser, option
 from twist_core.folder import DEFAULT_MAX_PIXELS, ImageReadError, NoImagesError, require_images
 from twist_core.infer import OnnxModel, Preprocess, physical_cores
-from twist_core.io_utils import atomic_write, atomic_write_text
+from twist_core.io_utils import atomic_write, atomic_write_text, file_sha256
 from twist_core.label_table import (
     COLUMNS,
     Row,
@@ -80,14 +80,6 @@ def work_dir(out: Path) -> Path:
 
 def chunk_path(work: Path, chunk: int) -> Path:
     return work / f"chunk-{chunk:08d}.npz"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def run_state(config: LabelConfig, model_sha: str, root: Path, files: list[str], topk: int) -> dict[str, Any]:
@@ -355,11 +347,7 @@ def _label_folder(config: LabelConfig, ctx: distributed.Context) -> dict[str, An
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="twist label", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_dataclass_arguments(parser, LabelConfig, positional=("model", "folder"))
-    parser.add_argument("--config", help="YAML or JSON file of options (command-line flags override it)")
-    return parser
+    return command_parser("twist label", __doc__, LabelConfig, positional=("model", "folder"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ from twist_core import distributed
 from twist_core.augment import BatchAugment, policy_for_size
 from twist_core.budget import fit_total_steps, parse_duration
 from twist_core.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from twist_core.config import add_dataclass_arguments, build_config, option, save_config
+from twist_core.config import build_config, command_parser, option, save_config
 from twist_core.dataset import EpochBatches, FolderImages, decode_all, decode_size, epoch_batches, make_loader
 from twist_core.evaluate import load_eval_images, normalise, predict_torch, score, summary_line
 from twist_core.folder import DEFAULT_MAX_PIXELS, NoImagesError, decode_image, require_images
@@ -524,11 +524,7 @@ def _cache_batches(cache: torch.Tensor, batches: list[list[int]]):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="twist train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_dataclass_arguments(parser, TrainConfig, positional=("data",))
-    parser.add_argument("--config", help="YAML or JSON file of options (command-line flags override it)")
-    return parser
+    return command_parser("twist train", __doc__, TrainConfig, positional=("data",))
 
 
 def main(argv: list[str] | None = None) -> int:
