@@ -47,7 +47,7 @@ def test_identity_policy_only_crops_and_flips() -> None:
     mirrored = expected.flip(-1)
     for i in range(16):
         error = min((view[i] - expected[i]).abs().mean(), (view[i] - mirrored[i]).abs().mean())
-        assert error < 0.05  # a full-area crop, aspect within 3/4-4/3, resampled bilinearly
+        assert error < 0.08  # a full-area crop, aspect within 3/4-4/3, resampled bilinearly
 
 
 def test_greyscale_and_solarize() -> None:
