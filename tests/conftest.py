@@ -125,8 +125,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_app_server(bundle: dict[str, Path], state_dir: Path, *extra: str, timeout: float = 120.0):
-    """``twist app`` in a subprocess on a free loopback port; returns (process, base URL) once it answers."""
+def start_app_server(bundle: dict[str, Path] | None, state_dir: Path, *extra: str, timeout: float = 120.0,
+                     env: dict[str, str] | None = None):
+    """``twist app`` in a subprocess on a free loopback port; returns (process, base URL) once it answers.
+
+    ``bundle=None`` starts it with no --model/--index, as a new user does.
+    """
     import subprocess
     import sys
     import time
@@ -135,9 +139,11 @@ def start_app_server(bundle: dict[str, Path], state_dir: Path, *extra: str, time
     port = free_port()
     log = open(state_dir.parent / f"{state_dir.name}-server.log", "w")  # noqa: SIM115 (closed with the process)
     process = subprocess.Popen(
-        [sys.executable, "-m", "twist_core.cli", "app", "--model", str(bundle["model"]), "--index",
-         str(bundle["index"]), "--state-dir", str(state_dir), "--port", str(port), *extra],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+        [sys.executable, "-m", "twist_core.cli", "app",
+         *(["--model", str(bundle["model"]), "--index", str(bundle["index"])] if bundle else []),
+         "--state-dir", str(state_dir), "--port", str(port), *extra],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})})
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -1,6 +1,6 @@
 """``twist demo``: the whole product on a real data set that ships inside scikit-learn, with nothing downloaded.
 
-Writes the 1,797 handwritten digits as 32 px PNGs in class folders (the folder names are used for the score
+Writes the 1,797 handwritten digits as 16 px PNGs in class folders (the folder names are used for the score
 only), then runs the real commands one after another: train -> export -> label -> index -> eval, and opens
 the app on the result.
 """
@@ -18,7 +18,7 @@ import numpy as np
 
 from twist_core.config import build_config, command_parser, option
 
-DIGIT_SIZE = 32
+DIGIT_SIZE = 16  # 2x the original 8 x 8: trains 4x faster than 32 px and loses nothing
 
 
 @dataclass
@@ -32,7 +32,7 @@ class DemoConfig:
 
 
 def write_digits(root: Path) -> Path:
-    """scikit-learn's 8 x 8 digits, upscaled to 32 x 32 greyscale PNGs in ``root/<digit>/``; idempotent."""
+    """scikit-learn's 8 x 8 digits, upscaled to 16 x 16 greyscale PNGs in ``root/<digit>/``; idempotent."""
     from PIL import Image
     from sklearn.datasets import load_digits
 
