@@ -289,8 +289,9 @@ def test_startup_problems_are_one_line_and_exit_1(tmp_path: Path, app_bundle: di
                  ["--model", str(app_bundle["model"]), "--index", str(tmp_path / "no-index")],
                  []):
         result = subprocess.run([sys.executable, "-m", "twist_core.cli", "app", *args], cwd=tmp_path,
-                                capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin"},
-                                timeout=120)
+                                capture_output=True, text=True, timeout=120,
+                                env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin",
+                                     "TWIST_DEMO_DIR": str(tmp_path / "no-demo")})  # not the shipped demo
         assert result.returncode == 1, result.stderr
         assert result.stderr.startswith("twist app: error:") and result.stderr.count("\n") == 1, result.stderr
         assert "Traceback" not in result.stderr
