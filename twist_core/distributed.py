@@ -49,8 +49,12 @@ def setup(device_preference: str = "auto") -> Context:
     return Context(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def teardown() -> None:
+def teardown(together: bool = True) -> None:
+    """Leave the group; ``together`` waits for every rank first, since a rank that destroys the group while
+    a peer still talks can abort (gloo). After an error the peers may never arrive, so do not wait then."""
     if dist.is_available() and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -299,9 +299,12 @@ def label_folder(config: LabelConfig) -> dict[str, Any]:
     """Label (or finish labelling) a folder in this process or under torchrun; returns the run's summary."""
     ctx = distributed.setup("cpu")  # processes only exchange small objects: gloo is enough, GPU or not
     try:
-        return _label_folder(config, ctx)
-    finally:
-        distributed.teardown()
+        result = _label_folder(config, ctx)
+    except BaseException:
+        distributed.teardown(together=False)
+        raise
+    distributed.teardown()
+    return result
 
 
 def _label_folder(config: LabelConfig, ctx: distributed.Context) -> dict[str, Any]:

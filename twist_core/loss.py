@@ -1,7 +1,7 @@
 """The TWIST loss and the self-labelling loss, correct over any number of processes.
 
 Every term is a mean over the *global* batch: per-sample terms and, above all, the mean prediction inside
-the diversity entropy cross processes through ``torch.distributed.nn`` (autograd sees the collective), so
+the diversity entropy cross processes through an autograd-aware all-reduce, so
 every process computes the single-process loss exactly. Its backward sums the identical upstream
 gradients of all processes, so each holds ``world_size`` times the single-process logit gradient, which
 DDP's 1/world_size gradient averaging brings back to exactly the single-process update.
@@ -22,6 +22,26 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes whose backward also sums: the gradient of a global sum reaches every contributor.
+
+    Our own small autograd function with blocking gloo/NCCL calls, instead of the deprecated
+    ``torch.distributed.nn.functional.all_reduce``.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, tensor: torch.Tensor) -> torch.Tensor:
+        reduced = tensor.clone()
+        dist.all_reduce(reduced)
+        return reduced
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        reduced = grad.clone()
+        dist.all_reduce(reduced)
+        return reduced
+
+
 def global_mean(values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over dim 0 of the batch of every process (weighted by a 0/1 mask if given), differentiable."""
     if weights is None:
@@ -29,9 +49,7 @@ def global_mean(values: torch.Tensor, weights: torch.Tensor | None = None) -> to
     else:
         total, count = (values * weights).sum(0), weights.detach().sum()
     if _distributed():
-        from torch.distributed.nn.functional import all_reduce
-
-        total = all_reduce(total)
+        total = _AllReduceSum.apply(total)
         dist.all_reduce(count)
     return total / count.clamp(min=1.0)
 

@@ -199,9 +199,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a training run; returns the final epoch's metrics."""
     ctx = distributed.setup(config.device)
     try:
-        return _train(config, ctx)
-    finally:
-        distributed.teardown()
+        result = _train(config, ctx)
+    except BaseException:
+        distributed.teardown(together=False)
+        raise
+    distributed.teardown()
+    return result
 
 
 def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:

@@ -28,6 +28,7 @@ def main(out_path: str) -> None:
     if rank == 0:
         with open(out_path, "w") as handle:
             json.dump(gathered, handle)
+    dist.barrier()
     dist.destroy_process_group()
 
 
