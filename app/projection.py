@@ -1,12 +1,14 @@
 """A 2-D map of the embeddings (PCA of a fixed random subsample), computed once and cached beside the store.
 
 The cache file is named after the index generation, so an updated index gets a fresh map. Labels are not
-cached: the app joins the current curated labels at request time.
+cached: the app joins the current curated labels at request time. The map is drawn as a picture whose
+geometry is known exactly (:class:`MapGeometry`), so a click on any pixel resolves to the nearest point.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,9 @@ import numpy as np
 from twist_core.io_utils import atomic_write
 
 MAX_POINTS = 5000
+MAP_WIDTH, MAP_HEIGHT = 960, 640  # pixels of the drawn map
+PLOT_BOX = (0.01, 0.01, 0.78, 0.98)  # left, bottom, width, height of the plot area, in figure fractions
+MAX_LEGEND = 24  # more clusters than this: no legend (a click names the cluster anyway)
 
 
 def pca_2d(vectors: np.ndarray) -> np.ndarray:
@@ -45,3 +50,68 @@ def load_or_compute(cache: Path, ids: Sequence[int], vector: Callable[[int], np.
 
     atomic_write(cache, write)
     return ids, xy
+
+
+@dataclass(frozen=True)
+class MapGeometry:
+    """Where data coordinates land on the drawn map, in image pixels (origin top left, as browsers click)."""
+
+    x_range: tuple[float, float]
+    y_range: tuple[float, float]
+    width: int = MAP_WIDTH
+    height: int = MAP_HEIGHT
+
+    @classmethod
+    def around(cls, xy: np.ndarray) -> MapGeometry:
+        """Data bounds with a 3 % margin, so no point sits on the edge."""
+        if len(xy) == 0:
+            return cls((-1.0, 1.0), (-1.0, 1.0))
+        low, high = xy.min(axis=0).astype(float), xy.max(axis=0).astype(float)
+        pad = np.maximum((high - low) * 0.03, 1e-6)
+        return cls((low[0] - pad[0], high[0] + pad[0]), (low[1] - pad[1], high[1] + pad[1]))
+
+    def to_pixels(self, xy: np.ndarray) -> np.ndarray:
+        left, bottom, box_w, box_h = PLOT_BOX
+        fx = (xy[:, 0] - self.x_range[0]) / (self.x_range[1] - self.x_range[0])
+        fy = (xy[:, 1] - self.y_range[0]) / (self.y_range[1] - self.y_range[0])
+        px = (left + fx * box_w) * self.width
+        py = (1.0 - (bottom + fy * box_h)) * self.height
+        return np.stack([px, py], axis=1)
+
+    def nearest(self, xy: np.ndarray, pixel: tuple[float, float], radius: float = 20.0) -> int | None:
+        """Row of the point drawn closest to ``pixel``, or None when none lies within ``radius`` pixels."""
+        if len(xy) == 0:
+            return None
+        distance = np.hypot(*(self.to_pixels(xy) - np.asarray(pixel, dtype=float)).T)
+        row = int(distance.argmin())
+        return row if distance[row] <= radius else None
+
+
+def draw_map(xy: np.ndarray, labels: Sequence[str], geometry: MapGeometry) -> np.ndarray:
+    """The map as an RGB array of exactly ``geometry``'s size, one colour per label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dpi = 100
+    figure = plt.figure(figsize=(geometry.width / dpi, geometry.height / dpi), dpi=dpi)
+    try:
+        axes = figure.add_axes(PLOT_BOX)
+        names = sorted(set(labels))
+        colours = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
+        label_array = np.asarray(labels)
+        for position, name in enumerate(names):
+            chosen = label_array == name
+            axes.scatter(xy[chosen, 0], xy[chosen, 1], s=6, color=colours(position % colours.N), label=name,
+                         linewidths=0)
+        axes.set_xlim(*geometry.x_range)
+        axes.set_ylim(*geometry.y_range)
+        axes.set_xticks([])
+        axes.set_yticks([])
+        if 0 < len(names) <= MAX_LEGEND:
+            figure.legend(loc="center right", fontsize=8, markerscale=2.5, frameon=False)
+        figure.canvas.draw()
+        return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    finally:
+        plt.close(figure)

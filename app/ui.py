@@ -170,16 +170,27 @@ def build_ui(ws: Workspace) -> gr.Blocks:
         return str(out), config
 
     @friendly
-    def projection() -> pd.DataFrame:
-        return pd.DataFrame(ws.projection(), columns=["x", "y", "id", "cluster"])
+    def projection() -> list[dict]:
+        """Every point of the map: x, y, image id and current cluster name."""
+        return ws.projection()
 
     @friendly
-    def map_region(x_min: float, x_max: float) -> tuple[list, list[int]]:
-        """Images of the map whose x lies in the selected range (at most one page)."""
-        points = [p for p in ws.projection() if float(x_min) <= p["x"] <= float(x_max)][:PAGE_SIZE]
-        records = ws.store.records([p["id"] for p in points])
-        return ([(str(ws.thumbnail(records[p["id"]])), f"#{p['id']} · {p['cluster']}") for p in points],
-                [p["id"] for p in points])
+    def map_picture() -> Any:
+        return ws.map_picture()
+
+    @friendly
+    def map_point(x: float, y: float) -> int:
+        """The image drawn nearest to a clicked pixel of the map picture."""
+        return ws.map_point(float(x), float(y))
+
+    @friendly
+    def show_selection(text: str) -> tuple[list, list[int], str]:
+        """The selected images as thumbnails (click one to drop it); ids no longer in the index are dropped."""
+        wanted = parse_ids(text)
+        records = ws.store.records(wanted)
+        kept = [i for i in dict.fromkeys(wanted) if i in records]
+        items = [(str(ws.thumbnail(records[i])), f"#{i} · {ws.store.name(records[i].label)}") for i in kept]
+        return items, kept, f"{len(kept)} selected"
 
     @friendly
     def batch_label(files: list[str] | None) -> tuple[str, pd.DataFrame]:
@@ -231,12 +242,18 @@ def build_ui(ws: Workspace) -> gr.Blocks:
                                                     label="Merge these clusters into this one")
                         merge = gr.Button("Merge")
                     with gr.Row():
-                        selection = gr.Textbox(label="Selected image ids (clicks toggle; editable)",
+                        selection = gr.Textbox(label="Selected image ids (clicks in the gallery toggle; editable)",
                                                elem_id="selection")
+                        select_page = gr.Button("Select the whole page", elem_id="select-page")
+                        clear = gr.Button("Clear selection")
+                    selection_gallery = gr.Gallery(label="Selection (click an image to drop it)", columns=15,
+                                                   allow_preview=False, height="auto", elem_id="selection-gallery")
+                    selection_ids = gr.State([])
+                    with gr.Row():
+                        selection_count = gr.Markdown("0 selected", elem_id="selection-count")
                         move_target = gr.Dropdown(cluster_choices(False), label="Move the selection to")
                         move = gr.Button("Move")
                         exclude = gr.Button("Exclude")
-                        clear = gr.Button("Clear selection")
                     with gr.Row():
                         undo_button = gr.Button("Undo last change", elem_id="undo")
                     status = gr.Markdown(elem_id="status")
@@ -265,10 +282,18 @@ def build_ui(ws: Workspace) -> gr.Blocks:
                     tree_button = gr.Button("Write tree")
                 tree_status = gr.Markdown()
             with gr.Tab("Map", id="map"):
-                map_button = gr.Button("Draw the map (PCA of the embeddings)")
-                scatter = gr.ScatterPlot(x="x", y="y", color="cluster", tooltip=["id", "cluster"], height=500,
-                                         label="Select a range to see its images")
-                map_gallery = gr.Gallery(label="Images in the selected range (click to search)", columns=12,
+                map_button = gr.Button("Draw the map (PCA of the embeddings, coloured by cluster)",
+                                       elem_id="draw-map")
+                map_image = gr.Image(type="numpy", interactive=False, label="Click a point to see its image",
+                                     elem_id="map-image", buttons=["download"])
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        map_id = gr.Number(None, precision=0, label="Image id", elem_id="map-id")
+                        map_detail_image = gr.Image(type="filepath", interactive=False, label="Image", height=220)
+                    with gr.Column(scale=2):
+                        map_details = gr.Markdown(elem_id="map-details")
+                        map_plot = gr.BarPlot(x="cluster", y="probability", label="Class distribution", sort="-y")
+                map_gallery = gr.Gallery(label="Its nearest neighbours (click to search from one)", columns=12,
                                          allow_preview=False, height="auto")
                 map_ids = gr.State([])
             with gr.Tab("Batch", id="batch"):
@@ -334,6 +359,15 @@ def build_ui(ws: Workspace) -> gr.Blocks:
         move.click(move_images, [selection, move_target], curation_outputs, api_name="move_images").then(**refresh)
         exclude.click(exclude_images, [selection], curation_outputs, api_name="exclude_images").then(**refresh)
         clear.click(lambda: "", None, [selection], api_visibility="private")
+        select_page.click(lambda ids, chosen: ", ".join(map(str, dict.fromkeys([*parse_ids(chosen), *ids]))),
+                          [page_ids, selection], [selection], api_visibility="private")
+        selection.change(show_selection, [selection], [selection_gallery, selection_ids, selection_count],
+                         api_name="show_selection")
+
+        def selection_clicked(ids: list[int], evt: gr.SelectData) -> str:
+            return ", ".join(str(i) for position, i in enumerate(ids) if position != evt.index)
+
+        selection_gallery.select(selection_clicked, [selection_ids], [selection], api_visibility="private")
         undo_button.click(undo, None, curation_outputs, api_name="undo").then(**refresh)
 
         csv_button.click(export_csv, None, [export_file], api_name="export_csv", concurrency_id="export",
@@ -345,14 +379,19 @@ def build_ui(ws: Workspace) -> gr.Blocks:
         tree_button.click(export_tree, [tree_folder, tree_mode], [tree_status], api_name="export_tree",
                           concurrency_id="export", concurrency_limit=1)
 
-        map_button.click(projection, None, [scatter], api_name="projection")
-        map_low, map_high = gr.Number(visible=False), gr.Number(visible=False)
+        map_button.click(map_picture, None, [map_image], api_name="map_picture")
+        gr.api(projection, api_name="projection")  # the map as data, for scripts
+        map_x, map_y = gr.Number(visible=False), gr.Number(visible=False)
 
-        def range_selected(evt: gr.SelectData) -> tuple[float, float]:
-            low, high = evt.index
-            return float(low), float(high)
+        def map_clicked(evt: gr.SelectData) -> tuple[float, float]:
+            x, y = evt.index
+            return float(x), float(y)
 
-        scatter.select(range_selected, None, [map_low, map_high], api_visibility="private").then(
-            map_region, [map_low, map_high], [map_gallery, map_ids], api_name="map_region")
+        map_image.select(map_clicked, None, [map_x, map_y], api_visibility="private").then(
+            map_point, [map_x, map_y], [map_id], api_name="map_point").success(
+            select_image, [map_id], [map_detail_image, map_details, map_plot, map_gallery, map_ids],
+            api_visibility="private")
+        map_id.submit(select_image, [map_id], [map_detail_image, map_details, map_plot, map_gallery, map_ids],
+                      api_visibility="private")
         batch_button.click(batch_label, [batch_files], [batch_csv, batch_table], api_name="batch_label")
     return demo

@@ -268,14 +268,38 @@ class Workspace:
         return out, exporters.label_studio_config(self.names()[c] for c in sorted(self.names()))
 
     # ---- map
-    def projection(self) -> list[dict[str, Any]]:
-        """The 2-D map: one point per sampled image with its current label."""
+    def _map_points(self) -> tuple[np.ndarray, np.ndarray, list[str], projection.MapGeometry]:
+        """Sampled ids, their 2-D coordinates, their current cluster names and the drawing's geometry.
+
+        The geometry comes from every cached point, so it stays put while images are curated or removed.
+        """
         cache = self.state_dir / f"projection-gen{self.index.generation}.npz"
         ids, xy = projection.load_or_compute(cache, self.store.all_ids(), self.index.vector)
+        geometry = projection.MapGeometry.around(xy)
         records = self.store.records(ids.tolist())
+        keep = np.array([int(i) in records for i in ids], dtype=bool)
         names = self.names()
-        return [{"x": float(x), "y": float(y), "id": int(i), "cluster": names.get(records[int(i)].label, "excluded")}
-                for i, (x, y) in zip(ids, xy, strict=True) if int(i) in records]
+        labels = [names.get(records[int(i)].label, "excluded") for i in ids[keep]]
+        return ids[keep], xy[keep], labels, geometry
+
+    def projection(self) -> list[dict[str, Any]]:
+        """The 2-D map as data: one point per sampled image with its current label."""
+        ids, xy, labels, _ = self._map_points()
+        return [{"x": float(x), "y": float(y), "id": int(i), "cluster": name}
+                for i, (x, y), name in zip(ids, xy, labels, strict=True)]
+
+    def map_picture(self) -> np.ndarray:
+        """The map drawn as an RGB picture, coloured by current cluster; a click on it goes to :meth:`map_point`."""
+        _, xy, labels, geometry = self._map_points()
+        return projection.draw_map(xy, labels, geometry)
+
+    def map_point(self, x: float, y: float) -> int:
+        """Id of the image drawn nearest to pixel (x, y) of :meth:`map_picture`."""
+        ids, xy, _, geometry = self._map_points()
+        row = geometry.nearest(xy, (float(x), float(y)))
+        if row is None:
+            raise AppUserError("no image there: click on a point of the map")
+        return int(ids[row])
 
     # ---- batch
     def batch_label(self, files: Sequence[str | Path]) -> tuple[Path, list[list[Any]]]:

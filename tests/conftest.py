@@ -166,3 +166,13 @@ def stop_app_server(process) -> None:
     except Exception:
         process.kill()
         process.wait()
+
+
+def loneliest_map_point(xy: np.ndarray) -> tuple[int, float, float]:
+    """Row and drawn pixel (x, y) of the map point farthest from any other: a click on it is unambiguous."""
+    from app.projection import MapGeometry
+
+    pixels = MapGeometry.around(xy).to_pixels(xy)
+    gaps = np.hypot(*(pixels[:, None] - pixels[None]).transpose(2, 0, 1)) + np.eye(len(xy)) * 1e9
+    row = int(gaps.min(axis=1).argmax())
+    return row, float(pixels[row, 0]), float(pixels[row, 1])

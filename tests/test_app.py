@@ -18,12 +18,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import REPO, start_app_server, stop_app_server
+from conftest import REPO, loneliest_map_point, start_app_server, stop_app_server
 from gradio_client import Client, handle_file
 from PIL import Image
 
 from app.curation import CurationStore
 from app.main import AppConfig, AppStartError, parse_auth, resolve_defaults
+from app.projection import MAP_HEIGHT, MAP_WIDTH
 from twist_core.index import ImageIndex
 from twist_core.index_store import META_FILE, read_manifest
 from twist_core.infer import OnnxModel
@@ -175,6 +176,9 @@ def test_curation_is_stored_shared_and_undoable(server: dict, client: Client, in
         client.predict(other, "mostly THINGS", api_name="/rename_cluster")
 
     moved = [h.id for h in index.records(big, limit=3)]
+    shown, count = client.predict(f"{moved[2]}, {moved[0]} 999999 {moved[1]}, {moved[0]}",
+                                        api_name="/show_selection")
+    assert ids_of(shown) == [moved[2], moved[0], moved[1]] and count == "3 selected"  # unknown id and repeat dropped
     client.predict(", ".join(map(str, moved)), other, api_name="/move_images")
     excluded = index.records(big, offset=3, limit=2)
     client.predict(" ".join(str(h.id) for h in excluded), api_name="/exclude_images")
@@ -230,11 +234,15 @@ def test_exports_follow_the_curation(server: dict, client: Client, index: ImageI
 
 def test_map_and_batch(client: Client, index: ImageIndex, model: OnnxModel, server: dict, tmp_path: Path) -> None:
     points = client.predict(api_name="/projection")
-    data = points["data"]
-    assert len(data) == index.size and (server["state"] / "projection-gen1.npz").is_file()
-    xs = sorted(row[0] for row in data)
-    gallery = client.predict(xs[0] - 1, xs[len(xs) // 2], api_name="/map_region")
-    assert 0 < len(gallery) <= 60
+    assert len(points) == index.size and (server["state"] / "projection-gen1.npz").is_file()
+    assert {p["id"] for p in points} == {r.id for r in index.records(None, order_by="id", limit=index.size)}
+    picture = np.asarray(Image.open(client.predict(api_name="/map_picture")))
+    assert picture.shape[:2] == (MAP_HEIGHT, MAP_WIDTH)
+    loneliest, x, y = loneliest_map_point(np.array([[p["x"], p["y"]] for p in points]))
+    assert picture[round(y), round(x)].min() < 240  # the point is drawn where the geometry says
+    assert client.predict(x + 1, y - 1, api_name="/map_point") == points[loneliest]["id"]
+    with pytest.raises(Exception, match="no image there"):
+        client.predict(MAP_WIDTH - 2, 2, api_name="/map_point")  # the legend's corner, far from any point
 
     hits = index.records(None, order_by="id", limit=3)
     bundle = tmp_path / "more.zip"

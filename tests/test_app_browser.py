@@ -1,4 +1,4 @@
-"""The web app in a real browser: Playwright drives Debian's Chromium through open, rename, search and export.
+"""The web app in a real browser: Playwright drives Chromium through open, select, rename, search, export, map.
 
 Screenshots of each step are saved in the test's tmp folder and copied to ``test-artifacts/app-browser/``.
 """
@@ -10,8 +10,9 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import REPO, start_app_server, stop_app_server
+from conftest import REPO, loneliest_map_point, start_app_server, stop_app_server
 
 from twist_core.index import ImageIndex
 
@@ -62,6 +63,11 @@ def test_open_rename_search_and_export_in_chromium(server: dict, tmp_path: Path)
             first_image.click()
             expect(page.locator("#details")).to_contain_text("confidence")
             expect(page.locator("#selection textarea")).to_have_value(re.compile(r"^\d+$"))
+            page.locator("#select-page").click()
+            on_page = page.locator("#cluster-gallery button.thumbnail-item").count()
+            expect(page.locator("#selection-count")).to_contain_text(f"{on_page} selected")
+            page.locator("#selection-gallery button.thumbnail-item").first.click()  # drops it from the selection
+            expect(page.locator("#selection-count")).to_contain_text(f"{on_page - 1} selected")
             page.screenshot(path=shots / "2-cluster.png", full_page=True)
 
             page.locator("#new-name textarea").fill("Renamed in Chromium")
@@ -86,6 +92,22 @@ def test_open_rename_search_and_export_in_chromium(server: dict, tmp_path: Path)
             exported = tmp_path / "labels.csv"
             download.value.save_as(exported)
             page.screenshot(path=shots / "5-export.png", full_page=True)
+
+            page.get_by_role("tab", name="Map").click()
+            page.locator("#draw-map").click()
+            picture = page.locator("#map-image img")
+            expect(picture).to_be_visible()
+            with np.load(server["state"] / "projection-gen1.npz") as cached:
+                ids, xy = cached["ids"], cached["xy"]
+            row, x, y = loneliest_map_point(xy)
+            box = picture.bounding_box()
+            natural_w, natural_h = picture.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+            scale = min(box["width"] / natural_w, box["height"] / natural_h, 1.0)  # object-fit: contain
+            picture.click(position={"x": (box["width"] - natural_w * scale) / 2 + x * scale,
+                                    "y": (box["height"] - natural_h * scale) / 2 + y * scale})
+            expect(page.locator("#map-id input")).to_have_value(str(int(ids[row])))
+            expect(page.locator("#map-details")).to_contain_text(f"#{int(ids[row])}")
+            page.screenshot(path=shots / "6-map.png", full_page=True)
         finally:
             browser.close()
 
@@ -93,4 +115,4 @@ def test_open_rename_search_and_export_in_chromium(server: dict, tmp_path: Path)
     artifacts = REPO / "test-artifacts" / "app-browser"
     shutil.rmtree(artifacts, ignore_errors=True)
     shutil.copytree(shots, artifacts)
-    assert len(list(artifacts.glob("*.png"))) == 5
+    assert len(list(artifacts.glob("*.png"))) == 6
