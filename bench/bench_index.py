@@ -4,7 +4,8 @@ For each size: build time, RSS growth and serialized size of the index chosen by
 exact flat index), single-query latency p50/p99, batch-64 queries/s and recall@10 against exact search,
 and an IVF ``nprobe`` sweep showing the speed/recall trade-off. Brute force (matrix product + argpartition)
 runs in the same process as the baseline. Random unit vectors are the worst case for IVF (no structure to
-exploit); ``clustered`` mimics trained embeddings (points around class centres).
+exploit); ``clustered`` mimics trained embeddings (points around class centres). From 100k on, RaBitQ codes
+with exact reranking (and HNSW at 100k) show what unstructured data costs with methods ``twist index`` does not use.
 
     python bench/bench_index.py                       # 10k, 100k, 1M; writes bench/results/index.json
     python bench/bench_index.py --sizes 10000 --queries 200
@@ -138,6 +139,8 @@ def bench_one(dist: str, n: int, n_queries: int) -> list[dict]:
     record("faiss-flat", lambda q: flat.search(q, K), flat_ids, build_s, rss, index_bytes(flat),
            n_single=single, batches=few)
 
+    if n >= 100_000:
+        unstructured_alternatives(base, queries, record)
     plan = plan_index(n, DIM, "ivf" if n > 20_000 else "auto")
     if plan.kind == "flat":
         return rows
@@ -153,8 +156,43 @@ def bench_one(dist: str, n: int, n_queries: int) -> list[dict]:
     return rows
 
 
+def unstructured_alternatives(base: np.ndarray, queries: np.ndarray, record: Callable) -> None:
+    """The best this CPU does without structure to exploit: scan 1-bit RaBitQ codes (SIMD fast scan), then
+    rerank ``k_factor * 10`` candidates exactly; and HNSW up to 100k (its build grows too slow beyond).
+
+    Not used by ``twist index``: these rows show what the random-vector target costs with any method.
+    """
+    start = time.perf_counter()
+    codes = faiss.index_factory(DIM, "RaBitQfs", faiss.METRIC_INNER_PRODUCT)
+    codes.train(base[:100_000])
+    codes.add(base)
+    build_s = time.perf_counter() - start
+    for k_factor in (50, 200, 1000):
+        def rerank(q: np.ndarray, k_factor: int = k_factor) -> np.ndarray:
+            candidates = codes.search(q, K * k_factor)[1]
+            out = np.empty((len(q), K), dtype=np.int64)
+            for row, (vector, found) in enumerate(zip(q, candidates, strict=True)):
+                found = found[found >= 0]
+                out[row] = found[np.argsort(-(base[found] @ vector))[:K]]
+            return out
+
+        record("rabitq-fastscan+rerank", rerank, rerank(queries), build_s, size=index_bytes(codes),
+               n_single=min(len(queries), 300), batches=5, k_factor=k_factor)
+    if len(base) > 100_000:
+        return
+    start = time.perf_counter()
+    graph = faiss.IndexHNSWFlat(DIM, 32, faiss.METRIC_INNER_PRODUCT)
+    graph.hnsw.efConstruction = 80
+    graph.add(base)
+    build_s = time.perf_counter() - start
+    for ef in (256, 1024, 2048):
+        graph.hnsw.efSearch = ef
+        record("hnsw32", lambda q: graph.search(q, K), graph.search(queries, K)[1], build_s,
+               n_single=min(len(queries), 300), batches=5, ef_search=ef)
+
+
 def format_row(row: dict) -> str:
-    ivf = f" nlist={row['nlist']} nprobe={row['nprobe']}" if "nprobe" in row else ""
+    ivf = "".join(f" {key}={row[key]}" for key in ("nlist", "nprobe", "k_factor", "ef_search") if key in row)
     return (f"{row['dist']:<9} {row['n']:>8} {row['method'] + ivf:<45} {row['build_s']:>8.1f} "
             f"{row['rss_mb']:>7} {row['index_mb']:>7} {row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f} "
             f"{row['batch64_qps']:>9} {row['recall10']:>7.3f}")
