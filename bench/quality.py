@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,7 @@ def main() -> None:
     test_root = extract("cifar10-test.tar.gz", workdir)
     train_root = extract("cifar10-train.tar.gz", workdir) if args.gpu else test_root
     run = workdir / "run"
+    shutil.rmtree(run, ignore_errors=True)  # the bench's own run folder: a fresh run every time
     command = [sys.executable, "-m", "twist_core.cli", "train", str(train_root), "--out", str(run), "--classes", "10",
                "--time-budget", args.budget, "--eval-data", str(test_root), "--no-progress", *args.extra]
     print("$", " ".join(command), flush=True)

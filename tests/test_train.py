@@ -97,6 +97,16 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(straight_run: Path, sh
     assert (out / "last.pt").read_bytes() == before
 
 
+def test_a_new_run_refuses_a_folder_that_holds_one(straight_run: Path, shapes_folder: Path) -> None:
+    before = {name: (straight_run / name).read_bytes() for name in ("last.pt", "metrics.jsonl", "config.json")}
+    result = subprocess.run(train_command(shapes_folder, straight_run), env=ENV, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 1
+    assert "already holds a run" in result.stderr and "--resume" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert {name: (straight_run / name).read_bytes() for name in before} == before  # nothing was touched
+
+
 def test_end_to_end_on_real_photos(cifar_1k: Path, tmp_path: Path) -> None:
     out = tmp_path / "cifar"
     config = TrainConfig(data=str(cifar_1k), out=str(out), classes=10, width=16, hidden_dim=256, epochs=4,

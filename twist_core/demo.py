@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -96,6 +97,8 @@ def run_demo(config: DemoConfig) -> dict:
 
     began = step(f"2/5 twist train (time budget {config.time_budget})")
     run = workspace / "run"
+    if (run / "DONE").exists():  # a finished earlier demo: train again from scratch
+        shutil.rmtree(run)
     train(TrainConfig(data=str(digits), out=str(run), classes=config.classes, time_budget=config.time_budget,
                       seed=config.seed, resume=(run / "last.pt").exists() and not (run / "DONE").exists()))
     timings["train"] = time.perf_counter() - began

@@ -220,6 +220,12 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
     files = require_images(root)
 
     resumed: dict[str, Any] | None = None
+    if not config.resume:
+        earlier = [name for name in (CHECKPOINT_NAME, "metrics.jsonl") if (out / name).exists()]
+        if earlier:
+            advice = "add --resume to continue it" if CHECKPOINT_NAME in earlier else "delete it"
+            raise ResumeError(f"{out} already holds a run ({', '.join(earlier)}): {advice}, or choose another --out "
+                              f"(nothing was changed)")
     if config.resume:
         if not checkpoint_path.exists():
             raise ResumeError(f"--resume: no checkpoint at {checkpoint_path}")
