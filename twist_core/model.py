@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
@@ -136,31 +135,6 @@ def load_torchvision_weights(backbone: ResNetBackbone, path: str | Path) -> list
         raise ValueError(f"{path}: no tensor matches the {type(backbone).__name__} layout (wrong backbone/width?)")
     backbone.load_state_dict(usable, strict=False)
     return sorted(set(own) - set(usable))
-
-
-@torch.no_grad()
-def whiten_stem(conv: nn.Conv2d, images: torch.Tensor, max_patches: int = 200_000, seed: int = 0) -> None:
-    """Point the stem's filters along the principal directions of the images' own patches.
-
-    A random stem spends the first epochs discovering edges and colour opponents; the patch covariance
-    gives them in one pass (as ZCA/k-means features did for CIFAR), and the BatchNorm after the stem
-    equalises their variances, which whitens them. Each direction is used with both signs, so the ReLU
-    keeps both polarities; filters keep the random init's mean norm, so the optimiser sees the usual scale.
-    Channels beyond twice the patch dimension stay random.
-    """
-    kernel, stride, padding = conv.kernel_size, conv.stride, conv.padding
-    patches = F.unfold(images.float(), kernel, stride=stride, padding=padding).transpose(1, 2).reshape(
-        -1, conv.in_channels * kernel[0] * kernel[1])
-    generator = torch.Generator().manual_seed(seed)
-    if len(patches) > max_patches:
-        patches = patches[torch.randperm(len(patches), generator=generator)[:max_patches]]
-    patches = patches.double() - patches.double().mean(0)
-    _, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
-    pairs = min(conv.out_channels // 2, eigenvectors.shape[1])
-    top = eigenvectors[:, -pairs:].flip(1)  # unit-norm columns, largest variance first
-    filters = torch.cat([top, -top], dim=1).T.float()
-    weight = conv.weight.view(conv.out_channels, -1)
-    weight[: 2 * pairs] = filters * weight[: 2 * pairs].norm(dim=1, keepdim=True).mean()
 
 
 @torch.no_grad()

@@ -34,11 +34,10 @@ from twist_core.evaluate import load_eval_images, normalise, predict_torch, scor
 from twist_core.folder import DEFAULT_MAX_PIXELS, NoImagesError, decode_image, require_images
 from twist_core.io_utils import atomic_write_text
 from twist_core.loss import self_label_loss, twist_multicrop_loss
-from twist_core.model import ModelSpec, TwistModel, load_torchvision_weights, recalibrate_batchnorm, whiten_stem
+from twist_core.model import ModelSpec, TwistModel, load_torchvision_weights, recalibrate_batchnorm
 from twist_core.optim import build_optimizer, learning_rate
 
 RECALIBRATION_IMAGES = 10_000  # clean images whose BN statistics the exported model uses
-STEM_INIT_IMAGES = 2048  # images whose patches give the stem's first filters
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "lars": 1.5e-6, "adamw": 0.05}
 
 
@@ -75,8 +74,6 @@ class TrainConfig:
     eval_data: str | None = option(None, "class-folder tree to evaluate on (ACC/NMI/ARI/kNN) during training")
     eval_every: int = option(5, "evaluate every N epochs (and at the start and the end) when --eval-data is given")
     init: str | None = option(None, "local torchvision-format ResNet state dict to start the backbone from")
-    stem_init: str = option("patches", "first filters: principal directions of the folder's own image patches, "
-                            "or random (ignored with --init)", choices=["patches", "random"])
     seed: int = option(0, "random seed (data order, augmentation, initialisation)")
     workers: int = option(-1, "decoding worker processes; -1 = auto (CPU count, at most 8)")
     cache: str = option("auto", "decode all images once into RAM: auto (when under 2 GB), ram or off",
@@ -275,10 +272,10 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
     if ctx.is_main:
         save_config(config, out / "config.json")
 
-    def clean_batches(limit: int = RECALIBRATION_IMAGES):
-        """Centre crops of up to ``limit`` training images, evenly spread over the folder, this rank's share."""
+    def clean_batches():
+        """Centre crops of up to RECALIBRATION_IMAGES training images, evenly spread, this rank's share."""
         valid = [i for i in range(len(files)) if i not in skipped]
-        chosen = valid[::max(1, len(valid) // limit)][:limit][ctx.rank::ctx.world_size]
+        chosen = valid[::max(1, len(valid) // RECALIBRATION_IMAGES)][:RECALIBRATION_IMAGES][ctx.rank::ctx.world_size]
         if cache is not None:
             uint8_batches = (cache[chosen[i:i + batch_size]] for i in range(0, len(chosen), batch_size))
         else:
@@ -301,8 +298,6 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
         missing = load_torchvision_weights(model.backbone, config.init)
         if ctx.is_main and missing:
             print(f"note: --init left {len(missing)} tensors at random init (e.g. {missing[0]})", file=sys.stderr)
-    elif config.stem_init == "patches" and not resumed:  # DDP then copies rank 0's stem to every rank
-        whiten_stem(model.backbone.conv1, torch.cat(list(clean_batches(STEM_INIT_IMAGES))).cpu().contiguous())
     if resumed:
         model.load_state_dict(resumed["model"])
     if ctx.device.type == "cuda" and ctx.distributed:
