@@ -7,7 +7,9 @@ need to be real, not good), export it, label all 50,000 images and build the ind
 - start-up: ``twist app`` process start until ``GET /`` answers 200 (index opened, UI built);
 - open a cluster page (gradio_client ``/open_cluster``, 60 images): the first visit of each page (thumbnails
   made then) and revisits (thumbnails cached), on the largest cluster, so paging runs on the most rows;
-- search by upload (``/search_upload``, k=12): 100 requests with different images, median and p95.
+- search by upload (``/search_upload``, k=12): 100 requests with different images, median and p95;
+- baselines in the same run: the client round trip to a near-empty handler, and the page and search work
+  timed in-process without Gradio, so the app's own cost and the transport's can be told apart.
 
     python bench/bench_app.py            # writes bench/results/app.json and prints a table
 """
@@ -92,6 +94,27 @@ def start_app(model: Path, index: Path, state: Path, port: int) -> tuple[subproc
             time.sleep(0.05)
 
 
+def in_process_handlers(setup: dict, state: Path, cluster: int, queries: list[Path],
+                        pages: int) -> tuple[list[float], list[float]]:
+    """The same work without Gradio: ``Workspace`` calls timed in this process (thumbnails already cached)."""
+    from app.workspace import Workspace
+
+    ws = Workspace(setup["model"], setup["index"], state)
+    try:
+        page_times, search_times = [], []
+        for page in range(pages):
+            start = time.perf_counter()
+            ws.cluster_page(cluster, page, False, 0.0, 1.0)
+            page_times.append(time.perf_counter() - start)
+        for path in queries:
+            start = time.perf_counter()
+            ws.search_file(path, 12)
+            search_times.append(time.perf_counter() - start)
+        return page_times, search_times
+    finally:
+        ws.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archive", default=str(REPO.parent / "shared" / "data" / "cifar10-train.tar.gz"))
@@ -135,9 +158,16 @@ def main() -> None:
                 start = time.perf_counter()
                 client.predict(handle_file(str(path)), 12, api_name="/search_upload")
                 searches.append(time.perf_counter() - start)
+            trivial = []  # baseline: the same round trip to a handler that does almost nothing
+            for _ in range(args.pages * 2):
+                start = time.perf_counter()
+                client.predict("", api_name="/show_selection")
+                trivial.append(time.perf_counter() - start)
         finally:
             process.terminate()
             process.wait(timeout=30)
+        handler_page, handler_search = in_process_handlers(setup, work / "state", biggest["cluster"], queries,
+                                                           args.pages)
 
     ms = 1000.0
     result = {
@@ -152,6 +182,11 @@ def main() -> None:
         "open_cluster_lowest_first_ms": round(lowest * ms, 1),
         "search_upload_ms": {"median": round(statistics.median(searches) * ms, 1),
                              "p95": round(percentile(searches, 95) * ms, 1), "n": len(searches)},
+        "baselines_ms": {
+            "gradio_round_trip_trivial_handler": round(statistics.median(trivial) * ms, 1),
+            "handler_only_cluster_page_revisit": round(statistics.median(handler_page) * ms, 1),
+            "handler_only_search_file": round(statistics.median(handler_search) * ms, 1),
+        },
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "python": platform.python_version()},
     }
@@ -164,6 +199,7 @@ def main() -> None:
                        ("search_upload_ms", "search by upload (k=12)")):
         print(f"{title:<42} {result[key]['median']:>8.1f}ms {result[key]['p95']:>8.1f}ms")
     print(json.dumps(result["setup"]))
+    print("medians of the baselines (ms):", json.dumps(result["baselines_ms"]))
 
 
 if __name__ == "__main__":
