@@ -59,6 +59,18 @@ def neighbour_items(ws: Workspace, neighbours: list[Neighbour]) -> list[tuple[st
             for n in neighbours]
 
 
+def image_panel(id_elem: str, details_elem: str) -> tuple[gr.Number, gr.Image, gr.Markdown, gr.BarPlot]:
+    """Image id, picture, details and class-distribution chart of one image (the outputs of ``select_image``)."""
+    with gr.Row():
+        with gr.Column(scale=1):
+            image_id = gr.Number(None, precision=0, label="Image id", elem_id=id_elem)
+            picture = gr.Image(type="filepath", interactive=False, label="Image", height=220)
+        with gr.Column(scale=2):
+            details = gr.Markdown(elem_id=details_elem)
+            plot = gr.BarPlot(x="cluster", y="probability", label="Class distribution", sort="-y")
+    return image_id, picture, details, plot
+
+
 def build_ui(ws: Workspace) -> gr.Blocks:
     """The whole app; ``ws`` is shared by every session (state lives in the curation store, not the browser)."""
 
@@ -187,9 +199,9 @@ def build_ui(ws: Workspace) -> gr.Blocks:
     def show_selection(text: str) -> tuple[list, list[int], str]:
         """The selected images as thumbnails (click one to drop it); ids no longer in the index are dropped."""
         wanted = parse_ids(text)
-        records = ws.store.records(wanted)
+        records, names = ws.store.records(wanted), ws.names()
         kept = [i for i in dict.fromkeys(wanted) if i in records]
-        items = [(str(ws.thumbnail(records[i])), f"#{i} · {ws.store.name(records[i].label)}") for i in kept]
+        items = [(str(ws.thumbnail(records[i])), f"#{i} · {names.get(records[i].label, 'excluded')}") for i in kept]
         return items, kept, f"{len(kept)} selected"
 
     @friendly
@@ -222,14 +234,7 @@ def build_ui(ws: Workspace) -> gr.Blocks:
                 gallery = gr.Gallery(label="Images (click to inspect and to add to the selection)", columns=10,
                                      allow_preview=False, height="auto", elem_id="cluster-gallery")
                 page_ids = gr.State([])
-                with gr.Row():
-                    with gr.Column(scale=1):
-                        current_id = gr.Number(None, precision=0, label="Image id", elem_id="current-id")
-                        detail_image = gr.Image(type="filepath", interactive=False, label="Image", height=220)
-                    with gr.Column(scale=2):
-                        details = gr.Markdown(elem_id="details")
-                        detail_plot = gr.BarPlot(x="cluster", y="probability", label="Class distribution",
-                                                 sort="-y")
+                current_id, detail_image, details, detail_plot = image_panel("current-id", "details")
                 neighbours = gr.Gallery(label="Nearest neighbours (click to search from one)", columns=12,
                                         allow_preview=False, height="auto")
                 neighbour_ids = gr.State([])
@@ -286,13 +291,7 @@ def build_ui(ws: Workspace) -> gr.Blocks:
                                        elem_id="draw-map")
                 map_image = gr.Image(type="numpy", interactive=False, label="Click a point to see its image",
                                      elem_id="map-image", buttons=["download"])
-                with gr.Row():
-                    with gr.Column(scale=1):
-                        map_id = gr.Number(None, precision=0, label="Image id", elem_id="map-id")
-                        map_detail_image = gr.Image(type="filepath", interactive=False, label="Image", height=220)
-                    with gr.Column(scale=2):
-                        map_details = gr.Markdown(elem_id="map-details")
-                        map_plot = gr.BarPlot(x="cluster", y="probability", label="Class distribution", sort="-y")
+                map_id, map_detail_image, map_details, map_plot = image_panel("map-id", "map-details")
                 map_gallery = gr.Gallery(label="Its nearest neighbours (click to search from one)", columns=12,
                                          allow_preview=False, height="auto")
                 map_ids = gr.State([])
@@ -387,11 +386,10 @@ def build_ui(ws: Workspace) -> gr.Blocks:
             x, y = evt.index
             return float(x), float(y)
 
+        map_outputs = [map_detail_image, map_details, map_plot, map_gallery, map_ids]
         map_image.select(map_clicked, None, [map_x, map_y], api_visibility="private").then(
             map_point, [map_x, map_y], [map_id], api_name="map_point").success(
-            select_image, [map_id], [map_detail_image, map_details, map_plot, map_gallery, map_ids],
-            api_visibility="private")
-        map_id.submit(select_image, [map_id], [map_detail_image, map_details, map_plot, map_gallery, map_ids],
-                      api_visibility="private")
+            select_image, [map_id], map_outputs, api_visibility="private")
+        map_id.submit(select_image, [map_id], map_outputs, api_visibility="private")
         batch_button.click(batch_label, [batch_files], [batch_csv, batch_table], api_name="batch_label")
     return demo

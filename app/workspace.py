@@ -268,8 +268,8 @@ class Workspace:
         return out, exporters.label_studio_config(self.names()[c] for c in sorted(self.names()))
 
     # ---- map
-    def _map_points(self) -> tuple[np.ndarray, np.ndarray, list[str], projection.MapGeometry]:
-        """Sampled ids, their 2-D coordinates, their current cluster names and the drawing's geometry.
+    def _map_points(self) -> tuple[np.ndarray, np.ndarray, dict[int, Record], projection.MapGeometry]:
+        """Sampled ids still in the index, their 2-D coordinates and records, and the drawing's geometry.
 
         The geometry comes from every cached point, so it stays put while images are curated or removed.
         """
@@ -278,20 +278,22 @@ class Workspace:
         geometry = projection.MapGeometry.around(xy)
         records = self.store.records(ids.tolist())
         keep = np.array([int(i) in records for i in ids], dtype=bool)
+        return ids[keep], xy[keep], records, geometry
+
+    def _cluster_names(self, ids: np.ndarray, records: dict[int, Record]) -> list[str]:
         names = self.names()
-        labels = [names.get(records[int(i)].label, "excluded") for i in ids[keep]]
-        return ids[keep], xy[keep], labels, geometry
+        return [names.get(records[int(i)].label, "excluded") for i in ids]
 
     def projection(self) -> list[dict[str, Any]]:
         """The 2-D map as data: one point per sampled image with its current label."""
-        ids, xy, labels, _ = self._map_points()
+        ids, xy, records, _ = self._map_points()
         return [{"x": float(x), "y": float(y), "id": int(i), "cluster": name}
-                for i, (x, y), name in zip(ids, xy, labels, strict=True)]
+                for i, (x, y), name in zip(ids, xy, self._cluster_names(ids, records), strict=True)]
 
     def map_picture(self) -> np.ndarray:
         """The map drawn as an RGB picture, coloured by current cluster; a click on it goes to :meth:`map_point`."""
-        _, xy, labels, geometry = self._map_points()
-        return projection.draw_map(xy, labels, geometry)
+        ids, xy, records, geometry = self._map_points()
+        return projection.draw_map(xy, self._cluster_names(ids, records), geometry)
 
     def map_point(self, x: float, y: float) -> int:
         """Id of the image drawn nearest to pixel (x, y) of :meth:`map_picture`."""

@@ -100,7 +100,7 @@ def run_demo(config: DemoConfig) -> dict:
     if (run / "DONE").exists():  # a finished earlier demo: train again from scratch
         shutil.rmtree(run)
     train(TrainConfig(data=str(digits), out=str(run), classes=config.classes, time_budget=config.time_budget,
-                      seed=config.seed, resume=(run / "last.pt").exists() and not (run / "DONE").exists()))
+                      seed=config.seed, resume=(run / "last.pt").exists()))
     timings["train"] = time.perf_counter() - began
 
     began = step("3/5 twist export")

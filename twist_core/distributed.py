@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,13 +51,26 @@ def setup(device_preference: str = "auto") -> Context:
     return Context(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def teardown(together: bool = True) -> None:
-    """Leave the group; ``together`` waits for every rank first, since a rank that destroys the group while
-    a peer still talks can abort (gloo). After an error the peers may never arrive, so do not wait then."""
-    if dist.is_available() and dist.is_initialized():
-        if together:
-            dist.barrier()
+@contextlib.contextmanager
+def process_group(device_preference: str = "auto") -> Iterator[Context]:
+    """``setup`` for the body, then leave the group.
+
+    On success every rank waits at a barrier first, since a rank that destroys the group while a peer still
+    talks can abort (gloo). After an error the peers may never arrive, so it leaves without waiting.
+    """
+    try:
+        yield setup(device_preference)
+    except BaseException:
+        if _joined():
+            dist.destroy_process_group()
+        raise
+    if _joined():
+        dist.barrier()
         dist.destroy_process_group()
+
+
+def _joined() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def all_gather_objects(ctx: Context, item: Any) -> list[Any]:

@@ -297,14 +297,8 @@ def check_options(config: LabelConfig) -> None:
 
 def label_folder(config: LabelConfig) -> dict[str, Any]:
     """Label (or finish labelling) a folder in this process or under torchrun; returns the run's summary."""
-    ctx = distributed.setup("cpu")  # processes only exchange small objects: gloo is enough, GPU or not
-    try:
-        result = _label_folder(config, ctx)
-    except BaseException:
-        distributed.teardown(together=False)
-        raise
-    distributed.teardown()
-    return result
+    with distributed.process_group("cpu") as ctx:  # processes only exchange small objects: gloo is enough, GPU or not
+        return _label_folder(config, ctx)
 
 
 def _label_folder(config: LabelConfig, ctx: distributed.Context) -> dict[str, Any]:

@@ -197,14 +197,8 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a training run; returns the final epoch's metrics."""
-    ctx = distributed.setup(config.device)
-    try:
-        result = _train(config, ctx)
-    except BaseException:
-        distributed.teardown(together=False)
-        raise
-    distributed.teardown()
-    return result
+    with distributed.process_group(config.device) as ctx:
+        return _train(config, ctx)
 
 
 def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
