@@ -61,9 +61,9 @@ def prepare(work: Path, archive: Path) -> dict[str, float | Path]:
         for picture in sorted(class_dir.iterdir())[:100]:
             shutil.copy(picture, subset / class_dir.name / picture.name)
     start = time.perf_counter()
-    train(TrainConfig(data=str(subset), out=str(work / "run"), classes=10, width=8, hidden_dim=64, image_size=32,
-                      epochs=1, batch_size=64, workers=0, progress=False, checkpoint_every=0,
-                      self_label_fraction=0.0))
+    train(TrainConfig(data=str(subset), out=str(work / "run"), classes=10, backbone="resnet18", width=8,
+                      hidden_dim=64, image_size=32, epochs=1, batch_size=64, workers=0, progress=False,
+                      checkpoint_every=0, self_label_fraction=0.0))
     model = export_model(ExportConfig(run=str(work / "run"), out=str(work / "model.onnx")))
     times["train_export_s"] = time.perf_counter() - start
     start = time.perf_counter()

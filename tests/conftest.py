@@ -69,7 +69,7 @@ def shapes_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_train_config(data: Path, out: Path, **overrides):
-    """A configuration that trains in seconds on the CPU: narrow ResNet-18, small head, no workers."""
+    """A configuration that trains in seconds on the CPU: the default backbone, narrowed, small head, no workers."""
     from twist_core.train import TrainConfig
 
     settings = dict(data=str(data), out=str(out), classes=4, width=8, hidden_dim=64, image_size=32, epochs=1,

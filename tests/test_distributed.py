@@ -46,14 +46,15 @@ def test_two_processes_give_single_process_loss_and_gradients(tmp_path: Path) ->
         assert np.abs(view.grad.numpy()).max() > 1e-3  # the comparison is not between zeros
 
 
-def test_two_process_training_runs(tmp_path: Path, shapes_folder: Path) -> None:
+@pytest.mark.parametrize("backbone", ["patches", "resnet18"])
+def test_two_process_training_runs(tmp_path: Path, shapes_folder: Path, backbone: str) -> None:
     out = tmp_path / "run"
     result = torchrun(["-m", "twist_core.train", str(shapes_folder), "--out", str(out), "--classes", "4",
-                       "--width", "8", "--hidden-dim", "32", "--image-size", "32", "--epochs", "2",
-                       "--batch-size", "8", "--workers", "0", "--no-progress"])
+                       "--backbone", backbone, "--width", "8", "--hidden-dim", "32", "--image-size", "32",
+                       "--epochs", "2", "--batch-size", "8", "--workers", "0", "--no-progress"])
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2]  # one writer: rank 0
     assert metrics[-1]["step"] == 2 * (48 // 16)  # global batch 2 x 8 over 48 images
     checkpoint = torch.load(out / "last.pt", weights_only=True)
-    assert checkpoint["epoch"] == 2
+    assert checkpoint["epoch"] == 2 and checkpoint["config"]["backbone"] == backbone

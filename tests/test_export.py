@@ -70,12 +70,13 @@ def test_metadata_round_trip(exported: Path, tiny_run: Path) -> None:
 
     model = OnnxModel(exported)
     assert model.card == card and model.providers == ["CPUExecutionProvider"]
+    # The tiny run is the CPU default for 32 px images (patches): its embedding is the head's hidden layer.
     assert (model.n_classes, model.embedding_dim, model.class_names) == (4, 64, card["class_names"])
     training = json.loads((tiny_run / "config.json").read_text())
     assert card["training_config"]["image_size"] == training["image_size"] == card["input_size"] == 32
     assert card["resize_size"] == 32 and card["mean"] == [0.485, 0.456, 0.406]
     assert card["std"] == [0.229, 0.224, 0.225] and (card["channel_order"], card["layout"]) == ("RGB", "NCHW")
-    assert card["checkpoint_sha256"] and card["backbone"] == "resnet18"
+    assert card["checkpoint_sha256"] and card["backbone"] == "patches"
     assert card["parity_max_abs_diff"]["probs"] < 1e-4
 
 
@@ -130,7 +131,7 @@ def test_inference_accepts_images_paths_and_arrays(exported: Path, shapes_folder
     image = Image.open(path)
     items = [path, str(path), image, np.asarray(image.convert("RGB"))]
     probs, embeddings = model.predict(items, batch_size=3)
-    assert probs.shape == (4, 4) and embeddings.shape == (4, 64)
+    assert probs.shape == (4, 4) and embeddings.shape == (4, model.embedding_dim)
     np.testing.assert_allclose(probs, probs[[0]].repeat(4, 0), atol=1e-6)
     with pytest.raises(ValueError, match="uint8"):
         model.load(np.zeros((8, 8, 3), np.float64))

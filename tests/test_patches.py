@@ -1,0 +1,114 @@
+"""The patch-dictionary stem: the folded convolution computes the textbook encoding, and the codes are useful."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from twist_core.augment import IMAGENET_MEAN, IMAGENET_STD
+from twist_core.patches import (
+    CACHE_CHUNK,
+    PATCH,
+    POOL_GRID,
+    STRIDE,
+    THRESHOLD,
+    PatchBackbone,
+    PatchDictionaryStem,
+    learn_patch_dictionary,
+    normalise_patches,
+    region_average,
+)
+
+
+def load_folder(root: Path) -> tuple[torch.Tensor, np.ndarray]:
+    files = sorted(root.rglob("*.png"))
+    images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    labels = np.array([f.parent.name for f in files])
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels
+
+
+def normalised(images: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+def test_folded_convolution_equals_the_explicit_patch_encoding(shapes_folder: Path) -> None:
+    images, _ = load_folder(shapes_folder)
+    dictionary = learn_patch_dictionary(images, atoms=16, n_patches=5_000, iterations=3)
+    stem = PatchDictionaryStem(16)
+    stem.load_dictionary(dictionary)
+    codes = stem.code_maps(normalised(images[:4])).double()
+
+    # Textbook: every 6x6 patch -> contrast-normalise -> subtract mean -> whiten -> dot with atoms -> split.
+    patches = F.unfold(images[:4].double(), PATCH, stride=STRIDE)  # 4 x 108 x positions
+    side = (images.shape[-1] - PATCH) // STRIDE + 1
+    flat = normalise_patches(patches.transpose(1, 2).reshape(-1, patches.shape[1]))
+    response = ((flat - dictionary.patch_mean) @ dictionary.whitening) @ dictionary.atoms.T
+    expected = torch.cat([F.relu(response - THRESHOLD), F.relu(-response - THRESHOLD)], 1)
+    expected = expected.reshape(4, side, side, -1).permute(0, 3, 1, 2)
+    assert codes.shape == expected.shape == (4, 32, side, side)
+    assert torch.allclose(codes, expected, atol=2e-3, rtol=1e-3)
+    assert (codes > 0).float().mean() > 0.05  # not an all-zero encoding
+
+
+def test_dictionary_is_deterministic_and_whitens(shapes_folder: Path) -> None:
+    images, _ = load_folder(shapes_folder)
+    first = learn_patch_dictionary(images, atoms=8, seed=3, n_patches=4_000, iterations=2)
+    again = learn_patch_dictionary(images, atoms=8, seed=3, n_patches=4_000, iterations=2)
+    other = learn_patch_dictionary(images, atoms=8, seed=4, n_patches=4_000, iterations=2)
+    assert torch.equal(first.atoms, again.atoms) and not torch.equal(first.atoms, other.atoms)
+    assert torch.allclose(first.atoms.norm(dim=1), torch.ones(8, dtype=torch.float64))
+    assert torch.allclose(first.whitening, first.whitening.T)
+
+
+def test_codes_are_invariant_to_brightness_and_contrast(shapes_folder: Path) -> None:
+    images, _ = load_folder(shapes_folder)
+    stem = PatchDictionaryStem(8)
+    stem.load_dictionary(learn_patch_dictionary(images, atoms=8, n_patches=4_000, iterations=2))
+    darker = (images.float() * 0.6 + 20).round().to(torch.uint8)  # a different exposure of the same scene
+    codes, darker_codes = stem.code_maps(normalised(images)), stem.code_maps(normalised(darker))
+    change = (codes - darker_codes).abs().mean() / codes.abs().mean()
+    assert change < 0.1, change
+
+
+def test_pooled_codes_separate_shapes_that_pixels_do_not(shapes_folder: Path) -> None:
+    """Stripes at random phase and colour are far apart in pixel space but alike in a patch code."""
+    images, labels = load_folder(shapes_folder)
+    backbone = PatchBackbone(16).eval()
+    backbone.stem.load_dictionary(learn_patch_dictionary(images, atoms=16, n_patches=8_000, iterations=5))
+    backbone.norm.train()
+    with torch.no_grad():
+        backbone(normalised(images))  # BatchNorm statistics of this set
+        backbone.norm.eval()
+        features = backbone(normalised(images))
+
+    def nearest_neighbour_accuracy(vectors: torch.Tensor) -> float:
+        unit = F.normalize(vectors.double(), dim=1)
+        similarity = unit @ unit.T
+        similarity.fill_diagonal_(-2)
+        return float((labels[similarity.argmax(1).numpy()] == labels).mean())
+
+    pixels = images.flatten(1).float()
+    assert features.shape == (len(images), backbone.feature_dim)
+    assert nearest_neighbour_accuracy(features) >= 0.95
+    assert nearest_neighbour_accuracy(features) > nearest_neighbour_accuracy(pixels - pixels.mean(0))
+
+
+def test_pooled_forward_in_slices_equals_pooling_the_whole_batch(shapes_folder: Path) -> None:
+    images, _ = load_folder(shapes_folder)
+    stem = PatchDictionaryStem(8)
+    stem.load_dictionary(learn_patch_dictionary(images, atoms=8, n_patches=4_000, iterations=2))
+    batch = normalised(images[:CACHE_CHUNK + 7])  # one full slice and a partial one
+    expected = F.adaptive_avg_pool2d(stem.code_maps(batch), POOL_GRID)
+    assert torch.allclose(stem(batch), expected, atol=1e-5)
+
+
+def test_onnx_region_average_equals_adaptive_pooling() -> None:
+    maps = torch.randn(2, 5, 14, 11)
+    for grid in (1, 3, 4):
+        assert torch.allclose(region_average(maps, grid), F.adaptive_avg_pool2d(maps, grid), atol=1e-6)
