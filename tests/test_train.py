@@ -87,7 +87,7 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(straight_run: Path, sh
     result = interrupt_during_second_epoch(shapes_folder, out, signal.SIGTERM)
     assert result.returncode == 128 + signal.SIGTERM
     state = torch.load(out / "last.pt", weights_only=True)
-    state["model"]["backbone.conv1.weight"].fill_(float("nan"))  # weights gone bad: the next loss is NaN
+    state["model"]["head.mlp.0.weight"].fill_(float("nan"))  # weights gone bad: the next loss is NaN
     torch.save(state, out / "last.pt")
     before = (out / "last.pt").read_bytes()
     result = subprocess.run(train_command(shapes_folder, out, "--resume"), env=ENV, capture_output=True, text=True,
