@@ -47,3 +47,17 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: object) -> object:
+    """Neutralise a text cell that a spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@``, tab, CR).
+
+    Prefixing a quote is what OWASP recommends: the cell shows the text as written and never executes.
+    Numbers pass through unchanged, so a negative value stays a number; JSON/Parquet exports stay faithful.
+    """
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
