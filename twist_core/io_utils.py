@@ -61,3 +61,18 @@ def csv_safe(value: object) -> object:
     if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
         return "'" + value
     return value
+
+
+OUTPUT_MARKER = ".twist-output"
+
+
+def mark_output_folder(folder: str | Path) -> None:
+    """Leave a marker in a folder the project writes (run, index, thumbnails, export tree).
+
+    Folder scans skip marked folders, so an index or export placed inside the dataset root is never
+    taken for new images by ``twist index --update`` or ``twist label``.
+    """
+    marker = Path(folder) / OUTPUT_MARKER
+    if not marker.exists():
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        marker.write_text("written by twist: folder scans skip this folder\n")
