@@ -277,7 +277,7 @@ class Workspace:
 
         The geometry comes from every cached point, so it stays put while images are curated or removed.
         """
-        cache = self.state_dir / f"projection-{self.index.info.get('uid')}-gen{self.index.generation}.npz"
+        cache = self.state_dir / f"projection-gen{self.index.generation}.npz"
         ids, xy = projection.load_or_compute(cache, self.store.all_ids(), self.index.vector)
         geometry = projection.MapGeometry.around(xy)
         records = self.store.records(ids.tolist())

@@ -38,6 +38,7 @@ from twist_core.index_store import (
     read_manifest,
     write_failure,
 )
+from twist_core.io_utils import mark_output_folder
 from twist_core.label_table import FORMATS, labels_paths, read_labels
 
 
@@ -149,6 +150,7 @@ def _label_folder(folder: Path, config: IndexConfig) -> Path:
     from twist_core.label import LabelConfig, label_folder
 
     table = Path(config.out) / "labels.csv"
+    mark_output_folder(config.out)  # an index inside the folder it labels is never taken for images
     label_folder(LabelConfig(model=config.model, folder=str(folder), out=str(table)))
     return table
 
