@@ -274,7 +274,8 @@ class CurationStore:
             final = self.merged_into(target)
             chosen = sorted(wanted - {final})
             if not chosen:
-                raise CurationError("choose at least one cluster other than the target to merge")
+                raise CurationError("choose at least one cluster other than the target to merge" if final == target
+                                    else f"cluster {target} was merged into {final} already")
             marks = ",".join("?" * len(chosen))
             chained = [r[0] for r in self._query(f"SELECT cluster FROM merges WHERE into_cluster IN ({marks})",
                                                  chosen)]

@@ -126,17 +126,22 @@ def previous_lineage(out: Path) -> Lineage:
     except (ValueError, KeyError, OSError, sqlite3.Error) as error:
         raise IndexUserError(f"the index already in {out} cannot be read ({error}), so its ids cannot be kept "
                              "for its curation; move it away or choose another --out") from None
-    return Lineage(identities, {k: info[k] for k in ("uid", "next_id") if k in info}, manifest["generation"])
+    return Lineage(identities, {k: info[k] for k in ("uid", "next_id", "root") if k in info}, manifest["generation"])
 
 
 def assign_ids(rows: list[dict[str, Any]], root: Path, lineage: Lineage) -> np.ndarray:
-    """An unchanged file (same path and fingerprint) keeps its id; anything else gets a never-used one."""
-    next_id = int(lineage.info.get("next_id", 0))
+    """An unchanged file (same path and fingerprint) keeps its id; anything else gets a never-used one.
+
+    Entries of an index that predates fingerprints match by path, but only in the same folder.
+    """
+    next_id = max([int(lineage.info.get("next_id", 0)), *(i + 1 for i, _ in lineage.identities.values())])
+    unknown_matches = lineage.info.get("root") == str(root.resolve())
     ids = np.empty(len(rows), dtype=np.int64)
     for position, row in enumerate(rows):
         row["fingerprint"] = file_fingerprint(root / row["path"])
         old = lineage.identities.get(row["path"])
-        if old is not None and row["fingerprint"] is not None and old[1] in (None, row["fingerprint"]):
+        if old is not None and row["fingerprint"] is not None and (
+                old[1] == row["fingerprint"] or (old[1] is None and unknown_matches)):
             ids[position] = old[0]
         else:
             ids[position] = next_id
@@ -188,7 +193,7 @@ def build_index(config: IndexConfig) -> Path:
 
     index = build(plan, dim, n, chunks, sample, device)
     model = config.model or meta.get("model")
-    info = {**lineage.info, "root": str(Path(meta["root"]).resolve()),
+    info = {**lineage.info, "root": str(Path(meta["root"]).resolve()),  # uid and next id carried over
             "model": str(Path(model).resolve()) if model else None,
             "dim": dim, "kind": plan.kind, "metric": "cosine", "nlist": plan.nlist, "nprobe": plan.nprobe,
             "pq_m": plan.pq_m, "source": str(table.resolve())}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,27 @@ def test_rebuild_keeps_moves_and_thumbnails_on_the_same_files(dataset: dict) -> 
     assert_thumbnails_match_files(index_dir, thumbs, dataset["root"])
 
 
+def test_rebuild_over_an_index_from_before_fingerprints_matches_by_path(dataset: dict) -> None:
+    index_dir = dataset["tmp"] / "ix"
+    assert build(dataset, index_dir, dataset["numbers"]).returncode == 0
+    meta = index_dir / read_manifest(index_dir)["dir"] / META_FILE
+    with sqlite3.connect(meta) as db:  # what an index written by the previous release holds
+        db.execute("ALTER TABLE images DROP COLUMN fingerprint")
+        db.execute("DELETE FROM info WHERE key IN ('uid', 'next_id')")
+    store = open_store(index_dir, index_dir)
+    path = dataset["paths"][9]
+    store.move([ImageIndex.open(index_dir, "cpu").ids_for_paths([path])[path]], 1)
+    store.close()
+    (dataset["root"] / dataset["paths"][0]).unlink()
+    dataset["paths"].append(draw(dataset["root"], N_IMAGES))  # a new file needs an id no old one has
+    rebuilt = build(dataset, index_dir, list(range(1, N_IMAGES + 1)), table_dir="labels2")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    store = open_store(index_dir, index_dir)
+    assert [p for p, (_, status) in labels_by_path(store).items() if status == "moved"] == [path]
+    assert ImageIndex.open(index_dir, "cpu").ids_for_paths(dataset["paths"][-1:]) == {dataset["paths"][-1]: N_IMAGES}
+    store.close()
+
+
 def test_a_file_replaced_in_place_is_a_new_image(dataset: dict) -> None:
     """Same path, other picture: the move made on the old picture does not follow the path."""
     index_dir = dataset["tmp"] / "ix"
@@ -210,6 +232,15 @@ def test_index_refuses_bad_embeddings_and_keeps_the_previous_index(dataset: dict
     assert sorted(p.name for p in index_dir.iterdir() if p.name.startswith(("gen-", ".tmp"))) == [before["dir"]]
     fresh = twist("index", str(table), "--out", str(dataset["tmp"] / "new"), "--device", "cpu")
     assert fresh.returncode == 2 and not (dataset["tmp"] / "new" / "manifest.json").exists()
+
+
+def test_index_refuses_embeddings_that_the_given_model_cannot_have_made(dataset: dict) -> None:
+    model = REPO / "models" / "demo" / "model.onnx"  # the shipped demo model gives 1024-d embeddings
+    table = label_table(dataset["tmp"] / "labels", dataset["root"], dataset["paths"], embeddings(dataset["numbers"]))
+    refused = twist("index", str(table), "--model", str(model), "--out", str(dataset["tmp"] / "ix"), "--device", "cpu")
+    assert refused.returncode == 2 and "dimension 8" in refused.stderr and "1024" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert not (dataset["tmp"] / "ix" / "manifest.json").exists()
 
 
 def test_update_refuses_embeddings_whose_dimension_differs_from_the_index(dataset: dict) -> None:
