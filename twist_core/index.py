@@ -366,6 +366,17 @@ class ImageIndex:
             self._commit(mutate)
         return len(ids)
 
+    def changed_paths(self) -> set[str]:
+        """Indexed files that still exist but changed since they were indexed (another picture, same name)."""
+        with self._lock:
+            identities = self._store.identities()
+        changed = set()
+        for path, (_, fingerprint) in identities.items():
+            now = file_fingerprint(self.root / path) if fingerprint is not None else None
+            if now is not None and now != fingerprint:
+                changed.add(path)
+        return changed
+
     def remove_missing(self) -> int:
         """Drop entries whose files no longer exist under ``root``."""
         gone = [i for i, path in self._store.all_paths() if not (self.root / path).is_file()]

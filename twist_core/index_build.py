@@ -202,28 +202,35 @@ def build_index(config: IndexConfig) -> Path:
 
 
 def update_index(config: IndexConfig) -> tuple[int, int]:
-    """Drop entries whose files are gone, then add what is new; returns (added, removed)."""
+    """Drop entries whose files are gone, then add what is new or changed; returns (added, removed).
+
+    The table is checked (dimension, finite values) before anything is written.
+    """
     index = ImageIndex.open(config.out, config.device)
-    removed = index.remove_missing()
+    changed = index.changed_paths()
     if config.source:
         rows, embeddings, _ = load_labels(Path(config.source))
         if embeddings.shape[1] != index.dim:
             raise IndexUserError(f"the embeddings have dimension {embeddings.shape[1]} but the index holds "
                                  f"{index.dim}-d vectors; label with the model the index was built with")
         known = index.ids_for_paths([r["path"] for r in rows])
-        new = [i for i, row in enumerate(rows)
-               if row["path"] not in known and (index.root / row["path"]).is_file()]
-        added = len(index.add([rows[i] for i in new], np.asarray(embeddings[new]))) if new else 0
+        new = np.array([i for i, row in enumerate(rows) if (row["path"] not in known or row["path"] in changed)
+                        and (index.root / row["path"]).is_file()], dtype=np.int64)
+        vectors = np.asarray(embeddings[new])
+        require_finite(vectors, new, rows)
+        removed = index.remove_missing()
+        added = len(index.add([rows[i] for i in new], vectors)) if len(new) else 0
     else:
         model_path = config.model or index.info.get("model")
         if not model_path:
             raise IndexUserError("no model recorded in the index; give --model to embed the new images")
         from twist_core.infer import OnnxModel
 
-        known = set(index.paths())
-        new = [path for path in scan_folder(index.root) if path not in known]
-        added_ids, problems = index.add_images(OnnxModel(model_path, device=config.device), new) if new \
-            else (np.zeros(0), [])
+        model = OnnxModel(model_path, device=config.device)
+        removed = index.remove_missing()
+        known = set(index.paths()) - changed
+        new_paths = [path for path in scan_folder(index.root) if path not in known]
+        added_ids, problems = index.add_images(model, new_paths) if new_paths else (np.zeros(0), [])
         for problem in problems:
             print(f"skipped {problem}", file=sys.stderr)
         added = len(added_ids)

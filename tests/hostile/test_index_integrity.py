@@ -185,6 +185,30 @@ def test_a_file_replaced_in_place_is_a_new_image(dataset: dict) -> None:
     assert np.abs(got - colour_of(9)).max() < 12
 
 
+def test_update_takes_a_file_changed_in_place_as_a_new_image(dataset: dict) -> None:
+    index_dir = dataset["tmp"] / "ix"
+    assert build(dataset, index_dir, dataset["numbers"]).returncode == 0
+    path = dataset["paths"][4]
+    old_id = ImageIndex.open(index_dir, "cpu").ids_for_paths([path])[path]
+    store = open_store(index_dir, index_dir)
+    store.move([old_id], 0)
+    store.close()
+    Image.new("RGB", (41, 30), colour_of(11)).save(dataset["root"] / path)
+    os.utime(dataset["root"] / path, ns=(1, 1))
+    numbers = dataset["numbers"]
+    table = label_table(dataset["tmp"] / "relabel", dataset["root"], dataset["paths"], embeddings(numbers))
+    updated = twist("index", str(table), "--update", "--out", str(index_dir), "--device", "cpu")
+    assert updated.returncode == 0 and "added 1, removed 0" in updated.stdout, updated.stderr
+    index = ImageIndex.open(index_dir, "cpu")
+    new_id = index.ids_for_paths([path])[path]
+    assert new_id != old_id and index.size == N_IMAGES
+    store = open_store(index_dir, index_dir)
+    assert labels_by_path(store)[path] == (1, "predicted")
+    store.close()
+    thumbs = ThumbnailCache(index_dir / "thumbnails", owner=index.info["uid"])
+    assert np.abs(thumbnail_colour(thumbs.path(new_id, dataset["root"] / path)) - colour_of(11)).max() < 12
+
+
 def test_state_of_another_index_is_refused_and_its_thumbnails_dropped(dataset: dict) -> None:
     """A state folder kept apart from an index that was deleted and built afresh (ids start at 0 again)."""
     index_dir, state = dataset["tmp"] / "ix", dataset["tmp"] / "state"
@@ -243,15 +267,20 @@ def test_index_refuses_embeddings_that_the_given_model_cannot_have_made(dataset:
     assert not (dataset["tmp"] / "ix" / "manifest.json").exists()
 
 
-def test_update_refuses_embeddings_whose_dimension_differs_from_the_index(dataset: dict) -> None:
+def test_update_refuses_wrong_dimension_or_nan_and_changes_nothing(dataset: dict) -> None:
     index_dir = dataset["tmp"] / "ix"
     assert build(dataset, index_dir, dataset["numbers"][:6]).returncode == 0
     before = read_manifest(index_dir)
-    table = label_table(dataset["tmp"] / "wide", dataset["root"], dataset["paths"],
-                        np.hstack([embeddings(dataset["numbers"])] * 2))
-    refused = twist("index", str(table), "--update", "--out", str(index_dir), "--device", "cpu")
-    assert refused.returncode == 2 and "dimension" in refused.stderr, refused.stderr
-    assert read_manifest(index_dir) == before
+    (dataset["root"] / dataset["paths"][0]).unlink()  # a refused update must not even drop this one
+    wide = np.hstack([embeddings(dataset["numbers"])] * 2)
+    poisoned = embeddings(dataset["numbers"])
+    poisoned[8] = np.nan
+    for name, vectors in (("wide", wide), ("nan", poisoned)):
+        table = label_table(dataset["tmp"] / name, dataset["root"], dataset["paths"], vectors)
+        refused = twist("index", str(table), "--update", "--out", str(index_dir), "--device", "cpu")
+        assert refused.returncode == 2, refused.stderr
+        assert ("dimension" if name == "wide" else "non-finite") in refused.stderr
+        assert read_manifest(index_dir) == before
 
 
 @pytest.fixture(params=["file-size-limit", "full-tmpfs"])
