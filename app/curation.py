@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from twist_core.io_utils import mark_output_folder
+
 EXCLUDED = -1  # the label of an image taken out of the dataset
 ORDERS = ("confidence", "id", "path")
 
@@ -77,7 +79,7 @@ class CurationStore:
 
     def __init__(self, path: Path, meta_path: Path, default_names: Sequence[str]) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        mark_output_folder(self.path.parent)  # the app's state folder: folder scans skip it
         self.default_names = list(default_names)
         self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")

@@ -234,6 +234,8 @@ def test_index_and_thumbnail_folders_are_marked_as_outputs(dataset: dict) -> Non
     assert (index_dir / OUTPUT_MARKER).is_file()
     thumbs = ThumbnailCache(dataset["tmp"] / "state" / "thumbnails")
     assert (thumbs.folder / OUTPUT_MARKER).is_file()
+    open_store(index_dir, dataset["root"] / "state").close()  # an app state folder kept in the dataset
+    assert (dataset["root"] / "state" / OUTPUT_MARKER).is_file()
 
 
 @pytest.mark.parametrize("poison", ["nan", "inf", "dimension"])
