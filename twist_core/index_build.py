@@ -3,6 +3,11 @@
 A labels table brings its row-aligned embeddings (``T.embeddings.npy``) and the folder root (``T.meta.json``);
 a folder is labelled first with ``--model``. Rows that failed to label are skipped. Vectors are streamed
 from the memory-mapped embeddings in chunks, so the table can be larger than RAM for an IVF-PQ index.
+
+A rebuild over an existing index keeps the id of every unchanged file (path, size and modification time;
+one ``stat`` per file), so the app's curation and thumbnails, keyed by id, stay on their images. Embeddings
+holding NaN/inf or of another dimension than the model's are refused, and a full disk is one sentence:
+nothing is published unless everything was written (exit code 2 for every refusal).
 """
 
 from __future__ import annotations

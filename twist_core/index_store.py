@@ -82,13 +82,12 @@ WRITE_FAILURE_WORDS = ("No space left", "Disk quota", "File too large", "databas
 
 def write_failure(error: BaseException, where: str | Path) -> str | None:
     """One sentence for a write that failed for lack of space (OS, SQLite or FAISS wording), else None."""
-    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     if isinstance(error, OSError) and error.errno in WRITE_FAILURES:
         reason = os.strerror(error.errno)
-    elif not any(word in str(error) for word in WRITE_FAILURE_WORDS):
-        return None
     else:
-        reason = next(word for word in WRITE_FAILURE_WORDS if word in str(error))
+        reason = next((word for word in WRITE_FAILURE_WORDS if word in str(error)), None)
+        if reason is None:
+            return None
     return (f"could not write to {where} ({reason}): the disk is full or a size limit was hit; free some "
             "space and run again (the previous index is unchanged)")
 
