@@ -30,6 +30,8 @@ from twist_core.index_store import (
     IndexUserError,
     MetaStore,
     commit_generation,
+    file_fingerprint,
+    new_uid,
     read_manifest,
 )
 
@@ -89,17 +91,24 @@ class ImageIndex:
 
     @classmethod
     def create(cls, index_dir: str | Path, cpu_index: faiss.Index, rows: Sequence[dict[str, Any]],
-               info: dict[str, Any], device: str = "auto") -> ImageIndex:
-        """Publish a freshly built index whose ids are ``0..len(rows)-1`` as a new generation."""
+               info: dict[str, Any], device: str = "auto", ids: Sequence[int] | None = None,
+               expected: int | None = None) -> ImageIndex:
+        """Publish a freshly built index (ids ``0..len(rows)-1`` unless given) as a new generation.
+
+        ``expected`` is the generation a rebuild carried its ids from: it is refused if that one changed.
+        """
+        ids = list(range(len(rows))) if ids is None else [int(i) for i in ids]
+        next_id = max(int(info.get("next_id", 0)), max(ids, default=-1) + 1)
+
         def write_meta(path: Path, generation: int) -> None:
             store = MetaStore(path, readonly=False)
-            store.insert(range(len(rows)), rows)
-            store.set_info({**info, "generation": generation, "next_id": len(rows),
+            store.insert(ids, rows)
+            store.set_info({"uid": new_uid(), **info, "generation": generation, "next_id": next_id,
                             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             store.commit()
             store.close()
 
-        commit_generation(Path(index_dir), cpu_index, write_meta, expected=None)
+        commit_generation(Path(index_dir), cpu_index, write_meta, expected=expected)
         return cls.open(index_dir, device)
 
     # ---- properties
@@ -185,6 +194,9 @@ class ImageIndex:
         queries = normalized(vectors)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise IndexUserError(f"query vectors have dimension {queries.shape[-1]}, the index {self.dim}")
+        if not np.isfinite(queries).all():
+            raise IndexUserError("the vectors hold non-finite values (NaN or inf): the model that made them "
+                                 "is probably corrupted")
         return queries
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10, cluster: int | None = None) -> list[list[Hit]]:
@@ -300,6 +312,8 @@ class ImageIndex:
         A path already in the index is replaced (new vector, new id). Returns the new ids.
         """
         records = [{"path": r} if isinstance(r, str) else dict(r) for r in rows]
+        for record in records:
+            record.setdefault("fingerprint", file_fingerprint(self.root / record["path"]))
         vectors = self._queries(embeddings)
         paths = [r["path"] for r in records]
         if len(vectors) != len(records):
@@ -351,6 +365,17 @@ class ImageIndex:
 
             self._commit(mutate)
         return len(ids)
+
+    def changed_paths(self) -> set[str]:
+        """Indexed files that still exist but changed since they were indexed (another picture, same name)."""
+        with self._lock:
+            identities = self._store.identities()
+        changed = set()
+        for path, (_, fingerprint) in identities.items():
+            now = file_fingerprint(self.root / path) if fingerprint is not None else None
+            if now is not None and now != fingerprint:
+                changed.add(path)
+        return changed
 
     def remove_missing(self) -> int:
         """Drop entries whose files no longer exist under ``root``."""
