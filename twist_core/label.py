@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from twist_core import __version__, distributed
 from twist_core.config import build_config, command_parser, option
 from twist_core.folder import DEFAULT_MAX_PIXELS, ImageReadError, NoImagesError, require_images
-from twist_core.infer import OnnxModel, Preprocess, physical_cores
+from twist_core.infer import ModelOutputError, OnnxModel, Preprocess, finite_rows, physical_cores
 from twist_core.io_utils import atomic_write, atomic_write_text, file_sha256
 from twist_core.label_table import (
     COLUMNS,
@@ -47,6 +47,7 @@ __all__ = ["LabelConfig", "LabelError", "label_folder", "labels_paths", "main", 
 
 STATE = "state.json"
 FILES = "files.json"
+NON_FINITE = "the model's output is not finite (NaN or inf) for this image"
 
 
 @dataclass
@@ -181,6 +182,38 @@ def save_chunk(path: Path, errors: list[str], ok: np.ndarray, probs: np.ndarray,
     atomic_write(path, write)
 
 
+def predict_finite(model: OnnxModel, crops: np.ndarray, errors: list[str],
+                   dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and embeddings of the decoded crops; a row that is NaN/inf, or overflows the saved ``dtype``,
+    becomes an error row (``errors`` updated in place)."""
+    probs, embeddings = model.predict_arrays(model.transform.normalize(crops))
+    with np.errstate(over="ignore"):
+        finite = finite_rows(probs, embeddings.astype(dtype))
+    if not finite.all():
+        decoded = [position for position, error in enumerate(errors) if not error]
+        for row in np.flatnonzero(~finite):
+            errors[decoded[row]] = NON_FINITE
+    return probs[finite], embeddings[finite]
+
+
+@dataclass
+class OutputHealth:
+    """Counts of decoded images and NaN/inf outputs: most of them NaN means the model, not the images, is broken."""
+
+    decoded: int = 0
+    non_finite: int = 0
+
+    def add(self, errors: list[str]) -> None:
+        self.non_finite += sum(1 for error in errors if error == NON_FINITE)
+        self.decoded += sum(1 for error in errors if not error or error == NON_FINITE)
+
+    def check(self, model: str) -> None:
+        if self.non_finite and 2 * self.non_finite > self.decoded:
+            raise ModelOutputError(f"{model} gives NaN or infinite outputs for {self.non_finite} of {self.decoded} "
+                                   "images: the file is damaged (or was exported from a diverged run); export it "
+                                   "again, then label with --overwrite")
+
+
 def label_chunks(model: OnnxModel, root: Path, files: list[str], chunks: list[int], work: Path,
                  config: LabelConfig, topk: int, workers: int, show: bool) -> int:
     """Label this process's chunks in order, committing each as it completes; returns images done."""
@@ -193,15 +226,19 @@ def label_chunks(model: OnnxModel, root: Path, files: list[str], chunks: list[in
     errors: list[str] = []
     probs: list[np.ndarray] = []
     embeddings: list[np.ndarray] = []
+    health = OutputHealth()
     with tqdm(total=total, unit="img", desc="labelling", disable=not show, dynamic_ncols=True) as bar:
         for indices, crops, batch_errors in loader:
             if len(crops):
-                batch_probs, batch_embeddings = model.predict_arrays(model.transform.normalize(crops.numpy()))
+                batch_probs, batch_embeddings = predict_finite(model, crops.numpy(), batch_errors,
+                                                                   config.embedding_dtype)
                 probs.append(batch_probs)
                 embeddings.append(batch_embeddings)
             errors += batch_errors
             chunk = indices[0] // config.chunk_size
             if indices[-1] + 1 == min((chunk + 1) * config.chunk_size, len(files)):
+                health.add(errors)
+                health.check(config.model)
                 ok = np.array([not error for error in errors])
                 all_probs = np.concatenate(probs) if probs else np.zeros((0, model.n_classes), np.float32)
                 all_embeddings = (np.concatenate(embeddings) if embeddings
@@ -241,6 +278,10 @@ def merge(config: LabelConfig, model: OnnxModel, model_sha: str, root: Path, fil
     out, work = Path(config.out), work_dir(Path(config.out))
     n_chunks = -(-len(files) // config.chunk_size)
     embeddings_path, meta_path = labels_paths(out)
+    health = OutputHealth()
+    for data in iter_chunks(work, n_chunks):  # before writing anything: a broken model leaves no table
+        health.add(data["error"].tolist())
+    health.check(config.model)
 
     def write_embeddings(tmp: str) -> None:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=config.embedding_dtype,
@@ -351,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = label_folder(build_config(LabelConfig, args, args.config))
+    except ModelOutputError as error:
+        print(f"twist label: error: {error}", file=sys.stderr)
+        return 2
     except (LabelError, NoImagesError, FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"twist label: error: {error}", file=sys.stderr)
         return 1
