@@ -31,13 +31,15 @@ from twist_core import __version__, distributed
 from twist_core.config import build_config, command_parser, option
 from twist_core.folder import DEFAULT_MAX_PIXELS, ImageReadError, NoImagesError, require_images
 from twist_core.infer import ModelOutputError, OnnxModel, Preprocess, finite_rows, physical_cores
-from twist_core.io_utils import atomic_write, atomic_write_text, file_sha256
+from twist_core.io_utils import atomic_write, atomic_write_text, file_sha256, path_to_text
 from twist_core.label_table import (
     COLUMNS,
     Row,
+    WriterUnavailable,
     iter_labels,
     labels_paths,
     read_labels,
+    require_writer,
     table_format,
     write_table,
 )
@@ -85,7 +87,7 @@ def chunk_path(work: Path, chunk: int) -> Path:
 
 def run_state(config: LabelConfig, model_sha: str, root: Path, files: list[str], topk: int) -> dict[str, Any]:
     """What a resumed run must share with the one it continues."""
-    files_sha = hashlib.sha256("\n".join(files).encode()).hexdigest()
+    files_sha = hashlib.sha256("\n".join(files).encode("utf-8", "surrogateescape")).hexdigest()
     return {"model_sha256": model_sha, "root": str(root), "n_files": len(files), "files_sha256": files_sha,
             "chunk_size": config.chunk_size, "topk": topk, "embedding_dtype": config.embedding_dtype}
 
@@ -253,14 +255,15 @@ def label_chunks(model: OnnxModel, root: Path, files: list[str], chunks: list[in
 def chunk_rows(data: Any, files: list[str], start: int, class_names: list[str]) -> list[Row]:
     rows = []
     for j, error in enumerate(data["error"].tolist()):
+        path = path_to_text(files[start + j])  # a name that is not UTF-8 is written escaped, not fatal
         if error:
-            rows.append({"path": files[start + j], "cluster": None, "cluster_name": None, "confidence": None,
-                         "margin": None, "topk": None, "error": error})
+            rows.append({"path": path, "cluster": None, "cluster_name": None, "confidence": None, "margin": None,
+                         "topk": None, "error": error})
             continue
         cluster = int(data["cluster"][j])
         topk = [[int(c), round(float(p), 6)] for c, p in zip(data["topk_index"][j], data["topk_prob"][j],
                                                               strict=True)]
-        rows.append({"path": files[start + j], "cluster": cluster, "cluster_name": class_names[cluster],
+        rows.append({"path": path, "cluster": cluster, "cluster_name": class_names[cluster],
                      "confidence": round(float(data["confidence"][j]), 6),
                      "margin": round(float(data["margin"][j]), 6), "topk": json.dumps(topk), "error": ""})
     return rows
@@ -329,7 +332,7 @@ def merge(config: LabelConfig, model: OnnxModel, model_sha: str, root: Path, fil
 def check_options(config: LabelConfig) -> None:
     if not config.model or not config.folder:
         raise LabelError("give the model and the folder: twist label MODEL.onnx FOLDER --out T.csv")
-    table_format(config.out)
+    require_writer(config.out)  # before the first image: a missing writer must not waste the whole run
     if config.batch_size < 1 or config.chunk_size < 1 or config.topk < 1:
         raise LabelError("--batch-size, --chunk-size and --topk must be at least 1")
     if not Path(config.folder).is_dir():
@@ -392,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = label_folder(build_config(LabelConfig, args, args.config))
-    except ModelOutputError as error:
+    except (ModelOutputError, WriterUnavailable) as error:
         print(f"twist label: error: {error}", file=sys.stderr)
         return 2
     except (LabelError, NoImagesError, FileNotFoundError, FileExistsError, ValueError) as error:

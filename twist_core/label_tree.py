@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from twist_core.io_utils import path_from_text
 from twist_core.label_table import Row
 
 UNCERTAIN = "_uncertain"
@@ -66,9 +67,10 @@ def write_tree(tree: Path, root: Path, rows: Iterable[Row], names: dict[str, str
             continue
         uncertain = row["confidence"] is not None and row["confidence"] < min_confidence
         folder = UNCERTAIN if uncertain else class_folders[row["cluster"]]
-        target = tree / folder / names[row["path"]]
+        path = path_from_text(row["path"])
+        target = tree / folder / names[path]
         target.parent.mkdir(exist_ok=True)
-        source = (root / row["path"]).resolve()
+        source = (root / path).resolve()
         if mode == "copy":
             shutil.copy2(source, target)
         else:

@@ -6,6 +6,7 @@ Every test runs the real command in a child process (exit code and stderr are wh
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from onnx import numpy_helper
 from PIL import Image
 
 from twist_core.export import ExportConfig, export_model
+from twist_core.io_utils import path_from_text
 from twist_core.label_table import read_labels
 
 REPO = Path(__file__).resolve().parents[2]
@@ -127,3 +129,70 @@ def test_search_refuses_nan_query_instead_of_an_empty_table(model_path: Path, sh
     damaged = overwrite_weight_bytes(model_path, tmp_path / "damaged.onnx")
     broken = twist("search", index, query, "--model", damaged, "--device", "cpu")
     assert broken.returncode != 0 and "damaged" in one_error_line(broken, "search") and not broken.stdout
+
+
+ODD_NAMES = [b"caf\xe9.png", b"\xff\xfe/deep\xe9.png", b"back\\slash\\xe9.png", b"=HYPERLINK(1).png",
+             b"+plus.png", b"-minus.png", b"@at.png", b"\ttab.png", b"\rcr.png", b"'quoted.png", "été.png".encode()]
+FORMULA_CLASSES = "=SUM(1),+two,-three,@four"
+
+
+@pytest.fixture(scope="module")
+def odd_folder(shapes_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Images whose names are not UTF-8, hold backslashes, or start like spreadsheet formulas."""
+    root = tmp_path_factory.mktemp("odd") / "images"
+    sources = sorted(shapes_folder.rglob("*.png"))
+    for raw, source in zip(ODD_NAMES, sources, strict=False):
+        target = os.fsencode(root) + b"/" + raw
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(source, target)
+    return root
+
+
+@pytest.fixture(scope="module")
+def formula_model(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("formula_model") / "formula.onnx"
+    return export_model(ExportConfig(run=str(tiny_run), out=str(out), class_names=FORMULA_CLASSES))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_odd_file_names_label_and_round_trip(formula_model: Path, odd_folder: Path, tmp_path: Path,
+                                             suffix: str) -> None:
+    out = tmp_path / f"labels{suffix}"
+    tree = tmp_path / "tree"
+    result = twist("label", formula_model, odd_folder, "--out", out, "--export-tree", tree, *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows, meta = read_labels(out)
+    assert meta["errors"] == 0 and len(rows) == len(ODD_NAMES)
+    assert sorted(os.fsencode(path_from_text(row["path"])) for row in rows) == sorted(ODD_NAMES)
+    assert {row["cluster_name"] for row in rows} <= set(FORMULA_CLASSES.split(","))
+    assert all(row["path"].isprintable() or "\t" in row["path"] or "\r" in row["path"] for row in rows)
+    links = [Path(dirpath, name) for dirpath, _, names in os.walk(tree) for name in names if name != ".twist-tree"]
+    linked = {os.fsencode(link.resolve().relative_to(odd_folder.resolve())) for link in links if link.is_symlink()}
+    assert linked == set(ODD_NAMES)
+
+
+def test_labels_csv_has_no_formula_cells(formula_model: Path, odd_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "labels.csv"
+    assert twist("label", formula_model, odd_folder, "--out", out, *FAST).returncode == 0
+    with open(out, newline="", encoding="utf-8") as handle:
+        cells = [cell for row in csv.reader(handle) for cell in row]
+    assert cells and not [cell for cell in cells if cell.startswith(("=", "+", "-", "@", "\t", "\r"))]
+    assert "'=HYPERLINK(1).png" in cells and "''quoted.png" in cells
+    rows, _ = read_labels(out)  # twist's own reader undoes the quoting exactly
+    assert {"=HYPERLINK(1).png", "'quoted.png", "\ttab.png", "-minus.png"} <= {row["path"] for row in rows}
+    jsonl = tmp_path / "labels.jsonl"  # JSONL stays faithful
+    assert twist("label", formula_model, odd_folder, "--out", jsonl, *FAST).returncode == 0
+    names = {json.loads(line)["cluster_name"] for line in jsonl.read_text(encoding="utf-8").splitlines()}
+    assert names <= set(FORMULA_CLASSES.split(",")) and any(name.startswith(("=", "+", "-", "@")) for name in names)
+
+
+def test_parquet_without_pyarrow_is_refused_before_labelling(model_path: Path, shapes_folder: Path,
+                                                             tmp_path: Path) -> None:
+    out = tmp_path / "labels.parquet"
+    blocked = ("import sys; sys.modules['pyarrow'] = None; from twist_core.cli import main; "
+               "sys.exit(main(sys.argv[1:]))")
+    result = subprocess.run([sys.executable, "-c", blocked, "label", str(model_path), str(shapes_folder), "--out",
+                             str(out), *FAST], cwd=REPO, capture_output=True, text=True, timeout=300)
+    line = one_error_line(result)
+    assert result.returncode == 2 and "pyarrow" in line and ".csv" in line
+    assert not list(tmp_path.iterdir())  # no table, no work folder: nothing was labelled
