@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from twist_core.io_utils import OUTPUT_MARKER
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 SYSTEM_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx", "@eadir", "$recycle.bin", "lost+found"})
 DEFAULT_MAX_PIXELS = 100_000_000
+TREE_MARKER = ".twist-tree"  # written by ``twist label --export-tree`` before the generic marker existed
 
 # We enforce our own pixel limit (with a clear message) before decoding; PIL's global one would only warn.
 Image.MAX_IMAGE_PIXELS = None
@@ -32,10 +36,22 @@ def _is_hidden_or_system(name: str) -> bool:
     return name.startswith(".") or name.lower() in SYSTEM_NAMES
 
 
+def is_project_output(names: Iterable[str]) -> bool:
+    """Whether a folder holding these file names was written by twist (run, index, app state, export tree).
+
+    Marked folders are recognised by :data:`OUTPUT_MARKER`; older ones by the state files they hold. Their images
+    (thumbnails, curves, exported copies) must never be taken for new images of the dataset around them.
+    """
+    present = set(names)
+    return (bool(present & {OUTPUT_MARKER, TREE_MARKER, "meta.sqlite", "curation.sqlite"})
+            or {"last.pt", "config.json"} <= present)
+
+
 def scan_folder(root: str | Path) -> list[str]:
     """Relative POSIX paths of all image files below ``root``, sorted, following symlinks without looping.
 
-    Hidden and system files and folders are ignored; extensions match in any letter case.
+    Hidden and system files and folders are ignored, and so are folders twist wrote (:func:`is_project_output`);
+    extensions match in any letter case.
     """
     root = Path(root)
     if not root.is_dir():
@@ -48,8 +64,11 @@ def scan_folder(root: str | Path) -> list[str]:
             dirnames[:] = []
             continue
         seen_dirs.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden_or_system(d))
         rel_dir = os.path.relpath(dirpath, root)
+        if rel_dir != "." and is_project_output(filenames):  # the root itself is scanned as asked
+            dirnames[:] = []
+            continue
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden_or_system(d))
         for name in filenames:
             if _is_hidden_or_system(name) or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                 continue

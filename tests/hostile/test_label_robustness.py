@@ -21,7 +21,7 @@ from onnx import numpy_helper
 from PIL import Image
 
 from twist_core.export import ExportConfig, export_model
-from twist_core.io_utils import path_from_text
+from twist_core.io_utils import OUTPUT_MARKER, path_from_text
 from twist_core.label_table import read_labels
 
 REPO = Path(__file__).resolve().parents[2]
@@ -196,3 +196,30 @@ def test_parquet_without_pyarrow_is_refused_before_labelling(model_path: Path, s
     line = one_error_line(result)
     assert result.returncode == 2 and "pyarrow" in line and ".csv" in line
     assert not list(tmp_path.iterdir())  # no table, no work folder: nothing was labelled
+
+
+def test_project_outputs_inside_the_dataset_are_not_scanned(model_path: Path, shapes_folder: Path, tiny_run: Path,
+                                                            tmp_path: Path) -> None:
+    root = tmp_path / "dataset"
+    shutil.copytree(shapes_folder, root)
+    first = twist("label", model_path, root, "--out", tmp_path / "labels.csv", "--export-tree", root / "sorted",
+                  "--tree-mode", "copy", *FAST)
+    assert first.returncode == 0, first.stderr[-3000:]
+    index = twist("index", tmp_path / "labels.csv", "--model", model_path, "--out", root / "index", "--device", "cpu")
+    assert index.returncode == 0, index.stderr[-3000:]
+    shutil.copytree(tiny_run, root / "runs" / "tiny")  # a run folder: last.pt, config.json, curves.png
+    state = root / "app-state" / "thumbnails"  # the app's state: curation.sqlite and thumbnails, no marker
+    state.mkdir(parents=True)
+    (state.parent / "curation.sqlite").write_bytes(b"")
+    shutil.copy(shapes_folder / "discs" / "000.png", state / "0.png")
+    marked = root / "other-output"
+    marked.mkdir()
+    (marked / OUTPUT_MARKER).write_text("")
+    shutil.copy(shapes_folder / "discs" / "000.png", marked / "copy.png")
+    shutil.copy(model_path, root / "model.onnx")
+
+    again = twist("label", model_path, root, "--out", tmp_path / "again.csv", *FAST)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rows, _ = read_labels(tmp_path / "again.csv")
+    assert sorted(row["path"] for row in rows) == sorted(p.relative_to(shapes_folder).as_posix()
+                                                         for p in shapes_folder.rglob("*.png"))
