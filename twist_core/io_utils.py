@@ -104,3 +104,38 @@ def path_from_text(text: str) -> str:
             parts.append(text[i])
             i += 1
     return "".join(parts)
+
+
+class StagedWrites:
+    """Several outputs that appear together: each is written to a temporary file beside it, and only when all
+    are written are they renamed into place, in order (the last one is the commit). A failure midway (a full
+    disk) leaves the previous outputs as they were and no temporary file behind.
+
+    ``with StagedWrites() as stage: stage(path, write)`` where ``write(tmp_path)`` fills the temporary file.
+    """
+
+    def __init__(self) -> None:
+        self.staged: list[tuple[str, Path]] = []
+
+    def __enter__(self) -> Callable[[str | Path, Callable[[str], None]], None]:
+        return self.stage
+
+    def stage(self, path: str | Path, write: Callable[[str], None]) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        self.staged.append((tmp, path))
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: object) -> None:
+        if kind is not None:
+            for tmp, _ in self.staged:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            return
+        for tmp, path in self.staged:
+            os.replace(tmp, path)

@@ -67,6 +67,12 @@ def labels_paths(table_path: str | Path) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".embeddings.npy"), stem.with_name(stem.name + ".meta.json")
 
 
+def skipped_path(table_path: str | Path) -> Path:
+    """``T.skipped.txt`` beside ``T.csv``: one ``path<TAB>reason`` line per unreadable image or folder."""
+    table_path = Path(table_path)
+    return table_path.with_name(table_path.with_suffix("").name + ".skipped.txt")
+
+
 def _arrow_schema():
     import pyarrow as pa
 
