@@ -10,10 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from twist_core.config import add_dataclass_arguments, build_config, option
-from twist_core.folder import ImageReadError
+from twist_core.folder import ImageReadError, decode_image
 from twist_core.index import Hit, ImageIndex
 from twist_core.index_store import IndexUserError
+from twist_core.infer import finite_rows
 from twist_core.io_utils import atomic_write_text
 
 
@@ -62,9 +65,26 @@ def search(config: SearchConfig) -> list[Hit]:
             model = OnnxModel(model_path, device=config.device)
         except DeviceUnavailable as error:
             raise IndexUserError(str(error)) from None
-        return index.search_image(model, config.image, config.k, config.cluster)
+        return index.search_vectors(query_vector(model, config.image, index.dim), config.k, config.cluster)[0]
     finally:
         index.close()
+
+
+def query_vector(model: Any, image: str, dim: int) -> np.ndarray:
+    """The query image's embedding, refused when it cannot be compared (NaN/inf would match nothing)."""
+    if model.embedding_dim != dim:
+        raise IndexUserError(f"the model gives {model.embedding_dim}-d embeddings but the index holds {dim}-d "
+                             "vectors; use the model the index was built with")
+    _, embeddings = model.predict([decode_image(image)])
+    if not finite_rows(embeddings).all():
+        raise IndexUserError(f"the model {model.path} gives NaN or infinite values for {image}: the model file is "
+                             "damaged (or was exported from a diverged run); export it again")
+    return embeddings
+
+
+def no_hits_reason(config: SearchConfig) -> str:
+    where = "" if config.cluster is None else f" in cluster {config.cluster}"
+    return f"no images found{where}: the index holds no comparable vectors there"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         hits = search(config)
     except (IndexUserError, ImageReadError, ValueError, OSError) as error:
         print(f"twist search: error: {error}", file=sys.stderr)
+        return 1
+    if not hits:
+        print(f"twist search: {no_hits_reason(config)}", file=sys.stderr)
         return 1
     print(format_hits(hits))
     if config.json:
