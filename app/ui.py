@@ -64,7 +64,7 @@ def image_panel(id_elem: str, details_elem: str) -> tuple[gr.Number, gr.Image, g
     with gr.Row():
         with gr.Column(scale=1):
             image_id = gr.Number(None, precision=0, label="Image id", elem_id=id_elem)
-            picture = gr.Image(type="filepath", interactive=False, label="Image", height=220)
+            picture = gr.Image(type="pil", format="png", interactive=False, label="Image", height=220)
         with gr.Column(scale=2):
             details = gr.Markdown(elem_id=details_elem)
             plot = gr.BarPlot(x="cluster", y="probability", label="Class distribution", sort="-y")
@@ -116,11 +116,11 @@ def build_ui(ws: Workspace) -> gr.Blocks:
         return gallery, info, [r.id for r, _ in items], page
 
     @friendly
-    def select_image(image_id: int) -> tuple[str, str, pd.DataFrame, list, list[int]]:
+    def select_image(image_id: int) -> tuple[Any, str, pd.DataFrame, list, list[int]]:
         record, prediction = ws.describe(int(image_id))
         details = (f"**#{record.id}** `{record.path}`  \nlabel: {ws.store.name(record.label)} ({record.status}) · "
                    f"predicted: {ws.store.name(record.predicted)} · confidence {record.confidence or 0:.3f}")
-        return (str(ws.image_path(record)), details, *prediction_outputs(prediction))
+        return (ws.view(record), details, *prediction_outputs(prediction))
 
     @friendly
     def search_upload(path: str | None, k: int) -> tuple[pd.DataFrame, list, list[int]]:
