@@ -119,7 +119,7 @@ def test_cluster_pages_are_paged_sorted_and_filtered_on_the_server(client: Clien
     if biggest["size"] > 60:
         second, _, page = client.predict(biggest["cluster"], 1, False, 0, 1, api_name="/open_cluster")
         assert page == 1 and ids_of(second) == [h.id for h in index.records(biggest["cluster"], offset=60)]
-    with pytest.raises(Exception, match="99 is not in the list of choices"):
+    with pytest.raises(Exception, match="there is no cluster 99"):
         client.predict(99, 0, False, 0, 1, api_name="/open_cluster")
 
 
