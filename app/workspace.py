@@ -28,7 +28,7 @@ from twist_core.folder import IMAGE_EXTENSIONS, ImageReadError, decode_image
 from twist_core.index import ImageIndex
 from twist_core.index_store import META_FILE, IndexUserError, read_manifest
 from twist_core.infer import OnnxModel
-from twist_core.io_utils import mark_output_folder
+from twist_core.io_utils import csv_safe, mark_output_folder
 from twist_core.label_table import labels_paths
 
 PAGE_SIZE = 60
@@ -348,7 +348,7 @@ class Workspace:
         with open(out, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["file", "cluster", "cluster_name", "confidence", "error"])
-            writer.writerows(rows)
+            writer.writerows([csv_safe(cell) for cell in row] for row in rows)
         return out, rows
 
     def _batch_items(self, files: Sequence[str | Path]):

@@ -7,10 +7,13 @@ working folder and the temp folder. Only images may come back, and only as image
 
 from __future__ import annotations
 
+import csv
 import io
+import json
 import os
 import shutil
 import urllib.parse
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,13 +21,15 @@ import httpx
 import numpy as np
 import pytest
 from conftest import REPO, start_app_server, stop_app_server
-from gradio_client import Client
+from gradio_client import Client, handle_file
 from PIL import Image
 
 from twist_core.index import ImageIndex
 from twist_core.io_utils import OUTPUT_MARKER
 
 SCRIPT = "<script>fetch('/gradio_api/info').then(r => document.title = 'pwned')</script>"
+FORMULA_FILES = ("=2+3.png", "@SUM(A1).png", "+1.png", "-1.png")
+FORMULA_NAME = '=HYPERLINK("http://example.invalid","click")'
 SAFE_IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/gif"}
 
 
@@ -38,6 +43,8 @@ def hostile(tiny_run: Path, shapes_folder: Path, tmp_path_factory: pytest.TempPa
     base = tmp_path_factory.mktemp("hostile_app")
     images = base / "images"
     shutil.copytree(shapes_folder, images / "shapes")
+    for formula in FORMULA_FILES:  # file names a spreadsheet would run as formulas
+        shutil.copy(shapes_folder / "discs" / "000.png", images / formula)
     outside = base / "outside"  # neither the dataset, the server's working folder nor its temp folder
     outside.mkdir()
     Image.fromarray(np.full((40, 30, 3), (200, 30, 90), np.uint8)).save(outside / "far.png")
@@ -139,3 +146,34 @@ def test_the_repository_and_system_files_stay_out_of_reach(hostile: dict) -> Non
     for path in (Path("/etc/passwd"), REPO / "pyproject.toml", hostile["images"] / "shapes" / "000.png"):
         response = httpx.get(file_url(hostile, path))
         assert response.status_code in (403, 404), (path, response.status_code)
+
+
+def read_csv(path: str) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_exported_csvs_never_hold_a_formula_and_json_stays_faithful(hostile: dict, tmp_path: Path) -> None:
+    client = Client(hostile["url"], verbose=False)
+    index = ImageIndex.open(hostile["index"], "cpu")
+    cluster = index.records(None, order_by="id", limit=1)[0].cluster
+    index.close()
+    client.predict(cluster, FORMULA_NAME, api_name="/rename_cluster")
+    rows = read_csv(client.predict(api_name="/export_csv"))
+    assert {r["path"] for r in rows} >= {"'" + name for name in FORMULA_FILES}
+    assert "'" + FORMULA_NAME in {r["label_name"] for r in rows}
+    tasks_path, _ = client.predict("/data/local-files/?d=", api_name="/export_label_studio")
+    tasks = json.loads(Path(tasks_path).read_text())
+    choices = {t["predictions"][0]["result"][0]["value"]["choices"][0] for t in tasks}
+    assert FORMULA_NAME in choices  # JSON is read by programs, not spreadsheets: it keeps the name as written
+
+    bundle = tmp_path / "formulas.zip"
+    with zipfile.ZipFile(bundle, "w") as archive:
+        for name in FORMULA_FILES:
+            archive.write(hostile["images"] / name, name)
+        archive.writestr("=broken.jpg", b"not an image")
+    batch, _ = client.predict([handle_file(str(bundle))], api_name="/batch_label")
+    rows = read_csv(batch)
+    assert [r["file"] for r in rows] == ["'" + name for name in (*FORMULA_FILES, "=broken.jpg")]
+    for row in rows:
+        assert all(not cell.startswith(("=", "+", "-", "@", "\t", "\r")) for cell in row.values()), row
