@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from app.curation import EXCLUDED, Record
-from twist_core.io_utils import atomic_write
+from twist_core.io_utils import atomic_write, csv_safe
 from twist_core.label_tree import MARKER, file_names, folder_names
 
 CSV_COLUMNS = ["id", "path", "label", "label_name", "predicted", "predicted_name", "confidence", "status"]
@@ -28,15 +28,17 @@ def _text(value: int | None) -> str:
 
 
 def write_csv(records: Iterable[Record], names: dict[int, str], out: Path) -> Path:
+    """The labels table; text cells a spreadsheet would run as a formula get a leading quote (JSON keeps them)."""
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(CSV_COLUMNS)
             for r in records:
                 label = None if r.label == EXCLUDED else r.label
-                writer.writerow([r.id, r.path, _text(label), names.get(label, "") if label is not None else "",
-                                 _text(r.predicted), names.get(r.predicted, "") if r.predicted is not None else "",
-                                 "" if r.confidence is None else f"{r.confidence:.4f}", r.status])
+                row = [r.id, r.path, _text(label), names.get(label, "") if label is not None else "",
+                       _text(r.predicted), names.get(r.predicted, "") if r.predicted is not None else "",
+                       "" if r.confidence is None else f"{r.confidence:.4f}", r.status]
+                writer.writerow([csv_safe(cell) for cell in row])
 
     atomic_write(out, write)
     return out

@@ -13,9 +13,14 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from twist_core.config import build_config, command_parser, option
 
+if TYPE_CHECKING:
+    from starlette.middleware import Middleware
+
+log = logging.getLogger("twist.app")
 DEMO_DIR = Path("models") / "demo"
 DEMO_MODEL = "model.onnx"
 
@@ -103,15 +108,28 @@ def build_app(config: AppConfig):
     return workspace, demo
 
 
+def guard_middleware() -> Middleware:
+    """Serve files only from Gradio's cache (copies of what the app made), throttle failed logins."""
+    from gradio.utils import get_upload_folder
+    from starlette.middleware import Middleware
+
+    from app.guard import AppGuard, FileGuard, LoginThrottle
+
+    return Middleware(AppGuard, files=FileGuard([get_upload_folder()]), throttle=LoginThrottle())
+
+
 def launch(config: AppConfig, block: bool = True):
     """Start the server; returns (workspace, demo) when ``block`` is False (tests, benchmarks)."""
     auth = parse_auth(config.auth)
     workspace, demo = build_app(config)
+    for warning in workspace.misplaced_outputs():
+        log.warning(warning)
     if config.warm_thumbnails:
         workspace.warm_thumbnails()
     demo.launch(server_name=config.host, server_port=config.port or free_port(config.host), auth=auth,
-                allowed_paths=workspace.served_folders, max_file_size=f"{config.max_upload_mb}mb",
-                show_error=False, prevent_thread_lock=not block, inbrowser=False, quiet=not block)
+                allowed_paths=workspace.output_folders, max_file_size=f"{config.max_upload_mb}mb",
+                show_error=False, prevent_thread_lock=not block, inbrowser=False, quiet=not block,
+                app_kwargs={"middleware": [guard_middleware()]})
     return workspace, demo
 
 

@@ -46,6 +46,16 @@ def parse_ids(text: str | None) -> list[int]:
     return [int(t) for t in re.findall(r"\d+", text or "")]
 
 
+def cluster_number(value: Any, missing: str) -> int:
+    """A cluster from a dropdown or an API call; the dropdowns accept any value, so it is checked here."""
+    if value is None or value == "":
+        raise AppUserError(missing)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise AppUserError(f"{value!r} is not a cluster: choose one from the list") from None
+
+
 def distribution(ws: Workspace, probs: Any) -> pd.DataFrame:
     names = ws.names()
     top = probs.argsort()[::-1][:TOP_CLASSES]
@@ -64,7 +74,7 @@ def image_panel(id_elem: str, details_elem: str) -> tuple[gr.Number, gr.Image, g
     with gr.Row():
         with gr.Column(scale=1):
             image_id = gr.Number(None, precision=0, label="Image id", elem_id=id_elem)
-            picture = gr.Image(type="filepath", interactive=False, label="Image", height=220)
+            picture = gr.Image(type="pil", format="png", interactive=False, label="Image", height=220)
         with gr.Column(scale=2):
             details = gr.Markdown(elem_id=details_elem)
             plot = gr.BarPlot(x="cluster", y="probability", label="Class distribution", sort="-y")
@@ -104,23 +114,22 @@ def build_ui(ws: Workspace) -> gr.Blocks:
     @friendly
     def open_cluster(cluster: int, page: int, lowest_first: bool, min_conf: float,
                      max_conf: float) -> tuple[list, str, list[int], int]:
-        if cluster is None:
-            raise AppUserError("choose a cluster first")
-        items, total = ws.cluster_page(int(cluster), int(page or 0), bool(lowest_first), float(min_conf),
+        cluster = cluster_number(cluster, "choose a cluster first")
+        items, total = ws.cluster_page(cluster, int(page or 0), bool(lowest_first), float(min_conf),
                                        float(max_conf))
         pages = max(1, -(-total // PAGE_SIZE))
         page = min(max(0, int(page or 0)), pages - 1)
-        info = (f"**{ws.store.name(int(cluster))}**: {total:,} images in the confidence range · page {page + 1} "
+        info = (f"**{ws.store.name(cluster)}**: {total:,} images in the confidence range · page {page + 1} "
                 f"of {pages} · {'lowest' if lowest_first else 'highest'} confidence first")
         gallery = [(str(thumb), f"#{r.id} · {r.confidence or 0:.2f}") for r, thumb in items]
         return gallery, info, [r.id for r, _ in items], page
 
     @friendly
-    def select_image(image_id: int) -> tuple[str, str, pd.DataFrame, list, list[int]]:
+    def select_image(image_id: int) -> tuple[Any, str, pd.DataFrame, list, list[int]]:
         record, prediction = ws.describe(int(image_id))
         details = (f"**#{record.id}** `{record.path}`  \nlabel: {ws.store.name(record.label)} ({record.status}) · "
                    f"predicted: {ws.store.name(record.predicted)} · confidence {record.confidence or 0:.3f}")
-        return (str(ws.image_path(record)), details, *prediction_outputs(prediction))
+        return (ws.view(record), details, *prediction_outputs(prediction))
 
     @friendly
     def search_upload(path: str | None, k: int) -> tuple[pd.DataFrame, list, list[int]]:
@@ -132,28 +141,28 @@ def build_ui(ws: Workspace) -> gr.Blocks:
     def search_id(image_id: int, k: int) -> tuple[pd.DataFrame, list, list[int]]:
         return prediction_outputs(ws.search_id(int(image_id), int(k)))
 
+    def current_choices() -> tuple[Any, Any, Any]:
+        """The Cluster, Merge and Move dropdowns as the store is now (on each page load and after each change)."""
+        return (gr.Dropdown(choices=cluster_choices(True)), gr.Dropdown(choices=cluster_choices(False)),
+                gr.Dropdown(choices=cluster_choices(False)))
+
     def curation_result(message: str) -> tuple[str, str, Any, Any, Any]:
         history = "\n".join(f"- {line}" for line in ws.store.history()) or "no changes yet"
-        return (message, history, gr.Dropdown(choices=cluster_choices(True)),
-                gr.Dropdown(choices=cluster_choices(False)), gr.Dropdown(choices=cluster_choices(False)))
+        return (message, history, *current_choices())
 
     @friendly
     def rename_cluster(cluster: int, name: str) -> tuple:
-        if cluster is None:
-            raise AppUserError("choose a cluster first")
-        return curation_result(ws.rename(int(cluster), name))
+        return curation_result(ws.rename(cluster_number(cluster, "choose a cluster first"), name))
 
     @friendly
     def merge_clusters(sources: list[int], target: int) -> tuple:
-        if target is None:
-            raise AppUserError("choose the cluster to merge into")
-        return curation_result(ws.merge(list(sources or []), int(target)))
+        target = cluster_number(target, "choose the cluster to merge into")
+        return curation_result(ws.merge([cluster_number(s, "") for s in sources or []], target))
 
     @friendly
     def move_images(ids: str, target: int) -> tuple:
-        if target is None:
-            raise AppUserError("choose the cluster to move the images to")
-        return curation_result(ws.move(parse_ids(ids), int(target)))
+        target = cluster_number(target, "choose the cluster to move the images to")
+        return curation_result(ws.move(parse_ids(ids), target))
 
     @friendly
     def exclude_images(ids: str) -> tuple:
@@ -222,7 +231,8 @@ def build_ui(ws: Workspace) -> gr.Blocks:
                 card_ids = gr.State([])
             with gr.Tab("Cluster", id="cluster"):
                 with gr.Row():
-                    cluster = gr.Dropdown(cluster_choices(True), value=None, label="Cluster", elem_id="cluster-choice")
+                    cluster = gr.Dropdown(cluster_choices(True), value=None, label="Cluster", elem_id="cluster-choice",
+                                          allow_custom_value=True)
                     lowest_first = gr.Checkbox(False, label="Lowest confidence first (finds the mistakes)")
                     min_conf = gr.Slider(0, 1, 0, step=0.01, label="Minimum confidence")
                     max_conf = gr.Slider(0, 1, 1, step=0.01, label="Maximum confidence")
@@ -243,8 +253,8 @@ def build_ui(ws: Workspace) -> gr.Blocks:
                         new_name = gr.Textbox(label="New name for this cluster", elem_id="new-name")
                         rename = gr.Button("Rename", elem_id="rename")
                     with gr.Row():
-                        merge_sources = gr.Dropdown(cluster_choices(False), multiselect=True,
-                                                    label="Merge these clusters into this one")
+                        merge_sources = gr.Dropdown(cluster_choices(False), multiselect=True, elem_id="merge-sources",
+                                                    allow_custom_value=True, label="Merge these clusters into this one")
                         merge = gr.Button("Merge")
                     with gr.Row():
                         selection = gr.Textbox(label="Selected image ids (clicks in the gallery toggle; editable)",
@@ -256,7 +266,8 @@ def build_ui(ws: Workspace) -> gr.Blocks:
                     selection_ids = gr.State([])
                     with gr.Row():
                         selection_count = gr.Markdown("0 selected", elem_id="selection-count")
-                        move_target = gr.Dropdown(cluster_choices(False), label="Move the selection to")
+                        move_target = gr.Dropdown(cluster_choices(False), label="Move the selection to",
+                                                  elem_id="move-target", allow_custom_value=True)
                         move = gr.Button("Move")
                         exclude = gr.Button("Exclude")
                     with gr.Row():
@@ -304,6 +315,7 @@ def build_ui(ws: Workspace) -> gr.Blocks:
         # ---- wiring
         overview_io = {"inputs": [sort], "outputs": [cards, table, summary, card_ids]}
         demo.load(overview, **overview_io, api_name="overview")
+        demo.load(friendly(current_choices), None, [cluster, merge_sources, move_target], api_visibility="private")
         sort.change(overview, **overview_io, api_visibility="private")
 
         page_inputs = [cluster, page, lowest_first, min_conf, max_conf]

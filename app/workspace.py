@@ -28,11 +28,13 @@ from twist_core.folder import IMAGE_EXTENSIONS, ImageReadError, decode_image
 from twist_core.index import ImageIndex
 from twist_core.index_store import META_FILE, IndexUserError, read_manifest
 from twist_core.infer import OnnxModel
+from twist_core.io_utils import csv_safe, mark_output_folder
 from twist_core.label_table import labels_paths
 
 PAGE_SIZE = 60
 COVER_IMAGES = 4  # most confident images on a cluster's card
 MAX_BATCH_IMAGES = 2000
+VIEW_SIZE = 1024  # longest side of the picture in the detail view
 
 
 class AppUserError(Exception):
@@ -69,6 +71,7 @@ class Workspace:
             raise AppUserError(f"the model gives {self.model.embedding_dim}-d embeddings but the index holds "
                                f"{self.index.dim}-d vectors; use the model the index was built with")
         self.max_pixels = max_pixels
+        self.model_path, self.index_dir = model_path, index_dir
         self.state_dir = Path(state_dir) if state_dir else index_dir
         manifest = read_manifest(index_dir)
         if manifest["generation"] != self.index.generation:
@@ -83,6 +86,8 @@ class Workspace:
         self.covers_dir = self.state_dir / "thumbnails" / "covers"
         self.covers_dir.mkdir(parents=True, exist_ok=True)
         self.exports_dir = Path(tempfile.mkdtemp(prefix="twist-app-exports-"))
+        for folder in (self.state_dir, self.thumbnails.folder, self.exports_dir):
+            mark_output_folder(folder)
         self._stop = threading.Event()
 
     # ---- paths the server may hand out
@@ -91,9 +96,20 @@ class Workspace:
         return self.index.root
 
     @property
-    def served_folders(self) -> list[str]:
-        """The only folders the web server may serve files from: the dataset, thumbnails and exports."""
-        return [str(self.root.resolve()), str(self.thumbnails.folder.resolve()), str(self.exports_dir.resolve())]
+    def output_folders(self) -> list[str]:
+        """Folders of files the app makes (thumbnails, exports): Gradio may copy these into its cache to serve.
+
+        The dataset is not among them: pictures of it reach the browser only as images the app re-encoded.
+        """
+        return [str(self.thumbnails.folder.resolve()), str(self.exports_dir.resolve())]
+
+    def misplaced_outputs(self) -> list[str]:
+        """Warnings for the model, index or state folder inside the dataset folder (scans and curation suffer)."""
+        root = self.root.resolve()
+        places = {"index": self.index_dir, "state": self.state_dir, "model": self.model_path}
+        return [f"the {what} {path} lies under the dataset folder {root}: keep it outside, so that nothing "
+                "scans or serves it as part of the dataset" for what, path in places.items()
+                if Path(path).resolve().is_relative_to(root)]
 
     def thumbnail(self, record: Record) -> Path:
         return self.thumbnails.path(record.id, self.root / record.path)
@@ -195,6 +211,12 @@ class Workspace:
         records = self.store.records([i for i, _ in hits])
         return [Neighbour(records[i], sim, self.thumbnail(records[i])) for i, sim in hits if i in records]
 
+    def view(self, record: Record) -> Image.Image:
+        """The image for the detail view, decoded and re-encoded by the app (never its file handed out as is)."""
+        image = self._decode(self.image_path(record), draft_size=VIEW_SIZE)
+        image.thumbnail((VIEW_SIZE, VIEW_SIZE), Image.Resampling.BICUBIC)
+        return image
+
     def describe(self, image_id: int, k: int = 12) -> tuple[Record, Prediction]:
         """An indexed image: its record, the model's full class distribution and its neighbours."""
         record = self.record(image_id)
@@ -202,9 +224,9 @@ class Workspace:
         return record, Prediction(probs, self.neighbours_of(image_id, k))
 
     # ---- search
-    def _decode(self, path: str | Path) -> Image.Image:
+    def _decode(self, path: str | Path, draft_size: int | None = None) -> Image.Image:
         try:
-            return decode_image(path, self.max_pixels, draft_size=self.model.transform.resize_size)
+            return decode_image(path, self.max_pixels, draft_size=draft_size or self.model.transform.resize_size)
         except ImageReadError as error:
             raise AppUserError(f"this file cannot be used as an image: {error}") from None
 
@@ -330,7 +352,7 @@ class Workspace:
         with open(out, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["file", "cluster", "cluster_name", "confidence", "error"])
-            writer.writerows(rows)
+            writer.writerows([csv_safe(cell) for cell in row] for row in rows)
         return out, rows
 
     def _batch_items(self, files: Sequence[str | Path]):
