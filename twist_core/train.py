@@ -347,9 +347,22 @@ def _train(config: TrainConfig, ctx: distributed.Context, cleanup: contextlib.Ex
         loader = DataLoader(Subset(dataset, chosen), batch_size=batch_size, num_workers=config.workers)
         yield from (images[torch.tensor([not e for e in errors])] for _, images, errors in loader)
 
+    def decoded_batches(batches: list[list[int]]) -> Iterator[torch.Tensor]:
+        """These batches from the cache or decoded now; a file that fails now is replaced by a good image of its
+        batch, so every batch keeps its size (ranks stay in lockstep)."""
+        if cache is not None:
+            yield from (cache[torch.tensor(indices)] for indices in batches)
+            return
+        for _, images, errors in DataLoader(dataset, batch_sampler=batches, num_workers=config.workers):
+            good = [k for k, error in enumerate(errors) if not error] or list(range(len(errors)))
+            yield images[torch.tensor([k if not errors[k] else good[k % len(good)] for k in range(len(errors))])]
+
     def clean_batches():
-        """Centre crops of up to RECALIBRATION_IMAGES training images, evenly spread, this rank's share."""
-        for images in uint8_batches(spread_images(RECALIBRATION_IMAGES)[ctx.rank::ctx.world_size]):
+        """Centre crops of up to RECALIBRATION_IMAGES training images, evenly spread, in this rank's share of a
+        pass plan that makes every rank run the same number of batches of 2 or more images."""
+        chosen = spread_images(RECALIBRATION_IMAGES)
+        plan = distributed.pass_plan(len(chosen), ctx.world_size, batch_size)
+        for images in decoded_batches(plan.batches(chosen, ctx.rank, ctx.world_size)):
             batch = normalise(images.to(ctx.device), config.image_size)
             yield batch.contiguous(memory_format=torch.channels_last) if config.channels_last else batch
 
