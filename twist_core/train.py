@@ -46,6 +46,8 @@ DICTIONARY_PIXELS = 32 * 1024**2  # the patch dictionary is fitted on at most th
 # 2048/1024 -> 256 atoms, tau 1.0, MLP 1024 (0.44; tau 0.5: 0.33, 400 atoms: 0.36 at half the speed).
 PATCH_ATOMS = 256
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "lars": 1.5e-6, "adamw": 0.05}
+# Per 256 images. LARS: the paper's 0.5; AdamW: DINO's 5e-4 (0.1 makes AdamW diverge); SGD: calibrated here.
+DEFAULT_LR = {"sgd": 0.1, "lars": 0.5, "adamw": 5e-4}
 
 
 @dataclass
@@ -67,7 +69,8 @@ class TrainConfig:
                                 "256, or less for small folders so that an epoch has at least 16 steps")
     optimizer: str = option("sgd", "optimiser (SGD with Nesterov trained best in short runs here)",
                             choices=["sgd", "lars", "adamw"])
-    lr: float = option(0.1, "base learning rate per 256 images, scaled by global batch / 256")
+    lr: float | None = option(None, "base learning rate per 256 images, scaled by global batch / 256; default per "
+                                    "optimiser: sgd 0.1, lars 0.5 (the paper), adamw 5e-4")
     weight_decay: float | None = option(None, "weight decay; default per optimiser: sgd 5e-4, lars 1.5e-6, adamw 0.05")
     momentum: float = option(0.9, "momentum (SGD, LARS)")
     lars_eta: float = option(0.001, "LARS trust coefficient")
@@ -177,6 +180,8 @@ def resolve_auto(config: TrainConfig, root: Path, files: list[str], device: torc
         changes["tau"] = 1.0 if patches else 0.5
     if config.weight_decay is None:
         changes["weight_decay"] = DEFAULT_WEIGHT_DECAY[config.optimizer]
+    if config.lr is None:
+        changes["lr"] = DEFAULT_LR[config.optimizer]
     if config.workers < 0:
         changes["workers"] = min(8, os.cpu_count() or 1)
     if config.precision == "auto":
