@@ -174,9 +174,8 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
         norm.reset_running_stats()
         norm.momentum = None  # cumulative moving average over the whole pass
     model.train()
-    for batch in batches:
-        if batch.shape[0] > 1:
-            model(batch)
+    for batch in batches:  # every batch, even one of a single image: skipping one would desync SyncBatchNorm
+        model(batch)
     for norm, momentum in zip(norms, momenta, strict=True):
         norm.momentum = momentum
     model.train(was_training)
