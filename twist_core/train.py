@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from twist_core import distributed
+from twist_core.allocator import keep_freed_memory
 from twist_core.augment import BatchAugment, policy_for_size
 from twist_core.budget import fit_total_steps, parse_duration
 from twist_core.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
@@ -53,7 +54,8 @@ class TrainConfig:
     classes: int = option(10, "K, the number of classes to discover")
     backbone: str = option("auto", "auto: patches for small images (<= 64 px) on a CPU, else resnet18; patches = "
                                    "frozen patch-dictionary stem fitted on the folder (fast on CPU), or a torchvision "
-                                   "ResNet depth", choices=["auto", "patches", "resnet18", "resnet34", "resnet50"])
+                                   "ResNet depth", choices=["auto", "patches", "patches-conv", "resnet18", "resnet34",
+                                                                  "resnet50"])
     width: int = option(0, "patches: dictionary atoms; ResNet: channels of the first stage (64 = torchvision); "
                            "0 = auto: 256 atoms, or 64 channels on GPU and 16 on CPU")
     image_size: int = option(0, "training crop size in px; 0 = auto from the median image size (32/64 or 224)")
@@ -153,10 +155,10 @@ def resolve_auto(config: TrainConfig, root: Path, files: list[str], device: torc
     backbone = config.backbone
     if backbone == "auto":
         backbone = changes["backbone"] = "patches" if size <= 64 and device.type != "cuda" else "resnet18"
-    if backbone == "patches" and config.init:
+    patches = backbone.startswith("patches")
+    if patches and config.init:
         raise ConfigError("--init loads ResNet weights; the patches backbone has none: add --backbone resnet18 "
                           "(or resnet34/resnet50, as the weights are)")
-    patches = backbone == "patches"
     if config.width <= 0:
         changes["width"] = PATCH_ATOMS if patches else 64 if device.type == "cuda" else 16
     if config.hidden_dim <= 0:
@@ -581,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     args = build_parser().parse_args(argv)
     config = build_config(TrainConfig, args, args.config)
     if not config.data and not config.resume:
