@@ -38,6 +38,7 @@ from twist_core.loss import self_label_loss, twist_multicrop_loss
 from twist_core.model import ModelSpec, TwistModel, load_torchvision_weights, recalibrate_batchnorm
 from twist_core.optim import build_optimizer, learning_rate
 from twist_core.patches import PatchBackbone, learn_patch_dictionary
+from twist_core.photo_defaults import announcement, auto_backbone, auto_image_size
 
 RECALIBRATION_IMAGES = 10_000  # clean images whose BN statistics the exported model uses
 DICTIONARY_PIXELS = 32 * 1024**2  # the patch dictionary is fitted on at most this many decoded pixels (10,000 at 32 px)
@@ -52,7 +53,8 @@ class TrainConfig:
     data: str = option(None, "folder of images (searched recursively; folder names are never used as labels)")
     out: str = option("runs/twist", "run folder for config.json, metrics.jsonl, skipped.txt, checkpoints, curves.png")
     classes: int = option(10, "K, the number of classes to discover")
-    backbone: str = option("auto", "auto: patches for small images (<= 64 px) on a CPU, else resnet18; patches = "
+    backbone: str = option("auto", "auto: on a CPU, patches for small images (<= 64 px) and the measured best for "
+                                   "photos (bench/results/photos.json), else resnet18; patches = "
                                    "frozen patch-dictionary stem fitted on the folder (fast on CPU), or a torchvision "
                                    "ResNet depth", choices=["auto", "patches", "patches-conv", "resnet18", "resnet34",
                                                                   "resnet50"])
@@ -146,15 +148,19 @@ def median_image_side(root: Path, files: list[str], max_pixels: int, sample: int
 def resolve_auto(config: TrainConfig, root: Path, files: list[str], device: torch.device) -> TrainConfig:
     """Fill the ``auto`` choices from the images and the machine, so config.json records what ran."""
     changes: dict[str, Any] = {}
+    side = None
     if config.image_size <= 0:
         side = median_image_side(root, files, config.max_pixels)
-        changes["image_size"] = 16 if side <= 24 else 32 if side <= 40 else 64 if side <= 96 else 224
+        changes["image_size"] = auto_image_size(side, device)
+    elif config.backbone == "auto":
+        with contextlib.suppress(NoImagesError):  # reported with reasons once decoding fails
+            side = median_image_side(root, files, config.max_pixels)
     size = changes.get("image_size", config.image_size)
     if config.small_stem is None:
         changes["small_stem"] = size <= 64
     backbone = config.backbone
     if backbone == "auto":
-        backbone = changes["backbone"] = "patches" if size <= 64 and device.type != "cuda" else "resnet18"
+        backbone = changes["backbone"] = auto_backbone(size, side, device)
     patches = backbone.startswith("patches")
     if patches and config.init:
         raise ConfigError("--init loads ResNet weights; the patches backbone has none: add --backbone resnet18 "
@@ -254,6 +260,11 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
             raise ResumeError(f"{root} changed since the run started ({len(resumed['files'])} files then, "
                                f"{len(files)} now): start a new run instead of --resume")
     config = resolve_auto(config, root, files, ctx.device)
+    if ctx.is_main:
+        with contextlib.suppress(NoImagesError):  # unreadable files are reported while decoding
+            side = median_image_side(root, files, config.max_pixels)
+            print("\n".join(announcement(config.backbone, config.image_size, config.width, side, ctx.device)),
+                  file=sys.stderr)
     torch.manual_seed(config.seed)
 
     if ctx.is_main:
