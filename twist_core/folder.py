@@ -19,6 +19,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", 
 SYSTEM_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx", "@eadir", "$recycle.bin", "lost+found"})
 DEFAULT_MAX_PIXELS = 100_000_000
 TREE_MARKER = ".twist-tree"  # written by ``twist label --export-tree`` before the generic marker existed
+DRAFT_GAP = 2  # JPEG draft decoding keeps at least this many pixels per pixel of the size asked for
 
 # We enforce our own pixel limit (with a clear message) before decoding; PIL's global one would only warn.
 Image.MAX_IMAGE_PIXELS = None
@@ -146,7 +147,9 @@ def decode_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_s
                 if width == 0 or height == 0:
                     raise ImageReadError("image has zero width or height")
                 if draft_size and image.format == "JPEG":
-                    image.draft("RGB", (draft_size, draft_size))
+                    # DCT scaling to >= twice the size asked for, as Pillow's thumbnail does: the resize after it
+                    # still averages 2+ pixels per output pixel, so the result stays close to a full decode.
+                    image.draft("RGB", (DRAFT_GAP * draft_size, DRAFT_GAP * draft_size))
                 image.load()
                 image = ImageOps.exif_transpose(image)
                 return to_rgb(image)

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from twist_core import distributed
+from twist_core.allocator import keep_freed_memory
 from twist_core.augment import BatchAugment, policy_for_size
 from twist_core.budget import fit_total_steps, parse_duration
 from twist_core.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
@@ -38,6 +39,7 @@ from twist_core.loss import self_label_loss, twist_multicrop_loss
 from twist_core.model import ModelSpec, TwistModel, load_torchvision_weights, recalibrate_batchnorm
 from twist_core.optim import build_optimizer, learning_rate
 from twist_core.patches import PatchBackbone, learn_patch_dictionary
+from twist_core.photo_defaults import announcement, auto_backbone, auto_image_size
 
 METRICS_NAME = "metrics.jsonl"
 RECALIBRATION_IMAGES = 10_000  # clean images whose BN statistics the exported model uses
@@ -55,9 +57,11 @@ class TrainConfig:
     data: str = option(None, "folder of images (searched recursively; folder names are never used as labels)")
     out: str = option("runs/twist", "run folder for config.json, metrics.jsonl, skipped.txt, checkpoints, curves.png")
     classes: int = option(10, "K, the number of classes to discover")
-    backbone: str = option("auto", "auto: patches for small images (<= 64 px) on a CPU, else resnet18; patches = "
+    backbone: str = option("auto", "auto: on a CPU, patches for small images (<= 64 px) and the measured best for "
+                                   "photos (bench/results/photos.json), else resnet18; patches = "
                                    "frozen patch-dictionary stem fitted on the folder (fast on CPU), or a torchvision "
-                                   "ResNet depth", choices=["auto", "patches", "resnet18", "resnet34", "resnet50"])
+                                   "ResNet depth", choices=["auto", "patches", "patches-conv", "resnet18", "resnet34",
+                                                                  "resnet50"])
     width: int = option(0, "patches: dictionary atoms; ResNet: channels of the first stage (64 = torchvision); "
                            "0 = auto: 256 atoms, or 64 channels on GPU and 16 on CPU")
     image_size: int = option(0, "training crop size in px; 0 = auto from the median image size (32/64 or 224)")
@@ -159,19 +163,23 @@ def median_image_side(root: Path, files: list[str], max_pixels: int, sample: int
 def resolve_auto(config: TrainConfig, root: Path, files: list[str], device: torch.device) -> TrainConfig:
     """Fill the ``auto`` choices from the images and the machine, so config.json records what ran."""
     changes: dict[str, Any] = {}
+    side = None
     if config.image_size <= 0:
         side = median_image_side(root, files, config.max_pixels)
-        changes["image_size"] = 16 if side <= 24 else 32 if side <= 40 else 64 if side <= 96 else 224
+        changes["image_size"] = auto_image_size(side, device)
+    elif config.backbone == "auto":
+        with contextlib.suppress(NoImagesError):  # reported with reasons once decoding fails
+            side = median_image_side(root, files, config.max_pixels)
     size = changes.get("image_size", config.image_size)
     if config.small_stem is None:
         changes["small_stem"] = size <= 64
     backbone = config.backbone
     if backbone == "auto":
-        backbone = changes["backbone"] = "patches" if size <= 64 and device.type != "cuda" else "resnet18"
-    if backbone == "patches" and config.init:
+        backbone = changes["backbone"] = auto_backbone(size, side, device)
+    patches = backbone.startswith("patches")
+    if patches and config.init:
         raise ConfigError("--init loads ResNet weights; the patches backbone has none: add --backbone resnet18 "
                           "(or resnet34/resnet50, as the weights are)")
-    patches = backbone == "patches"
     if config.width <= 0:
         changes["width"] = PATCH_ATOMS if patches else 64 if device.type == "cuda" else 16
     if config.hidden_dim <= 0:
@@ -300,6 +308,11 @@ def _train(config: TrainConfig, ctx: distributed.Context, cleanup: contextlib.Ex
             raise ResumeError(f"{root} changed since the run started ({len(resumed['files'])} files then, "
                                f"{len(files)} now): start a new run instead of --resume")
     config = resolve_auto(config, root, files, ctx.device)
+    if ctx.is_main:
+        with contextlib.suppress(NoImagesError):  # unreadable files are reported while decoding
+            side = median_image_side(root, files, config.max_pixels)
+            print("\n".join(announcement(config.backbone, config.image_size, config.width, side, ctx.device)),
+                  file=sys.stderr)
     torch.manual_seed(config.seed)
 
     if ctx.is_main:
@@ -641,6 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     args = build_parser().parse_args(argv)
     config = build_config(TrainConfig, args, args.config)
     if not config.data and not config.resume:
