@@ -334,3 +334,32 @@ def test_real_full_disk_is_one_line_and_the_rerun_finishes(model_path: Path, sha
         assert len(read_labels(disk / "labels.csv")[0]) == 48
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_scan_reports_unreadable_folders_to_its_caller(shapes_folder: Path, tmp_path: Path) -> None:
+    """The interface ``twist train`` uses: ``scan_folder(root, unreadable)`` fills folder -> reason."""
+    root = tmp_path / "images"
+    shutil.copytree(shapes_folder, root)
+    (root / "a" / "b").mkdir(parents=True)
+    scan = ("import json, sys; from twist_core.folder import NoImagesError, scan_folder, skipped_lines\n"
+            "unreadable = {}\n"
+            "try:\n    files = scan_folder(sys.argv[1], unreadable)\n"
+            "except NoImagesError as error:\n    files = str(error)\n"
+            "print(json.dumps([files, skipped_lines(unreadable)]))")
+    os.chmod(root / "a" / "b", 0)
+    os.chmod(root / "stripes", 0o311)  # can be entered, not listed
+    try:
+        inner = subprocess.run([sys.executable, "-c", scan, str(root)], capture_output=True, text=True,
+                               cwd=REPO, **as_ordinary_user())
+        os.chmod(root, 0)
+        whole = subprocess.run([sys.executable, "-c", scan, str(root)], capture_output=True, text=True,
+                               cwd=REPO, **as_ordinary_user())
+    finally:
+        for folder in (root, root / "a" / "b", root / "stripes"):
+            os.chmod(folder, 0o755)
+    files, lines = json.loads(inner.stdout)
+    assert files == [f"discs/{i:03d}.png" for i in range(24)]
+    assert lines == ["a/b/\tcannot read this folder: permission denied",
+                     "stripes/\tcannot read this folder: permission denied"]
+    message, lines = json.loads(whole.stdout)
+    assert "cannot read this folder: permission denied" in message and str(root) in message and not lines
