@@ -215,8 +215,9 @@ class OutputHealth:
         self.non_finite += sum(1 for error in errors if error == NON_FINITE)
         self.decoded += sum(1 for error in errors if not error or error == NON_FINITE)
 
-    def check(self, model: str) -> None:
-        if self.non_finite and 2 * self.non_finite > self.decoded:
+    def check(self, model: str, at_least: int = 0) -> None:
+        """Refuse once more than half of at least ``at_least`` decoded images gave NaN/inf."""
+        if self.non_finite and 2 * self.non_finite > self.decoded >= at_least:
             raise ModelOutputError(f"{model} gives NaN or infinite outputs for {self.non_finite} of {self.decoded} "
                                    "images: the file is damaged (or was exported from a diverged run); export it "
                                    "again, then label with --overwrite")
@@ -246,7 +247,7 @@ def label_chunks(model: OnnxModel, root: Path, files: list[str], chunks: list[in
             chunk = indices[0] // config.chunk_size
             if indices[-1] + 1 == min((chunk + 1) * config.chunk_size, len(files)):
                 health.add(errors)
-                health.check(config.model)
+                health.check(config.model, at_least=32)  # stop early; the merge checks all images
                 ok = np.array([not error for error in errors])
                 all_probs = np.concatenate(probs) if probs else np.zeros((0, model.n_classes), np.float32)
                 all_embeddings = (np.concatenate(embeddings) if embeddings

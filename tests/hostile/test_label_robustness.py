@@ -7,9 +7,12 @@ Every test runs the real command in a child process (exit code and stderr are wh
 from __future__ import annotations
 
 import csv
+import ctypes
 import json
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -223,3 +226,140 @@ def test_project_outputs_inside_the_dataset_are_not_scanned(model_path: Path, sh
     rows, _ = read_labels(tmp_path / "again.csv")
     assert sorted(row["path"] for row in rows) == sorted(p.relative_to(shapes_folder).as_posix()
                                                          for p in shapes_folder.rglob("*.png"))
+
+
+def drop_file_permission_override() -> None:
+    """In the child: give up root's power to read any file (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), so chmod 000
+    means what it means for every other user. Dropped from the bounding set, they are gone after exec."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def as_ordinary_user() -> dict:
+    """``subprocess`` arguments that run the child without root's file-permission override (when root)."""
+    if os.geteuid() != 0:
+        return {}
+    probe = subprocess.run([sys.executable, "-c", "pass"], preexec_fn=drop_file_permission_override)
+    if probe.returncode != 0:
+        pytest.skip("running as root and the capability to read any file cannot be dropped here")
+    return {"preexec_fn": drop_file_permission_override}
+
+
+def test_unreadable_subfolder_is_listed_not_silently_skipped(model_path: Path, shapes_folder: Path,
+                                                             tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    shutil.copytree(shapes_folder, root)
+    locked = root / "locked" / "inner"
+    shutil.copytree(shapes_folder / "discs", locked)
+    out = tmp_path / "labels.csv"
+    os.chmod(locked.parent, 0)
+    try:
+        result = twist("label", model_path, root, "--out", out, *FAST, **as_ordinary_user())
+    finally:
+        os.chmod(locked.parent, 0o755)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "locked" in result.stderr and "labels.skipped.txt" in result.stderr
+    rows, meta = read_labels(out)
+    assert len(rows) == 48 and meta["unreadable_folders"] == ["locked"]
+    skipped = (tmp_path / "labels.skipped.txt").read_text().splitlines()
+    assert skipped == ["locked/\tcannot read this folder: permission denied"]
+
+
+def file_size_limit(limit: int):
+    """A ``preexec_fn``: no file of the child may grow past ``limit`` bytes (writes then fail with EFBIG)."""
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob(".*.tmp"))
+
+
+def test_full_disk_during_the_merge_fails_cleanly_and_the_rerun_resumes(model_path: Path, shapes_folder: Path,
+                                                                       tmp_path: Path) -> None:
+    reference = tmp_path / "reference.csv"
+    assert twist("label", model_path, shapes_folder, "--out", reference, *FAST).returncode == 0
+    embeddings_size = (tmp_path / "reference.embeddings.npy").stat().st_size
+    out_dir = tmp_path / "out"
+    command = ["label", model_path, shapes_folder, "--out", out_dir / "labels.csv", *FAST, "--chunk-size", "4"]
+    full = twist(*command, preexec_fn=file_size_limit(embeddings_size - 1))  # chunks fit, the embeddings do not
+    line = one_error_line(full)
+    assert full.returncode == 2 and "File too large" in line and "run the same command again" in line
+    assert sorted(p.name for p in out_dir.iterdir()) == ["labels.csv.parts"] and not leftovers(out_dir)
+    assert len(list((out_dir / "labels.csv.parts").glob("chunk-*.npz"))) == 12  # all labelling was kept
+
+    rerun = twist(*command)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert read_labels(out_dir / "labels.csv")[0] == read_labels(reference)[0]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["labels.csv", "labels.embeddings.npy", "labels.meta.json",
+                                                         "labels.skipped.txt"]
+
+
+def test_full_disk_leaves_the_previous_outputs_untouched(model_path: Path, shapes_folder: Path,
+                                                        tmp_path: Path) -> None:
+    out = tmp_path / "labels.jsonl"
+    first = twist("label", model_path, shapes_folder, "--out", out, "--embedding-dtype", "float32", *FAST)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    header = 128  # .npy header: float16 embeddings take half the data bytes of float32 ones
+    limit = (len(before["labels.embeddings.npy"]) - header) // 2 + header
+    assert len(before["labels.jsonl"]) > limit  # the new embeddings fit, the new table does not
+    full = twist("label", model_path, shapes_folder, "--out", out, "--overwrite", *FAST,
+                 preexec_fn=file_size_limit(limit))
+    assert full.returncode == 2 and "File too large" in one_error_line(full)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert after == before and not leftovers(tmp_path)
+
+
+def test_real_full_disk_is_one_line_and_the_rerun_finishes(model_path: Path, shapes_folder: Path,
+                                                          tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12k", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root); the file-size-limit tests cover the code path")
+    try:
+        command = ["label", model_path, shapes_folder, "--out", disk / "labels.csv", *FAST]
+        full = twist(*command)
+        line = one_error_line(full)
+        assert full.returncode == 2 and "No space left on device" in line and not (disk / "labels.csv").exists()
+        assert not leftovers(disk)
+        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+        rerun = twist(*command)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert len(read_labels(disk / "labels.csv")[0]) == 48
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_scan_reports_unreadable_folders_to_its_caller(shapes_folder: Path, tmp_path: Path) -> None:
+    """The interface ``twist train`` uses: ``scan_folder(root, unreadable)`` fills folder -> reason."""
+    root = tmp_path / "images"
+    shutil.copytree(shapes_folder, root)
+    (root / "a" / "b").mkdir(parents=True)
+    scan = ("import json, sys; from twist_core.folder import NoImagesError, scan_folder, skipped_lines\n"
+            "unreadable = {}\n"
+            "try:\n    files = scan_folder(sys.argv[1], unreadable)\n"
+            "except NoImagesError as error:\n    files = str(error)\n"
+            "print(json.dumps([files, skipped_lines(unreadable)]))")
+    os.chmod(root / "a" / "b", 0)
+    os.chmod(root / "stripes", 0o311)  # can be entered, not listed
+    try:
+        inner = subprocess.run([sys.executable, "-c", scan, str(root)], capture_output=True, text=True,
+                               cwd=REPO, **as_ordinary_user())
+        os.chmod(root, 0)
+        whole = subprocess.run([sys.executable, "-c", scan, str(root)], capture_output=True, text=True,
+                               cwd=REPO, **as_ordinary_user())
+    finally:
+        for folder in (root, root / "a" / "b", root / "stripes"):
+            os.chmod(folder, 0o755)
+    files, lines = json.loads(inner.stdout)
+    assert files == [f"discs/{i:03d}.png" for i in range(24)]
+    assert lines == ["a/b/\tcannot read this folder: permission denied",
+                     "stripes/\tcannot read this folder: permission denied"]
+    message, lines = json.loads(whole.stdout)
+    assert "cannot read this folder: permission denied" in message and str(root) in message and not lines
