@@ -21,7 +21,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -310,6 +310,35 @@ class CurationStore:
 
         self._change(plan)
         return len(known)
+
+    def relabel(self, action: str, moves: Mapping[int, int], renames: Mapping[int, str]) -> None:
+        """Renames and per-image moves as ONE change (one undo entry): labels made elsewhere, imported at once.
+
+        Renames are checked together (two clusters may swap names); a move's target merged away meanwhile
+        resolves to the cluster it went into; ids not in the index are the caller's to drop first.
+        """
+        renames = {self._check_cluster(c): " ".join(str(n).split()) for c, n in renames.items()}
+        moves = {int(i): (EXCLUDED if int(c) == EXCLUDED else self._check_cluster(c)) for i, c in moves.items()}
+        if any(not name for name in renames.values()):
+            raise CurationError("a cluster name cannot be empty")
+
+        def plan() -> tuple[str, dict, list]:
+            final_names = {**self.names(), **renames}
+            seen: dict[str, int] = {}
+            for cluster, name in final_names.items():
+                if name.lower() in seen:
+                    raise CurationError(f"clusters {seen[name.lower()]} and {cluster} would both be called {name!r}")
+                seen[name.lower()] = cluster
+            statements: list[tuple[str, Sequence]] = [
+                ("INSERT OR REPLACE INTO names (cluster, name) VALUES (?, ?)", (c, n)) for c, n in renames.items()]
+            final = {c: c if c == EXCLUDED else self.merged_into(c) for c in set(moves.values())}
+            statements += [("INSERT OR REPLACE INTO overrides (image_id, cluster) VALUES (?, ?)", (i, final[c]))
+                           for i, c in moves.items()]
+            previous = {"names": self._previous("names", "cluster", "name", list(renames)),
+                        "overrides": self._previous("overrides", "image_id", "cluster", list(moves))}
+            return action, previous, statements
+
+        self._change(plan)
 
     def undo(self) -> str:
         """Restore what the last change overwrote; returns its description."""

@@ -15,13 +15,14 @@ COMMANDS = {
     "search": ("twist_core.search", "find the images most similar to an image (or an indexed id)"),
     "duplicates": ("twist_core.duplicates", "list groups of near-identical images in an index"),
     "app": ("app.main", "open the web app: browse, search, curate and export the clusters"),
+    "import-labels": ("app.labelstudio", "apply the labels chosen in Label Studio (its JSON export) to the app"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:<11} {text}" for name, (_, text) in COMMANDS.items()]
+        lines = [f"  {name:<13} {text}" for name, (_, text) in COMMANDS.items()]
         print("usage: twist COMMAND [options]   (twist COMMAND --help for each)\n\ncommands:\n" + "\n".join(lines))
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module = importlib.import_module(COMMANDS[argv[0]][0])

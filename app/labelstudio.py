@@ -1,0 +1,296 @@
+"""``twist import-labels EXPORT.json --index INDEX``: bring the labels people chose in Label Studio back.
+
+It reads a Label Studio JSON export (Export > JSON) of the tasks the app exported, takes each task's latest
+annotation that was not skipped, and applies the chosen names to the curation store as moves, with the
+renames given by --rename, in ONE change: the app's Undo takes a whole import back, and the app and its
+exports see the labels at once (also while it runs: the store is one SQLite file with transactions).
+
+A task names its image by ``data.twist_id`` (the index id the export wrote), checked against its image URL,
+or else by the URL alone, whose path must end with the image's path in the index. A chosen name that matches
+no cluster is reported and left out: rename a cluster to it (in the app, or with --rename) and import again.
+The name ``excluded`` (when no cluster has it) takes an image out of the dataset, as the app's Exclude does.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from app.curation import EXCLUDED, CurationError, CurationStore
+from twist_core.config import build_config, command_parser, option
+from twist_core.index_store import META_FILE, IndexUserError, MetaStore, read_manifest
+
+EXCLUDE_NAME = "excluded"
+SHOWN = 10  # unknown images listed by name in the summary
+
+
+@dataclass
+class ImportLabelsConfig:
+    file: str = option(None, "Label Studio JSON export of the tasks (Export > JSON in the project)")
+    index: str | None = option(None, "index folder the tasks were exported from (twist index)")
+    state_dir: str | None = option(None, "folder of the curation store, as given to twist app; default: the index")
+    model: str | None = option(None, "exported model whose class names the clusters start with; default: the "
+                                     "model the index was built with")
+    rename: list[str] = field(default_factory=list, metadata={
+        "help": "CLUSTER=NAME renames a cluster (its number or current name) in the same change, e.g. to a label "
+                "name people added in Label Studio"})
+    from_name: str = option("label", "name of the Choices tag to read, as in the labelling config")
+    dry_run: bool = option(False, "report what would change and change nothing")
+
+
+class LabelImportError(Exception):
+    """The export or the options cannot be used as given; the message says why."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What one task says: the image it names (None if unknown) and the label chosen, or why there is none."""
+
+    task: str
+    image_id: int | None
+    name: str | None
+    outcome: str  # chosen, not annotated, cancelled, no single choice, unknown image
+
+
+@dataclass
+class ImportPlan:
+    """The change an import makes and what it leaves out."""
+
+    tasks: int = 0
+    moves: dict[int, int] = field(default_factory=dict)
+    renames: dict[int, str] = field(default_factory=dict)
+    unchanged: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    unknown_names: Counter = field(default_factory=Counter)
+    unknown_images: list[str] = field(default_factory=list)
+    conflicting: list[int] = field(default_factory=list)
+
+
+def load_export(path: Path) -> list[dict[str, Any]]:
+    """The tasks of a Label Studio JSON export; anything else (CSV, JSON-MIN, tasks to import) is refused."""
+    try:
+        tasks = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LabelImportError(f"no file {path}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LabelImportError(f"{path} is not JSON ({error}); export the project as JSON in Label Studio") from None
+    if not isinstance(tasks, list) or not all(isinstance(t, dict) and isinstance(t.get("data"), dict)
+                                              for t in tasks):
+        raise LabelImportError(f"{path} is not a Label Studio JSON export (a list of tasks with 'data'); "
+                               "export the project with the JSON format, not JSON-MIN or CSV")
+    if tasks and not any("annotations" in t for t in tasks):
+        raise LabelImportError(f"{path} holds tasks without annotations: it is a file to import into Label "
+                               "Studio, not an export from it")
+    return tasks
+
+
+def chosen_name(task: dict[str, Any], from_name: str) -> tuple[str | None, str]:
+    """The label of the task's latest annotation that was not skipped, or why there is none."""
+    annotations = [a for a in task.get("annotations") or [] if isinstance(a, dict)]
+    kept = [a for a in annotations if not a.get("was_cancelled")]
+    if not kept:
+        return None, "cancelled" if annotations else "not annotated"
+    latest = max(kept, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0))
+    choices = [name for result in latest.get("result") or [] if isinstance(result, dict)
+               and result.get("type") == "choices" and result.get("from_name") == from_name
+               for name in (result.get("value") or {}).get("choices") or []]
+    if len(choices) != 1 or not isinstance(choices[0], str):
+        return None, "no single choice"
+    return choices[0], "chosen"
+
+
+def url_path(url: Any) -> str | None:
+    """The file path an image URL names: the ``d`` query value of Label Studio's local files, else its path."""
+    if not isinstance(url, str) or not url:
+        return None
+    parts = urlsplit(url)
+    served = parse_qs(parts.query).get("d")
+    return (served[0] if served else unquote(parts.path)).strip("/") or None
+
+
+def names_path(url_file: str | None, path: str) -> bool:
+    return url_file is None or url_file == path or url_file.endswith("/" + path)
+
+
+def suffixes(path: str) -> list[str]:
+    """``a/b/c.png`` -> ``a/b/c.png``, ``b/c.png``, ``c.png``: the longest index path a URL may end with first."""
+    parts = path.split("/")
+    return ["/".join(parts[i:]) for i in range(len(parts))]
+
+
+def as_id(value: Any) -> Any:
+    """An index id as the export wrote it: a number, or digits in a string; anything else is kept as given."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return value
+
+
+def find_images(tasks: Sequence[dict[str, Any]], meta: MetaStore) -> list[tuple[int | None, str]]:
+    """Each task's index id (None if it names no indexed image, or an id whose path disagrees with its URL)."""
+    files = [url_path(t["data"].get("image")) for t in tasks]
+    given = [t["data"].get("twist_id") for t in tasks]
+    given = [as_id(i) for i in given]
+    ids = [i for i in given if type(i) is int]
+    paths = {i: row["path"] for i, row in meta.rows(ids).items()}
+    by_path = meta.ids_for_paths(sorted({s for f, i in zip(files, given, strict=True) if i is None and f
+                                         for s in suffixes(f)}))
+    found: list[tuple[int | None, str]] = []
+    for url_file, twist_id in zip(files, given, strict=True):
+        if twist_id is not None:
+            known = type(twist_id) is int and twist_id in paths and names_path(url_file, paths[twist_id])
+            found.append((twist_id if known else None, f"id {twist_id}" + (f" ({url_file})" if url_file else "")))
+        else:
+            hit = next((by_path[s] for s in suffixes(url_file) if s in by_path), None) if url_file else None
+            found.append((hit, url_file or "a task with no image URL"))
+    return found
+
+
+def normalized(name: str) -> str:
+    return " ".join(name.split()).lower()
+
+
+def parse_renames(values: Sequence[str], names: dict[int, str]) -> dict[int, str]:
+    """``CLUSTER=NAME`` options -> {cluster: new name}; CLUSTER is a number or a current name."""
+    by_name = {normalized(n): c for c, n in names.items()}
+    renames: dict[int, str] = {}
+    for value in values:
+        cluster, sep, name = value.partition("=")
+        cluster, name = cluster.strip(), " ".join(name.split())
+        if not sep or not cluster or not name:
+            raise LabelImportError(f"--rename expects CLUSTER=NAME, got {value!r}")
+        number = int(cluster) if cluster.isdigit() else by_name.get(normalized(cluster))
+        if number not in names:
+            raise LabelImportError(f"--rename {value!r}: there is no cluster {cluster!r}")
+        if names[number] != name:
+            renames[number] = name
+    return renames
+
+
+def name_lookup(names: dict[int, str], renames: dict[int, str]) -> dict[str, int]:
+    """Label name -> cluster after the renames; a renamed cluster's old name still finds it if no one took it."""
+    final = {**names, **renames}
+    lookup = {normalized(names[c]): c for c in renames}
+    lookup.update({normalized(n): c for c, n in final.items()})
+    if normalized(EXCLUDE_NAME) not in lookup:
+        lookup[normalized(EXCLUDE_NAME)] = EXCLUDED
+    return lookup
+
+
+def read_choices(tasks: Sequence[dict[str, Any]], meta: MetaStore, from_name: str) -> list[Choice]:
+    choices = []
+    for task, (image_id, reference) in zip(tasks, find_images(tasks, meta), strict=True):
+        name, outcome = chosen_name(task, from_name)
+        if outcome == "chosen" and image_id is None:
+            outcome = "unknown image"
+        choices.append(Choice(reference, image_id, name, outcome))
+    return choices
+
+
+def plan_import(choices: Sequence[Choice], store: CurationStore, renames: dict[int, str]) -> ImportPlan:
+    """Which images move where: one target per image (several tasks that disagree leave it alone)."""
+    plan = ImportPlan(tasks=len(choices), renames=renames)
+    lookup = name_lookup(store.names(), renames)
+    targets: dict[int, set[int]] = {}
+    for choice in choices:
+        if choice.outcome == "unknown image":
+            plan.unknown_images.append(choice.task)
+        elif choice.outcome != "chosen":
+            plan.skipped[choice.outcome] += 1
+        elif normalized(choice.name or "") not in lookup:
+            plan.unknown_names[choice.name] += 1
+        else:
+            targets.setdefault(choice.image_id, set()).add(lookup[normalized(choice.name or "")])  # type: ignore[arg-type]
+    current = store.records(list(targets))
+    for image_id, wanted in sorted(targets.items()):
+        if len(wanted) > 1:
+            plan.conflicting.append(image_id)
+            continue
+        target = wanted.pop()
+        final = target if target == EXCLUDED else store.merged_into(target)
+        if current[image_id].label == final:
+            plan.unchanged += 1
+        else:
+            plan.moves[image_id] = target
+    return plan
+
+
+def describe(plan: ImportPlan, source: str) -> str:
+    """The one-line undo-log entry of an import."""
+    parts = [f"{len(plan.moves)} label(s)"] + [f"renamed cluster {c} to {n!r}" for c, n in plan.renames.items()]
+    return f"imported from Label Studio ({source}): " + ", ".join(parts)
+
+
+def summary_lines(plan: ImportPlan, applied: bool) -> list[str]:
+    verb = "applied" if applied else "would apply (dry run)"
+    lines = [f"read {plan.tasks} task(s)",
+             f"{verb}: {len(plan.moves)} image(s) moved, {len(plan.renames)} cluster(s) renamed"
+             + (" - one change: Undo in the app takes it back" if applied and (plan.moves or plan.renames) else ""),
+             f"unchanged: {plan.unchanged} image(s) already had the chosen label",
+             "skipped: " + ", ".join(f"{plan.skipped[k]} {k}" for k in ("not annotated", "cancelled",
+                                                                         "no single choice"))]
+    if plan.conflicting:
+        lines.append(f"conflicting: {len(plan.conflicting)} image(s) given different labels by different tasks, "
+                     f"left as they were (ids {', '.join(map(str, plan.conflicting[:SHOWN]))})")
+    if plan.unknown_names:
+        names = ", ".join(f"{n!r} ({k} task(s))" for n, k in sorted(plan.unknown_names.items()))
+        lines.append(f"unknown label names, not applied: {names}; rename a cluster to such a name (in the app, "
+                     "or --rename CLUSTER=NAME) and import again")
+    shown = ", ".join(plan.unknown_images[:SHOWN]) + (", ..." if len(plan.unknown_images) > SHOWN else "")
+    lines.append(f"unknown images: {len(plan.unknown_images)}" + (f" ({shown})" if shown else ""))
+    return lines
+
+
+def open_store(config: ImportLabelsConfig) -> tuple[CurationStore, MetaStore]:
+    """The curation store the app uses for this index (same state folder), and the index's metadata."""
+    index_dir = Path(config.index or "")
+    manifest = read_manifest(index_dir)
+    meta_path = index_dir / manifest["dir"] / META_FILE
+    meta = MetaStore(meta_path)
+    model = config.model or meta.info().get("model")
+    if not model:
+        raise LabelImportError("the index records no model; give --model (the model the index was built with)")
+    from twist_core.infer import OnnxModel
+
+    names = OnnxModel(model, device="cpu").class_names
+    state_dir = Path(config.state_dir) if config.state_dir else index_dir
+    return CurationStore(state_dir / "curation.sqlite", meta_path, names), meta
+
+
+def import_labels(config: ImportLabelsConfig) -> ImportPlan:
+    """Plan the import and apply it as one change (unless a dry run, or nothing changes)."""
+    if not config.file or not config.index:
+        raise LabelImportError("give the export and the index: twist import-labels EXPORT.json --index INDEX")
+    tasks = load_export(Path(config.file))
+    store, meta = open_store(config)
+    try:
+        plan = plan_import(read_choices(tasks, meta, config.from_name), store,
+                           parse_renames(config.rename, store.names()))
+        if not config.dry_run and (plan.moves or plan.renames):
+            store.relabel(describe(plan, Path(config.file).name), plan.moves, plan.renames)
+        return plan
+    finally:
+        store.close()
+        meta.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = command_parser("twist import-labels", __doc__, ImportLabelsConfig, positional=("file",))
+    args = parser.parse_args(argv)
+    try:
+        config = build_config(ImportLabelsConfig, args, args.config)
+        plan = import_labels(config)
+    except (LabelImportError, CurationError, IndexUserError, ValueError, OSError) as error:
+        print(f"twist import-labels: error: {error}", file=sys.stderr)
+        return 2
+    print("\n".join(summary_lines(plan, applied=not config.dry_run)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
