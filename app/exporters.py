@@ -94,12 +94,26 @@ def write_zip(records: Iterable[Record], names: dict[int, str], root: Path, out:
     return out
 
 
+def image_url_prefix(url_prefix: str, dataset_root: Path | None = None) -> str:
+    """What goes before each image's dataset path in a task's URL.
+
+    Label Studio serves local files only from a storage folder strictly inside its document root, by paths
+    relative to that root. So the bare local-files prefix gets the dataset folder's name: start Label Studio
+    with LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT set to the dataset's parent folder and add the dataset folder
+    as the project's local storage. Any other prefix is used as given, ending in ``/`` (or ``=``).
+    """
+    if url_prefix == LABEL_STUDIO_PREFIX and dataset_root is not None and Path(dataset_root).name:
+        return url_prefix + quote(Path(dataset_root).name) + "/"
+    return url_prefix if not url_prefix or url_prefix.endswith(("/", "=")) else url_prefix + "/"
+
+
 def label_studio_tasks(records: Iterable[Record], names: dict[int, str], model_version: str,
-                       url_prefix: str = LABEL_STUDIO_PREFIX) -> list[dict]:
+                       url_prefix: str = LABEL_STUDIO_PREFIX, dataset_root: Path | None = None) -> list[dict]:
     """Label Studio import tasks: the image URL and the curated label as a scored prediction.
 
     A model label keeps its confidence as score; a label a person set (moved, merged) gets score 1.
     """
+    prefix = image_url_prefix(url_prefix, dataset_root)
     tasks = []
     for r in records:
         if r.label is None or r.label == EXCLUDED:
@@ -107,7 +121,7 @@ def label_studio_tasks(records: Iterable[Record], names: dict[int, str], model_v
         score = 1.0 if r.status != "predicted" else round(float(r.confidence or 0.0), 4)
         result = {"from_name": "label", "to_name": "image", "type": "choices",
                   "value": {"choices": [names.get(r.label, str(r.label))]}, "score": score}
-        tasks.append({"data": {"image": url_prefix + quote(r.path), "twist_id": r.id},
+        tasks.append({"data": {"image": prefix + quote(r.path), "twist_id": r.id},
                       "predictions": [{"model_version": model_version, "score": score, "result": [result]}]})
     return tasks
 
@@ -124,7 +138,7 @@ def _xml(text: str) -> str:
 
 
 def write_label_studio(records: Iterable[Record], names: dict[int, str], model_version: str, out: Path,
-                       url_prefix: str = LABEL_STUDIO_PREFIX) -> Path:
-    tasks = label_studio_tasks(records, names, model_version, url_prefix)
+                       url_prefix: str = LABEL_STUDIO_PREFIX, dataset_root: Path | None = None) -> Path:
+    tasks = label_studio_tasks(records, names, model_version, url_prefix, dataset_root)
     atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(tasks, indent=1) + "\n"))
     return out
