@@ -25,8 +25,9 @@ import httpx
 import pytest
 from conftest import REPO, free_port
 
-from app.curation import EXCLUDED, CurationStore
-from app.exporters import LABEL_STUDIO_PREFIX
+from app.curation import EXCLUDED, CurationStore, Record
+from app.exporters import LABEL_STUDIO_PREFIX, image_url_prefix, label_studio_tasks
+from app.labelstudio import url_path
 from twist_core.index_store import META_FILE, read_manifest
 from twist_core.infer import OnnxModel
 
@@ -222,6 +223,15 @@ def documented_task(task_id: int, data: dict, annotations: list[dict]) -> dict:
             "annotations": [{"id": task_id * 10 + n, "completed_by": 1, "was_cancelled": False,
                              "created_at": f"2026-01-0{n + 1}T00:00:00Z", "updated_at": f"2026-01-0{n + 1}T00:00:00Z",
                              "lead_time": 1.5, **a} for n, a in enumerate(annotations)]}
+
+
+def test_task_urls_quote_odd_file_names_and_lead_back_to_them() -> None:
+    record = Record(7, "odd dir/a b&c#1+2%.png", 0, 0.9, None, 0, "predicted")
+    (task,) = label_studio_tasks([record], {0: "cats"}, "v1", dataset_root=Path("/data/my photos"))
+    assert task["data"]["image"] == "/data/local-files/?d=my%20photos/odd%20dir/a%20b%26c%231%2B2%25.png"
+    assert url_path(task["data"]["image"]) == "my photos/odd dir/a b&c#1+2%.png"
+    assert image_url_prefix("/data/local-files/?d=photos") == "/data/local-files/?d=photos/"
+    assert image_url_prefix("https://files.example/images/", Path("/data/photos")) == "https://files.example/images/"
 
 
 def test_import_finds_images_by_url_and_reports_what_it_cannot_use(app_bundle: dict[str, Path],
