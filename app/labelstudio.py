@@ -207,13 +207,13 @@ def plan_import(choices: Sequence[Choice], store: CurationStore, renames: dict[i
         else:
             targets.setdefault(choice.image_id, set()).add(lookup[normalized(choice.name or "")])  # type: ignore[arg-type]
     current = store.records(list(targets))
+    final = {c: c if c == EXCLUDED else store.merged_into(c) for c in set(lookup.values())}
     for image_id, wanted in sorted(targets.items()):
         if len(wanted) > 1:
             plan.conflicting.append(image_id)
             continue
         target = wanted.pop()
-        final = target if target == EXCLUDED else store.merged_into(target)
-        if current[image_id].label == final:
+        if current[image_id].label == final[target]:
             plan.unchanged += 1
         else:
             plan.moves[image_id] = target
