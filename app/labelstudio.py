@@ -96,13 +96,20 @@ def chosen_name(task: dict[str, Any], from_name: str) -> tuple[str | None, str]:
     kept = [a for a in annotations if not a.get("was_cancelled")]
     if not kept:
         return None, "cancelled" if annotations else "not annotated"
-    latest = max(kept, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0))
-    choices = [name for result in latest.get("result") or [] if isinstance(result, dict)
-               and result.get("type") == "choices" and result.get("from_name") == from_name
-               for name in (result.get("value") or {}).get("choices") or []]
-    if len(choices) != 1 or not isinstance(choices[0], str):
+    latest = max(kept, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""),
+                                      a["id"] if type(a.get("id")) is int else -1))
+    picked = [choices_of(result) for result in latest.get("result") or []
+              if isinstance(result, dict) and result.get("type") == "choices" and result.get("from_name") == from_name]
+    names = [name for choices in picked for name in choices]
+    if len(names) != 1 or not isinstance(names[0], str):
         return None, "no single choice"
-    return choices[0], "chosen"
+    return names[0], "chosen"
+
+
+def choices_of(result: dict[str, Any]) -> list[Any]:
+    value = result.get("value")
+    choices = value.get("choices") if isinstance(value, dict) else None
+    return choices if isinstance(choices, list) else [None]  # a malformed result counts as no single choice
 
 
 def url_path(url: Any) -> str | None:

@@ -25,7 +25,7 @@ import httpx
 import pytest
 from conftest import REPO, free_port
 
-from app.curation import EXCLUDED, CurationStore, Record
+from app.curation import EXCLUDED, CurationError, CurationStore, Record
 from app.exporters import LABEL_STUDIO_PREFIX, image_url_prefix, label_studio_tasks
 from app.labelstudio import url_path
 from twist_core.index_store import META_FILE, read_manifest
@@ -251,6 +251,10 @@ def test_import_finds_images_by_url_and_reports_what_it_cannot_use(app_bundle: d
         documented_task(5, {"image": url + records[1].path}, [{"result": choices(names[0])}]),
         documented_task(6, {"image": url + records[1].path}, [{"result": choices(names[1])}]),  # conflicts with 5
         documented_task(7, {"image": url + records[2].path}, [{"result": []}]),
+        documented_task(8, {"image": url + records[2].path}, [  # malformed results are not a choice
+            {"id": "a8", "result": [{"type": "choices", "from_name": "label", "value": [names[0]]}]}]),
+        documented_task(9, {"image": url + records[2].path}, [
+            {"result": [{"type": "choices", "from_name": "label", "value": {"choices": names[0]}}]}]),
     ]
     export = tmp_path / "export.json"
     export.write_text(json.dumps(tasks))
@@ -259,7 +263,7 @@ def test_import_finds_images_by_url_and_reports_what_it_cannot_use(app_bundle: d
     assert store.history() == []
     done = import_labels(export, app_bundle, tmp_path / "state")
     assert done.returncode == 0, done.stderr
-    assert "applied: 2 image(s) moved" in done.stdout and "1 no single choice" in done.stdout
+    assert "applied: 2 image(s) moved" in done.stdout and "3 no single choice" in done.stdout
     assert f"conflicting: 1 image(s) given different labels by different tasks, left as they were " \
            f"(ids {records[1].id})" in done.stdout
     assert "unknown images: 2 (id 99999" in done.stdout and f"id {records[2].id} (" in done.stdout
@@ -268,6 +272,20 @@ def test_import_finds_images_by_url_and_reports_what_it_cannot_use(app_bundle: d
     assert after[records[3].id].label == EXCLUDED
     assert after[records[1].id].label == records[1].label and after[records[2].id].label == records[2].label
     assert len(store.history()) == 1
+    store.close()
+
+
+def test_relabel_renames_together_and_undoes_as_one(app_bundle: dict[str, Path], tmp_path: Path) -> None:
+    store = open_store(app_bundle, tmp_path / "state")
+    names = store.names()
+    first = next(store.iter_records())
+    store.relabel("swap", {first.id: 1}, {0: names[1], 1: names[0]})  # a swap is no clash once both are renamed
+    assert store.names()[0] == names[1] and store.names()[1] == names[0]
+    assert store.records([first.id])[first.id].label == 1
+    with pytest.raises(CurationError, match="would both be called"):
+        store.relabel("clash", {}, {2: names[3].upper()})
+    assert store.undo() == "swap" and store.names() == names
+    assert store.records([first.id])[first.id].status == "predicted" and store.history() == []
     store.close()
 
 
