@@ -78,7 +78,7 @@ def load_export(path: Path) -> list[dict[str, Any]]:
         tasks = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LabelImportError(f"no file {path}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise LabelImportError(f"{path} is not JSON ({error}); export the project as JSON in Label Studio") from None
     if not isinstance(tasks, list) or not all(isinstance(t, dict) and isinstance(t.get("data"), dict)
                                               for t in tasks):

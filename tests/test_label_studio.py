@@ -293,6 +293,7 @@ def test_import_refuses_bad_input_in_one_line_and_changes_nothing(app_bundle: di
                                                                   tmp_path: Path) -> None:
     state = tmp_path / "state"
     for name, text in [("not-json.json", "id,label\n1,cat\n"),
+                       ("nested.json", "[" * 100_000 + "]" * 100_000),
                        ("json-min.json", json.dumps([{"image": "/data/x.png", "label": "cat", "id": 1}])),
                        ("to-import.json", json.dumps([{"data": {"image": "/data/x.png"}, "predictions": []}]))]:
         (tmp_path / name).write_text(text)
