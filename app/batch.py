@@ -73,8 +73,12 @@ def header_pixels(item: BatchItem) -> int:
         return 0
 
 
-def check_pixel_budget(items: Sequence[BatchItem], max_pixels: int) -> None:
-    total = sum(header_pixels(item) for item in items)
+def check_pixel_budget(items: Sequence[BatchItem], max_pixels: int, max_image_pixels: int) -> None:
+    """Refuse the batch when its images, all together, hold more than ``max_pixels``.
+
+    Images over the per-image limit do not count: they are refused one by one without being decoded.
+    """
+    total = sum(p for p in map(header_pixels, items) if p <= max_image_pixels)
     if total > max_pixels:
         raise BatchUserError(f"these {len(items)} images hold {total:,} pixels in all; one batch may decode at "
                              f"most {max_pixels:,}: send fewer or smaller images")

@@ -339,7 +339,7 @@ class Workspace:
                 items = batch_items(files, zips, MAX_BATCH_IMAGES)
                 if not items:
                     raise AppUserError("upload at least one image or a zip of images")
-                check_pixel_budget(items, MAX_BATCH_PIXELS)
+                check_pixel_budget(items, MAX_BATCH_PIXELS, self.max_pixels)
             except BatchUserError as error:
                 raise AppUserError(str(error)) from None
             names = self.names()
