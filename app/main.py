@@ -159,8 +159,21 @@ def guard_middleware() -> Middleware:
     return Middleware(AppGuard, files=FileGuard([get_upload_folder()]), throttle=LoginThrottle())
 
 
+def check_options(config: AppConfig) -> None:
+    """Numbers out of range are usage errors, reported before anything slow starts."""
+    if not 0 <= config.port <= 65535:
+        raise AppUsageError(f"--port {config.port} is not a port: give 1 to 65535 (or 0 for any free port)")
+    for flag, value in (("--max-upload-mb", config.max_upload_mb), ("--max-pixels", config.max_pixels),
+                        ("--concurrency", config.concurrency), ("--queue-size", config.queue_size)):
+        if value < 1:
+            raise AppUsageError(f"{flag} {value} must be at least 1")
+    if not config.host.strip():
+        raise AppUsageError("--host must name an address, such as 127.0.0.1 or 0.0.0.0")
+
+
 def launch(config: AppConfig, block: bool = True):
     """Start the server; returns (workspace, demo) when ``block`` is False (tests, benchmarks)."""
+    check_options(config)
     auth = resolve_auth(config)
     workspace, demo = build_app(config)
     for warning in workspace.misplaced_outputs():

@@ -6,6 +6,7 @@ since any local user can read a process's command line. A client's failed logins
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -92,4 +93,15 @@ def test_bad_credentials_stop_the_start_with_one_line(args: list[str], problem: 
     result = subprocess.run([sys.executable, "-m", "twist_core.cli", "app", *args], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2 and problem in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("option, value", [("--port", "99999"), ("--port", "-1"), ("--max-upload-mb", "0"),
+                                           ("--max-pixels", "0"), ("--concurrency", "0"), ("--queue-size", "-5")])
+def test_a_bad_app_option_is_one_line_and_exit_2(option: str, value: str, tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "twist_core.cli", "app", option, value], cwd=REPO,
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TWIST_DEMO_DIR": str(tmp_path / "no-demo")})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("twist app: error:") and option in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
