@@ -1,7 +1,8 @@
 """``twist app [--model M --index INDEX]``: the web app to browse, search, curate and export the clusters.
 
-It binds 127.0.0.1 unless told otherwise, serves files only from the dataset and thumbnail folders, limits
-upload size, pixels and concurrency, and turns every problem into a sentence (never a traceback).
+It binds 127.0.0.1 unless told otherwise, serves only files it made itself (re-encoded images, exports; see
+app/guard.py), takes logins from a file or $TWIST_AUTH and slows failed ones, limits upload size, pixels and
+concurrency, and turns every problem into a sentence (never a traceback).
 """
 
 from __future__ import annotations
