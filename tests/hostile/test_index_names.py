@@ -19,7 +19,7 @@ import pytest
 from app.thumbnails import PLACEHOLDER, ThumbnailCache
 from twist_core.export import ExportConfig, export_model
 from twist_core.index import ImageIndex
-from twist_core.io_utils import path_to_text
+from twist_core.io_utils import path_from_text, path_to_text
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = ["--chunk-size", "16", "--batch-size", "8", "--workers", "0", "--no-progress"]
@@ -113,6 +113,7 @@ def test_search_by_an_odd_image_prints_its_name(indexed: dict[str, Path], tmp_pa
     assert sorted(line.split()[-1] for line in table[1:3]) == sorted(["caf\\xe9.png", accented])
     hits = json.loads(out.read_text(encoding="utf-8"))["hits"]
     assert {hits[0]["path"], hits[1]["path"]} == {"caf\\xe9.png", "été.png"}
+    assert all(Path(path_from_text(hit["abs_path"])).is_file() for hit in hits)
     by_id = twist("search", indexed["index"], "--id", str(hits[0]["id"]), "-k", "2", "--device", "cpu", env=env)
     assert by_id.returncode == 0 and len(by_id.stdout.splitlines()) == 3, by_id.stderr[-3000:]
 
