@@ -5,19 +5,28 @@ sees the same state. The index's own metadata is attached read-only, so every pa
 one SQL query over (images LEFT JOIN overrides LEFT JOIN merges): nothing loads a whole cluster.
 
 Effective label of an image = its override (a move, or ``EXCLUDED``), else the cluster its predicted
-cluster was merged into, else its predicted cluster.
+cluster was merged into, else its predicted cluster. Merges never chain: a merge re-points whatever was
+merged into its sources, and a target that was itself merged away resolves to where it went.
+
+Every change reads what it overwrites inside the same ``BEGIN IMMEDIATE`` transaction as its write, so
+concurrent users (threads of one app, or several app processes) always log the true previous state and
+undo restores exactly the state before the action it undoes. Moves are keyed by index ids, which stay with
+their files across rebuilds; the store remembers the index's uid and refuses to open for another index.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from twist_core.io_utils import mark_output_folder
 
 EXCLUDED = -1  # the label of an image taken out of the dataset
 ORDERS = ("confidence", "id", "path")
@@ -29,7 +38,10 @@ CREATE TABLE IF NOT EXISTS overrides (image_id INTEGER PRIMARY KEY, cluster INTE
 CREATE INDEX IF NOT EXISTS overrides_cluster ON overrides (cluster);
 CREATE TABLE IF NOT EXISTS undo_log (seq INTEGER PRIMARY KEY AUTOINCREMENT, action TEXT NOT NULL,
                                      at TEXT NOT NULL, previous TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS binding (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+UNDO_TABLES = {"names": ("cluster", "name"), "merges": ("cluster", "into_cluster"),
+               "overrides": ("image_id", "cluster")}
 
 # The effective label as an SQL expression over images i, overrides o, merges m.
 LABEL_SQL = "COALESCE(o.cluster, m.into_cluster, i.cluster)"
@@ -67,14 +79,38 @@ class CurationStore:
 
     def __init__(self, path: Path, meta_path: Path, default_names: Sequence[str]) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        mark_output_folder(self.path.parent)  # the app's state folder: folder scans skip it
         self.default_names = list(default_names)
         self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
         uri = f"file:{Path(meta_path).resolve()}?mode=ro"
         self._db.execute("ATTACH DATABASE ? AS idx", (uri,))
-        self._lock = threading.Lock()  # one connection shared by the server's worker threads
+        self._lock = threading.RLock()  # one connection shared by the server's worker threads
+        self._bind_to_index()
+
+    def _index_uid(self) -> str | None:
+        found = self._query("SELECT value FROM idx.info WHERE key = 'uid'")
+        return json.loads(found[0][0]) if found else None
+
+    def _holds_moves(self) -> bool:
+        """Whether anything here is keyed by image id (a move, or an undo entry that restores one)."""
+        if self._query("SELECT 1 FROM overrides LIMIT 1"):
+            return True
+        return any(json.loads(previous).get("overrides") for (previous,) in
+                   self._query("SELECT previous FROM undo_log WHERE previous LIKE '%overrides%'"))
+
+    def _bind_to_index(self) -> None:
+        """Remember which index the ids belong to; refuse a store whose moves were made on another index."""
+        uid = self._index_uid()
+        if uid is None:  # an index written before uids existed
+            return
+        with self._transaction():
+            bound = self._query("SELECT value FROM binding WHERE key = 'index_uid'")
+            if bound and bound[0][0] != uid and self._holds_moves():
+                raise CurationError(f"{self.path} holds curation made for another index, whose image ids name "
+                                    "other images; open it with that index, or use a new --state-dir")
+            self._db.execute("INSERT OR REPLACE INTO binding (key, value) VALUES ('index_uid', ?)", (uid,))
 
     def close(self) -> None:
         self._db.close()
@@ -182,20 +218,28 @@ class CurationStore:
             raise CurationError(f"there is no cluster {cluster} (clusters are 0 to {self.n_clusters - 1})")
         return cluster
 
-    def _change(self, action: str, previous: dict[str, dict[str, Any]], statements: list[tuple[str, Sequence]]
-                ) -> None:
-        """Run ``statements`` and log what they overwrite, all in one transaction."""
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """``BEGIN IMMEDIATE`` takes the write lock first, so what is read inside is what gets overwritten."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for sql, params in statements:
-                    self._db.execute(sql, params)
-                self._db.execute("INSERT INTO undo_log (action, at, previous) VALUES (?, ?, ?)",
-                                 (action, time.strftime("%Y-%m-%d %H:%M:%S"), json.dumps(previous)))
+                yield
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite may already have rolled back (disk full, ...)
+                    self._db.execute("ROLLBACK")
                 raise
+
+    def _change(self, plan: Callable[[], tuple[str, dict[str, dict[str, Any]], list[tuple[str, Sequence]]]]
+                ) -> None:
+        """Read with ``plan()`` (action, what will be overwritten, statements), write and log it: one transaction."""
+        with self._transaction():
+            action, previous, statements = plan()
+            for sql, params in statements:
+                self._db.execute(sql, params)
+            self._db.execute("INSERT INTO undo_log (action, at, previous) VALUES (?, ?, ?)",
+                             (action, time.strftime("%Y-%m-%d %H:%M:%S"), json.dumps(previous)))
 
     def _previous(self, table: str, key: str, value: str, keys: Sequence[int]) -> dict[str, Any]:
         found = {}
@@ -209,70 +253,78 @@ class CurationStore:
         cluster, name = self._check_cluster(cluster), " ".join(str(name).split())
         if not name:
             raise CurationError("a cluster name cannot be empty")
-        clash = [c for c, n in self.names().items() if n.lower() == name.lower() and c != cluster]
-        if clash:
-            raise CurationError(f"cluster {clash[0]} is already called {name!r}")
-        old = self.name(cluster)
-        self._change(f"renamed cluster {cluster} from {old!r} to {name!r}",
-                     {"names": self._previous("names", "cluster", "name", [cluster])},
-                     [("INSERT OR REPLACE INTO names (cluster, name) VALUES (?, ?)", (cluster, name))])
+
+        def plan() -> tuple[str, dict, list]:
+            clash = [c for c, n in self.names().items() if n.lower() == name.lower() and c != cluster]
+            if clash:
+                raise CurationError(f"cluster {clash[0]} is already called {name!r}")
+            return (f"renamed cluster {cluster} from {self.name(cluster)!r} to {name!r}",
+                    {"names": self._previous("names", "cluster", "name", [cluster])},
+                    [("INSERT OR REPLACE INTO names (cluster, name) VALUES (?, ?)", (cluster, name))])
+
+        self._change(plan)
 
     def merge(self, sources: Sequence[int], target: int) -> None:
-        """Merge ``sources`` into ``target``: their images (and anything moved into them) take its label."""
+        """Merge ``sources`` into ``target``: their images (and anything moved into them) take its label.
+
+        A target merged away meanwhile (by another user) resolves to the cluster it went into.
+        """
         target = self._check_cluster(target)
-        sources = sorted({self._check_cluster(s) for s in sources} - {target})
-        if not sources:
-            raise CurationError("choose at least one cluster other than the target to merge")
-        if self.merged_into(target) != target:
-            raise CurationError(f"cluster {target} was merged into {self.merged_into(target)}; merge into that")
-        chained = [r[0] for r in self._query(
-            f"SELECT cluster FROM merges WHERE into_cluster IN ({','.join('?' * len(sources))})", sources)]
-        merged = sorted(set(sources) | set(chained))
-        moved = [r[0] for r in self._query(
-            f"SELECT image_id FROM overrides WHERE cluster IN ({','.join('?' * len(sources))})", sources)]
-        previous = {"merges": self._previous("merges", "cluster", "into_cluster", merged),
-                    "overrides": self._previous("overrides", "image_id", "cluster", moved)}
-        statements: list[tuple[str, Sequence]] = [
-            ("INSERT OR REPLACE INTO merges (cluster, into_cluster) VALUES (?, ?)", (c, target)) for c in merged]
-        statements += [("UPDATE overrides SET cluster = ? WHERE image_id = ?", (target, i)) for i in moved]
-        names = ", ".join(self.name(s) for s in sources)
-        self._change(f"merged {names} into {self.name(target)}", previous, statements)
+        wanted = {self._check_cluster(s) for s in sources}
+
+        def plan() -> tuple[str, dict, list]:
+            final = self.merged_into(target)
+            chosen = sorted(wanted - {final})
+            if not chosen:
+                raise CurationError("choose at least one cluster other than the target to merge" if final == target
+                                    else f"cluster {target} was merged into {final} already")
+            marks = ",".join("?" * len(chosen))
+            chained = [r[0] for r in self._query(f"SELECT cluster FROM merges WHERE into_cluster IN ({marks})",
+                                                 chosen)]
+            merged = sorted(set(chosen) | set(chained))
+            moved = [r[0] for r in self._query(f"SELECT image_id FROM overrides WHERE cluster IN ({marks})", chosen)]
+            previous = {"merges": self._previous("merges", "cluster", "into_cluster", merged),
+                        "overrides": self._previous("overrides", "image_id", "cluster", moved)}
+            statements: list[tuple[str, Sequence]] = [
+                ("INSERT OR REPLACE INTO merges (cluster, into_cluster) VALUES (?, ?)", (c, final)) for c in merged]
+            statements += [("UPDATE overrides SET cluster = ? WHERE image_id = ?", (final, i)) for i in moved]
+            names = ", ".join(self.name(s) for s in chosen)
+            return f"merged {names} into {self.name(final)}", previous, statements
+
+        self._change(plan)
 
     def move(self, ids: Sequence[int], target: int) -> int:
         """Move images to cluster ``target`` (or ``EXCLUDED``); returns how many exist and were moved."""
-        target = EXCLUDED if int(target) == EXCLUDED else self.merged_into(self._check_cluster(target))
-        known = sorted(self.records(list({int(i) for i in ids})))
+        wanted = EXCLUDED if int(target) == EXCLUDED else self._check_cluster(target)
+        known = sorted(self.records(list({int(i) for i in ids})))  # the index is read-only: no race here
         if not known:
             raise CurationError("no images selected (or none of the given ids is in the index)")
-        statements = [("INSERT OR REPLACE INTO overrides (image_id, cluster) VALUES (?, ?)", (i, target))
-                      for i in known]
-        verb = "excluded" if target == EXCLUDED else f"moved to {self.name(target)}"
-        self._change(f"{verb}: {len(known)} image(s)",
-                     {"overrides": self._previous("overrides", "image_id", "cluster", known)}, statements)
+
+        def plan() -> tuple[str, dict, list]:
+            final = EXCLUDED if wanted == EXCLUDED else self.merged_into(wanted)
+            statements = [("INSERT OR REPLACE INTO overrides (image_id, cluster) VALUES (?, ?)", (i, final))
+                          for i in known]
+            verb = "excluded" if final == EXCLUDED else f"moved to {self.name(final)}"
+            return (f"{verb}: {len(known)} image(s)",
+                    {"overrides": self._previous("overrides", "image_id", "cluster", known)}, statements)
+
+        self._change(plan)
         return len(known)
 
     def undo(self) -> str:
         """Restore what the last change overwrote; returns its description."""
-        with self._lock:
+        with self._transaction():
             last = self._db.execute("SELECT seq, action, previous FROM undo_log ORDER BY seq DESC LIMIT 1").fetchone()
             if last is None:
                 raise CurationError("nothing to undo")
             seq, action, previous = last
-            tables = {"names": ("cluster", "name"), "merges": ("cluster", "into_cluster"),
-                      "overrides": ("image_id", "cluster")}
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for table, values in json.loads(previous).items():
-                    key, column = tables[table]
-                    for k, v in values.items():
-                        if v is None:
-                            self._db.execute(f"DELETE FROM {table} WHERE {key} = ?", (int(k),))
-                        else:
-                            self._db.execute(f"INSERT OR REPLACE INTO {table} ({key}, {column}) VALUES (?, ?)",
-                                             (int(k), v))
-                self._db.execute("DELETE FROM undo_log WHERE seq = ?", (seq,))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            for table, values in json.loads(previous).items():
+                key, column = UNDO_TABLES[table]
+                for k, v in values.items():
+                    if v is None:
+                        self._db.execute(f"DELETE FROM {table} WHERE {key} = ?", (int(k),))
+                    else:
+                        self._db.execute(f"INSERT OR REPLACE INTO {table} ({key}, {column}) VALUES (?, ?)",
+                                         (int(k), v))
+            self._db.execute("DELETE FROM undo_log WHERE seq = ?", (seq,))
         return action

@@ -172,6 +172,13 @@ def check_options(config: AppConfig) -> None:
         raise AppUsageError("--host must name an address, such as 127.0.0.1 or 0.0.0.0")
 
 
+def api_routes(workspace, config: AppConfig) -> list:
+    """The JSON API's routes (``/api/v1``), handed to the app when it is created so they exist from the start."""
+    from app.api import build_router
+
+    return build_router(workspace, config.max_upload_mb << 20).routes
+
+
 def launch(config: AppConfig, block: bool = True):
     """Start the server; returns (workspace, demo) when ``block`` is False (tests, benchmarks)."""
     check_options(config)
@@ -184,7 +191,7 @@ def launch(config: AppConfig, block: bool = True):
     demo.launch(server_name=config.host, server_port=config.port or free_port(config.host), auth=auth,
                 allowed_paths=workspace.output_folders, max_file_size=f"{config.max_upload_mb}mb",
                 show_error=False, prevent_thread_lock=not block, inbrowser=False, quiet=not block,
-                app_kwargs={"middleware": [guard_middleware()]})
+                app_kwargs={"middleware": [guard_middleware()], "routes": api_routes(workspace, config)})
     return workspace, demo
 
 

@@ -1,6 +1,8 @@
 """Thumbnail cache: each image is decoded and shrunk once into ``THUMBS/<id>.jpg``, then served as a file.
 
-Index ids are never reused (a replaced image gets a new id), so a thumbnail never goes stale. Files are
+Index ids are never reused (a replaced or changed image gets a new id, a rebuild keeps the ids of unchanged
+files), so a thumbnail never goes stale. The cache belongs to one index lineage (``owner``, the index's
+uid): opened for another index, whose ids mean other images, it starts empty. Files are
 written under a temporary name and renamed, so concurrent requests for one image never see half a file.
 Unreadable images get a grey placeholder, so one broken file does not break a gallery page.
 """
@@ -15,18 +17,34 @@ from pathlib import Path
 from PIL import Image
 
 from twist_core.folder import ImageReadError, decode_image
+from twist_core.io_utils import mark_output_folder
 
 PLACEHOLDER = "_unreadable.jpg"
+OWNER_FILE = ".index-uid"  # the uid of the index whose ids name these thumbnails
 
 
 class ThumbnailCache:
     """``path(id, source)`` returns the cached thumbnail of an image, making it on first use."""
 
-    def __init__(self, folder: Path, size: int = 160, max_pixels: int = 100_000_000) -> None:
+    def __init__(self, folder: Path, size: int = 160, max_pixels: int = 100_000_000,
+                 owner: str | None = None) -> None:
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        mark_output_folder(self.folder)
         self.size = size
         self.max_pixels = max_pixels
+        if owner is not None:
+            self._claim(owner)
+
+    def _claim(self, owner: str) -> None:
+        """Drop thumbnails made for another index (their ids name other images), then record ``owner``."""
+        record = self.folder / OWNER_FILE
+        if record.is_file() and record.read_text().strip() == owner:
+            return
+        for stale in [*self.folder.glob("*.jpg"), *self.folder.glob("*/*.jpg")]:
+            stale.unlink(missing_ok=True)
+        tmp = record.with_name(f".{OWNER_FILE}.{os.getpid()}")
+        tmp.write_text(owner + "\n")
+        os.replace(tmp, record)
 
     def _placeholder(self) -> Path:
         path = self.folder / PLACEHOLDER

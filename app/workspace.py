@@ -22,7 +22,7 @@ from PIL import Image
 
 from app import exporters, projection
 from app.batch import BatchItem, BatchUserError, batch_items, check_pixel_budget, decode_small
-from app.curation import EXCLUDED, CurationStore, Record
+from app.curation import EXCLUDED, CurationError, CurationStore, Record
 from app.thumbnails import ThumbnailCache
 from twist_core.folder import ImageReadError, decode_image
 from twist_core.index import ImageIndex
@@ -78,9 +78,13 @@ class Workspace:
         manifest = read_manifest(index_dir)
         if manifest["generation"] != self.index.generation:
             raise AppUserError(f"{index_dir} changed while the app opened it; start the app again")
-        self.store = CurationStore(self.state_dir / "curation.sqlite", index_dir / manifest["dir"] / META_FILE,
-                                   self.model.class_names)
-        self.thumbnails = ThumbnailCache(self.state_dir / "thumbnails", max_pixels=max_pixels)
+        try:
+            self.store = CurationStore(self.state_dir / "curation.sqlite", index_dir / manifest["dir"] / META_FILE,
+                                       self.model.class_names)
+        except CurationError as error:
+            raise AppUserError(str(error)) from None
+        self.thumbnails = ThumbnailCache(self.state_dir / "thumbnails", max_pixels=max_pixels,
+                                         owner=self.index.info.get("uid"))
         self.covers_dir = self.state_dir / "thumbnails" / "covers"
         self.covers_dir.mkdir(parents=True, exist_ok=True)
         self.exports_dir = Path(tempfile.mkdtemp(prefix="twist-app-exports-"))

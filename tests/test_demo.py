@@ -51,3 +51,34 @@ def test_app_without_arguments_serves_the_shipped_demo_on_loopback(tmp_path: Pat
         opened.close()
     finally:
         stop_app_server(process)
+
+
+def test_demo_app_stops_on_ctrl_c_after_training(tmp_path: Path) -> None:
+    """Training catches SIGINT/SIGTERM for a clean checkpoint; once it returns, Ctrl-C must stop the app again."""
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    from conftest import free_port
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "twist_core.cli", "demo", "--workspace", str(tmp_path / "demo"),
+                                "--time-budget", "3s", "--port", str(port)], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    try:
+        deadline, serving = time.monotonic() + 600, False
+        while not serving and time.monotonic() < deadline and process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
+                    serving = response.status == 200
+            except OSError:
+                time.sleep(0.5)
+        assert serving, "the demo's app never answered"
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)  # raises TimeoutExpired when Ctrl-C is ignored
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

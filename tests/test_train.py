@@ -112,7 +112,7 @@ def test_init_weights_need_a_resnet_backbone(shapes_folder: Path, tmp_path: Path
     torch.save({}, weights_file)
     result = subprocess.run(train_command(shapes_folder, tmp_path / "run", "--init", str(weights_file)), env=ENV,
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1 and "--backbone resnet18" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "--backbone resnet18" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
@@ -170,3 +170,16 @@ def test_multicrop_and_self_labelling_train(shapes_folder: Path, tmp_path: Path)
     final = train(tiny_train_config(shapes_folder, tmp_path / "mc", local_crops=2, epochs=2,
                                     self_label_fraction=0.5))
     assert final["self_labelling"] is True and final["self_label"] > 0
+
+
+@pytest.mark.parametrize("optimizer, lr", [("sgd", 0.1), ("lars", 0.5), ("adamw", 5e-4)])
+def test_learning_rate_default_follows_the_optimiser(shapes_folder: Path, optimizer: str, lr: float) -> None:
+    from twist_core.folder import require_images
+    from twist_core.train import resolve_auto
+
+    config = TrainConfig(data=str(shapes_folder), optimizer=optimizer, image_size=32)
+    resolved = resolve_auto(config, shapes_folder, require_images(shapes_folder), torch.device("cpu"))
+    assert resolved.lr == lr
+    given = resolve_auto(TrainConfig(data=str(shapes_folder), optimizer=optimizer, image_size=32, lr=0.03),
+                         shapes_folder, require_images(shapes_folder), torch.device("cpu"))
+    assert given.lr == 0.03

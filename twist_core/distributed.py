@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -104,3 +105,37 @@ def broadcast_int(ctx: Context, value: int) -> int:
     tensor = torch.tensor([value], dtype=torch.int64, device=ctx.device)
     dist.broadcast(tensor, src=0)
     return int(tensor.item())
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """Batches for a pass over ``n`` items made by every rank in lockstep (BatchNorm re-estimation).
+
+    The plan depends only on the item count, the world size and the batch size, never on the rank, so every
+    rank makes the same number of forward passes (SyncBatchNorm waits on all ranks at each one) and every batch
+    holds at least 2 items (BatchNorm in train mode needs 2). Each rank takes ``items[rank::world]``; with
+    fewer than 2 items per rank, every rank takes the same items instead.
+    """
+
+    batch_sizes: list[int] = field(default_factory=list)
+    shared: bool = False
+
+    def batches(self, items: list[int], rank: int, world_size: int) -> list[list[int]]:
+        mine = items if self.shared else items[rank::world_size]
+        batches, start = [], 0
+        for size in self.batch_sizes:
+            batches.append(mine[start:start + size])
+            start += size
+        return batches
+
+
+def pass_plan(n_items: int, world_size: int, batch_size: int) -> PassPlan:
+    """Equal shares (the remainder, under ``world_size`` items, is left out) cut into nearly equal batches."""
+    if n_items < 2:
+        return PassPlan()
+    share, shared = n_items // world_size, False
+    if share < 2:  # too few to split: every rank sees the same images, which keeps the statistics right
+        share, shared = n_items, True
+    passes = max(1, min(math.ceil(share / max(batch_size, 2)), share // 2))
+    base, extra = divmod(share, passes)
+    return PassPlan([base + 1] * extra + [base] * (passes - extra), shared)

@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from twist_core.io_utils import OUTPUT_MARKER
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 SYSTEM_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx", "@eadir", "$recycle.bin", "lost+found"})
 DEFAULT_MAX_PIXELS = 100_000_000
+TREE_MARKER = ".twist-tree"  # written by ``twist label --export-tree`` before the generic marker existed
+DRAFT_GAP = 2  # JPEG draft decoding keeps at least this many pixels per pixel of the size asked for
 
 # We enforce our own pixel limit (with a clear message) before decoding; PIL's global one would only warn.
 Image.MAX_IMAGE_PIXELS = None
@@ -32,24 +37,46 @@ def _is_hidden_or_system(name: str) -> bool:
     return name.startswith(".") or name.lower() in SYSTEM_NAMES
 
 
-def scan_folder(root: str | Path) -> list[str]:
+def is_project_output(names: Iterable[str]) -> bool:
+    """Whether a folder holding these file names was written by twist (run, index, app state, export tree).
+
+    Marked folders are recognised by :data:`OUTPUT_MARKER`; older ones by the state files they hold. Their images
+    (thumbnails, curves, exported copies) must never be taken for new images of the dataset around them.
+    """
+    present = set(names)
+    return (bool(present & {OUTPUT_MARKER, TREE_MARKER, "meta.sqlite", "curation.sqlite"})
+            or {"last.pt", "config.json"} <= present)
+
+
+def scan_folder(root: str | Path, unreadable: dict[str, str] | None = None) -> list[str]:
     """Relative POSIX paths of all image files below ``root``, sorted, following symlinks without looping.
 
-    Hidden and system files and folders are ignored; extensions match in any letter case.
+    Hidden and system files and folders are ignored, and so are folders twist wrote (:func:`is_project_output`);
+    extensions match in any letter case. Subfolders that cannot be listed are added to ``unreadable``
+    (relative path -> reason) so the caller can tell the user instead of silently missing their images.
     """
     root = Path(root)
     if not root.is_dir():
         raise NoImagesError(f"{root} is not a folder")
     found: list[str] = []
     seen_dirs: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=None):
+    failed: dict[str, str] = {}
+
+    def note_unreadable(error: OSError) -> None:
+        relative = Path(os.path.relpath(error.filename or root, root)).as_posix()
+        failed[relative] = f"cannot read this folder: {(error.strerror or str(error)).lower()}"
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=note_unreadable):
         real = os.path.realpath(dirpath)
         if real in seen_dirs:  # a symlink loop or a second link to a folder already walked
             dirnames[:] = []
             continue
         seen_dirs.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden_or_system(d))
         rel_dir = os.path.relpath(dirpath, root)
+        if rel_dir != "." and is_project_output(filenames):  # the root itself is scanned as asked
+            dirnames[:] = []
+            continue
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden_or_system(d))
         for name in filenames:
             if _is_hidden_or_system(name) or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                 continue
@@ -57,12 +84,16 @@ def scan_folder(root: str | Path) -> list[str]:
             if not os.path.isfile(full):  # broken symlink, fifo, ...
                 continue
             found.append(name if rel_dir == "." else Path(rel_dir, name).as_posix())
+    if "." in failed:
+        raise NoImagesError(f"{root}: {failed['.']}")
+    if unreadable is not None:
+        unreadable.update(failed)
     found.sort()
     return found
 
 
-def require_images(root: str | Path) -> list[str]:
-    files = scan_folder(root)
+def require_images(root: str | Path, unreadable: dict[str, str] | None = None) -> list[str]:
+    files = scan_folder(root, unreadable)
     if not files:
         exts = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise NoImagesError(f"no image files in {root} (looked recursively for {exts}, any letter case)")
@@ -116,7 +147,9 @@ def decode_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_s
                 if width == 0 or height == 0:
                     raise ImageReadError("image has zero width or height")
                 if draft_size and image.format == "JPEG":
-                    image.draft("RGB", (draft_size, draft_size))
+                    # DCT scaling to >= twice the size asked for, as Pillow's thumbnail does: the resize after it
+                    # still averages 2+ pixels per output pixel, so the result stays close to a full decode.
+                    image.draft("RGB", (DRAFT_GAP * draft_size, DRAFT_GAP * draft_size))
                 image.load()
                 image = ImageOps.exif_transpose(image)
                 return to_rgb(image)
@@ -142,6 +175,11 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return image.crop((left, top, left + size, top + size))
+
+
+def skipped_lines(unreadable: dict[str, str]) -> list[str]:
+    """``skipped.txt`` lines (``path<TAB>reason``) for the folders a scan could not read, a folder ending in /."""
+    return [f"{folder}/\t{reason}" for folder, reason in sorted(unreadable.items())]
 
 
 def ground_truth_labels(files: list[str]) -> tuple[list[str], np.ndarray]:

@@ -30,15 +30,22 @@ from twist_core.index_store import (
     IndexUserError,
     MetaStore,
     commit_generation,
+    file_fingerprint,
+    new_uid,
     read_manifest,
 )
+from twist_core.io_utils import path_from_text
 
 TOPK_STORED = 3  # class probabilities kept per image, for the app's "why this cluster" view
 
 
 @dataclass(frozen=True)
 class Hit:
-    """One image in a result; ``similarity`` is the cosine to the query (None when listing records)."""
+    """One image in a result; ``similarity`` is the cosine to the query (None when listing records).
+
+    ``path`` is table text (a byte that is not UTF-8 as ``\\xNN``, see :func:`twist_core.io_utils.path_to_text`),
+    fit to print and store; ``abs_path`` is the real file to open.
+    """
 
     id: int
     path: str
@@ -89,17 +96,24 @@ class ImageIndex:
 
     @classmethod
     def create(cls, index_dir: str | Path, cpu_index: faiss.Index, rows: Sequence[dict[str, Any]],
-               info: dict[str, Any], device: str = "auto") -> ImageIndex:
-        """Publish a freshly built index whose ids are ``0..len(rows)-1`` as a new generation."""
+               info: dict[str, Any], device: str = "auto", ids: Sequence[int] | None = None,
+               expected: int | None = None) -> ImageIndex:
+        """Publish a freshly built index (ids ``0..len(rows)-1`` unless given) as a new generation.
+
+        ``expected`` is the generation a rebuild carried its ids from: it is refused if that one changed.
+        """
+        ids = list(range(len(rows))) if ids is None else [int(i) for i in ids]
+        next_id = max(int(info.get("next_id", 0)), max(ids, default=-1) + 1)
+
         def write_meta(path: Path, generation: int) -> None:
             store = MetaStore(path, readonly=False)
-            store.insert(range(len(rows)), rows)
-            store.set_info({**info, "generation": generation, "next_id": len(rows),
+            store.insert(ids, rows)
+            store.set_info({"uid": new_uid(), **info, "generation": generation, "next_id": next_id,
                             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             store.commit()
             store.close()
 
-        commit_generation(Path(index_dir), cpu_index, write_meta, expected=None)
+        commit_generation(Path(index_dir), cpu_index, write_meta, expected=expected)
         return cls.open(index_dir, device)
 
     # ---- properties
@@ -114,6 +128,10 @@ class ImageIndex:
     @property
     def root(self) -> Path:
         return Path(self._info["root"])
+
+    def file_of(self, path: str) -> Path:
+        """The file to open for an indexed path (table text, as :attr:`Hit.path` and :meth:`paths` give it)."""
+        return self.root / path_from_text(path)
 
     @property
     def kind(self) -> str:
@@ -135,7 +153,7 @@ class ImageIndex:
         for pos, i in enumerate(keep):
             row = rows[i]
             similarity = None if sims is None else float(sims[pos])
-            hits.append(Hit(i, row["path"], self.root / row["path"], similarity, row["cluster"],
+            hits.append(Hit(i, row["path"], self.file_of(row["path"]), similarity, row["cluster"],
                             row["cluster_name"], row["confidence"]))
         return hits
 
@@ -151,7 +169,7 @@ class ImageIndex:
             return self._store.ids_for_paths(list(paths))
 
     def paths(self) -> list[str]:
-        """Every indexed path, relative to ``root``."""
+        """Every indexed path, relative to ``root``, as table text (open it with :meth:`file_of`)."""
         with self._lock:
             return [path for _, path in self._store.all_paths()]
 
@@ -173,7 +191,7 @@ class ImageIndex:
         """One page of images, filtered and sorted in SQL so the app never loads a whole cluster."""
         with self._lock:
             rows = self._store.records(cluster, order_by, descending, offset, limit, min_conf, max_conf)
-        return [Hit(r["id"], r["path"], self.root / r["path"], None, r["cluster"], r["cluster_name"],
+        return [Hit(r["id"], r["path"], self.file_of(r["path"]), None, r["cluster"], r["cluster_name"],
                     r["confidence"]) for r in rows]
 
     def cluster_summary(self) -> list[dict[str, Any]]:
@@ -185,6 +203,9 @@ class ImageIndex:
         queries = normalized(vectors)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise IndexUserError(f"query vectors have dimension {queries.shape[-1]}, the index {self.dim}")
+        if not np.isfinite(queries).all():
+            raise IndexUserError("the vectors hold non-finite values (NaN or inf): the model that made them "
+                                 "is probably corrupted")
         return queries
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10, cluster: int | None = None) -> list[list[Hit]]:
@@ -300,6 +321,8 @@ class ImageIndex:
         A path already in the index is replaced (new vector, new id). Returns the new ids.
         """
         records = [{"path": r} if isinstance(r, str) else dict(r) for r in rows]
+        for record in records:
+            record.setdefault("fingerprint", file_fingerprint(self.file_of(record["path"])))
         vectors = self._queries(embeddings)
         paths = [r["path"] for r in records]
         if len(vectors) != len(records):
@@ -325,11 +348,11 @@ class ImageIndex:
 
     def add_images(self, model: Any, paths: Sequence[str],
                    batch_size: int = 64) -> tuple[np.ndarray, list[str]]:
-        """Label and add images given relative to ``root``; returns (new ids, why files were skipped)."""
+        """Label and add images (table text paths relative to ``root``); returns (new ids, why files were skipped)."""
         images, kept, problems = [], [], []
         for path in paths:
             try:
-                images.append(decode_image(self.root / path))
+                images.append(decode_image(self.file_of(path)))
                 kept.append(path)
             except (ImageReadError, OSError) as error:
                 problems.append(f"{path}: {error}")
@@ -352,9 +375,20 @@ class ImageIndex:
             self._commit(mutate)
         return len(ids)
 
+    def changed_paths(self) -> set[str]:
+        """Indexed files that still exist but changed since they were indexed (another picture, same name)."""
+        with self._lock:
+            identities = self._store.identities()
+        changed = set()
+        for path, (_, fingerprint) in identities.items():
+            now = file_fingerprint(self.file_of(path)) if fingerprint is not None else None
+            if now is not None and now != fingerprint:
+                changed.add(path)
+        return changed
+
     def remove_missing(self) -> int:
         """Drop entries whose files no longer exist under ``root``."""
-        gone = [i for i, path in self._store.all_paths() if not (self.root / path).is_file()]
+        gone = [i for i, path in self._store.all_paths() if not self.file_of(path).is_file()]
         return self.remove(gone)
 
     def close(self) -> None:

@@ -3,11 +3,17 @@
 A labels table brings its row-aligned embeddings (``T.embeddings.npy``) and the folder root (``T.meta.json``);
 a folder is labelled first with ``--model``. Rows that failed to label are skipped. Vectors are streamed
 from the memory-mapped embeddings in chunks, so the table can be larger than RAM for an IVF-PQ index.
+
+A rebuild over an existing index keeps the id of every unchanged file (path, size and modification time;
+one ``stat`` per file), so the app's curation and thumbnails, keyed by id, stay on their images. Embeddings
+holding NaN/inf or of another dimension than the model's are refused, and a full disk is one sentence:
+nothing is published unless everything was written (exit code 2 for every refusal).
 """
 
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +34,16 @@ from twist_core.index_faiss import (
     plan_index,
     resolve_device,
 )
-from twist_core.index_store import IndexUserError
+from twist_core.index_store import (
+    MANIFEST,
+    META_FILE,
+    IndexUserError,
+    MetaStore,
+    file_fingerprint,
+    read_manifest,
+    write_failure,
+)
+from twist_core.io_utils import mark_output_folder, path_from_text, path_to_text
 from twist_core.label_table import FORMATS, labels_paths, read_labels
 
 
@@ -72,63 +87,156 @@ def load_labels(table: Path) -> tuple[list[dict[str, Any]], np.ndarray, dict[str
     return [rows[i] for i in valid], usable, meta
 
 
+def require_finite(vectors: np.ndarray, positions: np.ndarray, rows: list[dict[str, Any]]) -> None:
+    """Refuse NaN or infinite embeddings (a corrupted model): they would make every search return nothing."""
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        first = int(positions[np.flatnonzero(bad)[0]])
+        raise IndexUserError(f"the embeddings hold non-finite values (NaN or inf), first for {rows[first]['path']}; "
+                             "check the model and label the folder again")
+
+
+def require_model_dim(dim: int, config: IndexConfig, meta: dict[str, Any]) -> None:
+    """The embeddings must come from the model the index is for (``--model``, else the one that labelled)."""
+    expected, source = meta.get("embedding_dim"), "the labelling model"
+    if config.model:
+        from twist_core.infer import OnnxModel
+
+        expected, source = OnnxModel(config.model, device="cpu", threads=1).embedding_dim, str(config.model)
+    if expected is not None and int(expected) != dim:
+        raise IndexUserError(f"the embeddings have dimension {dim} but {source} gives {expected}-d embeddings; "
+                             "label the folder again with that model")
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """What a rebuild carries over from the index it replaces, so curation and thumbnails keep their images."""
+
+    identities: dict[str, tuple[int, str | None]]
+    info: dict[str, Any]
+    generation: int | None
+
+
+def previous_lineage(out: Path) -> Lineage:
+    """Ids, uid and next free id of the index already at ``out`` (nothing when there is none)."""
+    if not (out / MANIFEST).is_file():
+        return Lineage({}, {}, None)
+    try:
+        manifest = read_manifest(out)
+        store = MetaStore(out / manifest["dir"] / META_FILE)
+        try:
+            identities, info = store.identities(), store.info()
+        finally:
+            store.close()
+    except (ValueError, KeyError, OSError, sqlite3.Error) as error:
+        raise IndexUserError(f"the index already in {out} cannot be read ({error}), so its ids cannot be kept "
+                             "for its curation; move it away or choose another --out") from None
+    return Lineage(identities, {k: info[k] for k in ("uid", "next_id", "root") if k in info}, manifest["generation"])
+
+
+def assign_ids(rows: list[dict[str, Any]], root: Path, lineage: Lineage) -> np.ndarray:
+    """An unchanged file (same path and fingerprint) keeps its id; anything else gets a never-used one.
+
+    Entries of an index that predates fingerprints match by path, but only in the same folder.
+    """
+    next_id = max([int(lineage.info.get("next_id", 0)), *(i + 1 for i, _ in lineage.identities.values())])
+    unknown_matches = lineage.info.get("root") == str(root.resolve())
+    ids = np.empty(len(rows), dtype=np.int64)
+    for position, row in enumerate(rows):
+        row["fingerprint"] = file_fingerprint(root / path_from_text(row["path"]))
+        old = lineage.identities.get(row["path"])
+        if old is not None and row["fingerprint"] is not None and (
+                old[1] == row["fingerprint"] or (old[1] is None and unknown_matches)):
+            ids[position] = old[0]
+        else:
+            ids[position] = next_id
+            next_id += 1
+    return ids
+
+
 def _label_folder(folder: Path, config: IndexConfig) -> Path:
     if not config.model:
         raise IndexUserError("indexing a folder needs --model to compute its embeddings")
     from twist_core.label import LabelConfig, label_folder
 
     table = Path(config.out) / "labels.csv"
+    mark_output_folder(config.out)  # an index inside the folder it labels is never taken for images
     label_folder(LabelConfig(model=config.model, folder=str(folder), out=str(table)))
     return table
 
 
 def build_index(config: IndexConfig) -> Path:
-    """Build the index described by ``config`` and publish it in ``config.out``; returns that folder."""
+    """Build the index described by ``config`` and publish it in ``config.out``; returns that folder.
+
+    Over an existing index, unchanged files keep their ids (see :func:`assign_ids`).
+    """
+    out = Path(config.out)
+    lineage = previous_lineage(out)
     source = Path(config.source)
     table = _label_folder(source, config) if source.is_dir() else source
     rows, embeddings, meta = load_labels(table)
     n, dim = embeddings.shape
+    require_model_dim(dim, config, meta)
+    ids = assign_ids(rows, Path(meta["root"]), lineage)
     plan = plan_index(n, dim, config.kind, config.nlist, config.nprobe, config.pq_m)
     device = resolve_device(config.device)
     rng = np.random.default_rng(config.seed)
     sample_size = min(n, max(plan.nlist * TRAIN_POINTS_PER_LIST, PQ_TRAIN_POINTS * (plan.pq_m > 0)))
     picked = np.sort(rng.choice(n, sample_size, replace=False))
-    sample = normalized(embeddings[picked]) if plan.nlist else None
+    sample = None
+    if plan.nlist:
+        sample = np.asarray(embeddings[picked])
+        require_finite(sample, picked, rows)  # before training, which NaN would silently spoil
+        sample = normalized(sample)
 
     def chunks():
         for start in range(0, n, ADD_CHUNK):
             stop = min(n, start + ADD_CHUNK)
-            yield np.arange(start, stop, dtype=np.int64), normalized(embeddings[start:stop])
+            vectors = np.asarray(embeddings[start:stop])
+            require_finite(vectors, np.arange(start, stop), rows)
+            yield ids[start:stop], normalized(vectors)
 
     index = build(plan, dim, n, chunks, sample, device)
     model = config.model or meta.get("model")
-    info = {"root": str(Path(meta["root"]).resolve()), "model": str(Path(model).resolve()) if model else None,
+    info = {**lineage.info, "root": str(Path(meta["root"]).resolve()),  # uid and next id carried over
+            "model": str(Path(model).resolve()) if model else None,
             "dim": dim, "kind": plan.kind, "metric": "cosine", "nlist": plan.nlist, "nprobe": plan.nprobe,
             "pq_m": plan.pq_m, "source": str(table.resolve())}
-    ImageIndex.create(config.out, index, rows, info, device).close()
-    return Path(config.out)
+    ImageIndex.create(out, index, rows, info, device, ids=ids, expected=lineage.generation).close()
+    return out
 
 
 def update_index(config: IndexConfig) -> tuple[int, int]:
-    """Drop entries whose files are gone, then add what is new; returns (added, removed)."""
+    """Drop entries whose files are gone, then add what is new or changed; returns (added, removed).
+
+    The table is checked (dimension, finite values) before anything is written.
+    """
     index = ImageIndex.open(config.out, config.device)
-    removed = index.remove_missing()
+    changed = index.changed_paths()
     if config.source:
         rows, embeddings, _ = load_labels(Path(config.source))
+        if embeddings.shape[1] != index.dim:
+            raise IndexUserError(f"the embeddings have dimension {embeddings.shape[1]} but the index holds "
+                                 f"{index.dim}-d vectors; label with the model the index was built with")
         known = index.ids_for_paths([r["path"] for r in rows])
-        new = [i for i, row in enumerate(rows)
-               if row["path"] not in known and (index.root / row["path"]).is_file()]
-        added = len(index.add([rows[i] for i in new], np.asarray(embeddings[new]))) if new else 0
+        new = np.array([i for i, row in enumerate(rows) if (row["path"] not in known or row["path"] in changed)
+                        and index.file_of(row["path"]).is_file()], dtype=np.int64)
+        vectors = np.asarray(embeddings[new])
+        require_finite(vectors, new, rows)
+        removed = index.remove_missing()
+        added = len(index.add([rows[i] for i in new], vectors)) if len(new) else 0
     else:
         model_path = config.model or index.info.get("model")
         if not model_path:
             raise IndexUserError("no model recorded in the index; give --model to embed the new images")
         from twist_core.infer import OnnxModel
 
-        known = set(index.paths())
-        new = [path for path in scan_folder(index.root) if path not in known]
-        added_ids, problems = index.add_images(OnnxModel(model_path, device=config.device), new) if new \
-            else (np.zeros(0), [])
+        model = OnnxModel(model_path, device=config.device)
+        removed = index.remove_missing()
+        known = set(index.paths()) - changed
+        scanned = (path_to_text(path) for path in scan_folder(index.root))  # table text, as the index holds names
+        new_paths = [path for path in scanned if path not in known]
+        added_ids, problems = index.add_images(model, new_paths) if new_paths else (np.zeros(0), [])
         for problem in problems:
             print(f"skipped {problem}", file=sys.stderr)
         added = len(added_ids)
@@ -156,9 +264,13 @@ def main(argv: list[str] | None = None) -> int:
               + (f" (nlist {index.info['nlist']}, nprobe {index.nprobe})" if index.kind != "flat" else ""))
         index.close()
     except (IndexUserError, ValueError, OSError, NoImagesError) as error:
-        print(f"twist index: error: {error}", file=sys.stderr)
-        return 1
+        print(f"twist index: error: {write_failure(error, config_out(args)) or error}", file=sys.stderr)
+        return 2
     return 0
+
+
+def config_out(args: argparse.Namespace) -> str:
+    return str(getattr(args, "out", None) or "the index folder")
 
 
 if __name__ == "__main__":

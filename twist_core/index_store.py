@@ -4,8 +4,16 @@ Layout of ``INDEX_DIR``::
 
     manifest.json          {"generation": N, "dir": "gen-00000N"}   (the only file ever overwritten)
     gen-00000N/index.faiss the CPU form of the FAISS index (vector id = images.id)
-    gen-00000N/meta.sqlite images(id, path, cluster, ...) and info(key, value)
+    gen-00000N/meta.sqlite images(id, path, cluster, ..., fingerprint) and info(key, value)
     .lock                  serialises writers
+
+``images.path`` is relative to ``info["root"]`` and held as table text (:func:`twist_core.io_utils.path_to_text`:
+a byte that is not UTF-8 as ``\\xNN``, a backslash doubled), as the labels tables write it; open the file with
+``ImageIndex.file_of``.
+
+An image keeps its id for as long as its file is unchanged (same path, size and modification time), even
+across a rebuild over the same folder: the curation store and the thumbnail cache are keyed by that id.
+``info["uid"]`` names the index's lineage; a fresh build in an emptied folder gets a new one.
 
 An update writes a complete new generation under a temporary name, fsyncs it, renames it into place and
 only then replaces the manifest, so a reader (or a crash at any moment) sees the old pair or the new one,
@@ -15,12 +23,14 @@ never an index from one update with metadata from another.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import shutil
 import sqlite3
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +38,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from twist_core.io_utils import atomic_write_text
+from twist_core.io_utils import atomic_write_text, mark_output_folder
 
 MANIFEST = "manifest.json"
 INDEX_FILE = "index.faiss"
@@ -40,7 +50,7 @@ COLUMNS = ("id", "path", "cluster", "cluster_name", "confidence", "margin", "top
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
     id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, cluster INTEGER, cluster_name TEXT,
-    confidence REAL, margin REAL, topk TEXT);
+    confidence REAL, margin REAL, topk TEXT, fingerprint TEXT);
 CREATE INDEX IF NOT EXISTS images_cluster ON images (cluster, confidence);
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT);
 """
@@ -58,6 +68,36 @@ def fault_point(stage: str) -> None:
     """Die here, like a power cut, when the crash tests ask for it."""
     if os.environ.get(FAULT_ENV) == stage:
         os._exit(75)
+
+
+def file_fingerprint(path: Path) -> str | None:
+    """Size and modification time: a changed file is a new image, without reading every file again."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+WRITE_FAILURE_WORDS = ("No space left", "Disk quota", "File too large", "database or disk is full",
+                       "disk I/O error")
+
+
+def write_failure(error: BaseException, where: str | Path) -> str | None:
+    """One sentence for a write that failed for lack of space (OS, SQLite or FAISS wording), else None."""
+    if isinstance(error, OSError) and error.errno in WRITE_FAILURES:
+        reason = os.strerror(error.errno)
+    else:
+        reason = next((word for word in WRITE_FAILURE_WORDS if word in str(error)), None)
+        if reason is None:
+            return None
+    return (f"could not write to {where} ({reason}): the disk is full or a size limit was hit; free some "
+            "space and run again (the previous index is unchanged)")
+
+
+def new_uid() -> str:
+    return uuid.uuid4().hex
 
 
 def _fsync_path(path: Path) -> None:
@@ -94,6 +134,7 @@ def commit_generation(index_dir: Path, index: faiss.Index, write_meta: Callable[
     writer got there first the update is refused rather than silently dropping that writer's changes.
     """
     index_dir = Path(index_dir)
+    mark_output_folder(index_dir)
     with writer_lock(index_dir):
         current = json.loads((index_dir / MANIFEST).read_text())["generation"] \
             if (index_dir / MANIFEST).is_file() else 0
@@ -103,23 +144,27 @@ def commit_generation(index_dir: Path, index: faiss.Index, write_meta: Callable[
         generation = max([current, *existing]) + 1
         tmp = index_dir / f".tmp-gen-{generation:06d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        final = index_dir / f"gen-{generation:06d}"
         try:
+            tmp.mkdir()
             write_meta(tmp / META_FILE, generation)
             fault_point("meta-written")
             faiss.write_index(index, str(tmp / INDEX_FILE))
             for name in (META_FILE, INDEX_FILE):
                 _fsync_path(tmp / name)
             fault_point("index-written")
-            final = index_dir / f"gen-{generation:06d}"
             os.rename(tmp, final)
             _fsync_path(index_dir)
-        except BaseException:
+            fault_point("before-manifest")
+            manifest = {"generation": generation, "dir": final.name}
+            atomic_write_text(index_dir / MANIFEST, json.dumps(manifest) + "\n")
+        except BaseException as error:  # the manifest still names the previous generation: drop this one
             shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(final, ignore_errors=True)
+            message = write_failure(error, index_dir)
+            if message:
+                raise IndexUserError(message) from None
             raise
-        fault_point("before-manifest")
-        manifest = {"generation": generation, "dir": final.name}
-        atomic_write_text(index_dir / MANIFEST, json.dumps(manifest) + "\n")
         _fsync_path(index_dir)
         fault_point("after-manifest")
         for stale in [*index_dir.glob("gen-*"), *index_dir.glob(".tmp-gen-*")]:
@@ -138,6 +183,13 @@ class MetaStore:
         self._lock = threading.Lock()  # one connection shared by the web app's worker threads
         if not readonly:
             self._db.executescript(SCHEMA)
+            self._add_fingerprints()
+
+    def _add_fingerprints(self) -> None:
+        """Indexes written before fingerprints existed get the column (empty: such images match by path)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(images)")}
+        if "fingerprint" not in columns:
+            self._db.execute("ALTER TABLE images ADD COLUMN fingerprint TEXT")
 
     def close(self) -> None:
         self._db.close()
@@ -151,6 +203,7 @@ class MetaStore:
         target = MetaStore(path, readonly=False)
         with self._lock:
             self._db.backup(target._db)
+        target._add_fingerprints()
         return target
 
     # ---- writing (only on a copy that is not yet published)
@@ -160,10 +213,10 @@ class MetaStore:
 
     def insert(self, ids: Iterable[int], rows: Iterable[dict[str, Any]]) -> None:
         self._db.executemany(
-            "INSERT INTO images (id, path, cluster, cluster_name, confidence, margin, topk) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO images (id, path, cluster, cluster_name, confidence, margin, topk, fingerprint) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [(int(i), r["path"], r.get("cluster"), r.get("cluster_name"), r.get("confidence"),
-              r.get("margin"), r.get("topk")) for i, r in zip(ids, rows, strict=True)])
+              r.get("margin"), r.get("topk"), r.get("fingerprint")) for i, r in zip(ids, rows, strict=True)])
 
     def delete(self, ids: Iterable[int]) -> None:
         self._db.executemany("DELETE FROM images WHERE id = ?", [(int(i),) for i in ids])
@@ -194,6 +247,12 @@ class MetaStore:
             marks = ",".join("?" * len(chunk))
             found.update(self._query(f"SELECT path, id FROM images WHERE path IN ({marks})", chunk))
         return found
+
+    def identities(self) -> dict[str, tuple[int, str | None]]:
+        """Path -> (id, fingerprint) of every image; the fingerprint is None in indexes that predate it."""
+        columns = {row[1] for row in self._query("PRAGMA table_info(images)")}
+        fingerprint = "fingerprint" if "fingerprint" in columns else "NULL"
+        return {path: (i, fp) for i, path, fp in self._query(f"SELECT id, path, {fingerprint} FROM images")}
 
     def all_ids(self) -> np.ndarray:
         return np.array([r[0] for r in self._query("SELECT id FROM images ORDER BY id")], dtype=np.int64)

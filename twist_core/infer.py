@@ -25,6 +25,18 @@ class DeviceUnavailable(RuntimeError):
     """A GPU was asked for explicitly and onnxruntime cannot use one."""
 
 
+class ModelOutputError(ValueError):
+    """The model gives NaN or infinite outputs: its weights are damaged (or it was exported from a diverged run)."""
+
+
+def finite_rows(*arrays: np.ndarray) -> np.ndarray:
+    """Per row, whether every value of every array is finite (a NaN anywhere spoils the whole row)."""
+    rows = np.ones(len(arrays[0]), dtype=bool)
+    for array in arrays:
+        rows &= np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+    return rows
+
+
 def physical_cores() -> int:
     """Physical cores this process may use: hyper-threads share one core's FPUs and slow convolutions down."""
     allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -168,6 +180,14 @@ class OnnxModel:
         self.providers: list[str] = self.session.get_providers()
         self.transform = Preprocess.from_card(self.card)
         self.input_name = self.session.get_inputs()[0].name
+        self._check_outputs()
+
+    def _check_outputs(self) -> None:
+        """Refuse a model whose output for a plain grey image is NaN or infinite: a few damaged bytes do that."""
+        grey = np.full((1, self.transform.input_size, self.transform.input_size, 3), 128, np.uint8)
+        if not finite_rows(*self.predict_arrays(self.transform.normalize(grey))).all():
+            raise ModelOutputError(f"{self.path} gives NaN or infinite outputs for a plain grey image: the file is "
+                                   "damaged (or was exported from a diverged run); export it again")
 
     def load(self, item: ImageLike) -> Image.Image:
         return self.transform.load(item)

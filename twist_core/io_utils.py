@@ -76,3 +76,66 @@ def mark_output_folder(folder: str | Path) -> None:
     if not marker.exists():
         Path(folder).mkdir(parents=True, exist_ok=True)
         marker.write_text("written by twist: folder scans skip this folder\n")
+
+
+def path_to_text(path: str) -> str:
+    """A file name as table text, losslessly: bytes that are not UTF-8 (which Python holds as surrogates)
+    become ``\\xNN`` and a backslash becomes ``\\\\``; every other name is written unchanged."""
+    if "\\" not in path and not any("\udc80" <= char <= "\udcff" for char in path):
+        return path
+    return "".join("\\\\" if char == "\\" else f"\\x{ord(char) - 0xDC00:02x}" if "\udc80" <= char <= "\udcff"
+                   else char for char in path)
+
+
+def path_from_text(text: str) -> str:
+    """The inverse of :func:`path_to_text`: the name to open (``os.fsencode`` of it gives the original bytes)."""
+    if "\\" not in text:
+        return text
+    parts, i = [], 0
+    while i < len(text):
+        if text.startswith("\\\\", i):
+            parts.append("\\")
+            i += 2
+        elif (text.startswith("\\x", i) and text[i + 2:i + 3] in tuple("89abcdef")
+              and text[i + 3:i + 4] in tuple("0123456789abcdef")):
+            parts.append(chr(0xDC00 + int(text[i + 2:i + 4], 16)))
+            i += 4
+        else:
+            parts.append(text[i])
+            i += 1
+    return "".join(parts)
+
+
+class StagedWrites:
+    """Several outputs that appear together: each is written to a temporary file beside it, and only when all
+    are written are they renamed into place, in order (the last one is the commit). A failure midway (a full
+    disk) leaves the previous outputs as they were and no temporary file behind.
+
+    ``with StagedWrites() as stage: stage(path, write)`` where ``write(tmp_path)`` fills the temporary file.
+    """
+
+    def __init__(self) -> None:
+        self.staged: list[tuple[str, Path]] = []
+
+    def __enter__(self) -> Callable[[str | Path, Callable[[str], None]], None]:
+        return self.stage
+
+    def stage(self, path: str | Path, write: Callable[[str], None]) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        self.staged.append((tmp, path))
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: object) -> None:
+        if kind is not None:
+            for tmp, _ in self.staged:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            return
+        for tmp, path in self.staged:
+            os.replace(tmp, path)

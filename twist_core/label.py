@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import hashlib
 import json
 import os
@@ -29,15 +30,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from twist_core import __version__, distributed
 from twist_core.config import build_config, command_parser, option
-from twist_core.folder import DEFAULT_MAX_PIXELS, ImageReadError, NoImagesError, require_images
-from twist_core.infer import OnnxModel, Preprocess, physical_cores
-from twist_core.io_utils import atomic_write, atomic_write_text, file_sha256
+from twist_core.folder import DEFAULT_MAX_PIXELS, ImageReadError, NoImagesError, require_images, skipped_lines
+from twist_core.infer import ModelOutputError, OnnxModel, Preprocess, finite_rows, physical_cores
+from twist_core.io_utils import StagedWrites, atomic_write, atomic_write_text, file_sha256, path_to_text
 from twist_core.label_table import (
     COLUMNS,
     Row,
+    WriterUnavailable,
     iter_labels,
     labels_paths,
     read_labels,
+    require_writer,
+    skipped_path,
     table_format,
     write_table,
 )
@@ -47,6 +51,9 @@ __all__ = ["LabelConfig", "LabelError", "label_folder", "labels_paths", "main", 
 
 STATE = "state.json"
 FILES = "files.json"
+UNREADABLE = "unreadable.json"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+NON_FINITE = "the model's output is not finite (NaN or inf) for this image"
 
 
 @dataclass
@@ -84,7 +91,7 @@ def chunk_path(work: Path, chunk: int) -> Path:
 
 def run_state(config: LabelConfig, model_sha: str, root: Path, files: list[str], topk: int) -> dict[str, Any]:
     """What a resumed run must share with the one it continues."""
-    files_sha = hashlib.sha256("\n".join(files).encode()).hexdigest()
+    files_sha = hashlib.sha256("\n".join(files).encode("utf-8", "surrogateescape")).hexdigest()
     return {"model_sha256": model_sha, "root": str(root), "n_files": len(files), "files_sha256": files_sha,
             "chunk_size": config.chunk_size, "topk": topk, "embedding_dtype": config.embedding_dtype}
 
@@ -96,7 +103,8 @@ def prepare_work(config: LabelConfig, model_sha: str, root: Path, topk: int) -> 
         shutil.rmtree(work)
     if out.exists() and not work.exists() and not config.overwrite:
         raise LabelError(f"{out} already exists (a finished run); pass --overwrite to label again")
-    files = require_images(root)
+    unreadable: dict[str, str] = {}
+    files = require_images(root, unreadable)
     state = run_state(config, model_sha, root, files, topk)
     if (work / STATE).exists():
         saved = json.loads((work / STATE).read_text())
@@ -114,6 +122,7 @@ def prepare_work(config: LabelConfig, model_sha: str, root: Path, topk: int) -> 
         shutil.rmtree(work)
     work.mkdir(parents=True)
     atomic_write_text(work / FILES, json.dumps(files))
+    atomic_write_text(work / UNREADABLE, json.dumps(unreadable))
     atomic_write_text(work / STATE, json.dumps(state, indent=2) + "\n")
 
 
@@ -181,6 +190,39 @@ def save_chunk(path: Path, errors: list[str], ok: np.ndarray, probs: np.ndarray,
     atomic_write(path, write)
 
 
+def predict_finite(model: OnnxModel, crops: np.ndarray, errors: list[str],
+                   dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and embeddings of the decoded crops; a row that is NaN/inf, or overflows the saved ``dtype``,
+    becomes an error row (``errors`` updated in place)."""
+    probs, embeddings = model.predict_arrays(model.transform.normalize(crops))
+    with np.errstate(over="ignore"):
+        finite = finite_rows(probs, embeddings.astype(dtype))
+    if not finite.all():
+        decoded = [position for position, error in enumerate(errors) if not error]
+        for row in np.flatnonzero(~finite):
+            errors[decoded[row]] = NON_FINITE
+    return probs[finite], embeddings[finite]
+
+
+@dataclass
+class OutputHealth:
+    """Counts of decoded images and NaN/inf outputs: most of them NaN means the model, not the images, is broken."""
+
+    decoded: int = 0
+    non_finite: int = 0
+
+    def add(self, errors: list[str]) -> None:
+        self.non_finite += sum(1 for error in errors if error == NON_FINITE)
+        self.decoded += sum(1 for error in errors if not error or error == NON_FINITE)
+
+    def check(self, model: str, at_least: int = 0) -> None:
+        """Refuse once more than half of at least ``at_least`` decoded images gave NaN/inf."""
+        if self.non_finite and 2 * self.non_finite > self.decoded >= at_least:
+            raise ModelOutputError(f"{model} gives NaN or infinite outputs for {self.non_finite} of {self.decoded} "
+                                   "images: the file is damaged (or was exported from a diverged run); export it "
+                                   "again, then label with --overwrite")
+
+
 def label_chunks(model: OnnxModel, root: Path, files: list[str], chunks: list[int], work: Path,
                  config: LabelConfig, topk: int, workers: int, show: bool) -> int:
     """Label this process's chunks in order, committing each as it completes; returns images done."""
@@ -193,15 +235,19 @@ def label_chunks(model: OnnxModel, root: Path, files: list[str], chunks: list[in
     errors: list[str] = []
     probs: list[np.ndarray] = []
     embeddings: list[np.ndarray] = []
+    health = OutputHealth()
     with tqdm(total=total, unit="img", desc="labelling", disable=not show, dynamic_ncols=True) as bar:
         for indices, crops, batch_errors in loader:
             if len(crops):
-                batch_probs, batch_embeddings = model.predict_arrays(model.transform.normalize(crops.numpy()))
+                batch_probs, batch_embeddings = predict_finite(model, crops.numpy(), batch_errors,
+                                                                   config.embedding_dtype)
                 probs.append(batch_probs)
                 embeddings.append(batch_embeddings)
             errors += batch_errors
             chunk = indices[0] // config.chunk_size
             if indices[-1] + 1 == min((chunk + 1) * config.chunk_size, len(files)):
+                health.add(errors)
+                health.check(config.model, at_least=32)  # stop early; the merge checks all images
                 ok = np.array([not error for error in errors])
                 all_probs = np.concatenate(probs) if probs else np.zeros((0, model.n_classes), np.float32)
                 all_embeddings = (np.concatenate(embeddings) if embeddings
@@ -216,14 +262,15 @@ def label_chunks(model: OnnxModel, root: Path, files: list[str], chunks: list[in
 def chunk_rows(data: Any, files: list[str], start: int, class_names: list[str]) -> list[Row]:
     rows = []
     for j, error in enumerate(data["error"].tolist()):
+        path = path_to_text(files[start + j])  # a name that is not UTF-8 is written escaped, not fatal
         if error:
-            rows.append({"path": files[start + j], "cluster": None, "cluster_name": None, "confidence": None,
-                         "margin": None, "topk": None, "error": error})
+            rows.append({"path": path, "cluster": None, "cluster_name": None, "confidence": None, "margin": None,
+                         "topk": None, "error": error})
             continue
         cluster = int(data["cluster"][j])
         topk = [[int(c), round(float(p), 6)] for c, p in zip(data["topk_index"][j], data["topk_prob"][j],
                                                               strict=True)]
-        rows.append({"path": files[start + j], "cluster": cluster, "cluster_name": class_names[cluster],
+        rows.append({"path": path, "cluster": cluster, "cluster_name": class_names[cluster],
                      "confidence": round(float(data["confidence"][j]), 6),
                      "margin": round(float(data["margin"][j]), 6), "topk": json.dumps(topk), "error": ""})
     return rows
@@ -237,10 +284,15 @@ def iter_chunks(work: Path, n_chunks: int) -> Iterator[Any]:
 
 def merge(config: LabelConfig, model: OnnxModel, model_sha: str, root: Path, files: list[str],
           topk: int, processes: int) -> dict[str, Any]:
-    """Chunks -> table, embeddings and meta in scan order (each file atomic), then the optional tree."""
+    """Chunks -> embeddings, table, skipped list and meta in scan order, renamed into place together (meta last),
+    then the optional tree. A failure (a full disk) leaves earlier outputs as they were and the chunks kept."""
     out, work = Path(config.out), work_dir(Path(config.out))
     n_chunks = -(-len(files) // config.chunk_size)
     embeddings_path, meta_path = labels_paths(out)
+    health = OutputHealth()
+    for data in iter_chunks(work, n_chunks):  # before writing anything: a broken model leaves no table
+        health.add(data["error"].tolist())
+    health.check(config.model)
 
     def write_embeddings(tmp: str) -> None:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=config.embedding_dtype,
@@ -252,43 +304,64 @@ def merge(config: LabelConfig, model: OnnxModel, model_sha: str, root: Path, fil
         del array
 
     sizes = np.zeros(model.n_classes, np.int64)
-    n_errors = 0
+    unreadable = read_unreadable(work)
+    skipped = skipped_lines(unreadable)
 
     def rows() -> Iterator[list[Row]]:
-        nonlocal n_errors
         for chunk, data in enumerate(iter_chunks(work, n_chunks)):
-            n_errors += sum(1 for error in data["error"].tolist() if error)
             good = data["cluster"][data["cluster"] >= 0]
             sizes[:] += np.bincount(good, minlength=model.n_classes)
-            yield chunk_rows(data, files, chunk * config.chunk_size, model.class_names)
+            chunk_table = chunk_rows(data, files, chunk * config.chunk_size, model.class_names)
+            skipped.extend(f"{row['path']}\t{row['error']}" for row in chunk_table if row["error"])
+            yield chunk_table
 
-    atomic_write(embeddings_path, write_embeddings)
-    atomic_write(out, lambda tmp: write_table(tmp, rows(), table_format(out)))
-    meta = {"format": 1, "root": str(root), "model": str(Path(config.model).resolve()),
-            "model_sha256": model_sha,
+    meta = {"format": 1, "root": str(root), "model": str(Path(config.model).resolve()), "model_sha256": model_sha,
             "checkpoint_sha256": model.card.get("checkpoint_sha256"), "table": out.name,
             "embeddings": embeddings_path.name, "embedding_dtype": config.embedding_dtype,
-            "embedding_dim": model.embedding_dim, "columns": COLUMNS, "rows": len(files),
-            "labelled": len(files) - n_errors, "errors": n_errors, "topk": topk,
-            "class_names": model.class_names, "cluster_sizes": sizes.tolist(), "processes": processes,
+            "embedding_dim": model.embedding_dim, "columns": COLUMNS, "rows": len(files), "topk": topk,
+            "class_names": model.class_names, "processes": processes, "skipped": skipped_path(out).name,
+            "unreadable_folders": sorted(unreadable),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "twist_version": __version__}
-    atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+    with StagedWrites() as stage:
+        stage(embeddings_path, write_embeddings)
+        stage(out, lambda tmp: write_table(tmp, rows(), table_format(out)))
+        n_errors = len(skipped) - len(unreadable)
+        meta.update(labelled=len(files) - n_errors, errors=n_errors, cluster_sizes=sizes.tolist())
+        stage(skipped_path(out), lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in skipped),
+                                                                   encoding="utf-8"))
+        stage(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
     if config.export_tree:
-        tree = Path(config.export_tree)
-        prepare_tree(tree, config.overwrite)
-        placed = write_tree(tree, root, iter_labels(out), file_names(files), folder_names(model.class_names),
-                            config.tree_mode, config.min_confidence)
-        meta["tree"] = {"path": str(tree.resolve()), "mode": config.tree_mode, "folders": dict(placed)}
+        meta["tree"] = export_tree(config, root, out, files, model.class_names)
         atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     shutil.rmtree(work)
     return meta
 
 
+def export_tree(config: LabelConfig, root: Path, out: Path, files: list[str], class_names: list[str]
+                ) -> dict[str, Any]:
+    """The ImageFolder tree of the finished table; a tree left half-made (a full disk) is removed again."""
+    tree = Path(config.export_tree)
+    prepare_tree(tree, config.overwrite)
+    try:
+        placed = write_tree(tree, root, iter_labels(out), file_names(files), folder_names(class_names),
+                            config.tree_mode, config.min_confidence)
+    except BaseException:
+        shutil.rmtree(tree, ignore_errors=True)
+        raise
+    return {"path": str(tree.resolve()), "mode": config.tree_mode, "folders": dict(placed)}
+
+
+def read_unreadable(work: Path) -> dict[str, str]:
+    """The subfolders the scan could not read (a work folder from an older version has no list)."""
+    path = work / UNREADABLE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def check_options(config: LabelConfig) -> None:
     if not config.model or not config.folder:
         raise LabelError("give the model and the folder: twist label MODEL.onnx FOLDER --out T.csv")
-    table_format(config.out)
+    require_writer(config.out)  # before the first image: a missing writer must not waste the whole run
     if config.batch_size < 1 or config.chunk_size < 1 or config.topk < 1:
         raise LabelError("--batch-size, --chunk-size and --topk must be at least 1")
     if not Path(config.folder).is_dir():
@@ -349,14 +422,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    out = "the table"
     try:
-        summary = label_folder(build_config(LabelConfig, args, args.config))
+        config = build_config(LabelConfig, args, args.config)
+        out = config.out
+        summary = label_folder(config)
+    except (ModelOutputError, WriterUnavailable) as error:
+        print(f"twist label: error: {error}", file=sys.stderr)
+        return 2
     except (LabelError, NoImagesError, FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"twist label: error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:
+        if error.errno not in DISK_FULL:
+            raise
+        print(f"twist label: error: cannot write beside {out}: {error.strerror or error} (disk full or over "
+              "a size limit); free some space and run the same command again: it continues where it stopped",
+              file=sys.stderr)
+        return 2
     if "rows" in summary:
         print(f"labelled {summary['labelled']} images ({summary['errors']} unreadable) into "
               f"{summary['table']} at {summary['images_per_s']:.0f} img/s this run", file=sys.stderr)
+        if summary["unreadable_folders"]:
+            folders = summary["unreadable_folders"]
+            print(f"{len(folders)} folder(s) could not be read and were skipped: {', '.join(folders[:5])}"
+                  f"{' ...' if len(folders) > 5 else ''} (listed in {summary['skipped']})", file=sys.stderr)
     return 0
 
 

@@ -3,6 +3,9 @@
 A row is ``path, cluster, cluster_name, confidence, margin, topk, error``: ``topk`` is a JSON string
 ``[[cluster, prob], ...]``; a good row has an empty ``error``, an error row only ``path`` and ``error``.
 Beside ``T.csv`` lie ``T.embeddings.npy`` (row-aligned, zeros for error rows) and ``T.meta.json``.
+``path`` is table text (:func:`twist_core.io_utils.path_to_text`: non-UTF-8 bytes as ``\\xNN``); in a CSV a text
+cell that a spreadsheet would run as a formula, or that starts with ``'``, gets a leading ``'`` that
+:func:`iter_labels` removes again. JSONL and Parquet hold the text as it is.
 """
 
 from __future__ import annotations
@@ -13,9 +16,41 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from twist_core.io_utils import csv_safe
+
 COLUMNS = ["path", "cluster", "cluster_name", "confidence", "margin", "topk", "error"]
+TEXT_COLUMNS = ("path", "cluster_name", "topk", "error")
 FORMATS = (".csv", ".jsonl", ".parquet")
 Row = dict[str, Any]
+
+
+class WriterUnavailable(Exception):
+    """The table format asked for cannot be written here (Parquet without pyarrow)."""
+
+
+def require_writer(path: str | Path) -> str:
+    """The table's format, checked to be writable before any work is done; raises :class:`WriterUnavailable`."""
+    kind = table_format(path)
+    if kind == ".parquet":
+        try:
+            import pyarrow.parquet  # noqa: F401
+        except ImportError:
+            raise WriterUnavailable(f"{path}: writing .parquet needs pyarrow (pip install pyarrow), or choose "
+                                    "--out with .csv or .jsonl") from None
+    return kind
+
+
+def csv_cell(value: object) -> object:
+    """A cell as the labels CSV holds it: formulas neutralised by a leading ``'`` (and a leading ``'`` doubled,
+    so that :func:`csv_text` restores every value exactly)."""
+    if isinstance(value, str) and value.startswith("'"):
+        return "'" + value
+    return csv_safe(value)
+
+
+def csv_text(cell: str) -> str:
+    """The value a :func:`csv_cell` was written from."""
+    return cell[1:] if cell.startswith("'") else cell
 
 
 def table_format(path: str | Path) -> str:
@@ -30,6 +65,12 @@ def labels_paths(table_path: str | Path) -> tuple[Path, Path]:
     table_path = Path(table_path)
     stem = table_path.with_suffix("")
     return stem.with_name(stem.name + ".embeddings.npy"), stem.with_name(stem.name + ".meta.json")
+
+
+def skipped_path(table_path: str | Path) -> Path:
+    """``T.skipped.txt`` beside ``T.csv``: one ``path<TAB>reason`` line per unreadable image or folder."""
+    table_path = Path(table_path)
+    return table_path.with_name(table_path.with_suffix("").name + ".skipped.txt")
 
 
 def _arrow_schema():
@@ -66,7 +107,7 @@ def write_table(path: str | Path, chunks: Iterable[list[Row]], kind: str | None 
         for rows in chunks:
             for row in rows:
                 if writer:
-                    writer.writerow({k: "" if v is None else v for k, v in row.items()})
+                    writer.writerow({k: "" if v is None else csv_cell(v) for k, v in row.items()})
                 else:
                     handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             count += len(rows)
@@ -96,7 +137,9 @@ def iter_labels(path: str | Path) -> Iterator[Row]:
         return
     with open(path, newline="", encoding="utf-8") as handle:
         if kind == ".csv":
-            yield from (_typed(row) for row in csv.DictReader(handle))
+            for row in csv.DictReader(handle):
+                yield _typed({key: csv_text(value) if key in TEXT_COLUMNS and value else value
+                              for key, value in row.items()})
         else:
             yield from (_typed(json.loads(line)) for line in handle if line.strip())
 

@@ -13,10 +13,12 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from twist_core.folder import TREE_MARKER
+from twist_core.io_utils import mark_output_folder, path_from_text
 from twist_core.label_table import Row
 
 UNCERTAIN = "_uncertain"
-MARKER = ".twist-tree"
+MARKER = TREE_MARKER
 
 
 def folder_names(class_names: list[str]) -> list[str]:
@@ -55,6 +57,7 @@ def prepare_tree(tree: Path, overwrite: bool) -> None:
         shutil.rmtree(tree)
     tree.mkdir(parents=True, exist_ok=True)
     (tree / MARKER).write_text("written by twist label; safe to delete\n")
+    mark_output_folder(tree)  # a tree inside the dataset is never scanned as new images
 
 
 def write_tree(tree: Path, root: Path, rows: Iterable[Row], names: dict[str, str], class_folders: list[str],
@@ -66,9 +69,10 @@ def write_tree(tree: Path, root: Path, rows: Iterable[Row], names: dict[str, str
             continue
         uncertain = row["confidence"] is not None and row["confidence"] < min_confidence
         folder = UNCERTAIN if uncertain else class_folders[row["cluster"]]
-        target = tree / folder / names[row["path"]]
+        path = path_from_text(row["path"])
+        target = tree / folder / names[path]
         target.parent.mkdir(exist_ok=True)
-        source = (root / row["path"]).resolve()
+        source = (root / path).resolve()
         if mode == "copy":
             shutil.copy2(source, target)
         else:

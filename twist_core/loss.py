@@ -54,6 +54,25 @@ def global_mean(values: torch.Tensor, weights: torch.Tensor | None = None) -> to
     return total / count.clamp(min=1.0)
 
 
+def gather_unequal(values: torch.Tensor) -> torch.Tensor:
+    """Every process's 1-d ``values`` concatenated, even when batch sizes differ (a file failed to decode on one).
+
+    ``all_gather`` needs equal shapes (NCCL hangs, gloo fails otherwise): sizes first, then padded values, trimmed.
+    """
+    if not _distributed():
+        return values
+    world = dist.get_world_size()
+    size = torch.tensor([values.shape[0]], device=values.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=values.dtype, device=values.device)
+    padded[:values.shape[0]] = values
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([part[:int(n.item())] for part, n in zip(gathered, sizes, strict=True)])
+
+
 def entropy(probs: torch.Tensor) -> torch.Tensor:
     """Shannon entropy over the last dimension, EPS inside the log as in the reference."""
     return -(probs * torch.log(probs + EPS)).sum(-1)
@@ -103,11 +122,7 @@ def self_label_loss(view_logits: list[torch.Tensor], n_global: int = 2, tau: flo
         best_view = confidence.argmax(0)  # N
         best_conf = confidence.gather(0, best_view.view(1, -1)).squeeze(0)
         pseudo = labels.gather(0, best_view.view(1, -1)).squeeze(0)
-        everyone = best_conf
-        if _distributed():
-            gathered = [torch.empty_like(best_conf) for _ in range(dist.get_world_size())]
-            dist.all_gather(gathered, best_conf)
-            everyone = torch.cat(gathered)
+        everyone = gather_unequal(best_conf)
         threshold = torch.quantile(everyone.float(), 1.0 - keep_fraction)
         keep = best_conf >= threshold
     losses = []

@@ -19,12 +19,15 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from twist_core.patches import PatchBackbone
+from twist_core.patches_conv import PatchConvBackbone
 
 ARCHITECTURES: dict[str, tuple[type[nn.Module], list[int]]] = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
     "resnet34": (BasicBlock, [3, 4, 6, 3]),
     "resnet50": (Bottleneck, [3, 4, 6, 3]),
 }
+# Backbones built on the frozen patch stem (``width`` = atoms); their embedding is the head's hidden layer.
+PATCH_BACKBONES: dict[str, type[PatchBackbone]] = {"patches": PatchBackbone, "patches-conv": PatchConvBackbone}
 
 
 @dataclass(frozen=True)
@@ -123,18 +126,18 @@ class TwistModel(nn.Module):
         super().__init__()
         self.spec = spec
         self.backbone: PatchBackbone | ResNetBackbone = (
-            PatchBackbone(spec.width) if spec.backbone == "patches"
+            PATCH_BACKBONES[spec.backbone](spec.width) if spec.backbone in PATCH_BACKBONES
             else ResNetBackbone(spec.backbone, spec.width, spec.small_stem))
         self.head = TwistHead(self.backbone.feature_dim, spec.hidden_dim, spec.n_classes)
 
     @property
     def embedding_dim(self) -> int:
-        return self.spec.hidden_dim if self.spec.backbone == "patches" else self.backbone.feature_dim
+        return self.spec.hidden_dim if self.spec.backbone in PATCH_BACKBONES else self.backbone.feature_dim
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.backbone(images)
         hidden, logits = self.head(features)
-        return (hidden if self.spec.backbone == "patches" else features), logits
+        return (hidden if self.spec.backbone in PATCH_BACKBONES else features), logits
 
     def probabilities(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embedding, logits = self(images)
@@ -174,9 +177,8 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
         norm.reset_running_stats()
         norm.momentum = None  # cumulative moving average over the whole pass
     model.train()
-    for batch in batches:
-        if batch.shape[0] > 1:
-            model(batch)
+    for batch in batches:  # every batch, even one of a single image: skipping one would desync SyncBatchNorm
+        model(batch)
     for norm, momentum in zip(norms, momenta, strict=True):
         norm.momentum = momentum
     model.train(was_training)

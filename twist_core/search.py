@@ -10,11 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from twist_core.config import add_dataclass_arguments, build_config, option
-from twist_core.folder import ImageReadError
+from twist_core.folder import ImageReadError, decode_image
 from twist_core.index import Hit, ImageIndex
 from twist_core.index_store import IndexUserError
-from twist_core.io_utils import atomic_write_text
+from twist_core.infer import finite_rows
+from twist_core.io_utils import atomic_write_text, path_to_text
 
 
 @dataclass
@@ -30,18 +33,26 @@ class SearchConfig:
 
 
 def hit_dict(hit: Hit) -> dict[str, Any]:
-    return {**dataclasses.asdict(hit), "abs_path": str(hit.abs_path)}
+    """A hit for JSON; ``abs_path`` as table text like ``path`` (a name that is not UTF-8 has ``\\xNN``)."""
+    return {**dataclasses.asdict(hit), "abs_path": path_to_text(str(hit.abs_path))}
+
+
+def printable(text: str) -> str:
+    """``text`` as this stdout can show it: a character its encoding lacks (LANG=C, a Windows console) becomes
+    a ``\\xNN`` escape instead of a crash at print time."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    return text.encode(encoding, "backslashreplace").decode(encoding)
 
 
 def format_hits(hits: list[Hit]) -> str:
-    """A fixed-width table: rank, similarity, cluster, confidence, id, path."""
+    """A fixed-width table: rank, similarity, cluster, confidence, id, path, printable on this stdout."""
     lines = [f"{'#':>3}  {'sim':>6}  {'cluster':<16} {'conf':>5}  {'id':>8}  path"]
     for rank, hit in enumerate(hits, 1):
         cluster = "-" if hit.cluster is None else f"{hit.cluster} {hit.cluster_name or ''}".strip()
         conf = "-" if hit.confidence is None else f"{hit.confidence:.2f}"
         sim = "-" if hit.similarity is None else f"{hit.similarity:.4f}"
         lines.append(f"{rank:>3}  {sim:>6}  {cluster[:16]:<16} {conf:>5}  {hit.id:>8}  {hit.path}")
-    return "\n".join(lines)
+    return printable("\n".join(lines))
 
 
 def search(config: SearchConfig) -> list[Hit]:
@@ -62,9 +73,26 @@ def search(config: SearchConfig) -> list[Hit]:
             model = OnnxModel(model_path, device=config.device)
         except DeviceUnavailable as error:
             raise IndexUserError(str(error)) from None
-        return index.search_image(model, config.image, config.k, config.cluster)
+        return index.search_vectors(query_vector(model, config.image, index.dim), config.k, config.cluster)[0]
     finally:
         index.close()
+
+
+def query_vector(model: Any, image: str, dim: int) -> np.ndarray:
+    """The query image's embedding, refused when it cannot be compared (NaN/inf would match nothing)."""
+    if model.embedding_dim != dim:
+        raise IndexUserError(f"the model gives {model.embedding_dim}-d embeddings but the index holds {dim}-d "
+                             "vectors; use the model the index was built with")
+    _, embeddings = model.predict([decode_image(image)])
+    if not finite_rows(embeddings).all():
+        raise IndexUserError(f"the model {model.path} gives NaN or infinite values for {image}: the model file is "
+                             "damaged (or was exported from a diverged run); export it again")
+    return embeddings
+
+
+def no_hits_reason(config: SearchConfig) -> str:
+    where = "" if config.cluster is None else f" in cluster {config.cluster}"
+    return f"no images found{where}: the index holds no comparable vectors there"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         hits = search(config)
     except (IndexUserError, ImageReadError, ValueError, OSError) as error:
         print(f"twist search: error: {error}", file=sys.stderr)
+        return 1
+    if not hits:
+        print(f"twist search: {no_hits_reason(config)}", file=sys.stderr)
         return 1
     print(format_hits(hits))
     if config.json:

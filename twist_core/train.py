@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,25 +26,30 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from twist_core import distributed
+from twist_core.allocator import keep_freed_memory
 from twist_core.augment import BatchAugment, policy_for_size
 from twist_core.budget import fit_total_steps, parse_duration
-from twist_core.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from twist_core.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from twist_core.config import build_config, command_parser, option, save_config
 from twist_core.dataset import EpochBatches, FolderImages, decode_all, decode_size, epoch_batches, make_loader
 from twist_core.evaluate import load_eval_images, normalise, predict_torch, score, summary_line
 from twist_core.folder import DEFAULT_MAX_PIXELS, NoImagesError, decode_image, require_images
-from twist_core.io_utils import atomic_write_text
+from twist_core.io_utils import atomic_write_text, mark_output_folder
 from twist_core.loss import self_label_loss, twist_multicrop_loss
 from twist_core.model import ModelSpec, TwistModel, load_torchvision_weights, recalibrate_batchnorm
 from twist_core.optim import build_optimizer, learning_rate
 from twist_core.patches import PatchBackbone, learn_patch_dictionary
+from twist_core.photo_defaults import announcement, auto_backbone, auto_image_size
 
+METRICS_NAME = "metrics.jsonl"
 RECALIBRATION_IMAGES = 10_000  # clean images whose BN statistics the exported model uses
 DICTIONARY_PIXELS = 32 * 1024**2  # the patch dictionary is fitted on at most this many decoded pixels (10,000 at 32 px)
 # Patches recipe, from 5-minute runs on cifar10-test (2-core CPU, ACC): 128/256/400 atoms, tau 0.5/1.0, MLP
 # 2048/1024 -> 256 atoms, tau 1.0, MLP 1024 (0.44; tau 0.5: 0.33, 400 atoms: 0.36 at half the speed).
 PATCH_ATOMS = 256
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "lars": 1.5e-6, "adamw": 0.05}
+# Per 256 images. LARS: the paper's 0.5; AdamW: DINO's 5e-4 (0.1 makes AdamW diverge); SGD: calibrated here.
+DEFAULT_LR = {"sgd": 0.1, "lars": 0.5, "adamw": 5e-4}
 
 
 @dataclass
@@ -51,9 +57,11 @@ class TrainConfig:
     data: str = option(None, "folder of images (searched recursively; folder names are never used as labels)")
     out: str = option("runs/twist", "run folder for config.json, metrics.jsonl, skipped.txt, checkpoints, curves.png")
     classes: int = option(10, "K, the number of classes to discover")
-    backbone: str = option("auto", "auto: patches for small images (<= 64 px) on a CPU, else resnet18; patches = "
+    backbone: str = option("auto", "auto: on a CPU, patches for small images (<= 64 px) and the measured best for "
+                                   "photos (bench/results/photos.json), else resnet18; patches = "
                                    "frozen patch-dictionary stem fitted on the folder (fast on CPU), or a torchvision "
-                                   "ResNet depth", choices=["auto", "patches", "resnet18", "resnet34", "resnet50"])
+                                   "ResNet depth", choices=["auto", "patches", "patches-conv", "resnet18", "resnet34",
+                                                                  "resnet50"])
     width: int = option(0, "patches: dictionary atoms; ResNet: channels of the first stage (64 = torchvision); "
                            "0 = auto: 256 atoms, or 64 channels on GPU and 16 on CPU")
     image_size: int = option(0, "training crop size in px; 0 = auto from the median image size (32/64 or 224)")
@@ -65,7 +73,8 @@ class TrainConfig:
                                 "256, or less for small folders so that an epoch has at least 16 steps")
     optimizer: str = option("sgd", "optimiser (SGD with Nesterov trained best in short runs here)",
                             choices=["sgd", "lars", "adamw"])
-    lr: float = option(0.1, "base learning rate per 256 images, scaled by global batch / 256")
+    lr: float | None = option(None, "base learning rate per 256 images, scaled by global batch / 256; default per "
+                                    "optimiser: sgd 0.1, lars 0.5 (the paper), adamw 5e-4")
     weight_decay: float | None = option(None, "weight decay; default per optimiser: sgd 5e-4, lars 1.5e-6, adamw 0.05")
     momentum: float = option(0.9, "momentum (SGD, LARS)")
     lars_eta: float = option(0.001, "LARS trust coefficient")
@@ -118,9 +127,19 @@ class StopRequested:
     def __call__(self, signum: int, _frame: Any) -> None:
         self.signal_number = signum
 
-    def install(self) -> None:
-        signal.signal(signal.SIGTERM, self)
-        signal.signal(signal.SIGINT, self)
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopRequested]:
+        """Catch SIGTERM/SIGINT while the body runs, then put back whatever handled them before.
+
+        Restoring matters to callers that go on after training: ``twist demo`` serves its app afterwards,
+        and with this handler left in place Ctrl-C would be remembered and ignored.
+        """
+        previous = {number: signal.signal(number, self) for number in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
 
 def median_image_side(root: Path, files: list[str], max_pixels: int, sample: int = 200) -> int:
@@ -144,19 +163,23 @@ def median_image_side(root: Path, files: list[str], max_pixels: int, sample: int
 def resolve_auto(config: TrainConfig, root: Path, files: list[str], device: torch.device) -> TrainConfig:
     """Fill the ``auto`` choices from the images and the machine, so config.json records what ran."""
     changes: dict[str, Any] = {}
+    side = None
     if config.image_size <= 0:
         side = median_image_side(root, files, config.max_pixels)
-        changes["image_size"] = 16 if side <= 24 else 32 if side <= 40 else 64 if side <= 96 else 224
+        changes["image_size"] = auto_image_size(side, device)
+    elif config.backbone == "auto":
+        with contextlib.suppress(NoImagesError):  # reported with reasons once decoding fails
+            side = median_image_side(root, files, config.max_pixels)
     size = changes.get("image_size", config.image_size)
     if config.small_stem is None:
         changes["small_stem"] = size <= 64
     backbone = config.backbone
     if backbone == "auto":
-        backbone = changes["backbone"] = "patches" if size <= 64 and device.type != "cuda" else "resnet18"
-    if backbone == "patches" and config.init:
+        backbone = changes["backbone"] = auto_backbone(size, side, device)
+    patches = backbone.startswith("patches")
+    if patches and config.init:
         raise ConfigError("--init loads ResNet weights; the patches backbone has none: add --backbone resnet18 "
                           "(or resnet34/resnet50, as the weights are)")
-    patches = backbone == "patches"
     if config.width <= 0:
         changes["width"] = PATCH_ATOMS if patches else 64 if device.type == "cuda" else 16
     if config.hidden_dim <= 0:
@@ -165,6 +188,8 @@ def resolve_auto(config: TrainConfig, root: Path, files: list[str], device: torc
         changes["tau"] = 1.0 if patches else 0.5
     if config.weight_decay is None:
         changes["weight_decay"] = DEFAULT_WEIGHT_DECAY[config.optimizer]
+    if config.lr is None:
+        changes["lr"] = DEFAULT_LR[config.optimizer]
     if config.workers < 0:
         changes["workers"] = min(8, os.cpu_count() or 1)
     if config.precision == "auto":
@@ -204,6 +229,11 @@ def forward_views(model: nn.Module, views: list[torch.Tensor], channels_last: bo
     return logits
 
 
+def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    """``metrics.jsonl`` rewritten whole from the history the checkpoint carries, so it never runs ahead."""
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in history))
+
+
 def write_skipped(path: Path, files: list[str], skipped: dict[int, str]) -> None:
     lines = [f"{files[i]}\t{reason}" for i, reason in sorted(skipped.items(), key=lambda item: files[item[0]])]
     atomic_write_text(path, "".join(line + "\n" for line in lines))
@@ -218,13 +248,39 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
 
 
+def check_options(config: TrainConfig) -> None:
+    """Refuse values no run can use before anything is decoded or written."""
+    if config.classes < 1:
+        raise ConfigError(f"--classes {config.classes}: give the number of classes to discover, at least 2")
+    if config.time_budget is not None:
+        try:
+            if parse_duration(config.time_budget) <= 0:
+                raise ValueError(f"--time-budget {config.time_budget!r} leaves no time to train")
+        except ValueError as error:
+            raise ConfigError(f"--time-budget: {error}") from None
+    for name in ("epochs", "eval_every"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be at least 1")
+
+
+def warn_about_classes(classes: int, n_images: int) -> None:
+    """K = 1 has nothing to learn, and a K above the image count leaves clusters empty; both still run."""
+    if classes == 1:
+        print("warning: --classes 1 puts every image in one cluster: the diversity term is zero and nothing is "
+              "learned; use --classes 2 or more", file=sys.stderr)
+    elif classes > n_images:
+        print(f"warning: --classes {classes} is more than the {n_images} readable images: at least "
+              f"{classes - n_images} clusters will stay empty", file=sys.stderr)
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a training run; returns the final epoch's metrics."""
-    with distributed.process_group(config.device) as ctx:
-        return _train(config, ctx)
+    check_options(config)
+    with distributed.process_group(config.device) as ctx, contextlib.ExitStack() as cleanup:
+        return _train(config, ctx, cleanup)
 
 
-def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
+def _train(config: TrainConfig, ctx: distributed.Context, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     from tqdm import tqdm
 
     started = time.perf_counter()
@@ -234,15 +290,15 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
     files = require_images(root)
 
     resumed: dict[str, Any] | None = None
-    if not config.resume:
-        earlier = [name for name in (CHECKPOINT_NAME, "metrics.jsonl") if (out / name).exists()]
-        if earlier:
-            advice = "add --resume to continue it" if CHECKPOINT_NAME in earlier else "delete it"
-            raise ResumeError(f"{out} already holds a run ({', '.join(earlier)}): {advice}, or choose another --out "
-                              f"(nothing was changed)")
+    if not config.resume and checkpoint_path.exists():
+        # Metrics alone are no run: they are rewritten from the checkpoint, so a run killed before its
+        # first checkpoint simply starts again.
+        raise ResumeError(f"{out} already holds a run ({CHECKPOINT_NAME}): add --resume to continue it, or choose "
+                          "another --out (nothing was changed)")
     if config.resume:
         if not checkpoint_path.exists():
-            raise ResumeError(f"--resume: no checkpoint at {checkpoint_path}")
+            raise ResumeError(f"--resume: no checkpoint at {checkpoint_path} (the run stopped before its first "
+                              "checkpoint): start it again without --resume")
         resumed = load_checkpoint(checkpoint_path)
         saved = resumed["config"]
         # The saved run defines everything; only where to run it may change.
@@ -252,10 +308,16 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
             raise ResumeError(f"{root} changed since the run started ({len(resumed['files'])} files then, "
                                f"{len(files)} now): start a new run instead of --resume")
     config = resolve_auto(config, root, files, ctx.device)
+    if ctx.is_main:
+        with contextlib.suppress(NoImagesError):  # unreadable files are reported while decoding
+            side = median_image_side(root, files, config.max_pixels)
+            print("\n".join(announcement(config.backbone, config.image_size, config.width, side, ctx.device)),
+                  file=sys.stderr)
     torch.manual_seed(config.seed)
 
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        mark_output_folder(out)
 
     # Data: decode every image once into RAM when it fits, else stream through worker processes.
     size = decode_size(config.image_size)
@@ -277,6 +339,7 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
         write_skipped(out / "skipped.txt", files, skipped)
         for index, reason in sorted(skipped.items()):
             print(f"warning: skipping {files[index]}: {reason}", file=sys.stderr)
+        warn_about_classes(config.classes, n_valid)
 
     if config.batch_size <= 0:
         config = dataclasses.replace(config, batch_size=auto_batch_size(n_valid, ctx.world_size))
@@ -302,9 +365,22 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
         loader = DataLoader(Subset(dataset, chosen), batch_size=batch_size, num_workers=config.workers)
         yield from (images[torch.tensor([not e for e in errors])] for _, images, errors in loader)
 
+    def decoded_batches(batches: list[list[int]]) -> Iterator[torch.Tensor]:
+        """These batches from the cache or decoded now; a file that fails now is replaced by a good image of its
+        batch, so every batch keeps its size (ranks stay in lockstep)."""
+        if cache is not None:
+            yield from (cache[torch.tensor(indices)] for indices in batches)
+            return
+        for _, images, errors in DataLoader(dataset, batch_sampler=batches, num_workers=config.workers):
+            good = [k for k, error in enumerate(errors) if not error] or list(range(len(errors)))
+            yield images[torch.tensor([k if not errors[k] else good[k % len(good)] for k in range(len(errors))])]
+
     def clean_batches():
-        """Centre crops of up to RECALIBRATION_IMAGES training images, evenly spread, this rank's share."""
-        for images in uint8_batches(spread_images(RECALIBRATION_IMAGES)[ctx.rank::ctx.world_size]):
+        """Centre crops of up to RECALIBRATION_IMAGES training images, evenly spread, in this rank's share of a
+        pass plan that makes every rank run the same number of batches of 2 or more images."""
+        chosen = spread_images(RECALIBRATION_IMAGES)
+        plan = distributed.pass_plan(len(chosen), ctx.world_size, batch_size)
+        for images in decoded_batches(plan.batches(chosen, ctx.rank, ctx.world_size)):
             batch = normalise(images.to(ctx.device), config.image_size)
             yield batch.contiguous(memory_format=torch.channels_last) if config.channels_last else batch
 
@@ -356,8 +432,7 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
     sampler = EpochBatches()
     loader = None if cache is not None else make_loader(dataset, sampler, config.workers,
                                                         ctx.device.type == "cuda")
-    stop = StopRequested()
-    stop.install()
+    stop = cleanup.enter_context(StopRequested().installed())
 
     eval_data = None
     if config.eval_data and ctx.is_main:
@@ -396,14 +471,10 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
             "train_seconds": run_seconds(), "skipped": dict(skipped), "files": files, "history": history,
         })
 
-    def log(row: dict[str, Any]) -> None:
-        history.append(row)
-        if ctx.is_main:
-            with open(out / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(row) + "\n")
-
     if config.eval_data and not resumed:
-        log({"epoch": 0, "step": 0, "eval": calibrate_and_evaluate(0)})
+        history.append({"epoch": 0, "step": 0, "eval": calibrate_and_evaluate(0)})
+    if ctx.is_main:
+        write_metrics(out / METRICS_NAME, history)  # on resume: whatever ran past the checkpoint is dropped
 
     # Step timing for --time-budget: this session's loop time without evaluations, after two warm-up steps.
     timed_steps, timed_since, eval_time_in_loop = 0, None, 0.0
@@ -544,9 +615,11 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> dict[str, Any]:
             eval_time_in_loop += time.perf_counter() - began
             if metrics["eval"] is None:
                 metrics.pop("eval")
-        log(metrics)
+        history.append(metrics)
         epoch += 1
-        checkpoint(epoch, 0)
+        checkpoint(epoch, 0)  # first the checkpoint, which carries the history, then the file rebuilt from it
+        if ctx.is_main:
+            write_metrics(out / METRICS_NAME, history)
         if ctx.is_main:
             write_skipped(out / "skipped.txt", files, skipped)
             warmup_done = global_step > round(config.warmup_epochs * steps_per_epoch)
@@ -581,6 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     args = build_parser().parse_args(argv)
     config = build_config(TrainConfig, args, args.config)
     if not config.data and not config.resume:
@@ -590,7 +664,10 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclasses.replace(config, data=saved["data"])
     try:
         train(config)
-    except (NoImagesError, TrainingDiverged, ResumeError, ConfigError) as error:
+    except (ConfigError, CheckpointError) as error:  # the user's options or files: fix them and run again
+        print(f"twist train: error: {error}", file=sys.stderr)
+        return 2
+    except (NoImagesError, TrainingDiverged, ResumeError) as error:
         print(f"twist train: error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -62,6 +62,15 @@ def test_repeated_wrong_logins_are_slowed_while_the_right_one_still_works(auth_f
     assert login(url, USER, "wrong again") == 400  # a success starts the count afresh: answered at once
 
 
+def test_wrong_basic_credentials_on_the_json_api_are_slowed_too(auth_file_server: dict) -> None:
+    url, start, answered = auth_file_server["url"] + "api/v1/clusters", time.monotonic(), 0
+    while answered < GUESSES and time.monotonic() - start < GUESSING_WINDOW_S:
+        assert httpx.get(url, auth=(USER, f"guess {answered}"), timeout=60).status_code == 401
+        answered += 1
+    assert answered < GUESSES // 2, f"{answered} wrong Basic logins answered in {GUESSING_WINDOW_S} s"
+    assert httpx.get(url, auth=(USER, PASSWORD), timeout=60).status_code == 200
+
+
 def test_credentials_from_the_environment(app_bundle: dict[str, Path], tmp_path: Path) -> None:
     process, url = start_app_server(app_bundle, tmp_path / "state", env={"TWIST_AUTH": f"{USER}:{PASSWORD}"})
     try:

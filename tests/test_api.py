@@ -1,0 +1,128 @@
+"""The JSON API (``/api/v1``) through real HTTP on loopback, with and without --auth, against the index itself."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import start_app_server, stop_app_server
+from PIL import Image
+
+from twist_core.index import ImageIndex
+from twist_core.infer import OnnxModel
+
+USER, PASSWORD = "bo", "a long and careful password"
+
+
+@pytest.fixture(scope="module")
+def servers(app_bundle: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """One open app and one behind --auth (from a file), on the same bundle."""
+    base = tmp_path_factory.mktemp("api")
+    (base / "auth.txt").write_text(f"{USER}:{PASSWORD}\n")
+    open_process, open_url = start_app_server(app_bundle, base / "open-state")
+    try:
+        locked_process, locked_url = start_app_server(app_bundle, base / "locked-state", "--auth",
+                                                      str(base / "auth.txt"))
+    except Exception:
+        stop_app_server(open_process)
+        raise
+    index = ImageIndex.open(app_bundle["index"], "cpu")
+    try:
+        yield {"open": httpx.Client(base_url=open_url + "api/v1/", timeout=60),
+               **app_bundle, "locked_url": locked_url, "ix": index}
+    finally:
+        index.close()
+        stop_app_server(open_process)
+        stop_app_server(locked_process)
+
+
+def test_clusters_pages_and_records_match_the_index(servers: dict) -> None:
+    api, index = servers["open"], servers["ix"]
+    clusters = api.get("clusters").json()
+    expected = {c["cluster"]: c["size"] for c in index.cluster_summary()}
+    assert {c["id"]: c["size"] for c in clusters} == expected
+    assert [c["size"] for c in clusters] == sorted(expected.values(), reverse=True)
+    assert all(set(c) == {"id", "name", "size", "mean_confidence"} and c["name"] for c in clusters)
+
+    biggest = clusters[0]
+    page = api.get(f"clusters/{biggest['id']}/images", params={"page": 0}).json()
+    assert page["total"] == biggest["size"]
+    confidences = [image["confidence"] for image in page["images"]]
+    assert confidences == sorted(confidences, reverse=True) and len(page["images"]) == min(60, biggest["size"])
+
+    first = page["images"][0]
+    record = api.get(f"images/{first['id']}", params={"k": 5}).json()
+    hit = index.get(first["id"])
+    assert record["path"] == hit.path and record["cluster"] == biggest["id"] and record["name"] == biggest["name"]
+    assert record["topk"][0]["cluster"] == hit.cluster and len(record["neighbours"]) == 5
+    assert first["id"] not in [n["id"] for n in record["neighbours"]]
+
+    picture = api.get(f"images/{first['id']}/file")
+    assert picture.headers["content-type"] == "image/png" and picture.headers["x-content-type-options"] == "nosniff"
+    with Image.open(hit.abs_path) as original, Image.open(io.BytesIO(picture.content)) as served:
+        assert served.size == original.size
+    assert api.get("images/999999").status_code == 404
+    assert api.get("clusters/999/images").status_code in (400, 404)
+
+
+def test_search_by_id_upload_and_vector_agree_with_the_index(servers: dict) -> None:
+    api, index = servers["open"], servers["ix"]
+    model = OnnxModel(servers["model"], device="cpu")
+    query = index.records(None, order_by="id", limit=3)[2]
+    expected = [h.id for h in index.search_id(query.id, 6)]
+    by_id = api.get(f"search/id/{query.id}", params={"k": 6}).json()
+    assert [n["id"] for n in by_id["neighbours"]] == expected
+
+    with open(query.abs_path, "rb") as handle:
+        by_upload = api.post("search/upload", params={"k": 6}, files={"file": ("q.jpg", handle)}).json()
+    assert [n["id"] for n in by_upload["neighbours"]] == [h.id for h in index.search_image(model, query.abs_path, 6)]
+    probs = model.predict([query.abs_path])[0][0]
+    assert by_upload["classes"][0]["cluster"] == int(probs.argmax())
+    assert abs(by_upload["classes"][0]["probability"] - float(probs.max())) < 1e-4
+
+    vector = index.vector(query.id).tolist()
+    by_vector = api.post("search/vector", json={"vector": vector, "k": 6}).json()
+    assert [n["id"] for n in by_vector["neighbours"]] == [h.id for h in index.search_vectors(np.array([vector]), 6)[0]]
+    assert by_vector["neighbours"][0]["id"] == query.id  # an indexed vector finds itself first
+    assert api.post("search/vector", json={"vector": vector[:-1], "k": 6}).status_code == 400
+    nan_query = json.dumps({"vector": [float("nan")] * len(vector)})  # NaN is not JSON, but clients send it
+    assert api.post("search/vector", content=nan_query, headers={"content-type": "application/json"}
+                    ).status_code in (400, 422)
+    bad = api.post("search/upload", files={"file": ("x.jpg", b"not an image")})
+    assert bad.status_code == 400 and "image" in bad.json()["detail"]
+
+
+def test_labels_follow_the_curation_in_json_and_csv(servers: dict) -> None:
+    api, index = servers["open"], servers["ix"]
+    before = api.get("labels").json()
+    assert len(before) == index.size and {r["path"] for r in before} == set(index.paths())
+    as_csv = list(csv.DictReader(io.StringIO(api.get("labels", params={"format": "csv"}).text)))
+    assert len(as_csv) == index.size
+    assert api.get("labels", params={"format": "xml"}).status_code == 422
+
+
+def test_auth_applies_and_openapi_describes_the_routes(servers: dict) -> None:
+    url = servers["locked_url"]
+    anonymous = httpx.Client(base_url=url, timeout=60)
+    for route in ("api/v1/clusters", "api/v1/labels", "api/v1/images/0", "api/v1/images/0/file",
+                  "api/v1/search/id/0"):
+        assert anonymous.get(route).status_code == 401, route
+    assert anonymous.post("api/v1/search/vector", json={"vector": [0.0]}).status_code == 401
+    assert httpx.get(url + "api/v1/clusters", auth=(USER, "wrong"), timeout=60).status_code == 401
+    assert httpx.get(url + "api/v1/clusters", auth=(USER, PASSWORD), timeout=60).status_code == 200
+    session = httpx.Client(base_url=url, timeout=60)
+    session.post("login", data={"username": USER, "password": PASSWORD})
+    assert session.get("api/v1/clusters").status_code == 200  # the UI's login cookie works too
+    for attempt in ("api/v1/images/..%2f..%2fetc%2fpasswd", "api/v1/images/-1/file", "api/v1/../../etc/passwd"):
+        response = session.get(attempt)
+        assert response.status_code in (404, 422) and b"root:" not in response.content, attempt
+    spec = session.get("openapi.json").json()
+    routes = {path for path in spec["paths"] if path.startswith("/api/v1/")}
+    assert {"/api/v1/clusters", "/api/v1/search/upload", "/api/v1/search/vector",
+            "/api/v1/search/id/{image_id}", "/api/v1/labels"} <= routes
