@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from app.curation import EXCLUDED, Record
-from twist_core.io_utils import atomic_write, csv_safe
+from twist_core.io_utils import atomic_write, csv_safe, mark_output_folder
 from twist_core.label_tree import MARKER, file_names, folder_names
 
 CSV_COLUMNS = ["id", "path", "label", "label_name", "predicted", "predicted_name", "confidence", "status"]
@@ -67,6 +67,7 @@ def write_tree(records: Iterable[Record], names: dict[int, str], root: Path, tre
         shutil.rmtree(tree)
     tree.mkdir(parents=True, exist_ok=True)
     (tree / MARKER).write_text("written by twist app; safe to delete\n")
+    mark_output_folder(tree)  # folder scans skip it, even when it lies inside a dataset
     counts: dict[str, int] = {}
     for r, name in placed(records, names):
         target = tree / name
