@@ -114,14 +114,14 @@ class Workspace:
                 if Path(path).resolve().is_relative_to(root)]
 
     def thumbnail(self, record: Record) -> Path:
-        return self.thumbnails.path(record.id, self.root / record.path)
+        return self.thumbnails.path(record.id, self.index.file_of(record.path))
 
     def warm_thumbnails(self, per_cluster: int = PAGE_SIZE) -> threading.Thread:
         """Make the first page of every cluster in the background, so the first clicks are instant."""
         def work() -> None:
             for cluster in self.store.summary():
                 page = self.store.page(cluster["cluster"], limit=per_cluster)
-                self.thumbnails.warm(((r.id, self.root / r.path) for r in page), self._stop.is_set)
+                self.thumbnails.warm(((r.id, self.index.file_of(r.path)) for r in page), self._stop.is_set)
 
         thread = threading.Thread(target=work, name="thumbnail-warmup", daemon=True)
         thread.start()
@@ -200,7 +200,7 @@ class Workspace:
         return found[int(image_id)]
 
     def image_path(self, record: Record) -> Path:
-        return self.root / record.path
+        return self.index.file_of(record.path)
 
     def neighbours_of(self, image_id: int, k: int = 12) -> list[Neighbour]:
         try:
@@ -238,7 +238,10 @@ class Workspace:
     def search_file(self, path: str | Path, k: int = 12) -> Prediction:
         """An uploaded image: class distribution and its ``k`` nearest indexed images with similarity."""
         probs, embeddings = self._predict([self._decode(path)])
-        hits = self.index.search_vectors(embeddings, int(k))[0]
+        try:
+            hits = self.index.search_vectors(embeddings, int(k))[0]
+        except IndexUserError as error:  # e.g. the model gave a non-finite embedding for this image
+            raise AppUserError(f"cannot search with this image: {error}") from None
         return Prediction(probs[0], self._neighbours([(h.id, h.similarity or 0.0) for h in hits]))
 
     def search_id(self, image_id: int, k: int = 12) -> Prediction:
