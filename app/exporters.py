@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from app.curation import EXCLUDED, Record
-from twist_core.io_utils import atomic_write, csv_safe
+from twist_core.io_utils import atomic_write, csv_safe, mark_output_folder, path_from_text
 from twist_core.label_tree import MARKER, file_names, folder_names
 
 CSV_COLUMNS = ["id", "path", "label", "label_name", "predicted", "predicted_name", "confidence", "status"]
@@ -67,11 +67,12 @@ def write_tree(records: Iterable[Record], names: dict[int, str], root: Path, tre
         shutil.rmtree(tree)
     tree.mkdir(parents=True, exist_ok=True)
     (tree / MARKER).write_text("written by twist app; safe to delete\n")
+    mark_output_folder(tree)  # folder scans skip it, even when it lies inside a dataset
     counts: dict[str, int] = {}
     for r, name in placed(records, names):
         target = tree / name
         target.parent.mkdir(exist_ok=True)
-        source = (root / r.path).resolve()
+        source = (root / path_from_text(r.path)).resolve()
         if mode == "symlink":
             os.symlink(source, target)
         else:
@@ -87,8 +88,9 @@ def write_zip(records: Iterable[Record], names: dict[int, str], root: Path, out:
     def write(tmp: str) -> None:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
             for r, name in entries:
-                if (root / r.path).is_file():
-                    archive.write(root / r.path, name)
+                source = root / path_from_text(r.path)
+                if source.is_file():
+                    archive.write(source, name)
 
     atomic_write(out, write)
     return out

@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 INLINE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "image/gif"})
-FILE_ROUTE = re.compile(r"/file[=/](?P<path>.*)$")  # /gradio_api/file=PATH, /file=PATH, /gradio_api/file/PATH
+FILE_ROUTE = re.compile(r"(?:/file=|/gradio_api/file/)(?P<path>.*)$")  # Gradio's routes that serve a file path
 LOGIN_ROUTE = re.compile(r"/login/?$")
-FAILED_LOGIN = frozenset({400, 401, 403})
+FAILED_LOGIN = frozenset({400, 401, 403})  # the login form's answers to wrong credentials
+FAILED_BASIC = frozenset({401})  # a route's answer to wrong HTTP Basic credentials
+BASIC_SLOTS = 4  # requests with HTTP Basic credentials one client may have in flight
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
@@ -70,15 +72,19 @@ def file_headers(headers: list[tuple[bytes, bytes]], requested: str) -> list[tup
 
 
 class LoginThrottle:
-    """Per-client delay after each failed login: ``first_delay * 2**(failures - 1)`` seconds, at most ``max_delay``."""
+    """Per-client delay after each failed login: ``first_delay * 2**(failures - 1)`` seconds, at most ``max_delay``.
+
+    Login forms are handled one at a time per client, and requests carrying HTTP Basic credentials (the JSON
+    API) at most ``BASIC_SLOTS`` at a time, so parallel guesses gain little.
+    """
 
     def __init__(self, first_delay: float = 0.1, max_delay: float = 2.0, forget_after: float = 900.0) -> None:
         self.first_delay, self.max_delay, self.forget_after = first_delay, max_delay, forget_after
         self._failures: dict[str, tuple[int, float]] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._gates: dict[tuple[str, int], asyncio.Semaphore] = {}
 
-    def lock(self, client: str) -> asyncio.Lock:
-        return self._locks.setdefault(client, asyncio.Lock())
+    def gate(self, client: str, slots: int) -> asyncio.Semaphore:
+        return self._gates.setdefault((client, slots), asyncio.Semaphore(slots))
 
     def failed(self, client: str) -> float:
         """Count a failure; returns how long to hold its answer back."""
@@ -90,6 +96,11 @@ class LoginThrottle:
 
     def succeeded(self, client: str) -> None:
         self._failures.pop(client, None)
+
+
+def has_basic_credentials(scope: Scope) -> bool:
+    return any(key.lower() == b"authorization" and value[:6].lower() == b"basic "
+               for key, value in scope.get("headers", []))
 
 
 class AppGuard:
@@ -107,7 +118,9 @@ class AppGuard:
         if file_route:
             await self._serve_file(file_route.group("path"), scope, receive, send)
         elif LOGIN_ROUTE.search(path) and scope.get("method") == "POST":
-            await self._login(scope, receive, send)
+            await self._login(scope, receive, send, slots=1, failures=FAILED_LOGIN)
+        elif has_basic_credentials(scope):
+            await self._login(scope, receive, send, slots=BASIC_SLOTS, failures=FAILED_BASIC)
         else:
             await self.app(scope, receive, send)
 
@@ -126,12 +139,12 @@ class AppGuard:
 
         await self.app(scope, receive, send_with_headers)
 
-    async def _login(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _login(self, scope: Scope, receive: Receive, send: Send, slots: int, failures: frozenset[int]) -> None:
         client = (scope.get("client") or ("unknown",))[0]
-        async with self.throttle.lock(client):
+        async with self.throttle.gate(client, slots):
             async def send_slowly(message: dict) -> None:
                 if message["type"] == "http.response.start":
-                    if message.get("status") in FAILED_LOGIN:
+                    if message.get("status") in failures:
                         await asyncio.sleep(self.throttle.failed(client))
                     elif message.get("status", 500) < 300:
                         self.throttle.succeeded(client)

@@ -1,7 +1,8 @@
 """``twist app [--model M --index INDEX]``: the web app to browse, search, curate and export the clusters.
 
-It binds 127.0.0.1 unless told otherwise, serves files only from the dataset and thumbnail folders, limits
-upload size, pixels and concurrency, and turns every problem into a sentence (never a traceback).
+It binds 127.0.0.1 unless told otherwise, serves only files it made itself (re-encoded images, exports; see
+app/guard.py), takes logins from a file or $TWIST_AUTH and slows failed ones, limits upload size, pixels and
+concurrency, and turns every problem into a sentence (never a traceback).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ class AppConfig:
     index: str | None = option(None, "index folder written by twist index; default: models/demo/index")
     host: str = option("127.0.0.1", "address to bind (0.0.0.0 shares the app on the network: use --auth)")
     port: int = option(7860, "port to listen on (0 = any free port)")
-    auth: str | None = option(None, "require a login: USER:PASSWORD, or a file with one USER:PASSWORD per line")
+    auth: str | None = option(None, "require a login: USER:PASSWORD (shows in ps: prefer --auth-file or "
+                                    "$TWIST_AUTH), or a file with one USER:PASSWORD per line")
+    auth_file: str | None = option(None, "require a login: a file with one USER:PASSWORD per line")
     state_dir: str | None = option(None, "folder of the curation store, thumbnails and map cache; default: "
                                          "the index folder")
     max_upload_mb: int = option(20, "largest accepted upload in MB")
@@ -44,6 +47,10 @@ class AppConfig:
 
 class AppStartError(Exception):
     """The app cannot start as configured (missing model or index, bad --auth); the message says why."""
+
+
+class AppUsageError(AppStartError):
+    """An option the user gave is wrong (exit code 2, like any usage error)."""
 
 
 def demo_dir() -> Path:
@@ -69,15 +76,50 @@ def resolve_defaults(config: AppConfig, demo: Path | None = None) -> AppConfig:
     return config
 
 
+AUTH_ENV = "TWIST_AUTH"
+PS_WARNING = ("--auth USER:PASSWORD leaves the password visible to anyone who can list processes (ps); "
+              f"put it in a file for --auth-file PATH or in the {AUTH_ENV} environment variable")
+
+
 def parse_auth(value: str | None) -> list[tuple[str, str]] | None:
     """``user:password`` or a file of such lines -> Gradio's list of credentials."""
     if not value:
         return None
-    lines = Path(value).read_text().splitlines() if Path(value).is_file() else [value]
+    lines = read_auth_file(Path(value)) if Path(value).is_file() else [value]
+    return credential_pairs(lines, "--auth expects USER:PASSWORD or a file with one USER:PASSWORD per line")
+
+
+def read_auth_file(path: Path) -> list[str]:
+    try:
+        return path.read_text().splitlines()
+    except FileNotFoundError:
+        raise AppUsageError(f"--auth-file {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise AppUsageError(f"--auth-file {path}: cannot read it ({error})") from None
+
+
+def credential_pairs(lines: list[str], problem: str) -> list[tuple[str, str]]:
     pairs = [tuple(line.strip().split(":", 1)) for line in lines if line.strip() and not line.startswith("#")]
     if not pairs or any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
-        raise AppStartError("--auth expects USER:PASSWORD or a file with one USER:PASSWORD per line")
+        raise AppUsageError(problem)
     return pairs  # type: ignore[return-value]
+
+
+def resolve_auth(config: AppConfig) -> list[tuple[str, str]] | None:
+    """Credentials from --auth-file, --auth or $TWIST_AUTH (lines of USER:PASSWORD); None: no login."""
+    if config.auth_file and config.auth:
+        raise AppUsageError("give --auth-file or --auth, not both")
+    if config.auth_file:
+        return credential_pairs(read_auth_file(Path(config.auth_file)),
+                                f"--auth-file {config.auth_file} holds no USER:PASSWORD line")
+    if config.auth:
+        if not Path(config.auth).is_file():
+            log.warning(PS_WARNING)
+        return parse_auth(config.auth)
+    if os.environ.get(AUTH_ENV):
+        return credential_pairs(os.environ[AUTH_ENV].splitlines(),
+                                f"{AUTH_ENV} expects USER:PASSWORD (one per line)")
+    return None
 
 
 def free_port(host: str) -> int:
@@ -118,6 +160,18 @@ def guard_middleware() -> Middleware:
     return Middleware(AppGuard, files=FileGuard([get_upload_folder()]), throttle=LoginThrottle())
 
 
+def check_options(config: AppConfig) -> None:
+    """Numbers out of range are usage errors, reported before anything slow starts."""
+    if not 0 <= config.port <= 65535:
+        raise AppUsageError(f"--port {config.port} is not a port: give 1 to 65535 (or 0 for any free port)")
+    for flag, value in (("--max-upload-mb", config.max_upload_mb), ("--max-pixels", config.max_pixels),
+                        ("--concurrency", config.concurrency), ("--queue-size", config.queue_size)):
+        if value < 1:
+            raise AppUsageError(f"{flag} {value} must be at least 1")
+    if not config.host.strip():
+        raise AppUsageError("--host must name an address, such as 127.0.0.1 or 0.0.0.0")
+
+
 def api_routes(workspace, config: AppConfig) -> list:
     """The JSON API's routes (``/api/v1``), handed to the app when it is created so they exist from the start."""
     from app.api import build_router
@@ -127,7 +181,8 @@ def api_routes(workspace, config: AppConfig) -> list:
 
 def launch(config: AppConfig, block: bool = True):
     """Start the server; returns (workspace, demo) when ``block`` is False (tests, benchmarks)."""
-    auth = parse_auth(config.auth)
+    check_options(config)
+    auth = resolve_auth(config)
     workspace, demo = build_app(config)
     for warning in workspace.misplaced_outputs():
         log.warning(warning)
@@ -151,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("twist.app").setLevel(logging.INFO)
     try:
         launch(build_config(AppConfig, args, args.config))
+    except AppUsageError as error:
+        print(f"twist app: error: {error}", file=sys.stderr)
+        return 2
     except (AppStartError, ValueError, OSError) as error:
         print(f"twist app: error: {error}", file=sys.stderr)
         return 1

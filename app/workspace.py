@@ -6,13 +6,12 @@ client never names a file: images are addressed by index id and mapped to paths 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
-import io
 import json
 import tempfile
 import threading
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +21,10 @@ import numpy as np
 from PIL import Image
 
 from app import exporters, projection
+from app.batch import BatchItem, BatchUserError, batch_items, check_pixel_budget, decode_small
 from app.curation import EXCLUDED, CurationError, CurationStore, Record
 from app.thumbnails import ThumbnailCache
-from twist_core.folder import IMAGE_EXTENSIONS, ImageReadError, decode_image
+from twist_core.folder import ImageReadError, decode_image
 from twist_core.index import ImageIndex
 from twist_core.index_store import META_FILE, IndexUserError, read_manifest
 from twist_core.infer import OnnxModel
@@ -34,6 +34,8 @@ from twist_core.label_table import labels_paths
 PAGE_SIZE = 60
 COVER_IMAGES = 4  # most confident images on a cluster's card
 MAX_BATCH_IMAGES = 2000
+BATCH_CHUNK = 64  # images decoded and predicted together
+MAX_BATCH_PIXELS = 500_000_000  # decoded pixels one batch request may ask for, all images together
 VIEW_SIZE = 1024  # longest side of the picture in the detail view
 
 
@@ -112,14 +114,14 @@ class Workspace:
                 if Path(path).resolve().is_relative_to(root)]
 
     def thumbnail(self, record: Record) -> Path:
-        return self.thumbnails.path(record.id, self.root / record.path)
+        return self.thumbnails.path(record.id, self.index.file_of(record.path))
 
     def warm_thumbnails(self, per_cluster: int = PAGE_SIZE) -> threading.Thread:
         """Make the first page of every cluster in the background, so the first clicks are instant."""
         def work() -> None:
             for cluster in self.store.summary():
                 page = self.store.page(cluster["cluster"], limit=per_cluster)
-                self.thumbnails.warm(((r.id, self.root / r.path) for r in page), self._stop.is_set)
+                self.thumbnails.warm(((r.id, self.index.file_of(r.path)) for r in page), self._stop.is_set)
 
         thread = threading.Thread(target=work, name="thumbnail-warmup", daemon=True)
         thread.start()
@@ -198,7 +200,7 @@ class Workspace:
         return found[int(image_id)]
 
     def image_path(self, record: Record) -> Path:
-        return self.root / record.path
+        return self.index.file_of(record.path)
 
     def neighbours_of(self, image_id: int, k: int = 12) -> list[Neighbour]:
         try:
@@ -236,7 +238,10 @@ class Workspace:
     def search_file(self, path: str | Path, k: int = 12) -> Prediction:
         """An uploaded image: class distribution and its ``k`` nearest indexed images with similarity."""
         probs, embeddings = self._predict([self._decode(path)])
-        hits = self.index.search_vectors(embeddings, int(k))[0]
+        try:
+            hits = self.index.search_vectors(embeddings, int(k))[0]
+        except IndexUserError as error:  # e.g. the model gave a non-finite embedding for this image
+            raise AppUserError(f"cannot search with this image: {error}") from None
         return Prediction(probs[0], self._neighbours([(h.id, h.similarity or 0.0) for h in hits]))
 
     def search_id(self, image_id: int, k: int = 12) -> Prediction:
@@ -331,23 +336,22 @@ class Workspace:
 
     # ---- batch
     def batch_label(self, files: Sequence[str | Path]) -> tuple[Path, list[list[Any]]]:
-        """Predict every uploaded image (zips are opened in memory) and write a CSV of labels."""
-        items = list(self._batch_items(files))
-        if not items:
-            raise AppUserError("upload at least one image or a zip of images")
-        names = self.names()
-        rows: list[list[Any]] = []
-        for start in range(0, len(items), 64):
-            chunk = items[start:start + 64]
-            images = [image for _, image, _ in chunk if image is not None]
-            probs = iter(self._predict(images)[0] if images else [])
-            for name, image, error in chunk:
-                if image is None:
-                    rows.append([name, "", "", "", error])
-                    continue
-                p = next(probs)
-                cluster = self.store.merged_into(int(p.argmax()))
-                rows.append([name, cluster, names.get(cluster, ""), round(float(p.max()), 4), ""])
+        """Predict every uploaded image (and every image in an uploaded zip) and write a CSV of labels.
+
+        Images are sized from their headers first (a request past ``MAX_BATCH_PIXELS`` is refused whole),
+        then decoded one by one at the model's scale and predicted in chunks: memory stays that of one image.
+        """
+        with contextlib.ExitStack() as zips:
+            try:
+                items = batch_items(files, zips, MAX_BATCH_IMAGES)
+                if not items:
+                    raise AppUserError("upload at least one image or a zip of images")
+                check_pixel_budget(items, MAX_BATCH_PIXELS, self.max_pixels)
+            except BatchUserError as error:
+                raise AppUserError(str(error)) from None
+            names = self.names()
+            rows = [row for start in range(0, len(items), BATCH_CHUNK)
+                    for row in self._label_chunk(items[start:start + BATCH_CHUNK], names)]
         out = self._export_path("batch-labels.csv")
         with open(out, "w", newline="") as handle:
             writer = csv.writer(handle)
@@ -355,32 +359,24 @@ class Workspace:
             writer.writerows([csv_safe(cell) for cell in row] for row in rows)
         return out, rows
 
-    def _batch_items(self, files: Sequence[str | Path]):
-        """(name, image or None, error) for each uploaded image and each image inside an uploaded zip."""
-        count = 0
-        for file in files:
-            path = Path(file)
-            if zipfile.is_zipfile(path):
-                with zipfile.ZipFile(path) as archive:
-                    for member in archive.infolist():
-                        if member.is_dir() or Path(member.filename).suffix.lower() not in IMAGE_EXTENSIONS:
-                            continue
-                        count += 1
-                        if count > MAX_BATCH_IMAGES:
-                            raise AppUserError(f"at most {MAX_BATCH_IMAGES} images per batch")
-                        if member.file_size > 50 << 20:
-                            yield member.filename, None, "larger than 50 MB"
-                            continue
-                        yield (member.filename, *self._batch_decode(io.BytesIO(archive.read(member))))
+    def _label_chunk(self, items: Sequence[BatchItem], names: dict[int, str]) -> list[list[Any]]:
+        decoded = [(item.name, *self._batch_decode(item)) for item in items]
+        images = [image for _, image, _ in decoded if image is not None]
+        probs = iter(self._predict(images)[0] if images else [])
+        rows: list[list[Any]] = []
+        for name, image, error in decoded:
+            if image is None:
+                rows.append([name, "", "", "", error])
                 continue
-            count += 1
-            if count > MAX_BATCH_IMAGES:
-                raise AppUserError(f"at most {MAX_BATCH_IMAGES} images per batch")
-            yield (path.name, *self._batch_decode(path))
+            p = next(probs)
+            cluster = self.store.merged_into(int(p.argmax()))
+            rows.append([name, cluster, names.get(cluster, ""), round(float(p.max()), 4), ""])
+        return rows
 
-    def _batch_decode(self, source: Any) -> tuple[Image.Image | None, str]:
+    def _batch_decode(self, item: BatchItem) -> tuple[Image.Image | None, str]:
+        if item.source is None:
+            return None, item.error
         try:
-            return decode_image(source, self.max_pixels, draft_size=self.model.transform.resize_size), ""
+            return decode_small(item.source(), self.max_pixels, self.model.transform.resize_size), ""
         except ImageReadError as error:
             return None, str(error)
-

@@ -9,7 +9,9 @@ need to be real, not good), export it, label all 50,000 images and build the ind
   made then) and revisits (thumbnails cached), on the largest cluster, so paging runs on the most rows;
 - search by upload (``/search_upload``, k=12): 100 requests with different images, median and p95;
 - baselines in the same run: the client round trip to a near-empty handler, and the page and search work
-  timed in-process without Gradio, so the app's own cost and the transport's can be told apart.
+  timed in-process without Gradio, so the app's own cost and the transport's can be told apart;
+- the JSON API beside the UI (``/api/v1``): search by id and by upload over plain HTTP (one kept-alive
+  connection, as a script uses it), next to Gradio's ``/search_id`` and ``/search_upload`` of the same run.
 
     python bench/bench_app.py            # writes bench/results/app.json and prints a table
 """
@@ -115,6 +117,25 @@ def in_process_handlers(setup: dict, state: Path, cluster: int, queries: list[Pa
         ws.close()
 
 
+def time_api(base: str, ids: list[int], queries: list[Path]) -> tuple[list[float], list[float]]:
+    """Search by id and by upload through the JSON API, one kept-alive HTTP connection as a script would use."""
+    import httpx
+
+    by_id, by_upload = [], []
+    with httpx.Client(base_url=base, timeout=60) as api:
+        api.get("clusters").raise_for_status()  # connection open, routes warm
+        for image_id in ids:
+            start = time.perf_counter()
+            api.get(f"search/id/{image_id}", params={"k": 12}).raise_for_status()
+            by_id.append(time.perf_counter() - start)
+        for path in queries:
+            body = path.read_bytes()
+            start = time.perf_counter()
+            api.post("search/upload", params={"k": 12}, files={"file": (path.name, body)}).raise_for_status()
+            by_upload.append(time.perf_counter() - start)
+    return by_id, by_upload
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archive", default=str(REPO.parent / "shared" / "data" / "cifar10-train.tar.gz"))
@@ -135,7 +156,8 @@ def main() -> None:
         index = ImageIndex.open(setup["index"], "cpu")
         size, clusters = index.size, index.cluster_summary()
         biggest = max(clusters, key=lambda c: c["size"])
-        queries = [h.abs_path for h in index.records(None, order_by="id", limit=50_000)[::500][:args.searches]]
+        sampled = index.records(None, order_by="id", limit=50_000)[::500][:args.searches]
+        queries, query_ids = [h.abs_path for h in sampled], [h.id for h in sampled]
         index.close()
 
         port = args.port or free_port("127.0.0.1")
@@ -158,6 +180,13 @@ def main() -> None:
                 start = time.perf_counter()
                 client.predict(handle_file(str(path)), 12, api_name="/search_upload")
                 searches.append(time.perf_counter() - start)
+            gradio_by_id = []
+            ids = [int(i) for i in query_ids]
+            for image_id in ids:
+                start = time.perf_counter()
+                client.predict(image_id, 12, api_name="/search_id")
+                gradio_by_id.append(time.perf_counter() - start)
+            api_by_id, api_upload = time_api(f"http://127.0.0.1:{port}/api/v1/", ids, queries)
             trivial = []  # baseline: the same round trip to a handler that does almost nothing
             for _ in range(args.pages * 2):
                 start = time.perf_counter()
@@ -182,6 +211,12 @@ def main() -> None:
         "open_cluster_lowest_first_ms": round(lowest * ms, 1),
         "search_upload_ms": {"median": round(statistics.median(searches) * ms, 1),
                              "p95": round(percentile(searches, 95) * ms, 1), "n": len(searches)},
+        "search_id_ms": {"median": round(statistics.median(gradio_by_id) * ms, 1),
+                         "p95": round(percentile(gradio_by_id, 95) * ms, 1), "n": len(gradio_by_id)},
+        "api_search_id_ms": {"median": round(statistics.median(api_by_id) * ms, 1),
+                             "p95": round(percentile(api_by_id, 95) * ms, 1), "n": len(api_by_id)},
+        "api_search_upload_ms": {"median": round(statistics.median(api_upload) * ms, 1),
+                                 "p95": round(percentile(api_upload, 95) * ms, 1), "n": len(api_upload)},
         "baselines_ms": {
             "gradio_round_trip_trivial_handler": round(statistics.median(trivial) * ms, 1),
             "handler_only_cluster_page_revisit": round(statistics.median(handler_page) * ms, 1),
@@ -196,7 +231,10 @@ def main() -> None:
     print(f"{'app start-up (process -> HTTP 200)':<42} {result['startup_s'] * 1000:>9.0f}ms {'':>10}")
     for key, title in (("open_cluster_first_visit_ms", f"open cluster page, first visit ({biggest['size']:,})"),
                        ("open_cluster_revisit_ms", "open cluster page, revisit"),
-                       ("search_upload_ms", "search by upload (k=12)")):
+                       ("search_upload_ms", "search by upload (k=12)"),
+                       ("search_id_ms", "search by id (k=12)"),
+                       ("api_search_id_ms", "JSON API: search by id (k=12)"),
+                       ("api_search_upload_ms", "JSON API: search by upload (k=12)")):
         print(f"{title:<42} {result[key]['median']:>8.1f}ms {result[key]['p95']:>8.1f}ms")
     print(json.dumps(result["setup"]))
     print("medians of the baselines (ms):", json.dumps(result["baselines_ms"]))

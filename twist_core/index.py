@@ -34,13 +34,18 @@ from twist_core.index_store import (
     new_uid,
     read_manifest,
 )
+from twist_core.io_utils import path_from_text
 
 TOPK_STORED = 3  # class probabilities kept per image, for the app's "why this cluster" view
 
 
 @dataclass(frozen=True)
 class Hit:
-    """One image in a result; ``similarity`` is the cosine to the query (None when listing records)."""
+    """One image in a result; ``similarity`` is the cosine to the query (None when listing records).
+
+    ``path`` is table text (a byte that is not UTF-8 as ``\\xNN``, see :func:`twist_core.io_utils.path_to_text`),
+    fit to print and store; ``abs_path`` is the real file to open.
+    """
 
     id: int
     path: str
@@ -124,6 +129,10 @@ class ImageIndex:
     def root(self) -> Path:
         return Path(self._info["root"])
 
+    def file_of(self, path: str) -> Path:
+        """The file to open for an indexed path (table text, as :attr:`Hit.path` and :meth:`paths` give it)."""
+        return self.root / path_from_text(path)
+
     @property
     def kind(self) -> str:
         return str(self._info["kind"])
@@ -144,7 +153,7 @@ class ImageIndex:
         for pos, i in enumerate(keep):
             row = rows[i]
             similarity = None if sims is None else float(sims[pos])
-            hits.append(Hit(i, row["path"], self.root / row["path"], similarity, row["cluster"],
+            hits.append(Hit(i, row["path"], self.file_of(row["path"]), similarity, row["cluster"],
                             row["cluster_name"], row["confidence"]))
         return hits
 
@@ -160,7 +169,7 @@ class ImageIndex:
             return self._store.ids_for_paths(list(paths))
 
     def paths(self) -> list[str]:
-        """Every indexed path, relative to ``root``."""
+        """Every indexed path, relative to ``root``, as table text (open it with :meth:`file_of`)."""
         with self._lock:
             return [path for _, path in self._store.all_paths()]
 
@@ -182,7 +191,7 @@ class ImageIndex:
         """One page of images, filtered and sorted in SQL so the app never loads a whole cluster."""
         with self._lock:
             rows = self._store.records(cluster, order_by, descending, offset, limit, min_conf, max_conf)
-        return [Hit(r["id"], r["path"], self.root / r["path"], None, r["cluster"], r["cluster_name"],
+        return [Hit(r["id"], r["path"], self.file_of(r["path"]), None, r["cluster"], r["cluster_name"],
                     r["confidence"]) for r in rows]
 
     def cluster_summary(self) -> list[dict[str, Any]]:
@@ -313,7 +322,7 @@ class ImageIndex:
         """
         records = [{"path": r} if isinstance(r, str) else dict(r) for r in rows]
         for record in records:
-            record.setdefault("fingerprint", file_fingerprint(self.root / record["path"]))
+            record.setdefault("fingerprint", file_fingerprint(self.file_of(record["path"])))
         vectors = self._queries(embeddings)
         paths = [r["path"] for r in records]
         if len(vectors) != len(records):
@@ -339,11 +348,11 @@ class ImageIndex:
 
     def add_images(self, model: Any, paths: Sequence[str],
                    batch_size: int = 64) -> tuple[np.ndarray, list[str]]:
-        """Label and add images given relative to ``root``; returns (new ids, why files were skipped)."""
+        """Label and add images (table text paths relative to ``root``); returns (new ids, why files were skipped)."""
         images, kept, problems = [], [], []
         for path in paths:
             try:
-                images.append(decode_image(self.root / path))
+                images.append(decode_image(self.file_of(path)))
                 kept.append(path)
             except (ImageReadError, OSError) as error:
                 problems.append(f"{path}: {error}")
@@ -372,14 +381,14 @@ class ImageIndex:
             identities = self._store.identities()
         changed = set()
         for path, (_, fingerprint) in identities.items():
-            now = file_fingerprint(self.root / path) if fingerprint is not None else None
+            now = file_fingerprint(self.file_of(path)) if fingerprint is not None else None
             if now is not None and now != fingerprint:
                 changed.add(path)
         return changed
 
     def remove_missing(self) -> int:
         """Drop entries whose files no longer exist under ``root``."""
-        gone = [i for i, path in self._store.all_paths() if not (self.root / path).is_file()]
+        gone = [i for i, path in self._store.all_paths() if not self.file_of(path).is_file()]
         return self.remove(gone)
 
     def close(self) -> None:

@@ -43,7 +43,7 @@ from twist_core.index_store import (
     read_manifest,
     write_failure,
 )
-from twist_core.io_utils import mark_output_folder
+from twist_core.io_utils import mark_output_folder, path_from_text, path_to_text
 from twist_core.label_table import FORMATS, labels_paths, read_labels
 
 
@@ -143,7 +143,7 @@ def assign_ids(rows: list[dict[str, Any]], root: Path, lineage: Lineage) -> np.n
     unknown_matches = lineage.info.get("root") == str(root.resolve())
     ids = np.empty(len(rows), dtype=np.int64)
     for position, row in enumerate(rows):
-        row["fingerprint"] = file_fingerprint(root / row["path"])
+        row["fingerprint"] = file_fingerprint(root / path_from_text(row["path"]))
         old = lineage.identities.get(row["path"])
         if old is not None and row["fingerprint"] is not None and (
                 old[1] == row["fingerprint"] or (old[1] is None and unknown_matches)):
@@ -220,7 +220,7 @@ def update_index(config: IndexConfig) -> tuple[int, int]:
                                  f"{index.dim}-d vectors; label with the model the index was built with")
         known = index.ids_for_paths([r["path"] for r in rows])
         new = np.array([i for i, row in enumerate(rows) if (row["path"] not in known or row["path"] in changed)
-                        and (index.root / row["path"]).is_file()], dtype=np.int64)
+                        and index.file_of(row["path"]).is_file()], dtype=np.int64)
         vectors = np.asarray(embeddings[new])
         require_finite(vectors, new, rows)
         removed = index.remove_missing()
@@ -234,7 +234,8 @@ def update_index(config: IndexConfig) -> tuple[int, int]:
         model = OnnxModel(model_path, device=config.device)
         removed = index.remove_missing()
         known = set(index.paths()) - changed
-        new_paths = [path for path in scan_folder(index.root) if path not in known]
+        scanned = (path_to_text(path) for path in scan_folder(index.root))  # table text, as the index holds names
+        new_paths = [path for path in scanned if path not in known]
         added_ids, problems = index.add_images(model, new_paths) if new_paths else (np.zeros(0), [])
         for problem in problems:
             print(f"skipped {problem}", file=sys.stderr)

@@ -7,6 +7,10 @@ Layout of ``INDEX_DIR``::
     gen-00000N/meta.sqlite images(id, path, cluster, ..., fingerprint) and info(key, value)
     .lock                  serialises writers
 
+``images.path`` is relative to ``info["root"]`` and held as table text (:func:`twist_core.io_utils.path_to_text`:
+a byte that is not UTF-8 as ``\\xNN``, a backslash doubled), as the labels tables write it; open the file with
+``ImageIndex.file_of``.
+
 An image keeps its id for as long as its file is unchanged (same path, size and modification time), even
 across a rebuild over the same folder: the curation store and the thumbnail cache are keyed by that id.
 ``info["uid"]`` names the index's lineage; a fresh build in an emptied folder gets a new one.

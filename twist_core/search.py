@@ -17,7 +17,7 @@ from twist_core.folder import ImageReadError, decode_image
 from twist_core.index import Hit, ImageIndex
 from twist_core.index_store import IndexUserError
 from twist_core.infer import finite_rows
-from twist_core.io_utils import atomic_write_text
+from twist_core.io_utils import atomic_write_text, path_to_text
 
 
 @dataclass
@@ -33,18 +33,26 @@ class SearchConfig:
 
 
 def hit_dict(hit: Hit) -> dict[str, Any]:
-    return {**dataclasses.asdict(hit), "abs_path": str(hit.abs_path)}
+    """A hit for JSON; ``abs_path`` as table text like ``path`` (a name that is not UTF-8 has ``\\xNN``)."""
+    return {**dataclasses.asdict(hit), "abs_path": path_to_text(str(hit.abs_path))}
+
+
+def printable(text: str) -> str:
+    """``text`` as this stdout can show it: a character its encoding lacks (LANG=C, a Windows console) becomes
+    a ``\\xNN`` escape instead of a crash at print time."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    return text.encode(encoding, "backslashreplace").decode(encoding)
 
 
 def format_hits(hits: list[Hit]) -> str:
-    """A fixed-width table: rank, similarity, cluster, confidence, id, path."""
+    """A fixed-width table: rank, similarity, cluster, confidence, id, path, printable on this stdout."""
     lines = [f"{'#':>3}  {'sim':>6}  {'cluster':<16} {'conf':>5}  {'id':>8}  path"]
     for rank, hit in enumerate(hits, 1):
         cluster = "-" if hit.cluster is None else f"{hit.cluster} {hit.cluster_name or ''}".strip()
         conf = "-" if hit.confidence is None else f"{hit.confidence:.2f}"
         sim = "-" if hit.similarity is None else f"{hit.similarity:.4f}"
         lines.append(f"{rank:>3}  {sim:>6}  {cluster[:16]:<16} {conf:>5}  {hit.id:>8}  {hit.path}")
-    return "\n".join(lines)
+    return printable("\n".join(lines))
 
 
 def search(config: SearchConfig) -> list[Hit]:

@@ -177,3 +177,15 @@ def test_exported_csvs_never_hold_a_formula_and_json_stays_faithful(hostile: dic
     assert [r["file"] for r in rows] == ["'" + name for name in (*FORMULA_FILES, "=broken.jpg")]
     for row in rows:
         assert all(not cell.startswith(("=", "+", "-", "@", "\t", "\r")) for cell in row.values()), row
+
+
+def test_an_uploaded_script_comes_back_only_as_a_download(hostile: dict) -> None:
+    for name, kind in (("evil.svg", "image/svg+xml"), ("evil.html", "text/html")):
+        uploaded = httpx.post(hostile["url"] + "gradio_api/upload",
+                              files={"files": (name, (hostile["images"] / name).read_bytes(), kind)})
+        assert uploaded.status_code == 200, uploaded.text
+        response = httpx.get(file_url(hostile, uploaded.json()[0]))
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/octet-stream", response.headers
+        assert response.headers["content-disposition"].startswith("attachment")
+        assert response.headers.get("x-content-type-options") == "nosniff"
