@@ -5,10 +5,11 @@ also the evaluation set, as clustering papers do), then `twist eval`. Runs are s
 lock file so timings are not disturbed by other benchmarks. A run folder that already holds eval.json is only
 collected, so runs made earlier (e.g. by a queue of `run_one.sh` jobs with the same names) count.
 Also measured: JPEG decoding with and without Pillow's draft mode (caltech20 and a synthetic 3000 x 4000
-photo), and a short training run with and without the allocator setting of twist_core.allocator.
+photo), `twist label` with the best run's model, and a short training run with and without the allocator
+setting of twist_core.allocator.
 
 Usage: python bench/photos.py [--runs DIR] [--data DIR] [--collect-only] [--budget 15m] [--only NAME,...]
-                              [--decode] [--allocator]
+                              [--decode] [--label] [--allocator]
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "cal_patches96": ("frozen patch stem + MLP head at 96 px", ["--backbone", "patches", "--image-size", "96"]),
     "cal_pconv64": ("frozen patch stem + trainable conv stage at 64 px",
                     ["--backbone", "patches-conv", "--image-size", "64"]),
+    "cal_patches64_fix": ("frozen patch stem + MLP head at 64 px, rerun with the allocator fix",
+                          ["--backbone", "patches", "--image-size", "64"]),
     "cal_pconv96": ("frozen patch stem + trainable conv stage at 96 px",
                     ["--backbone", "patches-conv", "--image-size", "96"]),
 }
@@ -159,6 +162,22 @@ def measure_allocator(data: Path, workdir: Path, lock: Path, seconds: int = 60) 
     return result
 
 
+def measure_labelling(run: Path, data: Path, workdir: Path, lock: Path) -> dict:
+    """Export the best run and time `twist label` over the whole photo folder (decoding included)."""
+    model = workdir / "label_bench" / "model.onnx"
+    subprocess.run(twist("export", str(run), "--out", str(model)), check=True, cwd=REPO, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    table = workdir / "label_bench" / "labels.csv"
+    n_images = sum(1 for _ in data.rglob("*.jpg"))
+    with holding(lock):
+        started = time.perf_counter()
+        subprocess.run(twist("label", str(model), str(data), "--out", str(table), "--overwrite", "--no-progress"),
+                       check=True, cwd=REPO, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        seconds = time.perf_counter() - started
+    return {"run": run.name, "images": n_images, "seconds": round(seconds, 1),
+            "images_per_s": round(n_images / seconds, 1), "note": "whole command: start-up, decode, ONNX, write"}
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"{'run':<14} {'backbone':<13} {'px':>4} {'img/s':>6} {'epochs':>6}  ACC    NMI    ARI    kNN")
     for row in rows:
@@ -176,6 +195,7 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated configuration names")
     parser.add_argument("--collect-only", action="store_true", help="only read the run folders that exist")
     parser.add_argument("--decode", action="store_true", help="also measure JPEG decoding with and without draft")
+    parser.add_argument("--label", action="store_true", help="also time `twist label` with the best run's model")
     parser.add_argument("--allocator", action="store_true", help="also time a 60 s run with/without the setting")
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="twist_photos_"))
@@ -196,6 +216,9 @@ def main() -> None:
               "runs": sorted(rows.values(), key=lambda row: -row["nmi"])}
     if args.decode:
         result["decode_images_per_s"] = measure_decoding(data, workdir, Path(args.lock))
+    if args.label and result["runs"]:
+        result["label_images_per_s"] = measure_labelling(runs / result["runs"][0]["name"], data, workdir,
+                                                         Path(args.lock))
     if args.allocator:
         result["allocator_60s_patches_64px"] = measure_allocator(data, workdir, Path(args.lock))
     print_table(result["runs"])
