@@ -23,23 +23,27 @@ MEASURED_IMAGES_PER_S: dict[tuple[str, int], float] = {
 TORCHVISION_INIT = "--backbone resnet50 --init torchvision:resnet50"
 
 
-def auto_image_size(side: int, device: torch.device) -> int:
-    """Training size for a folder whose median shorter side is ``side`` px."""
+def auto_image_size(side: int, device: torch.device, pretrained: bool = False) -> int:
+    """Training size for a folder whose median shorter side is ``side`` px (pretrained ResNets keep 224 px)."""
     if side <= 24:
         return 16
     if side <= 40:
         return 32
-    if device.type != "cuda" and side > PHOTO_SIDE:
+    if device.type != "cuda" and side > PHOTO_SIDE and not pretrained:
         return PHOTO_IMAGE_SIZE
     return 64 if side <= 96 else 224
 
 
-def auto_backbone(image_size: int, side: int | None, device: torch.device) -> str:
-    """The patch stem on a CPU (small images: ``patches``; photos: the measured winner), else a ResNet-18."""
+def auto_backbone(image_size: int, side: int | None, device: torch.device, pretrained: bool = False) -> str:
+    """The patch stem on a CPU (small images: ``patches``; photos: the measured winner), else a ResNet-18.
+
+    With ``--init`` weights photos keep the ResNet the weights are for; small images still get the patch stem,
+    which then refuses ``--init`` with a message.
+    """
     if device.type == "cuda" or image_size > PATCH_MAX_SIZE:
         return "resnet18"
     if side is not None and side > PHOTO_SIDE:
-        return PHOTO_BACKBONE
+        return "resnet18" if pretrained else PHOTO_BACKBONE
     return "patches" if image_size <= 64 else "resnet18"
 
 
