@@ -5,15 +5,17 @@ also the evaluation set, as clustering papers do), then `twist eval`. Runs are s
 lock file so timings are not disturbed by other benchmarks. A run folder that already holds eval.json is only
 collected, so runs made earlier (e.g. by a queue of `run_one.sh` jobs with the same names) count.
 Also measured: JPEG decoding with and without Pillow's draft mode (caltech20 and a synthetic 3000 x 4000
-photo), and a short training run with and without the allocator setting of twist_core.allocator.
+photo), `twist label` with the best run's model, and a short training run with and without the allocator
+setting of twist_core.allocator.
 
 Usage: python bench/photos.py [--runs DIR] [--data DIR] [--collect-only] [--budget 15m] [--only NAME,...]
-                              [--decode] [--allocator]
+                              [--decode] [--label] [--allocator]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import io
 import json
@@ -23,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +40,8 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "cal_patches96": ("frozen patch stem + MLP head at 96 px", ["--backbone", "patches", "--image-size", "96"]),
     "cal_pconv64": ("frozen patch stem + trainable conv stage at 64 px",
                     ["--backbone", "patches-conv", "--image-size", "64"]),
+    "cal_patches64_fix": ("frozen patch stem + MLP head at 64 px, rerun with the allocator fix",
+                          ["--backbone", "patches", "--image-size", "64"]),
     "cal_pconv96": ("frozen patch stem + trainable conv stage at 96 px",
                     ["--backbone", "patches-conv", "--image-size", "96"]),
 }
@@ -108,15 +113,25 @@ def synthetic_photo(path: Path, width: int = 4000, height: int = 3000) -> Path:
     return path
 
 
-def measure_decoding(data: Path, workdir: Path) -> dict:
+def measure_decoding(data: Path, workdir: Path, lock: Path) -> dict:
     """Decode rates with and without draft mode at the 64 px and 224 px training sizes (decode sizes 64, 256)."""
     photos = sorted(data.rglob("*.jpg"))[::4]
     big = [synthetic_photo(workdir / "synthetic_4000x3000.jpg")]
-    result = {}
-    for label, paths, repeat in (("caltech20 (every 4th photo)", photos, 1), ("synthetic 4000x3000 JPEG", big, 5)):
-        result[label] = {f"{size} px": {"full": decode_rate(paths, None, size, repeat),
-                                        "draft": decode_rate(paths, size, size, repeat)} for size in (64, 256)}
+    result: dict = {"note": "one process, decode + resize + centre crop, images/s"}
+    with holding(lock):
+        for label, paths, repeat in (("caltech20 (every 4th photo)", photos, 2), ("synthetic 4000x3000 JPEG", big, 5)):
+            result[label] = {f"{size} px": {"full": decode_rate(paths, None, size, repeat),
+                                            "draft": decode_rate(paths, size, size, repeat)} for size in (64, 256)}
+        result["load_average"] = os.getloadavg()[0]
     return result
+
+
+@contextlib.contextmanager
+def holding(lock: Path) -> Iterator[None]:
+    """The benchmark lock, so no other timed run shares the CPU."""
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield  # released when the file closes
 
 
 def training_rusage(code: str) -> dict:
@@ -139,13 +154,28 @@ def measure_allocator(data: Path, workdir: Path, lock: Path, seconds: int = 60) 
                 f"train(TrainConfig(data={str(data)!r}, out={str(run)!r}, classes=20, backbone='patches', "
                 f"image_size=64, time_budget='{seconds}s', progress=False))")
         subprocess.run(["rm", "-rf", str(run)], check=True)
-        with open(lock, "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        with holding(lock):
             usage = training_rusage(code)
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         usage["images_per_s"] = round(sum(r["images_per_s"] for r in rows) / len(rows), 1)
         result[label] = usage
     return result
+
+
+def measure_labelling(run: Path, data: Path, workdir: Path, lock: Path) -> dict:
+    """Export the best run and time `twist label` over the whole photo folder (decoding included)."""
+    model = workdir / "label_bench" / "model.onnx"
+    subprocess.run(twist("export", str(run), "--out", str(model)), check=True, cwd=REPO, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    table = workdir / "label_bench" / "labels.csv"
+    n_images = sum(1 for _ in data.rglob("*.jpg"))
+    with holding(lock):
+        started = time.perf_counter()
+        subprocess.run(twist("label", str(model), str(data), "--out", str(table), "--overwrite", "--no-progress"),
+                       check=True, cwd=REPO, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        seconds = time.perf_counter() - started
+    return {"run": run.name, "images": n_images, "seconds": round(seconds, 1),
+            "images_per_s": round(n_images / seconds, 1), "note": "whole command: start-up, decode, ONNX, write"}
 
 
 def print_table(rows: list[dict]) -> None:
@@ -165,6 +195,7 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated configuration names")
     parser.add_argument("--collect-only", action="store_true", help="only read the run folders that exist")
     parser.add_argument("--decode", action="store_true", help="also measure JPEG decoding with and without draft")
+    parser.add_argument("--label", action="store_true", help="also time `twist label` with the best run's model")
     parser.add_argument("--allocator", action="store_true", help="also time a 60 s run with/without the setting")
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="twist_photos_"))
@@ -184,7 +215,10 @@ def main() -> None:
     result = {**previous, "machine": machine(), "data": "caltech20 (1,891 photos, 20 classes), K = 20",
               "runs": sorted(rows.values(), key=lambda row: -row["nmi"])}
     if args.decode:
-        result["decode_images_per_s"] = measure_decoding(data, workdir)
+        result["decode_images_per_s"] = measure_decoding(data, workdir, Path(args.lock))
+    if args.label and result["runs"]:
+        result["label_images_per_s"] = measure_labelling(runs / result["runs"][0]["name"], data, workdir,
+                                                         Path(args.lock))
     if args.allocator:
         result["allocator_60s_patches_64px"] = measure_allocator(data, workdir, Path(args.lock))
     print_table(result["runs"])

@@ -22,6 +22,7 @@ from twist_core.patches import (
     normalise_patches,
     region_average,
 )
+from twist_core.patches_conv import PatchConvBackbone
 
 
 def load_folder(root: Path) -> tuple[torch.Tensor, np.ndarray]:
@@ -112,3 +113,48 @@ def test_onnx_region_average_equals_adaptive_pooling() -> None:
     maps = torch.randn(2, 5, 14, 11)
     for grid in (1, 3, 4):
         assert torch.allclose(region_average(maps, grid), F.adaptive_avg_pool2d(maps, grid), atol=1e-6)
+
+
+def test_conv_stage_keeps_the_stem_codes_and_trains_only_above_the_stem(shapes_folder: Path) -> None:
+    images, _ = load_folder(shapes_folder)
+    dictionary = learn_patch_dictionary(images, atoms=8, n_patches=4_000, iterations=2)
+    plain, conv = PatchBackbone(8), PatchConvBackbone(8, channels=16)
+    plain.stem.load_dictionary(dictionary)
+    conv.stem.load_dictionary(dictionary)
+    batch = normalised(images[:CACHE_CHUNK + 5])  # 32 px: 14 x 14 code maps, pooled through the 6 x 6 grid
+    features = conv(batch)
+    codes = plain.stem.out_channels * POOL_GRID * POOL_GRID
+    assert features.shape == (len(batch), conv.feature_dim) and conv.feature_dim == codes + 16 * POOL_GRID**2
+    # The frozen half equals the patches backbone's features where the regions nest exactly (64 px: 30 x 30 maps).
+    large = F.interpolate(batch, size=64, mode="bilinear", align_corners=False)
+    assert torch.allclose(conv(large)[:, :codes], plain(large), atol=1e-4)
+    features.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in conv.stage.parameters())
+    assert not any(t.requires_grad for t in conv.stem.buffers())
+
+
+def test_patches_conv_run_exports_to_onnx_with_dynamic_size(shapes_folder: Path, tmp_path: Path) -> None:
+    """A real run with --backbone patches-conv, exported; onnxruntime matches PyTorch at several sizes."""
+    from conftest import tiny_train_config
+
+    from twist_core.checkpoint import load_checkpoint
+    from twist_core.export import ExportConfig, ProbabilityModel, export_model
+    from twist_core.infer import OnnxModel
+    from twist_core.model import ModelSpec, TwistModel
+    from twist_core.train import train
+
+    run = tmp_path / "run"
+    train(tiny_train_config(shapes_folder, run, backbone="patches-conv", epochs=1))
+    model_path = export_model(ExportConfig(run=str(run), out=str(tmp_path / "model.onnx")))
+    checkpoint = load_checkpoint(run)
+    model = TwistModel(ModelSpec(**checkpoint["model_spec"]))
+    model.load_state_dict(checkpoint["model"])
+    assert isinstance(model.backbone, PatchConvBackbone) and model.embedding_dim == 64  # the head's hidden layer
+    onnx_model = OnnxModel(model_path, device="cpu")
+    for size in (32, 57, 96):
+        images = np.random.default_rng(size).normal(0, 1, (3, 3, size, size)).astype(np.float32)
+        probs, embeddings = onnx_model.predict_arrays(images)
+        with torch.no_grad():
+            ref_embeddings, ref_probs = ProbabilityModel(model).eval()(torch.from_numpy(images))
+        np.testing.assert_allclose(probs, ref_probs.numpy(), atol=1e-4)
+        np.testing.assert_allclose(embeddings, ref_embeddings.numpy(), atol=1e-3, rtol=1e-4)

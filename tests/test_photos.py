@@ -118,3 +118,21 @@ def test_photo_default_beats_kmeans_on_pixels(caltech_slice: Path, tmp_path: Pat
     pixels = report["baselines"]["kmeans_pixels"]
     assert report["acc"] >= pixels["acc"] + 0.10, (report["acc"], pixels)
     assert report["nmi"] >= pixels["nmi"] + 0.15, (report["nmi"], pixels)
+
+
+def test_auto_choice_for_photos_on_a_cpu_and_with_pretrained_weights(tmp_path: Path) -> None:
+    """Photos get the measured default; --init (ImageNet weights) keeps a ResNet at 224 px, as before."""
+    import torch
+
+    from twist_core.train import TrainConfig, resolve_auto
+
+    for index in range(5):
+        noisy_photo(300, 225).save(tmp_path / f"{index}.jpg")
+    files = [f"{index}.jpg" for index in range(5)]
+    cpu = torch.device("cpu")
+    chosen = resolve_auto(TrainConfig(data=str(tmp_path)), tmp_path, files, cpu)
+    assert (chosen.backbone, chosen.image_size, chosen.width) == (PHOTO_BACKBONE, PHOTO_IMAGE_SIZE, 256)
+    pretrained = resolve_auto(TrainConfig(data=str(tmp_path), init="resnet18.pth"), tmp_path, files, cpu)
+    assert (pretrained.backbone, pretrained.image_size) == ("resnet18", 224)
+    larger = resolve_auto(TrainConfig(data=str(tmp_path), image_size=224), tmp_path, files, cpu)
+    assert larger.backbone == "resnet18"  # the patch stem is never put on large training images by auto

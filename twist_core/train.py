@@ -166,7 +166,7 @@ def resolve_auto(config: TrainConfig, root: Path, files: list[str], device: torc
     side = None
     if config.image_size <= 0:
         side = median_image_side(root, files, config.max_pixels)
-        changes["image_size"] = auto_image_size(side, device)
+        changes["image_size"] = auto_image_size(side, device, pretrained=bool(config.init))
     elif config.backbone == "auto":
         with contextlib.suppress(NoImagesError):  # reported with reasons once decoding fails
             side = median_image_side(root, files, config.max_pixels)
@@ -175,7 +175,7 @@ def resolve_auto(config: TrainConfig, root: Path, files: list[str], device: torc
         changes["small_stem"] = size <= 64
     backbone = config.backbone
     if backbone == "auto":
-        backbone = changes["backbone"] = auto_backbone(size, side, device)
+        backbone = changes["backbone"] = auto_backbone(size, side, device, pretrained=bool(config.init))
     patches = backbone.startswith("patches")
     if patches and config.init:
         raise ConfigError("--init loads ResNet weights; the patches backbone has none: add --backbone resnet18 "
