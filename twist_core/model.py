@@ -131,14 +131,31 @@ class TwistModel(nn.Module):
     def embedding_dim(self) -> int:
         return self.spec.hidden_dim if self.spec.backbone == "patches" else self.backbone.feature_dim
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.backbone(images)
+    def forward(self, images: torch.Tensor | list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch, or the crops of a training step (a list; crops of one size run through the backbone
+        together). Either way the head runs once on everything, so the logit BatchNorm normalises over all crops
+        of the step, whatever their size, as the reference does; results come back in the order given."""
+        if isinstance(images, torch.Tensor):
+            features = self.backbone(images)
+        else:
+            features = torch.cat([self.backbone(torch.cat(group)) for group in _same_size_runs(images)])
         hidden, logits = self.head(features)
         return (hidden if self.spec.backbone == "patches" else features), logits
 
     def probabilities(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embedding, logits = self(images)
         return embedding, torch.softmax(logits / self.spec.tau, dim=-1)
+
+
+def _same_size_runs(crops: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Consecutive crops of equal size grouped, in order (two globals, then the locals)."""
+    runs: list[list[torch.Tensor]] = []
+    for crop in crops:
+        if runs and runs[-1][0].shape[-2:] == crop.shape[-2:]:
+            runs[-1].append(crop)
+        else:
+            runs.append([crop])
+    return runs
 
 
 def load_torchvision_weights(backbone: ResNetBackbone, path: str | Path) -> list[str]:

@@ -36,7 +36,7 @@ from twist_core.folder import DEFAULT_MAX_PIXELS, NoImagesError, decode_image, r
 from twist_core.io_utils import atomic_write_text, mark_output_folder
 from twist_core.loss import self_label_loss, twist_multicrop_loss
 from twist_core.model import ModelSpec, TwistModel, load_torchvision_weights, recalibrate_batchnorm
-from twist_core.optim import build_optimizer, learning_rate
+from twist_core.optim import Schedule, build_optimizer
 from twist_core.patches import PatchBackbone, learn_patch_dictionary
 
 METRICS_NAME = "metrics.jsonl"
@@ -55,6 +55,10 @@ class TrainConfig:
     data: str = option(None, "folder of images (searched recursively; folder names are never used as labels)")
     out: str = option("runs/twist", "run folder for config.json, metrics.jsonl, skipped.txt, checkpoints, curves.png")
     classes: int = option(10, "K, the number of classes to discover")
+    recipe: str = option("default", "default: settings for one GPU or a CPU within a time budget; paper: the "
+                                    "paper's ImageNet settings (ResNet-50, MLP 4096, tau 1, LARS lr 0.5 per 256, "
+                                    "weight decay 1.5e-6, 12 local crops, 800 + 50 epochs) for every option left at "
+                                    "its default", choices=["default", "paper"])
     backbone: str = option("auto", "auto: patches for small images (<= 64 px) on a CPU, else resnet18; patches = "
                                    "frozen patch-dictionary stem fitted on the folder (fast on CPU), or a torchvision "
                                    "ResNet depth", choices=["auto", "patches", "resnet18", "resnet34", "resnet50"])
@@ -79,9 +83,11 @@ class TrainConfig:
                              "0 = auto: 1.0 for patches, 0.5 for ResNet")
     lam1: float = option(0.0, "sharpness weight is (1 + lam1)")
     lam2: float = option(1.0, "diversity weight (the term that prevents collapse)")
-    self_label_fraction: float = option(0.1, "share of the final epochs spent in the self-labelling stage (0 = off)")
-    self_label_keep: float = option(0.5, "share of the global batch, most confident first, used as pseudo-labels")
-    self_label_weight: float = option(1.0, "weight of the self-labelling cross-entropy added to the TWIST loss")
+    self_label_fraction: float = option(0.1, "share of the final steps spent in the self-labelling stage, which "
+                                             "replaces the TWIST loss with confident pseudo-labels and restarts the "
+                                             "learning rate at 10%% of the peak (0 = off)")
+    self_label_keep: float = option(0.5, "share of the global batch, most confident first, used as pseudo-labels at "
+                                         "the start of the stage; it rises by 0.1 to the end (paper: 0.5 -> 0.6)")
     time_budget: str | None = option(None, "fit the whole schedule to this wall-clock time (e.g. 20m, 1h30m); "
                                      "measured on the first steps, overrides --epochs")
     eval_data: str | None = option(None, "class-folder tree to evaluate on (ACC/NMI/ARI/kNN) during training")
@@ -100,6 +106,21 @@ class TrainConfig:
     checkpoint_every: int = option(500, "also checkpoint every N steps within an epoch (0 = only per epoch)")
     resume: bool = option(False, "continue from RUN/last.pt exactly where it stopped")
     progress: bool = option(True, "show a progress bar")
+
+
+PAPER_RECIPE: dict[str, Any] = {
+    "backbone": "resnet50", "width": 64, "hidden_dim": 4096, "tau": 1.0, "optimizer": "lars", "lr": 0.5,
+    "weight_decay": 1.5e-6, "local_crops": 12, "epochs": 850, "self_label_fraction": 50 / 850,
+}
+
+
+def apply_recipe(config: TrainConfig) -> TrainConfig:
+    """``--recipe paper``: the paper's values for every option still at its default (explicit options win)."""
+    if config.recipe != "paper":
+        return config
+    defaults = TrainConfig()
+    return dataclasses.replace(config, **{name: value for name, value in PAPER_RECIPE.items()
+                                          if getattr(config, name) == getattr(defaults, name)})
 
 
 class TrainingDiverged(RuntimeError):
@@ -205,20 +226,11 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 
 
 def forward_views(model: nn.Module, views: list[torch.Tensor], channels_last: bool) -> list[torch.Tensor]:
-    """One backbone pass per crop size (views of equal size are concatenated), logits split back per view."""
-    logits: list[torch.Tensor] = []
-    start = 0
-    while start < len(views):
-        end = start
-        while end < len(views) and views[end].shape[-1] == views[start].shape[-1]:
-            end += 1
-        batch = torch.cat(views[start:end])
-        if channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        _, group_logits = model(batch)
-        logits.extend(group_logits.float().chunk(end - start))
-        start = end
-    return logits
+    """Logits of every view, split back per view, from one model call on all the crops of the step."""
+    if channels_last:
+        views = [view.contiguous(memory_format=torch.channels_last) for view in views]
+    _, logits = model(views)
+    return list(logits.float().split([view.shape[0] for view in views]))
 
 
 def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
@@ -268,6 +280,7 @@ def warn_about_classes(classes: int, n_images: int) -> None:
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a training run; returns the final epoch's metrics."""
     check_options(config)
+    config = apply_recipe(config)
     with distributed.process_group(config.device) as ctx, contextlib.ExitStack() as cleanup:
         return _train(config, ctx, cleanup)
 
@@ -295,7 +308,9 @@ def _train(config: TrainConfig, ctx: distributed.Context, cleanup: contextlib.Ex
         saved = resumed["config"]
         # The saved run defines everything; only where to run it may change.
         keep = {"device", "workers", "progress", "resume", "checkpoint_every", "eval_data", "eval_every"}
-        config = TrainConfig(**{**saved, **{k: getattr(config, k) for k in keep}})
+        known = {field.name for field in dataclasses.fields(TrainConfig)}  # options of older versions dropped
+        config = TrainConfig(**{**{k: v for k, v in saved.items() if k in known},
+                                **{k: getattr(config, k) for k in keep}})
         if resumed["files"] != files:
             raise ResumeError(f"{root} changed since the run started ({len(resumed['files'])} files then, "
                                f"{len(files)} now): start a new run instead of --resume")
@@ -411,6 +426,7 @@ def _train(config: TrainConfig, ctx: distributed.Context, cleanup: contextlib.Ex
         train_model = torch.compile(train_model)
 
     augment = BatchAugment(policy_for_size(config.image_size, config.local_crops))
+    augment_self_label = BatchAugment(policy_for_size(config.image_size, config.local_crops, self_labelling=True))
     start_epoch = resumed["epoch"] if resumed else 0  # epochs completed
     start_step_in_epoch = resumed["step_in_epoch"] if resumed else 0
     global_step = resumed["global_step"] if resumed else 0
@@ -476,6 +492,10 @@ def _train(config: TrainConfig, ctx: distributed.Context, cleanup: contextlib.Ex
                                  eval_seconds, config.eval_every)
         total_steps = distributed.broadcast_int(ctx, max(fitted, global_step, 1))
 
+    def schedule() -> Schedule:
+        return Schedule(total_steps, round(config.warmup_epochs * steps_per_epoch), peak_lr,
+                        config.self_label_fraction, config.self_label_keep)
+
     metrics: dict[str, Any] = history[-1] if history else {}
     lr = 0.0
     epoch = start_epoch
@@ -504,24 +524,24 @@ def _train(config: TrainConfig, ctx: distributed.Context, cleanup: contextlib.Ex
                 skipped.update(new_failures)
                 keep = torch.tensor([not e for e in errors])
                 images = images[keep]
-            warmup_steps = max(1, min(round(config.warmup_epochs * steps_per_epoch), total_steps // 5))
-            lr = learning_rate(global_step, total_steps, warmup_steps, peak_lr)
+            plan = schedule().at(global_step)
+            lr = plan.lr
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            in_self_label = global_step >= (1 - config.self_label_fraction) * total_steps and \
-                config.self_label_fraction > 0
             images = images.to(ctx.device, non_blocking=True)
             generator = torch.Generator(device=ctx.device).manual_seed(
                 config.seed * 1_000_003 + global_step * 1009 + ctx.rank)
-            views = augment(images, generator)
+            views = (augment_self_label if plan.self_labelling else augment)(images, generator)
             with autocast(config.precision, ctx.device):
                 view_logits = forward_views(train_model, views, config.channels_last)
-            parts = twist_multicrop_loss(view_logits, 2, config.tau, config.lam1, config.lam2)
-            loss = parts["loss"]
-            if in_self_label:
-                parts["self_label"] = self_label_loss(view_logits, 2, config.tau, config.self_label_keep)
-                loss = loss + config.self_label_weight * parts["self_label"]
+            if plan.self_labelling:  # the stage's cross-entropy replaces the TWIST loss, still logged as "loss"
+                with torch.no_grad():
+                    parts = twist_multicrop_loss(view_logits, 2, config.tau, config.lam1, config.lam2)
+                loss = parts["self_label"] = self_label_loss(view_logits, 2, config.tau, plan.keep)
                 self_label_steps += 1
+            else:
+                parts = twist_multicrop_loss(view_logits, 2, config.tau, config.lam1, config.lam2)
+                loss = parts["loss"]
             if distributed.any_rank(ctx, not bool(torch.isfinite(loss))):
                 raise TrainingDiverged(
                     f"the loss became {loss.item()} at epoch {epoch + 1}, step {step_in_epoch + 1}: training stopped. "
@@ -596,7 +616,8 @@ def _train(config: TrainConfig, ctx: distributed.Context, cleanup: contextlib.Ex
         if global_step < total_steps:
             refit_budget()
         finished = global_step >= total_steps
-        if finished or (config.eval_data and (epoch + 1) % config.eval_every == 0):
+        stage_next = not schedule().at(global_step - 1).self_labelling and schedule().at(global_step).self_labelling
+        if finished or (config.eval_data and ((epoch + 1) % config.eval_every == 0 or stage_next)):
             began = time.perf_counter()
             metrics["eval"] = calibrate_and_evaluate(epoch + 1)
             eval_time_in_loop += time.perf_counter() - began
@@ -609,7 +630,7 @@ def _train(config: TrainConfig, ctx: distributed.Context, cleanup: contextlib.Ex
             write_metrics(out / METRICS_NAME, history)
         if ctx.is_main:
             write_skipped(out / "skipped.txt", files, skipped)
-            warmup_done = global_step > round(config.warmup_epochs * steps_per_epoch)
+            warmup_done = global_step > schedule().warmup_end
             if warmup_done and metrics["clusters_in_use"] < config.classes / 2:
                 tqdm.write(f"warning: only {metrics['clusters_in_use']} of {config.classes} clusters in use after "
                            "warm-up: the model may be collapsing (check --lam2, --tau, --lr, or use a smaller K)",
