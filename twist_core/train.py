@@ -59,9 +59,11 @@ class TrainConfig:
                                     "paper's ImageNet settings (ResNet-50, MLP 4096, tau 1, LARS lr 0.5 per 256, "
                                     "weight decay 1.5e-6, 12 local crops, 800 + 50 epochs) for every option left at "
                                     "its default", choices=["default", "paper"])
-    backbone: str = option("auto", "auto: patches for small images (<= 64 px) on a CPU, else resnet18; patches = "
-                                   "frozen patch-dictionary stem fitted on the folder (fast on CPU), or a torchvision "
-                                   "ResNet depth", choices=["auto", "patches", "resnet18", "resnet34", "resnet50"])
+    backbone: str = option("auto", "auto: patches for small images (<= 64 px) on a CPU, else resnet18. A ResNet "
+                                   "trains a representation (the exported embedding is its pooled feature); patches "
+                                   "trains only a head on fixed features, a frozen patch dictionary fitted on the "
+                                   "folder (fast on CPU; the embedding is the head's first hidden layer)",
+                           choices=["auto", "patches", "resnet18", "resnet34", "resnet50"])
     width: int = option(0, "patches: dictionary atoms; ResNet: channels of the first stage (64 = torchvision); "
                            "0 = auto: 256 atoms, or 64 channels on GPU and 16 on CPU")
     image_size: int = option(0, "training crop size in px; 0 = auto from the median image size (32/64 or 224)")
