@@ -110,7 +110,8 @@ def test_a_new_run_refuses_a_folder_that_holds_one(straight_run: Path, shapes_fo
 def test_init_weights_need_a_resnet_backbone(shapes_folder: Path, tmp_path: Path) -> None:
     weights_file = tmp_path / "resnet.pth"
     torch.save({}, weights_file)
-    result = subprocess.run(train_command(shapes_folder, tmp_path / "run", "--init", str(weights_file)), env=ENV,
+    result = subprocess.run(train_command(shapes_folder, tmp_path / "run", "--init", str(weights_file), "--backbone",
+                                          "patches"), env=ENV,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "--backbone resnet18" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "last.pt").exists()

@@ -3,8 +3,8 @@
 The backbone is a torchvision-style ResNet, or, for small images on a CPU, the frozen patch-dictionary stem of
 ``patches.py`` (``backbone="patches"``, ``width`` = number of atoms).
 
-The ResNet uses torchvision's residual blocks and keeps torchvision's parameter names, so ``--init`` can
-load any local torchvision ResNet state dict; nothing is ever downloaded. ``width`` narrows every stage
+The ResNet uses torchvision's residual blocks and keeps torchvision's parameter names, so ``--init``
+(see ``init_weights.py``) loads torchvision and reference weights as they are. ``width`` narrows every stage
 (64 is torchvision's).
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -156,22 +155,6 @@ def _same_size_runs(crops: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         else:
             runs.append([crop])
     return runs
-
-
-def load_torchvision_weights(backbone: ResNetBackbone, path: str | Path) -> list[str]:
-    """Initialise from a local torchvision-format state dict; returns the keys left at random init.
-
-    The classifier (``fc.*``) is ignored; a 7x7 stem cannot be loaded into the small 3x3 stem and is skipped.
-    """
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    own = backbone.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not usable:
-        raise ValueError(f"{path}: no tensor matches the {type(backbone).__name__} layout (wrong backbone/width?)")
-    backbone.load_state_dict(usable, strict=False)
-    return sorted(set(own) - set(usable))
 
 
 @torch.no_grad()

@@ -33,9 +33,10 @@ from twist_core.config import build_config, command_parser, option, save_config
 from twist_core.dataset import EpochBatches, FolderImages, decode_all, decode_size, epoch_batches, make_loader
 from twist_core.evaluate import load_eval_images, normalise, predict_torch, score, summary_line
 from twist_core.folder import DEFAULT_MAX_PIXELS, NoImagesError, decode_image, require_images
+from twist_core.init_weights import InitError, InitWeights, check_fits, load_into, read_init
 from twist_core.io_utils import atomic_write_text, mark_output_folder
 from twist_core.loss import self_label_loss, twist_multicrop_loss
-from twist_core.model import ModelSpec, TwistModel, load_torchvision_weights, recalibrate_batchnorm
+from twist_core.model import ModelSpec, TwistModel, recalibrate_batchnorm
 from twist_core.optim import Schedule, build_optimizer
 from twist_core.patches import PatchBackbone, learn_patch_dictionary
 
@@ -94,7 +95,11 @@ class TrainConfig:
                                      "measured on the first steps, overrides --epochs")
     eval_data: str | None = option(None, "class-folder tree to evaluate on (ACC/NMI/ARI/kNN) during training")
     eval_every: int = option(5, "evaluate every N epochs (and at the start and the end) when --eval-data is given")
-    init: str | None = option(None, "local torchvision-format ResNet state dict to start the backbone from")
+    init: str | None = option(None, "pretrained start for a ResNet: a torchvision state dict, a TWIST reference "
+                                    "checkpoint (full or backbone-only; its head too when K matches) or "
+                                    "torchvision:resnet18|resnet50 (from the torch hub cache); architecture, width and "
+                                    "stem follow the weights")
+    init_sha256: str | None = option(None, "sha256 of the --init file, recorded by the run", cli=False)
     seed: int = option(0, "random seed (data order, augmentation, initialisation)")
     workers: int = option(-1, "decoding worker processes; -1 = auto (CPU count, at most 8)")
     cache: str = option("auto", "decode all images once into RAM: auto (when under 2 GB), ram or off",
@@ -212,6 +217,31 @@ def resolve_auto(config: TrainConfig, root: Path, files: list[str], device: torc
     return dataclasses.replace(config, **changes)
 
 
+def follow_init(config: TrainConfig, init: InitWeights) -> TrainConfig:
+    """What ``--init`` decides: architecture, width and stem of its weights, and the head's width when K matches.
+
+    Explicit options that contradict the weights stop the run here, before anything is written.
+    """
+    if config.backbone == "patches":
+        raise ConfigError("--init loads ResNet weights; the patches backbone has none: add --backbone resnet18 "
+                          "(or resnet34/resnet50, as the weights are)")
+    changes: dict[str, Any] = {"init_sha256": init.sha256}
+    for name, value in (("backbone", init.architecture), ("width", init.width)):
+        given = getattr(config, name)
+        if given in ("auto", 0):
+            changes[name] = value
+        elif given != value:
+            raise ConfigError(f"--init {config.init} holds a {init.architecture} of width {init.width}: "
+                              f"--{name} {given} cannot take it (leave --{name} out to follow the weights)")
+    if config.small_stem is None:
+        changes["small_stem"] = init.small_stem
+    if init.head_shape and init.head_shape[1] == config.classes and config.hidden_dim <= 0:
+        changes["hidden_dim"] = init.head_shape[0]
+    config = dataclasses.replace(config, **changes)
+    check_fits(init, config.backbone, config.width, bool(config.small_stem))
+    return config
+
+
 def auto_batch_size(n_images: int, world_size: int) -> int:
     """256 per process, halved until an epoch has at least 16 steps (small folders), never under 16."""
     size = 256
@@ -316,6 +346,10 @@ def _train(config: TrainConfig, ctx: distributed.Context, cleanup: contextlib.Ex
         if resumed["files"] != files:
             raise ResumeError(f"{root} changed since the run started ({len(resumed['files'])} files then, "
                                f"{len(files)} now): start a new run instead of --resume")
+    init = None
+    if config.init and not resumed:
+        init = read_init(config.init)
+        config = follow_init(config, init)
     config = resolve_auto(config, root, files, ctx.device)
     torch.manual_seed(config.seed)
 
@@ -397,10 +431,11 @@ def _train(config: TrainConfig, ctx: distributed.Context, cleanup: contextlib.Ex
     spec = ModelSpec(backbone=config.backbone, width=config.width, small_stem=bool(config.small_stem),
                      hidden_dim=config.hidden_dim, n_classes=config.classes, tau=config.tau)
     model = TwistModel(spec)
-    if config.init and not resumed:
-        missing = load_torchvision_weights(model.backbone, config.init)
-        if ctx.is_main and missing:
-            print(f"note: --init left {len(missing)} tensors at random init (e.g. {missing[0]})", file=sys.stderr)
+    if init is not None:
+        head_loaded = load_into(model, init)
+        if ctx.is_main:
+            print(f"--init: {len(init.backbone)} backbone tensors from {init.file}"
+                  f"{' and the head' if head_loaded else ''} (sha256 {init.sha256[:12]})", file=sys.stderr)
     if resumed:
         model.load_state_dict(resumed["model"])
     elif isinstance(model.backbone, PatchBackbone):
@@ -673,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclasses.replace(config, data=saved["data"])
     try:
         train(config)
-    except (ConfigError, CheckpointError) as error:  # the user's options or files: fix them and run again
+    except (ConfigError, CheckpointError, InitError) as error:  # the user's options or files: fix them and run again
         print(f"twist train: error: {error}", file=sys.stderr)
         return 2
     except (NoImagesError, TrainingDiverged, ResumeError) as error:
