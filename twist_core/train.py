@@ -31,7 +31,7 @@ from twist_core.augment import BatchAugment, policy_for_size
 from twist_core.budget import fit_total_steps, parse_duration
 from twist_core.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from twist_core.config import build_config, command_parser, option, save_config
-from twist_core.dataset import EpochBatches, FolderImages, decode_all, decode_size, epoch_batches, make_loader
+from twist_core.dataset import EpochBatches, FolderImages, decode_per_node, decode_size, epoch_batches, make_loader
 from twist_core.evaluate import load_eval_images, normalise, predict_torch, score, summary_line
 from twist_core.folder import DEFAULT_MAX_PIXELS, NoImagesError, decode_image, require_images
 from twist_core.init_weights import InitError, InitWeights, check_fits, load_into, read_init
@@ -515,6 +515,11 @@ def open_run(config: TrainConfig, ctx: distributed.Context) -> tuple[TrainConfig
     return resolve_auto(config, root, files, ctx.device), files, resumed, init
 
 
+def local_world_size(ctx: distributed.Context) -> int:
+    """Processes on this node (torchrun sets LOCAL_WORLD_SIZE)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+
+
 def load_images(config: TrainConfig, ctx: distributed.Context, files: list[str], skipped: dict[int, str]
                 ) -> tuple[FolderImages, torch.Tensor | None]:
     """Decode every image once into RAM when it fits (failures into ``skipped``), else stream later."""
@@ -524,7 +529,8 @@ def load_images(config: TrainConfig, ctx: distributed.Context, files: list[str],
     cache_bytes = len(files) * 3 * size * size
     cache = None
     if config.cache == "ram" or (config.cache == "auto" and cache_bytes < 2 * 1024**3):
-        cache, failures = decode_all(dataset, config.workers, progress=config.progress and ctx.is_main)
+        cache, failures = decode_per_node(dataset, config.workers, ctx.rank, ctx.world_size, ctx.local_rank,
+                                          local_world_size(ctx), config.progress and ctx.is_main)
         skipped.update(failures)
     elif not any(_readable(root / f, config.max_pixels) for f in files):
         raise NoImagesError(f"none of the {len(files)} image files in {root} could be decoded")
