@@ -156,6 +156,12 @@ def test_init_run_on_a_cpu_follows_the_weights_and_records_them(shapes_folder: P
     assert (saved["backbone"], saved["width"], saved["small_stem"]) == ("resnet18", 64, False)
     assert saved["init"] == str(torchvision_resnet18) and saved["init_sha256"] == file_sha256(torchvision_resnet18)
     assert "--init: " in result.stderr
+    from twist_core.export import ExportConfig, export_model
+
+    card = json.loads(export_model(ExportConfig(run=str(out), out=str(tmp_path / "m.onnx"))).with_suffix(".json")
+                      .read_text())
+    assert (card["init"], card["init_sha256"]) == (saved["init"], saved["init_sha256"])
+    assert "pooled feature" in card["embedding"]
 
 
 def test_init_that_does_not_fit_is_one_line_exit_2_and_writes_nothing(shapes_folder: Path, tmp_path: Path) -> None:
