@@ -345,7 +345,9 @@ class BudgetClock:
     eval_seconds_in_loop: float = 0.0
 
     def step_done(self, steps_done_in_epoch: int) -> bool:
-        """Count a step; True when the schedule should be refitted (every 10 timed steps)."""
+        """Count a step; True when the schedule should be refitted to the budget (every 10 timed steps)."""
+        if self.budget is None:
+            return False
         if self.timed_since is None:
             if steps_done_in_epoch == 2:
                 self.timed_since = time.perf_counter()
@@ -425,10 +427,17 @@ class Run:
             "skipped": dict(self.skipped), "files": self.files, "history": self.history,
         })
 
-    def refit_budget(self) -> None:
-        """Fit the total step count to the time left (rank 0 decides: ranks must agree)."""
+    def fit_length(self, epochs_done: int) -> None:
+        """The one place the run's length (``total_steps``) is decided.
+
+        Without ``--time-budget``: the epochs asked, at the current steps per epoch. With it: the steps that fit
+        the time left at the measured step time (rank 0 decides: ranks must agree); until steps are timed, the
+        epochs asked stand in, or, resumed, the length saved.
+        """
         seconds_per_step = self.clock.seconds_per_step()
         if seconds_per_step is None or self.clock.budget is None:
+            if self.clock.budget is None or self.total_steps == 0:
+                self.total_steps = self.global_step + (self.config.epochs - epochs_done) * self.steps_per_epoch
             return
         reserve = 0.01 * self.clock.budget + 2.0  # final checkpoint, plot, process exit
         fitted = fit_total_steps(self.global_step, seconds_per_step, self.clock.budget - self.run_seconds() - reserve,
@@ -630,15 +639,18 @@ def setup_run(config: TrainConfig, ctx: distributed.Context) -> Run:
     if config.eval_data and ctx.is_main:
         eval_data = load_eval_images(config.eval_data, config.image_size, config.workers, config.max_pixels,
                                      progress=config.progress)
-    return Run(
+    run = Run(
         config=config, ctx=ctx, files=files, dataset=dataset, cache=cache, skipped=skipped, batch_size=batch_size,
         spec=spec, model=model, train_model=train_model, optimizer=optimizer, scaler=scaler, eval_data=eval_data,
         history=resumed["history"] if resumed else [],
         start_epoch=resumed["epoch"] if resumed else 0, start_step_in_epoch=resumed["step_in_epoch"] if resumed else 0,
         global_step=resumed["global_step"] if resumed else 0, steps_per_epoch=steps_per_epoch,
-        total_steps=resumed["total_steps"] if resumed else steps_per_epoch * config.epochs,
+        total_steps=resumed["total_steps"] if resumed else 0,
         clock=BudgetClock(parse_duration(config.time_budget) if config.time_budget else None),
         prior_seconds=resumed["train_seconds"] if resumed else 0.0, resumed=resumed is not None)
+    if not resumed:  # a resumed run keeps the length it saved
+        run.fit_length(0)
+    return run
 
 
 STAT_NAMES = ("loss", "consistency", "sharpness", "diversity", "self_label")
@@ -758,7 +770,7 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
                         img_s=f"{stats.images * ctx.world_size / seconds:.0f}", refresh=False)
         bar.update(1)
         if run.clock.step_done(stats.steps):
-            run.refit_budget()
+            run.fit_length(epoch)
         if distributed.any_rank(ctx, run.stop.signal_number is not None):
             bar.close()
             stop_on_signal(run, epoch, step_in_epoch + 1)
@@ -806,15 +818,15 @@ def end_epoch(run: Run, epoch: int, stats: EpochStats) -> dict[str, Any]:
     summary = stats.merged(ctx)
     # Files that failed only now (streaming) shorten the epochs to come; the epoch count stays as asked.
     run.steps_per_epoch = max(1, (len(run.files) - len(run.skipped)) // (run.batch_size * ctx.world_size))
-    if run.clock.budget is None:
-        run.total_steps = run.global_step + (config.epochs - epoch - 1) * run.steps_per_epoch
     metrics = {"epoch": epoch + 1, "step": run.global_step, **summary, "skipped": len(run.skipped),
                "run_seconds": run.run_seconds()}
-    if run.global_step < run.total_steps:
-        run.refit_budget()
+    if run.clock.budget is None or run.global_step < run.total_steps:
+        run.fit_length(epoch + 1)
     finished = run.global_step >= run.total_steps
     schedule = run.schedule()
-    stage_next = not schedule.at(run.global_step - 1).self_labelling and schedule.at(run.global_step).self_labelling
+    # The score just before the self-labelling stage, to show what the stage changes: the next epoch enters it.
+    stage_next = not schedule.at(run.global_step - 1).self_labelling and \
+        schedule.at(run.global_step + run.steps_per_epoch - 1).self_labelling
     if finished or (config.eval_data and ((epoch + 1) % config.eval_every == 0 or stage_next)):
         began = time.perf_counter()
         metrics["eval"] = run.calibrate_and_evaluate(epoch + 1)
