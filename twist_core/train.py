@@ -387,7 +387,7 @@ class Run:
     clock: BudgetClock
     prior_seconds: float
     resumed: bool
-    started: float = dataclasses.field(default_factory=time.perf_counter)
+    started: float = dataclasses.field(default_factory=time.perf_counter)  # of this session
     eval_seconds: float = 0.0
     stop: StopRequested = dataclasses.field(default_factory=StopRequested)
 
@@ -588,6 +588,7 @@ def build_model(config: TrainConfig, spec: ModelSpec, ctx: distributed.Context, 
 
 def setup_run(config: TrainConfig, ctx: distributed.Context) -> Run:
     """Everything before the first step: options, data, model, optimiser, and the state to resume from."""
+    started = time.perf_counter()  # a time budget counts decoding and set-up too
     config, files, resumed, init = open_run(config, ctx)
     torch.manual_seed(config.seed)
     out = Path(config.out)
@@ -647,7 +648,7 @@ def setup_run(config: TrainConfig, ctx: distributed.Context) -> Run:
         global_step=resumed["global_step"] if resumed else 0, steps_per_epoch=steps_per_epoch,
         total_steps=resumed["total_steps"] if resumed else 0,
         clock=BudgetClock(parse_duration(config.time_budget) if config.time_budget else None),
-        prior_seconds=resumed["train_seconds"] if resumed else 0.0, resumed=resumed is not None)
+        prior_seconds=resumed["train_seconds"] if resumed else 0.0, resumed=resumed is not None, started=started)
     if not resumed:  # a resumed run keeps the length it saved
         run.fit_length(0)
     return run
