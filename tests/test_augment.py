@@ -66,3 +66,12 @@ def test_blur_smooths() -> None:
     def roughness(x: torch.Tensor) -> float:
         return float((x[..., 1:] - x[..., :-1]).abs().mean())
     assert roughness(blurred) < 0.5 * roughness(sharp)
+
+
+def test_crop_scales_follow_the_reference_recipes() -> None:
+    assert policy_for_size(32).global_scale == (0.08, 1.0)  # two views: the reference's two-view recipe
+    multi = policy_for_size(224, n_local=12)
+    assert multi.global_scale == (0.4, 1.0) and multi.local_scale == (0.05, 0.4)
+    harder = policy_for_size(224, n_local=12, self_labelling=True)
+    assert harder.global_scale == (0.14, 1.0) and harder.local_scale == (0.05, 0.14)
+    assert policy_for_size(32, self_labelling=True).global_scale == (0.14, 1.0)

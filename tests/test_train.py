@@ -110,7 +110,8 @@ def test_a_new_run_refuses_a_folder_that_holds_one(straight_run: Path, shapes_fo
 def test_init_weights_need_a_resnet_backbone(shapes_folder: Path, tmp_path: Path) -> None:
     weights_file = tmp_path / "resnet.pth"
     torch.save({}, weights_file)
-    result = subprocess.run(train_command(shapes_folder, tmp_path / "run", "--init", str(weights_file)), env=ENV,
+    result = subprocess.run(train_command(shapes_folder, tmp_path / "run", "--init", str(weights_file), "--backbone",
+                                          "patches"), env=ENV,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "--backbone resnet18" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "last.pt").exists()
@@ -183,3 +184,46 @@ def test_learning_rate_default_follows_the_optimiser(shapes_folder: Path, optimi
     given = resolve_auto(TrainConfig(data=str(shapes_folder), optimizer=optimizer, image_size=32, lr=0.03),
                          shapes_folder, require_images(shapes_folder), torch.device("cpu"))
     assert given.lr == 0.03
+
+
+def test_head_runs_once_on_all_crops_so_logit_batchnorm_spans_crop_sizes() -> None:
+    from twist_core.model import ModelSpec, TwistModel
+    from twist_core.train import forward_views
+
+    torch.manual_seed(0)
+    model = TwistModel(ModelSpec(backbone="resnet18", width=8, small_stem=True, hidden_dim=32, n_classes=6)).train()
+    views = [torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32), torch.randn(8, 3, 16, 16) * 3 + 1]
+    logits = forward_views(model, views, channels_last=False)
+    assert [tuple(v.shape) for v in logits] == [(8, 6)] * 3
+    everything = torch.cat(logits)
+    torch.testing.assert_close(everything.mean(0), torch.zeros(6), atol=1e-5, rtol=0)  # one BN over all 24
+    assert everything[16:].mean(0).abs().max() > 1e-3  # the small crops are not normalised on their own
+
+
+def test_paper_recipe_fills_defaults_and_is_recorded(shapes_folder: Path, tmp_path: Path) -> None:
+    from twist_core.train import apply_recipe
+
+    paper = apply_recipe(TrainConfig(recipe="paper", lr=0.3))
+    assert (paper.backbone, paper.hidden_dim, paper.tau, paper.optimizer, paper.weight_decay, paper.local_crops,
+            paper.epochs) == ("resnet50", 4096, 1.0, "lars", 1.5e-6, 12, 850)
+    assert paper.lr == 0.3 and paper.self_label_fraction == pytest.approx(50 / 850)  # explicit options win
+    out = tmp_path / "paper"
+    train(TrainConfig(data=str(shapes_folder), out=str(out), recipe="paper", backbone="resnet18", width=8,
+                      hidden_dim=32, local_crops=2, image_size=32, epochs=1, batch_size=16, workers=0,
+                      progress=False))
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["recipe"], saved["optimizer"], saved["lr"], saved["tau"]) == ("paper", "lars", 0.5, 1.0)
+
+
+def test_self_labelling_stage_restarts_the_learning_rate_and_raises_the_kept_share() -> None:
+    from twist_core.optim import Schedule
+
+    schedule = Schedule(total_steps=1000, warmup_steps=50, peak_lr=1.0, self_label_fraction=0.1, keep=0.5)
+    assert schedule.self_label_start == 900 and schedule.warmup_end == 50
+    assert schedule.at(49).lr == pytest.approx(1.0) and not schedule.at(899).self_labelling
+    assert schedule.at(899).lr < 0.01
+    stage = [schedule.at(step) for step in range(900, 1000)]
+    assert all(plan.self_labelling for plan in stage)
+    assert max(plan.lr for plan in stage) == pytest.approx(0.1)  # warm-up to 10 % of the peak, then cosine
+    assert stage[0].lr < stage[9].lr and stage[-1].lr < 0.001
+    assert stage[0].keep == pytest.approx(0.5) and stage[-1].keep == pytest.approx(0.599)

@@ -54,18 +54,32 @@ class AugmentPolicy:
         return specs
 
 
-def policy_for_size(image_size: int, n_local: int = 0) -> AugmentPolicy:
+TWO_VIEW_SCALE = (0.08, 1.0)  # the reference's two-view recipe
+MULTI_CROP_GLOBAL_SCALE = (0.4, 1.0)  # only together with local crops, which cover the small scales
+LOCAL_SCALE = (0.05, 0.4)
+SELF_LABEL_GLOBAL_SCALE = (0.14, 1.0)  # the reference's self-labelling stage: harder crops
+SELF_LABEL_LOCAL_SCALE = (0.05, 0.14)
+
+
+def policy_for_size(image_size: int, n_local: int = 0, self_labelling: bool = False) -> AugmentPolicy:
     """The reference policy at 224 px, or its small-image version (CIFAR-like 32-64 px).
 
-    Blur radius scales with the image; local crops are about 3/7 of the global size, as 96/224.
+    Global crops span (0.08, 1) of the image with two views and (0.4, 1) with local crops, as the reference's
+    two recipes do; the self-labelling stage uses its harder crops. Blur radius scales with the image; local
+    crops are about 3/7 of the global size, as 96/224.
     """
     local = max(8, round(image_size * 96 / 224 / 2) * 2)
     sigma_scale = image_size / 224
     max_sigma = 2.0 * sigma_scale
     # Below half a pixel a Gaussian kernel is the identity in all but name: skip the work (32 px: 0.29 px).
     blur_p = (1.0, 0.1, 0.5) if max_sigma >= 0.5 else (0.0, 0.0, 0.0)
-    return AugmentPolicy(global_size=image_size, local_size=local, n_local=n_local,
-                         blur_sigma=(0.1 * max(sigma_scale, 0.25), max_sigma), blur_p=blur_p)
+    if self_labelling:
+        global_scale, local_scale = SELF_LABEL_GLOBAL_SCALE, SELF_LABEL_LOCAL_SCALE
+    else:
+        global_scale, local_scale = (MULTI_CROP_GLOBAL_SCALE if n_local else TWO_VIEW_SCALE), LOCAL_SCALE
+    return AugmentPolicy(global_size=image_size, local_size=local, n_local=n_local, global_scale=global_scale,
+                         local_scale=local_scale, blur_sigma=(0.1 * max(sigma_scale, 0.25), max_sigma),
+                         blur_p=blur_p)
 
 
 def _random_crop_flip(images: torch.Tensor, spec: ViewSpec, generator: torch.Generator) -> torch.Tensor:

@@ -111,6 +111,9 @@ def build_card(checkpoint: dict[str, Any], checkpoint_path: Path, class_names: l
         "n_classes": spec.n_classes, "class_names": class_names,
         "backbone": spec.backbone, "width": spec.width, "small_stem": spec.small_stem,
         "hidden_dim": spec.hidden_dim, "tau": spec.tau, "embedding_dim": embedding_dim,
+        "embedding": ("the head's first hidden layer (the patches backbone is fixed features)"
+                      if spec.backbone == "patches" else "the ResNet's pooled feature (a learned representation)"),
+        "init": training.get("init"), "init_sha256": training.get("init_sha256"),
         "training_config": training, "checkpoint": str(checkpoint_path),
         "checkpoint_sha256": file_sha256(checkpoint_path), "checkpoint_epoch": checkpoint.get("epoch"),
         "opset": opset, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -3,8 +3,8 @@
 The backbone is a torchvision-style ResNet, or, for small images on a CPU, the frozen patch-dictionary stem of
 ``patches.py`` (``backbone="patches"``, ``width`` = number of atoms).
 
-The ResNet uses torchvision's residual blocks and keeps torchvision's parameter names, so ``--init`` can
-load any local torchvision ResNet state dict; nothing is ever downloaded. ``width`` narrows every stage
+The ResNet uses torchvision's residual blocks and keeps torchvision's parameter names, so ``--init``
+(see ``init_weights.py``) loads torchvision and reference weights as they are. ``width`` narrows every stage
 (64 is torchvision's).
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -134,8 +133,14 @@ class TwistModel(nn.Module):
     def embedding_dim(self) -> int:
         return self.spec.hidden_dim if self.spec.backbone in PATCH_BACKBONES else self.backbone.feature_dim
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.backbone(images)
+    def forward(self, images: torch.Tensor | list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch, or the crops of a training step (a list; crops of one size run through the backbone
+        together). Either way the head runs once on everything, so the logit BatchNorm normalises over all crops
+        of the step, whatever their size, as the reference does; results come back in the order given."""
+        if isinstance(images, torch.Tensor):
+            features = self.backbone(images)
+        else:
+            features = torch.cat([self.backbone(torch.cat(group)) for group in _same_size_runs(images)])
         hidden, logits = self.head(features)
         return (hidden if self.spec.backbone in PATCH_BACKBONES else features), logits
 
@@ -144,20 +149,15 @@ class TwistModel(nn.Module):
         return embedding, torch.softmax(logits / self.spec.tau, dim=-1)
 
 
-def load_torchvision_weights(backbone: ResNetBackbone, path: str | Path) -> list[str]:
-    """Initialise from a local torchvision-format state dict; returns the keys left at random init.
-
-    The classifier (``fc.*``) is ignored; a 7x7 stem cannot be loaded into the small 3x3 stem and is skipped.
-    """
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    own = backbone.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not usable:
-        raise ValueError(f"{path}: no tensor matches the {type(backbone).__name__} layout (wrong backbone/width?)")
-    backbone.load_state_dict(usable, strict=False)
-    return sorted(set(own) - set(usable))
+def _same_size_runs(crops: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Consecutive crops of equal size grouped, in order (two globals, then the locals)."""
+    runs: list[list[torch.Tensor]] = []
+    for crop in crops:
+        if runs and runs[-1][0].shape[-2:] == crop.shape[-2:]:
+            runs[-1].append(crop)
+        else:
+            runs.append([crop])
+    return runs
 
 
 @torch.no_grad()

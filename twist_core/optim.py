@@ -7,6 +7,7 @@ the reference. The schedule is a pure function of the step, so resuming needs on
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -69,11 +70,57 @@ def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
     raise ValueError(f"unknown optimizer {name!r}: choose sgd, lars or adamw")
 
 
-def learning_rate(step: int, total_steps: int, warmup_steps: int, peak_lr: float, final_fraction: float = 0.001
-                  ) -> float:
-    """Linear warm-up to ``peak_lr``, then cosine decay to ``final_fraction * peak_lr``."""
+def cosine_warmup(step: int, steps: int, warmup_steps: int, peak_lr: float, final_fraction: float = 0.001) -> float:
+    """Linear warm-up to ``peak_lr`` over ``warmup_steps``, then cosine decay to ``final_fraction * peak_lr``."""
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    progress = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
     final = peak_lr * final_fraction
     return final + 0.5 * (peak_lr - final) * (1 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one training step does: its learning rate, and whether (and how selectively) it self-labels."""
+
+    lr: float
+    self_labelling: bool
+    keep: float
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The whole schedule as a pure function of the step: resuming needs only the step number.
+
+    Two stages, as the paper runs them: TWIST (warm-up, then cosine) over the first steps, then, over the last
+    ``self_label_fraction`` of them, the self-labelling stage with its own warm-up to ``restart`` x the peak, its
+    own cosine, and a kept share of the batch rising from ``keep`` to ``keep + keep_rise``.
+    """
+
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+    self_label_fraction: float = 0.0
+    keep: float = 0.5
+    keep_rise: float = 0.1
+    restart: float = 0.1
+
+    @property
+    def self_label_start(self) -> int:
+        if self.self_label_fraction <= 0:
+            return self.total_steps
+        return max(0, self.total_steps - max(1, round(self.self_label_fraction * self.total_steps)))
+
+    @property
+    def warmup_end(self) -> int:
+        """The one definition of the warm-up's end: as asked, but at most a fifth of the TWIST stage."""
+        return max(1, min(self.warmup_steps, self.self_label_start // 5))
+
+    def at(self, step: int) -> StepPlan:
+        start = self.self_label_start
+        if step < start:
+            return StepPlan(cosine_warmup(step, start, self.warmup_end, self.peak_lr), False, self.keep)
+        length = max(1, self.total_steps - start)
+        into = step - start
+        lr = cosine_warmup(into, length, max(1, round(0.1 * length)), self.restart * self.peak_lr)
+        return StepPlan(lr, True, self.keep + self.keep_rise * min(1.0, into / length))

@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,13 +32,14 @@ from twist_core.augment import BatchAugment, policy_for_size
 from twist_core.budget import fit_total_steps, parse_duration
 from twist_core.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from twist_core.config import build_config, command_parser, option, save_config
-from twist_core.dataset import EpochBatches, FolderImages, decode_all, decode_size, epoch_batches, make_loader
+from twist_core.dataset import EpochBatches, FolderImages, decode_per_node, decode_size, epoch_batches, make_loader
 from twist_core.evaluate import load_eval_images, normalise, predict_torch, score, summary_line
 from twist_core.folder import DEFAULT_MAX_PIXELS, NoImagesError, decode_image, require_images
+from twist_core.init_weights import InitError, InitWeights, check_fits, load_into, read_init
 from twist_core.io_utils import atomic_write_text, mark_output_folder
 from twist_core.loss import self_label_loss, twist_multicrop_loss
-from twist_core.model import ModelSpec, TwistModel, load_torchvision_weights, recalibrate_batchnorm
-from twist_core.optim import build_optimizer, learning_rate
+from twist_core.model import ModelSpec, TwistModel, recalibrate_batchnorm
+from twist_core.optim import Schedule, StepPlan, build_optimizer
 from twist_core.patches import PatchBackbone, learn_patch_dictionary
 from twist_core.photo_defaults import announcement, auto_backbone, auto_image_size
 
@@ -57,11 +59,17 @@ class TrainConfig:
     data: str = option(None, "folder of images (searched recursively; folder names are never used as labels)")
     out: str = option("runs/twist", "run folder for config.json, metrics.jsonl, skipped.txt, checkpoints, curves.png")
     classes: int = option(10, "K, the number of classes to discover")
+    recipe: str = option("default", "default: settings for one GPU or a CPU within a time budget; paper: the "
+                                    "paper's ImageNet settings (ResNet-50, MLP 4096, tau 1, LARS lr 0.5 per 256, "
+                                    "weight decay 1.5e-6, 12 local crops, 800 + 50 epochs) for every option left at "
+                                    "its default", choices=["default", "paper"])
     backbone: str = option("auto", "auto: on a CPU, patches for small images (<= 64 px) and the measured best for "
-                                   "photos (bench/results/photos.json), else resnet18; patches = "
-                                   "frozen patch-dictionary stem fitted on the folder (fast on CPU), or a torchvision "
-                                   "ResNet depth", choices=["auto", "patches", "patches-conv", "resnet18", "resnet34",
-                                                                  "resnet50"])
+                                   "photos (bench/results/photos.json), else resnet18. A ResNet trains a "
+                                   "representation (the exported embedding is its pooled feature); patches trains "
+                                   "only a head on fixed features, a frozen patch dictionary fitted on the folder "
+                                   "(the embedding is the head's first hidden layer); patches-conv trains a "
+                                   "convolutional stage above that frozen stem (a representation at CPU cost)",
+                           choices=["auto", "patches", "patches-conv", "resnet18", "resnet34", "resnet50"])
     width: int = option(0, "patches: dictionary atoms; ResNet: channels of the first stage (64 = torchvision); "
                            "0 = auto: 256 atoms, or 64 channels on GPU and 16 on CPU")
     image_size: int = option(0, "training crop size in px; 0 = auto from the median image size (32/64 or 224)")
@@ -83,14 +91,20 @@ class TrainConfig:
                              "0 = auto: 1.0 for patches, 0.5 for ResNet")
     lam1: float = option(0.0, "sharpness weight is (1 + lam1)")
     lam2: float = option(1.0, "diversity weight (the term that prevents collapse)")
-    self_label_fraction: float = option(0.1, "share of the final epochs spent in the self-labelling stage (0 = off)")
-    self_label_keep: float = option(0.5, "share of the global batch, most confident first, used as pseudo-labels")
-    self_label_weight: float = option(1.0, "weight of the self-labelling cross-entropy added to the TWIST loss")
+    self_label_fraction: float = option(0.1, "share of the final steps spent in the self-labelling stage, which "
+                                             "replaces the TWIST loss with confident pseudo-labels and restarts the "
+                                             "learning rate at 10%% of the peak (0 = off)")
+    self_label_keep: float = option(0.5, "share of the global batch, most confident first, used as pseudo-labels at "
+                                         "the start of the stage; it rises by 0.1 to the end (paper: 0.5 -> 0.6)")
     time_budget: str | None = option(None, "fit the whole schedule to this wall-clock time (e.g. 20m, 1h30m); "
                                      "measured on the first steps, overrides --epochs")
     eval_data: str | None = option(None, "class-folder tree to evaluate on (ACC/NMI/ARI/kNN) during training")
     eval_every: int = option(5, "evaluate every N epochs (and at the start and the end) when --eval-data is given")
-    init: str | None = option(None, "local torchvision-format ResNet state dict to start the backbone from")
+    init: str | None = option(None, "pretrained start for a ResNet: a torchvision state dict, a TWIST reference "
+                                    "checkpoint (full or backbone-only; its head too when K matches) or "
+                                    "torchvision:resnet18|resnet50 (from the torch hub cache); architecture, width and "
+                                    "stem follow the weights")
+    init_sha256: str | None = option(None, "sha256 of the --init file, recorded by the run", cli=False)
     seed: int = option(0, "random seed (data order, augmentation, initialisation)")
     workers: int = option(-1, "decoding worker processes; -1 = auto (CPU count, at most 8)")
     cache: str = option("auto", "decode all images once into RAM: auto (when under 2 GB), ram or off",
@@ -104,6 +118,21 @@ class TrainConfig:
     checkpoint_every: int = option(500, "also checkpoint every N steps within an epoch (0 = only per epoch)")
     resume: bool = option(False, "continue from RUN/last.pt exactly where it stopped")
     progress: bool = option(True, "show a progress bar")
+
+
+PAPER_RECIPE: dict[str, Any] = {
+    "backbone": "resnet50", "width": 64, "hidden_dim": 4096, "tau": 1.0, "optimizer": "lars", "lr": 0.5,
+    "weight_decay": 1.5e-6, "local_crops": 12, "epochs": 850, "self_label_fraction": 50 / 850,
+}
+
+
+def apply_recipe(config: TrainConfig) -> TrainConfig:
+    """``--recipe paper``: the paper's values for every option still at its default (explicit options win)."""
+    if config.recipe != "paper":
+        return config
+    defaults = TrainConfig()
+    return dataclasses.replace(config, **{name: value for name, value in PAPER_RECIPE.items()
+                                          if getattr(config, name) == getattr(defaults, name)})
 
 
 class TrainingDiverged(RuntimeError):
@@ -197,6 +226,28 @@ def resolve_auto(config: TrainConfig, root: Path, files: list[str], device: torc
     return dataclasses.replace(config, **changes)
 
 
+def follow_init(config: TrainConfig, init: InitWeights) -> TrainConfig:
+    """What ``--init`` decides: architecture, width and stem of its weights, and the head's width when K matches.
+
+    Explicit options that contradict the weights stop the run here, before anything is written.
+    """
+    changes: dict[str, Any] = {"init_sha256": init.sha256}
+    for name, value in (("backbone", init.architecture), ("width", init.width)):
+        given = getattr(config, name)
+        if given in ("auto", 0):
+            changes[name] = value
+        elif given != value:
+            raise ConfigError(f"--init {config.init} holds a {init.architecture} of width {init.width}: "
+                              f"--{name} {given} cannot take it (leave --{name} out to follow the weights)")
+    if config.small_stem is None:
+        changes["small_stem"] = init.small_stem
+    if init.head_shape and init.head_shape[1] == config.classes and config.hidden_dim <= 0:
+        changes["hidden_dim"] = init.head_shape[0]
+    config = dataclasses.replace(config, **changes)
+    check_fits(init, config.backbone, config.width, bool(config.small_stem))
+    return config
+
+
 def auto_batch_size(n_images: int, world_size: int) -> int:
     """256 per process, halved until an epoch has at least 16 steps (small folders), never under 16."""
     size = 256
@@ -213,20 +264,11 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 
 
 def forward_views(model: nn.Module, views: list[torch.Tensor], channels_last: bool) -> list[torch.Tensor]:
-    """One backbone pass per crop size (views of equal size are concatenated), logits split back per view."""
-    logits: list[torch.Tensor] = []
-    start = 0
-    while start < len(views):
-        end = start
-        while end < len(views) and views[end].shape[-1] == views[start].shape[-1]:
-            end += 1
-        batch = torch.cat(views[start:end])
-        if channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        _, group_logits = model(batch)
-        logits.extend(group_logits.float().chunk(end - start))
-        start = end
-    return logits
+    """Logits of every view, split back per view, from one model call on all the crops of the step."""
+    if channels_last:
+        views = [view.contiguous(memory_format=torch.channels_last) for view in views]
+    _, logits = model(views)
+    return list(logits.float().split([view.shape[0] for view in views]))
 
 
 def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
@@ -274,73 +316,255 @@ def warn_about_classes(classes: int, n_images: int) -> None:
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) a training run; returns the final epoch's metrics."""
+    """Run (or resume) a training run; returns the final epoch's metrics.
+
+    Reads like facebookresearch/dino's main loop: set the run up, then one ``train_one_epoch`` per epoch and
+    ``end_epoch`` to summarise, evaluate and checkpoint it.
+    """
     check_options(config)
-    with distributed.process_group(config.device) as ctx, contextlib.ExitStack() as cleanup:
-        return _train(config, ctx, cleanup)
+    config = apply_recipe(config)
+    with distributed.process_group(config.device) as ctx:
+        run = setup_run(config, ctx)
+        with run.stop.installed():
+            if run.config.eval_data and not run.resumed:
+                run.history.append({"epoch": 0, "step": 0, "eval": run.calibrate_and_evaluate(0)})
+            if ctx.is_main:
+                write_metrics(run.out / METRICS_NAME, run.history)  # on resume: rows past the checkpoint dropped
+            metrics: dict[str, Any] = run.history[-1] if run.history else {}
+            epoch = run.start_epoch
+            while run.global_step < run.total_steps:
+                metrics = end_epoch(run, epoch, train_one_epoch(run, epoch))
+                epoch += 1
+        if ctx.is_main:
+            from twist_core.plots import plot_training_curves
+
+            plot_training_curves(run.history, run.out / "curves.png")
+            atomic_write_text(run.out / "DONE", json.dumps(metrics) + "\n")
+        return metrics
 
 
-def _train(config: TrainConfig, ctx: distributed.Context, cleanup: contextlib.ExitStack) -> dict[str, Any]:
-    from tqdm import tqdm
+@dataclass
+class BudgetClock:
+    """``--time-budget``: this session's step time (evaluations excluded, after two warm-up steps)."""
 
-    started = time.perf_counter()
-    out = Path(config.out)
-    root = Path(config.data)
-    checkpoint_path = out / CHECKPOINT_NAME
+    budget: float | None
+    timed_steps: int = 0
+    timed_since: float | None = None
+    eval_seconds_in_loop: float = 0.0
+
+    def step_done(self, steps_done_in_epoch: int) -> bool:
+        """Count a step; True when the schedule should be refitted to the budget (every 10 timed steps)."""
+        if self.budget is None:
+            return False
+        if self.timed_since is None:
+            if steps_done_in_epoch == 2:
+                self.timed_since = time.perf_counter()
+            return False
+        self.timed_steps += 1
+        return self.timed_steps % 10 == 0  # small, frequent corrections keep every stage of the schedule
+
+    def seconds_per_step(self) -> float | None:
+        if self.budget is None or self.timed_since is None or self.timed_steps == 0:
+            return None
+        return (time.perf_counter() - self.timed_since - self.eval_seconds_in_loop) / self.timed_steps
+
+
+@dataclass
+class Run:
+    """Everything a run holds between steps: configuration, data, model, optimiser and progress."""
+
+    config: TrainConfig
+    ctx: distributed.Context
+    files: list[str]
+    dataset: FolderImages
+    cache: torch.Tensor | None
+    skipped: dict[int, str]
+    batch_size: int
+    spec: ModelSpec
+    model: nn.Module
+    train_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    eval_data: Any
+    history: list[dict[str, Any]]
+    start_epoch: int  # epochs completed when this session started
+    start_step_in_epoch: int
+    global_step: int
+    steps_per_epoch: int
+    total_steps: int
+    clock: BudgetClock
+    prior_seconds: float
+    resumed: bool
+    started: float = dataclasses.field(default_factory=time.perf_counter)  # of this session
+    eval_seconds: float = 0.0
+    stop: StopRequested = dataclasses.field(default_factory=StopRequested)
+
+    def __post_init__(self) -> None:
+        policy = functools.partial(policy_for_size, self.config.image_size, self.config.local_crops)
+        self.augment = BatchAugment(policy())
+        self.augment_self_label = BatchAugment(policy(self_labelling=True))
+        self.sampler = EpochBatches()
+        self.loader = None if self.cache is not None else make_loader(
+            self.dataset, self.sampler, self.config.workers, self.ctx.device.type == "cuda")
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
+
+    @property
+    def peak_lr(self) -> float:
+        return float(self.config.lr or 0.0) * self.batch_size * self.ctx.world_size / 256
+
+    def schedule(self) -> Schedule:
+        """The schedule for the current total step count (a time budget refits it while training)."""
+        return Schedule(self.total_steps, round(self.config.warmup_epochs * self.steps_per_epoch), self.peak_lr,
+                        self.config.self_label_fraction, self.config.self_label_keep)
+
+    def run_seconds(self) -> float:
+        return self.prior_seconds + time.perf_counter() - self.started
+
+    def checkpoint(self, epoch: int, step_in_epoch: int) -> None:
+        if not self.ctx.is_main:
+            return
+        save_checkpoint(self.out / CHECKPOINT_NAME, {
+            "format": 1, "config": dataclasses.asdict(self.config), "model_spec": dataclasses.asdict(self.spec),
+            "model": plain_state_dict(self.model), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
+            "global_step": self.global_step, "total_steps": self.total_steps,
+            "steps_per_epoch": self.steps_per_epoch, "train_seconds": self.run_seconds(),
+            "skipped": dict(self.skipped), "files": self.files, "history": self.history,
+        })
+
+    def fit_length(self, epochs_done: int) -> None:
+        """The one place the run's length (``total_steps``) is decided.
+
+        Without ``--time-budget``: the epochs asked, at the current steps per epoch. With it: the steps that fit
+        the time left at the measured step time (rank 0 decides: ranks must agree); until steps are timed, the
+        epochs asked stand in, or, resumed, the length saved.
+        """
+        seconds_per_step = self.clock.seconds_per_step()
+        if seconds_per_step is None or self.clock.budget is None:
+            if self.clock.budget is None or self.total_steps == 0:
+                self.total_steps = self.global_step + (self.config.epochs - epochs_done) * self.steps_per_epoch
+            return
+        reserve = 0.01 * self.clock.budget + 2.0  # final checkpoint, plot, process exit
+        fitted = fit_total_steps(self.global_step, seconds_per_step, self.clock.budget - self.run_seconds() - reserve,
+                                 self.steps_per_epoch, self.eval_seconds, self.config.eval_every)
+        self.total_steps = distributed.broadcast_int(self.ctx, max(fitted, self.global_step, 1))
+
+    def spread_images(self, limit: int) -> list[int]:
+        """Up to ``limit`` readable training images, evenly spread over the folder."""
+        valid = [i for i in range(len(self.files)) if i not in self.skipped]
+        return valid[::max(1, len(valid) // limit)][:limit]
+
+    def decoded_batches(self, batches: list[list[int]], replace_failures: bool = True) -> Iterator[torch.Tensor]:
+        """These batches from the cache or decoded now. A file that fails now is replaced by a good image of its
+        batch, so every batch keeps its size (ranks stay in lockstep), or left out."""
+        if self.cache is not None:
+            yield from (self.cache[torch.tensor(indices)] for indices in batches)
+            return
+        for _, images, errors in DataLoader(self.dataset, batch_sampler=batches, num_workers=self.config.workers):
+            good = [k for k, error in enumerate(errors) if not error]
+            if not replace_failures:
+                yield images[torch.tensor(good, dtype=torch.long)]
+                continue
+            good = good or list(range(len(errors)))
+            yield images[torch.tensor([k if not errors[k] else good[k % len(good)] for k in range(len(errors))])]
+
+    def clean_batches(self) -> Iterator[torch.Tensor]:
+        """Centre crops of up to RECALIBRATION_IMAGES training images, evenly spread, in this rank's share of a
+        pass plan that makes every rank run the same number of batches of 2 or more images."""
+        chosen = self.spread_images(RECALIBRATION_IMAGES)
+        plan = distributed.pass_plan(len(chosen), self.ctx.world_size, self.batch_size)
+        for images in self.decoded_batches(plan.batches(chosen, self.ctx.rank, self.ctx.world_size)):
+            batch = normalise(images.to(self.ctx.device), self.config.image_size)
+            yield batch.contiguous(memory_format=torch.channels_last) if self.config.channels_last else batch
+
+    def calibrate_and_evaluate(self, epoch: int) -> dict[str, float] | None:
+        """Fresh BN statistics on clean images (all ranks), then rank 0 scores the eval set if there is one."""
+        from tqdm import tqdm
+
+        began = time.perf_counter()
+        with autocast(self.config.precision, self.ctx.device):
+            recalibrate_batchnorm(self.model, self.clean_batches())
+        if self.eval_data is None:
+            return None
+        probs, embeddings = predict_torch(self.model, self.eval_data.images, self.config.image_size, self.ctx.device)
+        report = score(probs, embeddings, self.eval_data)
+        self.eval_seconds = time.perf_counter() - began
+        if self.config.progress:
+            tqdm.write(f"eval after epoch {epoch}: {summary_line(report)}", file=sys.stderr)
+        return {name: report[name] for name in ("acc", "nmi", "ami", "ari", "knn_acc", "clusters_in_use")}
+
+
+def open_run(config: TrainConfig, ctx: distributed.Context) -> tuple[TrainConfig, list[str], dict | None,
+                                                                     InitWeights | None]:
+    """Check the folders, load the checkpoint to resume and the ``--init`` weights, and fill every ``auto``."""
+    out, root = Path(config.out), Path(config.data)
     files = require_images(root)
-
     resumed: dict[str, Any] | None = None
-    if not config.resume and checkpoint_path.exists():
+    if not config.resume and (out / CHECKPOINT_NAME).exists():
         # Metrics alone are no run: they are rewritten from the checkpoint, so a run killed before its
         # first checkpoint simply starts again.
         raise ResumeError(f"{out} already holds a run ({CHECKPOINT_NAME}): add --resume to continue it, or choose "
                           "another --out (nothing was changed)")
     if config.resume:
-        if not checkpoint_path.exists():
-            raise ResumeError(f"--resume: no checkpoint at {checkpoint_path} (the run stopped before its first "
+        if not (out / CHECKPOINT_NAME).exists():
+            raise ResumeError(f"--resume: no checkpoint at {out / CHECKPOINT_NAME} (the run stopped before its first "
                               "checkpoint): start it again without --resume")
-        resumed = load_checkpoint(checkpoint_path)
+        resumed = load_checkpoint(out / CHECKPOINT_NAME)
         saved = resumed["config"]
         # The saved run defines everything; only where to run it may change.
         keep = {"device", "workers", "progress", "resume", "checkpoint_every", "eval_data", "eval_every"}
-        config = TrainConfig(**{**saved, **{k: getattr(config, k) for k in keep}})
+        known = {field.name for field in dataclasses.fields(TrainConfig)}  # options of older versions dropped
+        config = TrainConfig(**{**{k: v for k, v in saved.items() if k in known},
+                                **{k: getattr(config, k) for k in keep}})
         if resumed["files"] != files:
             raise ResumeError(f"{root} changed since the run started ({len(resumed['files'])} files then, "
                                f"{len(files)} now): start a new run instead of --resume")
+    init = None
+    if config.init and not resumed:
+        if config.backbone in ("patches", "patches-conv"):
+            raise ConfigError("--init loads ResNet weights; the patches backbones have none: add --backbone "
+                              "resnet18 (or resnet34/resnet50, as the weights are)")
+        init = read_init(config.init)
+        config = follow_init(config, init)
     config = resolve_auto(config, root, files, ctx.device)
     if ctx.is_main:
         with contextlib.suppress(NoImagesError):  # unreadable files are reported while decoding
             side = median_image_side(root, files, config.max_pixels)
             print("\n".join(announcement(config.backbone, config.image_size, config.width, side, ctx.device)),
                   file=sys.stderr)
-    torch.manual_seed(config.seed)
+    return config, files, resumed, init
 
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        mark_output_folder(out)
 
-    # Data: decode every image once into RAM when it fits, else stream through worker processes.
+def local_world_size(ctx: distributed.Context) -> int:
+    """Processes on this node (torchrun sets LOCAL_WORLD_SIZE)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+
+
+def load_images(config: TrainConfig, ctx: distributed.Context, files: list[str], skipped: dict[int, str]
+                ) -> tuple[FolderImages, torch.Tensor | None]:
+    """Decode every image once into RAM when it fits (failures into ``skipped``), else stream later."""
+    root = Path(config.data)
     size = decode_size(config.image_size)
     dataset = FolderImages(root, files, size, config.max_pixels)
     cache_bytes = len(files) * 3 * size * size
-    use_cache = config.cache == "ram" or (config.cache == "auto" and cache_bytes < 2 * 1024**3)
-    skipped: dict[int, str] = dict(resumed["skipped"]) if resumed else {}
     cache = None
-    if use_cache:
-        cache, failures = decode_all(dataset, config.workers, progress=config.progress and ctx.is_main)
+    if config.cache == "ram" or (config.cache == "auto" and cache_bytes < 2 * 1024**3):
+        cache, failures = decode_per_node(dataset, config.workers, ctx.rank, ctx.world_size, ctx.local_rank,
+                                          local_world_size(ctx), config.progress and ctx.is_main)
         skipped.update(failures)
     elif not any(_readable(root / f, config.max_pixels) for f in files):
         raise NoImagesError(f"none of the {len(files)} image files in {root} could be decoded")
-    n_valid = len(files) - len(skipped)
-    if n_valid == 0:
+    if len(files) == len(skipped):
         raise NoImagesError(f"none of the {len(files)} image files in {root} could be decoded; see the reasons in "
-                            f"{out / 'skipped.txt'}")
-    if ctx.is_main:
-        write_skipped(out / "skipped.txt", files, skipped)
-        for index, reason in sorted(skipped.items()):
-            print(f"warning: skipping {files[index]}: {reason}", file=sys.stderr)
-        warn_about_classes(config.classes, n_valid)
+                            f"{Path(config.out) / 'skipped.txt'}")
+    return dataset, cache
 
+
+def fitted_batch_size(config: TrainConfig, ctx: distributed.Context, n_valid: int) -> tuple[TrainConfig, int]:
+    """The configured (or automatic) batch size, lowered when the folder cannot fill one global batch."""
     if config.batch_size <= 0:
         config = dataclasses.replace(config, batch_size=auto_batch_size(n_valid, ctx.world_size))
     batch_size = config.batch_size
@@ -349,59 +573,22 @@ def _train(config: TrainConfig, ctx: distributed.Context, cleanup: contextlib.Ex
         if ctx.is_main:
             print(f"warning: only {n_valid} readable images: batch size lowered to {batch_size} per process",
                   file=sys.stderr)
-    if ctx.is_main:
-        save_config(config, out / "config.json")
+    return config, batch_size
 
-    def spread_images(limit: int) -> list[int]:
-        """Up to ``limit`` readable training images, evenly spread over the folder."""
-        valid = [i for i in range(len(files)) if i not in skipped]
-        return valid[::max(1, len(valid) // limit)][:limit]
 
-    def uint8_batches(chosen: list[int]):
-        """The decoded images ``chosen`` (from the cache, or decoded now), in batches, failures left out."""
-        if cache is not None:
-            yield from (cache[chosen[i:i + batch_size]] for i in range(0, len(chosen), batch_size))
-            return
-        loader = DataLoader(Subset(dataset, chosen), batch_size=batch_size, num_workers=config.workers)
-        yield from (images[torch.tensor([not e for e in errors])] for _, images, errors in loader)
-
-    def decoded_batches(batches: list[list[int]]) -> Iterator[torch.Tensor]:
-        """These batches from the cache or decoded now; a file that fails now is replaced by a good image of its
-        batch, so every batch keeps its size (ranks stay in lockstep)."""
-        if cache is not None:
-            yield from (cache[torch.tensor(indices)] for indices in batches)
-            return
-        for _, images, errors in DataLoader(dataset, batch_sampler=batches, num_workers=config.workers):
-            good = [k for k, error in enumerate(errors) if not error] or list(range(len(errors)))
-            yield images[torch.tensor([k if not errors[k] else good[k % len(good)] for k in range(len(errors))])]
-
-    def clean_batches():
-        """Centre crops of up to RECALIBRATION_IMAGES training images, evenly spread, in this rank's share of a
-        pass plan that makes every rank run the same number of batches of 2 or more images."""
-        chosen = spread_images(RECALIBRATION_IMAGES)
-        plan = distributed.pass_plan(len(chosen), ctx.world_size, batch_size)
-        for images in decoded_batches(plan.batches(chosen, ctx.rank, ctx.world_size)):
-            batch = normalise(images.to(ctx.device), config.image_size)
-            yield batch.contiguous(memory_format=torch.channels_last) if config.channels_last else batch
-
-    steps_per_epoch = resumed["steps_per_epoch"] if resumed else max(1, n_valid // (batch_size * ctx.world_size))
-    total_steps = resumed["total_steps"] if resumed else steps_per_epoch * config.epochs
-    budget = parse_duration(config.time_budget) if config.time_budget else None
-    prior_seconds = resumed["train_seconds"] if resumed else 0.0
-    peak_lr = config.lr * batch_size * ctx.world_size / 256
-
-    spec = ModelSpec(backbone=config.backbone, width=config.width, small_stem=bool(config.small_stem),
-                     hidden_dim=config.hidden_dim, n_classes=config.classes, tau=config.tau)
+def build_model(config: TrainConfig, spec: ModelSpec, ctx: distributed.Context, init: InitWeights | None,
+                patch_sample: Callable[[], torch.Tensor] | None) -> TwistModel:
+    """The network on its device: from ``--init``, or with its patch dictionary fitted (``patch_sample`` gives
+    the images; None when a checkpoint will overwrite it anyway), or as initialised."""
     model = TwistModel(spec)
-    if config.init and not resumed:
-        missing = load_torchvision_weights(model.backbone, config.init)
-        if ctx.is_main and missing:
-            print(f"note: --init left {len(missing)} tensors at random init (e.g. {missing[0]})", file=sys.stderr)
-    if resumed:
-        model.load_state_dict(resumed["model"])
-    elif isinstance(model.backbone, PatchBackbone):
+    if init is not None:
+        head_loaded = load_into(model, init)
+        if ctx.is_main:
+            print(f"--init: {len(init.backbone)} backbone tensors from {init.file}"
+                  f"{' and the head' if head_loaded else ''} (sha256 {init.sha256[:12]})", file=sys.stderr)
+    elif isinstance(model.backbone, PatchBackbone) and patch_sample is not None:
         # Every rank fits the same dictionary from the same images; DDP would broadcast rank 0's anyway.
-        sample = torch.cat(list(uint8_batches(spread_images(max(100, DICTIONARY_PIXELS // (3 * size * size))))))
+        sample = patch_sample()
         if ctx.is_main and config.progress:
             print(f"fitting the patch dictionary ({config.width} atoms) on {len(sample)} images", file=sys.stderr)
         model.backbone.stem.load_dictionary(learn_patch_dictionary(sample, config.width, seed=config.seed))
@@ -410,8 +597,49 @@ def _train(config: TrainConfig, ctx: distributed.Context, cleanup: contextlib.Ex
     model.to(ctx.device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(config.optimizer, model, peak_lr, float(config.weight_decay or 0.0),
-                                config.momentum, config.lars_eta)
+    return model
+
+
+def setup_run(config: TrainConfig, ctx: distributed.Context) -> Run:
+    """Everything before the first step: options, data, model, optimiser, and the state to resume from."""
+    started = time.perf_counter()  # a time budget counts decoding and set-up too
+    config, files, resumed, init = open_run(config, ctx)
+    torch.manual_seed(config.seed)
+    out = Path(config.out)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        mark_output_folder(out)
+    skipped: dict[int, str] = dict(resumed["skipped"]) if resumed else {}
+    dataset, cache = load_images(config, ctx, files, skipped)
+    n_valid = len(files) - len(skipped)
+    if ctx.is_main:
+        write_skipped(out / "skipped.txt", files, skipped)
+        for index, reason in sorted(skipped.items()):
+            print(f"warning: skipping {files[index]}: {reason}", file=sys.stderr)
+        warn_about_classes(config.classes, n_valid)
+    config, batch_size = fitted_batch_size(config, ctx, n_valid)
+    if ctx.is_main:
+        save_config(config, out / "config.json")
+
+    spec = ModelSpec(backbone=config.backbone, width=config.width, small_stem=bool(config.small_stem),
+                     hidden_dim=config.hidden_dim, n_classes=config.classes, tau=config.tau)
+    steps_per_epoch = resumed["steps_per_epoch"] if resumed else max(1, n_valid // (batch_size * ctx.world_size))
+
+    def patch_sample() -> torch.Tensor:
+        chosen = [i for i in range(len(files)) if i not in skipped]
+        limit = max(100, DICTIONARY_PIXELS // (3 * dataset.size ** 2))
+        chosen = chosen[::max(1, len(chosen) // limit)][:limit]
+        batches = [chosen[i:i + batch_size] for i in range(0, len(chosen), batch_size)]
+        if cache is not None:
+            return torch.cat([cache[torch.tensor(b)] for b in batches])
+        loader = DataLoader(Subset(dataset, chosen), batch_size=batch_size, num_workers=config.workers)
+        return torch.cat([images[torch.tensor([not e for e in errors])] for _, images, errors in loader])
+
+    model = build_model(config, spec, ctx, init, None if resumed else patch_sample)
+    if resumed:
+        unwrap(model).load_state_dict(resumed["model"])
+    optimizer = build_optimizer(config.optimizer, model, float(config.lr or 0.0) * batch_size * ctx.world_size / 256,
+                                float(config.weight_decay or 0.0), config.momentum, config.lars_eta)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.precision == "fp16")
     if resumed:
         optimizer.load_state_dict(resumed["optimizer"])
@@ -422,216 +650,213 @@ def _train(config: TrainConfig, ctx: distributed.Context, cleanup: contextlib.Ex
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if config.compile:
         train_model = torch.compile(train_model)
-
-    augment = BatchAugment(policy_for_size(config.image_size, config.local_crops))
-    start_epoch = resumed["epoch"] if resumed else 0  # epochs completed
-    start_step_in_epoch = resumed["step_in_epoch"] if resumed else 0
-    global_step = resumed["global_step"] if resumed else 0
-    history: list[dict[str, Any]] = resumed["history"] if resumed else []
-
-    sampler = EpochBatches()
-    loader = None if cache is not None else make_loader(dataset, sampler, config.workers,
-                                                        ctx.device.type == "cuda")
-    stop = cleanup.enter_context(StopRequested().installed())
-
     eval_data = None
     if config.eval_data and ctx.is_main:
         eval_data = load_eval_images(config.eval_data, config.image_size, config.workers, config.max_pixels,
                                      progress=config.progress)
-    eval_seconds = 0.0
+    run = Run(
+        config=config, ctx=ctx, files=files, dataset=dataset, cache=cache, skipped=skipped, batch_size=batch_size,
+        spec=spec, model=model, train_model=train_model, optimizer=optimizer, scaler=scaler, eval_data=eval_data,
+        history=resumed["history"] if resumed else [],
+        start_epoch=resumed["epoch"] if resumed else 0, start_step_in_epoch=resumed["step_in_epoch"] if resumed else 0,
+        global_step=resumed["global_step"] if resumed else 0, steps_per_epoch=steps_per_epoch,
+        total_steps=resumed["total_steps"] if resumed else 0,
+        clock=BudgetClock(parse_duration(config.time_budget) if config.time_budget else None),
+        prior_seconds=resumed["train_seconds"] if resumed else 0.0, resumed=resumed is not None, started=started)
+    if not resumed:  # a resumed run keeps the length it saved
+        run.fit_length(0)
+    return run
 
 
-    def calibrate_and_evaluate(epoch: int) -> dict[str, float] | None:
-        """Fresh BN statistics on clean images (all ranks), then rank 0 scores the eval set if there is one."""
-        nonlocal eval_seconds
-        began = time.perf_counter()
-        with autocast(config.precision, ctx.device):
-            recalibrate_batchnorm(model, clean_batches())
-        if eval_data is None:
-            return None
-        probs, embeddings = predict_torch(model, eval_data.images, config.image_size, ctx.device)
-        report = score(probs, embeddings, eval_data)
-        eval_seconds = time.perf_counter() - began
-        summary = {name: report[name] for name in ("acc", "nmi", "ami", "ari", "knn_acc", "clusters_in_use")}
-        if config.progress:
-            tqdm.write(f"eval after epoch {epoch}: {summary_line(report)}", file=sys.stderr)
-        return summary
+STAT_NAMES = ("loss", "consistency", "sharpness", "diversity", "self_label")
 
-    def run_seconds() -> float:
-        return prior_seconds + time.perf_counter() - started
 
-    def checkpoint(epoch: int, step_in_epoch: int) -> None:
-        if not ctx.is_main:
-            return
-        save_checkpoint(checkpoint_path, {
-            "format": 1, "config": dataclasses.asdict(config), "model_spec": dataclasses.asdict(spec),
-            "model": plain_state_dict(model), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step, "total_steps": total_steps,
-            "steps_per_epoch": steps_per_epoch,
-            "train_seconds": run_seconds(), "skipped": dict(skipped), "files": files, "history": history,
-        })
+@dataclass
+class EpochStats:
+    """Sums over this rank's steps of one epoch; ``merged`` combines the ranks."""
 
-    if config.eval_data and not resumed:
-        history.append({"epoch": 0, "step": 0, "eval": calibrate_and_evaluate(0)})
-    if ctx.is_main:
-        write_metrics(out / METRICS_NAME, history)  # on resume: whatever ran past the checkpoint is dropped
+    classes: int
+    sums: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(STAT_NAMES, 0.0))
+    steps: int = 0
+    self_label_steps: int = 0
+    images: int = 0
+    lr: float = 0.0
+    started: float = dataclasses.field(default_factory=time.perf_counter)
 
-    # Step timing for --time-budget: this session's loop time without evaluations, after two warm-up steps.
-    timed_steps, timed_since, eval_time_in_loop = 0, None, 0.0
+    def __post_init__(self) -> None:
+        self.cluster_counts = torch.zeros(self.classes, dtype=torch.float64)
+        self.mean_probs = torch.zeros(self.classes, dtype=torch.float64)
 
-    def refit_budget() -> None:
-        nonlocal total_steps
-        if budget is None or timed_since is None or timed_steps == 0:
-            return
-        seconds_per_step = (time.perf_counter() - timed_since - eval_time_in_loop) / timed_steps
-        reserve = 0.01 * budget + 2.0  # final checkpoint, plot, process exit
-        fitted = fit_total_steps(global_step, seconds_per_step, budget - run_seconds() - reserve, steps_per_epoch,
-                                 eval_seconds, config.eval_every)
-        total_steps = distributed.broadcast_int(ctx, max(fitted, global_step, 1))
+    def add(self, parts: dict[str, torch.Tensor], first_view_probs: torch.Tensor, images: int, lr: float,
+            self_labelling: bool) -> dict[str, float]:
+        values = {name: value.detach().item() for name, value in parts.items()}
+        for name, value in values.items():
+            self.sums[name] += value
+        probs = first_view_probs.double().cpu()
+        self.cluster_counts += torch.bincount(probs.argmax(1), minlength=self.classes).double()
+        self.mean_probs += probs.sum(0)
+        self.steps += 1
+        self.self_label_steps += int(self_labelling)
+        self.images += images
+        self.lr = lr
+        return values
 
-    metrics: dict[str, Any] = history[-1] if history else {}
-    lr = 0.0
-    epoch = start_epoch
-    while global_step < total_steps:
-        batches = epoch_batches(len(files), batch_size, epoch, config.seed, ctx.rank, ctx.world_size,
-                                exclude=set(skipped))
-        first_step = start_step_in_epoch if epoch == start_epoch else 0
-        sampler.batches = batches[first_step:]
-        train_model.train()
-        sums = {name: 0.0 for name in ("loss", "consistency", "sharpness", "diversity", "self_label")}
-        cluster_counts = torch.zeros(config.classes, dtype=torch.float64)
-        mean_probs = torch.zeros(config.classes, dtype=torch.float64)
-        seen, steps_done, self_label_steps, epoch_start = 0, 0, 0, time.perf_counter()
-        source = (_cache_batches(cache, sampler.batches) if cache is not None else iter(loader))
-        n_epochs = math.ceil(total_steps / steps_per_epoch)
-        bar = tqdm(total=len(batches), initial=first_step, desc=f"epoch {epoch + 1}/{n_epochs}",
-                   unit="step", disable=not (config.progress and ctx.is_main), dynamic_ncols=True)
-        for step_in_epoch, (indices, images, errors) in enumerate(source, start=first_step):
-            if global_step >= total_steps:
-                break
-            new_failures = {int(i): e for i, e in zip(indices.tolist(), errors, strict=True) if e}
-            if new_failures:
-                for index, reason in new_failures.items():
-                    if index not in skipped and ctx.is_main:
-                        tqdm.write(f"warning: skipping {files[index]}: {reason}", file=sys.stderr)
-                skipped.update(new_failures)
-                keep = torch.tensor([not e for e in errors])
-                images = images[keep]
-            warmup_steps = max(1, min(round(config.warmup_epochs * steps_per_epoch), total_steps // 5))
-            lr = learning_rate(global_step, total_steps, warmup_steps, peak_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            in_self_label = global_step >= (1 - config.self_label_fraction) * total_steps and \
-                config.self_label_fraction > 0
-            images = images.to(ctx.device, non_blocking=True)
-            generator = torch.Generator(device=ctx.device).manual_seed(
-                config.seed * 1_000_003 + global_step * 1009 + ctx.rank)
-            views = augment(images, generator)
-            with autocast(config.precision, ctx.device):
-                view_logits = forward_views(train_model, views, config.channels_last)
-            parts = twist_multicrop_loss(view_logits, 2, config.tau, config.lam1, config.lam2)
-            loss = parts["loss"]
-            if in_self_label:
-                parts["self_label"] = self_label_loss(view_logits, 2, config.tau, config.self_label_keep)
-                loss = loss + config.self_label_weight * parts["self_label"]
-                self_label_steps += 1
-            if distributed.any_rank(ctx, not bool(torch.isfinite(loss))):
-                raise TrainingDiverged(
-                    f"the loss became {loss.item()} at epoch {epoch + 1}, step {step_in_epoch + 1}: training stopped. "
-                    f"The last good checkpoint ({checkpoint_path}) is intact; try a lower --lr or --precision fp32, "
-                    "then --resume or start again.")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            global_step += 1
-            steps_done += 1
-
-            with torch.no_grad():
-                probs = torch.softmax(view_logits[0].detach() / config.tau, -1).double().cpu()
-                cluster_counts += torch.bincount(probs.argmax(1), minlength=config.classes).double()
-                mean_probs += probs.sum(0)
-            seen += images.shape[0] * ctx.world_size
-            values = {name: value.detach().item() for name, value in parts.items()}
-            for name, value in values.items():
-                sums[name] += value
-            elapsed = time.perf_counter() - epoch_start
-            bar.set_postfix(loss=f"{loss.detach().item():.3f}", kl=f"{values['consistency']:.3f}",
-                            sharp=f"{values['sharpness']:.3f}", div=f"{values['diversity']:.3f}",
-                            img_s=f"{seen / max(elapsed, 1e-9):.0f}", refresh=False)
-            bar.update(1)
-            if timed_since is None and steps_done == 2:
-                timed_since = time.perf_counter()
-            elif timed_since is not None:
-                timed_steps += 1
-                if timed_steps % 10 == 0:  # small, frequent corrections keep every stage of the schedule
-                    refit_budget()
-
-            at_interval = config.checkpoint_every > 0 and global_step % config.checkpoint_every == 0
-            if distributed.any_rank(ctx, stop.signal_number is not None):
-                checkpoint(epoch, step_in_epoch + 1)
-                bar.close()
-                name = signal.Signals(stop.signal_number or signal.SIGTERM).name
-                if ctx.is_main:
-                    write_skipped(out / "skipped.txt", files, skipped)
-                    print(f"\n{name}: checkpoint saved at epoch {epoch + 1}, step {step_in_epoch + 1}; "
-                          f"continue with: twist train {root} --out {out} --resume", file=sys.stderr)
-                raise SystemExit(128 + (stop.signal_number or signal.SIGTERM))
-            if at_interval and step_in_epoch + 1 < len(batches):
-                checkpoint(epoch, step_in_epoch + 1)
-        bar.close()
-
-        # Epoch summary over all processes.
-        merged_skips: dict[int, str] = {}
-        for part in distributed.all_gather_objects(ctx, skipped):
-            merged_skips.update(part)
-        skipped = merged_skips
-        totals = distributed.sum_across(ctx, torch.tensor([*sums.values(), float(steps_done)], dtype=torch.float64))
-        counts = distributed.sum_across(ctx, cluster_counts).cpu()
-        mean = distributed.sum_across(ctx, mean_probs).cpu()
+    def merged(self, ctx: distributed.Context) -> dict[str, Any]:
+        """Per-step means over all processes, clusters in use and the entropy of the mean prediction."""
+        totals = distributed.sum_across(ctx, torch.tensor([*self.sums.values(), float(self.steps), float(self.images),
+                                                           float(self.self_label_steps)], dtype=torch.float64)).cpu()
+        counts = distributed.sum_across(ctx, self.cluster_counts).cpu()
+        mean = distributed.sum_across(ctx, self.mean_probs).cpu()
         mean = mean / mean.sum().clamp(min=1e-12)
-        n_steps = max(1.0, float(totals[-1]))
-        # Files that failed only now (streaming) shorten the epochs to come; the epoch count stays as asked.
-        steps_per_epoch = max(1, (len(files) - len(skipped)) // (batch_size * ctx.world_size))
-        if budget is None:
-            total_steps = global_step + (config.epochs - epoch - 1) * steps_per_epoch
-        elapsed = time.perf_counter() - epoch_start
-        metrics = {"epoch": epoch + 1, "step": global_step, "lr": lr,
-                   **{name: float(totals[i]) / n_steps for i, name in enumerate(sums)},
-                   "images_per_s": seen / max(elapsed, 1e-9), "clusters_in_use": int((counts > 0).sum()),
-                   "mean_entropy": float(-(mean * torch.log(mean + 1e-12)).sum()),
-                   "max_entropy": math.log(config.classes), "self_labelling": self_label_steps > 0,
-                   "skipped": len(skipped), "seconds": elapsed, "run_seconds": run_seconds()}
+        n_steps = max(1.0, float(totals[len(STAT_NAMES)]))
+        elapsed = time.perf_counter() - self.started
+        merged = {"lr": self.lr, **{name: float(totals[i]) / n_steps for i, name in enumerate(STAT_NAMES)},
+                  "images_per_s": float(totals[len(STAT_NAMES) + 1]) / max(elapsed, 1e-9),
+                  "clusters_in_use": int((counts > 0).sum()),
+                  "mean_entropy": float(-(mean * torch.log(mean + 1e-12)).sum()),
+                  "max_entropy": math.log(self.classes), "self_labelling": self.self_label_steps > 0,
+                  "seconds": elapsed}
+        self_label_steps = float(totals[len(STAT_NAMES) + 2])
         if self_label_steps == 0:
-            metrics.pop("self_label")
-        else:
-            metrics["self_label"] = float(totals[4]) / self_label_steps
-        if global_step < total_steps:
-            refit_budget()
-        finished = global_step >= total_steps
-        if finished or (config.eval_data and (epoch + 1) % config.eval_every == 0):
-            began = time.perf_counter()
-            metrics["eval"] = calibrate_and_evaluate(epoch + 1)
-            eval_time_in_loop += time.perf_counter() - began
-            if metrics["eval"] is None:
-                metrics.pop("eval")
-        history.append(metrics)
-        epoch += 1
-        checkpoint(epoch, 0)  # first the checkpoint, which carries the history, then the file rebuilt from it
-        if ctx.is_main:
-            write_metrics(out / METRICS_NAME, history)
-        if ctx.is_main:
-            write_skipped(out / "skipped.txt", files, skipped)
-            warmup_done = global_step > round(config.warmup_epochs * steps_per_epoch)
-            if warmup_done and metrics["clusters_in_use"] < config.classes / 2:
-                tqdm.write(f"warning: only {metrics['clusters_in_use']} of {config.classes} clusters in use after "
-                           "warm-up: the model may be collapsing (check --lam2, --tau, --lr, or use a smaller K)",
-                           file=sys.stderr)
-    if ctx.is_main:
-        from twist_core.plots import plot_training_curves
+            merged.pop("self_label")
+        else:  # a mean over the stage's steps only
+            merged["self_label"] = float(totals[STAT_NAMES.index("self_label")]) / self_label_steps
+        return merged
 
-        plot_training_curves(history, out / "curves.png")
-        atomic_write_text(out / "DONE", json.dumps(metrics) + "\n")
+
+def step_loss(run: Run, images: torch.Tensor, plan: StepPlan) -> tuple[torch.Tensor, dict[str, torch.Tensor],
+                                                                        list[torch.Tensor]]:
+    """Augment, forward every crop at once, and the step's loss: TWIST, or in the last stage self-labelling."""
+    config, ctx = run.config, run.ctx
+    generator = torch.Generator(device=ctx.device).manual_seed(config.seed * 1_000_003 + run.global_step * 1009
+                                                               + ctx.rank)
+    views = (run.augment_self_label if plan.self_labelling else run.augment)(images, generator)
+    with autocast(config.precision, ctx.device):
+        view_logits = forward_views(run.train_model, views, config.channels_last)
+    if plan.self_labelling:  # the stage's cross-entropy replaces the TWIST loss, still logged as "loss"
+        with torch.no_grad():
+            parts = twist_multicrop_loss(view_logits, 2, config.tau, config.lam1, config.lam2)
+        loss = parts["self_label"] = self_label_loss(view_logits, 2, config.tau, plan.keep)
+        return loss, parts, view_logits
+    parts = twist_multicrop_loss(view_logits, 2, config.tau, config.lam1, config.lam2)
+    return parts["loss"], parts, view_logits
+
+
+def train_one_epoch(run: Run, epoch: int) -> EpochStats:
+    """One pass over this rank's batches (from where a resumed run stopped), checkpointing on the way."""
+    from tqdm import tqdm
+
+    config, ctx = run.config, run.ctx
+    batches = epoch_batches(len(run.files), run.batch_size, epoch, config.seed, ctx.rank, ctx.world_size,
+                            exclude=set(run.skipped))
+    first_step = run.start_step_in_epoch if epoch == run.start_epoch else 0
+    run.sampler.batches = batches[first_step:]
+    run.train_model.train()
+    stats = EpochStats(config.classes)
+    source = _cache_batches(run.cache, run.sampler.batches) if run.cache is not None else iter(run.loader)
+    bar = tqdm(total=len(batches), initial=first_step,
+               desc=f"epoch {epoch + 1}/{math.ceil(run.total_steps / run.steps_per_epoch)}", unit="step",
+               disable=not (config.progress and ctx.is_main), dynamic_ncols=True)
+    for step_in_epoch, (indices, images, errors) in enumerate(source, start=first_step):
+        if run.global_step >= run.total_steps:
+            break
+        images = drop_failures(run, indices, images, errors)
+        plan = run.schedule().at(run.global_step)
+        for group in run.optimizer.param_groups:
+            group["lr"] = plan.lr
+        images = images.to(ctx.device, non_blocking=True)
+        loss, parts, view_logits = step_loss(run, images, plan)
+        if distributed.any_rank(ctx, not bool(torch.isfinite(loss))):
+            raise TrainingDiverged(
+                f"the loss became {loss.item()} at epoch {epoch + 1}, step {step_in_epoch + 1}: training stopped. "
+                f"The last good checkpoint ({run.out / CHECKPOINT_NAME}) is intact; try a lower --lr or --precision "
+                "fp32, then --resume or start again.")
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.global_step += 1
+        with torch.no_grad():
+            probs = torch.softmax(view_logits[0].detach() / config.tau, -1)
+        values = stats.add(parts, probs, images.shape[0], plan.lr, plan.self_labelling)
+        seconds = max(time.perf_counter() - stats.started, 1e-9)
+        bar.set_postfix(loss=f"{loss.detach().item():.3f}", kl=f"{values['consistency']:.3f}",
+                        sharp=f"{values['sharpness']:.3f}", div=f"{values['diversity']:.3f}",
+                        img_s=f"{stats.images * ctx.world_size / seconds:.0f}", refresh=False)
+        bar.update(1)
+        if run.clock.step_done(stats.steps):
+            run.fit_length(epoch)
+        if distributed.any_rank(ctx, run.stop.signal_number is not None):
+            bar.close()
+            stop_on_signal(run, epoch, step_in_epoch + 1)
+        at_interval = config.checkpoint_every > 0 and run.global_step % config.checkpoint_every == 0
+        if at_interval and step_in_epoch + 1 < len(batches):
+            run.checkpoint(epoch, step_in_epoch + 1)
+    bar.close()
+    return stats
+
+
+def drop_failures(run: Run, indices: torch.Tensor, images: torch.Tensor, errors: list[str]) -> torch.Tensor:
+    """Streaming: files that failed to decode now are skipped from here on and left out of this batch."""
+    from tqdm import tqdm
+
+    new_failures = {int(i): e for i, e in zip(indices.tolist(), errors, strict=True) if e}
+    if not new_failures:
+        return images
+    for index, reason in new_failures.items():
+        if index not in run.skipped and run.ctx.is_main:
+            tqdm.write(f"warning: skipping {run.files[index]}: {reason}", file=sys.stderr)
+    run.skipped.update(new_failures)
+    return images[torch.tensor([not e for e in errors])]
+
+
+def stop_on_signal(run: Run, epoch: int, step_in_epoch: int) -> None:
+    """SIGTERM/SIGINT: save where the run stands, say how to continue, and exit with 128 + the signal."""
+    run.checkpoint(epoch, step_in_epoch)
+    number = run.stop.signal_number or signal.SIGTERM
+    if run.ctx.is_main:
+        write_skipped(run.out / "skipped.txt", run.files, run.skipped)
+        print(f"\n{signal.Signals(number).name}: checkpoint saved at epoch {epoch + 1}, step {step_in_epoch}; "
+              f"continue with: twist train {run.config.data} --out {run.out} --resume", file=sys.stderr)
+    raise SystemExit(128 + number)
+
+
+def end_epoch(run: Run, epoch: int, stats: EpochStats) -> dict[str, Any]:
+    """Merge the ranks' statistics, refit the budget, evaluate when due, then checkpoint and log the epoch."""
+    from tqdm import tqdm
+
+    config, ctx = run.config, run.ctx
+    merged_skips: dict[int, str] = {}
+    for part in distributed.all_gather_objects(ctx, run.skipped):
+        merged_skips.update(part)
+    run.skipped = merged_skips
+    summary = stats.merged(ctx)
+    # Files that failed only now (streaming) shorten the epochs to come; the epoch count stays as asked.
+    run.steps_per_epoch = max(1, (len(run.files) - len(run.skipped)) // (run.batch_size * ctx.world_size))
+    metrics = {"epoch": epoch + 1, "step": run.global_step, **summary, "skipped": len(run.skipped),
+               "run_seconds": run.run_seconds()}
+    if run.clock.budget is None or run.global_step < run.total_steps:
+        run.fit_length(epoch + 1)
+    finished = run.global_step >= run.total_steps
+    schedule = run.schedule()
+    # The score just before the self-labelling stage, to show what the stage changes: the next epoch enters it.
+    stage_next = not schedule.at(run.global_step - 1).self_labelling and \
+        schedule.at(run.global_step + run.steps_per_epoch - 1).self_labelling
+    if finished or (config.eval_data and ((epoch + 1) % config.eval_every == 0 or stage_next)):
+        began = time.perf_counter()
+        metrics["eval"] = run.calibrate_and_evaluate(epoch + 1)
+        run.clock.eval_seconds_in_loop += time.perf_counter() - began
+        if metrics["eval"] is None:
+            metrics.pop("eval")
+    run.history.append(metrics)
+    run.checkpoint(epoch + 1, 0)  # first the checkpoint, which carries the history, then the file rebuilt from it
+    if ctx.is_main:
+        write_metrics(run.out / METRICS_NAME, run.history)
+        write_skipped(run.out / "skipped.txt", run.files, run.skipped)
+        if run.global_step > schedule.warmup_end and metrics["clusters_in_use"] < config.classes / 2:
+            tqdm.write(f"warning: only {metrics['clusters_in_use']} of {config.classes} clusters in use after "
+                       "warm-up: the model may be collapsing (check --lam2, --tau, --lr, or use a smaller K)",
+                       file=sys.stderr)
     return metrics
 
 
@@ -664,7 +889,7 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclasses.replace(config, data=saved["data"])
     try:
         train(config)
-    except (ConfigError, CheckpointError) as error:  # the user's options or files: fix them and run again
+    except (ConfigError, CheckpointError, InitError) as error:  # the user's options or files: fix them and run again
         print(f"twist train: error: {error}", file=sys.stderr)
         return 2
     except (NoImagesError, TrainingDiverged, ResumeError) as error:
