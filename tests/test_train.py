@@ -155,8 +155,8 @@ def test_default_recipe_clusters_real_photos_well_above_pixels(cifar_1k: Path, t
 
 def test_help_documents_every_option_and_config_file_fills_the_dataclass(tmp_path: Path) -> None:
     help_text = build_parser().format_help()
-    for field in TrainConfig.__dataclass_fields__:
-        if field != "data":
+    for field, spec in TrainConfig.__dataclass_fields__.items():
+        if field != "data" and spec.metadata.get("cli") is not False:  # init_sha256 is recorded, not given
             assert "--" + field.replace("_", "-") in help_text, field
     config_file = tmp_path / "train.yaml"
     config_file.write_text("classes: 7\nlr: 0.3\nlocal-crops: 2\n")
@@ -227,3 +227,15 @@ def test_self_labelling_stage_restarts_the_learning_rate_and_raises_the_kept_sha
     assert max(plan.lr for plan in stage) == pytest.approx(0.1)  # warm-up to 10 % of the peak, then cosine
     assert stage[0].lr < stage[9].lr and stage[-1].lr < 0.001
     assert stage[0].keep == pytest.approx(0.5) and stage[-1].keep == pytest.approx(0.599)
+
+
+def test_self_labelling_stage_is_on_by_default_only_where_it_was_measured_to_help(shapes_folder: Path) -> None:
+    from twist_core.folder import require_images
+    from twist_core.train import resolve_auto
+
+    files = require_images(shapes_folder)
+    for backbone, fraction in (("patches", 0.1), ("resnet18", 0.0)):
+        config = TrainConfig(data=str(shapes_folder), backbone=backbone, image_size=32)
+        assert resolve_auto(config, shapes_folder, files, torch.device("cpu")).self_label_fraction == fraction
+    explicit = TrainConfig(data=str(shapes_folder), backbone="resnet18", image_size=32, self_label_fraction=0.2)
+    assert resolve_auto(explicit, shapes_folder, files, torch.device("cpu")).self_label_fraction == 0.2
