@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from twist_core import __version__, distributed
 from twist_core.config import build_config, command_parser, option
 from twist_core.folder import DEFAULT_MAX_PIXELS, ImageReadError, NoImagesError, require_images, skipped_lines
-from twist_core.infer import ModelOutputError, OnnxModel, Preprocess, finite_rows, physical_cores
+from twist_core.infer import DeviceUnavailable, ModelOutputError, OnnxModel, Preprocess, finite_rows, physical_cores
 from twist_core.io_utils import StagedWrites, atomic_write, atomic_write_text, file_sha256, path_to_text
 from twist_core.label_table import (
     COLUMNS,
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         config = build_config(LabelConfig, args, args.config)
         out = config.out
         summary = label_folder(config)
-    except (ModelOutputError, WriterUnavailable) as error:
+    except (ModelOutputError, WriterUnavailable, DeviceUnavailable) as error:
         print(f"twist label: error: {error}", file=sys.stderr)
         return 2
     except (LabelError, NoImagesError, FileNotFoundError, FileExistsError, ValueError) as error:

@@ -889,8 +889,12 @@ def main(argv: list[str] | None = None) -> int:
     if not config.data and not config.resume:
         raise SystemExit("twist train: give the image folder (DATA)")
     if config.resume and not config.data:
-        saved = json.loads((Path(config.out) / "config.json").read_text())
-        config = dataclasses.replace(config, data=saved["data"])
+        saved_config = Path(config.out) / "config.json"
+        if not saved_config.is_file():
+            print(f"twist train: error: --resume found no run in {config.out} (no config.json): give --out of an "
+                  "existing run, or the image folder (DATA) to start one", file=sys.stderr)
+            return 2
+        config = dataclasses.replace(config, data=json.loads(saved_config.read_text())["data"])
     try:
         train(config)
     except (ConfigError, CheckpointError, InitError) as error:  # the user's options or files: fix them and run again
