@@ -70,6 +70,7 @@ def test_blur_smooths() -> None:
 
 def test_crop_scales_follow_the_reference_recipes() -> None:
     assert policy_for_size(32).global_scale == (0.08, 1.0)  # two views: the reference's two-view recipe
+    assert policy_for_size(32, fixed_stem=True).global_scale == (0.4, 1.0)  # patches: the measured crops
     multi = policy_for_size(224, n_local=12)
     assert multi.global_scale == (0.4, 1.0) and multi.local_scale == (0.05, 0.4)
     harder = policy_for_size(224, n_local=12, self_labelling=True)

@@ -404,7 +404,8 @@ class Run:
     stop: StopRequested = dataclasses.field(default_factory=StopRequested)
 
     def __post_init__(self) -> None:
-        policy = functools.partial(policy_for_size, self.config.image_size, self.config.local_crops)
+        policy = functools.partial(policy_for_size, self.config.image_size, self.config.local_crops,
+                                   fixed_stem=self.config.backbone.startswith("patches"))
         self.augment = BatchAugment(policy())
         self.augment_self_label = BatchAugment(policy(self_labelling=True))
         self.sampler = EpochBatches()
