@@ -34,7 +34,7 @@ from twist_core.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpo
 from twist_core.config import build_config, command_parser, option, save_config
 from twist_core.dataset import EpochBatches, FolderImages, decode_per_node, decode_size, epoch_batches, make_loader
 from twist_core.evaluate import load_eval_images, normalise, predict_torch, score, summary_line
-from twist_core.folder import DEFAULT_MAX_PIXELS, NoImagesError, decode_image, require_images
+from twist_core.folder import DEFAULT_MAX_PIXELS, NoImagesError, decode_image, require_images, skipped_lines
 from twist_core.init_weights import InitError, InitWeights, check_fits, load_into, read_init
 from twist_core.io_utils import atomic_write_text, mark_output_folder
 from twist_core.loss import self_label_loss, twist_multicrop_loss
@@ -280,8 +280,10 @@ def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in history))
 
 
-def write_skipped(path: Path, files: list[str], skipped: dict[int, str]) -> None:
-    lines = [f"{files[i]}\t{reason}" for i, reason in sorted(skipped.items(), key=lambda item: files[item[0]])]
+def write_skipped(path: Path, files: list[str], skipped: dict[int, str], folders: dict[str, str]) -> None:
+    """``skipped.txt``: every folder the scan could not open, then every image that could not be decoded."""
+    lines = skipped_lines(folders)
+    lines += [f"{files[i]}\t{reason}" for i, reason in sorted(skipped.items(), key=lambda item: files[item[0]])]
     atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
@@ -380,6 +382,7 @@ class Run:
     config: TrainConfig
     ctx: distributed.Context
     files: list[str]
+    unreadable: dict[str, str]  # folder -> reason
     dataset: FolderImages
     cache: torch.Tensor | None
     skipped: dict[int, str]
@@ -502,11 +505,12 @@ class Run:
         return {name: report[name] for name in ("acc", "nmi", "ami", "ari", "knn_acc", "clusters_in_use")}
 
 
-def open_run(config: TrainConfig, ctx: distributed.Context) -> tuple[TrainConfig, list[str], dict | None,
-                                                                     InitWeights | None]:
+def open_run(config: TrainConfig, ctx: distributed.Context
+             ) -> tuple[TrainConfig, list[str], dict[str, str], dict | None, InitWeights | None]:
     """Check the folders, load the checkpoint to resume and the ``--init`` weights, and fill every ``auto``."""
     out, root = Path(config.out), Path(config.data)
-    files = require_images(root)
+    unreadable: dict[str, str] = {}  # subfolders the scan could not open: listed in skipped.txt, never silent
+    files = require_images(root, unreadable)
     resumed: dict[str, Any] | None = None
     if not config.resume and (out / CHECKPOINT_NAME).exists():
         # Metrics alone are no run: they are rewritten from the checkpoint, so a run killed before its
@@ -540,7 +544,7 @@ def open_run(config: TrainConfig, ctx: distributed.Context) -> tuple[TrainConfig
             side = median_image_side(root, files, config.max_pixels)
             print("\n".join(announcement(config.backbone, config.image_size, config.width, side, ctx.device)),
                   file=sys.stderr)
-    return config, files, resumed, init
+    return config, files, unreadable, resumed, init
 
 
 def local_world_size(ctx: distributed.Context) -> int:
@@ -608,7 +612,7 @@ def build_model(config: TrainConfig, spec: ModelSpec, ctx: distributed.Context, 
 def setup_run(config: TrainConfig, ctx: distributed.Context) -> Run:
     """Everything before the first step: options, data, model, optimiser, and the state to resume from."""
     started = time.perf_counter()  # a time budget counts decoding and set-up too
-    config, files, resumed, init = open_run(config, ctx)
+    config, files, unreadable, resumed, init = open_run(config, ctx)
     torch.manual_seed(config.seed)
     out = Path(config.out)
     if ctx.is_main:
@@ -618,7 +622,9 @@ def setup_run(config: TrainConfig, ctx: distributed.Context) -> Run:
     dataset, cache = load_images(config, ctx, files, skipped)
     n_valid = len(files) - len(skipped)
     if ctx.is_main:
-        write_skipped(out / "skipped.txt", files, skipped)
+        write_skipped(out / "skipped.txt", files, skipped, unreadable)
+        for folder, reason in sorted(unreadable.items()):
+            print(f"warning: skipping folder {folder}/: {reason}", file=sys.stderr)
         for index, reason in sorted(skipped.items()):
             print(f"warning: skipping {files[index]}: {reason}", file=sys.stderr)
         warn_about_classes(config.classes, n_valid)
@@ -660,7 +666,8 @@ def setup_run(config: TrainConfig, ctx: distributed.Context) -> Run:
         eval_data = load_eval_images(config.eval_data, config.image_size, config.workers, config.max_pixels,
                                      progress=config.progress)
     run = Run(
-        config=config, ctx=ctx, files=files, dataset=dataset, cache=cache, skipped=skipped, batch_size=batch_size,
+        config=config, ctx=ctx, files=files, unreadable=unreadable, dataset=dataset, cache=cache, skipped=skipped,
+        batch_size=batch_size,
         spec=spec, model=model, train_model=train_model, optimizer=optimizer, scaler=scaler, eval_data=eval_data,
         history=resumed["history"] if resumed else [],
         start_epoch=resumed["epoch"] if resumed else 0, start_step_in_epoch=resumed["step_in_epoch"] if resumed else 0,
@@ -820,7 +827,7 @@ def stop_on_signal(run: Run, epoch: int, step_in_epoch: int) -> None:
     run.checkpoint(epoch, step_in_epoch)
     number = run.stop.signal_number or signal.SIGTERM
     if run.ctx.is_main:
-        write_skipped(run.out / "skipped.txt", run.files, run.skipped)
+        write_skipped(run.out / "skipped.txt", run.files, run.skipped, run.unreadable)
         print(f"\n{signal.Signals(number).name}: checkpoint saved at epoch {epoch + 1}, step {step_in_epoch}; "
               f"continue with: twist train {run.config.data} --out {run.out} --resume", file=sys.stderr)
     raise SystemExit(128 + number)
@@ -857,7 +864,7 @@ def end_epoch(run: Run, epoch: int, stats: EpochStats) -> dict[str, Any]:
     run.checkpoint(epoch + 1, 0)  # first the checkpoint, which carries the history, then the file rebuilt from it
     if ctx.is_main:
         write_metrics(run.out / METRICS_NAME, run.history)
-        write_skipped(run.out / "skipped.txt", run.files, run.skipped)
+        write_skipped(run.out / "skipped.txt", run.files, run.skipped, run.unreadable)
         if run.global_step > schedule.warmup_end and metrics["clusters_in_use"] < config.classes / 2:
             tqdm.write(f"warning: only {metrics['clusters_in_use']} of {config.classes} clusters in use after "
                        "warm-up: the model may be collapsing (check --lam2, --tau, --lr, or use a smaller K)",

@@ -267,6 +267,24 @@ def test_unreadable_subfolder_is_listed_not_silently_skipped(model_path: Path, s
     assert skipped == ["locked/\tcannot read this folder: permission denied"]
 
 
+def test_training_lists_an_unreadable_subfolder_in_skipped_txt(shapes_folder: Path, tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    shutil.copytree(shapes_folder, root)
+    locked = root / "locked" / "inner"
+    shutil.copytree(shapes_folder / "discs", locked)
+    os.chmod(locked.parent, 0)
+    try:
+        result = twist("train", root, "--out", tmp_path / "run", "--classes", "2", "--epochs", "1", "--width", "8",
+                       "--hidden-dim", "32", "--image-size", "32", "--batch-size", "16", "--workers", "0",
+                       "--no-progress", "--self-label-fraction", "0", **as_ordinary_user())
+    finally:
+        os.chmod(locked.parent, 0o755)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipping folder locked/" in result.stderr
+    skipped = (tmp_path / "run" / "skipped.txt").read_text().splitlines()
+    assert skipped == ["locked/\tcannot read this folder: permission denied"]
+
+
 def file_size_limit(limit: int):
     """A ``preexec_fn``: no file of the child may grow past ``limit`` bytes (writes then fail with EFBIG)."""
     def apply() -> None:
