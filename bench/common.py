@@ -39,3 +39,17 @@ def save(name: str, result: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+def subset_folder(data: Path, n_images: int, workdir: Path) -> Path:
+    """``n_images`` files spread evenly over the folder (class folders kept), as symlinks: a short timed epoch."""
+    from twist_core.folder import scan_folder
+
+    subset = workdir / f"subset{n_images}"
+    files = scan_folder(data)
+    for name in files[:: max(1, len(files) // n_images)][:n_images]:
+        target = subset / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            target.symlink_to(data / name)
+    return subset

@@ -23,6 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common import subset_folder  # noqa: E402 (after the path set-up)
+
 
 def extract(archive: Path, destination: Path) -> Path:
     """Extract a CIFAR archive once; returns its class-folder root."""
@@ -45,20 +47,6 @@ def twist(*args: str, log: Path) -> None:
         raise RuntimeError(f"twist {args[0]} failed ({result.returncode}): {log.read_text()[-1500:]}")
 
 
-def subset(data: Path, n_images: int, workdir: Path) -> Path:
-    """The first ``n_images`` files, evenly spread, as symlinks (class folders kept)."""
-    from twist_core.folder import scan_folder
-
-    root = workdir / f"subset{n_images}"
-    files = scan_folder(data)
-    for name in files[:: max(1, len(files) // n_images)][:n_images]:
-        target = root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists():
-            target.symlink_to(data / name)
-    return root
-
-
 def training_speed(data: Path, workdir: Path, device: str, compile_model: bool, batch: int, steps: int) -> dict:
     """Time real training steps (the project's own set-up and step) and the wait for each batch of data."""
     import torch
@@ -67,7 +55,7 @@ def training_speed(data: Path, workdir: Path, device: str, compile_model: bool, 
     from twist_core.train import TrainConfig, setup_run, step_loss
 
     warmup = 10 if compile_model else 3
-    folder = subset(data, batch * (warmup + steps), workdir)
+    folder = subset_folder(data, batch * (warmup + steps), workdir)
     out = workdir / f"speed_{'compiled' if compile_model else 'eager'}"
     config = TrainConfig(data=str(folder), out=str(out), classes=10, backbone="resnet18", batch_size=batch,
                          epochs=1, device=device, compile=compile_model, progress=False, checkpoint_every=0,
@@ -117,7 +105,7 @@ def quality(train: Path, test: Path, workdir: Path, device: str, budget: str) ->
 def onnx_labelling(run: Path, test: Path, workdir: Path, n_images: int) -> dict:
     model = workdir / "model.onnx"
     twist("export", str(run), "--out", str(model), log=workdir / "export.log")
-    folder = subset(test, n_images, workdir)
+    folder = subset_folder(test, n_images, workdir)
     rows = {}
     for device in ("cuda", "cpu"):
         out = workdir / f"labels_{device}.csv"

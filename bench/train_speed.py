@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import REPO, extract, machine, save
+from common import REPO, extract, machine, save, subset_folder
 
 sys.path.insert(0, str(REPO))
 
@@ -56,20 +56,6 @@ def plain_loop_images_per_s(images: torch.Tensor, preset: dict, batch: int, step
         if step >= 3:  # the first steps allocate
             timed += time.perf_counter() - started
     return steps * batch / timed
-
-
-def subset_folder(data: Path, n_images: int, workdir: Path) -> Path:
-    """The first ``n_images`` files (class folders kept) as symlinks: one short epoch for the timing."""
-    from twist_core.folder import scan_folder
-
-    subset = workdir / f"subset{n_images}"
-    files = scan_folder(data)
-    for name in files[:: max(1, len(files) // n_images)][:n_images]:
-        target = subset / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists():
-            target.symlink_to(data / name)
-    return subset
 
 
 def twist_train_images_per_s(data: Path, preset: dict, batch: int, workdir: Path) -> float:
