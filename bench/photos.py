@@ -44,6 +44,8 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
                           ["--backbone", "patches", "--image-size", "64"]),
     "cal_pconv96": ("frozen patch stem + trainable conv stage at 96 px",
                     ["--backbone", "patches-conv", "--image-size", "96"]),
+    "cal_default_final": ("the default as shipped: `twist train PHOTOS --classes 20` with no backbone or size "
+                          "options (auto: patches at 64 px)", []),
 }
 METRICS = ("acc", "nmi", "ari", "knn_acc")
 
