@@ -16,12 +16,12 @@ PHOTO_SIDE = 64  # a folder whose median shorter side is above this (px) is a ph
 PHOTO_BACKBONE = "patches"
 PHOTO_IMAGE_SIZE = 64
 PATCH_MAX_SIZE = 128  # auto never puts the patch stem on larger training images
-# Mean training images/s over 15-minute runs on the benchmarks' 2-core CPU, shared with other jobs
-# (bench/results/photos.json; 32 px: bench/results/quality.json).
+# Mean training images/s over 15- and 20-minute runs on the benchmarks' 2-core CPU
+# (bench/results/photos.json; 32 px: bench/results/recipe.json, patches after).
 MEASURED_IMAGES_PER_S: dict[tuple[str, int], float] = {
-    ("patches", 64): 264.0,
+    ("patches", 64): 431.0,
     ("patches-conv", 64): 166.0,
-    ("patches", 32): 538.0,
+    ("patches", 32): 946.0,
 }
 TORCHVISION_INIT = "--backbone resnet50 --init torchvision:resnet50"
 
