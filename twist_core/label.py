@@ -416,12 +416,10 @@ def main(argv: list[str] | None = None) -> int:
         config = build_config(LabelConfig, args, args.config)
         out = config.out
         summary = label_folder(config)
-    except (ModelOutputError, WriterUnavailable, DeviceUnavailable) as error:
+    except (ModelOutputError, WriterUnavailable, DeviceUnavailable, LabelError, NoImagesError, FileNotFoundError,
+            FileExistsError, ValueError) as error:
         print(f"twist label: error: {error}", file=sys.stderr)
         return 2
-    except (LabelError, NoImagesError, FileNotFoundError, FileExistsError, ValueError) as error:
-        print(f"twist label: error: {error}", file=sys.stderr)
-        return 1
     except OSError as error:
         if error.errno not in DISK_FULL:
             raise
