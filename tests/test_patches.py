@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from twist_core.augment import IMAGENET_MEAN, IMAGENET_STD
+from twist_core.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from twist_core.patches import (
     CACHE_CHUNK,
     PATCH,
