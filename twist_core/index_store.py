@@ -6,6 +6,7 @@ Layout of ``INDEX_DIR``::
     gen-00000N/index.faiss the CPU form of the FAISS index (vector id = images.id)
     gen-00000N/meta.sqlite images(id, path, cluster, ..., fingerprint) and info(key, value)
     .lock                  serialises writers
+    curation.sqlite        the app's curation store (cluster names, merges, moves), unless it has another state dir
 
 ``images.path`` is relative to ``info["root"]`` and held as table text (:func:`twist_core.io_utils.path_to_text`:
 a byte that is not UTF-8 as ``\\xNN``, a backslash doubled), as the labels tables write it; open the file with
