@@ -9,6 +9,7 @@ Convention for adding a view:
 - Components another view may use are published with ``ctx.share(name=component)``; a view uses another's with
   ``ctx["name"]``, inside ``ctx.after_build(fn)`` when that view may be built later (tabs are built in order).
 - Add the module to ``VIEWS`` in :mod:`app.ui` (one line): its place there is the tab's place.
+- Optional: a module-level ``CSS`` string is added to the page's style (scope it by ``elem_id``/``elem_classes``).
 
 Shared names published by the built-in views (see each module): ``cluster`` (the Cluster view's cluster
 dropdown), ``cluster_choices`` (the three cluster dropdowns that :func:`app.views.shared.current_choices`
