@@ -6,6 +6,7 @@ Results are checked against the index and model used directly; file-access refus
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import re
 import subprocess
@@ -350,3 +351,23 @@ def test_startup_problems_are_one_line_and_exit_1(tmp_path: Path, app_bundle: di
         resolve_defaults(AppConfig(), demo=tmp_path / "models" / "demo")
     with pytest.raises(AppStartError, match="--index is needed"):
         resolve_defaults(AppConfig(model=str(tmp_path / "other.onnx")), demo=tmp_path)
+
+
+def test_batch_labelling_reports_its_progress_to_the_ui(app_bundle: dict[str, Path], tmp_path: Path) -> None:
+    """The workspace reports (done, total) after each chunk; the UI's handler takes Gradio's progress tracker."""
+    import gradio as gr
+
+    from app.ui import build_ui
+    from app.workspace import BATCH_CHUNK, Workspace
+
+    pictures = sorted(p for p in app_bundle["images"].rglob("*") if p.is_file())[:BATCH_CHUNK + 6]
+    workspace = Workspace(app_bundle["model"], app_bundle["index"], tmp_path / "state")
+    try:
+        calls: list[tuple[int, int]] = []
+        _, rows = workspace.batch_label(pictures, lambda done, total: calls.append((done, total)))
+        assert len(rows) == len(pictures) and calls == [(BATCH_CHUNK, len(pictures)), (len(pictures),) * 2]
+        handlers = {fn.api_name: fn.fn for fn in build_ui(workspace).fns.values()}
+    finally:
+        workspace.close()
+    for name in ("batch_label", "export_zip"):
+        assert isinstance(inspect.signature(handlers[name]).parameters["progress"].default, gr.Progress), name
