@@ -5,6 +5,7 @@ Results are checked against the index and model used directly; file-access refus
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import inspect
 import json
@@ -269,14 +270,14 @@ def test_map_and_batch(client: Client, index: ImageIndex, model: OnnxModel, serv
     assert rows[2]["error"] and rows[3]["error"] and not rows[0]["error"]
 
 
-def progress_messages(url: str, api_name: str) -> list[dict]:
-    """Run a no-input endpoint through Gradio's own queue protocol (as the browser does) and collect what it
-    streams back: its progress messages, then the completion."""
+def progress_messages(url: str, api_name: str, data: list) -> list[dict]:
+    """Run an endpoint through Gradio's own queue protocol (as the browser does) and collect what it streams
+    back: its progress messages, then the completion."""
     dependencies = httpx.get(url + "config", timeout=60).json()["dependencies"]
     fn_index = next(d["id"] for d in dependencies if d.get("api_name") == api_name)
     session = f"progress-{api_name}"
     joined = httpx.post(url + "gradio_api/queue/join", timeout=60,
-                        json={"data": [], "fn_index": fn_index, "session_hash": session, "event_data": None,
+                        json={"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None,
                               "trigger_id": None})
     assert joined.status_code == 200, joined.text
     messages = []
@@ -289,13 +290,19 @@ def progress_messages(url: str, api_name: str) -> list[dict]:
     return messages
 
 
-def test_the_zip_export_shows_its_progress(server: dict, index: ImageIndex) -> None:
-    messages = progress_messages(server["url"], "export_zip")
+def test_batch_labelling_shows_its_progress_in_the_browser_protocol(server: dict) -> None:
+    pictures = sorted(p for p in server["images"].rglob("*") if p.is_file())
+    with contextlib.ExitStack() as files:
+        uploads = [("files", (p.name, files.enter_context(open(p, "rb")))) for p in pictures]
+        paths = httpx.post(server["url"] + "gradio_api/upload", files=uploads, timeout=120).json()
+    batch = [{"path": path, "orig_name": p.name, "meta": {"_type": "gradio.FileData"}}
+             for path, p in zip(paths, pictures, strict=True)]
+    messages = progress_messages(server["url"], "batch_label", [batch])
     assert messages[-1]["msg"] == "process_completed" and messages[-1]["success"], messages[-1]
     steps = [m["progress_data"][0] for m in messages if m.get("msg") == "progress"]
-    assert steps and all(s["unit"] == "images" and s["desc"] == "zipping images" for s in steps)
+    assert steps and all(s["unit"] == "images" and s["desc"] == "labelling" for s in steps), messages
     done = [s["index"] for s in steps]  # Gradio sends the latest state every so often, not every call
-    assert done == sorted(done) and done[-1] == steps[-1]["length"] <= index.size
+    assert done == sorted(done) and 0 < done[-1] <= steps[-1]["length"] == len(pictures)
 
 
 def test_only_images_the_app_made_are_served(server: dict, index: ImageIndex) -> None:
@@ -353,8 +360,8 @@ def test_startup_problems_are_one_line_and_exit_1(tmp_path: Path, app_bundle: di
         resolve_defaults(AppConfig(model=str(tmp_path / "other.onnx")), demo=tmp_path)
 
 
-def test_batch_labelling_reports_its_progress_to_the_ui(app_bundle: dict[str, Path], tmp_path: Path) -> None:
-    """The workspace reports (done, total) after each chunk; the UI's handler takes Gradio's progress tracker."""
+def test_batch_labelling_and_the_zip_report_their_progress(app_bundle: dict[str, Path], tmp_path: Path) -> None:
+    """The workspace reports (done, total) as it goes; the UI's handlers take Gradio's progress tracker."""
     import gradio as gr
 
     from app.ui import build_ui
@@ -366,6 +373,10 @@ def test_batch_labelling_reports_its_progress_to_the_ui(app_bundle: dict[str, Pa
         calls: list[tuple[int, int]] = []
         _, rows = workspace.batch_label(pictures, lambda done, total: calls.append((done, total)))
         assert len(rows) == len(pictures) and calls == [(BATCH_CHUNK, len(pictures)), (len(pictures),) * 2]
+        calls.clear()
+        with zipfile.ZipFile(workspace.export_zip(lambda done, total: calls.append((done, total)))) as archive:
+            written = len([n for n in archive.namelist() if not n.endswith("/")])
+        assert calls[-1] == (written, written) and [d for d, _ in calls] == sorted({d for d, _ in calls})
         handlers = {fn.api_name: fn.fn for fn in build_ui(workspace).fns.values()}
     finally:
         workspace.close()
