@@ -10,9 +10,10 @@ import contextlib
 import csv
 import hashlib
 import json
+import logging
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,17 +27,37 @@ from app.curation import EXCLUDED, CurationError, CurationStore, Record
 from app.thumbnails import ThumbnailCache
 from twist_core.folder import ImageReadError, decode_image
 from twist_core.index import ImageIndex
-from twist_core.index_store import META_FILE, IndexUserError, read_manifest
+from twist_core.index_store import MANIFEST, META_FILE, IndexUserError, read_manifest
 from twist_core.infer import OnnxModel
 from twist_core.io_utils import csv_safe, mark_output_folder
 from twist_core.label_table import label_rows, labels_paths
 
+log = logging.getLogger("twist.app")
 PAGE_SIZE = 60
 COVER_IMAGES = 4  # most confident images on a cluster's card
 MAX_BATCH_IMAGES = 2000
 BATCH_CHUNK = 64  # images decoded and predicted together
 MAX_BATCH_PIXELS = 500_000_000  # decoded pixels one batch request may ask for, all images together
 VIEW_SIZE = 1024  # longest side of the picture in the detail view
+DISPLAY_SIDE = 400  # smaller pictures are enlarged to about this in the detail view (see Workspace.display)
+
+
+Progress = Callable[[int, int], None]  # (done, total) of a long action, for the UI's progress bar
+
+
+def throttled(progress: Progress | None, steps: int = 100) -> Progress | None:
+    """``progress`` called about ``steps`` times over a run, however many items it counts (and at the end)."""
+    if progress is None:
+        return None
+    last = [-1]
+
+    def report(done: int, total: int) -> None:
+        step = done * steps // max(total, 1)
+        if step != last[0] or done == total:
+            last[0] = step
+            progress(done, total)
+
+    return report
 
 
 class AppUserError(Exception):
@@ -64,33 +85,101 @@ class Workspace:
     def __init__(self, model_path: Path, index_dir: Path, state_dir: Path | None = None,
                  max_pixels: int = 50_000_000, device: str = "cpu") -> None:
         model_path, index_dir = Path(model_path), Path(index_dir)
+        self.device = device
+        self.model_path, self.index_dir = model_path, index_dir
         try:
             self.model = OnnxModel(model_path, device=device)
-            self.index = ImageIndex.open(index_dir, device)
+            self._index, meta_path = self._open_generation()
         except (ValueError, OSError, IndexUserError) as error:
             raise AppUserError(str(error)) from None
-        if self.index.dim != self.model.embedding_dim:
-            raise AppUserError(f"the model gives {self.model.embedding_dim}-d embeddings but the index holds "
-                               f"{self.index.dim}-d vectors; use the model the index was built with")
         self.max_pixels = max_pixels
-        self.model_path, self.index_dir = model_path, index_dir
         self.state_dir = Path(state_dir) if state_dir else index_dir
-        manifest = read_manifest(index_dir)
-        if manifest["generation"] != self.index.generation:
-            raise AppUserError(f"{index_dir} changed while the app opened it; start the app again")
         try:
-            self.store = CurationStore(self.state_dir / "curation.sqlite", index_dir / manifest["dir"] / META_FILE,
-                                       self.model.class_names)
+            self._store = CurationStore(self.state_dir / "curation.sqlite", meta_path, self.model.class_names)
         except CurationError as error:
             raise AppUserError(str(error)) from None
+        self._manifest_stamp: tuple[int, ...] | None = None  # the manifest as last seen: see keep_up()
+        self._switch_lock = threading.Lock()
+        self._retired: ImageIndex | None = None  # the generation before, closed at the next switch
         self.thumbnails = ThumbnailCache(self.state_dir / "thumbnails", max_pixels=max_pixels,
-                                         owner=self.index.info.get("uid"))
+                                         owner=self._index.info.get("uid"))
         self.covers_dir = self.state_dir / "thumbnails" / "covers"
         self.covers_dir.mkdir(parents=True, exist_ok=True)
         self.exports_dir = Path(tempfile.mkdtemp(prefix="twist-app-exports-"))
         for folder in (self.state_dir, self.thumbnails.folder, self.exports_dir):
             mark_output_folder(folder)
         self._stop = threading.Event()
+
+    # ---- following index updates
+    def _open_generation(self) -> tuple[ImageIndex, Path]:
+        """The index generation the manifest names and its metadata file, checked against the model."""
+        for _ in range(3):
+            index = ImageIndex.open(self.index_dir, self.device)
+            manifest = read_manifest(self.index_dir)
+            if manifest["generation"] != index.generation:  # a writer committed meanwhile: open that one
+                index.close()
+                continue
+            if index.dim != self.model.embedding_dim:
+                index.close()
+                raise AppUserError(f"the model gives {self.model.embedding_dim}-d embeddings but the index holds "
+                                   f"{index.dim}-d vectors; use the model the index was built with")
+            return index, self.index_dir / manifest["dir"] / META_FILE
+        raise AppUserError(f"{self.index_dir} keeps changing while the app opens it; try again")
+
+    def keep_up(self) -> None:
+        """Follow ``twist index --update`` while serving: switch to the generation the manifest names now.
+
+        Called on every access to :attr:`index` and :attr:`store`, so the next request after an update sees
+        it; a check is one ``stat`` of the manifest. Ids are stable across updates and the curation store is
+        re-attached to the new generation, so every name, merge and move still applies; the map is cached
+        per generation, thumbnails per id.
+        """
+        try:
+            stat = (self.index_dir / MANIFEST).stat()
+        except OSError:
+            return  # the index folder is being replaced or is gone: keep serving what is open
+        stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if stamp == self._manifest_stamp:
+            return
+        with self._switch_lock:
+            if stamp != self._manifest_stamp:
+                self._switch_generation()
+                self._manifest_stamp = stamp
+
+    def _switch_generation(self) -> None:
+        current = self._index
+        try:
+            fresh, meta_path = self._open_generation()
+        except (AppUserError, IndexUserError, OSError) as error:
+            log.warning("the index changed but cannot be opened (%s); still serving generation %d",
+                        error, current.generation)
+            return
+        if fresh.generation == current.generation:
+            fresh.close()
+            return
+        if fresh.info.get("uid") != current.info.get("uid"):
+            fresh.close()
+            log.warning("%s now holds another index (a new build, not an update): its ids name other images; "
+                        "restart the app to open it", self.index_dir)
+            return
+        self._store.reattach(meta_path)
+        if self._retired is not None:
+            self._retired.close()
+        self._index, self._retired = fresh, current
+        for stale in self.state_dir.glob("projection-gen*.npz"):
+            if stale.name != self._projection_cache().name:
+                stale.unlink(missing_ok=True)
+        log.info("now serving generation %d of %s (%d images)", fresh.generation, self.index_dir, fresh.size)
+
+    @property
+    def index(self) -> ImageIndex:
+        self.keep_up()
+        return self._index
+
+    @property
+    def store(self) -> CurationStore:
+        self.keep_up()
+        return self._store
 
     # ---- paths the server may hand out
     @property
@@ -129,8 +218,10 @@ class Workspace:
 
     def close(self) -> None:
         self._stop.set()
-        self.store.close()
-        self.index.close()
+        self._store.close()
+        self._index.close()
+        if self._retired is not None:
+            self._retired.close()
 
     # ---- overview
     def overview(self, sort: str = "size") -> list[dict[str, Any]]:
@@ -219,6 +310,18 @@ class Workspace:
         image.thumbnail((VIEW_SIZE, VIEW_SIZE), Image.Resampling.BICUBIC)
         return image
 
+    def display(self, record: Record) -> Image.Image:
+        """The image as the app shows it: :meth:`view`, and a small one enlarged to about ``DISPLAY_SIDE``.
+
+        Enlarged by a whole factor with nearest-neighbour sampling, so each pixel becomes a sharp square
+        (a 32 px CIFAR image is seen, not blurred into a smudge by the browser).
+        """
+        image = self.view(record)
+        factor = DISPLAY_SIDE // max(image.size)
+        if factor > 1:
+            image = image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+        return image
+
     def describe(self, image_id: int, k: int = 12) -> tuple[Record, Prediction]:
         """An indexed image: its record, the model's full class distribution and its neighbours."""
         record = self.record(image_id)
@@ -276,9 +379,10 @@ class Workspace:
     def export_csv(self) -> Path:
         return exporters.write_csv(self.store.iter_records(), self.names(), self._export_path("labels.csv"))
 
-    def export_zip(self) -> Path:
+    def export_zip(self, progress: Progress | None = None) -> Path:
+        """The ImageFolder tree as a zip; ``progress(done, total)`` follows the images written."""
         return exporters.write_zip(self.store.iter_records(), self.names(), self.root,
-                                   self._export_path("labels-imagefolder.zip"))
+                                   self._export_path("labels-imagefolder.zip"), throttled(progress))
 
     def export_tree(self, folder: str, mode: str = "symlink") -> tuple[Path, dict[str, int]]:
         """Write the tree to a server folder (a new one, or one twist wrote before)."""
@@ -304,12 +408,16 @@ class Workspace:
 
         The geometry comes from every cached point, so it stays put while images are curated or removed.
         """
-        cache = self.state_dir / f"projection-gen{self.index.generation}.npz"
-        ids, xy = projection.load_or_compute(cache, self.store.all_ids(), self.index.vector)
+        index = self.index
+        ids, xy = projection.load_or_compute(self._projection_cache(index), self.store.all_ids(), index.vector)
         geometry = projection.MapGeometry.around(xy)
         records = self.store.records(ids.tolist())
         keep = np.array([int(i) in records for i in ids], dtype=bool)
         return ids[keep], xy[keep], records, geometry
+
+    def _projection_cache(self, index: ImageIndex | None = None) -> Path:
+        """The map's cache file: one per index generation, so an update draws a fresh map."""
+        return self.state_dir / f"projection-gen{(index or self._index).generation}.npz"
 
     def _cluster_names(self, ids: np.ndarray, records: dict[int, Record]) -> list[str]:
         names = self.names()
@@ -335,11 +443,13 @@ class Workspace:
         return int(ids[row])
 
     # ---- batch
-    def batch_label(self, files: Sequence[str | Path]) -> tuple[Path, list[list[Any]]]:
+    def batch_label(self, files: Sequence[str | Path], progress: Progress | None = None
+                    ) -> tuple[Path, list[list[Any]]]:
         """Predict every uploaded image (and every image in an uploaded zip) and write a CSV of labels.
 
         Images are sized from their headers first (a request past ``MAX_BATCH_PIXELS`` is refused whole),
         then decoded one by one at the model's scale and predicted in chunks: memory stays that of one image.
+        ``progress(done, total)`` is called after each chunk.
         """
         with contextlib.ExitStack() as zips:
             try:
@@ -350,8 +460,11 @@ class Workspace:
             except BatchUserError as error:
                 raise AppUserError(str(error)) from None
             names = self.names()
-            rows = [row for start in range(0, len(items), BATCH_CHUNK)
-                    for row in self._label_chunk(items[start:start + BATCH_CHUNK], names)]
+            rows: list[list[Any]] = []
+            for start in range(0, len(items), BATCH_CHUNK):
+                rows += self._label_chunk(items[start:start + BATCH_CHUNK], names)
+                if progress is not None:
+                    progress(len(rows), len(items))
         out = self._export_path("batch-labels.csv")
         with open(out, "w", newline="") as handle:
             writer = csv.writer(handle)
