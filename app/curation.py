@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from twist_core.errors import UserError
 from twist_core.index_store import IMAGES, INFO_TABLE, chunked_in
 from twist_core.io_utils import mark_output_folder
 
@@ -54,7 +55,7 @@ RECORD_SQL = (f"SELECT i.{IMAGES.id}, i.{IMAGES.path}, i.{IMAGES.cluster}, i.{IM
               f"{LABEL_SQL}, o.cluster {JOINS}")
 
 
-class CurationError(Exception):
+class CurationError(UserError):
     """A curation request that cannot be applied (unknown cluster, nothing to undo, ...); says why."""
 
 

@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from app.curation import EXCLUDED, CurationError, CurationStore
-from twist_core.config import build_config, command_parser, option
-from twist_core.index_store import META_FILE, IndexUserError, MetaStore, read_manifest
+from app.curation import EXCLUDED, CurationStore
+from twist_core.commands import run_command
+from twist_core.config import command_parser, option
+from twist_core.errors import UserError
+from twist_core.index_store import META_FILE, MetaStore, read_manifest
 
 EXCLUDE_NAME = "excluded"
 SHOWN = 10  # unknown images listed by name in the summary
@@ -44,7 +46,7 @@ class ImportLabelsConfig:
     dry_run: bool = option(False, "report what would change and change nothing")
 
 
-class LabelImportError(Exception):
+class LabelImportError(UserError):
     """The export or the options cannot be used as given; the message says why."""
 
 
@@ -286,17 +288,15 @@ def import_labels(config: ImportLabelsConfig) -> ImportPlan:
         meta.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = command_parser("twist import-labels", __doc__, ImportLabelsConfig, positional=("file",))
-    args = parser.parse_args(argv)
-    try:
-        config = build_config(ImportLabelsConfig, args, args.config)
-        plan = import_labels(config)
-    except (LabelImportError, CurationError, IndexUserError, ValueError, OSError) as error:
-        print(f"twist import-labels: error: {error}", file=sys.stderr)
-        return 2
+def import_and_print(config: ImportLabelsConfig) -> int:
+    plan = import_labels(config)
     print("\n".join(summary_lines(plan, applied=not config.dry_run)))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = command_parser("twist import-labels", __doc__, ImportLabelsConfig, positional=("file",))
+    return run_command("twist import-labels", parser, ImportLabelsConfig, argv, import_and_print)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from twist_core.config import build_config, command_parser, option
+from twist_core.commands import run_command
+from twist_core.config import command_parser, option
+from twist_core.errors import UserError
 
 if TYPE_CHECKING:
     from starlette.middleware import Middleware
@@ -45,12 +47,8 @@ class AppConfig:
     warm_thumbnails: bool = option(True, "make the first page of every cluster's thumbnails in the background")
 
 
-class AppStartError(Exception):
+class AppStartError(UserError):
     """The app cannot start as configured (missing model or index, bad --auth); the message says why."""
-
-
-class AppUsageError(AppStartError):
-    """An option the user gave is wrong (exit code 2, like any usage error)."""
 
 
 def demo_dir() -> Path:
@@ -93,22 +91,22 @@ def read_auth_file(path: Path) -> list[str]:
     try:
         return path.read_text().splitlines()
     except FileNotFoundError:
-        raise AppUsageError(f"--auth-file {path}: no such file") from None
+        raise AppStartError(f"--auth-file {path}: no such file") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise AppUsageError(f"--auth-file {path}: cannot read it ({error})") from None
+        raise AppStartError(f"--auth-file {path}: cannot read it ({error})") from None
 
 
 def credential_pairs(lines: list[str], problem: str) -> list[tuple[str, str]]:
     pairs = [tuple(line.strip().split(":", 1)) for line in lines if line.strip() and not line.startswith("#")]
     if not pairs or any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
-        raise AppUsageError(problem)
+        raise AppStartError(problem)
     return pairs  # type: ignore[return-value]
 
 
 def resolve_auth(config: AppConfig) -> list[tuple[str, str]] | None:
     """Credentials from --auth-file, --auth or $TWIST_AUTH (lines of USER:PASSWORD); None: no login."""
     if config.auth_file and config.auth:
-        raise AppUsageError("give --auth-file or --auth, not both")
+        raise AppStartError("give --auth-file or --auth, not both")
     if config.auth_file:
         return credential_pairs(read_auth_file(Path(config.auth_file)),
                                 f"--auth-file {config.auth_file} holds no USER:PASSWORD line")
@@ -163,13 +161,13 @@ def guard_middleware() -> Middleware:
 def check_options(config: AppConfig) -> None:
     """Numbers out of range are usage errors, reported before anything slow starts."""
     if not 0 <= config.port <= 65535:
-        raise AppUsageError(f"--port {config.port} is not a port: give 1 to 65535 (or 0 for any free port)")
+        raise AppStartError(f"--port {config.port} is not a port: give 1 to 65535 (or 0 for any free port)")
     for flag, value in (("--max-upload-mb", config.max_upload_mb), ("--max-pixels", config.max_pixels),
                         ("--concurrency", config.concurrency), ("--queue-size", config.queue_size)):
         if value < 1:
-            raise AppUsageError(f"{flag} {value} must be at least 1")
+            raise AppStartError(f"{flag} {value} must be at least 1")
     if not config.host.strip():
-        raise AppUsageError("--host must name an address, such as 127.0.0.1 or 0.0.0.0")
+        raise AppStartError("--host must name an address, such as 127.0.0.1 or 0.0.0.0")
 
 
 def api_routes(workspace, config: AppConfig) -> list:
@@ -201,21 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     return command_parser("twist app", __doc__, AppConfig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def open_app(config: AppConfig) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("twist.app").setLevel(logging.INFO)
-    try:
-        launch(build_config(AppConfig, args, args.config))
-    except AppUsageError as error:
-        print(f"twist app: error: {error}", file=sys.stderr)
-        return 2
-    except (AppStartError, ValueError, OSError) as error:
-        print(f"twist app: error: {error}", file=sys.stderr)
-        return 1
+    launch(config)
     return 0
 
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("twist app", build_parser(), AppConfig, argv, open_app)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -339,7 +339,7 @@ def test_twenty_concurrent_searches_are_all_answered_correctly(client: Client, i
     assert answers == expected
 
 
-def test_startup_problems_are_one_line_and_exit_1(tmp_path: Path, app_bundle: dict[str, Path]) -> None:
+def test_startup_problems_are_one_line_and_exit_2(tmp_path: Path, app_bundle: dict[str, Path]) -> None:
     for args in (["--model", str(tmp_path / "missing.onnx"), "--index", str(app_bundle["index"])],
                  ["--model", str(app_bundle["model"]), "--index", str(tmp_path / "no-index")],
                  []):
@@ -347,7 +347,7 @@ def test_startup_problems_are_one_line_and_exit_1(tmp_path: Path, app_bundle: di
                                 capture_output=True, text=True, timeout=120,
                                 env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin",
                                      "TWIST_DEMO_DIR": str(tmp_path / "no-demo")})  # not the shipped demo
-        assert result.returncode == 1, result.stderr
+        assert result.returncode == 2, result.stderr
         assert result.stderr.startswith("twist app: error:") and result.stderr.count("\n") == 1, result.stderr
         assert "Traceback" not in result.stderr
     with pytest.raises(AppStartError, match="USER:PASSWORD"):

@@ -54,7 +54,7 @@ def test_eval_needs_class_folders(tiny_run: Path, tmp_path: Path) -> None:
         (flat / f"{image.parent.name}_{image.name}").write_bytes(image.read_bytes())
     result = subprocess.run([sys.executable, "-m", "twist_core.cli", "eval", str(tiny_run), str(flat)],
                             capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert result.returncode == 1 and "class subfolders" in result.stderr
+    assert result.returncode == 2 and "class subfolders" in result.stderr
 
 
 def test_time_budget_ends_on_time_with_evaluations_logged(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from twist_core.checkpoint import load_checkpoint
+from twist_core.commands.export import main
 from twist_core.export import (
     ExportConfig,
     ExportError,
@@ -19,7 +20,6 @@ from twist_core.export import (
     build_card,
     check_parity,
     export_model,
-    main,
 )
 from twist_core.infer import OnnxModel
 from twist_core.model import ModelSpec, TwistModel
@@ -141,8 +141,8 @@ def test_inference_accepts_images_paths_and_arrays(exported: Path, shapes_folder
 
 
 def test_cli_errors_are_one_line(tiny_run: Path, tmp_path: Path, capsys) -> None:
-    assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "m.onnx")]) == 1
-    assert main([str(tiny_run), "--out", str(tmp_path / "m.onnx"), "--class-names", "a,b"]) == 1
+    assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert main([str(tiny_run), "--out", str(tmp_path / "m.onnx"), "--class-names", "a,b"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("twist export: error:") for line in err)
     assert "no checkpoint" in err[0] and "2 names" in err[1]

@@ -130,7 +130,7 @@ def test_empty_folder_and_unreadable_only_are_clear_errors(tmp_path: Path) -> No
     (bad / "b.png").write_bytes(b"")
     result = subprocess.run([sys.executable, "-m", "twist_core.cli", "train", str(bad), "--out", str(tmp_path / "r2"),
                              "--no-progress"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "could be" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from twist_core.commands.label import main
 from twist_core.export import ExportConfig, export_model
 from twist_core.infer import OnnxModel
-from twist_core.label import LabelConfig, label_folder, labels_paths, main, read_labels
+from twist_core.label import LabelConfig, label_folder, labels_paths, read_labels
 from twist_core.label_tree import file_names
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,8 @@ import pytest
 import torch
 from conftest import REPO, tiny_train_config
 
-from twist_core.train import TrainConfig, build_parser, train
+from twist_core.commands.train import build_parser
+from twist_core.train import TrainConfig, train
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
@@ -101,7 +102,7 @@ def test_a_new_run_refuses_a_folder_that_holds_one(straight_run: Path, shapes_fo
     before = {name: (straight_run / name).read_bytes() for name in ("last.pt", "metrics.jsonl", "config.json")}
     result = subprocess.run(train_command(shapes_folder, straight_run), env=ENV, capture_output=True, text=True,
                             timeout=600)
-    assert result.returncode == 1
+    assert result.returncode == 2  # the user's choice of --out: a user error
     assert "already holds a run" in result.stderr and "--resume" in result.stderr
     assert "Traceback" not in result.stderr
     assert {name: (straight_run / name).read_bytes() for name in before} == before  # nothing was touched

@@ -9,13 +9,14 @@ from typing import Any
 
 import torch
 
+from twist_core.errors import UserError
 from twist_core.io_utils import atomic_write
 
 CHECKPOINT_NAME = "last.pt"
 REQUIRED_KEYS = ("config", "model", "epoch", "global_step", "history")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that is truncated, empty, not written by ``twist train``, or holds more than plain data."""
 
 

@@ -6,14 +6,15 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("twist_core.demo", "the whole pipeline on scikit-learn's digits, then the app (no arguments needed)"),
-    "train": ("twist_core.train", "train TWIST on an image folder"),
-    "eval": ("twist_core.evaluate", "score clusters against class folders (ACC/NMI/AMI/ARI, kNN, baselines)"),
-    "export": ("twist_core.export", "export a run to one ONNX file with its model card"),
-    "label": ("twist_core.label", "label every image of a folder with an exported model"),
-    "index": ("twist_core.index_build", "build or update a FAISS similarity index from labels + embeddings"),
-    "search": ("twist_core.search", "find the images most similar to an image (or an indexed id)"),
-    "duplicates": ("twist_core.duplicates", "list groups of near-identical images in an index"),
+    "demo": ("twist_core.commands.demo",
+             "the whole pipeline on scikit-learn's digits, then the app (no arguments needed)"),
+    "train": ("twist_core.commands.train", "train TWIST on an image folder"),
+    "eval": ("twist_core.commands.eval", "score clusters against class folders (ACC/NMI/AMI/ARI, kNN, baselines)"),
+    "export": ("twist_core.commands.export", "export a run to one ONNX file with its model card"),
+    "label": ("twist_core.commands.label", "label every image of a folder with an exported model"),
+    "index": ("twist_core.commands.index", "build or update a FAISS similarity index from labels + embeddings"),
+    "search": ("twist_core.commands.search", "find the images most similar to an image (or an indexed id)"),
+    "duplicates": ("twist_core.commands.duplicates", "list groups of near-identical images in an index"),
     "app": ("app.main", "open the web app: browse, search, curate and export the clusters"),
     "import-labels": ("app.labelstudio", "apply the labels chosen in Label Studio (its JSON export) to the app"),
 }

@@ -76,7 +76,11 @@ def command_parser(prog: str, doc: str | None, cls: type, positional: tuple[str,
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON mapping of option names (dashes or underscores) to values."""
     text = Path(path).read_text()
-    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    try:
+        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as error:
+        raise ValueError(f"{path}: not a valid {'JSON' if str(path).endswith('.json') else 'YAML'} file "
+                         f"({' '.join(str(error).split())})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of option names to values")
     return {k.replace("-", "_"): v for k, v in data.items()}

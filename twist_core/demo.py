@@ -7,7 +7,6 @@ the app on the result.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from twist_core.config import build_config, command_parser, option
+from twist_core.config import option
 
 DIGIT_SIZE = 16  # 2x the original 8 x 8: trains 4x faster than 32 px and loses nothing
 
@@ -120,27 +119,3 @@ def run_demo(config: DemoConfig) -> dict:
                "kmeans_pixels": report["baselines"]["kmeans_pixels"], "seconds": timings}
     (workspace / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def build_parser() -> argparse.ArgumentParser:
-    return command_parser("twist demo", __doc__, DemoConfig)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    config = build_config(DemoConfig, args, args.config)
-    summary = run_demo(config)
-    pixels = summary["kmeans_pixels"]
-    print(f"\nTWIST on the digits: ACC {summary['acc']:.3f} NMI {summary['nmi']:.3f} ARI {summary['ari']:.3f}   "
-          f"(k-means on raw pixels: ACC {pixels['acc']:.3f} NMI {pixels['nmi']:.3f} ARI {pixels['ari']:.3f})")
-    if not config.app:
-        print(f"workspace: {summary['workspace']}\nopen the app with: twist app --model {summary['model']} "
-              f"--index {summary['index']}")
-        return 0
-    from twist_core.cli import main as twist
-
-    return twist(["app", "--model", summary["model"], "--index", summary["index"], "--port", str(config.port)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,7 +7,6 @@ The same functions evaluate the model in memory during training (``twist train -
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from twist_core.config import build_config, command_parser, option
+from twist_core.config import option
 from twist_core.dataset import FolderImages, decode_all
 from twist_core.folder import DEFAULT_MAX_PIXELS, NoImagesError, ground_truth_labels, require_images
 from twist_core.io_utils import atomic_write_text
@@ -205,26 +204,3 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         plot_confusion(report, confusion)
         report["confusion_png"] = confusion
     return report
-
-
-def build_parser() -> argparse.ArgumentParser:
-    return command_parser("twist eval", __doc__, EvalConfig, positional=("source", "data"))
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    config = build_config(EvalConfig, args, args.config)
-    if not config.source or not config.data:
-        print("twist eval: give RUN_OR_MODEL and DATA", file=sys.stderr)
-        return 2
-    try:
-        report = evaluate(config)
-    except (NoImagesError, FileNotFoundError, ValueError) as error:
-        print(f"twist eval: error: {error}", file=sys.stderr)
-        return 1
-    print(format_report(report))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,11 +8,9 @@ through PyTorch and onnxruntime must agree within the tolerance, or no model is 
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import io
 import json
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +22,8 @@ from torch import nn
 
 from twist_core import __version__
 from twist_core.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from twist_core.config import build_config, command_parser, option
+from twist_core.config import option
+from twist_core.errors import UserError
 from twist_core.folder import ImageReadError, scan_folder
 from twist_core.infer import CARD_KEY, create_session
 from twist_core.io_utils import atomic_write, atomic_write_text, file_sha256
@@ -45,7 +44,7 @@ class ExportConfig:
                                     "embeddings: relative to their largest magnitude)")
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """The run cannot be exported as asked (bad class names, a failed parity check, ...)."""
 
 
@@ -204,29 +203,3 @@ def export_model(config: ExportConfig) -> Path:
     atomic_write(out, lambda tmp: onnx.save_model(proto, tmp))
     atomic_write_text(card_path, json.dumps(card, indent=2, sort_keys=True) + "\n")
     return out
-
-
-def build_parser() -> argparse.ArgumentParser:
-    return command_parser("twist export", __doc__, ExportConfig, positional=("run",))
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        config = build_config(ExportConfig, args, args.config)
-        if not config.run:
-            raise ExportError("give the run folder or checkpoint to export (RUN)")
-        out = export_model(config)
-    except (ExportError, FileNotFoundError, ValueError, OSError) as error:
-        print(f"twist export: error: {error}", file=sys.stderr)
-        return 1
-    card = json.loads(out.with_suffix(".json").read_text())
-    parity = card.get("parity_max_abs_diff")
-    checked = f"max |PyTorch - ONNX| = {max(parity.values()):.2g}" if parity else "not verified"
-    print(f"wrote {out} and {out.with_suffix('.json')} (K={card['n_classes']}, "
-          f"input {card['input_size']} px, {checked})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from twist_core.errors import UserError
 from twist_core.io_utils import OUTPUT_MARKER
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
@@ -25,11 +26,11 @@ DRAFT_GAP = 2  # JPEG draft decoding keeps at least this many pixels per pixel o
 Image.MAX_IMAGE_PIXELS = None
 
 
-class ImageReadError(Exception):
+class ImageReadError(UserError):
     """An image that cannot be used; the message says why in words."""
 
 
-class NoImagesError(Exception):
+class NoImagesError(UserError):
     """The folder holds nothing we can train on or label."""
 
 

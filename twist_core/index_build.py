@@ -12,7 +12,6 @@ nothing is published unless everything was written (exit code 2 for every refusa
 
 from __future__ import annotations
 
-import argparse
 import sqlite3
 import sys
 from dataclasses import dataclass
@@ -21,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from twist_core.config import build_config, command_parser, option
-from twist_core.folder import NoImagesError, scan_folder
-from twist_core.index import IndexReader, IndexWriter, embed_and_add
+from twist_core.config import option
+from twist_core.folder import scan_folder
+from twist_core.index import IndexWriter, embed_and_add
 from twist_core.index_faiss import (
     ADD_CHUNK,
     KINDS,
@@ -41,7 +40,6 @@ from twist_core.index_store import (
     MetaStore,
     file_fingerprint,
     read_manifest,
-    write_failure,
 )
 from twist_core.io_utils import mark_output_folder, path_from_text, path_to_text
 from twist_core.label_table import FORMATS, labels_paths, read_labels
@@ -242,36 +240,3 @@ def update_index(config: IndexConfig) -> tuple[int, int]:
         added = len(added_ids)
     index.close()
     return added, removed
-
-
-def build_parser() -> argparse.ArgumentParser:
-    return command_parser("twist index", __doc__, IndexConfig, positional=("source",))
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        config = build_config(IndexConfig, args, args.config)
-        if config.update:
-            added, removed = update_index(config)
-            print(f"{config.out}: added {added}, removed {removed} images")
-            return 0
-        if not config.source:
-            raise IndexUserError("give the labels table or image folder to index (or --update)")
-        out = build_index(config)
-        index = IndexReader.open(out, "cpu")
-        print(f"{out}: {index.size} images, {index.dim}-d, {index.kind} index"
-              + (f" (nlist {index.info['nlist']}, nprobe {index.nprobe})" if index.kind != "flat" else ""))
-        index.close()
-    except (IndexUserError, ValueError, OSError, NoImagesError) as error:
-        print(f"twist index: error: {write_failure(error, config_out(args)) or error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def config_out(args: argparse.Namespace) -> str:
-    return str(getattr(args, "out", None) or "the index folder")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -40,6 +40,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from twist_core.errors import UserError
 from twist_core.io_utils import atomic_write_text, mark_output_folder
 
 MANIFEST = "manifest.json"
@@ -99,7 +100,7 @@ def meta_path(index_dir: Path) -> Path:
     return Path(index_dir) / read_manifest(Path(index_dir))["dir"] / META_FILE
 
 
-class IndexUserError(Exception):
+class IndexUserError(UserError):
     """A problem the user can fix (missing index, wrong dimension, unknown id); the message says which."""
 
 

@@ -14,16 +14,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from twist_core.errors import UserError
 from twist_core.preprocess import ImageLike, Preprocess
 
 CARD_KEY = "twist_card"
 
 
-class DeviceUnavailable(RuntimeError):
+class DeviceUnavailable(UserError, RuntimeError):
     """A GPU was asked for explicitly and onnxruntime cannot use one."""
 
 
-class ModelOutputError(ValueError):
+class ModelOutputError(UserError, ValueError):
     """The model gives NaN or infinite outputs: its weights are damaged (or it was exported from a diverged run)."""
 
 

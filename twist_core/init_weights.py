@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from twist_core.errors import UserError
 from twist_core.io_utils import file_sha256
 
 TORCHVISION_PREFIX = "torchvision:"
@@ -33,7 +34,7 @@ REFERENCE_HEAD = {"projection_heads.projection_head.0.": "mlp.0.", "projection_h
                   "projection_heads.last_linear.": "mlp.6.", "projection_heads.norm.": "logit_norm."}
 
 
-class InitError(ValueError):
+class InitError(UserError, ValueError):
     """Weights that cannot start this run as asked; nothing was trained."""
 
 

@@ -10,9 +10,7 @@ Run with ``twist label ...`` or ``torchrun --nproc_per_node N -m twist_core.labe
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import errno
 import hashlib
 import json
 import os
@@ -29,15 +27,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from twist_core import __version__, distributed
-from twist_core.config import build_config, command_parser, option
+from twist_core.config import option
+from twist_core.errors import UserError
 from twist_core.folder import DEFAULT_MAX_PIXELS, ImageReadError, NoImagesError, require_images, skipped_lines
-from twist_core.infer import DeviceUnavailable, ModelOutputError, OnnxModel, finite_rows, physical_cores
+from twist_core.infer import ModelOutputError, OnnxModel, finite_rows, physical_cores
 from twist_core.io_utils import StagedWrites, atomic_write, atomic_write_text, file_sha256, path_to_text
 from twist_core.label_table import (
     COLUMNS,
     TOPK,
     Row,
-    WriterUnavailable,
     error_row,
     iter_labels,
     labels_paths,
@@ -52,12 +50,11 @@ from twist_core.label_table import (
 from twist_core.label_tree import file_names, folder_names, prepare_tree, write_tree
 from twist_core.preprocess import Preprocess
 
-__all__ = ["LabelConfig", "LabelError", "label_folder", "labels_paths", "main", "read_labels"]
+__all__ = ["LabelConfig", "LabelError", "label_folder", "labels_paths", "read_labels"]
 
 STATE = "state.json"
 FILES = "files.json"
 UNREADABLE = "unreadable.json"
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 NON_FINITE = "the model's output is not finite (NaN or inf) for this image"
 SUMMARY_KEYS = ("cluster", "confidence", "margin", "topk_index", "topk_prob")  # saved per chunk by summarise
 
@@ -83,7 +80,7 @@ class LabelConfig:
     progress: bool = option(True, "show a progress bar with images/s")
 
 
-class LabelError(Exception):
+class LabelError(UserError):
     """The run cannot go on as asked (an output in the way, a resume with another model or folder, ...)."""
 
 
@@ -405,37 +402,7 @@ def _label_folder(config: LabelConfig, ctx: distributed.Context) -> dict[str, An
     return summary
 
 
-def build_parser() -> argparse.ArgumentParser:
-    return command_parser("twist label", __doc__, LabelConfig, positional=("model", "folder"))
+if __name__ == "__main__":  # ``torchrun -m twist_core.label`` (documented): the command is twist_core.commands.label
+    from twist_core.commands.label import main
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    out = "the table"
-    try:
-        config = build_config(LabelConfig, args, args.config)
-        out = config.out
-        summary = label_folder(config)
-    except (ModelOutputError, WriterUnavailable, DeviceUnavailable, LabelError, NoImagesError, FileNotFoundError,
-            FileExistsError, ValueError) as error:
-        print(f"twist label: error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        if error.errno not in DISK_FULL:
-            raise
-        print(f"twist label: error: cannot write beside {out}: {error.strerror or error} (disk full or over "
-              "a size limit); free some space and run the same command again: it continues where it stopped",
-              file=sys.stderr)
-        return 2
-    if "rows" in summary:
-        print(f"labelled {summary['labelled']} images ({summary['errors']} unreadable) into "
-              f"{summary['table']} at {summary['images_per_s']:.0f} img/s this run", file=sys.stderr)
-        if summary["unreadable_folders"]:
-            folders = summary["unreadable_folders"]
-            print(f"{len(folders)} folder(s) could not be read and were skipped: {', '.join(folders[:5])}"
-                  f"{' ...' if len(folders) > 5 else ''} (listed in {summary['skipped']})", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

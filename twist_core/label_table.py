@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from twist_core.errors import UserError
 from twist_core.io_utils import csv_safe
 
 COLUMNS = ["path", "cluster", "cluster_name", "confidence", "margin", "topk", "error"]
@@ -63,7 +64,7 @@ def error_row(path: str, error: str) -> Row:
             "error": error}
 
 
-class WriterUnavailable(Exception):
+class WriterUnavailable(UserError):
     """The table format asked for cannot be written here (Parquet without pyarrow)."""
 
 

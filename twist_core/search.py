@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,12 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from twist_core.config import add_dataclass_arguments, build_config, option
-from twist_core.folder import ImageReadError, decode_image
+from twist_core.config import option
+from twist_core.folder import decode_image
 from twist_core.index import Hit, IndexReader
 from twist_core.index_store import IndexUserError
 from twist_core.infer import finite_rows
-from twist_core.io_utils import atomic_write_text, path_to_text
+from twist_core.io_utils import path_to_text
 
 
 @dataclass
@@ -94,36 +92,3 @@ def query_vector(model: Any, image: str, dim: int) -> np.ndarray:
 def no_hits_reason(config: SearchConfig) -> str:
     where = "" if config.cluster is None else f" in cluster {config.cluster}"
     return f"no images found{where}: the index holds no comparable vectors there"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="twist search", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_dataclass_arguments(parser, SearchConfig, positional=("index", "image"))
-    parser.add_argument("-k", dest="k", type=int, default=argparse.SUPPRESS, help="same as --k")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        config = build_config(SearchConfig, args)
-        if not config.index:
-            raise IndexUserError("give the INDEX folder")
-        hits = search(config)
-    except (IndexUserError, ImageReadError, ValueError, OSError) as error:
-        print(f"twist search: error: {error}", file=sys.stderr)
-        return 1
-    if not hits:
-        print(f"twist search: {no_hits_reason(config)}", file=sys.stderr)
-        return 1
-    print(format_hits(hits))
-    if config.json:
-        query = {"image": config.image, "id": config.id, "k": config.k, "cluster": config.cluster}
-        atomic_write_text(config.json, json.dumps({"index": config.index, "query": query,
-                                                   "hits": [hit_dict(h) for h in hits]}, indent=1) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

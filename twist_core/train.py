@@ -7,7 +7,6 @@ Run with ``twist train DATA --out RUN`` or ``torchrun --nproc_per_node N -m twis
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -27,15 +26,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from twist_core import distributed
-from twist_core.allocator import keep_freed_memory
 from twist_core.augment import BatchAugment, policy_for_size
 from twist_core.budget import fit_total_steps, parse_duration
-from twist_core.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
-from twist_core.config import build_config, command_parser, option, save_config
+from twist_core.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from twist_core.config import option, save_config
 from twist_core.dataset import EpochBatches, FolderImages, decode_per_node, epoch_batches, make_loader
+from twist_core.errors import RunFailure, UserError
 from twist_core.evaluate import load_eval_images, predict_torch, score, summary_line
 from twist_core.folder import DEFAULT_MAX_PIXELS, NoImagesError, decode_image, require_images, skipped_lines
-from twist_core.init_weights import InitError, InitWeights, check_fits, load_into, read_init
+from twist_core.init_weights import InitWeights, check_fits, load_into, read_init
 from twist_core.io_utils import atomic_write_text, mark_output_folder
 from twist_core.loss import self_label_loss, twist_multicrop_loss
 from twist_core.model import ModelSpec, TwistModel, recalibrate_batchnorm
@@ -139,15 +138,15 @@ def apply_recipe(config: TrainConfig) -> TrainConfig:
                                           if getattr(config, name) == getattr(defaults, name)})
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RunFailure, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left as it was."""
 
 
-class ResumeError(RuntimeError):
+class ResumeError(UserError, RuntimeError):
     """``--resume`` cannot continue this run as asked."""
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """Options that contradict each other."""
 
 
@@ -889,33 +888,7 @@ def _cache_batches(cache: torch.Tensor, batches: list[list[int]]):
         yield indices, cache[indices], [""] * len(batch)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    return command_parser("twist train", __doc__, TrainConfig, positional=("data",))
+if __name__ == "__main__":  # ``torchrun -m twist_core.train`` (documented): the command is twist_core.commands.train
+    from twist_core.commands.train import main
 
-
-def main(argv: list[str] | None = None) -> int:
-    keep_freed_memory()
-    args = build_parser().parse_args(argv)
-    config = build_config(TrainConfig, args, args.config)
-    if not config.data and not config.resume:
-        raise SystemExit("twist train: give the image folder (DATA)")
-    if config.resume and not config.data:
-        saved_config = Path(config.out) / "config.json"
-        if not saved_config.is_file():
-            print(f"twist train: error: --resume found no run in {config.out} (no config.json): give --out of an "
-                  "existing run, or the image folder (DATA) to start one", file=sys.stderr)
-            return 2
-        config = dataclasses.replace(config, data=json.loads(saved_config.read_text())["data"])
-    try:
-        train(config)
-    except (ConfigError, CheckpointError, InitError) as error:  # the user's options or files: fix them and run again
-        print(f"twist train: error: {error}", file=sys.stderr)
-        return 2
-    except (NoImagesError, TrainingDiverged, ResumeError) as error:
-        print(f"twist train: error: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

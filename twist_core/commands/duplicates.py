@@ -7,7 +7,8 @@ import json
 import sys
 from dataclasses import dataclass
 
-from twist_core.config import add_dataclass_arguments, build_config, option
+from twist_core.commands import run_command
+from twist_core.config import command_parser, option
 from twist_core.index import IndexReader, find_duplicates
 from twist_core.index_store import IndexUserError
 from twist_core.io_utils import atomic_write_text
@@ -23,25 +24,20 @@ class DuplicatesConfig:
     state_dir: str | None = option(None, "the app's state folder, whose cluster names are shown; default: INDEX")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="twist duplicates", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_dataclass_arguments(parser, DuplicatesConfig, positional=("index",))
-    args = parser.parse_args(argv)
+def build_parser() -> argparse.ArgumentParser:
+    return command_parser("twist duplicates", __doc__, DuplicatesConfig, positional=("index",))
+
+
+def duplicates(config: DuplicatesConfig) -> int:
+    if not config.index:
+        raise IndexUserError("give the INDEX folder")
+    if not -1.0 <= config.threshold <= 1.0:
+        raise IndexUserError(f"--threshold is a cosine similarity in [-1, 1], got {config.threshold}")
+    index = IndexReader.open(config.index, config.device, config.state_dir)
     try:
-        config = build_config(DuplicatesConfig, args)
-        if not config.index:
-            raise IndexUserError("give the INDEX folder")
-        if not -1.0 <= config.threshold <= 1.0:
-            raise IndexUserError(f"--threshold is a cosine similarity in [-1, 1], got {config.threshold}")
-        index = IndexReader.open(config.index, config.device, config.state_dir)
-        try:
-            groups = find_duplicates(index, config.threshold)
-        finally:
-            index.close()
-    except (IndexUserError, ValueError, OSError) as error:
-        print(f"twist duplicates: error: {error}", file=sys.stderr)
-        return 1
+        groups = find_duplicates(index, config.threshold)
+    finally:
+        index.close()
     for number, group in enumerate(groups, 1):
         print(f"group {number}: {len(group)} images\n{format_hits(group)}\n")
     print(f"{len(groups)} groups, {sum(len(g) for g in groups)} images at cosine >= {config.threshold}")
@@ -50,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
                                                    "groups": [[hit_dict(h) for h in g] for g in groups]},
                                                   indent=1) + "\n")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("twist duplicates", build_parser(), DuplicatesConfig, argv, duplicates)
 
 
 if __name__ == "__main__":

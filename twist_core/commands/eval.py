@@ -1,0 +1,31 @@
+"""``twist eval RUN_OR_MODEL DATA``: score the clusters against class folders (``twist_core.evaluate``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from twist_core.commands import run_command
+from twist_core.config import command_parser
+from twist_core.errors import UserError
+from twist_core.evaluate import EvalConfig, evaluate, format_report
+from twist_core.evaluate import __doc__ as DOC
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return command_parser("twist eval", DOC, EvalConfig, positional=("source", "data"))
+
+
+def evaluate_and_print(config: EvalConfig) -> int:
+    if not config.source or not config.data:
+        raise UserError("give RUN_OR_MODEL and DATA")
+    print(format_report(evaluate(config)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("twist eval", build_parser(), EvalConfig, argv, evaluate_and_print)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

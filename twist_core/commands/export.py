@@ -1,0 +1,36 @@
+"""``twist export RUN``: one ONNX file and its model card (``twist_core.export``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from twist_core.commands import run_command
+from twist_core.config import command_parser
+from twist_core.export import ExportConfig, ExportError, export_model
+from twist_core.export import __doc__ as DOC
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return command_parser("twist export", DOC, ExportConfig, positional=("run",))
+
+
+def export_and_print(config: ExportConfig) -> int:
+    if not config.run:
+        raise ExportError("give the run folder or checkpoint to export (RUN)")
+    out = export_model(config)
+    card = json.loads(out.with_suffix(".json").read_text())
+    parity = card.get("parity_max_abs_diff")
+    checked = f"max |PyTorch - ONNX| = {max(parity.values()):.2g}" if parity else "not verified"
+    print(f"wrote {out} and {out.with_suffix('.json')} (K={card['n_classes']}, "
+          f"input {card['input_size']} px, {checked})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("twist export", build_parser(), ExportConfig, argv, export_and_print)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

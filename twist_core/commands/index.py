@@ -1,0 +1,45 @@
+"""``twist index SOURCE --out INDEX`` (or ``--update``): build or update a FAISS index (``twist_core.index_build``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from twist_core.commands import run_command
+from twist_core.config import command_parser
+from twist_core.index import IndexReader
+from twist_core.index_build import IndexConfig, build_index, update_index
+from twist_core.index_build import __doc__ as DOC
+from twist_core.index_store import IndexUserError, write_failure
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return command_parser("twist index", DOC, IndexConfig, positional=("source",))
+
+
+def index_and_print(config: IndexConfig) -> int:
+    if config.update:
+        added, removed = update_index(config)
+        print(f"{config.out}: added {added}, removed {removed} images")
+        return 0
+    if not config.source:
+        raise IndexUserError("give the labels table or image folder to index (or --update)")
+    out = build_index(config)
+    index = IndexReader.open(out, "cpu")
+    print(f"{out}: {index.size} images, {index.dim}-d, {index.kind} index"
+          + (f" (nlist {index.info['nlist']}, nprobe {index.nprobe})" if index.kind != "flat" else ""))
+    index.close()
+    return 0
+
+
+def explain(error: BaseException, config: IndexConfig | None) -> str | None:
+    """A failed write names the index folder and what to do (disk full, read-only, ...)."""
+    return write_failure(error, config.out if config else "the index folder")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("twist index", build_parser(), IndexConfig, argv, index_and_print, explain)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""``twist train DATA --out RUN``: train TWIST on an image folder (``twist_core.train``).
+
+Several processes: ``torchrun --nproc_per_node N -m twist_core.commands.train ...`` (or ``-m twist_core.train``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from twist_core.allocator import keep_freed_memory
+from twist_core.commands import run_command
+from twist_core.config import command_parser
+from twist_core.errors import UserError
+from twist_core.train import TrainConfig, train
+from twist_core.train import __doc__ as DOC
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return command_parser("twist train", DOC, TrainConfig, positional=("data",))
+
+
+def resumed_data(config: TrainConfig) -> TrainConfig:
+    """``--resume`` without DATA: the folder the run was started on, from its config.json."""
+    if config.data or not config.resume:
+        return config
+    saved_config = Path(config.out) / "config.json"
+    if not saved_config.is_file():
+        raise UserError(f"--resume found no run in {config.out} (no config.json): give --out of an existing run, "
+                        "or the image folder (DATA) to start one")
+    return dataclasses.replace(config, data=json.loads(saved_config.read_text())["data"])
+
+
+def train_run(config: TrainConfig) -> int:
+    if not config.data and not config.resume:
+        raise UserError("give the image folder (DATA)")
+    train(resumed_data(config))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
+    return run_command("twist train", build_parser(), TrainConfig, argv, train_run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
