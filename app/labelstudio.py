@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from app.curation import EXCLUDED, CurationStore
 from twist_core.commands import run_command
-from twist_core.config import command_parser, option
+from twist_core.config import AutoConfig, command_parser, option
 from twist_core.errors import UserError
 from twist_core.index_store import META_FILE, MetaStore, read_manifest
 
@@ -33,7 +33,7 @@ SHOWN = 10  # unknown images listed by name in the summary
 
 
 @dataclass
-class ImportLabelsConfig:
+class ImportLabelsConfig(AutoConfig):
     file: str = option(None, "Label Studio JSON export of the tasks (Export > JSON in the project)")
     index: str | None = option(None, "index folder the tasks were exported from (twist index)")
     state_dir: str | None = option(None, "folder of the curation store, as given to twist app; default: the index")

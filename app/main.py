@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from twist_core.commands import run_command
-from twist_core.config import command_parser, option
+from twist_core.config import AutoConfig, command_parser, option
 from twist_core.errors import UserError
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ DEMO_MODEL = "model.onnx"
 
 
 @dataclass
-class AppConfig:
+class AppConfig(AutoConfig):
     model: str | None = option(None, "exported model (.onnx); default: models/demo/model.onnx")
     index: str | None = option(None, "index folder written by twist index; default: models/demo/index")
     host: str = option("127.0.0.1", "address to bind (0.0.0.0 shares the app on the network: use --auth)")

@@ -66,3 +66,47 @@ def test_unknown_or_unreadable_config_is_one_line(tmp_path: Path, capsys: pytest
         assert twist(["duplicates", str(tmp_path), "--config", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("twist duplicates: error: ") and err.count("\n") == 1 and named in err, err
+
+
+def test_auto_is_one_word_and_old_sentinels_still_load(tmp_path: Path) -> None:
+    """``auto`` on the command line and in files; the 0/-1/None that older versions wrote still mean auto."""
+    from twist_core.commands.train import build_parser
+    from twist_core.config import AUTO, build_config
+    from twist_core.index_build import IndexConfig
+    from twist_core.label import LabelConfig
+    from twist_core.train import TrainConfig
+
+    args = build_parser().parse_args(["photos", "--width", "auto", "--batch-size", "0", "--tau", "0.7"])
+    config = build_config(TrainConfig, args)
+    assert (config.width, config.batch_size, config.tau, config.lr) == (AUTO, AUTO, 0.7, AUTO)
+    old = {"image_size": 0, "hidden_dim": 0, "tau": 0.0, "self_label_fraction": -1.0, "lr": None,
+           "weight_decay": None, "small_stem": None, "workers": -1, "batch_size": 0, "width": 0}
+    assert {k: getattr(TrainConfig(**old), k) for k in old} == dict.fromkeys(old, AUTO)
+    kept = TrainConfig(self_label_fraction=0.0, workers=0, small_stem=False)  # real values, not sentinels
+    assert (kept.self_label_fraction, kept.workers, kept.small_stem) == (0.0, 0, False)
+    assert (LabelConfig(workers=-1, threads=0).workers, LabelConfig(threads=0).threads) == (AUTO, AUTO)
+    assert LabelConfig(workers=0).workers == 0
+    assert (IndexConfig(nlist=0).nlist, IndexConfig(nprobe=0).nprobe, IndexConfig(pq_m=0).pq_m) == (AUTO,) * 3
+
+
+def test_saved_config_reproduces_an_auto_run(shapes_folder: Path, tmp_path: Path) -> None:
+    """Every value chosen automatically (batch size, tau, self-labelling share, ...) is in config.json, so
+    ``twist train --config RUN/config.json`` trains the same weights."""
+    import torch
+
+    from twist_core.commands.train import main as train_main
+    from twist_core.config import AUTO
+
+    first = tmp_path / "first"
+    options = ["--classes", "4", "--width", "8", "--hidden-dim", "64", "--image-size", "32", "--epochs", "1",
+               "--workers", "0", "--no-progress", "--checkpoint-every", "0"]
+    assert train_main([str(shapes_folder), "--out", str(first), *options]) == 0
+    saved = json.loads((first / "config.json").read_text())
+    left_auto = {name for name, value in saved.items() if value == AUTO}
+    assert left_auto <= {"cache", "device"}, left_auto  # where the run happens, not what it computes
+    assert (saved["batch_size"], saved["tau"], saved["self_label_fraction"]) == (16, 1.0, 0.1)
+    again = tmp_path / "again"
+    assert train_main(["--config", str(first / "config.json"), "--out", str(again)]) == 0
+    weights = [torch.load(run / "last.pt", weights_only=True)["model"] for run in (first, again)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

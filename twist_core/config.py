@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import yaml
 
 C = TypeVar("C")
+AUTO = "auto"  # the one spelling of "choose this for me": command line, config files and the config dataclasses
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -24,6 +25,33 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
     if isinstance(default, list | dict):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+def auto_option(legacy: Any, help: str, **kwargs: Any) -> Any:
+    """A field chosen automatically unless given (``auto``). ``legacy`` is the sentinel older versions used for it
+    (0, -1 or None): ``AutoConfig`` still reads it as ``auto``, so their config.json files and flags keep working."""
+    return option(AUTO, help, legacy_auto=legacy, **kwargs)
+
+
+class AutoConfig:
+    """Base of every command's config: the one place that turns an old auto sentinel into ``AUTO``."""
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):  # type: ignore[arg-type]
+            if "legacy_auto" not in field.metadata:
+                continue
+            value, legacy = getattr(self, field.name), field.metadata["legacy_auto"]
+            if value is legacy or (legacy is not None and not isinstance(value, bool | str) and value == legacy):
+                setattr(self, field.name, AUTO)
+
+
+def auto_or(kind: type) -> Any:
+    """Argparse type of an auto field: the word ``auto`` or a value of ``kind``."""
+    def parse(text: str) -> Any:
+        return AUTO if text == AUTO else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value"
+    return parse
 
 
 def _base_type(annotation: Any) -> Any:
@@ -61,7 +89,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, position
                                 default=argparse.SUPPRESS, help=help_text)
         else:
             choices = field.metadata.get("choices")
-            parser.add_argument(_flag(field.name), dest=field.name, type=kind, choices=choices,
+            parse = auto_or(kind) if "legacy_auto" in field.metadata else kind
+            parser.add_argument(_flag(field.name), dest=field.name, type=parse, choices=choices,
                                 default=argparse.SUPPRESS, help=help_text, metavar=field.metadata.get("metavar"))
 
 

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from twist_core.config import option
+from twist_core.config import AutoConfig, option
 
 DIGIT_SIZE = 16  # 2x the original 8 x 8: trains 4x faster than 32 px and loses nothing
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(AutoConfig):
     workspace: str = option("twist-demo", "folder for the digits, the run, the model, the labels and the index")
     time_budget: str = option("2m", "training time (the schedule is fitted to it)")
     classes: int = option(10, "number of clusters to discover")

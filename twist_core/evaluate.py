@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from twist_core.config import option
+from twist_core.config import AutoConfig, option
 from twist_core.dataset import FolderImages, decode_all
 from twist_core.folder import DEFAULT_MAX_PIXELS, NoImagesError, ground_truth_labels, require_images
 from twist_core.io_utils import atomic_write_text
@@ -30,7 +30,7 @@ PIXEL_BASELINE_SIZE = 32
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(AutoConfig):
     source: str = option(None, "a run folder (uses RUN/last.pt) or an exported .onnx model")
     data: str = option(None, "class-folder tree: first-level subfolder names are the true classes")
     json: str | None = option(None, "write the full report (metrics, per-cluster table, baselines) to this file")

@@ -22,7 +22,7 @@ from torch import nn
 
 from twist_core import __version__
 from twist_core.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from twist_core.config import option
+from twist_core.config import AutoConfig, option
 from twist_core.errors import UserError
 from twist_core.folder import ImageReadError, scan_folder
 from twist_core.infer import CARD_KEY, create_session
@@ -34,7 +34,7 @@ N_VERIFY_IMAGES = 16
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(AutoConfig):
     run: str = option(None, "run folder (its last.pt) or a checkpoint file")
     out: str = option("model.onnx", "ONNX file to write; the model card goes beside it as .json")
     class_names: str | None = option(None, "K class names: comma-separated, or a text file with one per line")

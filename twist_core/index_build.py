@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from twist_core.config import option
+from twist_core.config import AutoConfig, auto_option, option
 from twist_core.folder import scan_folder
 from twist_core.index import IndexWriter, embed_and_add
 from twist_core.index_faiss import (
@@ -46,15 +46,16 @@ from twist_core.label_table import FORMATS, labels_paths, read_labels
 
 
 @dataclass
-class IndexConfig:
+class IndexConfig(AutoConfig):
     source: str | None = option(None, "labels table of twist label (.csv/.jsonl/.parquet) or image folder")
     model: str | None = option(None, "ONNX model: labels a folder source, embeds new images; search default")
     out: str = option("index", "index folder (a new build replaces what is there atomically)")
     kind: str = option("auto", "index type: auto = flat up to 50k images, IVF above, IVF-PQ past 4 GB "
                        "of vectors", choices=list(KINDS))
-    nlist: int = option(0, "IVF coarse lists; 0 = about 2 sqrt(N)")
-    nprobe: int = option(0, "IVF lists searched per query (speed/recall trade-off); 0 = max(16, nlist/128)")
-    pq_m: int = option(0, "IVF-PQ bytes per vector (sub-quantizers, divides the dimension); 0 = dim/8")
+    nlist: int | str = auto_option(0, "IVF coarse lists; auto: about 2 sqrt(N)")
+    nprobe: int | str = auto_option(0, "IVF lists searched per query (speed/recall trade-off); auto: max(16, "
+                                       "nlist/128)")
+    pq_m: int | str = auto_option(0, "IVF-PQ bytes per vector (sub-quantizers, divides the dimension); auto: dim/8")
     device: str = option("auto", "where FAISS trains and searches", choices=["auto", "cpu", "cuda"])
     update: bool = option(False, "update the index at --out instead of rebuilding: drop deleted files, "
                                  "add new rows of the table (no source: label new files under its root)")

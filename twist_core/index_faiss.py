@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from twist_core.config import AUTO
+
 FLAT_MAX_VECTORS = 50_000  # exact search stays under a few ms up to here on a laptop CPU
 FLAT_MAX_BYTES = 4 << 30  # beyond this, full-precision vectors no longer fit comfortably in RAM: use PQ
 TRAIN_POINTS_PER_LIST = 50  # k-means sample size per coarse centroid (FAISS asks for at least 39)
@@ -56,20 +58,20 @@ def pq_subquantizers(dim: int, wanted: int) -> int:
     return max(m for m in range(1, min(wanted, dim) + 1) if dim % m == 0)
 
 
-def plan_index(n: int, dim: int, kind: str = "auto", nlist: int = 0, nprobe: int = 0,
-               pq_m: int = 0) -> IndexPlan:
+def plan_index(n: int, dim: int, kind: str = AUTO, nlist: int | str = AUTO, nprobe: int | str = AUTO,
+               pq_m: int | str = AUTO) -> IndexPlan:
     """Flat (exact) for small collections, IVF above ``FLAT_MAX_VECTORS``, IVF-PQ when RAM would not do."""
     if kind not in KINDS:
         raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
-    if kind == "auto":
+    if kind == AUTO:
         kind = "flat" if n <= FLAT_MAX_VECTORS else "ivfpq" if n * dim * 4 > FLAT_MAX_BYTES else "ivf"
     if kind == "flat":
         return IndexPlan("flat")
-    nlist = nlist or default_nlist(n)
+    nlist = default_nlist(n) if nlist == AUTO else int(nlist)
     if n < nlist:
         raise ValueError(f"an IVF index with {nlist} lists needs at least {nlist} vectors to train, got {n}")
-    return IndexPlan(kind, nlist, min(nprobe or default_nprobe(nlist), nlist),
-                     pq_subquantizers(dim, pq_m or max(1, dim // 8)) if kind == "ivfpq" else 0)
+    return IndexPlan(kind, nlist, min(default_nprobe(nlist) if nprobe == AUTO else int(nprobe), nlist),
+                     pq_subquantizers(dim, max(1, dim // 8) if pq_m == AUTO else int(pq_m)) if kind == "ivfpq" else 0)
 
 
 def gpu_available() -> bool:

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from twist_core import __version__, distributed
-from twist_core.config import option
+from twist_core.config import AUTO, AutoConfig, auto_option, option
 from twist_core.errors import UserError
 from twist_core.folder import DEFAULT_MAX_PIXELS, ImageReadError, NoImagesError, require_images, skipped_lines
 from twist_core.infer import ModelOutputError, OnnxModel, finite_rows, physical_cores
@@ -60,7 +60,7 @@ SUMMARY_KEYS = ("cluster", "confidence", "margin", "topk_index", "topk_prob")  #
 
 
 @dataclass
-class LabelConfig:
+class LabelConfig(AutoConfig):
     model: str = option(None, "exported model (.onnx) written by twist export")
     folder: str = option(None, "folder of images to label (searched recursively)")
     out: str = option("labels.csv", "table to write (.csv, .jsonl or .parquet); .embeddings.npy and "
@@ -68,8 +68,9 @@ class LabelConfig:
     topk: int = option(TOPK, "number of most probable clusters listed per image (capped at K)")
     batch_size: int = option(64, "images per inference batch")
     chunk_size: int = option(1024, "images per committed chunk: a killed run redoes at most one per process")
-    workers: int = option(-1, "decoding workers per process; -1 = auto (cores left beside inference)")
-    threads: int = option(0, "onnxruntime threads per process; 0 = physical cores / processes on this node")
+    workers: int | str = auto_option(-1, "decoding workers per process; auto: the cores left beside inference")
+    threads: int | str = auto_option(0, "onnxruntime threads per process; auto: physical cores / processes on this "
+                                        "node")
     device: str = option("auto", "auto (CUDA when onnxruntime can use it), cpu, cuda or cuda:N")
     embedding_dtype: str = option("float16", "dtype of the saved embeddings", choices=["float16", "float32"])
     export_tree: str | None = option(None, "also write an ImageFolder-style tree DIR/<cluster name>/<file>")
@@ -367,7 +368,8 @@ def _label_folder(config: LabelConfig, ctx: distributed.Context) -> dict[str, An
     device = config.device
     if ctx.distributed and device in ("auto", "cuda"):
         device = f"{device}:{ctx.local_rank}"
-    model = OnnxModel(config.model, device, config.threads or max(1, cores // local_procs), spin=False)
+    threads = max(1, cores // local_procs) if config.threads == AUTO else config.threads
+    model = OnnxModel(config.model, device, threads, spin=False)
     model_sha = file_sha256(model.path)
     root, topk = Path(config.folder).resolve(), min(config.topk, model.n_classes)
     work = work_dir(Path(config.out))
@@ -388,7 +390,7 @@ def _label_folder(config: LabelConfig, ctx: distributed.Context) -> dict[str, An
     n_chunks = -(-len(files) // config.chunk_size)
     pending = [c for c in range(n_chunks) if not chunk_path(work, c).exists()]
     mine = pending[ctx.rank::ctx.world_size]
-    workers = config.workers if config.workers >= 0 else max(1, min(8, cores // local_procs - 1))
+    workers = max(1, min(8, cores // local_procs - 1)) if config.workers == AUTO else config.workers
     start = time.perf_counter()
     show = config.progress and ctx.is_main
     done = label_chunks(model, root, files, mine, work, config, topk, workers, show)

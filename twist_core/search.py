@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from twist_core.config import option
+from twist_core.config import AutoConfig, option
 from twist_core.folder import decode_image
 from twist_core.index import Hit, IndexReader
 from twist_core.index_store import IndexUserError
@@ -19,7 +19,7 @@ from twist_core.io_utils import path_to_text
 
 
 @dataclass
-class SearchConfig:
+class SearchConfig(AutoConfig):
     index: str = option(None, "index folder written by twist index")
     image: str | None = option(None, "query image file (or use --id for an image already in the index)")
     id: int | None = option(None, "search by the id of an indexed image instead of an image file")

@@ -29,7 +29,7 @@ from twist_core import distributed
 from twist_core.augment import BatchAugment, policy_for_size
 from twist_core.budget import fit_total_steps, parse_duration
 from twist_core.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from twist_core.config import option, save_config
+from twist_core.config import AUTO, AutoConfig, auto_option, option, save_config
 from twist_core.dataset import EpochBatches, FolderImages, decode_per_node, epoch_batches, make_loader
 from twist_core.errors import RunFailure, UserError
 from twist_core.evaluate import load_eval_images, predict_torch, score, summary_line
@@ -55,7 +55,7 @@ DEFAULT_LR = {"sgd": 0.1, "lars": 0.5, "adamw": 5e-4}
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(AutoConfig):
     data: str = option(None, "folder of images (searched recursively; folder names are never used as labels)")
     out: str = option("runs/twist", "run folder for config.json, metrics.jsonl, skipped.txt, checkpoints, curves.png")
     classes: int = option(10, "K, the number of classes to discover")
@@ -70,33 +70,35 @@ class TrainConfig:
                                    "(the embedding is the head's first hidden layer); patches-conv trains a "
                                    "convolutional stage above that frozen stem (a representation at CPU cost)",
                            choices=["auto", "patches", "patches-conv", "resnet18", "resnet34", "resnet50"])
-    width: int = option(0, "patches: dictionary atoms; ResNet: channels of the first stage (64 = torchvision); "
-                           "0 = auto: 256 atoms, or 64 channels on GPU and 16 on CPU")
-    image_size: int = option(0, "training crop size in px; 0 = auto from the median image side: 16, 32 or 64 "
-                                "(photos: 64 on a CPU, 224 on a GPU or with --init)")
-    small_stem: bool | None = option(None, "3x3 stride-1 stem without max-pool for small images; default: size <= 64")
-    hidden_dim: int = option(0, "width of the projection MLP; 0 = auto: 1024 for patches, 2048 for ResNet")
+    width: int | str = auto_option(0, "patches: dictionary atoms; ResNet: channels of the first stage (64 = "
+                                      "torchvision); auto: 256 atoms, or 64 channels on GPU and 16 on CPU")
+    image_size: int | str = auto_option(0, "training crop size in px; auto: from the median image side: 16, 32 or "
+                                           "64 (photos: 64 on a CPU, 224 on a GPU or with --init)")
+    small_stem: bool | str = auto_option(None, "3x3 stride-1 stem without max-pool for small images; auto: size "
+                                               "<= 64")
+    hidden_dim: int | str = auto_option(0, "width of the projection MLP; auto: 1024 for patches, 2048 for ResNet")
     local_crops: int = option(0, "number of extra small local crops per image (multi-crop)")
     epochs: int = option(100, "training epochs")
-    batch_size: int = option(0, "images per process per step (global batch = this x processes); 0 = auto: "
-                                "256, or less for small folders so that an epoch has at least 16 steps")
+    batch_size: int | str = auto_option(0, "images per process per step (global batch = this x processes); auto: "
+                                           "256, or less for small folders so that an epoch has at least 16 steps")
     optimizer: str = option("sgd", "optimiser (SGD with Nesterov trained best in short runs here)",
                             choices=["sgd", "lars", "adamw"])
-    lr: float | None = option(None, "base learning rate per 256 images, scaled by global batch / 256; default per "
-                                    "optimiser: sgd 0.1, lars 0.5 (the paper), adamw 5e-4")
-    weight_decay: float | None = option(None, "weight decay; default per optimiser: sgd 5e-4, lars 1.5e-6, adamw 0.05")
+    lr: float | str = auto_option(None, "base learning rate per 256 images, scaled by global batch / 256; auto: "
+                                        "per optimiser: sgd 0.1, lars 0.5 (the paper), adamw 5e-4")
+    weight_decay: float | str = auto_option(None, "weight decay; auto: per optimiser: sgd 5e-4, lars 1.5e-6, adamw "
+                                                  "0.05")
     momentum: float = option(0.9, "momentum (SGD, LARS)")
     lars_eta: float = option(0.001, "LARS trust coefficient")
     warmup_epochs: float = option(5.0, "linear warm-up length in epochs before the cosine decay")
-    tau: float = option(0.0, "softmax temperature of the sharpness/diversity terms and of exported probabilities; "
-                             "0 = auto: 1.0 for patches, 0.5 for ResNet")
+    tau: float | str = auto_option(0, "softmax temperature of the sharpness/diversity terms and of exported "
+                                      "probabilities; auto: 1.0 for patches, 0.5 for ResNet")
     lam1: float = option(0.0, "sharpness weight is (1 + lam1)")
     lam2: float = option(1.0, "diversity weight (the term that prevents collapse)")
-    self_label_fraction: float = option(-1.0, "share of the final steps spent in the self-labelling stage, which "
-                                              "replaces the TWIST loss with confident pseudo-labels and restarts "
-                                              "the learning rate at 10%% of the peak; 0 = off; -1 = auto: 0.1 for "
-                                              "patches, off for a ResNet trained from scratch within a budget (it "
-                                              "cut CIFAR-10 ACC from 0.24 to 0.18 there); --recipe paper: 50/850")
+    self_label_fraction: float | str = auto_option(
+        -1, "share of the final steps spent in the self-labelling stage, which replaces the TWIST loss with "
+            "confident pseudo-labels and restarts the learning rate at 10%% of the peak; 0 = off; auto: 0.1 for "
+            "patches, off for a ResNet trained from scratch within a budget (it cut CIFAR-10 ACC from 0.24 to 0.18 "
+            "there); --recipe paper: 50/850")
     self_label_keep: float = option(0.5, "share of the global batch, most confident first, used as pseudo-labels at "
                                          "the start of the stage; it rises by 0.1 to the end (paper: 0.5 -> 0.6)")
     time_budget: str | None = option(None, "fit the whole schedule to this wall-clock time (e.g. 20m, 1h30m); "
@@ -109,7 +111,7 @@ class TrainConfig:
                                     "stem follow the weights")
     init_sha256: str | None = option(None, "sha256 of the --init file, recorded by the run", cli=False)
     seed: int = option(0, "random seed (data order, augmentation, initialisation)")
-    workers: int = option(-1, "decoding worker processes; -1 = auto (CPU count, at most 8)")
+    workers: int | str = auto_option(-1, "decoding worker processes; auto: the CPU count, at most 8")
     cache: str = option("auto", "decode all images once into RAM: auto (when under 2 GB), ram or off",
                         choices=["auto", "ram", "off"])
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "refuse images with more pixels than this (decompression bombs)")
@@ -196,37 +198,37 @@ def resolve_auto(config: TrainConfig, root: Path, files: list[str], device: torc
     """Fill the ``auto`` choices from the images and the machine, so config.json records what ran."""
     changes: dict[str, Any] = {}
     side = None
-    if config.image_size <= 0:
+    if config.image_size == AUTO:
         side = median_image_side(root, files, config.max_pixels)
         changes["image_size"] = auto_image_size(side, device, pretrained=bool(config.init))
-    elif config.backbone == "auto":
+    elif config.backbone == AUTO:
         with contextlib.suppress(NoImagesError):  # reported with reasons once decoding fails
             side = median_image_side(root, files, config.max_pixels)
     size = changes.get("image_size", config.image_size)
-    if config.small_stem is None:
+    if config.small_stem == AUTO:
         changes["small_stem"] = is_small(size)
     backbone = config.backbone
-    if backbone == "auto":
+    if backbone == AUTO:
         backbone = changes["backbone"] = auto_backbone(size, side, device, pretrained=bool(config.init))
     patches = backbone.startswith("patches")
     if patches and config.init:
         raise ConfigError("--init loads ResNet weights; the patches backbone has none: add --backbone resnet18 "
                           "(or resnet34/resnet50, as the weights are)")
-    if config.width <= 0:
+    if config.width == AUTO:
         changes["width"] = PATCH_ATOMS if patches else 64 if device.type == "cuda" else 16
-    if config.hidden_dim <= 0:
+    if config.hidden_dim == AUTO:
         changes["hidden_dim"] = 1024 if patches else 2048
-    if config.tau <= 0:
+    if config.tau == AUTO:
         changes["tau"] = 1.0 if patches else 0.5
-    if config.self_label_fraction < 0:
+    if config.self_label_fraction == AUTO:
         changes["self_label_fraction"] = 0.1 if patches else 0.0
-    if config.weight_decay is None:
+    if config.weight_decay == AUTO:
         changes["weight_decay"] = DEFAULT_WEIGHT_DECAY[config.optimizer]
-    if config.lr is None:
+    if config.lr == AUTO:
         changes["lr"] = DEFAULT_LR[config.optimizer]
-    if config.workers < 0:
+    if config.workers == AUTO:
         changes["workers"] = min(8, os.cpu_count() or 1)
-    if config.precision == "auto":
+    if config.precision == AUTO:
         changes["precision"] = "bf16" if device.type == "cuda" else "fp32"
     return dataclasses.replace(config, **changes)
 
@@ -239,14 +241,14 @@ def follow_init(config: TrainConfig, init: InitWeights) -> TrainConfig:
     changes: dict[str, Any] = {"init_sha256": init.sha256}
     for name, value in (("backbone", init.architecture), ("width", init.width)):
         given = getattr(config, name)
-        if given in ("auto", 0):
+        if given == AUTO:
             changes[name] = value
         elif given != value:
             raise ConfigError(f"--init {config.init} holds a {init.architecture} of width {init.width}: "
                               f"--{name} {given} cannot take it (leave --{name} out to follow the weights)")
-    if config.small_stem is None:
+    if config.small_stem == AUTO:
         changes["small_stem"] = init.small_stem
-    if init.head_shape and init.head_shape[1] == config.classes and config.hidden_dim <= 0:
+    if init.head_shape and init.head_shape[1] == config.classes and config.hidden_dim == AUTO:
         changes["hidden_dim"] = init.head_shape[0]
     config = dataclasses.replace(config, **changes)
     check_fits(init, config.backbone, config.width, bool(config.small_stem))
@@ -422,7 +424,7 @@ class Run:
 
     @property
     def peak_lr(self) -> float:
-        return float(self.config.lr or 0.0) * self.batch_size * self.ctx.world_size / 256
+        return float(self.config.lr) * self.batch_size * self.ctx.world_size / 256
 
     def schedule(self) -> Schedule:
         """The schedule for the current total step count (a time budget refits it while training)."""
@@ -561,7 +563,7 @@ def load_images(config: TrainConfig, ctx: distributed.Context, files: list[str],
     dataset = FolderImages(root, files, size, config.max_pixels)
     cache_bytes = len(files) * 3 * size * size
     cache = None
-    if config.cache == "ram" or (config.cache == "auto" and cache_bytes < 2 * 1024**3):
+    if config.cache == "ram" or (config.cache == AUTO and cache_bytes < 2 * 1024**3):
         cache, failures = decode_per_node(dataset, config.workers, ctx.rank, ctx.world_size, ctx.local_rank,
                                           local_world_size(ctx), config.progress and ctx.is_main)
         skipped.update(failures)
@@ -575,7 +577,7 @@ def load_images(config: TrainConfig, ctx: distributed.Context, files: list[str],
 
 def fitted_batch_size(config: TrainConfig, ctx: distributed.Context, n_valid: int) -> tuple[TrainConfig, int]:
     """The configured (or automatic) batch size, lowered when the folder cannot fill one global batch."""
-    if config.batch_size <= 0:
+    if config.batch_size == AUTO:
         config = dataclasses.replace(config, batch_size=auto_batch_size(n_valid, ctx.world_size))
     batch_size = config.batch_size
     if n_valid < batch_size * ctx.world_size:
@@ -651,8 +653,8 @@ def setup_run(config: TrainConfig, ctx: distributed.Context) -> Run:
     model = build_model(config, spec, ctx, init, None if resumed else patch_sample)
     if resumed:
         unwrap(model).load_state_dict(resumed["model"])
-    optimizer = build_optimizer(config.optimizer, model, float(config.lr or 0.0) * batch_size * ctx.world_size / 256,
-                                float(config.weight_decay or 0.0), config.momentum, config.lars_eta)
+    optimizer = build_optimizer(config.optimizer, model, float(config.lr) * batch_size * ctx.world_size / 256,
+                                float(config.weight_decay), config.momentum, config.lars_eta)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.precision == "fp16")
     if resumed:
         optimizer.load_state_dict(resumed["optimizer"])

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 
 from twist_core.commands import run_command
-from twist_core.config import command_parser, option
+from twist_core.config import AutoConfig, command_parser, option
 from twist_core.index import IndexReader, find_duplicates
 from twist_core.index_store import IndexUserError
 from twist_core.io_utils import atomic_write_text
@@ -16,7 +16,7 @@ from twist_core.search import format_hits, hit_dict
 
 
 @dataclass
-class DuplicatesConfig:
+class DuplicatesConfig(AutoConfig):
     index: str = option(None, "index folder written by twist index")
     threshold: float = option(0.95, "cosine similarity at or above which two images count as near-duplicates")
     device: str = option("auto", "where FAISS runs", choices=["auto", "cpu", "cuda"])
