@@ -24,7 +24,7 @@ from typing import Any
 
 import faiss
 import numpy as np
-from scipy.cluster.hierarchy import linkage
+from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.sparse import coo_matrix
 from scipy.spatial.distance import squareform
 
@@ -63,6 +63,7 @@ class MergesConfig:
 class ClusterData:
     """What the measures need, one row per image: its current cluster, unit embedding and top clusters."""
 
+    ids: np.ndarray  # (n,) index id of each image (its row number for a labels table)
     labels: np.ndarray  # (n,) current cluster of each image
     vectors: np.ndarray  # (n, d) unit embeddings
     topk_clusters: np.ndarray  # (n, t) most probable clusters (mapped through merges), -1 where absent
@@ -72,22 +73,22 @@ class ClusterData:
 
 @dataclass(frozen=True)
 class KEstimate:
-    """The number of groups the hierarchy suggests, and how sure that is."""
+    """The number of groups the hierarchy suggests, how sure that is, and the largest-gap alternative."""
 
     k: int
     low: int
     high: int
     support: float  # share of bootstrap resamples that gave exactly ``k``
-    candidates: list[tuple[int, float]]  # (k, gap) best first
+    modularity: list[float]  # of the cut into 1, 2, ..., m groups
+    by_gap: int | None  # the cut before the largest gap between successive merge heights
     resamples: int
 
     def as_dict(self) -> dict[str, Any]:
         return {"k": self.k, "range": [self.low, self.high], "support": round(self.support, 3),
-                "candidates": [{"k": k, "gap": round(g, 6)} for k, g in self.candidates[:5]],
-                "resamples": self.resamples,
-                "method": f"largest gap between successive {LINKAGE_METHOD}-linkage merge heights (at least one "
-                          "merge, at least two groups); range: 5th-95th percentile over bootstrap resamples of "
-                          "the images"}
+                "resamples": self.resamples, "by_gap": self.by_gap,
+                "modularity": [round(q, 5) for q in self.modularity],
+                "method": "the cut of the hierarchy whose groups maximise the modularity of the kNN graph of the "
+                          "images; range: 5th-95th percentile over bootstrap resamples of the images"}
 
 
 @dataclass(frozen=True)
@@ -121,11 +122,11 @@ class Suggestions:
 # ---- the evidence each measure is computed from (once), then weighed per image (bootstrap)
 @dataclass(frozen=True)
 class Evidence:
-    """Per-image evidence: the measure re-weighs it for each resample without searching again."""
+    """The kNN graph (every measure's K estimate uses it), searched once and re-weighed for each resample."""
 
     measure: str
-    queries: np.ndarray  # positions of the images whose neighbours were searched (knn)
-    neighbours: np.ndarray  # (len(queries), k) positions of their neighbours (knn)
+    queries: np.ndarray  # positions of the images whose neighbours were searched
+    neighbours: np.ndarray  # (len(queries), k) positions of their neighbours
 
 
 def nearest_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -144,8 +145,6 @@ def gather_evidence(data: ClusterData, measure: str, neighbours: int = 10, max_q
     if measure not in MEASURES:
         raise MergeUserError(f"unknown measure {measure!r}; choose one of {', '.join(MEASURES)}")
     n = len(data.labels)
-    if measure != "knn":
-        return Evidence(measure, np.zeros(0, np.int64), np.zeros((0, 0), np.int64))
     if neighbours < 1:
         raise MergeUserError("--neighbours must be at least 1")
     queries = np.arange(n)
@@ -161,12 +160,18 @@ def _pair_rate(links: np.ndarray, mass: np.ndarray) -> np.ndarray:
     return np.divide(both, total, out=np.zeros_like(both), where=total > 0)
 
 
-def _knn_similarity(evidence: Evidence, pos: np.ndarray, m: int, weights: np.ndarray) -> np.ndarray:
+def knn_links(evidence: Evidence, pos: np.ndarray, m: int, weights: np.ndarray) -> np.ndarray:
+    """``m x m`` weighted counts of kNN edges from images of cluster a (position) to images of cluster b."""
     k = evidence.neighbours.shape[1]
     a = np.repeat(pos[evidence.queries], k)
     b = pos[evidence.neighbours].ravel()
     w = np.repeat(weights[evidence.queries], k)
-    links = np.bincount(a * m + b, w, m * m).reshape(m, m)
+    return np.bincount(a * m + b, w, m * m).reshape(m, m)
+
+
+def _knn_similarity(evidence: Evidence, pos: np.ndarray, m: int, weights: np.ndarray) -> np.ndarray:
+    links = knn_links(evidence, pos, m, weights)
+    k = evidence.neighbours.shape[1]
     return _pair_rate(links, np.bincount(pos[evidence.queries], weights[evidence.queries], m) * k)
 
 
@@ -181,8 +186,8 @@ def merged_topk(clusters: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np
     return np.where(repeated | (clusters < 0), -1, clusters), total
 
 
-def _topk_similarity(data: ClusterData, pos_of: np.ndarray, pos: np.ndarray, m: int,
-                     weights: np.ndarray) -> np.ndarray:
+def _topk_similarity(data: ClusterData, pos_of: np.ndarray, m: int, weights: np.ndarray) -> np.ndarray:
+    """Shared mass ``sum_i min(p_ia, p_ib)`` over the clusters' total mass: at most 1, whoever holds it."""
     mapped = np.where(data.topk_clusters >= 0, pos_of[np.clip(data.topk_clusters, 0, None)], -1)
     clusters, totals = merged_topk(mapped, data.topk_probs)
     links = np.zeros(m * m)
@@ -192,7 +197,9 @@ def _topk_similarity(data: ClusterData, pos_of: np.ndarray, pos: np.ndarray, m: 
             ok = (clusters[:, u] >= 0) & (clusters[:, v] >= 0)
             shared = np.minimum(totals[ok, u], totals[ok, v]) * weights[ok]
             links += np.bincount(clusters[ok, u] * m + clusters[ok, v], shared, m * m)
-    return 2 * _pair_rate(links.reshape(m, m), np.bincount(pos, weights, m))
+    present = clusters >= 0
+    mass = np.bincount(clusters[present], (totals * weights[:, None])[present], m)
+    return 2 * _pair_rate(links.reshape(m, m), mass)
 
 
 def _centroid_similarity(data: ClusterData, pos: np.ndarray, m: int, weights: np.ndarray) -> np.ndarray:
@@ -203,19 +210,28 @@ def _centroid_similarity(data: ClusterData, pos: np.ndarray, m: int, weights: np
     return means @ means.T
 
 
+def _weights(data: ClusterData, weights: np.ndarray | None) -> np.ndarray:
+    return np.ones(len(data.labels)) if weights is None else weights
+
+
+def _positions(data: ClusterData, clusters: Sequence[int], labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster id -> position in ``clusters`` (-1 for any other id), and each image's position."""
+    pos_of = np.full(max(int(labels.max()), int(data.topk_clusters.max(initial=0)), max(clusters)) + 1, -1)
+    pos_of[list(clusters)] = np.arange(len(clusters))
+    return pos_of, pos_of[labels]
+
+
 def similarity(data: ClusterData, evidence: Evidence, clusters: Sequence[int], labels: np.ndarray | None = None,
                weights: np.ndarray | None = None) -> np.ndarray:
     """``m x m`` similarity in [0, 1] of ``clusters`` (images labelled by ``labels``, default ``data.labels``)."""
     labels = data.labels if labels is None else labels
-    weights = np.ones(len(labels)) if weights is None else weights
+    weights = _weights(data, weights)
     m = len(clusters)
-    pos_of = np.full(max(int(labels.max()), int(data.topk_clusters.max(initial=0)), max(clusters)) + 1, -1)
-    pos_of[list(clusters)] = np.arange(m)
-    pos = pos_of[labels]
+    pos_of, pos = _positions(data, clusters, labels)
     if evidence.measure == "knn":
         result = _knn_similarity(evidence, pos, m, weights)
     elif evidence.measure == "topk":
-        result = _topk_similarity(data, pos_of, pos, m, weights)
+        result = _topk_similarity(data, pos_of, m, weights)
     else:
         result = _centroid_similarity(data, pos, m, weights)
     result = np.clip(result, 0.0, 1.0)
@@ -230,34 +246,56 @@ def hierarchy(sim: np.ndarray) -> np.ndarray:
     return linkage(squareform(distance, checks=False), method=LINKAGE_METHOD)
 
 
-def gap_candidates(heights: np.ndarray) -> list[tuple[int, float]]:
-    """Cuts ranked by the gap to the next merge: cutting after ``j`` merges (1 <= j <= m-2) leaves ``m - j``
-    groups. The cut before any merge is left out: the tool assumes you trained with more clusters than groups."""
-    m = len(heights) + 1
-    if m < 3:
-        return []
-    gaps = np.diff(heights)  # gaps[j - 1]: from merge j to merge j + 1
-    order = np.argsort(-gaps, kind="stable")
-    return [(int(m - (j + 1)), float(gaps[j])) for j in order]
+def largest_gap_k(heights: np.ndarray) -> int | None:
+    """Groups left by the cut before the largest gap between successive merge heights (at least one merge)."""
+    if len(heights) < 2:
+        return None
+    return len(heights) - int(np.argmax(np.diff(heights)))
+
+
+def modularity_of_cuts(links: np.ndarray, link: np.ndarray) -> np.ndarray:
+    """Newman's modularity of the kNN graph for every cut of the hierarchy: entry g - 1 for g groups.
+
+    ``links[a, b]``: kNN edges from images of leaf a to images of leaf b. High when the groups hold their
+    neighbours and few edges cross; unlike a gap in merge heights it does not depend on the scale of the measure.
+    """
+    graph = links + links.T
+    total = graph.sum()
+    m = len(graph)
+    if total <= 0:
+        return np.zeros(m)
+    graph = graph / total
+    cuts = cut_tree(link)[:, ::-1]  # column g - 1: g groups
+    same = cuts[:, None, :] == cuts[None, :, :]
+    inside = np.einsum("ab,abg->g", graph, same)
+    degree = graph.sum(axis=1)
+    spread = np.array([np.sum(np.bincount(cuts[:, g], degree) ** 2) for g in range(m)])
+    return inside - spread
+
+
+def best_cut(data: ClusterData, evidence: Evidence, clusters: Sequence[int], weights: np.ndarray | None = None,
+             link: np.ndarray | None = None) -> tuple[int, np.ndarray]:
+    """Groups of the most modular cut (the fewest among ties) and every cut's modularity."""
+    if link is None:
+        link = hierarchy(similarity(data, evidence, clusters, weights=weights))
+    pos, m = _positions(data, clusters, data.labels)[1:], len(clusters)
+    quality = modularity_of_cuts(knn_links(evidence, pos[0], m, _weights(data, weights)), link)
+    return int(np.argmax(quality)) + 1, quality
 
 
 def estimate_k(data: ClusterData, evidence: Evidence, clusters: Sequence[int], link: np.ndarray,
                resamples: int, seed: int) -> KEstimate | None:
-    """The largest-gap K of ``link`` and its bootstrap range (images drawn with replacement, Poisson weights)."""
-    candidates = gap_candidates(link[:, 2])
-    if not candidates:
+    """The most modular cut of ``link`` and its bootstrap range (images drawn with replacement, Poisson weights)."""
+    if len(clusters) < 2 or not len(evidence.queries):
         return None
+    k, quality = best_cut(data, evidence, clusters, link=link)
     rng = np.random.default_rng(seed)
-    found = []
-    for _ in range(resamples):
-        weights = rng.poisson(1.0, len(data.labels)).astype(np.float64)
-        resampled = gap_candidates(hierarchy(similarity(data, evidence, clusters, weights=weights))[:, 2])
-        found.append(resampled[0][0])
-    k = candidates[0][0]
-    if not found:
-        return KEstimate(k, k, k, 1.0, candidates, 0)
-    low, high = (int(q) for q in np.quantile(found, RANGE_QUANTILES, method="nearest"))
-    return KEstimate(k, min(low, k), max(high, k), float(np.mean(np.array(found) == k)), candidates, len(found))
+    found = [best_cut(data, evidence, clusters, rng.poisson(1.0, len(data.labels)).astype(np.float64))[0]
+             for _ in range(resamples)]
+    low, high = (int(q) for q in np.quantile(found, RANGE_QUANTILES, method="nearest")) if found else (k, k)
+    support = float(np.mean(np.array(found) == k)) if found else 1.0
+    return KEstimate(k, min(low, k), max(high, k), support, [float(q) for q in quality],
+                     largest_gap_k(link[:, 2]), len(found))
 
 
 def ranked_pairs(sim: np.ndarray, clusters: Sequence[int]) -> list[tuple[int, int, float]]:
@@ -316,8 +354,8 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
     return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
 
 
-def cluster_data(labels: np.ndarray, vectors: np.ndarray, topk: Sequence[str | None], names: Mapping[int, str],
-                 merged_into: Mapping[int, int] | None = None) -> ClusterData:
+def cluster_data(ids: np.ndarray, labels: np.ndarray, vectors: np.ndarray, topk: Sequence[str | None],
+                 names: Mapping[int, str], merged_into: Mapping[int, int] | None = None) -> ClusterData:
     """Rows of current labels, embeddings and top-k JSON (``[[cluster, prob], ...]``); ``merged_into`` maps
     the model's clusters to where curation merged them."""
     width = max((len(json.loads(t)) for t in topk if t), default=1)
@@ -327,7 +365,8 @@ def cluster_data(labels: np.ndarray, vectors: np.ndarray, topk: Sequence[str | N
         for source, into in merged_into.items():
             lookup[source] = into
         clusters = np.where(clusters >= 0, lookup[np.clip(clusters, 0, None)], -1)
-    return ClusterData(np.asarray(labels, np.int64), _unit(vectors), clusters, probs, dict(names))
+    return ClusterData(np.asarray(ids, np.int64), np.asarray(labels, np.int64), _unit(vectors), clusters, probs,
+                       dict(names))
 
 
 def _index_names(store: MetaStore) -> dict[int, str]:
@@ -355,7 +394,7 @@ def data_from_index(index_dir: Path, state_dir: Path | None = None) -> ClusterDa
         labels, names, merged = curated_labels(state_dir, folder / META_FILE, names)
     keep = np.array([labels.get(int(i)) is not None and labels[int(i)] >= 0 for i in ids], dtype=bool)
     kept = ids[keep]
-    return cluster_data(np.array([labels[int(i)] for i in kept], np.int64), vectors[keep],
+    return cluster_data(kept, np.array([labels[int(i)] for i in kept], np.int64), vectors[keep],
                         [rows[int(i)]["topk"] for i in kept], names, merged)
 
 
@@ -387,7 +426,7 @@ def data_from_table(table: Path) -> ClusterData:
 
     rows, embeddings, _ = load_labels(table)
     names = {int(r["cluster"]): r["cluster_name"] or f"cluster {r['cluster']}" for r in rows}
-    return cluster_data(np.array([r["cluster"] for r in rows], np.int64), np.asarray(embeddings),
+    return cluster_data(np.arange(len(rows)), np.array([r["cluster"] for r in rows], np.int64), np.asarray(embeddings),
                         [r["topk"] for r in rows], names)
 
 
@@ -419,12 +458,11 @@ def format_suggestions(result: Suggestions, top: int) -> str:
                      f"{result.label(b)} ({result.sizes[b]})")
     estimate = result.k_estimate
     if estimate is None:
-        lines.append(f"K estimate: needs at least 3 clusters (there are {len(result.clusters)})")
+        lines.append(f"K estimate: needs at least 2 clusters (there are {len(result.clusters)})")
     else:
-        others = ", ".join(str(k) for k, _ in estimate.candidates[1:3])
         lines.append(f"K estimate: {estimate.k} (range {estimate.low}-{estimate.high} over {estimate.resamples} "
-                     f"bootstrap resamples, {estimate.support:.0%} of them gave {estimate.k}; next best cuts: "
-                     f"{others or '-'}) from {len(result.clusters)} clusters")
+                     f"bootstrap resamples of the images, {estimate.support:.0%} of them gave {estimate.k}) from "
+                     f"{len(result.clusters)} clusters; the largest gap in merge heights would say {estimate.by_gap}")
     return "\n".join(lines)
 
 
@@ -471,11 +509,9 @@ def draw_dendrogram(result: Suggestions, out: str | Path, covers: Mapping[int, s
 
 def _cut_height(result: Suggestions) -> float:
     """Midway between the merge heights on either side of the K estimate's cut (above the top when none)."""
-    heights = result.linkage[:, 2]
-    if result.k_estimate is None:
-        return float(heights.max()) + 1.0
-    merges = len(result.clusters) - result.k_estimate.k
-    return float((heights[merges - 1] + heights[merges]) / 2)
+    heights = np.concatenate([[0.0], result.linkage[:, 2], [result.linkage[-1, 2] * 1.05]])
+    merges = len(result.clusters) - (result.k_estimate.k if result.k_estimate else 1)
+    return float((heights[merges] + heights[merges + 1]) / 2)
 
 
 def build_parser() -> argparse.ArgumentParser:
