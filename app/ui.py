@@ -16,6 +16,7 @@ import gradio as gr
 import pandas as pd
 
 from app.curation import EXCLUDED, CurationError
+from app.views import merges as merges_view
 from app.workspace import PAGE_SIZE, AppUserError, Neighbour, Prediction, Workspace
 from twist_core.index_store import IndexUserError
 
@@ -311,6 +312,8 @@ def build_ui(ws: Workspace) -> gr.Blocks:
                 batch_button = gr.Button("Label them")
                 batch_csv = gr.File(label="Predicted labels (CSV)")
                 batch_table = gr.Dataframe(interactive=False)
+            with gr.Tab("Suggested merges", id="merges"):
+                merges_view.build(ws, friendly)
 
         # ---- wiring
         overview_io = {"inputs": [sort], "outputs": [cards, table, summary, card_ids]}

@@ -33,6 +33,7 @@ from twist_core.index_store import INDEX_FILE, MANIFEST, META_FILE, IndexUserErr
 from twist_core.io_utils import atomic_write_text
 
 MEASURES = ("knn", "topk", "centroid")
+DEFAULT_MEASURE = "knn"
 LINKAGE_METHOD = "average"
 RANGE_QUANTILES = (0.05, 0.95)
 
@@ -47,7 +48,7 @@ class MergesConfig:
                                 "training run must be exported, labelled and indexed first")
     state_dir: str | None = option(None, "the app's --state-dir: suggest over the curated clusters (its merges, "
                                    "moves and exclusions applied)")
-    measure: str = option("knn", "similarity of two clusters: knn = share of nearest-neighbour links between "
+    measure: str = option(DEFAULT_MEASURE, "similarity of two clusters: knn = share of nearest-neighbour links between "
                           "them, topk = probability mass their images share, centroid = cosine of the means",
                           choices=list(MEASURES))
     neighbours: int = option(10, "neighbours per image in the kNN graph (measure knn)")
@@ -374,33 +375,42 @@ def _index_names(store: MetaStore) -> dict[int, str]:
             if c["cluster"] is not None}
 
 
-def data_from_index(index_dir: Path, state_dir: Path | None = None) -> ClusterData:
-    """Embeddings and top-k of an index; with the app's state folder, its curated labels (excluded images
-    left out)."""
+def data_from_index(index_dir: Path, state_dir: Path | None = None, store: Any = None) -> ClusterData:
+    """Embeddings and top-k of an index; with the app's curation (its state folder, or its open ``store``) the
+    curated labels, excluded images left out."""
     manifest = read_manifest(index_dir)
     folder = index_dir / manifest["dir"]
-    store = MetaStore(folder / META_FILE)
+    meta = MetaStore(folder / META_FILE)
     try:
-        names = _index_names(store)
-        ids = store.all_ids()
-        rows = store.rows(ids.tolist())
+        names = _index_names(meta)
+        ids = meta.all_ids()
+        rows = meta.rows(ids.tolist())
     finally:
-        store.close()
+        meta.close()
     cpu_index = faiss.read_index(str(folder / INDEX_FILE))
     vectors = cpu_index.reconstruct_batch(ids) if len(ids) else np.zeros((0, cpu_index.d), np.float32)
     labels = {int(i): rows[int(i)]["cluster"] for i in ids}
     merged: dict[int, int] = {}
-    if state_dir is not None:
-        labels, names, merged = curated_labels(state_dir, folder / META_FILE, names)
+    if store is not None:
+        labels, names, merged = curated_labels(store)
+    elif state_dir is not None:
+        labels, names, merged = labels_from_state(state_dir, folder / META_FILE, names)
     keep = np.array([labels.get(int(i)) is not None and labels[int(i)] >= 0 for i in ids], dtype=bool)
     kept = ids[keep]
     return cluster_data(kept, np.array([labels[int(i)] for i in kept], np.int64), vectors[keep],
                         [rows[int(i)]["topk"] for i in kept], names, merged)
 
 
-def curated_labels(state_dir: Path, meta_path: Path, names: dict[int, str]
-                   ) -> tuple[dict[int, int | None], dict[int, str], dict[int, int]]:
-    """The app's curation of this index: label per image id, cluster names, and where each cluster went."""
+def curated_labels(store: Any) -> tuple[dict[int, int | None], dict[int, str], dict[int, int]]:
+    """From the app's curation store: the label of every image id, the cluster names, where each cluster went."""
+    labels = {r.id: r.label for r in store.iter_records()}
+    merged = {c: store.merged_into(c) for c in range(store.n_clusters)}
+    return labels, store.names(), {c: t for c, t in merged.items() if c != t}
+
+
+def labels_from_state(state_dir: Path, meta_path: Path, names: dict[int, str]
+                      ) -> tuple[dict[int, int | None], dict[int, str], dict[int, int]]:
+    """:func:`curated_labels` of the curation store in the app's state folder."""
     from app.curation import CurationError, CurationStore
 
     path = Path(state_dir) / "curation.sqlite"
@@ -413,9 +423,7 @@ def curated_labels(state_dir: Path, meta_path: Path, names: dict[int, str]
     except CurationError as error:
         raise MergeUserError(str(error)) from None
     try:
-        labels = {r.id: r.label for r in store.iter_records()}
-        merged = {c: store.merged_into(c) for c in range(len(default))}
-        return labels, store.names(), {c: t for c, t in merged.items() if c != t}
+        return curated_labels(store)
     finally:
         store.close()
 
@@ -466,22 +474,39 @@ def format_suggestions(result: Suggestions, top: int) -> str:
     return "\n".join(lines)
 
 
-def draw_dendrogram(result: Suggestions, out: str | Path, covers: Mapping[int, str | Path] | None = None) -> Path:
-    """The hierarchy as a PNG: leaves named ``id name (size)``, a cover image under each leaf when given, and
-    the cut of the K estimate as a dashed line."""
+COVER_TILE = 32  # pixels of each of the 2 x 2 cover images under a leaf
+
+
+def cover_tile(paths: Sequence[str | Path]) -> np.ndarray:
+    """Up to four images as a 2 x 2 mosaic of ``COVER_TILE`` pixel squares (white where there are fewer)."""
+    from PIL import Image
+
+    mosaic = Image.new("RGB", (2 * COVER_TILE, 2 * COVER_TILE), (255, 255, 255))
+    for slot, path in enumerate(list(paths)[:4]):
+        with Image.open(path) as picture:
+            tile = picture.convert("RGB").resize((COVER_TILE, COVER_TILE), Image.Resampling.BICUBIC)
+        mosaic.paste(tile, ((slot % 2) * COVER_TILE, (slot // 2) * COVER_TILE))
+    return np.asarray(mosaic)
+
+
+def draw_dendrogram(result: Suggestions, out: str | Path,
+                    covers: Mapping[int, Sequence[str | Path]] | None = None) -> Path:
+    """The hierarchy as a PNG: leaves named ``id name (size)``, the given images of each cluster as a small
+    mosaic under its leaf, and the cut of the K estimate as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
-    from PIL import Image
     from scipy.cluster.hierarchy import dendrogram
 
     m = len(result.clusters)
-    figure, axis = plt.subplots(figsize=(max(6.0, 0.55 * m + 2), 5.5 if covers else 4.5), dpi=100)
+    figure, axis = plt.subplots(figsize=(max(6.0, 0.6 * m + 2), 5.0), dpi=100)
     tree = dendrogram(result.linkage, ax=axis, labels=[f"{result.label(c)} ({result.sizes[c]})"
                                                       for c in result.clusters],
                       leaf_rotation=90, leaf_font_size=8, color_threshold=_cut_height(result))
+    heights = result.linkage[:, 2]
+    axis.set_ylim(max(0.0, float(heights.min()) - 0.15 * float(np.ptp(heights)) - 0.02), float(heights.max()) * 1.02)
     axis.set_ylabel("1 - similarity")
     estimate = result.k_estimate
     title = f"{m} clusters, measure {result.measure}"
@@ -491,18 +516,15 @@ def draw_dendrogram(result: Suggestions, out: str | Path, covers: Mapping[int, s
     axis.set_title(title, fontsize=10)
     if covers:
         for x, leaf in zip(range(5, 10 * m, 10), tree["leaves"], strict=True):
-            path = covers.get(result.clusters[leaf])
-            if path is None:
-                continue
-            with Image.open(path) as picture:
-                thumb = np.asarray(picture.convert("RGB").resize((48, 48)))
-            box = AnnotationBbox(OffsetImage(thumb, zoom=0.5), (x, 0), xybox=(0, -14), xycoords="data",
-                                 boxcoords="offset points", frameon=False, box_alignment=(0.5, 1.0))
-            axis.add_artist(box)
-        axis.tick_params(axis="x", pad=30)
-    figure.tight_layout()
+            paths = covers.get(result.clusters[leaf])
+            if paths:
+                box = AnnotationBbox(OffsetImage(cover_tile(paths), zoom=0.5), (x, 0), xybox=(0, -4),
+                                     xycoords=("data", "axes fraction"), boxcoords="offset points", frameon=False,
+                                     box_alignment=(0.5, 1.0))
+                axis.add_artist(box)
+        axis.tick_params(axis="x", pad=2 + COVER_TILE)
     out = Path(out)
-    figure.savefig(out, format="png")
+    figure.savefig(out, format="png", bbox_inches="tight")
     plt.close(figure)
     return out
 
