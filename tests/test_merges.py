@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def planted_index(folder: Path, groups: int, splits: list[int], per_cluster: int, dim: int = 24,
-                  noise: float = 0.35, seed: int = 0) -> tuple[Path, dict[int, int]]:
+                  noise: float = 0.35, seed: int = 0, images: bool = False) -> tuple[Path, dict[int, int]]:
     """A real index over planted embeddings: ``groups`` well-separated groups, group g split into ``splits[g]``
     clusters at random (a split cluster shares its group's embedding distribution with its siblings).
 
     Top-k probabilities follow the same story: an image's second cluster is a sibling when it has one.
+    With ``images`` a small PNG is written for every row (the app shows them), coloured by group.
     Returns the index folder and cluster -> group.
     """
     rng = np.random.default_rng(seed)
@@ -46,12 +48,25 @@ def planted_index(folder: Path, groups: int, splits: list[int], per_cluster: int
             vectors.append(centres[group] + rng.normal(scale=noise, size=dim))
     table = folder / "labels.csv"
     folder.mkdir(parents=True, exist_ok=True)
+    if images:
+        write_pictures(folder / "images", rows, group_of, rng)
     write_table(table, [rows])
     embeddings, meta = labels_paths(table)
     np.save(embeddings, np.asarray(vectors, np.float32))
     meta.write_text(json.dumps({"root": str(folder / "images"), "embedding_dim": dim}))
     build_index(IndexConfig(source=str(table), out=str(folder / "index"), device="cpu"))
     return folder / "index", group_of
+
+
+def write_pictures(root: Path, rows: list[dict], group_of: dict[int, int], rng: np.random.Generator) -> None:
+    from PIL import Image
+
+    colours = [(200, 40, 40), (40, 160, 60), (40, 60, 200), (200, 160, 30), (120, 40, 160), (30, 160, 160)]
+    for row in rows:
+        base = np.array(colours[group_of[row["cluster"]] % len(colours)], float)
+        pixels = np.clip(base + rng.normal(0, 25, (24, 24, 3)), 0, 255).astype(np.uint8)
+        (root / row["path"]).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(root / row["path"])
 
 
 def twist(*args: str) -> subprocess.CompletedProcess:
@@ -147,3 +162,88 @@ def test_command_mistakes_are_one_line_and_exit_2(one_split: tuple[Path, dict[in
         assert done.returncode == 2, (args, done.stdout, done.stderr)
         assert done.stderr.count("\n") == 1 and words in done.stderr and "Traceback" not in done.stderr, done.stderr
         assert done.stdout == ""
+
+
+@pytest.fixture(scope="module")
+def planted_app(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """The app on a planted index (group 0 split into clusters 0 and 1) with the tiny run's 4-cluster model."""
+    from conftest import start_app_server, stop_app_server
+
+    from twist_core.export import ExportConfig, export_model
+    from twist_core.infer import OnnxModel
+
+    base = tmp_path_factory.mktemp("planted_app")
+    model = export_model(ExportConfig(run=str(tiny_run), out=str(base / "model.onnx"), class_names="a,b,c,d"))
+    dim = OnnxModel(model, device="cpu").embedding_dim
+    index, _ = planted_index(base / "planted", 3, [2, 1, 1], 40, dim=dim, noise=0.5, images=True)
+    state = base / "state"
+    process, url = start_app_server({"model": model, "index": index}, state)
+    try:
+        yield {"url": url, "state": state, "index": index, "model": model}
+    finally:
+        stop_app_server(process)
+
+
+def clusters_of(url: str) -> dict[int, int]:
+    import httpx
+
+    return {c["id"]: c["size"] for c in httpx.get(f"{url}api/v1/clusters", timeout=30).json()}
+
+
+def test_merge_a_suggestion_then_undo_through_the_app(planted_app: dict) -> None:
+    from gradio_client import Client
+
+    client = Client(planted_app["url"], verbose=False)
+    estimate, picture, table, pair, gallery, _ = client.predict("knn", api_name="/suggest_merges")
+    assert "Estimated number of groups: 3**" in estimate
+    assert pair["value"] in ("0,1", "1,0") and pair["choices"][0][1] == pair["value"] and len(table["data"]) == 6
+    assert Path(picture).read_bytes()[:4] == b"\x89PNG" or Path(picture).stat().st_size > 1000
+    assert len(gallery) == 12  # six images of each cluster of the pair
+    before = clusters_of(planted_app["url"])
+    assert before == {0: 40, 1: 40, 2: 40, 3: 40}
+
+    estimate, _, table, pair, _, status = client.predict("0,1", "knn", api_name="/merge_suggestion")
+    assert status.startswith("merged")
+    assert clusters_of(planted_app["url"]) == {0: 80, 2: 40, 3: 40}
+    assert len(table["data"]) == 3 and "1 b" not in str(table["data"])
+    assert "from 3 current clusters" in estimate
+
+    status, *_ = client.predict(api_name="/undo")  # the app's own undo takes the suggested merge back
+    assert "undone: merged" in status
+    assert clusters_of(planted_app["url"]) == before
+
+
+def test_suggested_merges_view_in_chromium(planted_app: dict) -> None:
+    import shutil
+
+    from playwright.sync_api import expect, sync_playwright
+
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip("Debian's chromium is not installed (.ci/run does it)")
+    shots = REPO / "test-artifacts" / "merges"
+    shutil.rmtree(shots, ignore_errors=True)
+    shots.mkdir(parents=True)
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), args=args)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        expect.set_options(timeout=60_000)
+        try:
+            page.goto(planted_app["url"])
+            page.get_by_role("tab", name="Suggested merges").click()
+            page.locator("#suggest-merges").click()
+            expect(page.locator("#merge-estimate")).to_contain_text("Estimated number of groups: 3")
+            expect(page.locator("#merge-dendrogram img")).to_be_visible()
+            expect(page.locator("#merge-pair-gallery button.thumbnail-item")).to_have_count(12)
+            page.screenshot(path=shots / "1-suggestions.png", full_page=True)
+            page.locator("#merge-pair-button").click()
+            expect(page.locator("#merge-status")).to_contain_text("merged")
+            expect(page.locator("#merge-estimate")).to_contain_text("from 3 current clusters")
+            page.screenshot(path=shots / "2-merged.png", full_page=True)
+            page.locator("#merge-undo").click()
+            expect(page.locator("#merge-status")).to_contain_text("undone")
+            expect(page.locator("#merge-estimate")).to_contain_text("from 4 current clusters")
+        finally:
+            browser.close()

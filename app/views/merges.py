@@ -111,7 +111,7 @@ def build(ws: Workspace, friendly: Any) -> None:
         return shown(suggestions(ws, measure), message)
 
     @friendly
-    def undo(measure: str) -> tuple:
+    def undo_here(measure: str) -> tuple:
         message = ws.undo()
         return shown(suggestions(ws, measure), message)
 
@@ -136,4 +136,4 @@ def build(ws: Workspace, friendly: Any) -> None:
     compute.click(suggest_merges, [measure], outputs, api_name="suggest_merges")
     pair.input(show_pair, [pair], [gallery], api_visibility="private")
     merge.click(merge_suggestion, [pair, measure], outputs, api_name="merge_suggestion")
-    undo_button.click(undo, [measure], outputs, api_visibility="private")
+    undo_button.click(undo_here, [measure], outputs, api_visibility="private")
