@@ -7,7 +7,7 @@ WITHOUT the labels; only then score against the class folders (ACC / NMI, twist_
 K estimate (and the largest-gap alternative) per data set. Writes bench/results/merge.json.
 
     python bench/merge.py --k10-run RUN10 --k30-run RUN30 --data CIFAR_TEST \
-        [--digits-run RUN --digits-data DIGITS] [--caltech-labels LABELS.csv]
+        [--digits-runs RUN ... --digits-data DIGITS] [--caltech-labels LABELS.csv] [--work FOLDER]
 """
 
 from __future__ import annotations
@@ -103,6 +103,24 @@ def oracle_purity(data: merges.ClusterData, classes: np.ndarray, class_names: li
     return score(np.array([majority[int(c)] for c in data.labels]), classes, class_names)
 
 
+def digits(runs: list[str], data: Path, work: Path, resamples: int) -> dict[str, Any]:
+    """Each digits run as trained, and (K > 10) merged down to the 10 digits per measure: how much to over-cluster."""
+    found: dict[str, Any] = {}
+    for run in runs:
+        k = json.loads((Path(run) / "config.json").read_text())["classes"]
+        index = prepare_index(Path(run), data, work, f"digits_k{k}")
+        clusters = merges.data_from_index(index)
+        classes, names = index_classes(index, clusters)
+        entry: dict[str, Any] = {"as_trained": score(clusters.labels, classes, names)}
+        if k > len(names):
+            entry["measures"] = compare_measures(clusters, classes, names, resamples)
+            entry["k_estimate"] = entry["measures"]["knn"]["k_estimate"]
+        else:
+            entry["k_estimate"] = k_estimate_only(clusters, resamples)
+        found[f"k{k}"] = entry
+    return found
+
+
 def cifar(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work)
     k10 = prepare_index(Path(args.k10_run), Path(args.data), work, "k10")
@@ -125,8 +143,8 @@ def main() -> None:
     parser.add_argument("--k10-run", required=True)
     parser.add_argument("--k30-run", required=True)
     parser.add_argument("--data", required=True, help="cifar10-test class folders (scoring only)")
-    parser.add_argument("--digits-run", help="a K=30 run on the digits of twist demo")
-    parser.add_argument("--digits-data", help="the digits folder of that run")
+    parser.add_argument("--digits-runs", nargs="*", default=[], help="runs on the digits of twist demo, any K")
+    parser.add_argument("--digits-data", help="the digits folder of those runs")
     parser.add_argument("--caltech-labels", help="labels table of a trained caltech20 model (twist label)")
     parser.add_argument("--work", default="bench_work/merge", help="exports, labels and indexes go here")
     parser.add_argument("--bootstrap", type=int, default=200)
@@ -136,13 +154,9 @@ def main() -> None:
     result: dict[str, Any] = {"cifar10_test": cifar(args)}
     result["k10"], result["k30_merged"] = result["cifar10_test"]["k10"], result["cifar10_test"]["k30_merged"]
     estimates: dict[str, Any] = {"cifar10_test_k30": result["cifar10_test"]["measures"]["knn"]["k_estimate"]}
-    if args.digits_run and args.digits_data:
-        index = prepare_index(Path(args.digits_run), Path(args.digits_data), Path(args.work), "digits_k30")
-        data = merges.data_from_index(index)
-        classes, names = index_classes(index, data)
-        result["digits"] = {"k30": score(data.labels, classes, names),
-                            "measures": compare_measures(data, classes, names, args.bootstrap)}
-        estimates["digits_k30"] = result["digits"]["measures"]["knn"]["k_estimate"]
+    if args.digits_runs and args.digits_data:
+        result["digits"] = digits(args.digits_runs, Path(args.digits_data), Path(args.work), args.bootstrap)
+        estimates.update({f"digits_{name}": run["k_estimate"] for name, run in result["digits"].items()})
     if args.caltech_labels:
         estimates["caltech20_k20"] = k_estimate_only(merges.data_from_table(Path(args.caltech_labels)),
                                                      args.bootstrap)
@@ -151,6 +165,8 @@ def main() -> None:
         "data": "cifar10-test, 10,000 images, 10 classes; labels (folder names) used only for scoring",
         "k10_run": "patches backbone, 20-minute CPU time budget (96 epochs)",
         "k30_run": "same recipe with --classes 30 --epochs 96 (the epochs the K=10 run fit in 20 minutes)",
+        "digits": "scikit-learn digits (1,797 images, 16 px) of twist demo, patches backbone, --epochs 30 per K",
+        "caltech20": "the shipped photo default's K=20 run (15-minute budget); no over-clustered caltech20 run",
         "suggestions": "index of the run's ONNX model; kNN graph k=10 over all images; average linkage on "
                        "1 - similarity; K estimate = most modular cut of the hierarchy, bootstrap "
                        f"{args.bootstrap} resamples", "machine": machine(),

@@ -1,11 +1,11 @@
 """``twist suggest-merges INDEX``: which clusters of an over-clustered model belong together, and how many there are.
 
 Train with more clusters than you expect, index the folder, then ask which pairs to merge. Two clusters are
-alike when the images of one have their nearest neighbours in the other (the kNN cross-link rate of the
-embedding graph, the default; ``--measure topk`` uses the probability mass an image shares between its top
-clusters, ``centroid`` the cosine between cluster means). A scipy average-linkage hierarchy over
-``1 - similarity`` gives the dendrogram, and the largest gap between successive merge heights gives an
-estimate of the number of groups, with a range from a bootstrap over the images.
+alike when the images of one have their nearest neighbours in the other (the default: the share of a
+cluster's kNN links, in the embedding graph, that land in the other; ``--measure topk`` uses the probability
+mass an image shares between its top clusters, ``centroid`` the cosine between cluster means). A scipy
+average-linkage hierarchy over ``1 - similarity`` gives the dendrogram; the cut of it whose groups make the
+kNN graph most modular estimates the number of groups, with a range from a bootstrap over the images.
 
 Input: an index folder of ``twist index`` (with ``--state-dir`` the app's curation is respected: merges,
 moves and exclusions), or a labels table of ``twist label`` (its .embeddings.npy beside it). A training run
@@ -32,7 +32,7 @@ from twist_core.config import build_config, command_parser, option
 from twist_core.index_store import INDEX_FILE, MANIFEST, META_FILE, IndexUserError, MetaStore, read_manifest
 from twist_core.io_utils import atomic_write_text
 
-MEASURES = ("knn", "topk", "centroid")
+MEASURES = ("knn", "knn-mean", "topk", "centroid")
 DEFAULT_MEASURE = "knn"
 LINKAGE_METHOD = "average"
 RANGE_QUANTILES = (0.05, 0.95)
@@ -48,8 +48,10 @@ class MergesConfig:
                                 "training run must be exported, labelled and indexed first")
     state_dir: str | None = option(None, "the app's --state-dir: suggest over the curated clusters (its merges, "
                                    "moves and exclusions applied)")
-    measure: str = option(DEFAULT_MEASURE, "similarity of two clusters: knn = share of nearest-neighbour links between "
-                          "them, topk = probability mass their images share, centroid = cosine of the means",
+    measure: str = option(DEFAULT_MEASURE, "similarity of two clusters: knn = share of one cluster's nearest-"
+                          "neighbour links that land in the other, knn-mean = links between them over both "
+                          "clusters' links, topk = probability mass their images share, centroid = cosine of the "
+                          "means",
                           choices=list(MEASURES))
     neighbours: int = option(10, "neighbours per image in the kNN graph (measure knn)")
     max_queries: int = option(20000, "images whose neighbours are searched (a random sample beyond this)")
@@ -170,10 +172,15 @@ def knn_links(evidence: Evidence, pos: np.ndarray, m: int, weights: np.ndarray) 
     return np.bincount(a * m + b, w, m * m).reshape(m, m)
 
 
-def _knn_similarity(evidence: Evidence, pos: np.ndarray, m: int, weights: np.ndarray) -> np.ndarray:
+def _knn_similarity(evidence: Evidence, pos: np.ndarray, m: int, weights: np.ndarray, mean: bool) -> np.ndarray:
+    """Share of a cluster's kNN links that land in the other, the larger of the two directions (``mean``: all
+    links between the two over all links of both, which keeps a small cluster inside a big one apart)."""
     links = knn_links(evidence, pos, m, weights)
-    k = evidence.neighbours.shape[1]
-    return _pair_rate(links, np.bincount(pos[evidence.queries], weights[evidence.queries], m) * k)
+    out = np.bincount(pos[evidence.queries], weights[evidence.queries], m) * evidence.neighbours.shape[1]
+    if mean:
+        return _pair_rate(links, out)
+    share = np.divide(links, out[:, None], out=np.zeros_like(links), where=out[:, None] > 0)
+    return np.maximum(share, share.T)
 
 
 def merged_topk(clusters: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -229,8 +236,8 @@ def similarity(data: ClusterData, evidence: Evidence, clusters: Sequence[int], l
     weights = _weights(data, weights)
     m = len(clusters)
     pos_of, pos = _positions(data, clusters, labels)
-    if evidence.measure == "knn":
-        result = _knn_similarity(evidence, pos, m, weights)
+    if evidence.measure in ("knn", "knn-mean"):
+        result = _knn_similarity(evidence, pos, m, weights, mean=evidence.measure == "knn-mean")
     elif evidence.measure == "topk":
         result = _topk_similarity(data, pos_of, m, weights)
     else:
