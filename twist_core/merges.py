@@ -53,7 +53,7 @@ class MergesConfig:
                           "clusters' links, topk = probability mass their images share, centroid = cosine of the "
                           "means",
                           choices=list(MEASURES))
-    neighbours: int = option(10, "neighbours per image in the kNN graph (measure knn)")
+    neighbours: int = option(10, "neighbours per image in the kNN graph (knn measures and the K estimate)")
     max_queries: int = option(20000, "images whose neighbours are searched (a random sample beyond this)")
     top: int = option(15, "ranked pairs to print")
     bootstrap: int = option(200, "bootstrap resamples of the images for the range of the K estimate (0: none)")
