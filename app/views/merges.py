@@ -13,6 +13,8 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
+from app.views import ViewContext
+from app.views.shared import current_choices, friendly
 from app.workspace import AppUserError, Workspace
 from twist_core import merges
 
@@ -87,8 +89,9 @@ def pair_gallery(ws: Workspace, a: int, b: int) -> list[tuple[str, str]]:
             for cluster in (a, b) for record in ws.store.page(cluster, limit=PAIR_THUMBNAILS)]
 
 
-def build(ws: Workspace, friendly: Any) -> None:
-    """The view's components and events, inside the caller's tab; ``friendly`` turns errors into sentences."""
+def build(ctx: ViewContext) -> None:
+    """The tab, its events, and after a merge or undo a refresh of the Cluster view's dropdowns and page."""
+    ws = ctx.ws
 
     def shown(result: merges.Suggestions, message: str) -> tuple:
         choices = pair_choices(result)
@@ -115,25 +118,33 @@ def build(ws: Workspace, friendly: Any) -> None:
         message = ws.undo()
         return shown(suggestions(ws, measure), message)
 
-    with gr.Row():
-        measure = gr.Radio(list(merges.MEASURES), value=merges.DEFAULT_MEASURE, elem_id="merge-measure",
-                           label="Similarity of two clusters (knn: share of nearest-neighbour links; topk: shared "
-                                 "probability; centroid: cosine of the mean embeddings)")
-        compute = gr.Button("Suggest merges", variant="primary", elem_id="suggest-merges")
-    estimate = gr.Markdown(elem_id="merge-estimate")
-    picture = gr.Image(type="pil", interactive=False, label="Clusters as a hierarchy (dashed: the estimated cut)",
-                       elem_id="merge-dendrogram", buttons=["download"])
-    table = gr.Dataframe(interactive=False, label="Most similar pairs first", elem_id="merge-pairs")
-    with gr.Row():
-        pair = gr.Dropdown([], label="Pair", elem_id="merge-pair", allow_custom_value=True, scale=3)
-        merge = gr.Button("Merge this pair", elem_id="merge-pair-button", scale=1)
-        undo_button = gr.Button("Undo last change", elem_id="merge-undo", scale=1)
-    gallery = gr.Gallery(label="The pair's most confident images", columns=2 * PAIR_THUMBNAILS, allow_preview=False,
-                         height="auto", elem_id="merge-pair-gallery")
-    status = gr.Markdown(elem_id="merge-status")
+    with gr.Tab("Suggested merges", id="merges"):
+        with gr.Row():
+            measure = gr.Radio(list(merges.MEASURES), value=merges.DEFAULT_MEASURE, elem_id="merge-measure",
+                               label="Similarity of two clusters (knn: share of nearest-neighbour links; topk: "
+                                     "shared probability; centroid: cosine of the mean embeddings)")
+            compute = gr.Button("Suggest merges", variant="primary", elem_id="suggest-merges")
+        estimate = gr.Markdown(elem_id="merge-estimate")
+        picture = gr.Image(type="pil", interactive=False, label="Clusters as a hierarchy (dashed: the estimated cut)",
+                           elem_id="merge-dendrogram", buttons=["download"])
+        table = gr.Dataframe(interactive=False, label="Most similar pairs first", elem_id="merge-pairs")
+        with gr.Row():
+            pair = gr.Dropdown([], label="Pair", elem_id="merge-pair", allow_custom_value=True, scale=3)
+            merge = gr.Button("Merge this pair", elem_id="merge-pair-button", scale=1)
+            undo_button = gr.Button("Undo last change", elem_id="merge-undo", scale=1)
+        gallery = gr.Gallery(label="The pair's most confident images", columns=2 * PAIR_THUMBNAILS,
+                             allow_preview=False, height="auto", elem_id="merge-pair-gallery")
+        status = gr.Markdown(elem_id="merge-status")
 
     outputs = [estimate, picture, table, pair, gallery, status]
     compute.click(suggest_merges, [measure], outputs, api_name="suggest_merges")
     pair.input(show_pair, [pair], [gallery], api_visibility="private")
-    merge.click(merge_suggestion, [pair, measure], outputs, api_name="merge_suggestion")
-    undo_button.click(undo_here, [measure], outputs, api_visibility="private")
+
+    def refresh_other_views() -> None:
+        """A merge here changes the clusters the Cluster view lists: refresh its dropdowns and open page."""
+        for event in (merge.click(merge_suggestion, [pair, measure], outputs, api_name="merge_suggestion"),
+                      undo_button.click(undo_here, [measure], outputs, api_visibility="private")):
+            event.then(friendly(lambda: current_choices(ws)), None, ctx["cluster_choices"],
+                       api_visibility="private").then(**ctx["show_cluster"])
+
+    ctx.after_build(refresh_other_views)
