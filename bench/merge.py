@@ -90,7 +90,7 @@ def compare_measures(data: merges.ClusterData, classes: np.ndarray, class_names:
 
 
 def k_estimate_only(data: merges.ClusterData, resamples: int) -> dict[str, Any]:
-    result = merges.suggest(data, "knn", resamples=resamples)
+    result = merges.suggest(data, merges.DEFAULT_MEASURE, resamples=resamples)
     estimate = result.k_estimate.as_dict()
     return {"clusters": len(result.clusters), **{k: v for k, v in estimate.items() if k != "modularity"}}
 
@@ -114,7 +114,7 @@ def digits(runs: list[str], data: Path, work: Path, resamples: int) -> dict[str,
         entry: dict[str, Any] = {"as_trained": score(clusters.labels, classes, names)}
         if k > len(names):
             entry["measures"] = compare_measures(clusters, classes, names, resamples)
-            entry["k_estimate"] = entry["measures"]["knn"]["k_estimate"]
+            entry["k_estimate"] = entry["measures"][merges.DEFAULT_MEASURE]["k_estimate"]
         else:
             entry["k_estimate"] = k_estimate_only(clusters, resamples)
         found[f"k{k}"] = entry
@@ -153,7 +153,8 @@ def main() -> None:
     began = time.perf_counter()
     result: dict[str, Any] = {"cifar10_test": cifar(args)}
     result["k10"], result["k30_merged"] = result["cifar10_test"]["k10"], result["cifar10_test"]["k30_merged"]
-    estimates: dict[str, Any] = {"cifar10_test_k30": result["cifar10_test"]["measures"]["knn"]["k_estimate"]}
+    estimates: dict[str, Any] = {
+        "cifar10_test_k30": result["cifar10_test"]["measures"][merges.DEFAULT_MEASURE]["k_estimate"]}
     if args.digits_runs and args.digits_data:
         result["digits"] = digits(args.digits_runs, Path(args.digits_data), Path(args.work), args.bootstrap)
         estimates.update({f"digits_{name}": run["k_estimate"] for name, run in result["digits"].items()})

@@ -94,12 +94,12 @@ def test_a_class_split_in_two_is_the_top_suggestion(one_split: tuple[Path, dict[
 def test_k_estimate_finds_the_planted_number_of_groups(tmp_path: Path) -> None:
     index, group_of = planted_index(tmp_path, 6, [3, 2, 3, 2, 3, 2], 40, noise=0.5)
     data = merges.data_from_index(index)
-    result = merges.suggest(data, "knn", resamples=40)
+    result = merges.suggest(data, merges.DEFAULT_MEASURE, resamples=40)
     estimate = result.k_estimate
     assert len(result.clusters) == 15
     assert estimate.k == 6, estimate.as_dict()
     assert estimate.low <= 6 <= estimate.high and estimate.high - estimate.low <= 2, estimate.as_dict()
-    groups = merges.greedy_merges(data, merges.gather_evidence(data, "knn"), 6)[0]
+    groups = merges.greedy_merges(data, merges.gather_evidence(data, merges.DEFAULT_MEASURE), 6)[0]
     truth = np.array([group_of[int(c)] for c in data.labels])
     assert len(np.unique(groups)) == 6
     for merged in np.unique(groups):  # each merged cluster holds exactly one planted group
@@ -108,7 +108,7 @@ def test_k_estimate_finds_the_planted_number_of_groups(tmp_path: Path) -> None:
 
 def test_a_model_that_was_not_over_clustered_keeps_its_k(tmp_path: Path) -> None:
     index, _ = planted_index(tmp_path, 5, [1, 1, 1, 1, 1], 60, noise=0.5)
-    result = merges.suggest(merges.data_from_index(index), "knn", resamples=20)
+    result = merges.suggest(merges.data_from_index(index), merges.DEFAULT_MEASURE, resamples=20)
     assert result.k_estimate.k == 5, result.k_estimate.as_dict()
 
 
@@ -194,7 +194,7 @@ def test_merge_a_suggestion_then_undo_through_the_app(planted_app: dict) -> None
     from gradio_client import Client
 
     client = Client(planted_app["url"], verbose=False)
-    estimate, picture, table, pair, gallery, _ = client.predict("knn", api_name="/suggest_merges")
+    estimate, picture, table, pair, gallery, _ = client.predict("modularity", api_name="/suggest_merges")
     assert "Estimated number of groups: 3**" in estimate
     assert pair["value"] in ("0,1", "1,0") and pair["choices"][0][1] == pair["value"] and len(table["data"]) == 6
     assert Path(picture).read_bytes()[:4] == b"\x89PNG" or Path(picture).stat().st_size > 1000
@@ -202,7 +202,7 @@ def test_merge_a_suggestion_then_undo_through_the_app(planted_app: dict) -> None
     before = clusters_of(planted_app["url"])
     assert before == {0: 40, 1: 40, 2: 40, 3: 40}
 
-    estimate, _, table, pair, _, status = client.predict("0,1", "knn", api_name="/merge_suggestion")
+    estimate, _, table, pair, _, status = client.predict("0,1", "modularity", api_name="/merge_suggestion")
     assert status.startswith("merged")
     assert clusters_of(planted_app["url"]) == {0: 80, 2: 40, 3: 40}
     assert len(table["data"]) == 3 and "1 b" not in str(table["data"])

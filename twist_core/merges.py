@@ -1,9 +1,11 @@
 """``twist suggest-merges INDEX``: which clusters of an over-clustered model belong together, and how many there are.
 
 Train with more clusters than you expect, index the folder, then ask which pairs to merge. Two clusters are
-alike when the images of one have their nearest neighbours in the other (the default: the share of a
-cluster's kNN links, in the embedding graph, that land in the other; ``--measure topk`` uses the probability
-mass an image shares between its top clusters, ``centroid`` the cosine between cluster means). A scipy
+alike when the images of one have their nearest neighbours in the other: by default a pair ranks by how much
+merging it would raise the modularity of the kNN graph of the embeddings (links between the two beyond what
+their sizes predict); ``--measure knn`` uses the share of a cluster's kNN links that land in the other,
+``topk`` the probability mass an image shares between its top clusters, ``centroid`` the cosine between
+cluster means. A scipy
 average-linkage hierarchy over ``1 - similarity`` gives the dendrogram; the cut of it whose groups make the
 kNN graph most modular estimates the number of groups, with a range from a bootstrap over the images.
 
@@ -32,8 +34,8 @@ from twist_core.config import build_config, command_parser, option
 from twist_core.index_store import INDEX_FILE, MANIFEST, META_FILE, IndexUserError, MetaStore, read_manifest
 from twist_core.io_utils import atomic_write_text
 
-MEASURES = ("knn", "knn-mean", "topk", "centroid")
-DEFAULT_MEASURE = "knn"
+MEASURES = ("modularity", "knn", "knn-mean", "topk", "centroid")
+DEFAULT_MEASURE = "modularity"
 LINKAGE_METHOD = "average"
 RANGE_QUANTILES = (0.05, 0.95)
 
@@ -48,10 +50,11 @@ class MergesConfig:
                                 "training run must be exported, labelled and indexed first")
     state_dir: str | None = option(None, "the app's --state-dir: suggest over the curated clusters (its merges, "
                                    "moves and exclusions applied)")
-    measure: str = option(DEFAULT_MEASURE, "similarity of two clusters: knn = share of one cluster's nearest-"
-                          "neighbour links that land in the other, knn-mean = links between them over both "
-                          "clusters' links, topk = probability mass their images share, centroid = cosine of the "
-                          "means",
+    measure: str = option(DEFAULT_MEASURE, "similarity of two clusters: modularity = how much merging them "
+                          "raises the modularity of the kNN graph (links beyond what their sizes predict), knn = "
+                          "share of one cluster's nearest-neighbour links that land in the other, knn-mean = links "
+                          "between them over both clusters' links, topk = probability mass their images share, "
+                          "centroid = cosine of the means",
                           choices=list(MEASURES))
     neighbours: int = option(10, "neighbours per image in the kNN graph (knn measures and the K estimate)")
     max_queries: int = option(20000, "images whose neighbours are searched (a random sample beyond this)")
@@ -172,6 +175,22 @@ def knn_links(evidence: Evidence, pos: np.ndarray, m: int, weights: np.ndarray) 
     return np.bincount(a * m + b, w, m * m).reshape(m, m)
 
 
+def _modularity_similarity(evidence: Evidence, pos: np.ndarray, m: int, weights: np.ndarray) -> np.ndarray:
+    """How much merging two clusters would raise the modularity of the kNN graph (links between them beyond what
+    their degrees predict: ``e_ab - a_a a_b``), scaled so the best pair is 1; a merge that would lower it is 0."""
+    graph = knn_links(evidence, pos, m, weights)
+    graph = graph + graph.T
+    total = graph.sum()
+    if total <= 0:
+        return np.zeros((m, m))
+    graph /= total
+    degree = graph.sum(axis=1)
+    gain = graph - np.outer(degree, degree)
+    np.fill_diagonal(gain, 0.0)
+    best = gain.max()
+    return gain / best if best > 0 else np.zeros((m, m))
+
+
 def _knn_similarity(evidence: Evidence, pos: np.ndarray, m: int, weights: np.ndarray, mean: bool) -> np.ndarray:
     """Share of a cluster's kNN links that land in the other, the larger of the two directions (``mean``: all
     links between the two over all links of both, which keeps a small cluster inside a big one apart)."""
@@ -236,7 +255,9 @@ def similarity(data: ClusterData, evidence: Evidence, clusters: Sequence[int], l
     weights = _weights(data, weights)
     m = len(clusters)
     pos_of, pos = _positions(data, clusters, labels)
-    if evidence.measure in ("knn", "knn-mean"):
+    if evidence.measure == "modularity":
+        result = _modularity_similarity(evidence, pos, m, weights)
+    elif evidence.measure in ("knn", "knn-mean"):
         result = _knn_similarity(evidence, pos, m, weights, mean=evidence.measure == "knn-mean")
     elif evidence.measure == "topk":
         result = _topk_similarity(data, pos_of, m, weights)
@@ -317,7 +338,7 @@ def current_clusters(labels: np.ndarray) -> tuple[list[int], dict[int, int]]:
     return [int(v) for v in values], {int(v): int(c) for v, c in zip(values, counts, strict=True)}
 
 
-def suggest(data: ClusterData, measure: str = "knn", neighbours: int = 10, max_queries: int = 20000,
+def suggest(data: ClusterData, measure: str = DEFAULT_MEASURE, neighbours: int = 10, max_queries: int = 20000,
             resamples: int = 200, seed: int = 0, evidence: Evidence | None = None) -> Suggestions:
     """Ranked merge suggestions, the hierarchy and the K estimate over the clusters of ``data``."""
     clusters, sizes = current_clusters(data.labels)

@@ -121,7 +121,8 @@ def build(ctx: ViewContext) -> None:
     with gr.Tab("Suggested merges", id="merges"):
         with gr.Row():
             measure = gr.Radio(list(merges.MEASURES), value=merges.DEFAULT_MEASURE, elem_id="merge-measure",
-                               label="Similarity of two clusters (knn: share of nearest-neighbour links; topk: "
+                               label="Similarity of two clusters (modularity: nearest-neighbour links beyond what "
+                                     "their sizes predict; knn: share of one's neighbour links in the other; topk: "
                                      "shared probability; centroid: cosine of the mean embeddings)")
             compute = gr.Button("Suggest merges", variant="primary", elem_id="suggest-merges")
         estimate = gr.Markdown(elem_id="merge-estimate")
