@@ -247,3 +247,20 @@ def test_suggested_merges_view_in_chromium(planted_app: dict) -> None:
             expect(page.locator("#merge-estimate")).to_contain_text("from 4 current clusters")
         finally:
             browser.close()
+
+
+def test_past_the_natural_groups_the_least_harmful_merge_still_comes_first() -> None:
+    """Three groups on a line, 1 and 2 close: every merge lowers modularity, and 1 + 2 lowers it least."""
+    rng = np.random.default_rng(0)
+    vectors = np.concatenate([rng.normal((x, 5.0), 0.6, (50, 2)) for x in (-6.0, 3.0, 5.0)])
+    labels = np.repeat([0, 1, 2], 50)
+    data = merges.cluster_data(np.arange(150), labels, vectors, [None] * 150, {0: "a", 1: "b", 2: "c"})
+    evidence = merges.gather_evidence(data, "modularity", neighbours=10)
+    links = merges.knn_links(evidence, labels, 3, np.ones(150))
+    graph = (links + links.T) / (2 * links.sum())
+    gains = graph - np.outer(graph.sum(1), graph.sum(1))
+    assert gains[np.triu_indices(3, 1)].max() < 0, "the planted case must have only harmful merges"
+    result = merges.suggest(data, "modularity", resamples=0)
+    assert result.pairs[0][:2] == (1, 2), result.pairs
+    _, plan = merges.greedy_merges(data, evidence, 2)
+    assert plan == [(2, 1)] or plan == [(1, 2)]

@@ -176,19 +176,21 @@ def knn_links(evidence: Evidence, pos: np.ndarray, m: int, weights: np.ndarray) 
 
 
 def _modularity_similarity(evidence: Evidence, pos: np.ndarray, m: int, weights: np.ndarray) -> np.ndarray:
-    """How much merging two clusters would raise the modularity of the kNN graph (links between them beyond what
-    their degrees predict: ``e_ab - a_a a_b``), scaled so the best pair is 1; a merge that would lower it is 0."""
+    """How much merging two clusters would change the modularity of the kNN graph (links between them beyond what
+    their degrees predict: ``e_ab - a_a a_b``), scaled to [0, 1] over the pairs: the best pair is 1, the worst 0.
+
+    Near the end every merge lowers modularity; the scaling keeps the least harmful pair first."""
     graph = knn_links(evidence, pos, m, weights)
     graph = graph + graph.T
     total = graph.sum()
-    if total <= 0:
+    if total <= 0 or m < 2:
         return np.zeros((m, m))
     graph /= total
     degree = graph.sum(axis=1)
     gain = graph - np.outer(degree, degree)
-    np.fill_diagonal(gain, 0.0)
-    best = gain.max()
-    return gain / best if best > 0 else np.zeros((m, m))
+    upper = gain[np.triu_indices(m, 1)]
+    low, high = upper.min(), upper.max()
+    return (gain - low) / (high - low) if high > low else np.zeros((m, m))
 
 
 def _knn_similarity(evidence: Evidence, pos: np.ndarray, m: int, weights: np.ndarray, mean: bool) -> np.ndarray:
