@@ -114,6 +114,7 @@ def digits(runs: list[str], data: Path, work: Path, resamples: int) -> dict[str,
         entry: dict[str, Any] = {"as_trained": score(clusters.labels, classes, names)}
         if k > len(names):
             entry["measures"] = compare_measures(clusters, classes, names, resamples)
+            entry["oracle_merge_upper_bound"] = oracle_purity(clusters, classes, names)
             entry["k_estimate"] = entry["measures"][merges.DEFAULT_MEASURE]["k_estimate"]
         else:
             entry["k_estimate"] = k_estimate_only(clusters, resamples)
