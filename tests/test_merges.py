@@ -264,3 +264,19 @@ def test_past_the_natural_groups_the_least_harmful_merge_still_comes_first() -> 
     assert result.pairs[0][:2] == (1, 2), result.pairs
     _, plan = merges.greedy_merges(data, evidence, 2)
     assert plan == [(2, 1)] or plan == [(1, 2)]
+
+
+def test_command_suggests_over_the_apps_curation(one_split: tuple[Path, dict[int, int]], tmp_path: Path) -> None:
+    from app.curation import CurationStore
+    from twist_core.index_store import META_FILE, read_manifest
+
+    index, _ = one_split
+    store = CurationStore(tmp_path / "curation.sqlite", index / read_manifest(index)["dir"] / META_FILE,
+                          [f"c{c}" for c in range(6)])
+    store.merge([1], 0)
+    store.rename(0, "both halves")
+    store.close()
+    done = twist(str(index), "--state-dir", str(tmp_path), "--bootstrap", "5")
+    assert done.returncode == 0, done.stderr
+    assert "0 both halves (120)" in done.stdout and " 1 c1 " not in done.stdout
+    assert "from 5 clusters" in done.stdout.splitlines()[-1]
