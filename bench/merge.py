@@ -89,6 +89,17 @@ def compare_measures(data: merges.ClusterData, classes: np.ndarray, class_names:
     return table
 
 
+def neighbours_sweep(data: merges.ClusterData, classes: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """The default measure's greedy merge and K estimate for several k of the kNN graph (its one parameter)."""
+    found = {}
+    for k in (5, 10, 20, 40):
+        evidence = merges.gather_evidence(data, merges.DEFAULT_MEASURE, neighbours=k)
+        merged, _ = merges.greedy_merges(data, evidence, len(class_names))
+        estimate = merges.suggest(data, merges.DEFAULT_MEASURE, resamples=0, evidence=evidence).k_estimate
+        found[f"k{k}"] = {**score(merged, classes, class_names), "k_estimate": estimate.k}
+    return found
+
+
 def k_estimate_only(data: merges.ClusterData, resamples: int) -> dict[str, Any]:
     result = merges.suggest(data, merges.DEFAULT_MEASURE, resamples=resamples)
     estimate = result.k_estimate.as_dict()
@@ -135,6 +146,7 @@ def cifar(args: argparse.Namespace) -> dict[str, Any]:
             "k30_merged": {**measures[best]["greedy"], "measure": best, "how": "greedy: merge the top suggestion, "
                            "recompute, repeat until 10 clusters (no labels used)"},
             "measures": measures, "k30_oracle_merge_upper_bound": oracle_purity(data30, classes, names),
+            "neighbours_sweep": neighbours_sweep(data30, classes, names),
             "k_estimate_k10_run": k_estimate_only(data10, args.bootstrap),
             "runs": {"k10": str(Path(args.k10_run).resolve()), "k30": str(Path(args.k30_run).resolve())}}
 
