@@ -30,6 +30,7 @@ def config_cases(tmp_path: Path) -> dict[str, tuple[list[str], dict, str]]:
         "index": ([], {"source": missing + ".csv"}, missing),
         "search": ([], {"index": missing, "id": 1}, missing),
         "duplicates": ([str(tmp_path)], {"threshold": 2.0}, "--threshold"),
+        "suggest-merges": ([str(tmp_path)], {"top": 0}, "--top"),
         "app": ([], {"model": missing + ".onnx", "index": str(tmp_path)}, missing),
         "import-labels": ([missing + ".json"], {"index": str(tmp_path)}, missing),
     }

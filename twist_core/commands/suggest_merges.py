@@ -1,0 +1,35 @@
+"""``twist suggest-merges INDEX``: rank cluster pairs to merge and estimate K (``twist_core.merges``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from twist_core.commands import run_command
+from twist_core.config import command_parser
+from twist_core.io_utils import atomic_write_text
+from twist_core.merges import MergesConfig, draw_dendrogram, format_suggestions, run
+from twist_core.merges import __doc__ as DOC
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return command_parser("twist suggest-merges", DOC, MergesConfig, positional=("source",))
+
+
+def suggest_and_print(config: MergesConfig) -> int:
+    result = run(config)
+    if config.json:
+        atomic_write_text(config.json, json.dumps({"source": str(config.source), **result.as_dict()}, indent=2) + "\n")
+    if config.plot:
+        draw_dendrogram(result, config.plot)
+    print(format_suggestions(result, config.top))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("twist suggest-merges", build_parser(), MergesConfig, argv, suggest_and_print)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
