@@ -15,6 +15,7 @@ import torch
 import torchvision
 from conftest import REPO
 
+from twist_core.config import AUTO
 from twist_core.init_weights import InitError, load_into, read_init
 from twist_core.io_utils import file_sha256
 from twist_core.model import ModelSpec, TwistModel
@@ -59,7 +60,8 @@ def reference_checkpoint(path: Path, n_classes: int, hidden: int = 64) -> dict[s
 def model_for(source: Path | str, classes: int, **options) -> tuple[TwistModel, bool, TrainConfig]:
     init = read_init(str(source))
     config = follow_init(TrainConfig(data="x", init=str(source), classes=classes, **options), init)
-    spec = ModelSpec(config.backbone, config.width, bool(config.small_stem), config.hidden_dim or 2048, classes)
+    hidden_dim = 2048 if config.hidden_dim == AUTO else config.hidden_dim  # what resolve_auto picks for a ResNet
+    spec = ModelSpec(config.backbone, config.width, bool(config.small_stem), hidden_dim, classes)
     model = TwistModel(spec)
     return model, load_into(model, init), config
 
