@@ -17,17 +17,7 @@ from twist_core.config import build_config
 from twist_core.errors import RunFailure, UserError
 
 C = TypeVar("C")
-USER_INPUT_ERRORS = (UserError, ValueError, OSError)
-KNOWN_ERRORS = (RunFailure, *USER_INPUT_ERRORS)
-
-
-def exit_code(error: BaseException) -> int | None:
-    """The exit code of a known error, or None for a bug (which must keep its traceback)."""
-    if isinstance(error, RunFailure):
-        return 1
-    if isinstance(error, USER_INPUT_ERRORS):
-        return 2
-    return None
+KNOWN_ERRORS = (RunFailure, UserError, ValueError, OSError)  # ValueError, OSError: bad values and paths given
 
 
 def one_line(error: BaseException) -> str:
@@ -44,8 +34,6 @@ def run_command(prog: str, parser: argparse.ArgumentParser, cls: type[C], argv: 
         config = build_config(cls, args, args.config)
         return body(config)
     except KNOWN_ERRORS as error:
-        code = exit_code(error)
-        assert code is not None
         message = (explain(error, config) if explain else None) or one_line(error)
         print(f"{prog}: error: {message}", file=sys.stderr)
-        return code
+        return 1 if isinstance(error, RunFailure) else 2

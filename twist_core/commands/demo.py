@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from twist_core.commands import run_command
@@ -10,7 +11,7 @@ from twist_core.demo import DemoConfig, run_demo
 from twist_core.demo import __doc__ as DOC
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     return command_parser("twist demo", DOC, DemoConfig)
 
 
