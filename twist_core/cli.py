@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "demo": ("twist_core.demo", "the whole pipeline on scikit-learn's digits, then the app (no arguments needed)"),
     "train": ("twist_core.train", "train TWIST on an image folder"),
+    "finetune": ("twist_core.finetune", "continue training a run with the labels a person set or confirmed in the app"),
     "eval": ("twist_core.evaluate", "score clusters against class folders (ACC/NMI/AMI/ARI, kNN, baselines)"),
     "export": ("twist_core.export", "export a run to one ONNX file with its model card"),
     "label": ("twist_core.label", "label every image of a folder with an exported model"),
