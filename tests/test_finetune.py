@@ -107,6 +107,7 @@ def test_merge_lowers_k_and_exclusions_are_left_out(app_bundle: dict[str, Path],
 
     store = open_store(app_bundle["index"], tmp_path / "state")
     sizes = {row["cluster"]: row["size"] for row in store.summary()}
+    store_names = store.names()
     source, target, other = sorted(sizes, key=lambda c: -sizes[c])[:3]
     store.merge([source], target)
     store.rename(target, "merged things")
@@ -138,6 +139,19 @@ def test_merge_lowers_k_and_exclusions_are_left_out(app_bundle: dict[str, Path],
     assert card["class_names"] == names and card["n_classes"] == 3
     assert (tiny_run / "last.pt").stat().st_mtime < (out / "last.pt").stat().st_mtime  # RUN untouched
     assert load_checkpoint(tiny_run)["model_spec"]["n_classes"] == 4
+
+    # twist label + twist index carry the new model; the Changes view compares it with the previous labels
+    from app.views.changes import model_changes
+    from twist_core.demo import label_and_index
+
+    _, new_index = label_and_index(tmp_path / "m.onnx", app_bundle["images"], tmp_path, progress=False)
+    changes = model_changes(app_bundle["index"].parent / "labels.csv", new_index)
+    counts = {row["cluster"]: (row["before"], row["after"]) for row in changes.counts}
+    merged_away = store_names[source]
+    assert counts[merged_away][1] == 0 and counts[merged_away][0] > 0 and counts["merged things"][0] == 0
+    assert sum(after for _, after in counts.values()) == changes.compared == sum(sizes.values())
+    assert all(before != after for _, before, after in changes.changed)
+    assert len([c for c in changes.changed if c[1] == merged_away]) == counts[merged_away][0]
 
 
 def test_the_apps_csv_export_gives_the_same_labels_as_the_store(app_bundle: dict[str, Path], tmp_path: Path) -> None:
