@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import gradio as gr
 
-from app.views import ViewContext, batch, cluster, clusters, export, search
+from app.views import ViewContext, batch, changes, cluster, clusters, export, search
 from app.views import map as map_view
 from app.workspace import Workspace
 
-VIEWS = (clusters, cluster, search, export, map_view, batch)  # in tab order
+VIEWS = (clusters, cluster, search, export, map_view, batch, changes)  # in tab order
 
 
 def build_ui(ws: Workspace) -> gr.Blocks:

@@ -246,3 +246,51 @@ def test_confirm_marks_images_and_undo_takes_it_back(app_bundle: dict[str, Path]
     store.undo()  # the exclusion
     assert list(store.curated_records()) == []
     store.close()
+
+
+def test_app_confirms_a_selection_and_shows_what_a_new_labelling_changed(app_bundle: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    """Through a real server: the Confirm button's endpoint (and undo), and the Changes view against a labels
+    table in which three images were given another cluster."""
+    import shutil
+
+    from gradio_client import Client
+
+    from tests.conftest import start_app_server, stop_app_server
+
+    labels = app_bundle["index"].parent / "labels.csv"
+    rows = list(csv.DictReader(labels.open(newline="")))
+    previous = tmp_path / "previous.csv"
+    shutil.copy(labels.with_suffix(".meta.json"), previous.with_suffix(".meta.json"))
+    names = sorted({row["cluster_name"] for row in rows})
+    for row in rows[:3]:
+        row["cluster_name"] = next(n for n in names if n != row["cluster_name"])
+    with previous.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    process, url = start_app_server(app_bundle, tmp_path / "state")
+    try:
+        client = Client(url, verbose=False)
+        gallery, *_ = client.predict(0, 0, False, 0.0, 1.0, api_name="/open_cluster")
+        ids = [int(item["caption"].split("·")[0].strip(" #")) for item in gallery[:3]]
+        status, *_ = client.predict(", ".join(map(str, ids)), api_name="/confirm_images")
+        assert "3 image(s) confirmed" in status
+        store = open_store(app_bundle["index"], tmp_path / "state")
+        assert {r.status for r in store.records(ids).values()} == {"confirmed"}
+        status, *_ = client.predict(api_name="/undo")
+        assert "undone: confirmed: 3" in status
+        assert {r.status for r in store.records(ids).values()} == {"predicted"}
+        store.close()
+
+        summary, table, changed = client.predict(str(previous), api_name="/compare_models")
+        assert summary.startswith(f"**3 of {len(rows)} images changed cluster**")
+        assert sum(row[1] for row in table["data"]) == sum(row[2] for row in table["data"]) == len(rows)
+        assert len(changed) == 3 and all("→" in item["caption"] for item in changed)
+        summary, _, changed = client.predict(str(labels), api_name="/compare_models")
+        assert summary.startswith(f"**0 of {len(rows)} images changed") and changed == []
+        with pytest.raises(Exception, match="does not exist"):
+            client.predict(str(tmp_path / "nothing.csv"), api_name="/compare_models")
+    finally:
+        stop_app_server(process)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from twist_core.io_utils import path_from_text, path_to_text
 
 if TYPE_CHECKING:
+    from app.views import ViewContext
     from app.workspace import Workspace
 
 SHOWN_CHANGES = 60  # changed images shown in the gallery
@@ -96,3 +97,39 @@ def gallery_items(ws: Workspace, changes: Changes) -> list[tuple[str, str]]:
     records = ws.store.records([ids[key] for key in keys if key in ids])
     return [(str(ws.thumbnail(records[ids[key]])), f"#{ids[key]} · {before} → {after}")
             for key, (_, before, after) in zip(keys, shown, strict=True) if key in ids]
+
+
+def build(ctx: ViewContext) -> None:
+    """The tab: a previous labels table or index folder in, counts per cluster and the changed images out."""
+    import gradio as gr
+    import pandas as pd
+
+    from app.views.shared import friendly
+
+    ws = ctx.ws
+
+    @friendly
+    def compare_models(previous: str) -> tuple[str, pd.DataFrame, list[tuple[str, str]]]:
+        try:
+            changes = model_changes(previous, ws.index_dir)
+        except ChangesError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        summary = (f"**{len(changes.changed):,} of {changes.compared:,} images changed cluster** "
+                   f"(only in the previous labelling: {changes.only_before:,}; only in the open index: "
+                   f"{changes.only_after:,}). The first {min(SHOWN_CHANGES, len(changes.changed))} are shown.")
+        return summary, pd.DataFrame(changes.counts, columns=["cluster", "before", "after", "change"]), \
+            gallery_items(ws, changes)
+
+    with gr.Tab("Changes", id="changes"):
+        gr.Markdown("Compare the open index with an earlier labelling of the same images (for example the labels "
+                    "table of the model before `twist finetune`): clusters are matched by name.")
+        with gr.Row():
+            previous = gr.Textbox(label="Previous labels table (.csv/.jsonl/.parquet of twist label) or index folder, "
+                                        "on the server", elem_id="changes-previous")
+            button = gr.Button("Compare", elem_id="changes-compare")
+        summary = gr.Markdown(elem_id="changes-summary")
+        table = gr.Dataframe(label="Images per cluster, before and after", interactive=False)
+        gallery = gr.Gallery(label="Images whose cluster changed (previous → now)", columns=10, allow_preview=False,
+                             height="auto", elem_id="changes-gallery")
+    button.click(compare_models, [previous], [summary, table, gallery], api_name="compare_models")
+    previous.submit(compare_models, [previous], [summary, table, gallery], api_visibility="private")
