@@ -173,13 +173,13 @@ def head_rows(state: dict[str, torch.Tensor], keep: list[int]) -> dict[str, torc
 
 def file_positions(curation: Curation, data: Path, files: list[str]) -> tuple[dict[int, int], set[int], int]:
     """Curated paths as positions in the run's file list: (labelled position -> cluster, excluded, not found)."""
-    root = os.path.realpath(data)
+    roots = (os.path.abspath(data), os.path.realpath(data))  # the index holds its root resolved, a run maybe not
     position = {name: i for i, name in enumerate(files)}
 
     def find(path: str) -> int | None:
-        absolute = path if os.path.isabs(path) else os.path.join(root, path)
-        relative = os.path.relpath(os.path.realpath(absolute), root)
-        return position.get(Path(relative).as_posix())
+        absolute = os.path.normpath(os.path.join(roots[0], path))  # an absolute path stays as it is
+        found = (position.get(Path(os.path.relpath(absolute, root)).as_posix()) for root in roots)
+        return next((i for i in found if i is not None), None)
 
     labelled = {find(path): cluster for path, cluster in curation.labels.items()}
     excluded = {find(path) for path in curation.excluded}
