@@ -6,6 +6,9 @@ on every image, as the paper's semi-supervised fine-tuning stage. K and the clas
 clusters: a merge drops the merged clusters' rows of the head's last layer (the target keeps its row), and
 excluded images are left out of both terms. RUN is never modified; the new run folder holds config.json,
 last.pt, metrics.jsonl, ``class_names.txt`` (which ``twist export`` picks up) and ``finetune.json``.
+Everything RUN trained trains on: a ResNet end to end; with the patches backbone the patch dictionary stays
+frozen and the BatchNorm over its pooled codes plus the head train, whose first hidden layer is the embedding
+(so the app's neighbours change too).
 
 The labels come from the app's curation store (``--index``, with ``--state-dir`` when the app used one) or a
 CSV (``--labels``): ``path`` and ``label`` (a cluster number of RUN) columns, and optionally ``label_name``,
