@@ -240,6 +240,20 @@ def variants_summary(result: dict[str, Any]) -> dict[str, Any]:
                                             if scores["cifar10_test"][0] > base["cifar10_test"][0]]}
 
 
+def notes(result: dict[str, Any]) -> str:
+    """What the variants showed, in words, from the figures of this run."""
+    merged, k10 = result["k30_merged"], result["k10"]
+    verdict = "meets" if merged["acc"] >= k10["acc"] and merged["nmi"] >= k10["nmi"] else "misses"
+    everywhere = ", ".join(result["variants_summary"]["beat_greedy_everywhere"]) or "none"
+    return (f"k30_merged is what twist suggest-merges --to 10 prints (ACC {merged['acc']} / NMI {merged['nmi']}; "
+            f"the greedy merges alone {merged['greedy_alone']['acc']} / {merged['greedy_alone']['nmi']}); it "
+            f"{verdict} the K=10 run ({k10['acc']} / {k10['nmi']}). Variants at least as good as the greedy merge "
+            f"on cifar10-test and every over-clustered digits run: {everywhere}"
+            "; the others that beat it on cifar10-test lose on the digits (variants_summary). The soft re-labelling "
+            "(summed top-10 probability per group) is reported per variant but not offered: the app merges whole "
+            "clusters, and it did not help.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--k10-run", required=True)
@@ -265,6 +279,7 @@ def main() -> None:
                                                      args.bootstrap)
     result["k_estimates"] = estimates
     result["variants_summary"] = variants_summary(result)
+    result["notes"] = notes(result)
     result["conditions"] = {
         "data": "cifar10-test, 10,000 images, 10 classes; labels (folder names) used only for scoring",
         "k10_run": "patches backbone, 20-minute CPU time budget (96 epochs)",
