@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from twist_core.index_store import IMAGES, INFO_TABLE, chunked_in
 from twist_core.io_utils import mark_output_folder
 
 EXCLUDED = -1  # the label of an image taken out of the dataset
-ORDERS = ("confidence", "id", "path")
+ORDERS = (IMAGES.confidence, IMAGES.id, IMAGES.path)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS names (cluster INTEGER PRIMARY KEY, name TEXT NOT NULL);
@@ -45,11 +46,13 @@ CREATE TABLE IF NOT EXISTS confirmed (image_id INTEGER PRIMARY KEY, cluster INTE
 UNDO_TABLES = {"names": ("cluster", "name"), "merges": ("cluster", "into_cluster"),
                "overrides": ("image_id", "cluster"), "confirmed": ("image_id", "cluster")}
 
-# The effective label as an SQL expression over images i, overrides o, merges m.
-LABEL_SQL = "COALESCE(o.cluster, m.into_cluster, i.cluster)"
-JOINS = ("FROM idx.images i LEFT JOIN overrides o ON o.image_id = i.id "
-         "LEFT JOIN merges m ON m.cluster = i.cluster LEFT JOIN confirmed c ON c.image_id = i.id")
-RECORD_SQL = f"SELECT i.id, i.path, i.cluster, i.confidence, i.topk, {LABEL_SQL}, o.cluster, c.image_id {JOINS}"
+# The effective label as an SQL expression over the index's images i (attached as idx), overrides o, merges m.
+LABEL_SQL = f"COALESCE(o.cluster, m.into_cluster, i.{IMAGES.cluster})"
+JOINS = (f"FROM idx.{IMAGES.name} i LEFT JOIN overrides o ON o.image_id = i.{IMAGES.id} "
+         f"LEFT JOIN merges m ON m.cluster = i.{IMAGES.cluster} LEFT JOIN confirmed c ON c.image_id = i.{IMAGES.id}")
+# One image as a Record: its effective label, whether it was moved, whether it was confirmed.
+RECORD_SQL = (f"SELECT i.{IMAGES.id}, i.{IMAGES.path}, i.{IMAGES.cluster}, i.{IMAGES.confidence}, i.{IMAGES.topk}, "
+              f"{LABEL_SQL}, o.cluster, c.image_id {JOINS}")
 
 
 class CurationError(Exception):
@@ -111,7 +114,7 @@ class CurationStore:
                 raise
 
     def _index_uid(self) -> str | None:
-        found = self._query("SELECT value FROM idx.info WHERE key = 'uid'")
+        found = self._query(f"SELECT value FROM idx.{INFO_TABLE} WHERE key = 'uid'")
         return json.loads(found[0][0]) if found else None
 
     def _holds_moves(self) -> bool:
@@ -164,8 +167,9 @@ class CurationStore:
 
     def summary(self) -> list[dict[str, Any]]:
         """Size and mean confidence per effective label (non-empty ones), excluded images as ``EXCLUDED``."""
-        rows = self._query(f"SELECT {LABEL_SQL} AS label, COUNT(*), AVG(i.confidence) {JOINS} "
-                           "WHERE i.cluster IS NOT NULL OR o.cluster IS NOT NULL GROUP BY label ORDER BY label")
+        rows = self._query(f"SELECT {LABEL_SQL} AS label, COUNT(*), AVG(i.{IMAGES.confidence}) {JOINS} "
+                           f"WHERE i.{IMAGES.cluster} IS NOT NULL OR o.cluster IS NOT NULL "
+                           "GROUP BY label ORDER BY label")
         names = self.names()
         return [{"cluster": c, "name": "excluded" if c == EXCLUDED else names.get(c, f"cluster {c}"),
                  "size": n, "mean_confidence": m} for c, n, m in rows]
@@ -180,8 +184,8 @@ class CurationStore:
         if label != EXCLUDED and self.merged_into(label) != label:
             sources.remove(label)
         marks = ",".join("?" * len(sources))
-        where = (f"((i.cluster IN ({marks}) AND o.cluster IS NULL) OR o.cluster = ?) "
-                 "AND COALESCE(i.confidence, 0) BETWEEN ? AND ?")
+        where = (f"((i.{IMAGES.cluster} IN ({marks}) AND o.cluster IS NULL) OR o.cluster = ?) "
+                 f"AND COALESCE(i.{IMAGES.confidence}, 0) BETWEEN ? AND ?")
         return where, [*sources, label, float(min_conf), float(max_conf)]
 
     def count(self, label: int, min_conf: float = 0.0, max_conf: float = 1.0) -> int:
@@ -195,24 +199,20 @@ class CurationStore:
             raise CurationError(f"cannot order by {order_by!r}; choose one of {', '.join(ORDERS)}")
         where, params = self._where(label, min_conf, max_conf)
         direction = "DESC" if descending else "ASC"
-        rows = self._query(f"{RECORD_SQL} WHERE {where} ORDER BY i.{order_by} {direction}, i.id LIMIT ? OFFSET ?",
+        rows = self._query(f"{RECORD_SQL} WHERE {where} ORDER BY i.{order_by} {direction}, i.{IMAGES.id} "
+                           "LIMIT ? OFFSET ?",
                            [*params, int(limit), int(offset)])
         return [_record(row) for row in rows]
 
     def records(self, ids: Sequence[int]) -> dict[int, Record]:
-        found: dict[int, Record] = {}
-        for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit
-            chunk = [int(i) for i in ids[start:start + 900]]
-            marks = ",".join("?" * len(chunk))
-            for row in self._query(f"{RECORD_SQL} WHERE i.id IN ({marks})", chunk):
-                found[row[0]] = _record(row)
-        return found
+        found = chunked_in(self._query, f"{RECORD_SQL} WHERE i.{IMAGES.id} IN ({{marks}})", [int(i) for i in ids])
+        return {row[0]: _record(row) for row in found}
 
     def iter_records(self, batch: int = 10_000) -> Iterator[Record]:
         """Every image in id order, streamed in batches (exports of any size)."""
         last = -1
         while True:
-            rows = self._query(f"{RECORD_SQL} WHERE i.id > ? ORDER BY i.id LIMIT ?", (last, batch))
+            rows = self._query(f"{RECORD_SQL} WHERE i.{IMAGES.id} > ? ORDER BY i.{IMAGES.id} LIMIT ?", (last, batch))
             if not rows:
                 return
             yield from (_record(row) for row in rows)
@@ -222,8 +222,9 @@ class CurationStore:
         """Every image a person decided about: moved, excluded, confirmed, or in a cluster merged away."""
         last = -1
         while True:
-            rows = self._query(f"{RECORD_SQL} WHERE i.id > ? AND (o.cluster IS NOT NULL OR c.image_id IS NOT NULL "
-                               "OR m.into_cluster IS NOT NULL) ORDER BY i.id LIMIT 10000", (last,))
+            rows = self._query(f"{RECORD_SQL} WHERE i.{IMAGES.id} > ? AND (o.cluster IS NOT NULL "
+                               "OR c.image_id IS NOT NULL OR m.into_cluster IS NOT NULL) "
+                               f"ORDER BY i.{IMAGES.id} LIMIT 10000", (last,))
             if not rows:
                 return
             yield from (_record(row) for row in rows)
@@ -234,7 +235,7 @@ class CurationStore:
         return dict(self._query("SELECT cluster, into_cluster FROM merges"))
 
     def all_ids(self) -> list[int]:
-        return [r[0] for r in self._query("SELECT id FROM idx.images ORDER BY id")]
+        return [r[0] for r in self._query(f"SELECT {IMAGES.id} FROM idx.{IMAGES.name} ORDER BY {IMAGES.id}")]
 
     def history(self, limit: int = 10) -> list[str]:
         """The latest changes, newest first, as short sentences."""
@@ -272,11 +273,8 @@ class CurationStore:
                              (action, time.strftime("%Y-%m-%d %H:%M:%S"), json.dumps(previous)))
 
     def _previous(self, table: str, key: str, value: str, keys: Sequence[int]) -> dict[str, Any]:
-        found = {}
-        for start in range(0, len(keys), 900):
-            chunk = [int(k) for k in keys[start:start + 900]]
-            marks = ",".join("?" * len(chunk))
-            found.update(self._query(f"SELECT {key}, {value} FROM {table} WHERE {key} IN ({marks})", chunk))
+        found = dict(chunked_in(self._query, f"SELECT {key}, {value} FROM {table} WHERE {key} IN ({{marks}})",
+                                [int(k) for k in keys]))
         return {str(k): found.get(int(k)) for k in keys}
 
     def rename(self, cluster: int, name: str) -> None:

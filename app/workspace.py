@@ -30,7 +30,7 @@ from twist_core.index import ImageIndex
 from twist_core.index_store import MANIFEST, META_FILE, IndexUserError, read_manifest
 from twist_core.infer import OnnxModel
 from twist_core.io_utils import csv_safe, mark_output_folder
-from twist_core.label_table import labels_paths
+from twist_core.label_table import label_rows, labels_paths
 
 log = logging.getLogger("twist.app")
 PAGE_SIZE = 60
@@ -475,15 +475,16 @@ class Workspace:
     def _label_chunk(self, items: Sequence[BatchItem], names: dict[int, str]) -> list[list[Any]]:
         decoded = [(item.name, *self._batch_decode(item)) for item in items]
         images = [image for _, image, _ in decoded if image is not None]
-        probs = iter(self._predict(images)[0] if images else [])
+        good = [name for name, image, _ in decoded if image is not None]
+        labelled = iter(label_rows(good, self._predict(images)[0], self.model.class_names) if images else [])
         rows: list[list[Any]] = []
         for name, image, error in decoded:
             if image is None:
                 rows.append([name, "", "", "", error])
                 continue
-            p = next(probs)
-            cluster = self.store.merged_into(int(p.argmax()))
-            rows.append([name, cluster, names.get(cluster, ""), round(float(p.max()), 4), ""])
+            row = next(labelled)
+            cluster = self.store.merged_into(row["cluster"])  # shown as curated: merged and renamed
+            rows.append([name, cluster, names.get(cluster, ""), row["confidence"], ""])
         return rows
 
     def _batch_decode(self, item: BatchItem) -> tuple[Image.Image | None, str]:

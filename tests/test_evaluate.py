@@ -71,3 +71,40 @@ def test_time_budget_ends_on_time_with_evaluations_logged(tmp_path: Path) -> Non
     assert "eval" in rows[-1] and rows[-1]["epoch"] == final["epoch"]  # and at the end
     assert any(row.get("self_labelling") for row in rows)  # the schedule's last stage was reached
     assert rows[-1]["step"] < 10_000 * 8
+
+
+def test_training_eval_onnx_eval_and_label_give_the_same_probabilities(shapes_folder: Path, tmp_path: Path) -> None:
+    """One preprocessing contract: the run evaluated in PyTorch, its exported model under `twist eval`, and
+    `twist label` see the same pixels, so they give the same probabilities (images of odd, non-square sizes
+    go through the 256/224 resize and the central crop)."""
+    import numpy as np
+    from PIL import Image
+
+    from twist_core.evaluate import EvalConfig, _predict_source
+    from twist_core.export import ExportConfig, export_model
+    from twist_core.label import LabelConfig, label_folder, read_labels
+
+    data = tmp_path / "data"
+    sizes = [(90, 70), (64, 101), (121, 81), (77, 77), (100, 66), (83, 95)]
+    for label in ("discs", "stripes"):
+        (data / label).mkdir(parents=True)
+        for i, source in enumerate(sorted((shapes_folder / label).glob("*.png"))[:len(sizes)]):
+            image = Image.open(source).convert("RGB").resize(sizes[i], Image.Resampling.BILINEAR)
+            image.save(data / label / (f"{i}.jpg" if i % 2 else f"{i}.png"), quality=90)
+    run = tmp_path / "run"
+    train(tiny_train_config(data, run, image_size=72, epochs=1, batch_size=6))
+    model = export_model(ExportConfig(run=str(run), out=str(tmp_path / "m.onnx")))
+    card = json.loads(model.with_suffix(".json").read_text())
+    assert (card["input_size"], card["resize_size"]) == (72, 82)
+
+    run_probs, _, run_data = _predict_source(EvalConfig(source=str(run), data=str(data), workers=0, device="cpu"))
+    onnx_probs, _, onnx_data = _predict_source(EvalConfig(source=str(model), data=str(data), workers=0))
+    label_folder(LabelConfig(model=str(model), folder=str(data), out=str(tmp_path / "t.csv"), workers=0,
+                             progress=False, topk=card["n_classes"]))
+    rows, _ = read_labels(tmp_path / "t.csv")
+    by_path = {row["path"]: dict(json.loads(row["topk"])) for row in rows}
+    label_probs = np.array([[by_path[path][k] for k in range(card["n_classes"])] for path in onnx_data.files])
+
+    assert run_data.files == onnx_data.files and len(run_data.files) == 12
+    np.testing.assert_allclose(onnx_probs, run_probs, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(label_probs, run_probs, atol=1e-4, rtol=0)

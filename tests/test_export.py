@@ -20,10 +20,10 @@ from twist_core.export import (
     check_parity,
     export_model,
     main,
-    to_plain_batchnorm,
 )
-from twist_core.infer import OnnxModel, Preprocess
+from twist_core.infer import OnnxModel
 from twist_core.model import ModelSpec, TwistModel
+from twist_core.preprocess import Preprocess
 
 
 @pytest.fixture(scope="module")
@@ -96,20 +96,23 @@ def test_tampered_model_fails_parity(exported: Path, tiny_run: Path, tmp_path: P
         check_parity(module, tampered, batch)
 
 
-def test_sync_batchnorm_becomes_plain_batchnorm() -> None:
-    model = TwistModel(ModelSpec(width=8, hidden_dim=16, n_classes=3, small_stem=True)).eval()
-    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(TwistModel(model.spec))
-    synced.load_state_dict(model.state_dict())
-    plain = to_plain_batchnorm(synced).eval()
-    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in plain.modules())
-    images = torch.randn(4, 3, 32, 32)
-    with torch.no_grad():
-        for ours, reference in zip(plain(images), model(images), strict=True):
-            torch.testing.assert_close(ours, reference)
+def test_card_copies_the_sizes_the_checkpoint_records(tiny_run: Path) -> None:
+    checkpoint = load_checkpoint(tiny_run)
+    assert (checkpoint["model_spec"]["input_size"], checkpoint["model_spec"]["resize_size"]) == (32, 32)
+    checkpoint["config"] = {**checkpoint["config"], "image_size": 224}  # the recorded sizes win over the config
+    card = build_card(checkpoint, tiny_run / "last.pt", ["a", "b", "c", "d"], 17, 64)
+    assert (card["input_size"], card["resize_size"]) == (32, 32)
+
+
+def test_onnx_doc_string_says_what_the_embedding_is(exported: Path) -> None:
+    doc = onnx.load(str(exported)).doc_string
+    assert "hidden layer" in doc and "pooled" not in doc  # the tiny run is a patches model
 
 
 def test_preprocessing_contract_for_large_images(tiny_run: Path) -> None:
     checkpoint = load_checkpoint(tiny_run)
+    older = ("input_size", "resize_size")  # a checkpoint written before the spec recorded its sizes
+    checkpoint["model_spec"] = {k: v for k, v in checkpoint["model_spec"].items() if k not in older}
     checkpoint["config"] = {**checkpoint["config"], "image_size": 224}
     card = build_card(checkpoint, tiny_run / "last.pt", ["a", "b", "c", "d"], 17, 64)
     assert (card["input_size"], card["resize_size"]) == (224, 256)

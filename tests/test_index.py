@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from twist_core.index import ImageIndex
+from twist_core.index import IndexReader, IndexWriter, find_duplicates
 from twist_core.index_build import IndexConfig, build_index
-from twist_core.index_store import FAULT_ENV, IndexChangedError, IndexUserError
+from twist_core.index_store import CURATION_FILE, FAULT_ENV, IndexChangedError, IndexUserError, meta_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,10 +71,10 @@ def exact_topk(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarra
     return np.take_along_axis(sims, top, axis=1), top
 
 
-def build(tmp_path: Path, vectors: np.ndarray, clusters: np.ndarray, **options) -> ImageIndex:
+def build(tmp_path: Path, vectors: np.ndarray, clusters: np.ndarray, **options) -> IndexWriter:
     table = write_labels(tmp_path / "labels", vectors, clusters, make_files=options.pop("make_files", False))
     build_index(IndexConfig(source=str(table), out=str(tmp_path / "index"), device="cpu", **options))
-    return ImageIndex.open(tmp_path / "index", device="cpu")
+    return IndexWriter.open(tmp_path / "index", device="cpu")
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -113,7 +113,7 @@ def test_ivf_recall_at_10(tmp_path: Path) -> None:
 def test_rows_with_errors_are_skipped_and_jsonl_tables_work(tmp_path: Path) -> None:
     vectors, clusters = clustered(200, 16, 4)
     table = write_labels(tmp_path, vectors, clusters, fmt="jsonl", errors=frozenset({3, 50}))
-    index = ImageIndex.open(build_index(IndexConfig(source=str(table), out=str(tmp_path / "ix"))), "cpu")
+    index = IndexWriter.open(build_index(IndexConfig(source=str(table), out=str(tmp_path / "ix"))), "cpu")
     assert index.size == 198
     assert set(index.ids_for_paths([f"c{clusters[3]}/img00003.png", f"c{clusters[4]}/img00004.png"]).keys()) \
         == {f"c{clusters[4]}/img00004.png"}
@@ -128,7 +128,7 @@ def test_add_and_remove_keep_ids_and_metadata_consistent(tmp_path: Path, kind: s
     new_ids = index.add([{"path": f"new/{i}.png", "cluster": 1, "confidence": 0.9} for i in range(30)], extra)
     np.testing.assert_array_equal(new_ids, np.arange(2000, 2030))
     assert index.remove([0, "new/3.png", "not/there.png", 123456]) == 2
-    for reopened in (index, ImageIndex.open(tmp_path / "index", "cpu")):
+    for reopened in (index, IndexWriter.open(tmp_path / "index", "cpu")):
         assert reopened.size == 2028 == reopened._store.count()
         assert {i: reopened.get(i).path for i in (1, 500, 1999)} == {i: before[i] for i in (1, 500, 1999)}
         with pytest.raises(IndexUserError):
@@ -152,7 +152,7 @@ def test_ivfpq_compressed_index_searches_and_updates(tmp_path: Path) -> None:
     _, want = exact_topk(vectors, vectors[:100], 10)
     got = [[h.id for h in row] for row in index.search_vectors(vectors[:100], k=10)]
     assert np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want, strict=True)]) > 0.6
-    assert index.remove([0, 1]) == 2 and ImageIndex.open(tmp_path / "index", "cpu").size == 2998
+    assert index.remove([0, 1]) == 2 and IndexWriter.open(tmp_path / "index", "cpu").size == 2998
 
 
 @pytest.mark.parametrize("stage", ["meta-written", "index-written", "before-manifest"])
@@ -160,18 +160,18 @@ def test_crash_during_update_leaves_previous_index_usable(tmp_path: Path, stage:
     vectors, clusters = clustered(1000, 16, 5)
     index = build(tmp_path, vectors, clusters)
     expected = [h.id for h in index.search_vectors(vectors[:1], k=20)[0]]
-    script = ("import numpy as np; from twist_core.index import ImageIndex; "
-              f"ix = ImageIndex.open({str(tmp_path / 'index')!r}, 'cpu'); "
+    script = ("import numpy as np; from twist_core.index import IndexWriter; "
+              f"ix = IndexWriter.open({str(tmp_path / 'index')!r}, 'cpu'); "
               "ix.add([f'x/{i}.png' for i in range(5)], np.ones((5, 16), np.float32)); ix.remove([0, 1, 2])")
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**os.environ, FAULT_ENV: stage},
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 75, done.stderr  # killed at the fault point, mid-update
-    after = ImageIndex.open(tmp_path / "index", "cpu")
+    after = IndexWriter.open(tmp_path / "index", "cpu")
     assert after.size == 1000 == after._store.count() and after.generation == index.generation
     assert [h.id for h in after.search_vectors(vectors[:1], k=20)[0]] == expected
     assert not after.ids_for_paths(["x/0.png"])
     after.remove([7])  # the next update succeeds and sweeps the half-written generation away
-    assert ImageIndex.open(tmp_path / "index", "cpu").size == 999
+    assert IndexWriter.open(tmp_path / "index", "cpu").size == 999
     left = [p.name for p in (tmp_path / "index").iterdir() if "gen-" in p.name]
     assert left == [f"gen-{after.generation:06d}"]
 
@@ -179,25 +179,25 @@ def test_crash_during_update_leaves_previous_index_usable(tmp_path: Path, stage:
 def test_crash_after_manifest_swap_shows_the_new_state(tmp_path: Path) -> None:
     vectors, clusters = clustered(300, 16, 3)
     build(tmp_path, vectors, clusters)
-    script = ("from twist_core.index import ImageIndex; "
-              f"ImageIndex.open({str(tmp_path / 'index')!r}, 'cpu').remove([0, 1])")
+    script = ("from twist_core.index import IndexWriter; "
+              f"IndexWriter.open({str(tmp_path / 'index')!r}, 'cpu').remove([0, 1])")
     env = {**os.environ, FAULT_ENV: "after-manifest"}
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 75, done.stderr
-    assert ImageIndex.open(tmp_path / "index", "cpu").size == 298
+    assert IndexWriter.open(tmp_path / "index", "cpu").size == 298
 
 
 def test_concurrent_writer_is_refused_and_state_reloaded(tmp_path: Path) -> None:
     vectors, clusters = clustered(300, 16, 3)
     first = build(tmp_path, vectors, clusters)
-    second = ImageIndex.open(tmp_path / "index", "cpu")
+    second = IndexWriter.open(tmp_path / "index", "cpu")
     first.remove([5])
     with pytest.raises(IndexChangedError):
         second.remove([6])
     assert second.size == 299 and second._cpu.ntotal == second._store.count()  # memory matches disk again
     second.remove([6])
-    assert ImageIndex.open(tmp_path / "index", "cpu").size == 298
+    assert IndexWriter.open(tmp_path / "index", "cpu").size == 298
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf"])
@@ -228,10 +228,10 @@ def test_duplicates_finds_planted_near_copies(tmp_path: Path) -> None:
             noisy = vectors[group[0]] + 0.02 * rng.normal(size=64).astype(np.float32)
             vectors[copy] = noisy / np.linalg.norm(noisy)
     index = build(tmp_path, vectors, clusters)
-    groups = index.duplicates(threshold=0.97)
+    groups = find_duplicates(index, threshold=0.97)
     assert sorted(sorted(h.id for h in g) for g in groups) == sorted(sorted(g) for g in planted)
     assert len(groups[0]) == 3 and all(h.similarity >= 0.97 for g in groups for h in g)
-    assert index.duplicates(threshold=0.9999) == []
+    assert find_duplicates(index, threshold=0.9999) == []
 
 
 def test_records_paging_and_cluster_summary(tmp_path: Path) -> None:
@@ -266,7 +266,7 @@ def test_dimension_mismatch_and_missing_index_are_user_errors(tmp_path: Path) ->
     with pytest.raises(IndexUserError, match="dimension"):
         index.search_vectors(np.ones((1, 8), np.float32))
     with pytest.raises(IndexUserError, match="no index"):
-        ImageIndex.open(tmp_path / "nowhere", "cpu")
+        IndexWriter.open(tmp_path / "nowhere", "cpu")
 
 
 def test_cli_index_search_duplicates(tmp_path: Path) -> None:
@@ -312,7 +312,7 @@ def test_index_a_folder_search_by_image_and_update_with_the_onnx_model(tmp_path:
         (folder / f).unlink()
     build_index(IndexConfig(source=str(folder), model=str(model_path), out=str(tmp_path / "ix"),
                             device="cpu"))
-    index = ImageIndex.open(tmp_path / "ix", "cpu")
+    index = IndexWriter.open(tmp_path / "ix", "cpu")
     assert index.size == len(files) - 3 and index.root == folder.resolve()
     top = index.search_image(model, folder / files[7], k=3)[0]
     assert top.path == files[7] and top.similarity == pytest.approx(1.0, abs=1e-4)
@@ -324,3 +324,44 @@ def test_index_a_folder_search_by_image_and_update_with_the_onnx_model(tmp_path:
     cli = run_cli("search", str(tmp_path / "ix"), str(folder / files[-1]), "-k", "2", "--device", "cpu")
     assert cli.returncode == 0, cli.stderr
     assert files[-1] in cli.stdout.splitlines()[1]
+
+
+def test_search_and_duplicates_show_the_name_given_in_the_app(tmp_path: Path) -> None:
+    """Names live in the model card and the app's curation store: a rename in the app reaches the commands."""
+    from app.curation import CurationStore
+
+    vectors, clusters = clustered(200, 16, 4)
+    vectors[1], clusters[1] = vectors[0], clusters[0]  # one pair of duplicates
+    build(tmp_path, vectors, clusters).close()
+    index_dir, cluster = tmp_path / "index", int(clusters[0])
+    names = [f"class{c}" for c in range(4)]
+    store = CurationStore(index_dir / CURATION_FILE, meta_path(index_dir), names)  # the app's default state dir
+    before = run_cli("search", str(index_dir), "--id", "0", "-k", "3", "--device", "cpu")
+    assert before.returncode == 0 and f"{cluster} class{cluster}" in before.stdout, before.stderr
+    store.rename(cluster, "retrievers")  # the store stays open, as in a running app
+    after = run_cli("search", str(index_dir), "--id", "0", "-k", "3", "--device", "cpu", "--json",
+                    str(tmp_path / "hits.json"))
+    assert after.returncode == 0 and f"{cluster} retrievers" in after.stdout, after.stderr
+    assert f"class{cluster}" not in after.stdout
+    assert json.loads((tmp_path / "hits.json").read_text())["hits"][0]["cluster_name"] == "retrievers"
+    twins = run_cli("duplicates", str(index_dir), "--threshold", "0.9999", "--device", "cpu")
+    assert twins.returncode == 0 and f"{cluster} retrievers" in twins.stdout, twins.stderr
+    reader = IndexReader.open(index_dir, "cpu")
+    assert reader.cluster_names()[cluster] == "retrievers" and reader.get(0).cluster_name == "retrievers"
+    store.undo()
+    assert reader.get(0).cluster_name == f"class{cluster}"  # a running reader follows the store
+    store.close()
+
+    elsewhere = tmp_path / "state"  # the app started with --state-dir
+    other = CurationStore(elsewhere / CURATION_FILE, meta_path(index_dir), names)
+    other.rename(cluster, "hounds")
+    other.close()
+    moved = run_cli("search", str(index_dir), "--id", "0", "-k", "1", "--device", "cpu", "--state-dir", str(elsewhere))
+    assert moved.returncode == 0 and f"{cluster} hounds" in moved.stdout, moved.stderr
+
+
+def test_a_reader_only_reads(tmp_path: Path) -> None:
+    vectors, clusters = clustered(50, 8, 2)
+    build(tmp_path, vectors, clusters).close()
+    reader = IndexReader.open(tmp_path / "index", "cpu")
+    assert reader.search_id(0, k=2) and not hasattr(reader, "add") and not hasattr(reader, "remove")

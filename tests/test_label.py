@@ -112,7 +112,7 @@ def test_kill_and_resume_gives_the_uninterrupted_table(model_path: Path, cifar_1
     assert process.returncode == -signal.SIGKILL and 2 <= committed < 20 and not out.exists()
 
     # A different folder cannot continue this partial run.
-    assert main(label_command(model_path, shapes_folder, out)) == 1
+    assert main(label_command(model_path, shapes_folder, out)) == 2
     assert "different the folder" in capsys.readouterr().err
     summary = label_folder(config(model_path, cifar_1k, out))
     assert summary["resumed_chunks"] == committed and summary["images_this_run"] == 1000 - 50 * committed
@@ -121,7 +121,7 @@ def test_kill_and_resume_gives_the_uninterrupted_table(model_path: Path, cifar_1
     np.testing.assert_array_equal(np.load(labels_paths(out)[0]), whole_embeddings)
     assert not parts.exists()
 
-    assert main(label_command(model_path, cifar_1k, out)) == 1  # a finished table is not silently replaced
+    assert main(label_command(model_path, cifar_1k, out)) == 2  # a finished table is not silently replaced
     assert "--overwrite" in capsys.readouterr().err
 
 
@@ -171,9 +171,9 @@ def test_exported_tree_opens_with_imagefolder(model_path: Path, bad_folder: Path
 
 def test_user_errors_are_one_line(model_path: Path, tmp_path: Path, capsys) -> None:
     (tmp_path / "empty").mkdir()
-    assert main([str(tmp_path / "missing.onnx"), str(tmp_path / "empty")]) == 1
-    assert main([str(model_path), str(tmp_path / "empty"), "--out", str(tmp_path / "x.csv")]) == 1
-    assert main([str(model_path), str(tmp_path / "empty"), "--out", str(tmp_path / "x.xlsx")]) == 1
+    assert main([str(tmp_path / "missing.onnx"), str(tmp_path / "empty")]) == 2
+    assert main([str(model_path), str(tmp_path / "empty"), "--out", str(tmp_path / "x.csv")]) == 2
+    assert main([str(model_path), str(tmp_path / "empty"), "--out", str(tmp_path / "x.xlsx")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("twist label: error:") for line in err)
     assert "no model" in err[0] and "no image files" in err[1] and ".csv" in err[2]

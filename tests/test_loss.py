@@ -16,7 +16,7 @@ def numpy_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def numpy_twist(a: np.ndarray, b: np.ndarray, tau: float, lam1: float, lam2: float) -> dict[str, float]:
-    """Written from the formula in docs/TWIST.md, in float64, sharing no code with twist_core."""
+    """Written from the paper's formula (TWIST, arXiv:2110.07402), in float64, sharing no code with twist_core."""
     p1, p2 = numpy_softmax(a), numpy_softmax(b)
     kl12 = np.sum(p1 * (np.log(p1 + EPS) - np.log(p2 + EPS)), axis=1)
     kl21 = np.sum(p2 * (np.log(p2 + EPS) - np.log(p1 + EPS)), axis=1)

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from twist_core.augment import IMAGENET_MEAN, IMAGENET_STD
 from twist_core.patches import (
     CACHE_CHUNK,
     PATCH,
@@ -23,6 +22,7 @@ from twist_core.patches import (
     region_average,
 )
 from twist_core.patches_conv import PatchConvBackbone
+from twist_core.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
 def load_folder(root: Path) -> tuple[torch.Tensor, np.ndarray]:

@@ -17,14 +17,6 @@ from torch.utils.data import DataLoader, Dataset
 from twist_core.folder import DEFAULT_MAX_PIXELS, ImageReadError, decode_image, resize_center_crop
 
 
-def decode_size(image_size: int) -> int:
-    """Square side images are decoded to before cropping: the crop itself for small images, else 256 for 224.
-
-    Training takes random crops of it; inference (and the exported model's contract) takes the central crop.
-    """
-    return image_size if image_size <= 64 else round(image_size * 256 / 224)
-
-
 class FolderImages(Dataset):
     """``dataset[i] -> (i, uint8 tensor 3 x size x size, error message or "")``."""
 

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 
 from twist_core.config import add_dataclass_arguments, build_config, option
-from twist_core.index import ImageIndex
+from twist_core.index import IndexReader, find_duplicates
 from twist_core.index_store import IndexUserError
 from twist_core.io_utils import atomic_write_text
 from twist_core.search import format_hits, hit_dict
@@ -20,6 +20,7 @@ class DuplicatesConfig:
     threshold: float = option(0.95, "cosine similarity at or above which two images count as near-duplicates")
     device: str = option("auto", "where FAISS runs", choices=["auto", "cpu", "cuda"])
     json: str | None = option(None, "also write the groups to this JSON file")
+    state_dir: str | None = option(None, "the app's state folder, whose cluster names are shown; default: INDEX")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,9 +34,11 @@ def main(argv: list[str] | None = None) -> int:
             raise IndexUserError("give the INDEX folder")
         if not -1.0 <= config.threshold <= 1.0:
             raise IndexUserError(f"--threshold is a cosine similarity in [-1, 1], got {config.threshold}")
-        index = ImageIndex.open(config.index, config.device)
-        groups = index.duplicates(config.threshold)
-        index.close()
+        index = IndexReader.open(config.index, config.device, config.state_dir)
+        try:
+            groups = find_duplicates(index, config.threshold)
+        finally:
+            index.close()
     except (IndexUserError, ValueError, OSError) as error:
         print(f"twist duplicates: error: {error}", file=sys.stderr)
         return 1

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from twist_core.augment import IMAGENET_MEAN, IMAGENET_STD
 from twist_core.config import build_config, command_parser, option
-from twist_core.dataset import FolderImages, decode_all, decode_size
+from twist_core.dataset import FolderImages, decode_all
 from twist_core.folder import DEFAULT_MAX_PIXELS, NoImagesError, ground_truth_labels, require_images
 from twist_core.io_utils import atomic_write_text
 from twist_core.metrics import cluster_report, kmeans_clusters, knn_accuracy
 from twist_core.model import TwistModel
+from twist_core.preprocess import centre_crop_normalise, decode_size
 
 PIXEL_BASELINE_SIZE = 32
 
@@ -57,26 +57,18 @@ class EvalImages:
 
 
 def load_eval_images(root: str | Path, image_size: int, workers: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS,
-                     progress: bool = True) -> EvalImages:
+                     progress: bool = True, resize_size: int | None = None) -> EvalImages:
+    """The labelled images decoded to ``resize_size`` (default: the contract's for ``image_size``)."""
     files = require_images(root)
     class_names, labels = ground_truth_labels(files)
     if len(class_names) < 2 or "" in class_names:
         raise NoImagesError(f"{root}: evaluation needs images in class subfolders (DATA/<class>/image), "
                             f"found {len(class_names)} class folder(s)")
-    images, failures = decode_all(FolderImages(root, files, decode_size(image_size), max_pixels), workers, progress)
+    resize_size = resize_size or decode_size(image_size)
+    images, failures = decode_all(FolderImages(root, files, resize_size, max_pixels), workers, progress)
     keep = np.array([i not in failures for i in range(len(files))])
     return EvalImages(images[torch.from_numpy(keep)], labels[keep], class_names,
                       [f for f, k in zip(files, keep, strict=True) if k], failures)
-
-
-def normalise(images: torch.Tensor, crop: int) -> torch.Tensor:
-    """uint8 N x 3 x S x S -> centre crop -> float normalised with the ImageNet mean/std."""
-    size = images.shape[-1]
-    top = (size - crop) // 2
-    images = images[..., top:top + crop, top:top + crop].float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return (images - mean) / std
 
 
 @torch.no_grad()
@@ -87,7 +79,7 @@ def predict_torch(model: TwistModel, images: torch.Tensor, crop: int, device: to
     model.eval()
     probs, embeddings = [], []
     for start in range(0, len(images), batch_size):
-        batch = normalise(images[start:start + batch_size].to(device), crop)
+        batch = centre_crop_normalise(images[start:start + batch_size].to(device), crop)
         embedding, p = model.probabilities(batch.contiguous(memory_format=torch.channels_last))
         probs.append(p.float().cpu())
         embeddings.append(embedding.float().cpu())
@@ -173,24 +165,26 @@ def _predict_source(config: EvalConfig) -> tuple[np.ndarray, np.ndarray, EvalIma
         from twist_core.infer import OnnxModel
 
         onnx_model = OnnxModel(source, device=config.device)
-        image_size = int(onnx_model.card["input_size"])
-        data = load_eval_images(config.data, image_size, config.workers, config.max_pixels, progress)
-        batches = [normalise(data.images[i:i + config.batch_size], image_size).numpy()
+        transform = onnx_model.transform
+        data = load_eval_images(config.data, transform.input_size, config.workers, config.max_pixels, progress,
+                                transform.resize_size)
+        batches = [centre_crop_normalise(data.images[i:i + config.batch_size], transform.input_size).numpy()
                    for i in range(0, len(data.images), config.batch_size)]
         outputs = [onnx_model.predict_arrays(batch) for batch in batches]
         return np.concatenate([o[0] for o in outputs]), np.concatenate([o[1] for o in outputs]), data
     from twist_core.checkpoint import load_checkpoint
     from twist_core.distributed import pick_device
-    from twist_core.model import ModelSpec
+    from twist_core.model import checkpoint_spec
 
     checkpoint = load_checkpoint(source)
-    model = TwistModel(ModelSpec(**checkpoint["model_spec"]))
+    spec = checkpoint_spec(checkpoint)
+    model = TwistModel(spec)
     model.load_state_dict(checkpoint["model"])
     device = pick_device(config.device)
     model.to(device).to(memory_format=torch.channels_last)
-    image_size = int(checkpoint["config"]["image_size"])
-    data = load_eval_images(config.data, image_size, config.workers, config.max_pixels, progress)
-    probs, embeddings = predict_torch(model, data.images, image_size, device, config.batch_size)
+    data = load_eval_images(config.data, spec.input_size, config.workers, config.max_pixels, progress,
+                            spec.resize_size)
+    probs, embeddings = predict_torch(model, data.images, spec.input_size, device, config.batch_size)
     return probs, embeddings, data
 
 

@@ -23,14 +23,13 @@ import torch
 from torch import nn
 
 from twist_core import __version__
-from twist_core.augment import IMAGENET_MEAN, IMAGENET_STD
 from twist_core.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from twist_core.config import build_config, command_parser, option
-from twist_core.dataset import decode_size
 from twist_core.folder import ImageReadError, scan_folder
-from twist_core.infer import CARD_KEY, Preprocess, create_session
+from twist_core.infer import CARD_KEY, create_session
 from twist_core.io_utils import atomic_write, atomic_write_text, file_sha256
-from twist_core.model import ModelSpec, TwistModel
+from twist_core.model import PATCH_BACKBONES, ModelSpec, TwistModel, checkpoint_spec
+from twist_core.preprocess import Preprocess, card_fields
 
 N_VERIFY_IMAGES = 16
 
@@ -48,26 +47,6 @@ class ExportConfig:
 
 class ExportError(Exception):
     """The run cannot be exported as asked (bad class names, a failed parity check, ...)."""
-
-
-class AnyDimBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """Plain BatchNorm for any input rank, the replacement for SyncBatchNorm (which cannot run on CPU)."""
-
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        return None
-
-
-def to_plain_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every SyncBatchNorm by an equivalent plain BatchNorm, keeping weights and statistics."""
-    if isinstance(module, nn.SyncBatchNorm):
-        plain = AnyDimBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                module.track_running_stats)
-        plain.load_state_dict(module.state_dict())
-        plain.train(module.training)
-        return plain
-    for name, child in module.named_children():
-        setattr(module, name, to_plain_batchnorm(child))
-    return module
 
 
 class ProbabilityModel(nn.Module):
@@ -96,23 +75,25 @@ def parse_class_names(value: str | None, n_classes: int) -> list[str]:
     return names
 
 
+def embedding_meaning(spec: ModelSpec) -> str:
+    """What the ``embedding`` output is for this backbone (the card and the ONNX doc string say it)."""
+    if spec.backbone in PATCH_BACKBONES:
+        return f"the head's first hidden layer ({spec.hidden_dim}-d), above the {spec.backbone} backbone's features"
+    return "the ResNet's pooled feature (a learned representation)"
+
+
 def build_card(checkpoint: dict[str, Any], checkpoint_path: Path, class_names: list[str], opset: int,
                embedding_dim: int) -> dict:
-    spec = ModelSpec(**checkpoint["model_spec"])
+    """The model card; the preprocessing sizes are the ones the checkpoint records (see ``checkpoint_spec``)."""
+    spec = checkpoint_spec(checkpoint)
     training = checkpoint["config"]
-    size = int(training["image_size"])
-    resize = decode_size(size)
     return {
         "format": 1, "input_name": "images", "outputs": ["embedding", "probs"],
-        "input_size": size, "resize_size": resize,
-        "resize": f"shorter side to {resize} px (bicubic), then the central {size} x {size} square",
-        "interpolation": "bicubic", "channel_order": "RGB", "layout": "NCHW", "dtype": "float32",
-        "scale": "pixel / 255, then (x - mean) / std", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+        **card_fields(spec.input_size, spec.resize_size),
         "n_classes": spec.n_classes, "class_names": class_names,
         "backbone": spec.backbone, "width": spec.width, "small_stem": spec.small_stem,
         "hidden_dim": spec.hidden_dim, "tau": spec.tau, "embedding_dim": embedding_dim,
-        "embedding": ("the head's first hidden layer (the patches backbone is fixed features)"
-                      if spec.backbone == "patches" else "the ResNet's pooled feature (a learned representation)"),
+        "embedding": embedding_meaning(spec),
         "init": training.get("init"), "init_sha256": training.get("init_sha256"),
         "training_config": training, "checkpoint": str(checkpoint_path),
         "checkpoint_sha256": file_sha256(checkpoint_path), "checkpoint_epoch": checkpoint.get("epoch"),
@@ -191,10 +172,10 @@ def export_model(config: ExportConfig) -> Path:
     run = Path(config.run)
     checkpoint_path = run / CHECKPOINT_NAME if run.is_dir() else run
     checkpoint = load_checkpoint(checkpoint_path)
-    spec = ModelSpec(**checkpoint["model_spec"])
+    spec = checkpoint_spec(checkpoint)
     model = TwistModel(spec)
     model.load_state_dict(checkpoint["model"])
-    module = ProbabilityModel(to_plain_batchnorm(model)).eval()
+    module = ProbabilityModel(model).eval()
     curated = run / "class_names.txt" if run.is_dir() else None  # written by twist finetune
     names = parse_class_names(config.class_names or (str(curated) if curated and curated.is_file() else None),
                               spec.n_classes)
@@ -213,7 +194,7 @@ def export_model(config: ExportConfig) -> Path:
         finally:
             scratch.unlink(missing_ok=True)
     proto.producer_name, proto.producer_version = "twist", __version__
-    proto.doc_string = "TWIST image clustering model; outputs embedding (pooled backbone feature) and probs"
+    proto.doc_string = f"TWIST image clustering model; outputs probs and embedding: {card['embedding']}"
     readable = {"n_classes": card["n_classes"], "input_size": card["input_size"],
                 "resize_size": card["resize_size"], "mean": card["mean"], "std": card["std"],
                 "channel_order": card["channel_order"], "class_names": card["class_names"],

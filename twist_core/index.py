@@ -1,21 +1,25 @@
 """Query and update an image index: nearest neighbours by vector, id or image; add, remove, find duplicates.
 
-An :class:`ImageIndex` pairs a FAISS index (vector id = image id) with the SQLite metadata of the same
-generation (see :mod:`twist_core.index_store`), so an id always resolves to its image. Every update writes
-a new generation and swaps it in atomically; if anything fails the object reloads the last committed state.
-Build one with :func:`twist_core.index_build.build_index` (``twist index``).
+An :class:`IndexReader` pairs a FAISS index (vector id = image id) with the SQLite metadata of the same
+generation (see :mod:`twist_core.index_store`), so an id always resolves to its image; it looks images up and
+searches. An :class:`IndexWriter` also adds and removes: every update writes a new generation and swaps it in
+atomically, and if anything fails the object reloads the last committed state. :func:`find_duplicates` and
+:func:`embed_and_add` work on them. Build one with :func:`twist_core.index_build.build_index` (``twist index``).
+
+Hits show each cluster's current name: the app's (its curation store in the state folder, by default the
+index folder) where it renamed the cluster, else the model card's the images were labelled with.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import faiss
 import numpy as np
@@ -25,18 +29,21 @@ from scipy.sparse.csgraph import connected_components
 from twist_core.folder import ImageReadError, decode_image
 from twist_core.index_faiss import normalized, resolve_device, search_params, set_nprobe, to_device
 from twist_core.index_store import (
+    CURATION_FILE,
     INDEX_FILE,
     META_FILE,
     IndexUserError,
     MetaStore,
     commit_generation,
+    curated_names,
     file_fingerprint,
     new_uid,
     read_manifest,
 )
 from twist_core.io_utils import path_from_text
+from twist_core.label_table import label_rows
 
-TOPK_STORED = 3  # class probabilities kept per image, for the app's "why this cluster" view
+Opened = TypeVar("Opened", bound="IndexReader")
 
 
 @dataclass(frozen=True)
@@ -56,12 +63,20 @@ class Hit:
     confidence: float | None
 
 
-class ImageIndex:
-    """A FAISS index plus its metadata, loaded from one committed generation of ``index_dir``."""
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+class IndexReader:
+    """A FAISS index plus its metadata, loaded from one committed generation of ``index_dir``: look-ups, search."""
 
     def __init__(self, index_dir: Path, generation: int, cpu_index: faiss.Index, store: MetaStore,
-                 device: str) -> None:
+                 device: str, state_dir: Path | None = None) -> None:
         self.index_dir = Path(index_dir)
+        self.state_dir = Path(state_dir) if state_dir else self.index_dir
         self.generation = generation
         self.device = device
         self._cpu = cpu_index
@@ -73,10 +88,15 @@ class ImageIndex:
                                  f"{store.count()} images; rebuild it with twist index")
         set_nprobe(self._cpu, self.nprobe)
         self._search = to_device(self._cpu, device)
+        self._curated: tuple[tuple, dict[int, str]] = ((), {})  # (store files' stat, names) read last
 
     @classmethod
-    def open(cls, index_dir: str | Path, device: str = "auto") -> ImageIndex:
-        """The generation named by the manifest; retried if a writer swaps generations while we read."""
+    def open(cls: type[Opened], index_dir: str | Path, device: str = "auto",
+             state_dir: str | Path | None = None) -> Opened:
+        """The generation named by the manifest; retried if a writer swaps generations while we read.
+
+        ``state_dir`` is the app's state folder whose cluster names hits show (default: the index folder).
+        """
         index_dir = Path(index_dir)
         device = resolve_device(device)
         for _ in range(5):
@@ -91,30 +111,9 @@ class ImageIndex:
                     continue
                 reason = str(error).splitlines()[0]
                 raise IndexUserError(f"index in {index_dir} cannot be read ({reason})") from error
-            return cls(index_dir, manifest["generation"], cpu_index, store, device)
+            return cls(index_dir, manifest["generation"], cpu_index, store, device,
+                       Path(state_dir) if state_dir else None)
         raise IndexUserError(f"{index_dir} keeps changing under us; try again")
-
-    @classmethod
-    def create(cls, index_dir: str | Path, cpu_index: faiss.Index, rows: Sequence[dict[str, Any]],
-               info: dict[str, Any], device: str = "auto", ids: Sequence[int] | None = None,
-               expected: int | None = None) -> ImageIndex:
-        """Publish a freshly built index (ids ``0..len(rows)-1`` unless given) as a new generation.
-
-        ``expected`` is the generation a rebuild carried its ids from: it is refused if that one changed.
-        """
-        ids = list(range(len(rows))) if ids is None else [int(i) for i in ids]
-        next_id = max(int(info.get("next_id", 0)), max(ids, default=-1) + 1)
-
-        def write_meta(path: Path, generation: int) -> None:
-            store = MetaStore(path, readonly=False)
-            store.insert(ids, rows)
-            store.set_info({"uid": new_uid(), **info, "generation": generation, "next_id": next_id,
-                            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-            store.commit()
-            store.close()
-
-        commit_generation(Path(index_dir), cpu_index, write_meta, expected=expected)
-        return cls.open(index_dir, device)
 
     # ---- properties
     @property
@@ -145,17 +144,31 @@ class ImageIndex:
     def info(self) -> dict[str, Any]:
         return dict(self._info)
 
+    def cluster_names(self) -> dict[int, str]:
+        """Each cluster's current name: renamed in the app, else as the model card named it at indexing."""
+        with self._lock:
+            stored = self._store.stored_names()
+        return {**stored, **self._renamed()}
+
+    def _renamed(self) -> dict[int, str]:
+        """The app's names, read again only when its store's files changed (a stat per call, not a query)."""
+        path = self.state_dir / CURATION_FILE
+        stamp = tuple((s.st_mtime_ns, s.st_size) if (s := _stat(f)) else None
+                      for f in (path, path.with_name(path.name + "-wal")))
+        if stamp != self._curated[0]:
+            self._curated = (stamp, curated_names(self.state_dir))
+        return self._curated[1]
+
     # ---- lookups
+    def _hit(self, row: dict[str, Any], similarity: float | None, names: dict[int, str]) -> Hit:
+        name = names.get(row["cluster"], row["cluster_name"]) if row["cluster"] is not None else None
+        return Hit(row["id"], row["path"], self.file_of(row["path"]), similarity, row["cluster"], name,
+                   row["confidence"])
+
     def _hits(self, ids: np.ndarray, sims: np.ndarray | None) -> list[Hit]:
         keep = [int(i) for i in ids if i >= 0]
-        rows = self._store.rows(keep)
-        hits = []
-        for pos, i in enumerate(keep):
-            row = rows[i]
-            similarity = None if sims is None else float(sims[pos])
-            hits.append(Hit(i, row["path"], self.file_of(row["path"]), similarity, row["cluster"],
-                            row["cluster_name"], row["confidence"]))
-        return hits
+        rows, names = self._store.rows(keep), self._renamed()
+        return [self._hit(rows[i], None if sims is None else float(sims[pos]), names) for pos, i in enumerate(keep)]
 
     def get(self, image_id: int) -> Hit:
         with self._lock:
@@ -191,12 +204,15 @@ class ImageIndex:
         """One page of images, filtered and sorted in SQL so the app never loads a whole cluster."""
         with self._lock:
             rows = self._store.records(cluster, order_by, descending, offset, limit, min_conf, max_conf)
-        return [Hit(r["id"], r["path"], self.file_of(r["path"]), None, r["cluster"], r["cluster_name"],
-                    r["confidence"]) for r in rows]
+        names = self._renamed()
+        return [self._hit(row, None, names) for row in rows]
 
     def cluster_summary(self) -> list[dict[str, Any]]:
+        """Size and mean confidence per predicted cluster, with its current name."""
         with self._lock:
-            return self._store.cluster_summary()
+            summary = self._store.cluster_summary()
+        names = self._renamed()
+        return [{**row, "name": names.get(row["cluster"], row["name"])} for row in summary]
 
     # ---- search
     def _queries(self, vectors: np.ndarray) -> np.ndarray:
@@ -253,35 +269,45 @@ class ImageIndex:
         _, embeddings = model.predict([image])
         return self.search_vectors(embeddings, k, cluster)[0]
 
-    def duplicates(self, threshold: float = 0.95, batch: int = 4096) -> list[list[Hit]]:
-        """Groups of images linked by cosine >= ``threshold`` (range search, then connected components).
-
-        Largest groups first; each hit's similarity is its closest link inside the group.
-        """
+    def changed_paths(self) -> set[str]:
+        """Indexed files that still exist but changed since they were indexed (another picture, same name)."""
         with self._lock:
-            ids = self._store.all_ids()
-            rows: list[np.ndarray] = []
-            cols: list[np.ndarray] = []
-            sims: list[np.ndarray] = []
-            for start in range(0, len(ids), batch):
-                chunk = ids[start:start + batch]
-                vectors = self._cpu.reconstruct_batch(chunk)
-                lims, found_sims, found = self._cpu.range_search(vectors, threshold)
-                query_pos = np.repeat(np.arange(start, start + len(chunk)), np.diff(lims).astype(np.int64))
-                other = found != chunk[query_pos - start]
-                rows.append(query_pos[other])
-                cols.append(np.searchsorted(ids, found[other]))
-                sims.append(found_sims[other])
-        row, col, sim = (np.concatenate(a) if a else np.zeros(0) for a in (rows, cols, sims))
-        graph = coo_matrix((np.ones(len(row)), (row.astype(np.int64), col.astype(np.int64))),
-                           shape=(len(ids), len(ids)))
-        _, labels = connected_components(graph, directed=False)
-        best = np.full(len(ids), -1.0)
-        np.maximum.at(best, row.astype(np.int64), sim)
-        np.maximum.at(best, col.astype(np.int64), sim)
-        groups = [np.flatnonzero(labels == label) for label in np.unique(labels[best >= 0])]
-        result = [sorted(self._hits(ids[g], best[g]), key=lambda h: -h.similarity) for g in groups]  # type: ignore[operator]
-        return sorted(result, key=lambda group: (-len(group), group[0].path))
+            identities = self._store.identities()
+        changed = set()
+        for path, (_, fingerprint) in identities.items():
+            now = file_fingerprint(self.file_of(path)) if fingerprint is not None else None
+            if now is not None and now != fingerprint:
+                changed.add(path)
+        return changed
+
+    def close(self) -> None:
+        self._store.close()
+
+
+class IndexWriter(IndexReader):
+    """An index that can also change: add and remove images, each change published as a new generation."""
+
+    @classmethod
+    def create(cls, index_dir: str | Path, cpu_index: faiss.Index, rows: Sequence[dict[str, Any]],
+               info: dict[str, Any], device: str = "auto", ids: Sequence[int] | None = None,
+               expected: int | None = None) -> IndexWriter:
+        """Publish a freshly built index (ids ``0..len(rows)-1`` unless given) as a new generation.
+
+        ``expected`` is the generation a rebuild carried its ids from: it is refused if that one changed.
+        """
+        ids = list(range(len(rows))) if ids is None else [int(i) for i in ids]
+        next_id = max(int(info.get("next_id", 0)), max(ids, default=-1) + 1)
+
+        def write_meta(path: Path, generation: int) -> None:
+            store = MetaStore(path, readonly=False)
+            store.insert(ids, rows)
+            store.set_info({"uid": new_uid(), **info, "generation": generation, "next_id": next_id,
+                            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            store.commit()
+            store.close()
+
+        commit_generation(Path(index_dir), cpu_index, write_meta, expected=expected)
+        return cls.open(index_dir, device)
 
     # ---- updates
     def _commit(self, mutate: Callable[[], Callable[[MetaStore], None]]) -> None:
@@ -311,7 +337,7 @@ class ImageIndex:
             self._search = to_device(self._cpu, self.device)
 
     def _reload(self) -> None:
-        fresh = ImageIndex.open(self.index_dir, self.device)
+        fresh = IndexWriter.open(self.index_dir, self.device, self.state_dir)
         self._store.close()
         self.__dict__.update({k: v for k, v in fresh.__dict__.items() if k != "_lock"})
 
@@ -346,21 +372,6 @@ class ImageIndex:
         self._commit(mutate)
         return new_ids
 
-    def add_images(self, model: Any, paths: Sequence[str],
-                   batch_size: int = 64) -> tuple[np.ndarray, list[str]]:
-        """Label and add images (table text paths relative to ``root``); returns (new ids, why files were skipped)."""
-        images, kept, problems = [], [], []
-        for path in paths:
-            try:
-                images.append(decode_image(self.file_of(path)))
-                kept.append(path)
-            except (ImageReadError, OSError) as error:
-                problems.append(f"{path}: {error}")
-        if not kept:
-            return np.zeros(0, np.int64), problems
-        probs, embeddings = model.predict(images, batch_size=batch_size)
-        return self.add(label_rows(kept, probs, list(model.class_names)), embeddings), problems
-
     def remove(self, items: Iterable[int | str]) -> int:
         """Remove images given by id or relative path; unknown ones are ignored. Returns how many went."""
         items = list(items)
@@ -375,33 +386,57 @@ class ImageIndex:
             self._commit(mutate)
         return len(ids)
 
-    def changed_paths(self) -> set[str]:
-        """Indexed files that still exist but changed since they were indexed (another picture, same name)."""
-        with self._lock:
-            identities = self._store.identities()
-        changed = set()
-        for path, (_, fingerprint) in identities.items():
-            now = file_fingerprint(self.file_of(path)) if fingerprint is not None else None
-            if now is not None and now != fingerprint:
-                changed.add(path)
-        return changed
-
     def remove_missing(self) -> int:
         """Drop entries whose files no longer exist under ``root``."""
         gone = [i for i, path in self._store.all_paths() if not self.file_of(path).is_file()]
         return self.remove(gone)
 
-    def close(self) -> None:
-        self._store.close()
+
+ImageIndex = IndexWriter  # the name the app and older callers use: an index that reads and writes
 
 
-def label_rows(paths: Sequence[str], probs: np.ndarray, class_names: Sequence[str]) -> list[dict[str, Any]]:
-    """Table rows (cluster, name, confidence, margin, top-k) from class probabilities."""
-    order = np.argsort(-probs, axis=1)
-    rows = []
-    for path, p, o in zip(paths, probs, order, strict=True):
-        second = float(p[o[1]]) if len(o) > 1 else 0.0
-        rows.append({"path": path, "cluster": int(o[0]), "cluster_name": class_names[o[0]],
-                     "confidence": float(p[o[0]]), "margin": float(p[o[0]]) - second,
-                     "topk": json.dumps([[int(c), round(float(p[c]), 4)] for c in o[:TOPK_STORED]])})
-    return rows
+def find_duplicates(index: IndexReader, threshold: float = 0.95, batch: int = 4096) -> list[list[Hit]]:
+    """Groups of images linked by cosine >= ``threshold`` (range search, then connected components).
+
+    Largest groups first; each hit's similarity is its closest link inside the group.
+    """
+    with index._lock:
+        ids = index._store.all_ids()
+        rows: list[np.ndarray] = []
+        cols: list[np.ndarray] = []
+        sims: list[np.ndarray] = []
+        for start in range(0, len(ids), batch):
+            chunk = ids[start:start + batch]
+            vectors = index._cpu.reconstruct_batch(chunk)
+            lims, found_sims, found = index._cpu.range_search(vectors, threshold)
+            query_pos = np.repeat(np.arange(start, start + len(chunk)), np.diff(lims).astype(np.int64))
+            other = found != chunk[query_pos - start]
+            rows.append(query_pos[other])
+            cols.append(np.searchsorted(ids, found[other]))
+            sims.append(found_sims[other])
+    row, col, sim = (np.concatenate(a) if a else np.zeros(0) for a in (rows, cols, sims))
+    graph = coo_matrix((np.ones(len(row)), (row.astype(np.int64), col.astype(np.int64))), shape=(len(ids), len(ids)))
+    _, labels = connected_components(graph, directed=False)
+    best = np.full(len(ids), -1.0)
+    np.maximum.at(best, row.astype(np.int64), sim)
+    np.maximum.at(best, col.astype(np.int64), sim)
+    groups = [np.flatnonzero(labels == label) for label in np.unique(labels[best >= 0])]
+    result = [sorted(index._hits(ids[g], best[g]), key=lambda h: -h.similarity) for g in groups]  # type: ignore[operator]
+    return sorted(result, key=lambda group: (-len(group), group[0].path))
+
+
+def embed_and_add(index: IndexWriter, model: Any, paths: Sequence[str],
+                  batch_size: int = 64) -> tuple[np.ndarray, list[str]]:
+    """Label and add images (table text paths relative to the index root); returns (new ids, why files were
+    skipped)."""
+    images, kept, problems = [], [], []
+    for path in paths:
+        try:
+            images.append(decode_image(index.file_of(path)))
+            kept.append(path)
+        except (ImageReadError, OSError) as error:
+            problems.append(f"{path}: {error}")
+    if not kept:
+        return np.zeros(0, np.int64), problems
+    probs, embeddings = model.predict(images, batch_size=batch_size)
+    return index.add(label_rows(kept, probs, list(model.class_names)), embeddings), problems

@@ -23,7 +23,7 @@ import numpy as np
 
 from twist_core.config import build_config, command_parser, option
 from twist_core.folder import NoImagesError, scan_folder
-from twist_core.index import ImageIndex
+from twist_core.index import IndexReader, IndexWriter, embed_and_add
 from twist_core.index_faiss import (
     ADD_CHUNK,
     KINDS,
@@ -202,7 +202,7 @@ def build_index(config: IndexConfig) -> Path:
             "model": str(Path(model).resolve()) if model else None,
             "dim": dim, "kind": plan.kind, "metric": "cosine", "nlist": plan.nlist, "nprobe": plan.nprobe,
             "pq_m": plan.pq_m, "source": str(table.resolve())}
-    ImageIndex.create(out, index, rows, info, device, ids=ids, expected=lineage.generation).close()
+    IndexWriter.create(out, index, rows, info, device, ids=ids, expected=lineage.generation).close()
     return out
 
 
@@ -211,7 +211,7 @@ def update_index(config: IndexConfig) -> tuple[int, int]:
 
     The table is checked (dimension, finite values) before anything is written.
     """
-    index = ImageIndex.open(config.out, config.device)
+    index = IndexWriter.open(config.out, config.device)
     changed = index.changed_paths()
     if config.source:
         rows, embeddings, _ = load_labels(Path(config.source))
@@ -236,7 +236,7 @@ def update_index(config: IndexConfig) -> tuple[int, int]:
         known = set(index.paths()) - changed
         scanned = (path_to_text(path) for path in scan_folder(index.root))  # table text, as the index holds names
         new_paths = [path for path in scanned if path not in known]
-        added_ids, problems = index.add_images(model, new_paths) if new_paths else (np.zeros(0), [])
+        added_ids, problems = embed_and_add(index, model, new_paths) if new_paths else (np.zeros(0), [])
         for problem in problems:
             print(f"skipped {problem}", file=sys.stderr)
         added = len(added_ids)
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         if not config.source:
             raise IndexUserError("give the labels table or image folder to index (or --update)")
         out = build_index(config)
-        index = ImageIndex.open(out, "cpu")
+        index = IndexReader.open(out, "cpu")
         print(f"{out}: {index.size} images, {index.dim}-d, {index.kind} index"
               + (f" (nlist {index.info['nlist']}, nprobe {index.nprobe})" if index.kind != "flat" else ""))
         index.close()

@@ -6,10 +6,11 @@ Layout of ``INDEX_DIR``::
     gen-00000N/index.faiss the CPU form of the FAISS index (vector id = images.id)
     gen-00000N/meta.sqlite images(id, path, cluster, ..., fingerprint) and info(key, value)
     .lock                  serialises writers
+    curation.sqlite        the app's curation store (cluster names, merges, moves), unless it has another state dir
 
 ``images.path`` is relative to ``info["root"]`` and held as table text (:func:`twist_core.io_utils.path_to_text`:
 a byte that is not UTF-8 as ``\\xNN``, a backslash doubled), as the labels tables write it; open the file with
-``ImageIndex.file_of``.
+``IndexReader.file_of``.
 
 An image keeps its id for as long as its file is unchanged (same path, size and modification time), even
 across a rebuild over the same folder: the curation store and the thumbnail cache are keyed by that id.
@@ -32,6 +33,7 @@ import sqlite3
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +45,58 @@ from twist_core.io_utils import atomic_write_text, mark_output_folder
 MANIFEST = "manifest.json"
 INDEX_FILE = "index.faiss"
 META_FILE = "meta.sqlite"
+CURATION_FILE = "curation.sqlite"  # the app's curation store, in its state folder (by default the index folder)
 FAULT_ENV = "TWIST_INDEX_FAULT"  # stage name at which an update kills its own process (crash tests)
-RECORD_ORDER = ("confidence", "margin", "path", "id", "cluster")
-COLUMNS = ("id", "path", "cluster", "cluster_name", "confidence", "margin", "topk")
+SQL_CHUNK = 900  # values per ``IN (...)``: below SQLite's bound-parameter limit
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS images (
-    id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, cluster INTEGER, cluster_name TEXT,
-    confidence REAL, margin REAL, topk TEXT, fingerprint TEXT);
-CREATE INDEX IF NOT EXISTS images_cluster ON images (cluster, confidence);
-CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT);
+
+@dataclass(frozen=True)
+class ImagesTable:
+    """The metadata table's name and column names, for every module that reads it (the app's curation too)."""
+
+    name: str = "images"
+    id: str = "id"
+    path: str = "path"
+    cluster: str = "cluster"
+    cluster_name: str = "cluster_name"  # the model card's name when the image was indexed; readers show current
+    confidence: str = "confidence"
+    margin: str = "margin"
+    topk: str = "topk"
+    fingerprint: str = "fingerprint"
+
+
+IMAGES = ImagesTable()
+INFO_TABLE = "info"  # key -> JSON value: root, model, dim, kind, uid, generation, next_id, ...
+RECORD_ORDER = (IMAGES.confidence, IMAGES.margin, IMAGES.path, IMAGES.id, IMAGES.cluster)
+COLUMNS = (IMAGES.id, IMAGES.path, IMAGES.cluster, IMAGES.cluster_name, IMAGES.confidence, IMAGES.margin,
+           IMAGES.topk)
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS {IMAGES.name} (
+    {IMAGES.id} INTEGER PRIMARY KEY, {IMAGES.path} TEXT UNIQUE NOT NULL, {IMAGES.cluster} INTEGER,
+    {IMAGES.cluster_name} TEXT, {IMAGES.confidence} REAL, {IMAGES.margin} REAL, {IMAGES.topk} TEXT,
+    {IMAGES.fingerprint} TEXT);
+CREATE INDEX IF NOT EXISTS images_cluster ON {IMAGES.name} ({IMAGES.cluster}, {IMAGES.confidence});
+CREATE TABLE IF NOT EXISTS {INFO_TABLE} (key TEXT PRIMARY KEY, value TEXT);
 """
+
+
+def chunked_in(query: Callable[[str, Sequence[Any]], list[tuple]], sql: str, values: Sequence[Any],
+               before: Sequence[Any] = ()) -> list[tuple]:
+    """Run ``sql`` (holding one ``{marks}`` inside ``IN (...)``) over ``values`` in SQLite-sized chunks.
+
+    ``before`` are parameters that come ahead of the ``IN`` list in every chunk.
+    """
+    found: list[tuple] = []
+    for start in range(0, len(values), SQL_CHUNK):
+        chunk = list(values[start:start + SQL_CHUNK])
+        found += query(sql.format(marks=",".join("?" * len(chunk))), [*before, *chunk])
+    return found
+
+
+def meta_path(index_dir: Path) -> Path:
+    """The metadata database of the generation the manifest names now."""
+    return Path(index_dir) / read_manifest(Path(index_dir))["dir"] / META_FILE
 
 
 class IndexUserError(Exception):
@@ -187,9 +230,9 @@ class MetaStore:
 
     def _add_fingerprints(self) -> None:
         """Indexes written before fingerprints existed get the column (empty: such images match by path)."""
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(images)")}
-        if "fingerprint" not in columns:
-            self._db.execute("ALTER TABLE images ADD COLUMN fingerprint TEXT")
+        columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({IMAGES.name})")}
+        if IMAGES.fingerprint not in columns:
+            self._db.execute(f"ALTER TABLE {IMAGES.name} ADD COLUMN {IMAGES.fingerprint} TEXT")
 
     def close(self) -> None:
         self._db.close()
@@ -208,81 +251,93 @@ class MetaStore:
 
     # ---- writing (only on a copy that is not yet published)
     def set_info(self, values: dict[str, Any]) -> None:
-        self._db.executemany("INSERT OR REPLACE INTO info (key, value) VALUES (?, ?)",
+        self._db.executemany(f"INSERT OR REPLACE INTO {INFO_TABLE} (key, value) VALUES (?, ?)",
                              [(k, json.dumps(v)) for k, v in values.items()])
 
     def insert(self, ids: Iterable[int], rows: Iterable[dict[str, Any]]) -> None:
         self._db.executemany(
-            "INSERT INTO images (id, path, cluster, cluster_name, confidence, margin, topk, fingerprint) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO {IMAGES.name} ({', '.join(COLUMNS)}, {IMAGES.fingerprint}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [(int(i), r["path"], r.get("cluster"), r.get("cluster_name"), r.get("confidence"),
               r.get("margin"), r.get("topk"), r.get("fingerprint")) for i, r in zip(ids, rows, strict=True)])
 
     def delete(self, ids: Iterable[int]) -> None:
-        self._db.executemany("DELETE FROM images WHERE id = ?", [(int(i),) for i in ids])
+        self._db.executemany(f"DELETE FROM {IMAGES.name} WHERE {IMAGES.id} = ?", [(int(i),) for i in ids])
 
     def commit(self) -> None:
         self._db.commit()
 
     # ---- reading
     def info(self) -> dict[str, Any]:
-        return {k: json.loads(v) for k, v in self._query("SELECT key, value FROM info")}
+        return {k: json.loads(v) for k, v in self._query(f"SELECT key, value FROM {INFO_TABLE}")}
 
     def count(self) -> int:
-        return self._query("SELECT COUNT(*) FROM images")[0][0]
+        return self._query(f"SELECT COUNT(*) FROM {IMAGES.name}")[0][0]
 
     def rows(self, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
-        found: dict[int, dict[str, Any]] = {}
-        for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit
-            chunk = [int(i) for i in ids[start:start + 900]]
-            marks = ",".join("?" * len(chunk))
-            for row in self._query(f"SELECT {', '.join(COLUMNS)} FROM images WHERE id IN ({marks})", chunk):
-                found[row[0]] = dict(zip(COLUMNS, row, strict=True))
-        return found
+        found = chunked_in(self._query, f"SELECT {', '.join(COLUMNS)} FROM {IMAGES.name} "
+                           f"WHERE {IMAGES.id} IN ({{marks}})", [int(i) for i in ids])
+        return {row[0]: dict(zip(COLUMNS, row, strict=True)) for row in found}
 
     def ids_for_paths(self, paths: Sequence[str]) -> dict[str, int]:
-        found: dict[str, int] = {}
-        for start in range(0, len(paths), 900):
-            chunk = list(paths[start:start + 900])
-            marks = ",".join("?" * len(chunk))
-            found.update(self._query(f"SELECT path, id FROM images WHERE path IN ({marks})", chunk))
-        return found
+        return dict(chunked_in(self._query, f"SELECT {IMAGES.path}, {IMAGES.id} FROM {IMAGES.name} "
+                               f"WHERE {IMAGES.path} IN ({{marks}})", list(paths)))
 
     def identities(self) -> dict[str, tuple[int, str | None]]:
         """Path -> (id, fingerprint) of every image; the fingerprint is None in indexes that predate it."""
-        columns = {row[1] for row in self._query("PRAGMA table_info(images)")}
-        fingerprint = "fingerprint" if "fingerprint" in columns else "NULL"
-        return {path: (i, fp) for i, path, fp in self._query(f"SELECT id, path, {fingerprint} FROM images")}
+        columns = {row[1] for row in self._query(f"PRAGMA table_info({IMAGES.name})")}
+        fingerprint = IMAGES.fingerprint if IMAGES.fingerprint in columns else "NULL"
+        found = self._query(f"SELECT {IMAGES.id}, {IMAGES.path}, {fingerprint} FROM {IMAGES.name}")
+        return {path: (i, fp) for i, path, fp in found}
 
     def all_ids(self) -> np.ndarray:
-        return np.array([r[0] for r in self._query("SELECT id FROM images ORDER BY id")], dtype=np.int64)
+        found = self._query(f"SELECT {IMAGES.id} FROM {IMAGES.name} ORDER BY {IMAGES.id}")
+        return np.array([r[0] for r in found], dtype=np.int64)
 
     def all_paths(self) -> list[tuple[int, str]]:
-        return self._query("SELECT id, path FROM images ORDER BY id")
+        return self._query(f"SELECT {IMAGES.id}, {IMAGES.path} FROM {IMAGES.name} ORDER BY {IMAGES.id}")
 
     def ids_in_cluster(self, cluster: int) -> np.ndarray:
-        rows = self._query("SELECT id FROM images WHERE cluster = ? ORDER BY id", (int(cluster),))
+        rows = self._query(f"SELECT {IMAGES.id} FROM {IMAGES.name} WHERE {IMAGES.cluster} = ? ORDER BY {IMAGES.id}",
+                           (int(cluster),))
         return np.array([r[0] for r in rows], dtype=np.int64)
 
     def clusters(self) -> list[int]:
-        return [r[0] for r in self._query("SELECT DISTINCT cluster FROM images WHERE cluster IS NOT NULL "
-                                          "ORDER BY cluster")]
+        return [r[0] for r in self._query(f"SELECT DISTINCT {IMAGES.cluster} FROM {IMAGES.name} "
+                                          f"WHERE {IMAGES.cluster} IS NOT NULL ORDER BY {IMAGES.cluster}")]
 
     def records(self, cluster: int | None, order_by: str, descending: bool, offset: int, limit: int,
                 min_conf: float, max_conf: float) -> list[dict[str, Any]]:
         if order_by not in RECORD_ORDER:
             raise IndexUserError(f"cannot order by {order_by!r}; choose one of {', '.join(RECORD_ORDER)}")
-        where, params = ["COALESCE(confidence, 0) BETWEEN ? AND ?"], [float(min_conf), float(max_conf)]
+        where, params = [f"COALESCE({IMAGES.confidence}, 0) BETWEEN ? AND ?"], [float(min_conf), float(max_conf)]
         if cluster is not None:
-            where.append("cluster = ?")
+            where.append(f"{IMAGES.cluster} = ?")
             params.append(int(cluster))
         direction = "DESC" if descending else "ASC"
-        sql = (f"SELECT {', '.join(COLUMNS)} FROM images WHERE {' AND '.join(where)} "
-               f"ORDER BY {order_by} {direction}, id LIMIT ? OFFSET ?")
+        sql = (f"SELECT {', '.join(COLUMNS)} FROM {IMAGES.name} WHERE {' AND '.join(where)} "
+               f"ORDER BY {order_by} {direction}, {IMAGES.id} LIMIT ? OFFSET ?")
         found = self._query(sql, [*params, int(limit), int(offset)])
         return [dict(zip(COLUMNS, row, strict=True)) for row in found]
 
+    def stored_names(self) -> dict[int, str]:
+        """Each cluster's name as written when its images were indexed (the model card's at that time)."""
+        return {c: n for c, n in self._query(f"SELECT {IMAGES.cluster}, MAX({IMAGES.cluster_name}) FROM {IMAGES.name} "
+                                             f"WHERE {IMAGES.cluster} IS NOT NULL GROUP BY {IMAGES.cluster}")
+                if n is not None}
+
     def cluster_summary(self) -> list[dict[str, Any]]:
-        rows = self._query("SELECT cluster, MAX(cluster_name), COUNT(*), AVG(confidence) FROM images "
-                           "GROUP BY cluster ORDER BY cluster")
+        rows = self._query(f"SELECT {IMAGES.cluster}, MAX({IMAGES.cluster_name}), COUNT(*), AVG({IMAGES.confidence}) "
+                           f"FROM {IMAGES.name} GROUP BY {IMAGES.cluster} ORDER BY {IMAGES.cluster}")
         return [{"cluster": c, "name": n, "size": s, "mean_confidence": m} for c, n, s, m in rows]
+
+
+def curated_names(state_dir: Path) -> dict[int, str]:
+    """Cluster names given in the app (its curation store in ``state_dir``); none when it has no store."""
+    path = Path(state_dir) / CURATION_FILE
+    if not path.is_file():
+        return {}
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True, timeout=30)) as db:
+            return {int(c): str(n) for c, n in db.execute("SELECT cluster, name FROM names")}
+    except sqlite3.Error:  # a store being created, or not the app's: the card's names stand
+        return {}

@@ -9,16 +9,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from twist_core.folder import DEFAULT_MAX_PIXELS, decode_image, resize_center_crop, to_rgb
+from twist_core.preprocess import ImageLike, Preprocess
 
 CARD_KEY = "twist_card"
-ImageLike = Image.Image | str | Path | np.ndarray
 
 
 class DeviceUnavailable(RuntimeError):
@@ -51,51 +49,6 @@ def physical_cores() -> int:
         return max(1, min(allowed, len(cores) or allowed))
     except OSError:
         return max(1, allowed)
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """The card's preprocessing contract; small and picklable so decoding workers can apply it."""
-
-    input_size: int
-    resize_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    max_pixels: int = DEFAULT_MAX_PIXELS
-
-    @classmethod
-    def from_card(cls, card: dict) -> Preprocess:
-        return cls(int(card["input_size"]), int(card["resize_size"]), tuple(card["mean"]), tuple(card["std"]))
-
-    def load(self, item: ImageLike) -> Image.Image:
-        """Any supported input as an RGB PIL image; JPEGs decode at reduced scale when that is enough."""
-        if isinstance(item, Image.Image):
-            return to_rgb(item)
-        if isinstance(item, str | Path):
-            return decode_image(item, self.max_pixels, draft_size=self.resize_size)
-        if isinstance(item, np.ndarray):
-            if item.dtype != np.uint8 or not (item.ndim == 2 or (item.ndim == 3 and item.shape[2] in (3, 4))):
-                raise ValueError(f"expected an HxWx3 (or HxW) uint8 array, got {item.dtype} {item.shape}")
-            return to_rgb(Image.fromarray(item))
-        raise TypeError(f"cannot read an image from {type(item).__name__}")
-
-    def crop(self, image: Image.Image) -> np.ndarray:
-        """Shorter side to ``resize_size``, central ``input_size`` square, as uint8 H x W x 3."""
-        image = resize_center_crop(to_rgb(image), self.resize_size)
-        if self.resize_size != self.input_size:
-            offset = (self.resize_size - self.input_size) // 2
-            image = image.crop((offset, offset, offset + self.input_size, offset + self.input_size))
-        return np.asarray(image, dtype=np.uint8)
-
-    def normalize(self, batch: np.ndarray) -> np.ndarray:
-        """uint8 N x H x W x 3 to the model's float32 N x 3 x H x W input."""
-        mean = np.asarray(self.mean, dtype=np.float32) * 255.0
-        scale = 1.0 / (np.asarray(self.std, dtype=np.float32) * 255.0)
-        out = (batch.astype(np.float32) - mean) * scale
-        return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
-
-    def __call__(self, image: Image.Image) -> np.ndarray:
-        return self.normalize(self.crop(image)[None])[0]
 
 
 def _session_options(threads: int | None, spin: bool):

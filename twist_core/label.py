@@ -31,21 +31,26 @@ from torch.utils.data import DataLoader, Dataset
 from twist_core import __version__, distributed
 from twist_core.config import build_config, command_parser, option
 from twist_core.folder import DEFAULT_MAX_PIXELS, ImageReadError, NoImagesError, require_images, skipped_lines
-from twist_core.infer import DeviceUnavailable, ModelOutputError, OnnxModel, Preprocess, finite_rows, physical_cores
+from twist_core.infer import DeviceUnavailable, ModelOutputError, OnnxModel, finite_rows, physical_cores
 from twist_core.io_utils import StagedWrites, atomic_write, atomic_write_text, file_sha256, path_to_text
 from twist_core.label_table import (
     COLUMNS,
+    TOPK,
     Row,
     WriterUnavailable,
+    error_row,
     iter_labels,
     labels_paths,
     read_labels,
     require_writer,
     skipped_path,
+    summarise,
+    summary_rows,
     table_format,
     write_table,
 )
 from twist_core.label_tree import file_names, folder_names, prepare_tree, write_tree
+from twist_core.preprocess import Preprocess
 
 __all__ = ["LabelConfig", "LabelError", "label_folder", "labels_paths", "main", "read_labels"]
 
@@ -54,6 +59,7 @@ FILES = "files.json"
 UNREADABLE = "unreadable.json"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 NON_FINITE = "the model's output is not finite (NaN or inf) for this image"
+SUMMARY_KEYS = ("cluster", "confidence", "margin", "topk_index", "topk_prob")  # saved per chunk by summarise
 
 
 @dataclass
@@ -62,7 +68,7 @@ class LabelConfig:
     folder: str = option(None, "folder of images to label (searched recursively)")
     out: str = option("labels.csv", "table to write (.csv, .jsonl or .parquet); .embeddings.npy and "
                                     ".meta.json go beside it")
-    topk: int = option(5, "number of most probable clusters listed per image (capped at K)")
+    topk: int = option(TOPK, "number of most probable clusters listed per image (capped at K)")
     batch_size: int = option(64, "images per inference batch")
     chunk_size: int = option(1024, "images per committed chunk: a killed run redoes at most one per process")
     workers: int = option(-1, "decoding workers per process; -1 = auto (cores left beside inference)")
@@ -161,15 +167,6 @@ def chunk_batches(chunks: list[int], chunk_size: int, batch_size: int, n_files: 
     return batches
 
 
-def summarise(probs: np.ndarray, topk: int) -> dict[str, np.ndarray]:
-    """Top-k clusters, confidence (max prob) and margin to the second class, per image."""
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :topk]
-    top = np.take_along_axis(probs, order, axis=1)
-    second = top[:, 1] if top.shape[1] > 1 else np.zeros(len(top), np.float32)
-    return {"cluster": order[:, 0].astype(np.int32), "confidence": top[:, 0], "margin": top[:, 0] - second,
-            "topk_index": order.astype(np.int32), "topk_prob": top}
-
-
 def save_chunk(path: Path, errors: list[str], ok: np.ndarray, probs: np.ndarray, embeddings: np.ndarray,
                topk: int, dtype: str) -> None:
     """One finished chunk: per-image summaries, embeddings (zeros for errors) and error texts."""
@@ -260,20 +257,12 @@ def label_chunks(model: OnnxModel, root: Path, files: list[str], chunks: list[in
 
 
 def chunk_rows(data: Any, files: list[str], start: int, class_names: list[str]) -> list[Row]:
-    rows = []
-    for j, error in enumerate(data["error"].tolist()):
-        path = path_to_text(files[start + j])  # a name that is not UTF-8 is written escaped, not fatal
-        if error:
-            rows.append({"path": path, "cluster": None, "cluster_name": None, "confidence": None, "margin": None,
-                         "topk": None, "error": error})
-            continue
-        cluster = int(data["cluster"][j])
-        topk = [[int(c), round(float(p), 6)] for c, p in zip(data["topk_index"][j], data["topk_prob"][j],
-                                                              strict=True)]
-        rows.append({"path": path, "cluster": cluster, "cluster_name": class_names[cluster],
-                     "confidence": round(float(data["confidence"][j]), 6),
-                     "margin": round(float(data["margin"][j]), 6), "topk": json.dumps(topk), "error": ""})
-    return rows
+    errors = data["error"].tolist()
+    paths = [path_to_text(files[start + j]) for j in range(len(errors))]  # a non-UTF-8 name is escaped, not fatal
+    good = np.array([not error for error in errors], dtype=bool)
+    labelled = iter(summary_rows([p for p, ok in zip(paths, good, strict=True) if ok],
+                                 {key: data[key][good] for key in SUMMARY_KEYS}, class_names))
+    return [error_row(path, error) if error else next(labelled) for path, error in zip(paths, errors, strict=True)]
 
 
 def iter_chunks(work: Path, n_chunks: int) -> Iterator[Any]:
@@ -427,12 +416,10 @@ def main(argv: list[str] | None = None) -> int:
         config = build_config(LabelConfig, args, args.config)
         out = config.out
         summary = label_folder(config)
-    except (ModelOutputError, WriterUnavailable, DeviceUnavailable) as error:
+    except (ModelOutputError, WriterUnavailable, DeviceUnavailable, LabelError, NoImagesError, FileNotFoundError,
+            FileExistsError, ValueError) as error:
         print(f"twist label: error: {error}", file=sys.stderr)
         return 2
-    except (LabelError, NoImagesError, FileNotFoundError, FileExistsError, ValueError) as error:
-        print(f"twist label: error: {error}", file=sys.stderr)
-        return 1
     except OSError as error:
         if error.errno not in DISK_FULL:
             raise

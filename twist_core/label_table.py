@@ -12,16 +12,55 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from twist_core.io_utils import csv_safe
 
 COLUMNS = ["path", "cluster", "cluster_name", "confidence", "margin", "topk", "error"]
 TEXT_COLUMNS = ("path", "cluster_name", "topk", "error")
 FORMATS = (".csv", ".jsonl", ".parquet")
+TOPK = 5  # most probable clusters listed per image (twist label --topk, the index, the app)
+DIGITS = 6  # decimals kept of a probability, a confidence or a margin
 Row = dict[str, Any]
+
+
+def summarise(probs: np.ndarray, topk: int = TOPK) -> dict[str, np.ndarray]:
+    """Per image: the most probable cluster, its probability (confidence), the margin to the second, and the
+    ``topk`` most probable clusters with their probabilities. Ties keep the lower cluster first."""
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :topk]
+    top = np.take_along_axis(probs, order, axis=1)
+    second = top[:, 1] if top.shape[1] > 1 else np.zeros(len(top), probs.dtype)
+    return {"cluster": order[:, 0].astype(np.int32), "confidence": top[:, 0], "margin": top[:, 0] - second,
+            "topk_index": order.astype(np.int32), "topk_prob": top}
+
+
+def summary_rows(paths: Sequence[str], summary: Mapping[str, np.ndarray], class_names: Sequence[str]) -> list[Row]:
+    """Table rows (path, cluster, cluster_name, confidence, margin, topk, error) from :func:`summarise` output:
+    the one place a label row is made (``twist label``, the index, the app's batch tab)."""
+    rows = []
+    for j, path in enumerate(paths):
+        cluster = int(summary["cluster"][j])
+        topk = [[int(c), round(float(p), DIGITS)] for c, p in zip(summary["topk_index"][j], summary["topk_prob"][j],
+                                                                   strict=True)]
+        rows.append({"path": path, "cluster": cluster, "cluster_name": class_names[cluster],
+                     "confidence": round(float(summary["confidence"][j]), DIGITS),
+                     "margin": round(float(summary["margin"][j]), DIGITS), "topk": json.dumps(topk), "error": ""})
+    return rows
+
+
+def label_rows(paths: Sequence[str], probs: np.ndarray, class_names: Sequence[str], topk: int = TOPK) -> list[Row]:
+    """Table rows straight from class probabilities (N x K)."""
+    return summary_rows(paths, summarise(probs, topk), class_names)
+
+
+def error_row(path: str, error: str) -> Row:
+    """The row of an image that could not be labelled: only its path and why."""
+    return {"path": path, "cluster": None, "cluster_name": None, "confidence": None, "margin": None, "topk": None,
+            "error": error}
 
 
 class WriterUnavailable(Exception):

@@ -10,8 +10,10 @@ The ResNet uses torchvision's residual blocks and keeps torchvision's parameter 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,6 +21,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from twist_core.patches import PatchBackbone
 from twist_core.patches_conv import PatchConvBackbone
+from twist_core.preprocess import spec_sizes
 
 ARCHITECTURES: dict[str, tuple[type[nn.Module], list[int]]] = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
@@ -39,6 +42,15 @@ class ModelSpec:
     hidden_dim: int = 2048
     n_classes: int = 10
     tau: float = 1.0
+    input_size: int = 0  # px of the central crop the network sees; 0 = not recorded (see checkpoint_spec)
+    resize_size: int = 0  # px images are decoded to before that crop (preprocess.decode_size)
+
+
+def checkpoint_spec(checkpoint: dict[str, Any]) -> ModelSpec:
+    """The model spec of a loaded checkpoint, with its preprocessing sizes (derived for older checkpoints)."""
+    spec = ModelSpec(**checkpoint["model_spec"])
+    input_size, resize_size = spec_sizes(checkpoint["model_spec"], checkpoint["config"])
+    return dataclasses.replace(spec, input_size=input_size, resize_size=resize_size)
 
 
 class ResNetBackbone(nn.Module):
@@ -94,7 +106,8 @@ class ResNetBackbone(nn.Module):
 class TwistHead(nn.Module):
     """Linear-BN-ReLU-Linear-BN-ReLU-Linear to K logits, then BatchNorm1d(K, affine=False).
 
-    The non-affine BN over the logits keeps every class in use early in training (see docs/TWIST.md).
+    The non-affine BN over the logits keeps every class in use early in training (Wang et al., "Self-Supervised
+    Learning by Estimating Twin Class Distributions", arXiv:2110.07402).
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, n_classes: int):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from twist_core.preprocess import is_small
+
 PHOTO_SIDE = 64  # a folder whose median shorter side is above this (px) is a photo folder
 # The winner on caltech20 in 15 minutes on a 2-core CPU: the frozen stem + MLP head at 64 px, ACC 0.681 /
 # NMI 0.683 / ARI 0.561, kNN of its embedding (the head's hidden layer) rising from 0.711 to 0.790 (0.737 / 0.724
@@ -47,7 +49,7 @@ def auto_backbone(image_size: int, side: int | None, device: torch.device, pretr
         return "resnet18"
     if side is not None and side > PHOTO_SIDE:
         return "resnet18" if pretrained else PHOTO_BACKBONE
-    return "patches" if image_size <= 64 else "resnet18"
+    return "patches" if is_small(image_size) else "resnet18"
 
 
 def announcement(backbone: str, image_size: int, width: int, side: int | None, device: torch.device) -> list[str]:

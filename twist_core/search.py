@@ -14,7 +14,7 @@ import numpy as np
 
 from twist_core.config import add_dataclass_arguments, build_config, option
 from twist_core.folder import ImageReadError, decode_image
-from twist_core.index import Hit, ImageIndex
+from twist_core.index import Hit, IndexReader
 from twist_core.index_store import IndexUserError
 from twist_core.infer import finite_rows
 from twist_core.io_utils import atomic_write_text, path_to_text
@@ -30,6 +30,7 @@ class SearchConfig:
     model: str | None = option(None, "ONNX model that embeds the query image; default: the one in the index")
     device: str = option("auto", "where FAISS and the model run", choices=["auto", "cpu", "cuda"])
     json: str | None = option(None, "also write the results to this JSON file")
+    state_dir: str | None = option(None, "the app's state folder, whose cluster names are shown; default: INDEX")
 
 
 def hit_dict(hit: Hit) -> dict[str, Any]:
@@ -56,7 +57,7 @@ def format_hits(hits: list[Hit]) -> str:
 
 
 def search(config: SearchConfig) -> list[Hit]:
-    index = ImageIndex.open(config.index, config.device)
+    index = IndexReader.open(config.index, config.device, config.state_dir)
     try:
         if config.id is not None:
             return index.search_id(config.id, config.k, config.cluster)

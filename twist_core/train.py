@@ -32,8 +32,8 @@ from twist_core.augment import BatchAugment, policy_for_size
 from twist_core.budget import fit_total_steps, parse_duration
 from twist_core.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from twist_core.config import build_config, command_parser, option, save_config
-from twist_core.dataset import EpochBatches, FolderImages, decode_per_node, decode_size, epoch_batches, make_loader
-from twist_core.evaluate import load_eval_images, normalise, predict_torch, score, summary_line
+from twist_core.dataset import EpochBatches, FolderImages, decode_per_node, epoch_batches, make_loader
+from twist_core.evaluate import load_eval_images, predict_torch, score, summary_line
 from twist_core.folder import DEFAULT_MAX_PIXELS, NoImagesError, decode_image, require_images, skipped_lines
 from twist_core.init_weights import InitError, InitWeights, check_fits, load_into, read_init
 from twist_core.io_utils import atomic_write_text, mark_output_folder
@@ -42,6 +42,7 @@ from twist_core.model import ModelSpec, TwistModel, recalibrate_batchnorm
 from twist_core.optim import Schedule, StepPlan, build_optimizer
 from twist_core.patches import PatchBackbone, learn_patch_dictionary
 from twist_core.photo_defaults import announcement, auto_backbone, auto_image_size
+from twist_core.preprocess import centre_crop_normalise, decode_size, is_small
 
 METRICS_NAME = "metrics.jsonl"
 RECALIBRATION_IMAGES = 10_000  # clean images whose BN statistics the exported model uses
@@ -72,7 +73,8 @@ class TrainConfig:
                            choices=["auto", "patches", "patches-conv", "resnet18", "resnet34", "resnet50"])
     width: int = option(0, "patches: dictionary atoms; ResNet: channels of the first stage (64 = torchvision); "
                            "0 = auto: 256 atoms, or 64 channels on GPU and 16 on CPU")
-    image_size: int = option(0, "training crop size in px; 0 = auto from the median image size (32/64 or 224)")
+    image_size: int = option(0, "training crop size in px; 0 = auto from the median image side: 16, 32 or 64 "
+                                "(photos: 64 on a CPU, 224 on a GPU or with --init)")
     small_stem: bool | None = option(None, "3x3 stride-1 stem without max-pool for small images; default: size <= 64")
     hidden_dim: int = option(0, "width of the projection MLP; 0 = auto: 1024 for patches, 2048 for ResNet")
     local_crops: int = option(0, "number of extra small local crops per image (multi-crop)")
@@ -203,7 +205,7 @@ def resolve_auto(config: TrainConfig, root: Path, files: list[str], device: torc
             side = median_image_side(root, files, config.max_pixels)
     size = changes.get("image_size", config.image_size)
     if config.small_stem is None:
-        changes["small_stem"] = size <= 64
+        changes["small_stem"] = is_small(size)
     backbone = config.backbone
     if backbone == "auto":
         backbone = changes["backbone"] = auto_backbone(size, side, device, pretrained=bool(config.init))
@@ -502,7 +504,7 @@ class Run:
         chosen = self.spread_images(RECALIBRATION_IMAGES)
         plan = distributed.pass_plan(len(chosen), self.ctx.world_size, self.batch_size)
         for images in self.decoded_batches(plan.batches(chosen, self.ctx.rank, self.ctx.world_size)):
-            batch = normalise(images.to(self.ctx.device), self.config.image_size)
+            batch = centre_crop_normalise(images.to(self.ctx.device), self.config.image_size)
             yield batch.contiguous(memory_format=torch.channels_last) if self.config.channels_last else batch
 
     def calibrate_and_evaluate(self, epoch: int) -> dict[str, float] | None:
@@ -653,7 +655,8 @@ def setup_run(config: TrainConfig, ctx: distributed.Context, start_from: dict[st
         save_config(config, out / "config.json")
 
     spec = ModelSpec(backbone=config.backbone, width=config.width, small_stem=bool(config.small_stem),
-                     hidden_dim=config.hidden_dim, n_classes=config.classes, tau=config.tau)
+                     hidden_dim=config.hidden_dim, n_classes=config.classes, tau=config.tau,
+                     input_size=config.image_size, resize_size=decode_size(config.image_size))
     steps_per_epoch = resumed["steps_per_epoch"] if resumed else max(1, n_valid // (batch_size * ctx.world_size))
 
     def patch_sample() -> torch.Tensor:
