@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import json
 import tempfile
@@ -23,6 +24,7 @@ from PIL import Image
 from app import exporters, projection
 from app.batch import BatchItem, BatchUserError, batch_items, check_pixel_budget, decode_small
 from app.curation import EXCLUDED, CurationError, CurationStore, Record
+from app.review_queue import ReviewQueue
 from app.thumbnails import ThumbnailCache
 from twist_core.folder import ImageReadError, decode_image
 from twist_core.index import ImageIndex
@@ -47,6 +49,16 @@ class AppUserError(Exception):
 class Neighbour:
     record: Record
     similarity: float
+    thumbnail: Path
+
+
+@dataclass(frozen=True)
+class ReviewItem:
+    """An image of the review queue: its score, and the cluster its neighbours point to (None: no other)."""
+
+    record: Record
+    score: float
+    suggestion: int | None
     thumbnail: Path
 
 
@@ -78,9 +90,9 @@ class Workspace:
         manifest = read_manifest(index_dir)
         if manifest["generation"] != self.index.generation:
             raise AppUserError(f"{index_dir} changed while the app opened it; start the app again")
+        self.meta_path = index_dir / manifest["dir"] / META_FILE
         try:
-            self.store = CurationStore(self.state_dir / "curation.sqlite", index_dir / manifest["dir"] / META_FILE,
-                                       self.model.class_names)
+            self.store = CurationStore(self.state_dir / "curation.sqlite", self.meta_path, self.model.class_names)
         except CurationError as error:
             raise AppUserError(str(error)) from None
         self.thumbnails = ThumbnailCache(self.state_dir / "thumbnails", max_pixels=max_pixels,
@@ -129,6 +141,8 @@ class Workspace:
 
     def close(self) -> None:
         self._stop.set()
+        if "review_queue" in self.__dict__:
+            self.review_queue.close()
         self.store.close()
         self.index.close()
 
@@ -267,6 +281,37 @@ class Workspace:
 
     def undo(self) -> str:
         return f"undone: {self.store.undo()}"
+
+    # ---- review queue
+    @functools.cached_property
+    def review_queue(self) -> ReviewQueue:
+        return ReviewQueue(self.store.path, self.meta_path)
+
+    def review_page(self, page: int = 0) -> tuple[list[ReviewItem], int]:
+        """A page of the images most likely in the wrong cluster, that no person moved, excluded or kept yet."""
+        if not self.review_queue.available:
+            raise AppUserError(f"this index has no review scores (an older twist built it); add them with "
+                               f"twist index --update --out {self.index_dir}")
+        total = self.review_queue.count()
+        page = max(0, min(int(page), max(0, (total - 1) // PAGE_SIZE)))
+        entries = self.review_queue.page(page * PAGE_SIZE, PAGE_SIZE)
+        records = self.store.records([e.id for e in entries])
+        items = []
+        for entry in entries:
+            record = records[entry.id]
+            target = None if entry.suggestion is None else self.store.merged_into(entry.suggestion)
+            items.append(ReviewItem(record, entry.score, None if target == record.label else target,
+                                    self.thumbnail(record)))
+        return items, total
+
+    def keep(self, ids: Sequence[int]) -> str:
+        """Confirm images in the cluster they are in: they leave the review queue (one undo entry brings them back)."""
+        records = self.store.records([int(i) for i in ids])
+        if not records:
+            raise AppUserError("choose an image to keep")
+        self.store.relabel(f"kept {len(records)} image(s) in their clusters",
+                           {i: r.label for i, r in records.items()}, {})
+        return f"{len(records)} image(s) kept where they are"
 
     # ---- export
     def _export_path(self, name: str) -> Path:

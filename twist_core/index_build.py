@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from twist_core import review
 from twist_core.config import build_config, command_parser, option
 from twist_core.folder import NoImagesError, scan_folder
 from twist_core.index import ImageIndex
@@ -203,6 +204,7 @@ def build_index(config: IndexConfig) -> Path:
             "dim": dim, "kind": plan.kind, "metric": "cosine", "nlist": plan.nlist, "nprobe": plan.nprobe,
             "pq_m": plan.pq_m, "source": str(table.resolve())}
     ImageIndex.create(out, index, rows, info, device, ids=ids, expected=lineage.generation).close()
+    review.refresh_index(out)
     return out
 
 
@@ -241,6 +243,7 @@ def update_index(config: IndexConfig) -> tuple[int, int]:
             print(f"skipped {problem}", file=sys.stderr)
         added = len(added_ids)
     index.close()
+    review.refresh_index(config.out)  # new images change old images' neighbours: score them all again
     return added, removed
 
 
