@@ -33,7 +33,8 @@ class ReviewQueue:
         self._lock = threading.Lock()
         self.available = review.has_scores(self._db, "idx")
 
-    FROM = "FROM idx.review r LEFT JOIN overrides o ON o.image_id = r.id WHERE o.image_id IS NULL"
+    FROM = ("FROM idx.review r JOIN idx.images i ON i.id = r.id LEFT JOIN overrides o ON o.image_id = r.id "
+            "WHERE o.image_id IS NULL")  # images: an index changed without a refresh may hold stale scores
 
     def count(self) -> int:
         if not self.available:

@@ -16,7 +16,7 @@ import pytest
 from app.workspace import AppUserError, Workspace
 from twist_core import index_faiss, review
 from twist_core.index import ImageIndex
-from twist_core.index_build import IndexConfig, build_index
+from twist_core.index_build import IndexConfig, build_index, update_index
 from twist_core.index_faiss import IndexPlan, build, normalized, plan_index
 from twist_core.index_store import META_FILE, read_manifest
 from twist_core.label import LabelConfig, label_folder, read_labels
@@ -177,6 +177,7 @@ def test_index_build_and_update_store_fresh_scores(tmp_path: Path) -> None:
     table = write_table(tmp_path, vectors, clusters, margins)
     out = tmp_path / "index"
     build_index(IndexConfig(source=str(table), out=str(out), device="cpu"))
+    assert read_manifest(out)["generation"] == 1  # the scores are published with the build, not after it
     scores = stored_scores(out)
     assert len(scores) == len(clusters)
     ranked = sorted(scores, key=lambda path: -scores[path][0])
@@ -221,6 +222,9 @@ def test_an_index_without_scores_opens_and_update_adds_them(tmp_path: Path) -> N
                              str(out), "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert len(stored_scores(out)) == len(rows)
+    generation = read_manifest(out)["generation"]
+    assert update_index(IndexConfig(source=str(table), out=str(out), update=True, device="cpu")) == (0, 0)
+    assert read_manifest(out)["generation"] == generation  # nothing changed, scores present: nothing rewritten
 
 
 # ---- the app's Review data path

@@ -203,8 +203,8 @@ def build_index(config: IndexConfig) -> Path:
             "model": str(Path(model).resolve()) if model else None,
             "dim": dim, "kind": plan.kind, "metric": "cosine", "nlist": plan.nlist, "nprobe": plan.nprobe,
             "pq_m": plan.pq_m, "source": str(table.resolve())}
-    ImageIndex.create(out, index, rows, info, device, ids=ids, expected=lineage.generation).close()
-    review.refresh_index(out)
+    ImageIndex.create(out, index, rows, info, device, ids=ids, expected=lineage.generation,
+                      extra=review.scorer(index, ids, rows)).close()
     return out
 
 
@@ -243,7 +243,8 @@ def update_index(config: IndexConfig) -> tuple[int, int]:
             print(f"skipped {problem}", file=sys.stderr)
         added = len(added_ids)
     index.close()
-    review.refresh_index(config.out)  # new images change old images' neighbours: score them all again
+    if added or removed or not review.index_has_scores(config.out):
+        review.refresh_index(config.out)  # new images change old images' neighbours: score them all again
     return added, removed
 
 

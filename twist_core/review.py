@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,6 +208,19 @@ def write_table(store: MetaStore, scores: ReviewScores, settings: ReviewSettings
                                "margin_weight": settings.margin_weight}})
 
 
+def scorer(index: faiss.Index, ids: np.ndarray, rows: Sequence[dict[str, Any]],
+           settings: ReviewSettings = ReviewSettings()) -> Callable[[MetaStore], None]:
+    """What a fresh build adds to its metadata: the scores of its images (``rows`` aligned with ``ids``)."""
+    order = np.argsort(ids, kind="stable")
+    clusters = np.array([-1 if rows[i].get("cluster") is None else rows[i]["cluster"] for i in order], np.int64)
+    margins = np.array([np.nan if rows[i].get("margin") is None else rows[i]["margin"] for i in order], np.float32)
+    sorted_ids = np.asarray(ids, np.int64)[order]
+    scores = score_index(index, sorted_ids, clusters, margins, settings)
+    labelled = clusters >= 0
+    scores = ReviewScores(scores.ids[labelled], scores.score[labelled], scores.suggestion[labelled])
+    return lambda store: write_table(store, scores, settings)
+
+
 def refresh_index(index_dir: str | Path, settings: ReviewSettings = ReviewSettings()) -> int:
     """Score every image of the index's current generation and publish the scores as the next generation.
 
@@ -237,6 +250,16 @@ def refresh_index(index_dir: str | Path, settings: ReviewSettings = ReviewSettin
     finally:
         store.close()
     return len(ids)
+
+
+def index_has_scores(index_dir: str | Path) -> bool:
+    """Whether the current generation of an index holds review scores of this version."""
+    meta = Path(index_dir) / read_manifest(Path(index_dir))["dir"] / META_FILE
+    db = sqlite3.connect(f"file:{meta}?mode=ro", uri=True)
+    try:
+        return has_scores(db)
+    finally:
+        db.close()
 
 
 def has_scores(db: sqlite3.Connection, schema: str = "main") -> bool:
