@@ -12,6 +12,7 @@ Every change reads what it overwrites inside the same ``BEGIN IMMEDIATE`` transa
 concurrent users (threads of one app, or several app processes) always log the true previous state and
 undo restores exactly the state before the action it undoes. Moves are keyed by index ids, which stay with
 their files across rebuilds; the store remembers the index's uid and refuses to open for another index.
+A running app follows index updates by re-attaching the new generation's metadata (:meth:`reattach`).
 """
 
 from __future__ import annotations
@@ -84,10 +85,28 @@ class CurationStore:
         self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
+        self._lock = threading.RLock()  # one connection shared by the server's worker threads
+        self._attach(meta_path)
+
+    def _attach(self, meta_path: Path) -> None:
         uri = f"file:{Path(meta_path).resolve()}?mode=ro"
         self._db.execute("ATTACH DATABASE ? AS idx", (uri,))
-        self._lock = threading.RLock()  # one connection shared by the server's worker threads
         self._bind_to_index()
+
+    def reattach(self, meta_path: Path) -> None:
+        """Read the images of a newer generation of the same index (``twist index --update``, app running).
+
+        Ids are stable across updates, so every name, merge and move applies to the new generation as it did.
+        """
+        with self._lock:
+            previous = self._query("SELECT file FROM pragma_database_list WHERE name = 'idx'")[0][0]
+            self._db.execute("DETACH DATABASE idx")
+            try:
+                self._attach(meta_path)
+            except (sqlite3.Error, CurationError):
+                with contextlib.suppress(sqlite3.Error):  # back to the generation it read before, if still there
+                    self._db.execute("ATTACH DATABASE ? AS idx", (f"file:{previous}?mode=ro",))
+                raise
 
     def _index_uid(self) -> str | None:
         found = self._query("SELECT value FROM idx.info WHERE key = 'uid'")

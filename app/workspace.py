@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import functools
 import hashlib
 import json
+import logging
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -28,11 +28,12 @@ from app.review_queue import ReviewQueue
 from app.thumbnails import ThumbnailCache
 from twist_core.folder import ImageReadError, decode_image
 from twist_core.index import ImageIndex
-from twist_core.index_store import META_FILE, IndexUserError, read_manifest
+from twist_core.index_store import MANIFEST, META_FILE, IndexUserError, read_manifest
 from twist_core.infer import OnnxModel
 from twist_core.io_utils import csv_safe, mark_output_folder
 from twist_core.label_table import labels_paths
 
+log = logging.getLogger("twist.app")
 PAGE_SIZE = 60
 COVER_IMAGES = 4  # most confident images on a cluster's card
 MAX_BATCH_IMAGES = 2000
@@ -76,33 +77,103 @@ class Workspace:
     def __init__(self, model_path: Path, index_dir: Path, state_dir: Path | None = None,
                  max_pixels: int = 50_000_000, device: str = "cpu") -> None:
         model_path, index_dir = Path(model_path), Path(index_dir)
+        self.device = device
+        self.model_path, self.index_dir = model_path, index_dir
         try:
             self.model = OnnxModel(model_path, device=device)
-            self.index = ImageIndex.open(index_dir, device)
+            self._index, meta_path = self._open_generation()
         except (ValueError, OSError, IndexUserError) as error:
             raise AppUserError(str(error)) from None
-        if self.index.dim != self.model.embedding_dim:
-            raise AppUserError(f"the model gives {self.model.embedding_dim}-d embeddings but the index holds "
-                               f"{self.index.dim}-d vectors; use the model the index was built with")
         self.max_pixels = max_pixels
-        self.model_path, self.index_dir = model_path, index_dir
         self.state_dir = Path(state_dir) if state_dir else index_dir
-        manifest = read_manifest(index_dir)
-        if manifest["generation"] != self.index.generation:
-            raise AppUserError(f"{index_dir} changed while the app opened it; start the app again")
-        self.meta_path = index_dir / manifest["dir"] / META_FILE
+        self._meta_path = meta_path  # of the generation served, for the review queue
         try:
-            self.store = CurationStore(self.state_dir / "curation.sqlite", self.meta_path, self.model.class_names)
+            self._store = CurationStore(self.state_dir / "curation.sqlite", meta_path, self.model.class_names)
         except CurationError as error:
             raise AppUserError(str(error)) from None
+        self._manifest_stamp: tuple[int, ...] | None = None  # the manifest as last seen: see keep_up()
+        self._switch_lock = threading.Lock()
+        self._retired: ImageIndex | None = None  # the generation before, closed at the next switch
         self.thumbnails = ThumbnailCache(self.state_dir / "thumbnails", max_pixels=max_pixels,
-                                         owner=self.index.info.get("uid"))
+                                         owner=self._index.info.get("uid"))
         self.covers_dir = self.state_dir / "thumbnails" / "covers"
         self.covers_dir.mkdir(parents=True, exist_ok=True)
         self.exports_dir = Path(tempfile.mkdtemp(prefix="twist-app-exports-"))
         for folder in (self.state_dir, self.thumbnails.folder, self.exports_dir):
             mark_output_folder(folder)
         self._stop = threading.Event()
+
+    # ---- following index updates
+    def _open_generation(self) -> tuple[ImageIndex, Path]:
+        """The index generation the manifest names and its metadata file, checked against the model."""
+        for _ in range(3):
+            index = ImageIndex.open(self.index_dir, self.device)
+            manifest = read_manifest(self.index_dir)
+            if manifest["generation"] != index.generation:  # a writer committed meanwhile: open that one
+                index.close()
+                continue
+            if index.dim != self.model.embedding_dim:
+                index.close()
+                raise AppUserError(f"the model gives {self.model.embedding_dim}-d embeddings but the index holds "
+                                   f"{index.dim}-d vectors; use the model the index was built with")
+            return index, self.index_dir / manifest["dir"] / META_FILE
+        raise AppUserError(f"{self.index_dir} keeps changing while the app opens it; try again")
+
+    def keep_up(self) -> None:
+        """Follow ``twist index --update`` while serving: switch to the generation the manifest names now.
+
+        Called on every access to :attr:`index` and :attr:`store`, so the next request after an update sees
+        it; a check is one ``stat`` of the manifest. Ids are stable across updates and the curation store is
+        re-attached to the new generation, so every name, merge and move still applies; the map is cached
+        per generation, thumbnails per id.
+        """
+        try:
+            stat = (self.index_dir / MANIFEST).stat()
+        except OSError:
+            return  # the index folder is being replaced or is gone: keep serving what is open
+        stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if stamp == self._manifest_stamp:
+            return
+        with self._switch_lock:
+            if stamp != self._manifest_stamp:
+                self._switch_generation()
+                self._manifest_stamp = stamp
+
+    def _switch_generation(self) -> None:
+        current = self._index
+        try:
+            fresh, meta_path = self._open_generation()
+        except (AppUserError, IndexUserError, OSError) as error:
+            log.warning("the index changed but cannot be opened (%s); still serving generation %d",
+                        error, current.generation)
+            return
+        if fresh.generation == current.generation:
+            fresh.close()
+            return
+        if fresh.info.get("uid") != current.info.get("uid"):
+            fresh.close()
+            log.warning("%s now holds another index (a new build, not an update): its ids name other images; "
+                        "restart the app to open it", self.index_dir)
+            return
+        self._store.reattach(meta_path)
+        self._meta_path = meta_path
+        if self._retired is not None:
+            self._retired.close()
+        self._index, self._retired = fresh, current
+        for stale in self.state_dir.glob("projection-gen*.npz"):
+            if stale.name != self._projection_cache().name:
+                stale.unlink(missing_ok=True)
+        log.info("now serving generation %d of %s (%d images)", fresh.generation, self.index_dir, fresh.size)
+
+    @property
+    def index(self) -> ImageIndex:
+        self.keep_up()
+        return self._index
+
+    @property
+    def store(self) -> CurationStore:
+        self.keep_up()
+        return self._store
 
     # ---- paths the server may hand out
     @property
@@ -141,10 +212,10 @@ class Workspace:
 
     def close(self) -> None:
         self._stop.set()
-        if "review_queue" in self.__dict__:
-            self.review_queue.close()
-        self.store.close()
-        self.index.close()
+        self._store.close()
+        self._index.close()
+        if self._retired is not None:
+            self._retired.close()
 
     # ---- overview
     def overview(self, sort: str = "size") -> list[dict[str, Any]]:
@@ -283,22 +354,22 @@ class Workspace:
         return f"undone: {self.store.undo()}"
 
     # ---- review queue
-    @functools.cached_property
-    def review_queue(self) -> ReviewQueue:
-        return ReviewQueue(self.store.path, self.meta_path)
-
     def review_page(self, page: int = 0) -> tuple[list[ReviewItem], int]:
         """A page of the images most likely in the wrong cluster, that no person moved, excluded or kept yet."""
-        if not self.review_queue.available:
-            raise AppUserError(f"this index has no review scores (an older twist built it); add them with "
-                               f"twist index --update --out {self.index_dir}")
-        total = self.review_queue.count()
-        page = max(0, min(int(page), max(0, (total - 1) // PAGE_SIZE)))
-        entries = self.review_queue.page(page * PAGE_SIZE, PAGE_SIZE)
-        records = self.store.records([e.id for e in entries])
+        store = self.store  # follows an index update first
+        with contextlib.closing(ReviewQueue(store.path, self._meta_path)) as queue:  # ~1 ms to open
+            if not queue.available:
+                raise AppUserError(f"this index has no review scores (an older twist built it); add them with "
+                                   f"twist index --update --out {self.index_dir}")
+            total = queue.count()
+            page = max(0, min(int(page), max(0, (total - 1) // PAGE_SIZE)))
+            entries = queue.page(page * PAGE_SIZE, PAGE_SIZE)
+        records = store.records([e.id for e in entries])
         items = []
         for entry in entries:
-            record = records[entry.id]
+            record = records.get(entry.id)
+            if record is None:  # gone in an update between the two reads
+                continue
             target = None if entry.suggestion is None else self.store.merged_into(entry.suggestion)
             items.append(ReviewItem(record, entry.score, None if target == record.label else target,
                                     self.thumbnail(record)))
@@ -349,12 +420,16 @@ class Workspace:
 
         The geometry comes from every cached point, so it stays put while images are curated or removed.
         """
-        cache = self.state_dir / f"projection-gen{self.index.generation}.npz"
-        ids, xy = projection.load_or_compute(cache, self.store.all_ids(), self.index.vector)
+        index = self.index
+        ids, xy = projection.load_or_compute(self._projection_cache(index), self.store.all_ids(), index.vector)
         geometry = projection.MapGeometry.around(xy)
         records = self.store.records(ids.tolist())
         keep = np.array([int(i) in records for i in ids], dtype=bool)
         return ids[keep], xy[keep], records, geometry
+
+    def _projection_cache(self, index: ImageIndex | None = None) -> Path:
+        """The map's cache file: one per index generation, so an update draws a fresh map."""
+        return self.state_dir / f"projection-gen{(index or self._index).generation}.npz"
 
     def _cluster_names(self, ids: np.ndarray, records: dict[int, Record]) -> list[str]:
         names = self.names()

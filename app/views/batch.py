@@ -1,0 +1,29 @@
+"""The Batch view: label uploaded images (or zips of images) with the model, as a CSV and a table."""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from app.views import ViewContext
+from app.views.shared import friendly
+
+SHOWN_ROWS = 200
+
+
+def build(ctx: ViewContext) -> None:
+    ws = ctx.ws
+
+    @friendly
+    def batch_label(files: list[str] | None) -> tuple[str, pd.DataFrame]:
+        out, rows = ws.batch_label(list(files or []))
+        return str(out), pd.DataFrame(rows[:SHOWN_ROWS], columns=["file", "cluster", "cluster_name", "confidence",
+                                                                   "error"])
+
+    with gr.Tab("Batch", id="batch"):
+        batch_files = gr.File(label="Images or a zip of images", file_count="multiple", type="filepath")
+        batch_button = gr.Button("Label them")
+        batch_csv = gr.File(label="Predicted labels (CSV)")
+        batch_table = gr.Dataframe(interactive=False)
+
+    batch_button.click(batch_label, [batch_files], [batch_csv, batch_table], api_name="batch_label")

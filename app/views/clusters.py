@@ -1,0 +1,50 @@
+"""The Clusters view: the dataset's summary and one card per cluster; a click on a card opens that cluster."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from app.views import ViewContext
+from app.views.shared import friendly
+
+SORTS = ["size", "confidence", "lowest confidence", "cluster"]
+
+
+def build(ctx: ViewContext) -> None:
+    ws = ctx.ws
+
+    @friendly
+    def overview(sort: str) -> tuple[list, pd.DataFrame, str, list[int]]:
+        cards = ws.overview(sort)
+        items = [(str(c["cover"]), f"{c['cluster']} · {c['name']} · {c['size']:,} images · "
+                                   f"conf {c['mean_confidence'] or 0:.2f}") for c in cards]
+        table = pd.DataFrame([{"cluster": c["cluster"], "name": c["name"], "size": c["size"],
+                               "mean confidence": round(c["mean_confidence"] or 0, 4)} for c in cards])
+        s = ws.dataset_summary()
+        summary = (f"**{s['images']:,} images** in {len(cards)} non-empty clusters (model: {s['clusters']}) · "
+                   f"skipped files: {'unknown' if s['skipped'] is None else s['skipped']} · folder `{s['root']}`  \n"
+                   f"model `{s['model']}`: {s['backbone']}, {s['embedding_dim']}-d embeddings, "
+                   f"{s['input_size']} px input, epoch {s['checkpoint_epoch']}, checkpoint {s['checkpoint_sha256']} · "
+                   f"{s['index_kind']} index")
+        return items, table, summary, [c["cluster"] for c in cards]
+
+    with gr.Tab("Clusters", id="clusters"):
+        summary = gr.Markdown(elem_id="summary")
+        sort = gr.Radio(SORTS, value="size", label="Sort clusters by")
+        cards = gr.Gallery(label="Clusters (click one to open it)", columns=5, allow_preview=False,
+                           object_fit="contain", height="auto", elem_id="cluster-cards")
+        table = gr.Dataframe(interactive=False, label="Clusters")
+        card_ids = gr.State([])
+
+    overview_io = {"inputs": [sort], "outputs": [cards, table, summary, card_ids]}
+    ctx.demo.load(overview, **overview_io, api_name="overview")
+    sort.change(overview, **overview_io, api_visibility="private")
+
+    def card_clicked(ids: list[int], evt: gr.SelectData) -> tuple[int, Any]:
+        return ids[evt.index], gr.Tabs(selected="cluster")
+
+    ctx.after_build(lambda: cards.select(card_clicked, [card_ids], [ctx["cluster"], ctx.tabs],
+                                         api_visibility="private"))

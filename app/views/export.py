@@ -1,0 +1,55 @@
+"""The Export view: labels as CSV, an ImageFolder tree (zip or on the server), Label Studio tasks.
+
+Exports run one at a time (``concurrency_id="export"``): each streams the whole store.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from app.views import ViewContext
+from app.views.shared import friendly
+
+ONE_AT_A_TIME = {"concurrency_id": "export", "concurrency_limit": 1}
+
+
+def build(ctx: ViewContext) -> None:
+    ws = ctx.ws
+
+    @friendly
+    def export_csv() -> str:
+        return str(ws.export_csv())
+
+    @friendly
+    def export_zip() -> str:
+        return str(ws.export_zip())
+
+    @friendly
+    def export_tree(folder: str, mode: str) -> str:
+        tree, counts = ws.export_tree(folder, mode)
+        return f"wrote {sum(counts.values()):,} images in {len(counts)} folders to `{tree}`"
+
+    @friendly
+    def export_label_studio(url_prefix: str) -> tuple[str, str]:
+        out, config = ws.export_label_studio(url_prefix)
+        return str(out), config
+
+    with gr.Tab("Export", id="export"):
+        with gr.Row():
+            csv_button = gr.Button("Labels as CSV", elem_id="export-csv")
+            zip_button = gr.Button("ImageFolder tree as zip")
+            ls_prefix = gr.Textbox("/data/local-files/?d=", label="Label Studio image URL prefix")
+            ls_button = gr.Button("Label Studio tasks (JSON)")
+        export_file = gr.File(label="Download", elem_id="export-file")
+        ls_config = gr.Code(label="Label Studio labelling config", language="html")
+        with gr.Row():
+            tree_folder = gr.Textbox(label="ImageFolder tree on the server (absolute folder)")
+            tree_mode = gr.Radio(["symlink", "copy"], value="symlink", label="Tree holds")
+            tree_button = gr.Button("Write tree")
+        tree_status = gr.Markdown()
+
+    csv_button.click(export_csv, None, [export_file], api_name="export_csv", **ONE_AT_A_TIME)
+    zip_button.click(export_zip, None, [export_file], api_name="export_zip", **ONE_AT_A_TIME)
+    ls_button.click(export_label_studio, [ls_prefix], [export_file, ls_config], api_name="export_label_studio",
+                    **ONE_AT_A_TIME)
+    tree_button.click(export_tree, [tree_folder, tree_mode], [tree_status], api_name="export_tree", **ONE_AT_A_TIME)

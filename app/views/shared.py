@@ -1,0 +1,113 @@
+"""Pieces several views use: error wrapping, id parsing, the cluster choices and the one-image panel.
+
+Every handler goes through :func:`friendly`, so a user mistake (or an unexpected failure) reaches the browser
+as a sentence, never a trace.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from app.curation import EXCLUDED, CurationError
+from app.workspace import AppUserError, Neighbour, Prediction, Workspace
+from twist_core.index_store import IndexUserError
+
+log = logging.getLogger("twist.app")
+TOP_CLASSES = 10  # bars in a class-distribution chart
+
+
+def friendly(fn: Callable) -> Callable:
+    """Turn known problems into their message and anything else into one line (the trace goes to the log)."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except (AppUserError, CurationError, IndexUserError) as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        except Exception as error:
+            log.exception("request failed")
+            raise gr.Error(f"the request failed ({type(error).__name__}); the server log has details",
+                           print_exception=False) from None
+    return wrapper
+
+
+def parse_ids(text: str | None) -> list[int]:
+    """Image ids from text such as ``"12, 40 #7"``."""
+    return [int(t) for t in re.findall(r"\d+", text or "")]
+
+
+def cluster_number(value: Any, missing: str) -> int:
+    """A cluster from a dropdown or an API call; the dropdowns accept any value, so it is checked here."""
+    if value is None or value == "":
+        raise AppUserError(missing)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise AppUserError(f"{value!r} is not a cluster: choose one from the list") from None
+
+
+def cluster_choices(ws: Workspace, include_excluded: bool) -> list[tuple[str, int]]:
+    """``(label, cluster)`` for every cluster not merged away, with its size; optionally the excluded images."""
+    sizes = {c["cluster"]: c["size"] for c in ws.store.summary()}
+    names = ws.names()
+    merged = {c: ws.store.merged_into(c) for c in names}
+    choices = [(f"{c} · {names[c]} ({sizes.get(c, 0)})", c) for c in sorted(names) if merged[c] == c]
+    return [*choices, (f"excluded ({sizes.get(EXCLUDED, 0)})", EXCLUDED)] if include_excluded else choices
+
+
+def current_choices(ws: Workspace) -> tuple[Any, Any, Any]:
+    """The Cluster, Merge and Move dropdowns as the store is now (on each page load and after each change)."""
+    return (gr.Dropdown(choices=cluster_choices(ws, True)), gr.Dropdown(choices=cluster_choices(ws, False)),
+            gr.Dropdown(choices=cluster_choices(ws, False)))
+
+
+def distribution(ws: Workspace, probs: Any) -> pd.DataFrame:
+    names = ws.names()
+    top = probs.argsort()[::-1][:TOP_CLASSES]
+    return pd.DataFrame({"cluster": [f"{int(c)} {names.get(int(c), '')}" for c in top],
+                         "probability": [round(float(probs[c]), 4) for c in top]})
+
+
+def neighbour_items(ws: Workspace, neighbours: list[Neighbour]) -> list[tuple[str, str]]:
+    names = ws.names()
+    return [(str(n.thumbnail), f"#{n.record.id} · {names.get(n.record.label, 'excluded')} · sim {n.similarity:.3f}")
+            for n in neighbours]
+
+
+def prediction_outputs(ws: Workspace, prediction: Prediction) -> tuple[pd.DataFrame, list, list[int]]:
+    """Class-distribution chart, neighbour gallery and neighbour ids of one prediction."""
+    return (distribution(ws, prediction.probs), neighbour_items(ws, prediction.neighbours),
+            [n.record.id for n in prediction.neighbours])
+
+
+def image_panel(id_elem: str, details_elem: str) -> tuple[gr.Number, gr.Image, gr.Markdown, gr.BarPlot]:
+    """Image id, picture, details and class-distribution chart of one image (the outputs of ``select_image``)."""
+    with gr.Row():
+        with gr.Column(scale=1):
+            image_id = gr.Number(None, precision=0, label="Image id", elem_id=id_elem)
+            picture = gr.Image(type="pil", format="png", interactive=False, label="Image", height=220)
+        with gr.Column(scale=2):
+            details = gr.Markdown(elem_id=details_elem)
+            plot = gr.BarPlot(x="cluster", y="probability", label="Class distribution", sort="-y")
+    return image_id, picture, details, plot
+
+
+def image_selector(ws: Workspace) -> Callable[[int], tuple]:
+    """The handler behind :func:`image_panel`: picture, details, chart, neighbours and their ids of one image."""
+    @friendly
+    def select_image(image_id: int) -> tuple[Any, str, pd.DataFrame, list, list[int]]:
+        record, prediction = ws.describe(int(image_id))
+        details = (f"**#{record.id}** `{record.path}`  \nlabel: {ws.store.name(record.label)} ({record.status}) · "
+                   f"predicted: {ws.store.name(record.predicted)} · confidence {record.confidence or 0:.3f}")
+        return (ws.view(record), details, *prediction_outputs(ws, prediction))
+
+    return select_image

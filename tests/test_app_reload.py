@@ -1,0 +1,65 @@
+"""The app keeps up with its index: ``twist index --update`` run while the app serves is picked up at once.
+
+A real ``twist app`` on loopback serves a small index; an image is moved through the UI's API; new images are
+added to the folder and ``twist index --update`` (a separate process) commits a new generation. The very next
+requests (JSON API and Gradio) must show the new images, search them, map them, and still apply the move.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+from conftest import REPO, start_app_server, stop_app_server
+from gradio_client import Client
+
+from twist_core.index import ImageIndex
+from twist_core.index_build import IndexConfig, build_index
+
+FIRST, ADDED = 8, 5  # images per class at first, images added by the update
+
+
+def test_an_index_update_is_picked_up_without_a_restart_and_keeps_the_curation(
+        app_bundle: dict[str, Path], shapes_folder: Path, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    for label in ("discs", "stripes"):
+        (images / label).mkdir(parents=True)
+        for picture in sorted((shapes_folder / label).iterdir())[:FIRST]:
+            shutil.copy(picture, images / label / picture.name)
+    index = build_index(IndexConfig(source=str(images), model=str(app_bundle["model"]), out=str(tmp_path / "ix"),
+                                    device="cpu"))
+    process, url = start_app_server({"model": app_bundle["model"], "index": index}, tmp_path / "state")
+    try:
+        api, client = httpx.Client(base_url=url + "api/v1/", timeout=60), Client(url, verbose=False)
+        before = api.get("labels").json()
+        assert len(before) == 2 * FIRST
+        moved = before[0]
+        target = next(c for c in range(4) if c != moved["cluster"])
+        client.predict(str(moved["id"]), target, api_name="/move_images")
+        assert len(client.predict(api_name="/projection")) == 2 * FIRST  # the map of the first generation
+
+        (images / "later").mkdir()
+        for picture in sorted((shapes_folder / "stripes").iterdir())[-ADDED:]:
+            shutil.copy(picture, images / "later" / picture.name)
+        update = subprocess.run([sys.executable, "-m", "twist_core.cli", "index", "--update", "--out", str(index),
+                                 "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert update.returncode == 0 and f"added {ADDED}" in update.stdout, update.stderr
+
+        after = {r["path"]: r for r in api.get("labels").json()}
+        new = [r for path, r in after.items() if path.startswith("later/")]
+        assert len(after) == 2 * FIRST + ADDED and len(new) == ADDED
+        assert sum(c["size"] for c in api.get("clusters").json()) == 2 * FIRST + ADDED
+        assert after[moved["path"]]["id"] == moved["id"], "ids stay stable across an update"
+        assert after[moved["path"]]["cluster"] == target and after[moved["path"]]["status"] == "moved"
+        found = api.get(f"search/id/{new[0]['id']}", params={"k": 3}).json()["neighbours"]
+        updated = ImageIndex.open(index, "cpu")
+        assert [n["id"] for n in found] == [h.id for h in updated.search_id(new[0]["id"], 3)]  # new vectors
+        updated.close()
+        _, _, summary = client.predict("size", api_name="/overview")
+        assert f"{2 * FIRST + ADDED:,} images" in summary
+        assert {p["id"] for p in client.predict(api_name="/projection")} == {r["id"] for r in after.values()}
+    finally:
+        stop_app_server(process)
