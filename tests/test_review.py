@@ -269,3 +269,56 @@ def test_review_of_an_index_without_scores_says_how_to_add_them(app_bundle: dict
             ws.review_page(0)
     finally:
         ws.close()
+
+
+# ---- the Review view in a real browser
+CHROMIUM = Path("/usr/bin/chromium")
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"]
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (.ci/run does it)")
+def test_review_view_in_chromium_keeps_moves_and_undoes(app_bundle: dict[str, Path], tmp_path: Path) -> None:
+    from conftest import start_app_server, stop_app_server
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=60_000)
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    process, url = start_app_server(app_bundle, tmp_path / "state")
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.set_default_timeout(60_000)
+            try:
+                page.goto(url)
+                page.get_by_role("tab", name="Review").click()
+                info = page.locator("#review-info")
+                expect(info).to_contain_text("images to review")
+                total = int(info.inner_text().split(" images")[0].replace(",", "").strip("* "))
+                expect(page.locator("#review-details")).to_contain_text("#")  # the first image is current
+                page.screenshot(path=shots / "1-review.png", full_page=True)
+
+                page.locator("#review-keep").click()
+                expect(page.locator("#review-status")).to_contain_text("kept where they are")
+                expect(info).to_contain_text(f"{total - 1:,} images to review")
+                page.locator("#review-gallery button.thumbnail-item").nth(1).click()
+                current = page.locator("#review-id input").input_value()
+                expect(page.locator("#review-details")).to_contain_text(f"#{current}")
+                move = page.locator("#review-move-suggested")
+                if move.is_enabled():
+                    move.click()
+                    expect(page.locator("#review-status")).to_contain_text("moved to")
+                    expect(info).to_contain_text(f"{total - 2:,} images to review")
+                page.screenshot(path=shots / "2-after-keep-and-move.png", full_page=True)
+                page.locator("#review-undo").click()
+                expect(page.locator("#review-status")).to_contain_text("undone")
+                page.screenshot(path=shots / "3-undone.png", full_page=True)
+            finally:
+                browser.close()
+    finally:
+        stop_app_server(process)
+    artifacts = REPO / "test-artifacts" / "review"
+    shutil.rmtree(artifacts, ignore_errors=True)
+    shutil.copytree(shots, artifacts)
+    assert len(list(artifacts.glob("*.png"))) == 3

@@ -62,9 +62,8 @@ class ReviewView:
         items, total = self.ws.review_page(int(page or 0))
         page = min(max(0, int(page or 0)), max(0, (total - 1) // PAGE_SIZE))
         names = self.ws.names()
-        gallery = [(str(item.thumbnail), f"#{item.record.id} · {names.get(item.record.label, '')}"
-                    f"{'' if item.suggestion is None else ' → ' + names.get(item.suggestion, '')} · "
-                    f"{item.score:.2f}") for item in items]
+        gallery = [(str(item.thumbnail), f"#{item.record.id} · {item.score:.2f} · {names.get(item.record.label, '')}"
+                    f"{'' if item.suggestion is None else ' → ' + names.get(item.suggestion, '')}") for item in items]
         position = min(max(0, int(position)), max(0, len(items) - 1))
         current = items[position].record.id if items else None
         suggestion = items[position].suggestion if items else None
