@@ -26,10 +26,11 @@ REPO = Path(__file__).resolve().parents[1]
 CENTRES, PER_CENTRE, DIM = 5, 40, 16
 
 
-def planted(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def planted(seed: int = 0, sure_mistakes: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Vectors around 5 centres labelled by their centre, except one image per centre whose cluster says
-    another centre while it sits among its own, and which the model is SURE of (margin 0.95): confidence
-    alone cannot find them, their neighbours can. Returns vectors, clusters, margins, the planted rows."""
+    another centre while it sits among its own. Every image has the same margin (only the neighbours can tell),
+    or, with ``sure_mistakes``, honest margins vary and the planted ones are SURE (margin 0.95): confidence alone
+    cannot find them. Returns vectors, clusters, margins, the planted rows."""
     rng = np.random.default_rng(seed)
     means = rng.normal(size=(CENTRES, DIM))
     truth = np.repeat(np.arange(CENTRES), PER_CENTRE)
@@ -37,8 +38,10 @@ def planted(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
     clusters = truth.copy()
     mistakes = np.arange(CENTRES) * PER_CENTRE + rng.integers(0, PER_CENTRE, CENTRES)
     clusters[mistakes] = (truth[mistakes] + 1) % CENTRES
-    margins = rng.uniform(0.3, 1.0, len(truth)).astype(np.float32)  # many honest images are less sure
-    margins[mistakes] = 0.95
+    margins = np.full(len(truth), 0.6, np.float32)
+    if sure_mistakes:
+        margins = rng.uniform(0.3, 1.0, len(truth)).astype(np.float32)
+        margins[mistakes] = 0.95
     return vectors, clusters, margins, np.sort(mistakes)
 
 
@@ -59,8 +62,30 @@ def test_planted_mistakes_rank_first_and_neighbours_suggest_their_cluster() -> N
     truth = np.repeat(np.arange(CENTRES), PER_CENTRE)
     assert np.array_equal(scores.suggestion[mistakes], truth[mistakes])
     assert ((scores.score >= 0) & (scores.score <= 1)).all()
-    # the baseline the score must beat: sorting by margin alone finds none of them
+
+
+def test_confident_mistakes_need_the_neighbour_term() -> None:
+    """Mistakes the model is sure of: margin alone misses them all, the neighbour term alone finds them all."""
+    vectors, clusters, margins, mistakes = planted(sure_mistakes=True)
+    index, ids = flat_index(vectors)
     assert not set(top(-margins, len(mistakes))) & set(mistakes)
+    neighbours_only = review.ReviewSettings(neighbour_weight=1.0)
+    assert np.array_equal(top(review.score_index(index, ids, clusters, margins, neighbours_only).score,
+                              len(mistakes)), mistakes)
+    default = review.score_index(index, ids, clusters, margins).score
+    honest = np.setdiff1d(np.arange(len(clusters)), mistakes)
+    same_margin = honest[np.abs(margins[honest] - 0.95) < 0.03]  # honest images as sure as the planted ones
+    assert default[mistakes].min() > default[same_margin].max()
+
+
+def test_a_doubtful_cluster_ranks_before_a_clean_one_at_equal_margin() -> None:
+    clusters = np.array([0, 0, 0, 1, 1, 1])
+    margins = np.array([0.5, 0.1, 0.1, 0.5, 0.9, 0.9], np.float32)
+    score = review.combine(np.ones(6, np.float32), margins, clusters)
+    assert score[0] > score[3]
+    assert review.combine(np.ones(6, np.float32), margins, clusters, review.ReviewSettings(cluster_share=0.0))[0] == \
+        pytest.approx(review.combine(np.ones(6, np.float32), margins, clusters,
+                                     review.ReviewSettings(cluster_share=0.0))[3])
 
 
 @pytest.mark.parametrize("weighting", review.WEIGHTINGS)
@@ -95,8 +120,8 @@ def test_score_of_label_chunks_skips_error_rows(flat_max: int, monkeypatch: pyte
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="weighting"):
         review.ReviewSettings(weighting="cubic")
-    with pytest.raises(ValueError, match="margin weight"):
-        review.ReviewSettings(margin_weight=2.0)
+    with pytest.raises(ValueError, match="neighbour weight"):
+        review.ReviewSettings(neighbour_weight=2.0)
 
 
 # ---- twist label: the column, in every format
@@ -174,6 +199,7 @@ def stored_scores(index_dir: Path) -> dict[str, tuple[float, int | None]]:
 
 def test_index_build_and_update_store_fresh_scores(tmp_path: Path) -> None:
     vectors, clusters, margins, mistakes = planted(seed=3)
+    margins = margins.copy()
     table = write_table(tmp_path, vectors, clusters, margins)
     out = tmp_path / "index"
     build_index(IndexConfig(source=str(table), out=str(out), device="cpu"))
@@ -197,7 +223,8 @@ def test_index_build_and_update_store_fresh_scores(tmp_path: Path) -> None:
     after = stored_scores(out)
     assert len(after) == len(clusters) + 12
     old_path = f"labels/img{honest:04d}.png"
-    assert after[old_path][0] > scores[old_path][0] + 0.3 and after[old_path][1] == 2
+    # its neighbours went from all agreeing to all disagreeing: the neighbour term rose by (nearly) its weight
+    assert after[old_path][0] - scores[old_path][0] > 0.8 * review.NEIGHBOUR_WEIGHT and after[old_path][1] == 2
 
 
 def test_an_index_without_scores_opens_and_update_adds_them(tmp_path: Path) -> None:

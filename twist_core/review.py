@@ -1,19 +1,24 @@
 """Which images are most likely in the wrong cluster: a per-image "likely wrong" score for a review queue.
 
-An image is suspect when its nearest neighbours in embedding space sit in another cluster (the classifier
-head and the embedding disagree), and when the model itself hesitates between two clusters (a low margin
-between its top-2 probabilities). The score mixes the two::
+An image is suspect when the model hesitates between two clusters (a low margin between its top-2
+probabilities), when its whole cluster is one the model is unsure of (a mixed cluster holds more mistakes),
+and when its nearest neighbours in embedding space sit in another cluster (the embedding and the classifier
+head disagree: the one kind of mistake that confidence cannot show). All three terms lie in [0, 1]::
 
-    disagreement = 1 - (similarity-weighted share of the K_NEIGHBOURS nearest images in the image's cluster)
-    score        = MARGIN_WEIGHT * (1 - margin) + (1 - MARGIN_WEIGHT) * disagreement      (0 = fine, 1 = suspect)
+    doubt        = 1 - margin
+    disagreement = 1 - (similarity-weighted share of the image's K_NEIGHBOURS nearest images in its own cluster)
+    score = w_n * disagreement + (1 - w_n) * ((1 - s) * doubt + s * (mean doubt of the image's cluster))
 
-Both terms lie in [0, 1]. The neighbours are found with FAISS (cosine) over every labelled image: the whole
-table at the end of ``twist label``, the stored vectors at ``twist index`` (refreshed for every image after
-``--update``, since new images change old images' neighbours). The "suggestion" of an image is the other
-cluster holding most neighbour weight (-1 when every neighbour agrees): the Review view's one-click target.
+with w_n = NEIGHBOUR_WEIGHT and s = CLUSTER_SHARE (0 = fine, 1 = suspect). The neighbours are found with FAISS
+(cosine) over every labelled image: the whole table at the end of ``twist label``, the stored vectors at
+``twist index`` (for every image again after ``--update``, since new images change old images' neighbours).
+The "suggestion" of an image is the other cluster holding most neighbour weight (-1 when every neighbour
+agrees): the Review view's one-click target.
 
-The weights are the measured choice of ``bench/review.py`` on cifar10-test (``bench/results/review.json``):
-see there for the variants tried (k, weighting, mixing weight) and how each ranks the true mistakes.
+The weights are the measured choice of ``bench/review.py`` (``bench/results/review.json``: every variant of k,
+neighbour weighting and the two mixing weights, on cifar10-test and caltech20). On those models the neighbour
+term adds little beyond the margin (the embedding and the head are trained together), so it gets a small
+weight; it is kept because it alone finds confident mistakes and names the cluster to move them to.
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ import numpy as np
 from twist_core.index_faiss import PQ_TRAIN_POINTS, TRAIN_POINTS_PER_LIST, build, normalized, plan_index
 from twist_core.index_store import INDEX_FILE, META_FILE, MetaStore, commit_generation, read_manifest
 
-K_NEIGHBOURS = 10
-WEIGHTING = "similarity"
-MARGIN_WEIGHT = 0.5
+K_NEIGHBOURS = 5
+WEIGHTING = "softmax"
+NEIGHBOUR_WEIGHT = 0.1
+CLUSTER_SHARE = 0.5
 WEIGHTINGS = ("uniform", "similarity", "softmax")
 SOFTMAX_TEMPERATURE = 0.07  # the kNN classifier's usual temperature (sharp: the closest neighbours decide)
 SEARCH_BATCH = 4096
@@ -49,13 +55,14 @@ CREATE INDEX IF NOT EXISTS review_by_score ON review (score DESC, id);
 class ReviewSettings:
     k: int = K_NEIGHBOURS
     weighting: str = WEIGHTING
-    margin_weight: float = MARGIN_WEIGHT
+    neighbour_weight: float = NEIGHBOUR_WEIGHT
+    cluster_share: float = CLUSTER_SHARE
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
-        if self.k < 1 or not 0.0 <= self.margin_weight <= 1.0:
-            raise ValueError("the review needs k >= 1 and a margin weight in [0, 1]")
+        if self.k < 1 or not (0.0 <= self.neighbour_weight <= 1.0 and 0.0 <= self.cluster_share <= 1.0):
+            raise ValueError("the review needs k >= 1 and a neighbour weight and cluster share in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -123,10 +130,18 @@ def drop_self(queries: np.ndarray, found: np.ndarray, sims: np.ndarray, k: int) 
     return found[keep].reshape(len(queries), k), sims[keep].reshape(len(queries), k)
 
 
-def combine(agreement: np.ndarray, margins: np.ndarray, margin_weight: float = MARGIN_WEIGHT) -> np.ndarray:
-    """The "likely wrong" score in [0, 1]; a missing margin counts as 0 (no evidence of confidence)."""
-    margins = np.nan_to_num(np.asarray(margins, np.float32), nan=0.0).clip(0.0, 1.0)
-    return (margin_weight * (1.0 - margins) + (1.0 - margin_weight) * (1.0 - agreement)).astype(np.float32)
+def combine(agreement: np.ndarray, margins: np.ndarray, clusters: np.ndarray,
+            settings: ReviewSettings = ReviewSettings()) -> np.ndarray:
+    """The "likely wrong" score in [0, 1] (see the module); a missing margin counts as 0 (no sign of confidence)."""
+    doubt = 1.0 - np.nan_to_num(np.asarray(margins, np.float64), nan=0.0).clip(0.0, 1.0)
+    clusters = np.asarray(clusters, np.int64)
+    known = clusters >= 0
+    sums = np.bincount(clusters[known], weights=doubt[known], minlength=1)
+    counts = np.bincount(clusters[known], minlength=1)
+    cluster_doubt = np.where(known, (sums / np.maximum(counts, 1))[clusters.clip(0, None)], doubt)
+    uncertainty = (1.0 - settings.cluster_share) * doubt + settings.cluster_share * cluster_doubt
+    score = settings.neighbour_weight * (1.0 - agreement) + (1.0 - settings.neighbour_weight) * uncertainty
+    return score.astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -140,7 +155,7 @@ def score_index(index: faiss.Index, ids: np.ndarray, clusters: np.ndarray, margi
                 settings: ReviewSettings = ReviewSettings()) -> ReviewScores:
     """Scores of the images ``ids`` (sorted, all in ``index``) from their neighbours and margins."""
     votes = neighbour_votes(index, ids, clusters, settings.k, settings.weighting)
-    return ReviewScores(ids, combine(votes.agreement, margins, settings.margin_weight), votes.suggestion)
+    return ReviewScores(ids, combine(votes.agreement, margins, clusters, settings), votes.suggestion)
 
 
 # ---- twist label: the score of every row, from the run's chunks
@@ -205,7 +220,8 @@ def write_table(store: MetaStore, scores: ReviewScores, settings: ReviewSettings
                       zip(scores.ids.tolist(), scores.score.astype(float).tolist(),
                           [None if s < 0 else s for s in scores.suggestion.tolist()], strict=True))
     store.set_info({INFO_KEY: {"version": VERSION, "k": settings.k, "weighting": settings.weighting,
-                               "margin_weight": settings.margin_weight}})
+                               "neighbour_weight": settings.neighbour_weight,
+                               "cluster_share": settings.cluster_share}})
 
 
 def scorer(index: faiss.Index, ids: np.ndarray, rows: Sequence[dict[str, Any]],
