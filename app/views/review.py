@@ -1,6 +1,7 @@
 """The Review view: the images most likely in the wrong cluster first, each moved or kept with one click.
 
-The order is the index's review score (:mod:`twist_core.review`: neighbours in another cluster, low margin).
+The order is the index's review score (:mod:`twist_core.review`: low margin, doubtful cluster, neighbours
+in another cluster).
 The image on the left of the page is the current one; "Move to ..." sends it to the cluster its neighbours
 point to, "Keep" confirms it where it is, and either way it leaves the queue and the next image becomes the
 current one. Both are ordinary curation changes (the Cluster view's Undo, or this view's, takes them back).
@@ -16,9 +17,9 @@ from app.views import ViewContext
 from app.views.shared import cluster_choices, cluster_number, current_choices, friendly, image_panel, image_selector
 from app.workspace import PAGE_SIZE, Workspace
 
-HELP = ("Images most likely in the wrong cluster come first: their nearest neighbours sit in another cluster, or "
-        "the model hesitates between two. Click an image to make it the current one; **Move** or **Keep** takes "
-        "it out of the queue and goes on with the next.")
+HELP = ("Images most likely in the wrong cluster come first: the model hesitates between two clusters, their "
+        "cluster is one it is unsure of, or their nearest neighbours sit in another cluster. Click an image to make "
+        "it the current one; **Move** or **Keep** takes it out of the queue and goes on with the next.")
 
 
 def build(ctx: ViewContext) -> None:
@@ -42,7 +43,8 @@ class ReviewView:
         self.info = gr.Markdown(elem_id="review-info")
         self.gallery = gr.Gallery(label="To review, most likely wrong first (click one to make it current)",
                                   columns=10, allow_preview=False, height="auto", elem_id="review-gallery")
-        self.ids, self.suggestions, self.position = gr.State([]), gr.State([]), gr.State(0)
+        self.ids, self.scores, self.suggestions = gr.State([]), gr.State([]), gr.State([])
+        self.position = gr.State(0)
         with gr.Row():
             self.move_suggested = gr.Button("Move to the suggested cluster", variant="primary",
                                             elem_id="review-move-suggested")
@@ -69,7 +71,8 @@ class ReviewView:
         suggestion = items[position].suggestion if items else None
         info = (f"**{total:,} images to review** (not yet moved, excluded or kept) · page {page + 1} of "
                 f"{max(1, -(-total // PAGE_SIZE))}")
-        return (gallery, info, [i.record.id for i in items], [i.suggestion for i in items], page, position,
+        return (gallery, info, [i.record.id for i in items], [i.score for i in items], [i.suggestion for i in items],
+                page, position,
                 current, self.suggestion_button(suggestion))
 
     def suggestion_button(self, suggestion: int | None) -> Any:
@@ -77,11 +80,17 @@ class ReviewView:
             return gr.Button("no other cluster suggested", interactive=False)
         return gr.Button(f"Move to {self.ws.store.name(suggestion)}", interactive=True)
 
-    def details(self, image_id: Any) -> tuple:
-        """The current image's picture, details, class chart and neighbours (blank when the queue is empty)."""
+    def details(self, image_id: Any, ids: list[int], scores: list[float], suggestions: list[int | None]) -> tuple:
+        """The current image's picture, details (with its review score), class chart and neighbours."""
         if image_id is None or image_id == "":
             return None, "", None, [], []
-        return self.select_image(image_id)
+        picture, text, *rest = self.select_image(image_id)
+        if int(image_id) in ids:
+            at = ids.index(int(image_id))
+            where = ("none of its neighbours is in another cluster" if suggestions[at] is None
+                     else f"its neighbours point to {self.ws.store.name(suggestions[at])}")
+            text += f"  \nreview score {scores[at]:.3f} · {where}"
+        return (picture, text, *rest)
 
     def clicked(self, ids: list[int], suggestions: list[int | None], evt: gr.SelectData) -> tuple:
         return evt.index, ids[evt.index], self.suggestion_button(suggestions[evt.index])
@@ -99,10 +108,10 @@ class ReviewView:
 
     # ---- events
     def _wire(self, ctx: ViewContext) -> None:
-        page_outputs = [self.gallery, self.info, self.ids, self.suggestions, self.page, self.position, self.current,
-                        self.move_suggested]
-        details = {"fn": self.details, "inputs": [self.current], "outputs": self.detail_outputs,
-                   "api_visibility": "private"}
+        page_outputs = [self.gallery, self.info, self.ids, self.scores, self.suggestions, self.page, self.position,
+                        self.current, self.move_suggested]
+        details = {"fn": self.details, "inputs": [self.current, self.ids, self.scores, self.suggestions],
+                   "outputs": self.detail_outputs, "api_visibility": "private"}
         show = friendly(self.show)
         self.tab.select(lambda page, position: show(page, position), [self.page, self.position], page_outputs,
                         api_visibility="private").then(**details)
