@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -81,16 +81,22 @@ def write_tree(records: Iterable[Record], names: dict[int, str], root: Path, tre
     return counts
 
 
-def write_zip(records: Iterable[Record], names: dict[int, str], root: Path, out: Path) -> Path:
-    """The ImageFolder tree as a zip (images stored, not recompressed: they are already compressed)."""
+def write_zip(records: Iterable[Record], names: dict[int, str], root: Path, out: Path,
+              progress: Callable[[int, int], None] | None = None) -> Path:
+    """The ImageFolder tree as a zip (images stored, not recompressed: they are already compressed).
+
+    ``progress(done, total)`` is called as images are written (the app shows it).
+    """
     entries = placed(records, names)
 
     def write(tmp: str) -> None:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
-            for r, name in entries:
+            for done, (r, name) in enumerate(entries, 1):
                 source = root / path_from_text(r.path)
                 if source.is_file():
                     archive.write(source, name)
+                if progress is not None:
+                    progress(done, len(entries))
 
     atomic_write(out, write)
     return out

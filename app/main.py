@@ -184,11 +184,13 @@ def launch(config: AppConfig, block: bool = True):
     check_options(config)
     auth = resolve_auth(config)
     workspace, demo = build_app(config)
+    from app.ui import page_css  # after build_app, which imports the UI (slowly) once the setup is checked
+
     for warning in workspace.misplaced_outputs():
         log.warning(warning)
     if config.warm_thumbnails:
         workspace.warm_thumbnails()
-    demo.launch(server_name=config.host, server_port=config.port or free_port(config.host), auth=auth,
+    demo.launch(server_name=config.host, server_port=config.port or free_port(config.host), auth=auth, css=page_css(),
                 allowed_paths=workspace.output_folders, max_file_size=f"{config.max_upload_mb}mb",
                 show_error=False, prevent_thread_lock=not block, inbrowser=False, quiet=not block,
                 app_kwargs={"middleware": [guard_middleware()], "routes": api_routes(workspace, config)})

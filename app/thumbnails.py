@@ -4,7 +4,8 @@ Index ids are never reused (a replaced or changed image gets a new id, a rebuild
 files), so a thumbnail never goes stale. The cache belongs to one index lineage (``owner``, the index's
 uid): opened for another index, whose ids mean other images, it starts empty. Files are
 written under a temporary name and renamed, so concurrent requests for one image never see half a file.
-Unreadable images get a grey placeholder, so one broken file does not break a gallery page.
+Unreadable images get a grey placeholder, so one broken file does not break a gallery page. Images smaller
+than the thumbnail size are enlarged by a whole factor with nearest-neighbour sampling (pixels stay sharp).
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ class ThumbnailCache:
         except ImageReadError:
             return self._placeholder()
         image.thumbnail((self.size, self.size), Image.Resampling.BICUBIC)
+        factor = self.size // max(image.size)
+        if factor > 1:  # a small image: sharp squares, not a blur when the browser scales it up
+            image = image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
         self._save(image, target)
         return target
 

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import gradio as gr
 
-from app.views import ViewContext, batch, cluster, clusters, export, search
+from app.views import ViewContext, batch, cluster, clusters, export, merges, search, shared
 from app.views import map as map_view
 from app.views import review as review_view
 from app.workspace import Workspace
 
-VIEWS = (clusters, cluster, review_view, search, export, map_view, batch)  # in tab order
+VIEWS = (clusters, cluster, review_view, search, export, map_view, batch, merges)  # in tab order
+
+
+def page_css() -> str:
+    """The page's own style: the shared pieces' and each view's ``CSS`` (a module may define one)."""
+    return "\n".join(module.CSS for module in (shared, *VIEWS) if getattr(module, "CSS", ""))
 
 
 def build_ui(ws: Workspace) -> gr.Blocks:

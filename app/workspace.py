@@ -13,7 +13,7 @@ import json
 import logging
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,25 @@ MAX_BATCH_IMAGES = 2000
 BATCH_CHUNK = 64  # images decoded and predicted together
 MAX_BATCH_PIXELS = 500_000_000  # decoded pixels one batch request may ask for, all images together
 VIEW_SIZE = 1024  # longest side of the picture in the detail view
+DISPLAY_SIDE = 400  # smaller pictures are enlarged to about this in the detail view (see Workspace.display)
+
+
+Progress = Callable[[int, int], None]  # (done, total) of a long action, for the UI's progress bar
+
+
+def throttled(progress: Progress | None, steps: int = 100) -> Progress | None:
+    """``progress`` called about ``steps`` times over a run, however many items it counts (and at the end)."""
+    if progress is None:
+        return None
+    last = [-1]
+
+    def report(done: int, total: int) -> None:
+        step = done * steps // max(total, 1)
+        if step != last[0] or done == total:
+            last[0] = step
+            progress(done, total)
+
+    return report
 
 
 class AppUserError(Exception):
@@ -304,6 +323,18 @@ class Workspace:
         image.thumbnail((VIEW_SIZE, VIEW_SIZE), Image.Resampling.BICUBIC)
         return image
 
+    def display(self, record: Record) -> Image.Image:
+        """The image as the app shows it: :meth:`view`, and a small one enlarged to about ``DISPLAY_SIDE``.
+
+        Enlarged by a whole factor with nearest-neighbour sampling, so each pixel becomes a sharp square
+        (a 32 px CIFAR image is seen, not blurred into a smudge by the browser).
+        """
+        image = self.view(record)
+        factor = DISPLAY_SIDE // max(image.size)
+        if factor > 1:
+            image = image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+        return image
+
     def describe(self, image_id: int, k: int = 12) -> tuple[Record, Prediction]:
         """An indexed image: its record, the model's full class distribution and its neighbours."""
         record = self.record(image_id)
@@ -392,9 +423,10 @@ class Workspace:
     def export_csv(self) -> Path:
         return exporters.write_csv(self.store.iter_records(), self.names(), self._export_path("labels.csv"))
 
-    def export_zip(self) -> Path:
+    def export_zip(self, progress: Progress | None = None) -> Path:
+        """The ImageFolder tree as a zip; ``progress(done, total)`` follows the images written."""
         return exporters.write_zip(self.store.iter_records(), self.names(), self.root,
-                                   self._export_path("labels-imagefolder.zip"))
+                                   self._export_path("labels-imagefolder.zip"), throttled(progress))
 
     def export_tree(self, folder: str, mode: str = "symlink") -> tuple[Path, dict[str, int]]:
         """Write the tree to a server folder (a new one, or one twist wrote before)."""
@@ -455,11 +487,13 @@ class Workspace:
         return int(ids[row])
 
     # ---- batch
-    def batch_label(self, files: Sequence[str | Path]) -> tuple[Path, list[list[Any]]]:
+    def batch_label(self, files: Sequence[str | Path], progress: Progress | None = None
+                    ) -> tuple[Path, list[list[Any]]]:
         """Predict every uploaded image (and every image in an uploaded zip) and write a CSV of labels.
 
         Images are sized from their headers first (a request past ``MAX_BATCH_PIXELS`` is refused whole),
         then decoded one by one at the model's scale and predicted in chunks: memory stays that of one image.
+        ``progress(done, total)`` is called after each chunk.
         """
         with contextlib.ExitStack() as zips:
             try:
@@ -470,8 +504,11 @@ class Workspace:
             except BatchUserError as error:
                 raise AppUserError(str(error)) from None
             names = self.names()
-            rows = [row for start in range(0, len(items), BATCH_CHUNK)
-                    for row in self._label_chunk(items[start:start + BATCH_CHUNK], names)]
+            rows: list[list[Any]] = []
+            for start in range(0, len(items), BATCH_CHUNK):
+                rows += self._label_chunk(items[start:start + BATCH_CHUNK], names)
+                if progress is not None:
+                    progress(len(rows), len(items))
         out = self._export_path("batch-labels.csv")
         with open(out, "w", newline="") as handle:
             writer = csv.writer(handle)

@@ -5,7 +5,9 @@ Results are checked against the index and model used directly; file-access refus
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import inspect
 import json
 import re
 import subprocess
@@ -25,6 +27,7 @@ from PIL import Image
 from app.curation import CurationStore
 from app.main import AppConfig, AppStartError, parse_auth, resolve_defaults
 from app.projection import MAP_HEIGHT, MAP_WIDTH
+from app.workspace import DISPLAY_SIDE
 from twist_core.index import ImageIndex
 from twist_core.index_store import META_FILE, read_manifest
 from twist_core.infer import OnnxModel
@@ -106,6 +109,8 @@ def test_cluster_pages_are_paged_sorted_and_filtered_on_the_server(client: Clien
     assert f"{biggest['size']:,} images" in info
     thumbs = [server["state"] / "thumbnails" / f"{i}.jpg" for i in ids_of(gallery)]
     stamps = [t.stat().st_mtime_ns for t in thumbs]
+    with Image.open(thumbs[0]) as thumb:
+        assert max(thumb.size) == 160  # a 32 px image is enlarged (sharply) to the thumbnail size
     lowest, _, _ = client.predict(biggest["cluster"], 0, True, 0, 1, api_name="/open_cluster")
     assert ids_of(lowest) == [h.id for h in index.records(biggest["cluster"], descending=False, limit=60)]
     assert confidences_of(lowest) == sorted(confidences_of(lowest))
@@ -127,9 +132,12 @@ def test_selecting_an_image_shows_path_distribution_and_neighbours(client: Clien
                                                                    model: OnnxModel) -> None:
     hit = index.records(largest_cluster(index)["cluster"], limit=1)[0]
     image, details, plot, neighbours = client.predict(hit.id, api_name="/select_image")
-    assert hit.path in details  # the picture is the image re-encoded by the app, pixel for pixel
-    shown, original = (np.asarray(Image.open(p).convert("RGB")) for p in (image, hit.abs_path))
-    assert np.array_equal(shown, original)
+    assert hit.path in details  # the picture is the image re-encoded by the app, pixel for pixel...
+    with Image.open(image) as shown, Image.open(hit.abs_path) as original:
+        factor = DISPLAY_SIDE // max(original.size)  # ...enlarged, as it is small, by nearest-neighbour sampling
+        assert factor > 1 and shown.size == (original.width * factor, original.height * factor)
+        sharp = original.convert("RGB").resize(shown.size, Image.Resampling.NEAREST)
+        assert np.array_equal(np.asarray(shown.convert("RGB")), np.asarray(sharp))
     probs = model.predict([hit.abs_path])[0][0]
     values = [row[1] for row in plot["data"]]
     assert values == sorted(values, reverse=True) and abs(values[0] - float(probs.max())) < 1e-3
@@ -262,6 +270,41 @@ def test_map_and_batch(client: Client, index: ImageIndex, model: OnnxModel, serv
     assert rows[2]["error"] and rows[3]["error"] and not rows[0]["error"]
 
 
+def progress_messages(url: str, api_name: str, data: list) -> list[dict]:
+    """Run an endpoint through Gradio's own queue protocol (as the browser does) and collect what it streams
+    back: its progress messages, then the completion."""
+    dependencies = httpx.get(url + "config", timeout=60).json()["dependencies"]
+    fn_index = next(d["id"] for d in dependencies if d.get("api_name") == api_name)
+    session = f"progress-{api_name}"
+    joined = httpx.post(url + "gradio_api/queue/join", timeout=60,
+                        json={"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None,
+                              "trigger_id": None})
+    assert joined.status_code == 200, joined.text
+    messages = []
+    with httpx.stream("GET", url + "gradio_api/queue/data", params={"session_hash": session}, timeout=120) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                messages.append(json.loads(line[5:]))
+                if messages[-1].get("msg") == "process_completed":
+                    break
+    return messages
+
+
+def test_batch_labelling_shows_its_progress_in_the_browser_protocol(server: dict) -> None:
+    pictures = sorted(p for p in server["images"].rglob("*") if p.is_file())
+    with contextlib.ExitStack() as files:
+        uploads = [("files", (p.name, files.enter_context(open(p, "rb")))) for p in pictures]
+        paths = httpx.post(server["url"] + "gradio_api/upload", files=uploads, timeout=120).json()
+    batch = [{"path": path, "orig_name": p.name, "meta": {"_type": "gradio.FileData"}}
+             for path, p in zip(paths, pictures, strict=True)]
+    messages = progress_messages(server["url"], "batch_label", [batch])
+    assert messages[-1]["msg"] == "process_completed" and messages[-1]["success"], messages[-1]
+    steps = [m["progress_data"][0] for m in messages if m.get("msg") == "progress"]
+    assert steps and all(s["unit"] == "images" and s["desc"] == "labelling" for s in steps), messages
+    done = [s["index"] for s in steps]  # Gradio sends the latest state every so often, not every call
+    assert done == sorted(done) and 0 < done[-1] <= steps[-1]["length"] == len(pictures)
+
+
 def test_only_images_the_app_made_are_served(server: dict, index: ImageIndex) -> None:
     base = server["url"] + "gradio_api/file="
     hit = index.records(None, order_by="id", limit=1)[0]
@@ -315,3 +358,27 @@ def test_startup_problems_are_one_line_and_exit_1(tmp_path: Path, app_bundle: di
         resolve_defaults(AppConfig(), demo=tmp_path / "models" / "demo")
     with pytest.raises(AppStartError, match="--index is needed"):
         resolve_defaults(AppConfig(model=str(tmp_path / "other.onnx")), demo=tmp_path)
+
+
+def test_batch_labelling_and_the_zip_report_their_progress(app_bundle: dict[str, Path], tmp_path: Path) -> None:
+    """The workspace reports (done, total) as it goes; the UI's handlers take Gradio's progress tracker."""
+    import gradio as gr
+
+    from app.ui import build_ui
+    from app.workspace import BATCH_CHUNK, Workspace
+
+    pictures = sorted(p for p in app_bundle["images"].rglob("*") if p.is_file())[:BATCH_CHUNK + 6]
+    workspace = Workspace(app_bundle["model"], app_bundle["index"], tmp_path / "state")
+    try:
+        calls: list[tuple[int, int]] = []
+        _, rows = workspace.batch_label(pictures, lambda done, total: calls.append((done, total)))
+        assert len(rows) == len(pictures) and calls == [(BATCH_CHUNK, len(pictures)), (len(pictures),) * 2]
+        calls.clear()
+        with zipfile.ZipFile(workspace.export_zip(lambda done, total: calls.append((done, total)))) as archive:
+            written = len([n for n in archive.namelist() if not n.endswith("/")])
+        assert calls[-1] == (written, written) and [d for d, _ in calls] == sorted({d for d, _ in calls})
+        handlers = {fn.api_name: fn.fn for fn in build_ui(workspace).fns.values()}
+    finally:
+        workspace.close()
+    for name in ("batch_label", "export_zip"):
+        assert isinstance(inspect.signature(handlers[name]).parameters["progress"].default, gr.Progress), name

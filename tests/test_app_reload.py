@@ -10,6 +10,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -20,6 +22,16 @@ from twist_core.index import ImageIndex
 from twist_core.index_build import IndexConfig, build_index
 
 FIRST, ADDED = 8, 5  # images per class at first, images added by the update
+
+
+def keep_asking(url: str, image_id: int, done: threading.Event) -> list[int]:
+    """Status codes of searches and cluster lists asked for until ``done`` (during the update)."""
+    statuses = []
+    with httpx.Client(base_url=url + "api/v1/", timeout=60) as api:
+        while not done.is_set() or not statuses:
+            statuses.append(api.get(f"search/id/{image_id}", params={"k": 3}).status_code)
+            statuses.append(api.get("clusters").status_code)
+    return statuses
 
 
 def test_an_index_update_is_picked_up_without_a_restart_and_keeps_the_curation(
@@ -44,9 +56,16 @@ def test_an_index_update_is_picked_up_without_a_restart_and_keeps_the_curation(
         (images / "later").mkdir()
         for picture in sorted((shapes_folder / "stripes").iterdir())[-ADDED:]:
             shutil.copy(picture, images / "later" / picture.name)
-        update = subprocess.run([sys.executable, "-m", "twist_core.cli", "index", "--update", "--out", str(index),
-                                 "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        with ThreadPoolExecutor(1) as pool:  # requests keep coming while the update commits
+            done = threading.Event()
+            answers = pool.submit(keep_asking, url, moved["id"], done)
+            update = subprocess.run([sys.executable, "-m", "twist_core.cli", "index", "--update", "--out",
+                                     str(index), "--device", "cpu"], cwd=REPO, capture_output=True, text=True,
+                                    timeout=300)
+            done.set()
+            statuses = answers.result()
         assert update.returncode == 0 and f"added {ADDED}" in update.stdout, update.stderr
+        assert statuses and set(statuses) == {200}, statuses
 
         after = {r["path"]: r for r in api.get("labels").json()}
         new = [r for path, r in after.items() if path.startswith("later/")]

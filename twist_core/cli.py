@@ -14,6 +14,7 @@ COMMANDS = {
     "index": ("twist_core.index_build", "build or update a FAISS similarity index from labels + embeddings"),
     "search": ("twist_core.search", "find the images most similar to an image (or an indexed id)"),
     "duplicates": ("twist_core.duplicates", "list groups of near-identical images in an index"),
+    "suggest-merges": ("twist_core.merges", "rank cluster pairs to merge (over-clustered runs) and estimate K"),
     "app": ("app.main", "open the web app: browse, search, curate and export the clusters"),
     "import-labels": ("app.labelstudio", "apply the labels chosen in Label Studio (its JSON export) to the app"),
 }

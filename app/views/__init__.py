@@ -9,12 +9,16 @@ Convention for adding a view:
 - Components another view may use are published with ``ctx.share(name=component)``; a view uses another's with
   ``ctx["name"]``, inside ``ctx.after_build(fn)`` when that view may be built later (tabs are built in order).
 - Add the module to ``VIEWS`` in :mod:`app.ui` (one line): its place there is the tab's place.
+- Optional: a module-level ``CSS`` string is added to the page's style (scope it by ``elem_id``/``elem_classes``).
 
 Shared names published by the built-in views (see each module): ``cluster`` (the Cluster view's cluster
 dropdown), ``cluster_choices`` (the three cluster dropdowns that :func:`app.views.shared.current_choices`
 refreshes after a curation change), ``show_cluster`` (event kwargs that reload the open cluster's page, for
 ``.then(**ctx["show_cluster"])``), and ``send_to_search`` (a function ``(gallery, ids_state)`` that makes a click
-in a gallery open the Search view on that image).
+in a gallery open the Search view on that image). Reusable pieces live in :mod:`app.views.shared`:
+``friendly``, ``parse_ids``, ``cluster_number``, ``cluster_choices``/``current_choices``, ``image_panel`` with
+``image_selector`` (an inspected image, large, with its neighbours and class chart) and ``PROGRESS`` (the default
+of a handler's ``progress`` parameter, which gives a long action a progress bar).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The Batch view: label uploaded images (or zips of images) with the model, as a CSV and a table."""
+"""The Batch view: label uploaded images (or zips of images) with the model, as a CSV and a table (with progress)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import gradio as gr
 import pandas as pd
 
 from app.views import ViewContext
-from app.views.shared import friendly
+from app.views.shared import PROGRESS, friendly
 
 SHOWN_ROWS = 200
 
@@ -15,8 +15,9 @@ def build(ctx: ViewContext) -> None:
     ws = ctx.ws
 
     @friendly
-    def batch_label(files: list[str] | None) -> tuple[str, pd.DataFrame]:
-        out, rows = ws.batch_label(list(files or []))
+    def batch_label(files: list[str] | None, progress: gr.Progress = PROGRESS) -> tuple[str, pd.DataFrame]:
+        out, rows = ws.batch_label(list(files or []),
+                                   lambda done, total: progress((done, total), desc="labelling", unit="images"))
         return str(out), pd.DataFrame(rows[:SHOWN_ROWS], columns=["file", "cluster", "cluster_name", "confidence",
                                                                    "error"])
 

@@ -1,5 +1,7 @@
 """The Cluster view: one cluster's images paged and filtered, one image inspected, and the curation tools.
 
+It opens on the largest cluster (set on each page load, which opens its first page).
+
 Shares ``cluster`` (the cluster dropdown), ``cluster_choices`` (the three cluster dropdowns) and ``show_cluster``
 (event kwargs that reload the open page, for ``.then(**ctx["show_cluster"])`` after a change elsewhere).
 """
@@ -43,10 +45,10 @@ class ClusterView:
         self.refresh = {"fn": self.first_page, "inputs": self.page_inputs, "outputs": self.page_outputs,
                         "api_visibility": "private"}
         ctx.share(cluster=self.cluster, cluster_choices=self.choices, show_cluster=self.refresh)
-        ctx.demo.load(self.current_choices, None, self.choices, api_visibility="private")
+        ctx.demo.load(self.opening_choices, None, self.choices, api_visibility="private")
         self._wire_browse()
         self._wire_curate()
-        ctx.after_build(lambda: ctx["send_to_search"](self.neighbours, self.neighbour_ids))
+        ctx.after_build(lambda: ctx["send_to_search"](self.inspected.neighbours, self.inspected.neighbour_ids))
 
     # ---- layout
     def _browse(self) -> None:
@@ -64,10 +66,7 @@ class ClusterView:
         self.gallery = gr.Gallery(label="Images (click to inspect and to add to the selection)", columns=10,
                                   allow_preview=False, height="auto", elem_id="cluster-gallery")
         self.page_ids = gr.State([])
-        self.current_id, self.detail_image, self.details, self.detail_plot = image_panel("current-id", "details")
-        self.neighbours = gr.Gallery(label="Nearest neighbours (click to search from one)", columns=12,
-                                     allow_preview=False, height="auto")
-        self.neighbour_ids = gr.State([])
+        self.inspected = image_panel("inspect", "Nearest neighbours (click to search from one)")
 
     def _curate(self) -> None:
         with gr.Row():
@@ -112,8 +111,12 @@ class ClusterView:
         return gallery, info, [r.id for r, _ in items], page
 
     @friendly
-    def current_choices(self) -> tuple[Any, Any, Any]:
-        return current_choices(self.ws)
+    def opening_choices(self) -> tuple[Any, Any, Any]:
+        """On each page load: the dropdowns as the store is now, the cluster on the largest one (its page opens)."""
+        sizes = [c for c in self.ws.store.summary() if c["cluster"] != EXCLUDED]
+        largest = min(sizes, key=lambda c: (-c["size"], c["cluster"]))["cluster"] if sizes else None
+        _, merge, move = current_choices(self.ws)
+        return gr.Dropdown(choices=cluster_choices(self.ws, True), value=largest), merge, move
 
     def first_page(self, *values: Any) -> tuple:
         return self.open_cluster(values[0], 0, *values[2:])
@@ -166,7 +169,7 @@ class ClusterView:
                              api_visibility="private")
 
         select_image = image_selector(self.ws)
-        detail_outputs = [self.detail_image, self.details, self.detail_plot, self.neighbours, self.neighbour_ids]
+        inspected = self.inspected
 
         def image_clicked(ids: list[int], chosen: str, evt: gr.SelectData) -> tuple[int, str]:
             picked = ids[evt.index]
@@ -174,9 +177,9 @@ class ClusterView:
             current = [i for i in current if i != picked] if picked in current else [*current, picked]
             return picked, ", ".join(map(str, current))
 
-        self.current_id.submit(select_image, [self.current_id], detail_outputs, api_name="select_image")
-        self.gallery.select(image_clicked, [self.page_ids, self.selection], [self.current_id, self.selection],
-                            api_visibility="private").then(select_image, [self.current_id], detail_outputs,
+        inspected.image_id.submit(select_image, [inspected.image_id], inspected.outputs, api_name="select_image")
+        self.gallery.select(image_clicked, [self.page_ids, self.selection], [inspected.image_id, self.selection],
+                            api_visibility="private").then(select_image, [inspected.image_id], inspected.outputs,
                                                            api_visibility="private")
 
     def _wire_curate(self) -> None:

@@ -1,6 +1,7 @@
 """The Export view: labels as CSV, an ImageFolder tree (zip or on the server), Label Studio tasks.
 
-Exports run one at a time (``concurrency_id="export"``): each streams the whole store.
+Exports run one at a time (``concurrency_id="export"``): each streams the whole store. The zip, the long one,
+shows its progress.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import gradio as gr
 
 from app.views import ViewContext
-from app.views.shared import friendly
+from app.views.shared import PROGRESS, friendly
 
 ONE_AT_A_TIME = {"concurrency_id": "export", "concurrency_limit": 1}
 
@@ -21,8 +22,8 @@ def build(ctx: ViewContext) -> None:
         return str(ws.export_csv())
 
     @friendly
-    def export_zip() -> str:
-        return str(ws.export_zip())
+    def export_zip(progress: gr.Progress = PROGRESS) -> str:
+        return str(ws.export_zip(lambda done, total: progress((done, total), desc="zipping images", unit="images")))
 
     @friendly
     def export_tree(folder: str, mode: str) -> str:

@@ -54,9 +54,8 @@ class ReviewView:
             self.move = gr.Button("Move", elem_id="review-move")
             self.undo = gr.Button("Undo last change", elem_id="review-undo")
         self.status = gr.Markdown(elem_id="review-status")
-        self.current, picture, details, plot = image_panel("review-id", "review-details")
-        neighbours = gr.Gallery(label="Its nearest neighbours", columns=12, allow_preview=False, height="auto")
-        self.detail_outputs = [picture, details, plot, neighbours, gr.State([])]
+        panel = image_panel("review", "Its nearest neighbours")
+        self.current, self.detail_outputs = panel.image_id, panel.outputs
 
     # ---- handlers
     def show(self, page: Any, position: int = 0) -> tuple:

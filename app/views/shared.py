@@ -10,17 +10,21 @@ import functools
 import logging
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
 from app.curation import EXCLUDED, CurationError
-from app.workspace import AppUserError, Neighbour, Prediction, Workspace
+from app.workspace import DISPLAY_SIDE, AppUserError, Neighbour, Prediction, Workspace
 from twist_core.index_store import IndexUserError
 
 log = logging.getLogger("twist.app")
 TOP_CLASSES = 10  # bars in a class-distribution chart
+FIT = "fit-content"  # a gallery as tall as its images (Gradio's default is at least 450 px on wide screens)
+CSS = f".{FIT} .fixed-height {{ min-height: 0 !important; }}"  # the page's style for the pieces below
+PROGRESS = gr.Progress()  # default of a handler's ``progress`` parameter: Gradio then shows a progress bar
 
 
 def friendly(fn: Callable) -> Callable:
@@ -89,16 +93,39 @@ def prediction_outputs(ws: Workspace, prediction: Prediction) -> tuple[pd.DataFr
             [n.record.id for n in prediction.neighbours])
 
 
-def image_panel(id_elem: str, details_elem: str) -> tuple[gr.Number, gr.Image, gr.Markdown, gr.BarPlot]:
-    """Image id, picture, details and class-distribution chart of one image (the outputs of ``select_image``)."""
-    with gr.Row():
-        with gr.Column(scale=1):
-            image_id = gr.Number(None, precision=0, label="Image id", elem_id=id_elem)
-            picture = gr.Image(type="pil", format="png", interactive=False, label="Image", height=220)
-        with gr.Column(scale=2):
-            details = gr.Markdown(elem_id=details_elem)
-            plot = gr.BarPlot(x="cluster", y="probability", label="Class distribution", sort="-y")
-    return image_id, picture, details, plot
+@dataclass(frozen=True)
+class ImagePanel:
+    """One inspected image: its id, picture, details, class chart and nearest neighbours (with their ids)."""
+
+    image_id: gr.Number
+    picture: gr.Image
+    details: gr.Markdown
+    plot: gr.BarPlot
+    neighbours: gr.Gallery
+    neighbour_ids: gr.State
+
+    @property
+    def outputs(self) -> list[Any]:
+        """What :func:`image_selector`'s handler fills, in its order."""
+        return [self.picture, self.details, self.plot, self.neighbours, self.neighbour_ids]
+
+
+def image_panel(prefix: str, neighbours_label: str) -> ImagePanel:
+    """The picture large on the left; details, neighbours and the class chart beside it, filling the row.
+
+    Elements are ``#<prefix>-id``, ``#<prefix>-image``, ``#<prefix>-details`` and ``#<prefix>-neighbours``.
+    """
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2, min_width=320):
+            image_id = gr.Number(None, precision=0, label="Image id", elem_id=f"{prefix}-id")
+            picture = gr.Image(type="pil", format="png", interactive=False, label="Image", height=DISPLAY_SIDE,
+                               elem_id=f"{prefix}-image")
+        with gr.Column(scale=3):
+            details = gr.Markdown(elem_id=f"{prefix}-details")
+            neighbours = gr.Gallery(label=neighbours_label, columns=6, allow_preview=False, height="auto",
+                                    elem_id=f"{prefix}-neighbours", elem_classes=[FIT])
+            plot = gr.BarPlot(x="cluster", y="probability", label="Class distribution", sort="-y", height=220)
+    return ImagePanel(image_id, picture, details, plot, neighbours, gr.State([]))
 
 
 def image_selector(ws: Workspace) -> Callable[[int], tuple]:
@@ -108,6 +135,6 @@ def image_selector(ws: Workspace) -> Callable[[int], tuple]:
         record, prediction = ws.describe(int(image_id))
         details = (f"**#{record.id}** `{record.path}`  \nlabel: {ws.store.name(record.label)} ({record.status}) · "
                    f"predicted: {ws.store.name(record.predicted)} · confidence {record.confidence or 0:.3f}")
-        return (ws.view(record), details, *prediction_outputs(ws, prediction))
+        return (ws.display(record), details, *prediction_outputs(ws, prediction))
 
     return select_image

@@ -1,0 +1,151 @@
+"""The "Suggested merges" view: which clusters of an over-clustered model belong together, merged with one click.
+
+The suggestions are computed over the clusters as curated now (:func:`twist_core.merges.data_from_index` with
+the workspace's store), so a merge made here or in the Cluster view is respected, and a merge goes through
+the curation store like any other: the app's "Undo last change" takes it back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+from PIL import Image
+
+from app.views import ViewContext
+from app.views.shared import current_choices, friendly
+from app.workspace import AppUserError, Workspace
+from twist_core import merges
+
+PAIRS_SHOWN = 30  # ranked pairs in the table and the chooser
+PAIR_THUMBNAILS = 6  # most confident images of each cluster of the chosen pair
+BOOTSTRAP = 100  # resamples for the K estimate's range (the command's default is 200)
+
+
+def suggestions(ws: Workspace, measure: str = merges.DEFAULT_MEASURE) -> merges.Suggestions:
+    """Merge suggestions and the K estimate over the current (curated) clusters."""
+    if measure not in merges.MEASURES:
+        raise AppUserError(f"measure must be one of {', '.join(merges.MEASURES)}")
+    try:
+        data = merges.data_from_index(ws.index_dir, store=ws.store)
+        return merges.suggest(data, measure, resamples=BOOTSTRAP)
+    except merges.MergeUserError as error:
+        raise AppUserError(str(error)) from None
+
+
+def merge_pair(ws: Workspace, a: int, b: int) -> str:
+    """Merge the smaller cluster of the pair into the larger (which keeps its name), through the curation store."""
+    sizes = {c["cluster"]: c["size"] for c in ws.store.summary()}
+    a, b = int(a), int(b)
+    if a == b or a not in sizes or b not in sizes:
+        raise AppUserError(f"clusters {a} and {b} are not two current clusters: compute the suggestions again")
+    into, source = (a, b) if sizes[a] >= sizes[b] else (b, a)
+    names = ws.names()
+    ws.merge([source], into)
+    return f"merged {names.get(source, source)!r} ({sizes[source]:,}) into {names.get(into, into)!r} ({sizes[into]:,})"
+
+
+def dendrogram_picture(ws: Workspace, result: merges.Suggestions) -> Image.Image:
+    """The hierarchy with each cluster's cover (its most confident images) under its leaf."""
+    covers = {c: [ws.thumbnail(r) for r in ws.store.page(c, limit=4)] for c in result.clusters}
+    out = merges.draw_dendrogram(result, ws.exports_dir / "suggested-merges.png", covers)
+    with Image.open(out) as picture:
+        return picture.convert("RGB")
+
+
+def estimate_text(result: merges.Suggestions) -> str:
+    estimate = result.k_estimate
+    if estimate is None:
+        return f"{len(result.clusters)} clusters: too few to estimate how many groups there are."
+    return (f"**Estimated number of groups: {estimate.k}** (range {estimate.low}-{estimate.high} over "
+            f"{estimate.resamples} bootstrap resamples of the images; {estimate.support:.0%} of them gave "
+            f"{estimate.k}) from {len(result.clusters)} current clusters. Measure: {result.measure}.")
+
+
+def pairs_table(result: merges.Suggestions) -> pd.DataFrame:
+    return pd.DataFrame([{"rank": rank, "cluster A": result.label(a), "size A": result.sizes[a],
+                          "cluster B": result.label(b), "size B": result.sizes[b], "similarity": round(s, 4)}
+                         for rank, (a, b, s) in enumerate(result.pairs[:PAIRS_SHOWN], 1)])
+
+
+def pair_choices(result: merges.Suggestions) -> list[tuple[str, str]]:
+    return [(f"{rank}. {result.label(a)} ({result.sizes[a]:,}) + {result.label(b)} ({result.sizes[b]:,})",
+             f"{a},{b}") for rank, (a, b, _) in enumerate(result.pairs[:PAIRS_SHOWN], 1)]
+
+
+def parse_pair(value: Any) -> tuple[int, int]:
+    try:
+        a, b = (int(part) for part in str(value).split(","))
+    except (TypeError, ValueError):
+        raise AppUserError("choose a suggested pair first") from None
+    return a, b
+
+
+def pair_gallery(ws: Workspace, a: int, b: int) -> list[tuple[str, str]]:
+    """The most confident images of both clusters of a pair, side by side."""
+    names = ws.names()
+    return [(str(ws.thumbnail(record)), f"{cluster} · {names.get(cluster, '')}")
+            for cluster in (a, b) for record in ws.store.page(cluster, limit=PAIR_THUMBNAILS)]
+
+
+def build(ctx: ViewContext) -> None:
+    """The tab, its events, and after a merge or undo a refresh of the Cluster view's dropdowns and page."""
+    ws = ctx.ws
+
+    def shown(result: merges.Suggestions, message: str) -> tuple:
+        choices = pair_choices(result)
+        first = choices[0][1] if choices else None
+        gallery = pair_gallery(ws, *parse_pair(first)) if first else []
+        return (estimate_text(result), dendrogram_picture(ws, result), pairs_table(result),
+                gr.Dropdown(choices=choices, value=first), gallery, message)
+
+    @friendly
+    def suggest_merges(measure: str) -> tuple:
+        return shown(suggestions(ws, measure), "")
+
+    @friendly
+    def show_pair(value: str) -> list[tuple[str, str]]:
+        return pair_gallery(ws, *parse_pair(value)) if value else []
+
+    @friendly
+    def merge_suggestion(value: str, measure: str) -> tuple:
+        message = merge_pair(ws, *parse_pair(value))
+        return shown(suggestions(ws, measure), message)
+
+    @friendly
+    def undo_here(measure: str) -> tuple:
+        message = ws.undo()
+        return shown(suggestions(ws, measure), message)
+
+    with gr.Tab("Suggested merges", id="merges"):
+        with gr.Row():
+            measure = gr.Radio(list(merges.MEASURES), value=merges.DEFAULT_MEASURE, elem_id="merge-measure",
+                               label="Similarity of two clusters (modularity: nearest-neighbour links beyond what "
+                                     "their sizes predict; knn: share of one's neighbour links in the other; topk: "
+                                     "shared probability; centroid: cosine of the mean embeddings)")
+            compute = gr.Button("Suggest merges", variant="primary", elem_id="suggest-merges")
+        estimate = gr.Markdown(elem_id="merge-estimate")
+        picture = gr.Image(type="pil", interactive=False, label="Clusters as a hierarchy (dashed: the estimated cut)",
+                           elem_id="merge-dendrogram", buttons=["download"])
+        table = gr.Dataframe(interactive=False, label="Most similar pairs first", elem_id="merge-pairs")
+        with gr.Row():
+            pair = gr.Dropdown([], label="Pair", elem_id="merge-pair", allow_custom_value=True, scale=3)
+            merge = gr.Button("Merge this pair", elem_id="merge-pair-button", scale=1)
+            undo_button = gr.Button("Undo last change", elem_id="merge-undo", scale=1)
+        gallery = gr.Gallery(label="The pair's most confident images", columns=2 * PAIR_THUMBNAILS,
+                             allow_preview=False, height="auto", elem_id="merge-pair-gallery")
+        status = gr.Markdown(elem_id="merge-status")
+
+    outputs = [estimate, picture, table, pair, gallery, status]
+    compute.click(suggest_merges, [measure], outputs, api_name="suggest_merges")
+    pair.input(show_pair, [pair], [gallery], api_visibility="private")
+
+    def refresh_other_views() -> None:
+        """A merge here changes the clusters the Cluster view lists: refresh its dropdowns and open page."""
+        for event in (merge.click(merge_suggestion, [pair, measure], outputs, api_name="merge_suggestion"),
+                      undo_button.click(undo_here, [measure], outputs, api_visibility="private")):
+            event.then(friendly(lambda: current_choices(ws)), None, ctx["cluster_choices"],
+                       api_visibility="private").then(**ctx["show_cluster"])
+
+    ctx.after_build(refresh_other_views)

@@ -1,0 +1,193 @@
+"""Over-cluster, then merge: K = 30 merged down to 10 with the suggestions, against training with K = 10.
+
+For each data set: export, label and index the given runs (once, into --work), then for every similarity
+measure merge the over-clustered model's clusters greedily (merge the top suggestion, recompute, repeat: what
+clicking the first suggestion in the app does) and by cutting the hierarchy, down to the number of classes,
+WITHOUT the labels; only then score against the class folders (ACC / NMI, twist_core.metrics). Also records the
+K estimate (and the largest-gap alternative) per data set. Writes bench/results/merge.json.
+
+    python bench/merge.py --k10-run RUN10 --k30-run RUN30 --data CIFAR_TEST \
+        [--digits-runs RUN ... --digits-data DIGITS] [--caltech-labels LABELS.csv] [--work FOLDER]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import machine, save
+from scipy.cluster.hierarchy import cut_tree
+
+from twist_core import merges
+from twist_core.folder import ground_truth_labels
+from twist_core.metrics import cluster_report
+
+
+def prepare_index(run: Path, data: Path, work: Path, name: str) -> Path:
+    """Export, label (top 10) and index ``run`` on ``data`` into ``work/name_*`` unless already there."""
+    from twist_core.export import ExportConfig, export_model
+    from twist_core.index_build import IndexConfig, build_index
+    from twist_core.label import LabelConfig, label_folder
+
+    index = work / f"{name}_index"
+    if (index / "manifest.json").is_file():
+        return index
+    model = export_model(ExportConfig(run=str(run), out=str(work / f"{name}.onnx")))
+    labels = work / f"{name}_labels.csv"
+    label_folder(LabelConfig(model=str(model), folder=str(data), out=str(labels), topk=10, overwrite=True,
+                             progress=False))
+    build_index(IndexConfig(source=str(labels), model=str(model), out=str(index), device="cpu"))
+    return index
+
+
+def index_classes(index: Path, data: merges.ClusterData) -> tuple[np.ndarray, list[str]]:
+    """The true class (first folder) of every image of ``data``, read from the index by id: scoring only."""
+    from twist_core.index_store import META_FILE, MetaStore, read_manifest
+
+    store = MetaStore(index / read_manifest(index)["dir"] / META_FILE)
+    try:
+        paths = dict(store.all_paths())
+    finally:
+        store.close()
+    names, classes = ground_truth_labels([paths[int(i)] for i in data.ids])
+    return classes, names
+
+
+def score(labels: np.ndarray, classes: np.ndarray, class_names: list[str]) -> dict[str, float]:
+    values, dense = np.unique(labels, return_inverse=True)
+    report = cluster_report(dense, classes, len(values), class_names)
+    return {"acc": round(report["acc"], 4), "nmi": round(report["nmi"], 4), "ari": round(report["ari"], 4),
+            "clusters": len(values)}
+
+
+def cut_labels(result: merges.Suggestions, labels: np.ndarray, groups: int) -> np.ndarray:
+    """Each image's group when the hierarchy is cut into ``groups``."""
+    leaf_group = cut_tree(result.linkage, n_clusters=groups)[:, 0]
+    lookup = dict(zip(result.clusters, leaf_group.tolist(), strict=True))
+    return np.array([lookup[int(c)] for c in labels])
+
+
+def compare_measures(data: merges.ClusterData, classes: np.ndarray, class_names: list[str],
+                     resamples: int) -> dict[str, Any]:
+    """Greedy merge and hierarchy cut down to the class count, per measure; K estimates; timings."""
+    target = len(class_names)
+    table: dict[str, Any] = {}
+    for measure in merges.MEASURES:
+        began = time.perf_counter()
+        evidence = merges.gather_evidence(data, measure)
+        result = merges.suggest(data, measure, resamples=resamples, evidence=evidence)
+        seconds = time.perf_counter() - began
+        greedy, plan = merges.greedy_merges(data, evidence, target)
+        table[measure] = {"greedy": score(greedy, classes, class_names),
+                          "hierarchy_cut": score(cut_labels(result, data.labels, target), classes, class_names),
+                          "k_estimate": {k: v for k, v in result.k_estimate.as_dict().items() if k != "modularity"},
+                          "suggest_seconds": round(seconds, 2), "greedy_merges": plan}
+    return table
+
+
+def neighbours_sweep(data: merges.ClusterData, classes: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """The default measure's greedy merge and K estimate for several k of the kNN graph (its one parameter)."""
+    found = {}
+    for k in (5, 10, 20, 40):
+        evidence = merges.gather_evidence(data, merges.DEFAULT_MEASURE, neighbours=k)
+        merged, _ = merges.greedy_merges(data, evidence, len(class_names))
+        estimate = merges.suggest(data, merges.DEFAULT_MEASURE, resamples=0, evidence=evidence).k_estimate
+        found[f"k{k}"] = {**score(merged, classes, class_names), "k_estimate": estimate.k}
+    return found
+
+
+def k_estimate_only(data: merges.ClusterData, resamples: int) -> dict[str, Any]:
+    result = merges.suggest(data, merges.DEFAULT_MEASURE, resamples=resamples)
+    estimate = result.k_estimate.as_dict()
+    return {"clusters": len(result.clusters), **{k: v for k, v in estimate.items() if k != "modularity"}}
+
+
+def oracle_purity(data: merges.ClusterData, classes: np.ndarray, class_names: list[str]) -> dict[str, float]:
+    """Upper bound that USES the labels: every cluster merged into its majority class."""
+    clusters = np.unique(data.labels)
+    majority = {int(c): int(np.bincount(classes[data.labels == c], minlength=len(class_names)).argmax())
+                for c in clusters}
+    return score(np.array([majority[int(c)] for c in data.labels]), classes, class_names)
+
+
+def digits(runs: list[str], data: Path, work: Path, resamples: int) -> dict[str, Any]:
+    """Each digits run as trained, and (K > 10) merged down to the 10 digits per measure: how much to over-cluster."""
+    found: dict[str, Any] = {}
+    for run in runs:
+        k = json.loads((Path(run) / "config.json").read_text())["classes"]
+        index = prepare_index(Path(run), data, work, f"digits_k{k}")
+        clusters = merges.data_from_index(index)
+        classes, names = index_classes(index, clusters)
+        entry: dict[str, Any] = {"as_trained": score(clusters.labels, classes, names)}
+        if k > len(names):
+            entry["measures"] = compare_measures(clusters, classes, names, resamples)
+            entry["oracle_merge_upper_bound"] = oracle_purity(clusters, classes, names)
+            entry["k_estimate"] = entry["measures"][merges.DEFAULT_MEASURE]["k_estimate"]
+        else:
+            entry["k_estimate"] = k_estimate_only(clusters, resamples)
+        found[f"k{k}"] = entry
+    return found
+
+
+def cifar(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(args.work)
+    k10 = prepare_index(Path(args.k10_run), Path(args.data), work, "k10")
+    k30 = prepare_index(Path(args.k30_run), Path(args.data), work, "k30")
+    data30, data10 = merges.data_from_index(k30), merges.data_from_index(k10)
+    classes, names = index_classes(k30, data30)
+    classes10, names10 = index_classes(k10, data10)
+    measures = compare_measures(data30, classes, names, args.bootstrap)
+    best = max(measures, key=lambda m: (measures[m]["greedy"]["acc"], measures[m]["greedy"]["nmi"]))
+    return {"k10": score(data10.labels, classes10, names10), "k30": score(data30.labels, classes, names),
+            "k30_merged": {**measures[best]["greedy"], "measure": best, "how": "greedy: merge the top suggestion, "
+                           "recompute, repeat until 10 clusters (no labels used)"},
+            "measures": measures, "k30_oracle_merge_upper_bound": oracle_purity(data30, classes, names),
+            "neighbours_sweep": neighbours_sweep(data30, classes, names),
+            "k_estimate_k10_run": k_estimate_only(data10, args.bootstrap),
+            "runs": {"k10": str(Path(args.k10_run).resolve()), "k30": str(Path(args.k30_run).resolve())}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--k10-run", required=True)
+    parser.add_argument("--k30-run", required=True)
+    parser.add_argument("--data", required=True, help="cifar10-test class folders (scoring only)")
+    parser.add_argument("--digits-runs", nargs="*", default=[], help="runs on the digits of twist demo, any K")
+    parser.add_argument("--digits-data", help="the digits folder of those runs")
+    parser.add_argument("--caltech-labels", help="labels table of a trained caltech20 model (twist label)")
+    parser.add_argument("--work", default="bench_work/merge", help="exports, labels and indexes go here")
+    parser.add_argument("--bootstrap", type=int, default=200)
+    args = parser.parse_args()
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    result: dict[str, Any] = {"cifar10_test": cifar(args)}
+    result["k10"], result["k30_merged"] = result["cifar10_test"]["k10"], result["cifar10_test"]["k30_merged"]
+    estimates: dict[str, Any] = {
+        "cifar10_test_k30": result["cifar10_test"]["measures"][merges.DEFAULT_MEASURE]["k_estimate"]}
+    if args.digits_runs and args.digits_data:
+        result["digits"] = digits(args.digits_runs, Path(args.digits_data), Path(args.work), args.bootstrap)
+        estimates.update({f"digits_{name}": run["k_estimate"] for name, run in result["digits"].items()})
+    if args.caltech_labels:
+        estimates["caltech20_k20"] = k_estimate_only(merges.data_from_table(Path(args.caltech_labels)),
+                                                     args.bootstrap)
+    result["k_estimates"] = estimates
+    result["conditions"] = {
+        "data": "cifar10-test, 10,000 images, 10 classes; labels (folder names) used only for scoring",
+        "k10_run": "patches backbone, 20-minute CPU time budget (96 epochs)",
+        "k30_run": "same recipe with --classes 30 --epochs 96 (the epochs the K=10 run fit in 20 minutes)",
+        "digits": "scikit-learn digits (1,797 images, 16 px) of twist demo, patches backbone, --epochs 30 per K",
+        "caltech20": "the shipped photo default's K=20 run (15-minute budget); no over-clustered caltech20 run",
+        "suggestions": "index of the run's ONNX model; kNN graph k=10 over all images; average linkage on "
+                       "1 - similarity; K estimate = most modular cut of the hierarchy, bootstrap "
+                       f"{args.bootstrap} resamples", "machine": machine(),
+        "seconds": round(time.perf_counter() - began, 1)}
+    print(json.dumps({k: result[k] for k in ("k10", "k30_merged", "k_estimates")}, indent=2))
+    print(f"wrote {save('merge', result)}")
+
+
+if __name__ == "__main__":
+    main()

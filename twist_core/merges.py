@@ -1,0 +1,598 @@
+"""``twist suggest-merges INDEX``: which clusters of an over-clustered model belong together, and how many there are.
+
+Train with more clusters than you expect, index the folder, then ask which pairs to merge. Two clusters are
+alike when the images of one have their nearest neighbours in the other: by default a pair ranks by how much
+merging it would raise the modularity of the kNN graph of the embeddings (links between the two beyond what
+their sizes predict); ``--measure knn`` uses the share of a cluster's kNN links that land in the other,
+``topk`` the probability mass an image shares between its top clusters, ``centroid`` the cosine between
+cluster means. A scipy
+average-linkage hierarchy over ``1 - similarity`` gives the dendrogram; the cut of it whose groups make the
+kNN graph most modular estimates the number of groups, with a range from a bootstrap over the images.
+
+Input: an index folder of ``twist index`` (with ``--state-dir`` the app's curation is respected: merges,
+moves and exclusions), or a labels table of ``twist label`` (its .embeddings.npy beside it). A training run
+folder has no embeddings of your images: export, label and index it first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from scipy.cluster.hierarchy import cut_tree, linkage
+from scipy.sparse import coo_matrix
+from scipy.spatial.distance import squareform
+
+from twist_core.config import build_config, command_parser, option
+from twist_core.index_store import INDEX_FILE, MANIFEST, META_FILE, IndexUserError, MetaStore, read_manifest
+from twist_core.io_utils import atomic_write_text
+
+MEASURES = ("modularity", "knn", "knn-mean", "topk", "centroid")
+DEFAULT_MEASURE = "modularity"
+LINKAGE_METHOD = "average"
+RANGE_QUANTILES = (0.05, 0.95)
+
+
+class MergeUserError(Exception):
+    """A problem the user can fix (wrong input, too few clusters); the message says which."""
+
+
+@dataclass
+class MergesConfig:
+    source: str | None = option(None, "index folder of twist index (or a labels table of twist label); a "
+                                "training run must be exported, labelled and indexed first")
+    state_dir: str | None = option(None, "the app's --state-dir: suggest over the curated clusters (its merges, "
+                                   "moves and exclusions applied)")
+    measure: str = option(DEFAULT_MEASURE, "similarity of two clusters: modularity = how much merging them "
+                          "raises the modularity of the kNN graph (links beyond what their sizes predict), knn = "
+                          "share of one cluster's nearest-neighbour links that land in the other, knn-mean = links "
+                          "between them over both clusters' links, topk = probability mass their images share, "
+                          "centroid = cosine of the means",
+                          choices=list(MEASURES))
+    neighbours: int = option(10, "neighbours per image in the kNN graph (knn measures and the K estimate)")
+    max_queries: int = option(20000, "images whose neighbours are searched (a random sample beyond this)")
+    top: int = option(15, "ranked pairs to print")
+    bootstrap: int = option(200, "bootstrap resamples of the images for the range of the K estimate (0: none)")
+    seed: int = option(0, "seed of the query sample and the bootstrap")
+    json: str | None = option(None, "also write pairs, hierarchy and K estimate to this JSON file")
+    plot: str | None = option(None, "also draw the dendrogram to this PNG file")
+
+
+@dataclass(frozen=True)
+class ClusterData:
+    """What the measures need, one row per image: its current cluster, unit embedding and top clusters."""
+
+    ids: np.ndarray  # (n,) index id of each image (its row number for a labels table)
+    labels: np.ndarray  # (n,) current cluster of each image
+    vectors: np.ndarray  # (n, d) unit embeddings
+    topk_clusters: np.ndarray  # (n, t) most probable clusters (mapped through merges), -1 where absent
+    topk_probs: np.ndarray  # (n, t)
+    names: dict[int, str]
+
+
+@dataclass(frozen=True)
+class KEstimate:
+    """The number of groups the hierarchy suggests, how sure that is, and the largest-gap alternative."""
+
+    k: int
+    low: int
+    high: int
+    support: float  # share of bootstrap resamples that gave exactly ``k``
+    modularity: list[float]  # of the cut into 1, 2, ..., m groups
+    by_gap: int | None  # the cut before the largest gap between successive merge heights
+    resamples: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"k": self.k, "range": [self.low, self.high], "support": round(self.support, 3),
+                "resamples": self.resamples, "by_gap": self.by_gap,
+                "modularity": [round(q, 5) for q in self.modularity],
+                "method": "the cut of the hierarchy whose groups maximise the modularity of the kNN graph of the "
+                          "images; range: 5th-95th percentile over bootstrap resamples of the images"}
+
+
+@dataclass(frozen=True)
+class Suggestions:
+    """Ranked pairs, the hierarchy over the current clusters and the K estimate."""
+
+    measure: str
+    clusters: list[int]  # leaf order of ``linkage`` rows
+    sizes: dict[int, int]
+    names: dict[int, str]
+    similarity: np.ndarray  # (m, m) over ``clusters``
+    linkage: np.ndarray  # scipy linkage matrix over ``clusters``
+    pairs: list[tuple[int, int, float]]  # (cluster, cluster, similarity), most similar first
+    k_estimate: KEstimate | None
+
+    def label(self, cluster: int) -> str:
+        return f"{cluster} {self.names.get(cluster, '')}".strip()
+
+    def as_dict(self, top: int | None = None) -> dict[str, Any]:
+        pairs = self.pairs if top is None else self.pairs[:top]
+        return {"measure": self.measure, "linkage_method": LINKAGE_METHOD,
+                "clusters": [{"cluster": c, "name": self.names.get(c, ""), "size": self.sizes[c]}
+                             for c in self.clusters],
+                "pairs": [{"a": a, "b": b, "name_a": self.names.get(a, ""), "name_b": self.names.get(b, ""),
+                           "size_a": self.sizes[a], "size_b": self.sizes[b], "similarity": round(s, 6)}
+                          for a, b, s in pairs],
+                "linkage": [[int(r[0]), int(r[1]), float(r[2]), int(r[3])] for r in self.linkage],
+                "k_estimate": self.k_estimate.as_dict() if self.k_estimate else None}
+
+
+# ---- the evidence each measure is computed from (once), then weighed per image (bootstrap)
+@dataclass(frozen=True)
+class Evidence:
+    """The kNN graph (every measure's K estimate uses it), searched once and re-weighed for each resample."""
+
+    measure: str
+    queries: np.ndarray  # positions of the images whose neighbours were searched
+    neighbours: np.ndarray  # (len(queries), k) positions of their neighbours
+
+
+def nearest_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` most similar other images (cosine) of each query, exact (flat FAISS)."""
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    k = min(k, len(vectors) - 1)
+    _, found = index.search(np.ascontiguousarray(vectors[queries], dtype=np.float32), k + 1)
+    others = found != queries[:, None]  # the query itself, wherever a duplicate put it
+    keep = np.cumsum(others, axis=1) <= k
+    return found[others & keep].reshape(len(queries), k)
+
+
+def gather_evidence(data: ClusterData, measure: str, neighbours: int = 10, max_queries: int = 20000,
+                    seed: int = 0) -> Evidence:
+    if measure not in MEASURES:
+        raise MergeUserError(f"unknown measure {measure!r}; choose one of {', '.join(MEASURES)}")
+    n = len(data.labels)
+    if neighbours < 1:
+        raise MergeUserError("--neighbours must be at least 1")
+    queries = np.arange(n)
+    if n > max_queries > 0:
+        queries = np.sort(np.random.default_rng(seed).choice(n, max_queries, replace=False))
+    return Evidence(measure, queries, nearest_neighbours(data.vectors, queries, neighbours))
+
+
+def _pair_rate(links: np.ndarray, mass: np.ndarray) -> np.ndarray:
+    """Symmetric link rate ``(L_ab + L_ba) / (mass_a + mass_b)`` (0 where both clusters are empty)."""
+    both = links + links.T
+    total = mass[:, None] + mass[None, :]
+    return np.divide(both, total, out=np.zeros_like(both), where=total > 0)
+
+
+def knn_links(evidence: Evidence, pos: np.ndarray, m: int, weights: np.ndarray) -> np.ndarray:
+    """``m x m`` weighted counts of kNN edges from images of cluster a (position) to images of cluster b."""
+    k = evidence.neighbours.shape[1]
+    a = np.repeat(pos[evidence.queries], k)
+    b = pos[evidence.neighbours].ravel()
+    w = np.repeat(weights[evidence.queries], k)
+    return np.bincount(a * m + b, w, m * m).reshape(m, m)
+
+
+def _modularity_similarity(evidence: Evidence, pos: np.ndarray, m: int, weights: np.ndarray) -> np.ndarray:
+    """How much merging two clusters would change the modularity of the kNN graph (links between them beyond what
+    their degrees predict: ``e_ab - a_a a_b``), scaled to [0, 1] over the pairs: the best pair is 1, the worst 0.
+
+    Near the end every merge lowers modularity; the scaling keeps the least harmful pair first."""
+    graph = knn_links(evidence, pos, m, weights)
+    graph = graph + graph.T
+    total = graph.sum()
+    if total <= 0 or m < 2:
+        return np.zeros((m, m))
+    graph /= total
+    degree = graph.sum(axis=1)
+    gain = graph - np.outer(degree, degree)
+    upper = gain[np.triu_indices(m, 1)]
+    low, high = upper.min(), upper.max()
+    return (gain - low) / (high - low) if high > low else np.zeros((m, m))
+
+
+def _knn_similarity(evidence: Evidence, pos: np.ndarray, m: int, weights: np.ndarray, mean: bool) -> np.ndarray:
+    """Share of a cluster's kNN links that land in the other, the larger of the two directions (``mean``: all
+    links between the two over all links of both, which keeps a small cluster inside a big one apart)."""
+    links = knn_links(evidence, pos, m, weights)
+    out = np.bincount(pos[evidence.queries], weights[evidence.queries], m) * evidence.neighbours.shape[1]
+    if mean:
+        return _pair_rate(links, out)
+    share = np.divide(links, out[:, None], out=np.zeros_like(links), where=out[:, None] > 0)
+    return np.maximum(share, share.T)
+
+
+def merged_topk(clusters: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, each cluster's total probability among its top entries (entries merged into one cluster add
+    up); repeated entries and absent ones (-1) become -1."""
+    same = (clusters[:, :, None] == clusters[:, None, :]) & (clusters[:, :, None] >= 0)
+    total = (same * probs[:, None, :]).sum(axis=2)
+    t = clusters.shape[1]
+    earlier = np.tril(np.ones((t, t), bool), -1)  # entry u has the same cluster as an earlier entry v < u
+    repeated = (same & earlier[None]).any(axis=2)
+    return np.where(repeated | (clusters < 0), -1, clusters), total
+
+
+def _topk_similarity(data: ClusterData, pos_of: np.ndarray, m: int, weights: np.ndarray) -> np.ndarray:
+    """Shared mass ``sum_i min(p_ia, p_ib)`` over the clusters' total mass: at most 1, whoever holds it."""
+    mapped = np.where(data.topk_clusters >= 0, pos_of[np.clip(data.topk_clusters, 0, None)], -1)
+    clusters, totals = merged_topk(mapped, data.topk_probs)
+    links = np.zeros(m * m)
+    t = clusters.shape[1]
+    for u in range(t):
+        for v in range(u + 1, t):
+            ok = (clusters[:, u] >= 0) & (clusters[:, v] >= 0)
+            shared = np.minimum(totals[ok, u], totals[ok, v]) * weights[ok]
+            links += np.bincount(clusters[ok, u] * m + clusters[ok, v], shared, m * m)
+    present = clusters >= 0
+    mass = np.bincount(clusters[present], (totals * weights[:, None])[present], m)
+    return 2 * _pair_rate(links.reshape(m, m), mass)
+
+
+def _centroid_similarity(data: ClusterData, pos: np.ndarray, m: int, weights: np.ndarray) -> np.ndarray:
+    member = coo_matrix((weights, (pos, np.arange(len(pos)))), shape=(m, len(pos))).tocsr()
+    sums = np.asarray(member @ data.vectors)
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    means = np.divide(sums, norms, out=np.zeros_like(sums), where=norms > 0)
+    return means @ means.T
+
+
+def _weights(data: ClusterData, weights: np.ndarray | None) -> np.ndarray:
+    return np.ones(len(data.labels)) if weights is None else weights
+
+
+def _positions(data: ClusterData, clusters: Sequence[int], labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster id -> position in ``clusters`` (-1 for any other id), and each image's position."""
+    pos_of = np.full(max(int(labels.max()), int(data.topk_clusters.max(initial=0)), max(clusters)) + 1, -1)
+    pos_of[list(clusters)] = np.arange(len(clusters))
+    return pos_of, pos_of[labels]
+
+
+def similarity(data: ClusterData, evidence: Evidence, clusters: Sequence[int], labels: np.ndarray | None = None,
+               weights: np.ndarray | None = None) -> np.ndarray:
+    """``m x m`` similarity in [0, 1] of ``clusters`` (images labelled by ``labels``, default ``data.labels``)."""
+    labels = data.labels if labels is None else labels
+    weights = _weights(data, weights)
+    m = len(clusters)
+    pos_of, pos = _positions(data, clusters, labels)
+    if evidence.measure == "modularity":
+        result = _modularity_similarity(evidence, pos, m, weights)
+    elif evidence.measure in ("knn", "knn-mean"):
+        result = _knn_similarity(evidence, pos, m, weights, mean=evidence.measure == "knn-mean")
+    elif evidence.measure == "topk":
+        result = _topk_similarity(data, pos_of, m, weights)
+    else:
+        result = _centroid_similarity(data, pos, m, weights)
+    result = np.clip(result, 0.0, 1.0)
+    np.fill_diagonal(result, 1.0)
+    return result
+
+
+def hierarchy(sim: np.ndarray) -> np.ndarray:
+    """scipy's average linkage over the distance ``1 - similarity``."""
+    distance = 1.0 - sim
+    np.fill_diagonal(distance, 0.0)
+    return linkage(squareform(distance, checks=False), method=LINKAGE_METHOD)
+
+
+def largest_gap_k(heights: np.ndarray) -> int | None:
+    """Groups left by the cut before the largest gap between successive merge heights (at least one merge)."""
+    if len(heights) < 2:
+        return None
+    return len(heights) - int(np.argmax(np.diff(heights)))
+
+
+def modularity_of_cuts(links: np.ndarray, link: np.ndarray) -> np.ndarray:
+    """Newman's modularity of the kNN graph for every cut of the hierarchy: entry g - 1 for g groups.
+
+    ``links[a, b]``: kNN edges from images of leaf a to images of leaf b. High when the groups hold their
+    neighbours and few edges cross; unlike a gap in merge heights it does not depend on the scale of the measure.
+    """
+    graph = links + links.T
+    total = graph.sum()
+    m = len(graph)
+    if total <= 0:
+        return np.zeros(m)
+    graph = graph / total
+    cuts = cut_tree(link)[:, ::-1]  # column g - 1: g groups
+    same = cuts[:, None, :] == cuts[None, :, :]
+    inside = np.einsum("ab,abg->g", graph, same)
+    degree = graph.sum(axis=1)
+    spread = np.array([np.sum(np.bincount(cuts[:, g], degree) ** 2) for g in range(m)])
+    return inside - spread
+
+
+def best_cut(data: ClusterData, evidence: Evidence, clusters: Sequence[int], weights: np.ndarray | None = None,
+             link: np.ndarray | None = None) -> tuple[int, np.ndarray]:
+    """Groups of the most modular cut (the fewest among ties) and every cut's modularity."""
+    if link is None:
+        link = hierarchy(similarity(data, evidence, clusters, weights=weights))
+    pos, m = _positions(data, clusters, data.labels)[1:], len(clusters)
+    quality = modularity_of_cuts(knn_links(evidence, pos[0], m, _weights(data, weights)), link)
+    return int(np.argmax(quality)) + 1, quality
+
+
+def estimate_k(data: ClusterData, evidence: Evidence, clusters: Sequence[int], link: np.ndarray,
+               resamples: int, seed: int) -> KEstimate | None:
+    """The most modular cut of ``link`` and its bootstrap range (images drawn with replacement, Poisson weights)."""
+    if len(clusters) < 2 or not len(evidence.queries):
+        return None
+    k, quality = best_cut(data, evidence, clusters, link=link)
+    rng = np.random.default_rng(seed)
+    found = [best_cut(data, evidence, clusters, rng.poisson(1.0, len(data.labels)).astype(np.float64))[0]
+             for _ in range(resamples)]
+    low, high = (int(q) for q in np.quantile(found, RANGE_QUANTILES, method="nearest")) if found else (k, k)
+    support = float(np.mean(np.array(found) == k)) if found else 1.0
+    return KEstimate(k, min(low, k), max(high, k), support, [float(q) for q in quality],
+                     largest_gap_k(link[:, 2]), len(found))
+
+
+def ranked_pairs(sim: np.ndarray, clusters: Sequence[int]) -> list[tuple[int, int, float]]:
+    upper = np.triu_indices(len(clusters), 1)
+    order = np.argsort(-sim[upper], kind="stable")
+    return [(clusters[upper[0][i]], clusters[upper[1][i]], float(sim[upper][i])) for i in order]
+
+
+def current_clusters(labels: np.ndarray) -> tuple[list[int], dict[int, int]]:
+    values, counts = np.unique(labels, return_counts=True)
+    return [int(v) for v in values], {int(v): int(c) for v, c in zip(values, counts, strict=True)}
+
+
+def suggest(data: ClusterData, measure: str = DEFAULT_MEASURE, neighbours: int = 10, max_queries: int = 20000,
+            resamples: int = 200, seed: int = 0, evidence: Evidence | None = None) -> Suggestions:
+    """Ranked merge suggestions, the hierarchy and the K estimate over the clusters of ``data``."""
+    clusters, sizes = current_clusters(data.labels)
+    if len(clusters) < 2:
+        raise MergeUserError(f"only {len(clusters)} cluster holds images: there is nothing to merge")
+    evidence = evidence or gather_evidence(data, measure, neighbours, max_queries, seed)
+    sim = similarity(data, evidence, clusters)
+    link = hierarchy(sim)
+    k_estimate = estimate_k(data, evidence, clusters, link, resamples, seed)
+    return Suggestions(evidence.measure, clusters, sizes, data.names, sim, link, ranked_pairs(sim, clusters),
+                       k_estimate)
+
+
+def greedy_merges(data: ClusterData, evidence: Evidence, target: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Merge the top suggestion, recompute, repeat until ``target`` clusters: what clicking the first suggestion
+    in the app does. Returns the merged labels and the (source, into) merges; the larger cluster keeps its id."""
+    labels = data.labels.copy()
+    merges: list[tuple[int, int]] = []
+    while True:
+        clusters, sizes = current_clusters(labels)
+        if len(clusters) <= target:
+            return labels, merges
+        a, b, _ = ranked_pairs(similarity(data, evidence, clusters, labels), clusters)[0]
+        into, source = (a, b) if sizes[a] >= sizes[b] else (b, a)
+        labels[labels == source] = into
+        merges.append((source, into))
+
+
+# ---- inputs
+def _parse_topk(texts: Sequence[str | None], width: int) -> tuple[np.ndarray, np.ndarray]:
+    clusters = np.full((len(texts), width), -1, np.int64)
+    probs = np.zeros((len(texts), width))
+    for row, text in enumerate(texts):
+        for col, (cluster, prob) in enumerate(json.loads(text)[:width] if text else []):
+            clusters[row, col], probs[row, col] = int(cluster), float(prob)
+    return clusters, probs
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+
+
+def cluster_data(ids: np.ndarray, labels: np.ndarray, vectors: np.ndarray, topk: Sequence[str | None],
+                 names: Mapping[int, str], merged_into: Mapping[int, int] | None = None) -> ClusterData:
+    """Rows of current labels, embeddings and top-k JSON (``[[cluster, prob], ...]``); ``merged_into`` maps
+    the model's clusters to where curation merged them."""
+    width = max((len(json.loads(t)) for t in topk if t), default=1)
+    clusters, probs = _parse_topk(topk, width)
+    if merged_into:
+        lookup = np.arange(max(int(clusters.max(initial=0)), max(merged_into)) + 1)
+        for source, into in merged_into.items():
+            lookup[source] = into
+        clusters = np.where(clusters >= 0, lookup[np.clip(clusters, 0, None)], -1)
+    return ClusterData(np.asarray(ids, np.int64), np.asarray(labels, np.int64), _unit(vectors), clusters, probs,
+                       dict(names))
+
+
+def _index_names(store: MetaStore) -> dict[int, str]:
+    return {int(c["cluster"]): c["name"] or f"cluster {c['cluster']}" for c in store.cluster_summary()
+            if c["cluster"] is not None}
+
+
+def data_from_index(index_dir: Path, state_dir: Path | None = None, store: Any = None) -> ClusterData:
+    """Embeddings and top-k of an index; with the app's curation (its state folder, or its open ``store``) the
+    curated labels, excluded images left out."""
+    manifest = read_manifest(index_dir)
+    folder = index_dir / manifest["dir"]
+    meta = MetaStore(folder / META_FILE)
+    try:
+        names = _index_names(meta)
+        ids = meta.all_ids()
+        rows = meta.rows(ids.tolist())
+    finally:
+        meta.close()
+    cpu_index = faiss.read_index(str(folder / INDEX_FILE))
+    vectors = cpu_index.reconstruct_batch(ids) if len(ids) else np.zeros((0, cpu_index.d), np.float32)
+    labels = {int(i): rows[int(i)]["cluster"] for i in ids}
+    merged: dict[int, int] = {}
+    if store is not None:
+        labels, names, merged = curated_labels(store)
+    elif state_dir is not None:
+        labels, names, merged = labels_from_state(state_dir, folder / META_FILE, names)
+    keep = np.array([labels.get(int(i)) is not None and labels[int(i)] >= 0 for i in ids], dtype=bool)
+    kept = ids[keep]
+    return cluster_data(kept, np.array([labels[int(i)] for i in kept], np.int64), vectors[keep],
+                        [rows[int(i)]["topk"] for i in kept], names, merged)
+
+
+def curated_labels(store: Any) -> tuple[dict[int, int | None], dict[int, str], dict[int, int]]:
+    """From the app's curation store: the label of every image id, the cluster names, where each cluster went."""
+    labels = {r.id: r.label for r in store.iter_records()}
+    merged = {c: store.merged_into(c) for c in range(store.n_clusters)}
+    return labels, store.names(), {c: t for c, t in merged.items() if c != t}
+
+
+def labels_from_state(state_dir: Path, meta_path: Path, names: dict[int, str]
+                      ) -> tuple[dict[int, int | None], dict[int, str], dict[int, int]]:
+    """:func:`curated_labels` of the curation store in the app's state folder."""
+    from app.curation import CurationError, CurationStore
+
+    path = Path(state_dir) / "curation.sqlite"
+    if not path.is_file():
+        raise MergeUserError(f"no curation.sqlite in {state_dir}: give the folder the app was started with "
+                             "(--state-dir), or leave the option out")
+    default = [names.get(c, f"cluster {c}") for c in range(max(names, default=-1) + 1)]
+    try:
+        store = CurationStore(path, meta_path, default)
+    except CurationError as error:
+        raise MergeUserError(str(error)) from None
+    try:
+        return curated_labels(store)
+    finally:
+        store.close()
+
+
+def data_from_table(table: Path) -> ClusterData:
+    """Labels, embeddings and top-k of a ``twist label`` table (rows that failed to label left out)."""
+    from twist_core.index_build import load_labels
+
+    rows, embeddings, _ = load_labels(table)
+    names = {int(r["cluster"]): r["cluster_name"] or f"cluster {r['cluster']}" for r in rows}
+    return cluster_data(np.arange(len(rows)), np.array([r["cluster"] for r in rows], np.int64), np.asarray(embeddings),
+                        [r["topk"] for r in rows], names)
+
+
+def load_source(source: str | None, state_dir: str | None) -> ClusterData:
+    """The clusters to suggest over, from an index folder or a labels table; anything else is refused."""
+    if not source:
+        raise MergeUserError("give the INDEX folder (or a labels table of twist label)")
+    path = Path(source)
+    if not path.exists():
+        raise MergeUserError(f"{source} not found")
+    if path.is_dir() and (path / MANIFEST).is_file():
+        return data_from_index(path, Path(state_dir) if state_dir else None)
+    if state_dir:
+        raise MergeUserError("--state-dir applies to an index folder only")
+    if path.is_file() and path.suffix.lower() in (".csv", ".jsonl", ".parquet"):
+        return data_from_table(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        raise MergeUserError(f"{source} is a training run, which holds no embeddings of your images: run twist "
+                             f"export {source} --out M.onnx; twist label M.onnx FOLDER --out L.csv; twist index "
+                             "L.csv --out INDEX, then give INDEX")
+    raise MergeUserError(f"{source} is neither an index folder (twist index) nor a labels table (twist label)")
+
+
+# ---- output
+def format_suggestions(result: Suggestions, top: int) -> str:
+    lines = [f"{'#':>3}  {'similarity':>10}  cluster A (size)  +  cluster B (size)"]
+    for rank, (a, b, s) in enumerate(result.pairs[:top], 1):
+        lines.append(f"{rank:>3}  {s:>10.4f}  {result.label(a)} ({result.sizes[a]})  +  "
+                     f"{result.label(b)} ({result.sizes[b]})")
+    estimate = result.k_estimate
+    if estimate is None:
+        lines.append(f"K estimate: needs at least 2 clusters (there are {len(result.clusters)})")
+    else:
+        lines.append(f"K estimate: {estimate.k} (range {estimate.low}-{estimate.high} over {estimate.resamples} "
+                     f"bootstrap resamples of the images, {estimate.support:.0%} of them gave {estimate.k}) from "
+                     f"{len(result.clusters)} clusters; the largest gap in merge heights would say {estimate.by_gap}")
+    return "\n".join(lines)
+
+
+COVER_TILE = 32  # pixels of each of the 2 x 2 cover images under a leaf
+
+
+def cover_tile(paths: Sequence[str | Path]) -> np.ndarray:
+    """Up to four images as a 2 x 2 mosaic of ``COVER_TILE`` pixel squares (white where there are fewer)."""
+    from PIL import Image
+
+    mosaic = Image.new("RGB", (2 * COVER_TILE, 2 * COVER_TILE), (255, 255, 255))
+    for slot, path in enumerate(list(paths)[:4]):
+        with Image.open(path) as picture:
+            tile = picture.convert("RGB").resize((COVER_TILE, COVER_TILE), Image.Resampling.BICUBIC)
+        mosaic.paste(tile, ((slot % 2) * COVER_TILE, (slot // 2) * COVER_TILE))
+    return np.asarray(mosaic)
+
+
+def draw_dendrogram(result: Suggestions, out: str | Path,
+                    covers: Mapping[int, Sequence[str | Path]] | None = None) -> Path:
+    """The hierarchy as a PNG: leaves named ``id name (size)``, the given images of each cluster as a small
+    mosaic under its leaf, and the cut of the K estimate as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+    from scipy.cluster.hierarchy import dendrogram
+
+    m = len(result.clusters)
+    figure, axis = plt.subplots(figsize=(max(6.0, 0.6 * m + 2), 5.0), dpi=100)
+    tree = dendrogram(result.linkage, ax=axis, labels=[f"{result.label(c)} ({result.sizes[c]})"
+                                                      for c in result.clusters],
+                      leaf_rotation=90, leaf_font_size=8, color_threshold=_cut_height(result))
+    heights = result.linkage[:, 2]
+    axis.set_ylim(max(0.0, float(heights.min()) - 0.15 * float(np.ptp(heights)) - 0.02), float(heights.max()) * 1.02)
+    axis.set_ylabel("1 - similarity")
+    estimate = result.k_estimate
+    title = f"{m} clusters, measure {result.measure}"
+    if estimate is not None:
+        axis.axhline(_cut_height(result), color="0.3", linestyle="--", linewidth=1)
+        title += f": K estimate {estimate.k} (range {estimate.low}-{estimate.high})"
+    axis.set_title(title, fontsize=10)
+    if covers:
+        for x, leaf in zip(range(5, 10 * m, 10), tree["leaves"], strict=True):
+            paths = covers.get(result.clusters[leaf])
+            if paths:
+                box = AnnotationBbox(OffsetImage(cover_tile(paths), zoom=0.5), (x, 0), xybox=(0, -4),
+                                     xycoords=("data", "axes fraction"), boxcoords="offset points", frameon=False,
+                                     box_alignment=(0.5, 1.0))
+                axis.add_artist(box)
+        axis.tick_params(axis="x", pad=2 + COVER_TILE)
+    out = Path(out)
+    figure.savefig(out, format="png", bbox_inches="tight")
+    plt.close(figure)
+    return out
+
+
+def _cut_height(result: Suggestions) -> float:
+    """Midway between the merge heights on either side of the K estimate's cut (above the top when none)."""
+    heights = np.concatenate([[0.0], result.linkage[:, 2], [result.linkage[-1, 2] * 1.05]])
+    merges = len(result.clusters) - (result.k_estimate.k if result.k_estimate else 1)
+    return float((heights[merges] + heights[merges + 1]) / 2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return command_parser("twist suggest-merges", __doc__, MergesConfig, positional=("source",))
+
+
+def run(config: MergesConfig) -> Suggestions:
+    if config.top < 1 or config.bootstrap < 0 or config.max_queries < 1:
+        raise MergeUserError("--top and --max-queries must be at least 1, --bootstrap at least 0")
+    data = load_source(config.source, config.state_dir)
+    return suggest(data, config.measure, config.neighbours, config.max_queries, config.bootstrap, config.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = build_config(MergesConfig, args, args.config)
+        result = run(config)
+        if config.json:
+            atomic_write_text(config.json, json.dumps({"source": str(config.source), **result.as_dict()},
+                                                      indent=2) + "\n")
+        if config.plot:
+            draw_dendrogram(result, config.plot)
+    except (MergeUserError, IndexUserError, ValueError, OSError) as error:
+        print(f"twist suggest-merges: error: {error}", file=sys.stderr)
+        return 2
+    print(format_suggestions(result, config.top))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
