@@ -337,6 +337,9 @@ def test_review_view_in_chromium_keeps_moves_and_undoes(app_bundle: dict[str, Pa
                     move.click()
                     expect(page.locator("#review-status")).to_contain_text("moved to")
                     expect(info).to_contain_text(f"{total - 2:,} images to review")
+                    after = page.locator("#review-id input").input_value()  # the next image became current
+                    expect(page.locator("#review-details")).to_contain_text(f"#{after}")
+                    expect(page.locator("#review-details")).to_contain_text("review score")
                 page.screenshot(path=shots / "2-after-keep-and-move.png", full_page=True)
                 page.locator("#review-undo").click()
                 expect(page.locator("#review-status")).to_contain_text("undone")
