@@ -352,3 +352,21 @@ def test_review_view_in_chromium_keeps_moves_and_undoes(app_bundle: dict[str, Pa
     shutil.rmtree(artifacts, ignore_errors=True)
     shutil.copytree(shots, artifacts)
     assert len(list(artifacts.glob("*.png"))) == 3
+
+
+def test_review_follows_an_index_update_while_the_app_runs(app_bundle: dict[str, Path], tmp_path: Path) -> None:
+    index_dir = tmp_path / "index"
+    shutil.copytree(app_bundle["index"], index_dir)
+    ws = Workspace(app_bundle["model"], index_dir, state_dir=tmp_path / "state")
+    try:
+        items, total = ws.review_page(0)
+        gone = items[0].record.id
+        writer = ImageIndex.open(index_dir, "cpu")
+        writer.remove([gone])  # an update: a new generation, whose stale score the queue must not show
+        writer.close()
+        after, after_total = ws.review_page(0)
+        assert gone not in [i.record.id for i in after] and after_total == total - 1
+        review.refresh_index(index_dir)
+        assert ws.review_page(0)[1] == total - 1
+    finally:
+        ws.close()
