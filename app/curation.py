@@ -42,17 +42,18 @@ CREATE INDEX IF NOT EXISTS overrides_cluster ON overrides (cluster);
 CREATE TABLE IF NOT EXISTS undo_log (seq INTEGER PRIMARY KEY AUTOINCREMENT, action TEXT NOT NULL,
                                      at TEXT NOT NULL, previous TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS binding (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS confirmed (image_id INTEGER PRIMARY KEY, cluster INTEGER NOT NULL);
 """
 UNDO_TABLES = {"names": ("cluster", "name"), "merges": ("cluster", "into_cluster"),
-               "overrides": ("image_id", "cluster")}
+               "overrides": ("image_id", "cluster"), "confirmed": ("image_id", "cluster")}
 
 # The effective label as an SQL expression over the index's images i (attached as idx), overrides o, merges m.
 LABEL_SQL = f"COALESCE(o.cluster, m.into_cluster, i.{IMAGES.cluster})"
 JOINS = (f"FROM idx.{IMAGES.name} i LEFT JOIN overrides o ON o.image_id = i.{IMAGES.id} "
-         f"LEFT JOIN merges m ON m.cluster = i.{IMAGES.cluster}")
-# One image as a Record, its effective label and whether it was moved.
+         f"LEFT JOIN merges m ON m.cluster = i.{IMAGES.cluster} LEFT JOIN confirmed c ON c.image_id = i.{IMAGES.id}")
+# One image as a Record: its effective label, whether it was moved, whether it was confirmed.
 RECORD_SQL = (f"SELECT i.{IMAGES.id}, i.{IMAGES.path}, i.{IMAGES.cluster}, i.{IMAGES.confidence}, i.{IMAGES.topk}, "
-              f"{LABEL_SQL}, o.cluster {JOINS}")
+              f"{LABEL_SQL}, o.cluster, c.image_id {JOINS}")
 
 
 class CurationError(UserError):
@@ -69,15 +70,15 @@ class Record:
     confidence: float | None
     topk: str | None
     label: int | None
-    status: str  # predicted, merged, moved or excluded
+    status: str  # predicted, merged, confirmed, moved or excluded
 
 
-def _status(predicted: int | None, label: int | None, moved: bool) -> str:
-    if label == EXCLUDED:
-        return "excluded"
-    if moved:
-        return "moved"
-    return "merged" if label != predicted else "predicted"
+def _record(row: tuple) -> Record:
+    """A row of RECORD_SQL as a Record: a person's latest say wins (exclusion, move, confirmation, merge)."""
+    image_id, path, predicted, confidence, topk, label, moved, confirmed = row
+    status = ("excluded" if label == EXCLUDED else "moved" if moved is not None
+              else "confirmed" if confirmed is not None else "merged" if label != predicted else "predicted")
+    return Record(image_id, path, predicted, confidence, topk, label, status)
 
 
 class CurationStore:
@@ -202,13 +203,11 @@ class CurationStore:
         rows = self._query(f"{RECORD_SQL} WHERE {where} ORDER BY i.{order_by} {direction}, i.{IMAGES.id} "
                            "LIMIT ? OFFSET ?",
                            [*params, int(limit), int(offset)])
-        return [Record(i, p, c, conf, topk, label_, _status(c, label_, moved is not None))
-                for i, p, c, conf, topk, label_, moved in rows]
+        return [_record(row) for row in rows]
 
     def records(self, ids: Sequence[int]) -> dict[int, Record]:
         found = chunked_in(self._query, f"{RECORD_SQL} WHERE i.{IMAGES.id} IN ({{marks}})", [int(i) for i in ids])
-        return {i: Record(i, p, c, conf, topk, label, _status(c, label, moved is not None))
-                for i, p, c, conf, topk, label, moved in found}
+        return {row[0]: _record(row) for row in found}
 
     def iter_records(self, batch: int = 10_000) -> Iterator[Record]:
         """Every image in id order, streamed in batches (exports of any size)."""
@@ -217,9 +216,24 @@ class CurationStore:
             rows = self._query(f"{RECORD_SQL} WHERE i.{IMAGES.id} > ? ORDER BY i.{IMAGES.id} LIMIT ?", (last, batch))
             if not rows:
                 return
-            for i, p, c, conf, topk, label, moved in rows:
-                yield Record(i, p, c, conf, topk, label, _status(c, label, moved is not None))
+            yield from (_record(row) for row in rows)
             last = rows[-1][0]
+
+    def curated_records(self) -> Iterator[Record]:
+        """Every image a person decided about: moved, excluded, confirmed, or in a cluster merged away."""
+        last = -1
+        while True:
+            rows = self._query(f"{RECORD_SQL} WHERE i.{IMAGES.id} > ? AND (o.cluster IS NOT NULL "
+                               "OR c.image_id IS NOT NULL OR m.into_cluster IS NOT NULL) "
+                               f"ORDER BY i.{IMAGES.id} LIMIT 10000", (last,))
+            if not rows:
+                return
+            yield from (_record(row) for row in rows)
+            last = rows[-1][0]
+
+    def merges(self) -> dict[int, int]:
+        """Every cluster merged away -> the cluster it went into."""
+        return dict(self._query("SELECT cluster, into_cluster FROM merges"))
 
     def all_ids(self) -> list[int]:
         return [r[0] for r in self._query(f"SELECT {IMAGES.id} FROM idx.{IMAGES.name} ORDER BY {IMAGES.id}")]
@@ -325,6 +339,31 @@ class CurationStore:
 
         self._change(plan)
         return len(known)
+
+    def confirm(self, ids: Sequence[int]) -> int:
+        """Mark images' current clusters as right (``twist finetune`` learns from them); returns how many.
+
+        Excluded images have no cluster to confirm and are passed over.
+        """
+        wanted = sorted({int(i) for i in ids})
+        if not wanted:
+            raise CurationError("no images selected to confirm")
+        labels: dict[int, int] = {}
+
+        def plan() -> tuple[str, dict, list]:
+            labels.update({r.id: r.label for r in self.records(wanted).values()
+                           if r.label is not None and r.label != EXCLUDED})
+            if not labels:
+                raise CurationError("none of the selected images is in a cluster (excluded or not in the index)")
+            clusters = sorted(set(labels.values()))
+            where = self.name(clusters[0]) if len(clusters) == 1 else f"{len(clusters)} clusters"
+            return (f"confirmed: {len(labels)} image(s) in {where}",
+                    {"confirmed": self._previous("confirmed", "image_id", "cluster", list(labels))},
+                    [("INSERT OR REPLACE INTO confirmed (image_id, cluster) VALUES (?, ?)", (i, c))
+                     for i, c in labels.items()])
+
+        self._change(plan)
+        return len(labels)
 
     def relabel(self, action: str, moves: Mapping[int, int], renames: Mapping[int, str]) -> None:
         """Renames and per-image moves as ONE change (one undo entry): labels made elsewhere, imported at once.

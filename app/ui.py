@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import gradio as gr
 
-from app.views import ViewContext, batch, cluster, clusters, export, merges, search, shared
+from app.views import ViewContext, batch, changes, cluster, clusters, export, merges, search, shared
 from app.views import map as map_view
+from app.views import review as review_view
 from app.workspace import Workspace
 
-VIEWS = (clusters, cluster, search, export, map_view, batch, merges)  # in tab order
+VIEWS = (clusters, cluster, review_view, search, export, map_view, batch, merges, changes)  # in tab order
 
 
 def page_css() -> str:

@@ -24,6 +24,7 @@ from PIL import Image
 from app import exporters, projection
 from app.batch import BatchItem, BatchUserError, batch_items, check_pixel_budget, decode_small
 from app.curation import EXCLUDED, CurationError, CurationStore, Record
+from app.review_queue import ReviewQueue
 from app.thumbnails import ThumbnailCache
 from twist_core.folder import ImageReadError, decode_image
 from twist_core.index import ImageIndex
@@ -72,6 +73,16 @@ class Neighbour:
 
 
 @dataclass(frozen=True)
+class ReviewItem:
+    """An image of the review queue: its score, and the cluster its neighbours point to (None: no other)."""
+
+    record: Record
+    score: float
+    suggestion: int | None
+    thumbnail: Path
+
+
+@dataclass(frozen=True)
 class Prediction:
     """What the model says about one image: class probabilities (K) and its nearest indexed neighbours."""
 
@@ -94,6 +105,7 @@ class Workspace:
             raise AppUserError(str(error)) from None
         self.max_pixels = max_pixels
         self.state_dir = Path(state_dir) if state_dir else index_dir
+        self._meta_path = meta_path  # of the generation served, for the review queue
         try:
             self._store = CurationStore(self.state_dir / "curation.sqlite", meta_path, self.model.class_names)
         except CurationError as error:
@@ -163,6 +175,7 @@ class Workspace:
                         "restart the app to open it", self.index_dir)
             return
         self._store.reattach(meta_path)
+        self._meta_path = meta_path
         if self._retired is not None:
             self._retired.close()
         self._index, self._retired = fresh, current
@@ -370,6 +383,37 @@ class Workspace:
 
     def undo(self) -> str:
         return f"undone: {self.store.undo()}"
+
+    # ---- review queue
+    def review_page(self, page: int = 0) -> tuple[list[ReviewItem], int]:
+        """A page of the images most likely in the wrong cluster, that no person moved, excluded or kept yet."""
+        store = self.store  # follows an index update first
+        with contextlib.closing(ReviewQueue(store.path, self._meta_path)) as queue:  # ~1 ms to open
+            if not queue.available:
+                raise AppUserError(f"this index has no review scores (an older twist built it); add them with "
+                                   f"twist index --update --out {self.index_dir}")
+            total = queue.count()
+            page = max(0, min(int(page), max(0, (total - 1) // PAGE_SIZE)))
+            entries = queue.page(page * PAGE_SIZE, PAGE_SIZE)
+        records = store.records([e.id for e in entries])
+        items = []
+        for entry in entries:
+            record = records.get(entry.id)
+            if record is None:  # gone in an update between the two reads
+                continue
+            target = None if entry.suggestion is None else self.store.merged_into(entry.suggestion)
+            items.append(ReviewItem(record, entry.score, None if target == record.label else target,
+                                    self.thumbnail(record)))
+        return items, total
+
+    def keep(self, ids: Sequence[int]) -> str:
+        """Confirm images in the cluster they are in: they leave the review queue (one undo entry brings them back)."""
+        records = self.store.records([int(i) for i in ids])
+        if not records:
+            raise AppUserError("choose an image to keep")
+        self.store.relabel(f"kept {len(records)} image(s) in their clusters",
+                           {i: r.label for i, r in records.items()}, {})
+        return f"{len(records)} image(s) kept where they are"
 
     # ---- export
     def _export_path(self, name: str) -> Path:

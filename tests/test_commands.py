@@ -26,6 +26,7 @@ def config_cases(tmp_path: Path) -> dict[str, tuple[list[str], dict, str]]:
         "train": ([str(tmp_path)], {"time-budget": "banana"}, "--time-budget"),
         "eval": ([], {"source": missing, "data": str(tmp_path)}, missing),
         "export": ([], {"run": missing, "out": str(tmp_path / "m.onnx")}, missing),
+        "finetune": ([missing], {"index": str(tmp_path)}, missing),  # without the file: "give the labels"
         "label": ([str(DEMO_MODEL), str(tmp_path)], {"topk": 0}, "topk"),
         "index": ([], {"source": missing + ".csv"}, missing),
         "search": ([], {"index": missing, "id": 1}, missing),

@@ -280,3 +280,38 @@ def test_command_suggests_over_the_apps_curation(one_split: tuple[Path, dict[int
     assert done.returncode == 0, done.stderr
     assert "0 both halves (120)" in done.stdout and " 1 c1 " not in done.stdout
     assert "from 5 clusters" in done.stdout.splitlines()[-1]
+
+
+def test_refining_moves_a_misplaced_cluster_back_to_its_group() -> None:
+    """Two groups of three clusters linked inside, cluster 2 put in the wrong group (as a greedy merge that a later
+    merge made wrong would leave it): refining moves it back and the modularity rises."""
+    graph = np.full((6, 6), 0.2)
+    graph[:3, :3] = graph[3:, 3:] = 5.0
+    graph /= graph.sum()
+    wrong = np.array([0, 0, 1, 1, 1, 1])
+    mended = merges.refine_groups(graph, wrong)
+    assert mended.tolist() == [0, 0, 0, 1, 1, 1]
+    assert merges.group_modularity(graph, mended) > merges.group_modularity(graph, wrong)
+    lone = merges.refine_groups(graph, np.array([0, 1, 1, 1, 1, 1]))
+    assert (lone == 0).sum() >= 1, "a group is never emptied"
+
+
+def test_command_plans_merges_down_to_n_groups(tmp_path: Path) -> None:
+    """``--to 6`` over 15 clusters planted as 6 split groups: the plan's groups are the planted ones, in the JSON
+    as merges the app can apply one by one."""
+    index, group_of = planted_index(tmp_path, 6, [3, 2, 3, 2, 3, 2], 40, noise=0.5)
+    done = twist(str(index), "--to", "6", "--bootstrap", "0", "--json", str(tmp_path / "s.json"))
+    assert done.returncode == 0, done.stderr
+    assert "Plan down to 6 groups" in done.stdout
+    plan = json.loads((tmp_path / "s.json").read_text())["plan"]
+    assert sorted(sorted(group_of[c] for c in group) for group in plan["groups"]) == [[g] * n for g, n in
+                                                                                        enumerate([3, 2, 3, 2, 3, 2])]
+    assert len(plan["merges"]) == 9 and plan["modularity"] >= plan["greedy_modularity"]
+    data = merges.data_from_index(index)
+    applied = merges.planned_labels(data, merges.MergePlan(6, plan["groups"], [tuple(m) for m in plan["merges"]],
+                                                           0.0, 0.0))
+    truth = np.array([group_of[int(c)] for c in data.labels])
+    assert all(len(np.unique(truth[applied == c])) == 1 for c in np.unique(applied))
+    refused = twist(str(index), "--to", "15", "--bootstrap", "0")
+    assert refused.returncode == 2 and "--to must be from 1 to 14" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1

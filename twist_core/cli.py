@@ -9,6 +9,8 @@ COMMANDS = {
     "demo": ("twist_core.commands.demo",
              "the whole pipeline on scikit-learn's digits, then the app (no arguments needed)"),
     "train": ("twist_core.commands.train", "train TWIST on an image folder"),
+    "finetune": ("twist_core.commands.finetune",
+                 "continue training a run with the labels a person set or confirmed in the app"),
     "eval": ("twist_core.commands.eval", "score clusters against class folders (ACC/NMI/AMI/ARI, kNN, baselines)"),
     "export": ("twist_core.commands.export", "export a run to one ONNX file with its model card"),
     "label": ("twist_core.commands.label", "label every image of a folder with an exported model"),

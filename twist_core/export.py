@@ -175,7 +175,9 @@ def export_model(config: ExportConfig) -> Path:
     model = TwistModel(spec)
     model.load_state_dict(checkpoint["model"])
     module = ProbabilityModel(model).eval()
-    names = parse_class_names(config.class_names, spec.n_classes)
+    curated = run / "class_names.txt" if run.is_dir() else None  # written by twist finetune
+    names = parse_class_names(config.class_names or (str(curated) if curated and curated.is_file() else None),
+                              spec.n_classes)
     card = build_card(checkpoint, checkpoint_path.resolve(), names, config.opset, model.embedding_dim)
     batch = verification_batch(card, checkpoint["config"].get("data"))
 

@@ -290,10 +290,11 @@ class IndexWriter(IndexReader):
     @classmethod
     def create(cls, index_dir: str | Path, cpu_index: faiss.Index, rows: Sequence[dict[str, Any]],
                info: dict[str, Any], device: str = "auto", ids: Sequence[int] | None = None,
-               expected: int | None = None) -> IndexWriter:
+               expected: int | None = None, extra: Callable[[MetaStore], None] | None = None) -> IndexWriter:
         """Publish a freshly built index (ids ``0..len(rows)-1`` unless given) as a new generation.
 
         ``expected`` is the generation a rebuild carried its ids from: it is refused if that one changed.
+        ``extra`` adds tables of its own to the metadata in the same generation (the review scores).
         """
         ids = list(range(len(rows))) if ids is None else [int(i) for i in ids]
         next_id = max(int(info.get("next_id", 0)), max(ids, default=-1) + 1)
@@ -301,6 +302,8 @@ class IndexWriter(IndexReader):
         def write_meta(path: Path, generation: int) -> None:
             store = MetaStore(path, readonly=False)
             store.insert(ids, rows)
+            if extra:
+                extra(store)
             store.set_info({"uid": new_uid(), **info, "generation": generation, "next_id": next_id,
                             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             store.commit()

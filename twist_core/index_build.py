@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from twist_core import review
 from twist_core.config import AutoConfig, auto_option, option
 from twist_core.folder import scan_folder
 from twist_core.index import IndexWriter, embed_and_add
@@ -201,7 +202,8 @@ def build_index(config: IndexConfig) -> Path:
             "model": str(Path(model).resolve()) if model else None,
             "dim": dim, "kind": plan.kind, "metric": "cosine", "nlist": plan.nlist, "nprobe": plan.nprobe,
             "pq_m": plan.pq_m, "source": str(table.resolve())}
-    IndexWriter.create(out, index, rows, info, device, ids=ids, expected=lineage.generation).close()
+    IndexWriter.create(out, index, rows, info, device, ids=ids, expected=lineage.generation,
+                       extra=review.scorer(index, ids, rows)).close()
     return out
 
 
@@ -240,4 +242,6 @@ def update_index(config: IndexConfig) -> tuple[int, int]:
             print(f"skipped {problem}", file=sys.stderr)
         added = len(added_ids)
     index.close()
+    if added or removed or not review.index_has_scores(config.out):
+        review.refresh_index(config.out)  # new images change old images' neighbours: score them all again
     return added, removed

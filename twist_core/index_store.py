@@ -267,6 +267,16 @@ class MetaStore:
     def commit(self) -> None:
         self._db.commit()
 
+    # ---- tables that other modules own (the review scores of twist_core.review)
+    def executescript(self, script: str) -> None:
+        self._db.executescript(script)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self._db.executemany(sql, rows)
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        return self._query(sql, params)
+
     # ---- reading
     def info(self) -> dict[str, Any]:
         return {k: json.loads(v) for k, v in self._query(f"SELECT key, value FROM {INFO_TABLE}")}

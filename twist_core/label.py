@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from twist_core import __version__, distributed
+from twist_core import __version__, distributed, review
 from twist_core.config import AUTO, AutoConfig, auto_option, option
 from twist_core.errors import UserError
 from twist_core.folder import DEFAULT_MAX_PIXELS, ImageReadError, NoImagesError, require_images, skipped_lines
@@ -290,6 +290,8 @@ def merge(config: LabelConfig, model: OnnxModel, model_sha: str, root: Path, fil
         array.flush()
         del array
 
+    scores = review.score_chunks(lambda: ((data["cluster"], data["margin"], data["embeddings"])
+                                          for data in iter_chunks(work, n_chunks)), len(files), model.embedding_dim)
     sizes = np.zeros(model.n_classes, np.int64)
     unreadable = read_unreadable(work)
     skipped = skipped_lines(unreadable)
@@ -299,6 +301,7 @@ def merge(config: LabelConfig, model: OnnxModel, model_sha: str, root: Path, fil
             good = data["cluster"][data["cluster"] >= 0]
             sizes[:] += np.bincount(good, minlength=model.n_classes)
             chunk_table = chunk_rows(data, files, chunk * config.chunk_size, model.class_names)
+            review.fill_column(chunk_table, scores[chunk * config.chunk_size:])
             skipped.extend(f"{row['path']}\t{row['error']}" for row in chunk_table if row["error"])
             yield chunk_table
 

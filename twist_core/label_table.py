@@ -1,7 +1,8 @@
 """The labels table in csv, jsonl or parquet (chosen by extension), written in streamed chunks and read back.
 
-A row is ``path, cluster, cluster_name, confidence, margin, topk, error``: ``topk`` is a JSON string
-``[[cluster, prob], ...]``; a good row has an empty ``error``, an error row only ``path`` and ``error``.
+A row is ``path, cluster, cluster_name, confidence, margin, topk, error, review_score``: ``topk`` is a JSON
+string ``[[cluster, prob], ...]``; ``review_score`` (0 to 1, see :mod:`twist_core.review`) is how likely the
+image is in the wrong cluster; a good row has an empty ``error``, an error row only ``path`` and ``error``.
 Beside ``T.csv`` lie ``T.embeddings.npy`` (row-aligned, zeros for error rows) and ``T.meta.json``.
 ``path`` is table text (:func:`twist_core.io_utils.path_to_text`: non-UTF-8 bytes as ``\\xNN``); in a CSV a text
 cell that a spreadsheet would run as a formula, or that starts with ``'``, gets a leading ``'`` that
@@ -21,7 +22,7 @@ import numpy as np
 from twist_core.errors import UserError
 from twist_core.io_utils import csv_safe
 
-COLUMNS = ["path", "cluster", "cluster_name", "confidence", "margin", "topk", "error"]
+COLUMNS = ["path", "cluster", "cluster_name", "confidence", "margin", "topk", "error", "review_score"]
 TEXT_COLUMNS = ("path", "cluster_name", "topk", "error")
 FORMATS = (".csv", ".jsonl", ".parquet")
 TOPK = 5  # most probable clusters listed per image (twist label --topk, the index, the app)
@@ -118,7 +119,7 @@ def _arrow_schema():
 
     return pa.schema([("path", pa.string()), ("cluster", pa.int32()), ("cluster_name", pa.string()),
                       ("confidence", pa.float32()), ("margin", pa.float32()), ("topk", pa.string()),
-                      ("error", pa.string())])
+                      ("error", pa.string()), ("review_score", pa.float32())])
 
 
 def write_table(path: str | Path, chunks: Iterable[list[Row]], kind: str | None = None) -> int:
@@ -162,7 +163,8 @@ def _typed(row: dict[str, Any]) -> Row:
 
     return {"path": row["path"], "cluster": value("cluster", int), "cluster_name": value("cluster_name", str),
             "confidence": value("confidence", float), "margin": value("margin", float),
-            "topk": value("topk", str), "error": row.get("error") or ""}
+            "topk": value("topk", str), "error": row.get("error") or "",
+            "review_score": value("review_score", float)}  # None in tables written before the score
 
 
 def iter_labels(path: str | Path) -> Iterator[Row]:

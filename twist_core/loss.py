@@ -131,3 +131,16 @@ def self_label_loss(view_logits: list[torch.Tensor], n_global: int = 2, tau: flo
         not_source = best_view != view if view < n_global else torch.ones_like(keep)
         losses.append(global_mean(per_sample, (keep & not_source).to(per_sample.dtype)))
     return torch.stack(losses).mean()
+
+
+def supervised_loss(view_logits: list[torch.Tensor], targets: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Cross-entropy of every view of the labelled images (``targets`` >= 0; -1 marks unlabelled ones).
+
+    A mean over the labelled images of the global batch, so N processes give the single-process value; the
+    temperature is the one the exported probabilities use.
+    """
+    labelled = targets >= 0
+    safe_targets = targets.clamp(min=0)
+    losses = [global_mean(F.cross_entropy(logits / tau, safe_targets, reduction="none"), labelled.to(logits.dtype))
+              for logits in view_logits]
+    return torch.stack(losses).mean()

@@ -8,6 +8,8 @@ their sizes predict); ``--measure knn`` uses the share of a cluster's kNN links 
 cluster means. A scipy
 average-linkage hierarchy over ``1 - similarity`` gives the dendrogram; the cut of it whose groups make the
 kNN graph most modular estimates the number of groups, with a range from a bootstrap over the images.
+``--to N`` also prints a plan down to N groups: the greedy merges, then single clusters moved between groups
+while that raises the modularity (whole clusters only, so the app can apply it merge by merge).
 
 Input: an index folder of ``twist index`` (with ``--state-dir`` the app's curation is respected: merges,
 moves and exclusions), or a labels table of ``twist label`` (its .embeddings.npy beside it). A training run
@@ -61,6 +63,9 @@ class MergesConfig(AutoConfig):
     seed: int = option(0, "seed of the query sample and the bootstrap")
     json: str | None = option(None, "also write pairs, hierarchy and K estimate to this JSON file")
     plot: str | None = option(None, "also draw the dendrogram to this PNG file")
+    to: int | None = option(None, "also plan merges down to this many groups: greedy merges of the top "
+                            "suggestion, then single clusters moved between groups while the kNN graph's "
+                            "modularity rises")
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,21 @@ class KEstimate:
 
 
 @dataclass(frozen=True)
+class MergePlan:
+    """Whole clusters grouped into ``target`` groups; each group is merged into its largest cluster."""
+
+    target: int
+    groups: list[list[int]]  # the clusters of each group, the one they go into first
+    merges: list[tuple[int, int]]  # (source, into)
+    modularity: float  # of the kNN graph with the planned groups
+    greedy_modularity: float  # with the greedy merges alone, before clusters were moved between groups
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "groups": self.groups, "merges": [list(m) for m in self.merges],
+                "modularity": round(self.modularity, 5), "greedy_modularity": round(self.greedy_modularity, 5)}
+
+
+@dataclass(frozen=True)
 class Suggestions:
     """Ranked pairs, the hierarchy over the current clusters and the K estimate."""
 
@@ -107,6 +127,7 @@ class Suggestions:
     linkage: np.ndarray  # scipy linkage matrix over ``clusters``
     pairs: list[tuple[int, int, float]]  # (cluster, cluster, similarity), most similar first
     k_estimate: KEstimate | None
+    plan: MergePlan | None = None
 
     def label(self, cluster: int) -> str:
         return f"{cluster} {self.names.get(cluster, '')}".strip()
@@ -120,7 +141,8 @@ class Suggestions:
                            "size_a": self.sizes[a], "size_b": self.sizes[b], "similarity": round(s, 6)}
                           for a, b, s in pairs],
                 "linkage": [[int(r[0]), int(r[1]), float(r[2]), int(r[3])] for r in self.linkage],
-                "k_estimate": self.k_estimate.as_dict() if self.k_estimate else None}
+                "k_estimate": self.k_estimate.as_dict() if self.k_estimate else None,
+                "plan": self.plan.as_dict() if self.plan else None}
 
 
 # ---- the evidence each measure is computed from (once), then weighed per image (bootstrap)
@@ -339,8 +361,10 @@ def current_clusters(labels: np.ndarray) -> tuple[list[int], dict[int, int]]:
 
 
 def suggest(data: ClusterData, measure: str = DEFAULT_MEASURE, neighbours: int = 10, max_queries: int = 20000,
-            resamples: int = 200, seed: int = 0, evidence: Evidence | None = None) -> Suggestions:
-    """Ranked merge suggestions, the hierarchy and the K estimate over the clusters of ``data``."""
+            resamples: int = 200, seed: int = 0, evidence: Evidence | None = None,
+            to: int | None = None) -> Suggestions:
+    """Ranked merge suggestions, the hierarchy and the K estimate over the clusters of ``data`` (and with ``to``
+    a plan down to that many groups)."""
     clusters, sizes = current_clusters(data.labels)
     if len(clusters) < 2:
         raise MergeUserError(f"only {len(clusters)} cluster holds images: there is nothing to merge")
@@ -348,8 +372,11 @@ def suggest(data: ClusterData, measure: str = DEFAULT_MEASURE, neighbours: int =
     sim = similarity(data, evidence, clusters)
     link = hierarchy(sim)
     k_estimate = estimate_k(data, evidence, clusters, link, resamples, seed)
+    if to is not None and not 1 <= to < len(clusters):
+        raise MergeUserError(f"--to must be from 1 to {len(clusters) - 1} (there are {len(clusters)} clusters)")
+    plan = plan_merges(data, evidence, to) if to is not None else None
     return Suggestions(evidence.measure, clusters, sizes, data.names, sim, link, ranked_pairs(sim, clusters),
-                       k_estimate)
+                       k_estimate, plan)
 
 
 def greedy_merges(data: ClusterData, evidence: Evidence, target: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
@@ -365,6 +392,59 @@ def greedy_merges(data: ClusterData, evidence: Evidence, target: int) -> tuple[n
         into, source = (a, b) if sizes[a] >= sizes[b] else (b, a)
         labels[labels == source] = into
         merges.append((source, into))
+
+
+def group_modularity(graph: np.ndarray, groups: np.ndarray) -> float:
+    """Newman's modularity of a symmetric cluster graph (summing to 1) when cluster i is in group ``groups[i]``."""
+    member = np.eye(groups.max() + 1)[groups]
+    inside = member.T @ graph @ member
+    return float(np.trace(inside) - np.sum(inside.sum(axis=1) ** 2))
+
+
+def refine_groups(graph: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Move single clusters to the group that raises the modularity most, until no move raises it (no group is
+    emptied). Greedy merging never revisits a merge; this mends the ones a later merge made wrong."""
+    groups = groups.copy()
+    degree = graph.sum(axis=1)
+    moved = True
+    while moved:
+        moved = False
+        for leaf in range(len(groups)):
+            own = groups[leaf]
+            if np.count_nonzero(groups == own) == 1:
+                continue
+            links = np.bincount(groups, graph[leaf], groups.max() + 1)
+            links[own] -= graph[leaf, leaf]
+            totals = np.bincount(groups, degree, groups.max() + 1)
+            totals[own] -= degree[leaf]
+            gain = 2 * (links - links[own]) - 2 * degree[leaf] * (totals - totals[own])
+            best = int(np.argmax(gain))
+            if gain[best] > 1e-12:
+                groups[leaf], moved = best, True
+    return groups
+
+
+def plan_merges(data: ClusterData, evidence: Evidence, target: int) -> MergePlan:
+    """:func:`greedy_merges` down to ``target``, then :func:`refine_groups` on the kNN graph of the clusters;
+    each group goes into its largest cluster. Whole clusters only: the app applies it merge by merge."""
+    clusters, sizes = current_clusters(data.labels)
+    merged, _ = greedy_merges(data, evidence, target)
+    pos = _positions(data, clusters, data.labels)[1]
+    links = knn_links(evidence, pos, len(clusters), np.ones(len(data.labels)))
+    graph = (links + links.T) / max(2 * links.sum(), 1e-12)
+    greedy = np.unique([merged[data.labels == c][0] for c in clusters], return_inverse=True)[1]
+    groups = refine_groups(graph, greedy)
+    members = [sorted((c for c, g in zip(clusters, groups, strict=True) if g == group),
+                      key=lambda c: (-sizes[c], c)) for group in np.unique(groups)]
+    members.sort(key=lambda group: -sum(sizes[c] for c in group))
+    plan = [(source, group[0]) for group in members for source in group[1:]]
+    return MergePlan(target, members, plan, group_modularity(graph, groups), group_modularity(graph, greedy))
+
+
+def planned_labels(data: ClusterData, plan: MergePlan) -> np.ndarray:
+    """Each image's cluster once ``plan`` is applied."""
+    into = {source: target for source, target in plan.merges}
+    return np.array([into.get(int(c), int(c)) for c in data.labels], np.int64)
 
 
 # ---- inputs
@@ -499,6 +579,19 @@ def format_suggestions(result: Suggestions, top: int) -> str:
         lines.append(f"K estimate: {estimate.k} (range {estimate.low}-{estimate.high} over {estimate.resamples} "
                      f"bootstrap resamples of the images, {estimate.support:.0%} of them gave {estimate.k}) from "
                      f"{len(result.clusters)} clusters; the largest gap in merge heights would say {estimate.by_gap}")
+    if result.plan is not None:
+        lines.append(format_plan(result, result.plan))
+    return "\n".join(lines)
+
+
+def format_plan(result: Suggestions, plan: MergePlan) -> str:
+    """The groups of the plan, each as ``into <- merged, ...``, and the modularity it reaches."""
+    lines = [f"Plan down to {plan.target} groups (kNN-graph modularity {plan.modularity:.4f}; the greedy merges "
+             f"alone {plan.greedy_modularity:.4f}): merge into the first cluster of each line"]
+    for group in plan.groups:
+        total = sum(result.sizes[c] for c in group)
+        merged = ", ".join(result.label(c) for c in group[1:]) or "(nothing)"
+        lines.append(f"  {result.label(group[0])} ({total} images in all) <- {merged}")
     return "\n".join(lines)
 
 
@@ -568,4 +661,5 @@ def run(config: MergesConfig) -> Suggestions:
     if config.top < 1 or config.bootstrap < 0 or config.max_queries < 1:
         raise MergeUserError("--top and --max-queries must be at least 1, --bootstrap at least 0")
     data = load_source(config.source, config.state_dir)
-    return suggest(data, config.measure, config.neighbours, config.max_queries, config.bootstrap, config.seed)
+    return suggest(data, config.measure, config.neighbours, config.max_queries, config.bootstrap, config.seed,
+                   to=config.to)

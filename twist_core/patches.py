@@ -118,8 +118,9 @@ def sample_patches(images: torch.Tensor, count: int, generator: torch.Generator)
 
 def kmeans(points: torch.Tensor, k: int, iterations: int, generator: torch.Generator) -> torch.Tensor:
     """FAISS k-means on every point (no subsampling), seeded from ``generator``; an empty cluster is split off a
-    large one. On 100k whitened patches of 2,000 cifar10-test images (256 atoms, 10 iterations) it ends at a
-    lower objective than plain Lloyd iterations from random points (25.49 against 25.57), in less time."""
+    large one. Measured against the plain Lloyd loop it replaced (256 atoms, 10 iterations): a slightly lower
+    objective on 100k whitened patches of 2,000 cifar10-test images (25.49 against 25.57), and stem codes as good
+    on all 10,000 (kNN 0.505/0.506 against 0.504/0.507, k-means ACC 0.236/0.266 against 0.235/0.265, seeds 0/1)."""
     import faiss
 
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))

@@ -36,7 +36,7 @@ from twist_core.evaluate import load_eval_images, predict_torch, score, summary_
 from twist_core.folder import DEFAULT_MAX_PIXELS, NoImagesError, decode_image, require_images, skipped_lines
 from twist_core.init_weights import InitWeights, check_fits, load_into, read_init
 from twist_core.io_utils import atomic_write_text, mark_output_folder
-from twist_core.loss import self_label_loss, twist_multicrop_loss
+from twist_core.loss import self_label_loss, supervised_loss, twist_multicrop_loss
 from twist_core.model import ModelSpec, TwistModel, recalibrate_batchnorm
 from twist_core.optim import Schedule, StepPlan, build_optimizer
 from twist_core.patches import PatchBackbone, learn_patch_dictionary
@@ -324,16 +324,20 @@ def warn_about_classes(classes: int, n_images: int) -> None:
               f"{classes - n_images} clusters will stay empty", file=sys.stderr)
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
+def train(config: TrainConfig, start_from: dict[str, torch.Tensor] | None = None,
+          prepare: Callable[[Run], None] | None = None) -> dict[str, Any]:
     """Run (or resume) a training run; returns the final epoch's metrics.
 
     Reads like facebookresearch/dino's main loop: set the run up, then one ``train_one_epoch`` per epoch and
-    ``end_epoch`` to summarise, evaluate and checkpoint it.
+    ``end_epoch`` to summarise, evaluate and checkpoint it. ``twist finetune`` starts from given weights
+    (``start_from``) and adapts the run before the first step (``prepare``: labelled images, exclusions).
     """
     check_options(config)
     config = apply_recipe(config)
     with distributed.process_group(config.device) as ctx:
-        run = setup_run(config, ctx)
+        run = setup_run(config, ctx, start_from)
+        if prepare is not None:
+            prepare(run)
         with run.stop.installed():
             if run.config.eval_data and not run.resumed:
                 run.history.append({"epoch": 0, "step": 0, "eval": run.calibrate_and_evaluate(0)})
@@ -379,6 +383,18 @@ class BudgetClock:
 
 
 @dataclass
+class Supervision:
+    """Labelled images mixed into every step, with a cross-entropy term on them (``twist finetune``).
+
+    ``draw()`` returns uint8 images (as the batches hold them) and their classes; the step appends them to its
+    batch, so the TWIST loss covers them too, and adds ``weight`` times their cross-entropy over every view.
+    """
+
+    draw: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    weight: float
+
+
+@dataclass
 class Run:
     """Everything a run holds between steps: configuration, data, model, optimiser and progress."""
 
@@ -408,6 +424,7 @@ class Run:
     started: float = dataclasses.field(default_factory=time.perf_counter)  # of this session
     eval_seconds: float = 0.0
     stop: StopRequested = dataclasses.field(default_factory=StopRequested)
+    supervision: Supervision | None = None  # twist finetune: labelled images and their cross-entropy
 
     def __post_init__(self) -> None:
         policy = functools.partial(policy_for_size, self.config.image_size, self.config.local_crops,
@@ -612,8 +629,11 @@ def build_model(config: TrainConfig, spec: ModelSpec, ctx: distributed.Context, 
     return model
 
 
-def setup_run(config: TrainConfig, ctx: distributed.Context) -> Run:
-    """Everything before the first step: options, data, model, optimiser, and the state to resume from."""
+def setup_run(config: TrainConfig, ctx: distributed.Context, start_from: dict[str, torch.Tensor] | None = None) -> Run:
+    """Everything before the first step: options, data, model, optimiser, and the state to resume from.
+
+    ``start_from``: weights for a new run to start with (``twist finetune``) instead of a fresh initialisation.
+    """
     started = time.perf_counter()  # a time budget counts decoding and set-up too
     config, files, unreadable, resumed, init = open_run(config, ctx)
     torch.manual_seed(config.seed)
@@ -650,9 +670,9 @@ def setup_run(config: TrainConfig, ctx: distributed.Context) -> Run:
         loader = DataLoader(Subset(dataset, chosen), batch_size=batch_size, num_workers=config.workers)
         return torch.cat([images[torch.tensor([not e for e in errors])] for _, images, errors in loader])
 
-    model = build_model(config, spec, ctx, init, None if resumed else patch_sample)
-    if resumed:
-        unwrap(model).load_state_dict(resumed["model"])
+    model = build_model(config, spec, ctx, init, None if resumed or start_from else patch_sample)
+    if resumed or start_from:
+        unwrap(model).load_state_dict(resumed["model"] if resumed else start_from)
     optimizer = build_optimizer(config.optimizer, model, float(config.lr) * batch_size * ctx.world_size / 256,
                                 float(config.weight_decay), config.momentum, config.lars_eta)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.precision == "fp16")
@@ -684,7 +704,7 @@ def setup_run(config: TrainConfig, ctx: distributed.Context) -> Run:
     return run
 
 
-STAT_NAMES = ("loss", "consistency", "sharpness", "diversity", "self_label")
+STAT_NAMES = ("loss", "consistency", "sharpness", "diversity", "self_label", "supervised")
 
 
 @dataclass
@@ -692,6 +712,7 @@ class EpochStats:
     """Sums over this rank's steps of one epoch; ``merged`` combines the ranks."""
 
     classes: int
+    supervised: bool = False  # a Supervision adds its cross-entropy to the steps
     sums: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(STAT_NAMES, 0.0))
     steps: int = 0
     self_label_steps: int = 0
@@ -732,6 +753,8 @@ class EpochStats:
                   "mean_entropy": float(-(mean * torch.log(mean + 1e-12)).sum()),
                   "max_entropy": math.log(self.classes), "self_labelling": self.self_label_steps > 0,
                   "seconds": elapsed}
+        if not self.supervised:
+            merged.pop("supervised")
         self_label_steps = float(totals[len(STAT_NAMES) + 2])
         if self_label_steps == 0:
             merged.pop("self_label")
@@ -746,6 +769,11 @@ def step_loss(run: Run, images: torch.Tensor, plan: StepPlan) -> tuple[torch.Ten
     config, ctx = run.config, run.ctx
     generator = torch.Generator(device=ctx.device).manual_seed(config.seed * 1_000_003 + run.global_step * 1009
                                                                + ctx.rank)
+    targets = None
+    if run.supervision is not None:  # labelled images join the batch: the TWIST loss sees them too
+        labelled, targets = run.supervision.draw()
+        images = torch.cat([images, labelled.to(images.device)])
+        targets = torch.cat([torch.full((len(images) - len(labelled),), -1), targets]).to(images.device)
     views = (run.augment_self_label if plan.self_labelling else run.augment)(images, generator)
     with autocast(config.precision, ctx.device):
         view_logits = forward_views(run.train_model, views, config.channels_last)
@@ -753,9 +781,13 @@ def step_loss(run: Run, images: torch.Tensor, plan: StepPlan) -> tuple[torch.Ten
         with torch.no_grad():
             parts = twist_multicrop_loss(view_logits, 2, config.tau, config.lam1, config.lam2)
         loss = parts["self_label"] = self_label_loss(view_logits, 2, config.tau, plan.keep)
-        return loss, parts, view_logits
-    parts = twist_multicrop_loss(view_logits, 2, config.tau, config.lam1, config.lam2)
-    return parts["loss"], parts, view_logits
+    else:
+        parts = twist_multicrop_loss(view_logits, 2, config.tau, config.lam1, config.lam2)
+        loss = parts["loss"]
+    if run.supervision is not None and targets is not None:
+        parts["supervised"] = supervised_loss(view_logits, targets, config.tau)
+        loss = loss + run.supervision.weight * parts["supervised"]
+    return loss, parts, view_logits
 
 
 def train_one_epoch(run: Run, epoch: int) -> EpochStats:
@@ -768,7 +800,7 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
     first_step = run.start_step_in_epoch if epoch == run.start_epoch else 0
     run.sampler.batches = batches[first_step:]
     run.train_model.train()
-    stats = EpochStats(config.classes)
+    stats = EpochStats(config.classes, supervised=run.supervision is not None)
     source = _cache_batches(run.cache, run.sampler.batches) if run.cache is not None else iter(run.loader)
     bar = tqdm(total=len(batches), initial=first_step,
                desc=f"epoch {epoch + 1}/{math.ceil(run.total_steps / run.steps_per_epoch)}", unit="step",

@@ -91,6 +91,7 @@ class ClusterView:
                                            elem_id="move-target", allow_custom_value=True)
             self.move = gr.Button("Move")
             self.exclude = gr.Button("Exclude")
+            self.confirm = gr.Button("Confirm as correct (the selection, else the page)", elem_id="confirm")
         with gr.Row():
             self.undo_button = gr.Button("Undo last change", elem_id="undo")
         self.status = gr.Markdown(elem_id="status")
@@ -144,6 +145,12 @@ class ClusterView:
         return self.curation_result(self.ws.move(parse_ids(ids), EXCLUDED))
 
     @friendly
+    def confirm_images(self, ids: str, page_ids: list[int]) -> tuple:
+        """Confirm the selected images' clusters, or the whole page's when nothing is selected (twist finetune)."""
+        confirmed = self.ws.store.confirm(parse_ids(ids) or list(page_ids or []))
+        return self.curation_result(f"{confirmed} image(s) confirmed in their cluster")
+
+    @friendly
     def undo(self) -> tuple:
         return self.curation_result(self.ws.undo())
 
@@ -192,6 +199,8 @@ class ClusterView:
         self.move.click(self.move_images, [self.selection, self.move_target], outputs,
                         api_name="move_images").then(**refresh)
         self.exclude.click(self.exclude_images, [self.selection], outputs, api_name="exclude_images").then(**refresh)
+        self.confirm.click(self.confirm_images, [self.selection, self.page_ids], outputs,
+                           api_name="confirm_images").then(**refresh)
         self.clear.click(lambda: "", None, [self.selection], api_visibility="private")
         self.select_page.click(lambda ids, chosen: ", ".join(map(str, dict.fromkeys([*parse_ids(chosen), *ids]))),
                                [self.page_ids, self.selection], [self.selection], api_visibility="private")

@@ -1,0 +1,54 @@
+"""The review queue: the index's images most likely in the wrong cluster first, without those a person handled.
+
+The scores come from the index (:mod:`twist_core.review`, written by ``twist index``); what a person did comes
+from the curation store. An image a person moved, excluded or kept (a keep is a move to the label it already
+has, so it is undone like any move) has its own override and leaves the queue; undo brings it back.
+Both databases are read through one read-only connection, so a page is one SQL query at any size.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from twist_core import review
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    id: int
+    score: float
+    suggestion: int | None
+
+
+class ReviewQueue:
+    """Pages of unhandled images by descending score; ``available`` is False for an index without scores."""
+
+    def __init__(self, curation_path: Path, meta_path: Path) -> None:
+        self._db = sqlite3.connect(f"file:{Path(curation_path).resolve()}?mode=ro", uri=True,
+                                   check_same_thread=False, timeout=30)
+        self._db.execute("ATTACH DATABASE ? AS idx", (f"file:{Path(meta_path).resolve()}?mode=ro",))
+        self._lock = threading.Lock()
+        self.available = review.has_scores(self._db, "idx")
+
+    FROM = ("FROM idx.review r JOIN idx.images i ON i.id = r.id LEFT JOIN overrides o ON o.image_id = r.id "
+            "WHERE o.image_id IS NULL")  # images: an index changed without a refresh may hold stale scores
+
+    def count(self) -> int:
+        if not self.available:
+            return 0
+        with self._lock:
+            return int(self._db.execute(f"SELECT COUNT(*) {self.FROM}").fetchone()[0])
+
+    def page(self, offset: int, limit: int) -> list[QueueEntry]:
+        if not self.available:
+            return []
+        with self._lock:
+            rows = self._db.execute(f"SELECT r.id, r.score, r.suggestion {self.FROM} ORDER BY r.score DESC, r.id "
+                                    "LIMIT ? OFFSET ?", (int(limit), int(offset))).fetchall()
+        return [QueueEntry(int(i), float(score), suggestion) for i, score, suggestion in rows]
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,135 @@
+"""The "Changes" view: what a new model (after ``twist finetune``) changed against a previous one.
+
+It compares the index the app has open with a previous labelling of the same images: an earlier labels table
+of ``twist label`` (.csv/.jsonl/.parquet) or another index folder. Images are matched by file (root joined to
+the path) and clusters by name, as ``twist finetune`` carries the curated names into the new model (cluster
+numbers change when a merge lowers K). Shown: images per cluster before and after, and the images whose
+cluster changed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from twist_core.io_utils import path_from_text, path_to_text
+
+if TYPE_CHECKING:
+    from app.views import ViewContext
+    from app.workspace import Workspace
+
+SHOWN_CHANGES = 60  # changed images shown in the gallery
+
+
+class ChangesError(ValueError):
+    """The previous labelling cannot be read or compared; the message says why."""
+
+
+@dataclass(frozen=True)
+class Changes:
+    """Per-cluster counts (name, before, after) and the changed images (file, before name, after name)."""
+
+    counts: list[dict[str, Any]]
+    changed: list[tuple[str, str, str]]
+    compared: int
+    only_before: int
+    only_after: int
+
+
+def cluster_names_by_file(source: Path) -> dict[str, str]:
+    """Absolute file -> cluster name of every labelled image in an index folder or a labels table."""
+    source = Path(source)
+    if source.is_dir():
+        from twist_core.index_store import META_FILE, IndexUserError, MetaStore, read_manifest
+
+        try:
+            meta = MetaStore(source / read_manifest(source)["dir"] / META_FILE)
+        except IndexUserError as error:
+            raise ChangesError(str(error)) from None
+        try:
+            root = Path(meta.info()["root"])
+            rows = [{"path": r["path"], "cluster": r["cluster"], "cluster_name": r["cluster_name"]}
+                    for r in meta.records(None, "id", False, 0, meta.count(), 0.0, 1.0)]
+        finally:
+            meta.close()
+    else:
+        from twist_core.label_table import FORMATS, read_labels
+
+        if source.suffix.lower() not in FORMATS or not source.is_file():
+            raise ChangesError(f"{source}: give a labels table of twist label ({', '.join(FORMATS)}) or an index "
+                               "folder")
+        rows, meta_info = read_labels(source)
+        if "root" not in meta_info:
+            raise ChangesError(f"{source} has no .meta.json with the folder root beside it: label the folder again")
+        root = Path(meta_info["root"])
+    return {os.path.normpath(root / path_from_text(row["path"])): row.get("cluster_name") or f"cluster {row['cluster']}"
+            for row in rows if row.get("cluster") is not None}
+
+
+def compare(before: dict[str, str], after: dict[str, str]) -> Changes:
+    """Counts per cluster name on each side and the files present on both whose cluster name differs."""
+    common = before.keys() & after.keys()
+    counts_before, counts_after = Counter(before.values()), Counter(after.values())
+    names = sorted(counts_before.keys() | counts_after.keys(), key=lambda n: (-counts_after[n], n))
+    counts = [{"cluster": name, "before": counts_before[name], "after": counts_after[name],
+               "change": counts_after[name] - counts_before[name]} for name in names]
+    changed = sorted((file, before[file], after[file]) for file in common if before[file] != after[file])
+    return Changes(counts, changed, len(common), len(before.keys() - common), len(after.keys() - common))
+
+
+def model_changes(previous: str | Path, current_index: Path) -> Changes:
+    if not str(previous).strip():
+        raise ChangesError("give the previous labels table or index folder to compare with")
+    previous = Path(str(previous).strip()).expanduser()
+    if not previous.exists():
+        raise ChangesError(f"{previous} does not exist")
+    return compare(cluster_names_by_file(previous), cluster_names_by_file(current_index))
+
+
+def gallery_items(ws: Workspace, changes: Changes) -> list[tuple[str, str]]:
+    """Thumbnails of the first changed images that the open index holds, captioned ``#id · before → after``."""
+    shown = changes.changed[:SHOWN_CHANGES]
+    keys = [path_to_text(os.path.relpath(file, ws.root)) for file, _, _ in shown]
+    ids = ws.index.ids_for_paths(keys)
+    records = ws.store.records([ids[key] for key in keys if key in ids])
+    return [(str(ws.thumbnail(records[ids[key]])), f"#{ids[key]} · {before} → {after}")
+            for key, (_, before, after) in zip(keys, shown, strict=True) if key in ids]
+
+
+def build(ctx: ViewContext) -> None:
+    """The tab: a previous labels table or index folder in, counts per cluster and the changed images out."""
+    import gradio as gr
+    import pandas as pd
+
+    from app.views.shared import friendly
+
+    ws = ctx.ws
+
+    @friendly
+    def compare_models(previous: str) -> tuple[str, pd.DataFrame, list[tuple[str, str]]]:
+        try:
+            changes = model_changes(previous, ws.index_dir)
+        except ChangesError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        summary = (f"**{len(changes.changed):,} of {changes.compared:,} images changed cluster** "
+                   f"(only in the previous labelling: {changes.only_before:,}; only in the open index: "
+                   f"{changes.only_after:,}). The first {min(SHOWN_CHANGES, len(changes.changed))} are shown.")
+        return summary, pd.DataFrame(changes.counts, columns=["cluster", "before", "after", "change"]), \
+            gallery_items(ws, changes)
+
+    with gr.Tab("Changes", id="changes"):
+        gr.Markdown("Compare the open index with an earlier labelling of the same images (for example the labels "
+                    "table of the model before `twist finetune`): clusters are matched by name.")
+        with gr.Row():
+            previous = gr.Textbox(label="Previous labels table (.csv/.jsonl/.parquet of twist label) or index folder, "
+                                        "on the server", elem_id="changes-previous")
+            button = gr.Button("Compare", elem_id="changes-compare")
+        summary = gr.Markdown(elem_id="changes-summary")
+        table = gr.Dataframe(label="Images per cluster, before and after", interactive=False)
+        gallery = gr.Gallery(label="Images whose cluster changed (previous → now)", columns=10, allow_preview=False,
+                             height="auto", elem_id="changes-gallery")
+    button.click(compare_models, [previous], [summary, table, gallery], api_name="compare_models")
+    previous.submit(compare_models, [previous], [summary, table, gallery], api_visibility="private")

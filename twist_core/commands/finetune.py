@@ -1,0 +1,33 @@
+"""``twist finetune RUN --index IX``: continue a run with the labels set in the app (``twist_core.finetune``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from twist_core.commands import run_command
+from twist_core.config import command_parser
+from twist_core.finetune import FinetuneConfig, finetune
+from twist_core.finetune import __doc__ as DOC
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return command_parser("twist finetune", DOC, FinetuneConfig, positional=("run",))
+
+
+def finetune_and_print(config: FinetuneConfig) -> int:
+    report = finetune(config)
+    out = report["options"]["out"]
+    print(f"{out}: fine-tuned on {report['labelled_images']} labelled images "
+          f"({report['excluded_images']} excluded), K {report['classes_before']} -> {report['classes_after']}\n"
+          f"next: twist export {out} --out MODEL.onnx; twist label DATA --model MODEL.onnx --out LABELS.csv; "
+          "twist index LABELS.csv --out INDEX (keeps image ids); open the app with a new --state-dir")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("twist finetune", build_parser(), FinetuneConfig, argv, finetune_and_print)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

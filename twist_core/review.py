@@ -1,0 +1,287 @@
+"""Which images are most likely in the wrong cluster: a per-image "likely wrong" score for a review queue.
+
+An image is suspect when the model hesitates between two clusters (a low margin between its top-2
+probabilities), when its whole cluster is one the model is unsure of (a mixed cluster holds more mistakes),
+and when its nearest neighbours in embedding space sit in another cluster (the embedding and the classifier
+head disagree: the one kind of mistake that confidence cannot show). All three terms lie in [0, 1]::
+
+    doubt        = 1 - margin
+    disagreement = 1 - (similarity-weighted share of the image's K_NEIGHBOURS nearest images in its own cluster)
+    score = w_n * disagreement + (1 - w_n) * ((1 - s) * doubt + s * (mean doubt of the image's cluster))
+
+with w_n = NEIGHBOUR_WEIGHT and s = CLUSTER_SHARE (0 = fine, 1 = suspect). The neighbours are found with FAISS
+(cosine) over every labelled image: the whole table at the end of ``twist label``, the stored vectors at
+``twist index`` (for every image again after ``--update``, since new images change old images' neighbours).
+The "suggestion" of an image is the other cluster holding most neighbour weight (-1 when every neighbour
+agrees): the Review view's one-click target.
+
+The weights are the measured choice of ``bench/review.py`` (``bench/results/review.json``: every variant of k,
+neighbour weighting and the two mixing weights, on cifar10-test and caltech20). On those models the neighbour
+term adds little beyond the margin (the embedding and the head are trained together), so it gets a small
+weight; it is kept because it alone finds confident mistakes and names the cluster to move them to.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from twist_core.index_faiss import PQ_TRAIN_POINTS, TRAIN_POINTS_PER_LIST, build, normalized, plan_index
+from twist_core.index_store import INDEX_FILE, META_FILE, MetaStore, commit_generation, read_manifest
+
+K_NEIGHBOURS = 5
+WEIGHTING = "softmax"
+NEIGHBOUR_WEIGHT = 0.1
+CLUSTER_SHARE = 0.5
+WEIGHTINGS = ("uniform", "similarity", "softmax")
+SOFTMAX_TEMPERATURE = 0.07  # the kNN classifier's usual temperature (sharp: the closest neighbours decide)
+SEARCH_BATCH = 4096
+VERSION = 1  # of the ``review`` table; an index whose table has another version is treated as having none
+INFO_KEY = "review"
+TABLE_SQL = """
+CREATE TABLE IF NOT EXISTS review (id INTEGER PRIMARY KEY, score REAL NOT NULL, suggestion INTEGER);
+CREATE INDEX IF NOT EXISTS review_by_score ON review (score DESC, id);
+"""
+
+
+@dataclass(frozen=True)
+class ReviewSettings:
+    k: int = K_NEIGHBOURS
+    weighting: str = WEIGHTING
+    neighbour_weight: float = NEIGHBOUR_WEIGHT
+    cluster_share: float = CLUSTER_SHARE
+
+    def __post_init__(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+        if self.k < 1 or not (0.0 <= self.neighbour_weight <= 1.0 and 0.0 <= self.cluster_share <= 1.0):
+            raise ValueError("the review needs k >= 1 and a neighbour weight and cluster share in [0, 1]")
+
+
+@dataclass(frozen=True)
+class Votes:
+    """Per image (aligned with the ids given): weighted share of neighbours in its own cluster, and the
+    other cluster with most neighbour weight (-1: none)."""
+
+    agreement: np.ndarray
+    suggestion: np.ndarray
+
+
+def neighbour_weights(similarities: np.ndarray, weighting: str) -> np.ndarray:
+    """How much each neighbour's cluster counts: equally, by cosine (negative = 0), or a sharp softmax."""
+    if weighting == "uniform":
+        return np.ones_like(similarities)
+    if weighting == "similarity":
+        return np.clip(similarities, 0.0, None)
+    return np.exp((similarities - 1.0) / SOFTMAX_TEMPERATURE)
+
+
+def vote_batch(own: np.ndarray, neighbour_clusters: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Agreement and suggestion for one batch; a neighbour cluster of -1 (missing neighbour) counts for nothing."""
+    weights = np.where(neighbour_clusters >= 0, weights, 0.0)
+    total = weights.sum(axis=1)
+    same = (weights * (neighbour_clusters == own[:, None])).sum(axis=1)
+    agreement = np.where(total > 0, same / np.maximum(total, 1e-12), 1.0)
+    others = np.where(neighbour_clusters == own[:, None], 0.0, weights)
+    n_clusters = int(max(own.max(initial=0), neighbour_clusters.max(initial=0))) + 1
+    tally = np.zeros((len(own), n_clusters), np.float64)
+    rows = np.repeat(np.arange(len(own)), neighbour_clusters.shape[1])
+    np.add.at(tally, (rows, np.clip(neighbour_clusters, 0, None).ravel()), others.ravel())
+    suggestion = np.where(tally.max(axis=1) > 0, tally.argmax(axis=1), -1)
+    return agreement.astype(np.float32), suggestion.astype(np.int64)
+
+
+def neighbour_votes(index: faiss.Index, ids: np.ndarray, clusters: np.ndarray, k: int = K_NEIGHBOURS,
+                    weighting: str = WEIGHTING) -> Votes:
+    """Search every id's stored vector in ``index`` (vector ids = ``ids``, sorted) and tally its neighbours.
+
+    The image itself is dropped from its own result (an approximate index may not return it first).
+    """
+    ids = np.asarray(ids, np.int64)
+    agreement = np.ones(len(ids), np.float32)
+    suggestion = np.full(len(ids), -1, np.int64)
+    k = min(k, len(ids) - 1)
+    if k < 1:
+        return Votes(agreement, suggestion)
+    for start in range(0, len(ids), SEARCH_BATCH):
+        batch = ids[start:start + SEARCH_BATCH]
+        sims, found = index.search(normalized(index.reconstruct_batch(batch)), k + 1)
+        neighbours, neighbour_sims = drop_self(batch, found, sims, k)
+        positions = np.searchsorted(ids, neighbours).clip(0, len(ids) - 1)
+        neighbour_clusters = np.where((neighbours >= 0) & (ids[positions] == neighbours), clusters[positions], -1)
+        stop = start + len(batch)
+        agreement[start:stop], suggestion[start:stop] = vote_batch(
+            clusters[start:stop], neighbour_clusters, neighbour_weights(neighbour_sims, weighting))
+    return Votes(agreement, suggestion)
+
+
+def drop_self(queries: np.ndarray, found: np.ndarray, sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best results that are not the query itself (the last one goes when the query is absent)."""
+    is_self = found == queries[:, None]
+    is_self[~is_self.any(axis=1), -1] = True
+    keep = ~is_self
+    return found[keep].reshape(len(queries), k), sims[keep].reshape(len(queries), k)
+
+
+def combine(agreement: np.ndarray, margins: np.ndarray, clusters: np.ndarray,
+            settings: ReviewSettings = ReviewSettings()) -> np.ndarray:
+    """The "likely wrong" score in [0, 1] (see the module); a missing margin counts as 0 (no sign of confidence)."""
+    doubt = 1.0 - np.nan_to_num(np.asarray(margins, np.float64), nan=0.0).clip(0.0, 1.0)
+    clusters = np.asarray(clusters, np.int64)
+    known = clusters >= 0
+    sums = np.bincount(clusters[known], weights=doubt[known], minlength=1)
+    counts = np.bincount(clusters[known], minlength=1)
+    cluster_doubt = np.where(known, (sums / np.maximum(counts, 1))[clusters.clip(0, None)], doubt)
+    uncertainty = (1.0 - settings.cluster_share) * doubt + settings.cluster_share * cluster_doubt
+    score = settings.neighbour_weight * (1.0 - agreement) + (1.0 - settings.neighbour_weight) * uncertainty
+    return score.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ReviewScores:
+    ids: np.ndarray
+    score: np.ndarray
+    suggestion: np.ndarray
+
+
+def score_index(index: faiss.Index, ids: np.ndarray, clusters: np.ndarray, margins: np.ndarray,
+                settings: ReviewSettings = ReviewSettings()) -> ReviewScores:
+    """Scores of the images ``ids`` (sorted, all in ``index``) from their neighbours and margins."""
+    votes = neighbour_votes(index, ids, clusters, settings.k, settings.weighting)
+    return ReviewScores(ids, combine(votes.agreement, margins, clusters, settings), votes.suggestion)
+
+
+# ---- twist label: the score of every row, from the run's chunks
+def score_chunks(chunks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]], n_rows: int, dim: int,
+                 settings: ReviewSettings = ReviewSettings(), seed: int = 0) -> np.ndarray:
+    """Per-row score (NaN for error rows, cluster -1) of a table given as chunks ``(clusters, margins, embeddings)``
+    in row order; ``chunks()`` is read three times (a sample to train an IVF index, the vectors, the votes).
+
+    The FAISS index is the one ``twist index`` would choose for that many rows (exact up to 50k), so memory
+    stays that of an index, never a second copy of the table.
+    """
+    clusters, margins = np.full(n_rows, -1, np.int64), np.full(n_rows, np.nan, np.float32)
+    start = 0
+    for chunk_clusters, chunk_margins, _ in chunks():
+        clusters[start:start + len(chunk_clusters)] = chunk_clusters
+        margins[start:start + len(chunk_margins)] = chunk_margins
+        start += len(chunk_clusters)
+    rows = np.flatnonzero(clusters >= 0)
+    scores = np.full(n_rows, np.nan, np.float32)
+    if not len(rows):
+        return scores
+
+    def vectors() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        offset = 0
+        for chunk_clusters, _, embeddings in chunks():
+            good = np.flatnonzero(np.asarray(chunk_clusters) >= 0)
+            yield good + offset, normalized(np.asarray(embeddings)[good])
+            offset += len(chunk_clusters)
+
+    plan = plan_index(len(rows), dim)
+    sample = None
+    if plan.nlist:
+        size = min(len(rows), max(plan.nlist * TRAIN_POINTS_PER_LIST, PQ_TRAIN_POINTS * (plan.pq_m > 0)))
+        picked = np.sort(np.random.default_rng(seed).choice(rows, size, replace=False))
+        sample = np.concatenate([vec[np.isin(pos, picked)] for pos, vec in vectors()])
+    index = build(plan, dim, len(rows), vectors, sample)
+    found = score_index(index, rows, clusters[rows], margins[rows], settings)
+    scores[rows] = found.score
+    return scores
+
+
+def fill_column(rows: list[dict[str, Any]], scores: np.ndarray) -> None:
+    """Set the ``review_score`` cell of table rows from their scores (row-aligned; empty for error rows)."""
+    for row, score in zip(rows, scores, strict=False):
+        row["review_score"] = None if row.get("error") else round(float(score), 6)
+
+
+# ---- twist index: the review table in the index's metadata
+def read_inputs(store: MetaStore) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ids (sorted), predicted clusters and margins of the images that have a cluster."""
+    found = store.query("SELECT id, cluster, margin FROM images WHERE cluster IS NOT NULL ORDER BY id")
+    ids = np.array([r[0] for r in found], np.int64)
+    clusters = np.array([r[1] for r in found], np.int64)
+    margins = np.array([np.nan if r[2] is None else r[2] for r in found], np.float32)
+    return ids, clusters, margins
+
+
+def write_table(store: MetaStore, scores: ReviewScores, settings: ReviewSettings) -> None:
+    """Replace the ``review`` table of a writable (unpublished) metadata copy."""
+    store.executescript(TABLE_SQL + "DELETE FROM review;")
+    store.executemany("INSERT INTO review (id, score, suggestion) VALUES (?, ?, ?)",
+                      zip(scores.ids.tolist(), scores.score.astype(float).tolist(),
+                          [None if s < 0 else s for s in scores.suggestion.tolist()], strict=True))
+    store.set_info({INFO_KEY: {"version": VERSION, "k": settings.k, "weighting": settings.weighting,
+                               "neighbour_weight": settings.neighbour_weight,
+                               "cluster_share": settings.cluster_share}})
+
+
+def scorer(index: faiss.Index, ids: np.ndarray, rows: Sequence[dict[str, Any]],
+           settings: ReviewSettings = ReviewSettings()) -> Callable[[MetaStore], None]:
+    """What a fresh build adds to its metadata: the scores of its images (``rows`` aligned with ``ids``)."""
+    order = np.argsort(ids, kind="stable")
+    clusters = np.array([-1 if rows[i].get("cluster") is None else rows[i]["cluster"] for i in order], np.int64)
+    margins = np.array([np.nan if rows[i].get("margin") is None else rows[i]["margin"] for i in order], np.float32)
+    sorted_ids = np.asarray(ids, np.int64)[order]
+    scores = score_index(index, sorted_ids, clusters, margins, settings)
+    labelled = clusters >= 0
+    scores = ReviewScores(scores.ids[labelled], scores.score[labelled], scores.suggestion[labelled])
+    return lambda store: write_table(store, scores, settings)
+
+
+def refresh_index(index_dir: str | Path, settings: ReviewSettings = ReviewSettings()) -> int:
+    """Score every image of the index's current generation and publish the scores as the next generation.
+
+    Uses FAISS on the stored vectors (approximate in an IVF-PQ index, as its searches are). Returns the
+    number of images scored; a concurrent update wins (this raises ``IndexChangedError`` and changes nothing).
+    """
+    index_dir = Path(index_dir)
+    manifest = read_manifest(index_dir)
+    folder = index_dir / manifest["dir"]
+    store = MetaStore(folder / META_FILE)
+    try:
+        ids, clusters, margins = read_inputs(store)
+        cpu_index = faiss.read_index(str(folder / INDEX_FILE))
+        nprobe = store.info().get("nprobe")
+        if nprobe and hasattr(cpu_index, "nprobe"):
+            cpu_index.nprobe = int(nprobe)
+        scores = score_index(cpu_index, ids, clusters, margins, settings)
+
+        def write_meta(path: Path, generation: int) -> None:
+            copy = store.copy_to(path)
+            write_table(copy, scores, settings)
+            copy.set_info({"generation": generation})
+            copy.commit()
+            copy.close()
+
+        commit_generation(index_dir, cpu_index, write_meta, expected=manifest["generation"])
+    finally:
+        store.close()
+    return len(ids)
+
+
+def index_has_scores(index_dir: str | Path) -> bool:
+    """Whether the current generation of an index holds review scores of this version."""
+    meta = Path(index_dir) / read_manifest(Path(index_dir))["dir"] / META_FILE
+    db = sqlite3.connect(f"file:{meta}?mode=ro", uri=True)
+    try:
+        return has_scores(db)
+    finally:
+        db.close()
+
+
+def has_scores(db: sqlite3.Connection, schema: str = "main") -> bool:
+    """Whether a metadata database holds a review table of this version (older indexes have none)."""
+    found = db.execute(f"SELECT value FROM {schema}.info WHERE key = ?", (INFO_KEY,)).fetchall()
+    if not found:
+        return False
+    info: dict[str, Any] = json.loads(found[0][0])
+    return info.get("version") == VERSION
