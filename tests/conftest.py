@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -176,3 +177,11 @@ def loneliest_map_point(xy: np.ndarray) -> tuple[int, float, float]:
     gaps = np.hypot(*(pixels[:, None] - pixels[None]).transpose(2, 0, 1)) + np.eye(len(xy)) * 1e9
     row = int(gaps.min(axis=1).argmax())
     return row, float(pixels[row, 0]), float(pixels[row, 1])
+
+
+def keep_screenshots(shots: Path, name: str) -> Path:
+    """Copy a browser test's screenshots to ``test-artifacts/NAME`` (replacing the last run's) for people to see."""
+    artifacts = REPO / "test-artifacts" / name
+    shutil.rmtree(artifacts, ignore_errors=True)
+    shutil.copytree(shots, artifacts)
+    return artifacts

@@ -8,13 +8,12 @@ A screenshot of each view at 1400 px wide is saved in the test's tmp folder and 
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, loneliest_map_point, start_app_server, stop_app_server
+from conftest import keep_screenshots, loneliest_map_point, start_app_server, stop_app_server
 
 from app.workspace import DISPLAY_SIDE
 from twist_core.index import ImageIndex
@@ -94,9 +93,7 @@ def test_every_view_opens_on_something_and_the_flow_works_in_chromium(server: di
             browser.close()
 
     assert "Renamed in Chromium" in exported.read_text()
-    artifacts = REPO / "test-artifacts" / "app-browser"
-    shutil.rmtree(artifacts, ignore_errors=True)
-    shutil.copytree(shots, artifacts)
+    artifacts = keep_screenshots(shots, "app-browser")
     assert len(list(artifacts.glob("*.png"))) == 6
 
 

@@ -61,6 +61,15 @@ def test_flags_override_the_config_file(tmp_path: Path, capsys: pytest.CaptureFi
     assert "got 3.0" in capsys.readouterr().err
 
 
+def test_abbreviated_options_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse's prefix matching read ``suggest-merges --to 6`` as ``--top 6`` before ``--to`` existed: a
+    misspelt or abbreviated option must be an error, never silently another option."""
+    with pytest.raises(SystemExit) as exit_:
+        twist(["duplicates", str(tmp_path), "--thresh", "0.5"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --thresh" in capsys.readouterr().err
+
+
 def test_unknown_or_unreadable_config_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "typo.yaml").write_text("treshold: 0.5\n")
     (tmp_path / "broken.yaml").write_text("threshold: [0.5\n")

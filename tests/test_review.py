@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO, keep_screenshots
 
 from app.workspace import AppUserError, Workspace
 from twist_core import index_faiss, review
@@ -22,7 +23,6 @@ from twist_core.index_store import META_FILE, read_manifest
 from twist_core.label import LabelConfig, label_folder, read_labels
 from twist_core.label_table import labels_paths
 
-REPO = Path(__file__).resolve().parents[1]
 CENTRES, PER_CENTRE, DIM = 5, 40, 16
 
 
@@ -348,9 +348,7 @@ def test_review_view_in_chromium_keeps_moves_and_undoes(app_bundle: dict[str, Pa
                 browser.close()
     finally:
         stop_app_server(process)
-    artifacts = REPO / "test-artifacts" / "review"
-    shutil.rmtree(artifacts, ignore_errors=True)
-    shutil.copytree(shots, artifacts)
+    artifacts = keep_screenshots(shots, "review")
     assert len(list(artifacts.glob("*.png"))) == 3
 
 

@@ -19,6 +19,12 @@ def parse_duration(text: str) -> float:
     return sum(float(number) * _UNITS[unit] for number, unit in parts)
 
 
+def check_budget(text: str | None) -> None:
+    """Refuse a ``--time-budget`` that cannot be read or leaves no time, before anything is decoded."""
+    if text is not None and parse_duration(text) <= 0:
+        raise ValueError(f"{text!r} leaves no time to train")
+
+
 def fit_total_steps(done_steps: int, seconds_per_step: float, seconds_left: float, steps_per_epoch: int,
                     eval_seconds: float, eval_every: int) -> int:
     """Total step count that ends on time, leaving room for the evaluations still to come (and the final one)."""

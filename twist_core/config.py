@@ -96,7 +96,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, position
 
 def command_parser(prog: str, doc: str | None, cls: type, positional: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     """A command's parser: one option per config field, plus ``--config FILE`` (flags override the file)."""
-    parser = argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n\n")[0],
+                                     allow_abbrev=False)  # --to must never be read as --top
     add_dataclass_arguments(parser, cls, positional)
     parser.add_argument("--config", help="YAML or JSON file of options (command-line flags override it)")
     return parser

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from twist_core.budget import parse_duration
+from twist_core.budget import check_budget
 from twist_core.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from twist_core.config import AUTO, AutoConfig, auto_option, option
 from twist_core.errors import UserError
@@ -236,12 +236,10 @@ def check_options(config: FinetuneConfig) -> None:
             raise FinetuneError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be at least 1")
     if config.supervised_weight < 0:
         raise FinetuneError(f"--supervised-weight {config.supervised_weight}: must be 0 or more")
-    if config.time_budget is not None:
-        try:
-            if parse_duration(config.time_budget) <= 0:
-                raise ValueError(f"{config.time_budget!r} leaves no time to train")
-        except ValueError as error:
-            raise FinetuneError(f"--time-budget: {error}") from None
+    try:
+        check_budget(config.time_budget)
+    except ValueError as error:
+        raise FinetuneError(f"--time-budget: {error}") from None
 
 
 def finetune(config: FinetuneConfig) -> dict[str, Any]:

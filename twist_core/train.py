@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Subset
 
 from twist_core import distributed
 from twist_core.augment import BatchAugment, policy_for_size
-from twist_core.budget import fit_total_steps, parse_duration
+from twist_core.budget import check_budget, fit_total_steps, parse_duration
 from twist_core.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from twist_core.config import AUTO, AutoConfig, auto_option, option, save_config
 from twist_core.dataset import EpochBatches, FolderImages, decode_per_node, epoch_batches, make_loader
@@ -303,12 +303,10 @@ def check_options(config: TrainConfig) -> None:
     """Refuse values no run can use before anything is decoded or written."""
     if config.classes < 1:
         raise ConfigError(f"--classes {config.classes}: give the number of classes to discover, at least 2")
-    if config.time_budget is not None:
-        try:
-            if parse_duration(config.time_budget) <= 0:
-                raise ValueError(f"--time-budget {config.time_budget!r} leaves no time to train")
-        except ValueError as error:
-            raise ConfigError(f"--time-budget: {error}") from None
+    try:
+        check_budget(config.time_budget)
+    except ValueError as error:
+        raise ConfigError(f"--time-budget: {error}") from None
     for name in ("epochs", "eval_every"):
         if getattr(config, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be at least 1")
