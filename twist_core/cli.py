@@ -27,7 +27,8 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:<13} {text}" for name, (_, text) in COMMANDS.items()]
+        width = max(map(len, COMMANDS))
+        lines = [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
         print("usage: twist COMMAND [options]   (twist COMMAND --help for each)\n\ncommands:\n" + "\n".join(lines))
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
