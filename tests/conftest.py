@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -185,3 +188,27 @@ def keep_screenshots(shots: Path, name: str) -> Path:
     shutil.rmtree(artifacts, ignore_errors=True)
     shutil.copytree(shots, artifacts)
     return artifacts
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's, installed by .ci/run
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--no-first-run"]
+BROWSER_TIMEOUT_MS = 60_000  # a loaded 2-core machine can take seconds per step
+needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(),
+                                    reason="Debian's chromium is not installed (.ci/run does it)")
+
+
+@contextlib.contextmanager
+def chromium_page(width: int = 1400, height: int = 1000) -> Iterator[Any]:
+    """A page of headless Chromium at ``width`` px, with timeouts long enough for a busy machine."""
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=BROWSER_TIMEOUT_MS)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.set_default_timeout(BROWSER_TIMEOUT_MS)
+            yield page
+        finally:
+            browser.close()

@@ -13,17 +13,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import keep_screenshots, loneliest_map_point, start_app_server, stop_app_server
+from conftest import (
+    chromium_page,
+    keep_screenshots,
+    loneliest_map_point,
+    needs_chromium,
+    start_app_server,
+    stop_app_server,
+)
 
 from app.workspace import DISPLAY_SIDE
 from twist_core.index import ImageIndex
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run"]
-TIMEOUT_MS = 60_000
-
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (.ci/run does it)")
+pytestmark = needs_chromium
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +40,8 @@ def server(app_bundle: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 
 def test_every_view_opens_on_something_and_the_flow_works_in_chromium(server: dict, tmp_path: Path) -> None:
     """Open, inspect, select, rename, search, export, map; a screenshot of every view at 1400 px wide."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    expect.set_options(timeout=TIMEOUT_MS)  # a loaded 2-core machine can take seconds per step
     shots = tmp_path / "screenshots"
     shots.mkdir()
     index = ImageIndex.open(server["index"], "cpu")
@@ -48,49 +49,43 @@ def test_every_view_opens_on_something_and_the_flow_works_in_chromium(server: di
     query = index.records(None, order_by="id", limit=1)[0].abs_path
     index.close()
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(TIMEOUT_MS)
-        try:
-            page.goto(server["url"])
-            expect(page.locator("#summary")).to_contain_text("images in")
-            cards = page.locator("#cluster-cards button.thumbnail-item")
-            expect(cards.first).to_be_visible()
-            page.screenshot(path=shots / "1-clusters.png", full_page=True)
+    with chromium_page() as page:
+        page.goto(server["url"])
+        expect(page.locator("#summary")).to_contain_text("images in")
+        cards = page.locator("#cluster-cards button.thumbnail-item")
+        expect(cards.first).to_be_visible()
+        page.screenshot(path=shots / "1-clusters.png", full_page=True)
 
-            page.get_by_role("tab", name="Cluster", exact=True).click()  # opens on the largest cluster, no choice
-            expect(page.locator("#page-info")).to_contain_text(f"{by_size[0]['size']:,} images")
-            first_image = page.locator("#cluster-gallery button.thumbnail-item").first
-            expect(first_image).to_be_visible()
-            inspect_and_select(page, first_image)
-            page.screenshot(path=shots / "2-cluster.png", full_page=True)
-            rename(page)
+        page.get_by_role("tab", name="Cluster", exact=True).click()  # opens on the largest cluster, no choice
+        expect(page.locator("#page-info")).to_contain_text(f"{by_size[0]['size']:,} images")
+        first_image = page.locator("#cluster-gallery button.thumbnail-item").first
+        expect(first_image).to_be_visible()
+        inspect_and_select(page, first_image)
+        page.screenshot(path=shots / "2-cluster.png", full_page=True)
+        rename(page)
 
-            if len(by_size) > 1:  # a card opens its cluster
-                page.get_by_role("tab", name="Clusters", exact=True).click()
-                cards.nth(1).click()
-                expect(page.locator("#page-info")).to_contain_text(f"{by_size[1]['size']:,} images")
+        if len(by_size) > 1:  # a card opens its cluster
+            page.get_by_role("tab", name="Clusters", exact=True).click()
+            cards.nth(1).click()
+            expect(page.locator("#page-info")).to_contain_text(f"{by_size[1]['size']:,} images")
 
-            page.get_by_role("tab", name="Search").click()
-            page.locator("#search-upload input[type=file]").set_input_files(str(query))
-            results = page.locator("#search-results button.thumbnail-item")
-            expect(results.first).to_be_visible()
-            expect(page.locator("#search-results")).to_contain_text("sim 1.000")
-            page.screenshot(path=shots / "3-search.png", full_page=True)
+        page.get_by_role("tab", name="Search").click()
+        page.locator("#search-upload input[type=file]").set_input_files(str(query))
+        results = page.locator("#search-results button.thumbnail-item")
+        expect(results.first).to_be_visible()
+        expect(page.locator("#search-results")).to_contain_text("sim 1.000")
+        page.screenshot(path=shots / "3-search.png", full_page=True)
 
-            exported = export_csv(page, tmp_path)
-            page.screenshot(path=shots / "4-export.png", full_page=True)
+        exported = export_csv(page, tmp_path)
+        page.screenshot(path=shots / "4-export.png", full_page=True)
 
-            page.get_by_role("tab", name="Map").click()  # drawn on opening, no button
-            click_a_map_point(page, server["state"])
-            page.screenshot(path=shots / "5-map.png", full_page=True)
+        page.get_by_role("tab", name="Map").click()  # drawn on opening, no button
+        click_a_map_point(page, server["state"])
+        page.screenshot(path=shots / "5-map.png", full_page=True)
 
-            page.get_by_role("tab", name="Batch").click()
-            expect(page.get_by_role("button", name="Label them")).to_be_visible()
-            page.screenshot(path=shots / "6-batch.png", full_page=True)
-        finally:
-            browser.close()
+        page.get_by_role("tab", name="Batch").click()
+        expect(page.get_by_role("button", name="Label them")).to_be_visible()
+        page.screenshot(path=shots / "6-batch.png", full_page=True)
 
     assert "Renamed in Chromium" in exported.read_text()
     artifacts = keep_screenshots(shots, "app-browser")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, keep_screenshots, tiny_train_config
+from tests.conftest import REPO, chromium_page, keep_screenshots, needs_chromium, tiny_train_config
 
 DIGITS_SIZE = 16
 
@@ -296,39 +296,31 @@ def test_app_confirms_a_selection_and_shows_what_a_new_labelling_changed(app_bun
         stop_app_server(process)
 
 
-@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="Debian's chromium is not installed (.ci/run does)")
+@needs_chromium
 def test_confirm_and_changes_in_chromium(app_bundle: dict[str, Path], tmp_path: Path) -> None:
     """A person's path in a real browser: open a cluster, confirm its page, compare with a previous labelling.
     Screenshots go to ``test-artifacts/finetune-browser/``."""
 
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     from tests.conftest import start_app_server, stop_app_server
 
-    expect.set_options(timeout=60_000)
     shots = tmp_path / "screenshots"
     shots.mkdir()
     process, url = start_app_server(app_bundle, tmp_path / "state")
     try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium",
-                                        args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(60_000)
-            try:
-                page.goto(url)
-                page.locator("#cluster-cards button.thumbnail-item").first.click()
-                expect(page.locator("#page-info")).to_contain_text("images")
-                page.locator("#confirm").click()
-                expect(page.locator("#status")).to_contain_text("confirmed in their cluster")
-                page.screenshot(path=shots / "1-confirmed.png", full_page=True)
-                page.get_by_role("tab", name="Changes").click()
-                page.locator("#changes-previous textarea").fill(str(app_bundle["index"].parent / "labels.csv"))
-                page.locator("#changes-compare").click()
-                expect(page.locator("#changes-summary")).to_contain_text("images changed cluster")
-                page.screenshot(path=shots / "2-changes.png", full_page=True)
-            finally:
-                browser.close()
+        with chromium_page() as page:
+            page.goto(url)
+            page.locator("#cluster-cards button.thumbnail-item").first.click()
+            expect(page.locator("#page-info")).to_contain_text("images")
+            page.locator("#confirm").click()
+            expect(page.locator("#status")).to_contain_text("confirmed in their cluster")
+            page.screenshot(path=shots / "1-confirmed.png", full_page=True)
+            page.get_by_role("tab", name="Changes").click()
+            page.locator("#changes-previous textarea").fill(str(app_bundle["index"].parent / "labels.csv"))
+            page.locator("#changes-compare").click()
+            expect(page.locator("#changes-summary")).to_contain_text("images changed cluster")
+            page.screenshot(path=shots / "2-changes.png", full_page=True)
     finally:
         stop_app_server(process)
     store = open_store(app_bundle["index"], tmp_path / "state")

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO, chromium_page, needs_chromium
 
 from twist_core import merges
 from twist_core.index_build import IndexConfig, build_index
 from twist_core.label_table import labels_paths, write_table
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def planted_index(folder: Path, groups: int, splits: list[int], per_cluster: int, dim: int = 24,
@@ -213,40 +212,30 @@ def test_merge_a_suggestion_then_undo_through_the_app(planted_app: dict) -> None
     assert clusters_of(planted_app["url"]) == before
 
 
+@needs_chromium
 def test_suggested_merges_view_in_chromium(planted_app: dict) -> None:
     import shutil
 
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    chromium = Path("/usr/bin/chromium")
-    if not chromium.exists():
-        pytest.skip("Debian's chromium is not installed (.ci/run does it)")
     shots = REPO / "test-artifacts" / "merges"
     shutil.rmtree(shots, ignore_errors=True)
     shots.mkdir(parents=True)
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(chromium), args=args)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(60_000)
-        expect.set_options(timeout=60_000)
-        try:
-            page.goto(planted_app["url"])
-            page.get_by_role("tab", name="Suggested merges").click()
-            page.locator("#suggest-merges").click()
-            expect(page.locator("#merge-estimate")).to_contain_text("Estimated number of groups: 3")
-            expect(page.locator("#merge-dendrogram img")).to_be_visible()
-            expect(page.locator("#merge-pair-gallery button.thumbnail-item")).to_have_count(12)
-            page.screenshot(path=shots / "1-suggestions.png", full_page=True)
-            page.locator("#merge-pair-button").click()
-            expect(page.locator("#merge-status")).to_contain_text("merged")
-            expect(page.locator("#merge-estimate")).to_contain_text("from 3 current clusters")
-            page.screenshot(path=shots / "2-merged.png", full_page=True)
-            page.locator("#merge-undo").click()
-            expect(page.locator("#merge-status")).to_contain_text("undone")
-            expect(page.locator("#merge-estimate")).to_contain_text("from 4 current clusters")
-        finally:
-            browser.close()
+    with chromium_page() as page:
+        page.goto(planted_app["url"])
+        page.get_by_role("tab", name="Suggested merges").click()
+        page.locator("#suggest-merges").click()
+        expect(page.locator("#merge-estimate")).to_contain_text("Estimated number of groups: 3")
+        expect(page.locator("#merge-dendrogram img")).to_be_visible()
+        expect(page.locator("#merge-pair-gallery button.thumbnail-item")).to_have_count(12)
+        page.screenshot(path=shots / "1-suggestions.png", full_page=True)
+        page.locator("#merge-pair-button").click()
+        expect(page.locator("#merge-status")).to_contain_text("merged")
+        expect(page.locator("#merge-estimate")).to_contain_text("from 3 current clusters")
+        page.screenshot(path=shots / "2-merged.png", full_page=True)
+        page.locator("#merge-undo").click()
+        expect(page.locator("#merge-status")).to_contain_text("undone")
+        expect(page.locator("#merge-estimate")).to_contain_text("from 4 current clusters")
 
 
 def test_past_the_natural_groups_the_least_harmful_merge_still_comes_first() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, keep_screenshots
+from conftest import REPO, chromium_page, keep_screenshots, needs_chromium
 
 from app.workspace import AppUserError, Workspace
 from twist_core import index_faiss, review
@@ -299,53 +299,42 @@ def test_review_of_an_index_without_scores_says_how_to_add_them(app_bundle: dict
 
 
 # ---- the Review view in a real browser
-CHROMIUM = Path("/usr/bin/chromium")
-BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"]
-
-
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (.ci/run does it)")
+@needs_chromium
 def test_review_view_in_chromium_keeps_moves_and_undoes(app_bundle: dict[str, Path], tmp_path: Path) -> None:
     from conftest import start_app_server, stop_app_server
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    expect.set_options(timeout=60_000)
     shots = tmp_path / "screenshots"
     shots.mkdir()
     process, url = start_app_server(app_bundle, tmp_path / "state")
     try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.set_default_timeout(60_000)
-            try:
-                page.goto(url)
-                page.get_by_role("tab", name="Review").click()
-                info = page.locator("#review-info")
-                expect(info).to_contain_text("images to review")
-                total = int(info.inner_text().split(" images")[0].replace(",", "").strip("* "))
-                expect(page.locator("#review-details")).to_contain_text("review score")  # the first image is current
-                page.screenshot(path=shots / "1-review.png", full_page=True)
+        with chromium_page(1400, 1100) as page:
+            page.goto(url)
+            page.get_by_role("tab", name="Review").click()
+            info = page.locator("#review-info")
+            expect(info).to_contain_text("images to review")
+            total = int(info.inner_text().split(" images")[0].replace(",", "").strip("* "))
+            expect(page.locator("#review-details")).to_contain_text("review score")  # the first image is current
+            page.screenshot(path=shots / "1-review.png", full_page=True)
 
-                page.locator("#review-keep").click()
-                expect(page.locator("#review-status")).to_contain_text("kept where they are")
-                expect(info).to_contain_text(f"{total - 1:,} images to review")
-                page.locator("#review-gallery button.thumbnail-item").nth(1).click()
-                current = page.locator("#review-id input").input_value()
-                expect(page.locator("#review-details")).to_contain_text(f"#{current}")
-                move = page.locator("#review-move-suggested")
-                if move.is_enabled():
-                    move.click()
-                    expect(page.locator("#review-status")).to_contain_text("moved to")
-                    expect(info).to_contain_text(f"{total - 2:,} images to review")
-                    after = page.locator("#review-id input").input_value()  # the next image became current
-                    expect(page.locator("#review-details")).to_contain_text(f"#{after}")
-                    expect(page.locator("#review-details")).to_contain_text("review score")
-                page.screenshot(path=shots / "2-after-keep-and-move.png", full_page=True)
-                page.locator("#review-undo").click()
-                expect(page.locator("#review-status")).to_contain_text("undone")
-                page.screenshot(path=shots / "3-undone.png", full_page=True)
-            finally:
-                browser.close()
+            page.locator("#review-keep").click()
+            expect(page.locator("#review-status")).to_contain_text("kept where they are")
+            expect(info).to_contain_text(f"{total - 1:,} images to review")
+            page.locator("#review-gallery button.thumbnail-item").nth(1).click()
+            current = page.locator("#review-id input").input_value()
+            expect(page.locator("#review-details")).to_contain_text(f"#{current}")
+            move = page.locator("#review-move-suggested")
+            if move.is_enabled():
+                move.click()
+                expect(page.locator("#review-status")).to_contain_text("moved to")
+                expect(info).to_contain_text(f"{total - 2:,} images to review")
+                after = page.locator("#review-id input").input_value()  # the next image became current
+                expect(page.locator("#review-details")).to_contain_text(f"#{after}")
+                expect(page.locator("#review-details")).to_contain_text("review score")
+            page.screenshot(path=shots / "2-after-keep-and-move.png", full_page=True)
+            page.locator("#review-undo").click()
+            expect(page.locator("#review-status")).to_contain_text("undone")
+            page.screenshot(path=shots / "3-undone.png", full_page=True)
     finally:
         stop_app_server(process)
     artifacts = keep_screenshots(shots, "review")

@@ -17,12 +17,9 @@ from PIL import Image
 
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
-from conftest import REPO, loneliest_map_point, start_app_server, stop_app_server  # noqa: E402
+from conftest import REPO, chromium_page, loneliest_map_point, start_app_server, stop_app_server  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"]
 WIDTH, MAX_BYTES = 1400, 300_000
-TIMEOUT_MS = 120_000
 
 
 def save_small(shot: Path, out: Path) -> int:
@@ -72,23 +69,18 @@ def map_picture(page, state: Path, shot: Path) -> None:
 
 
 def main() -> None:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "docs"
-    expect.set_options(timeout=TIMEOUT_MS)
     with tempfile.TemporaryDirectory(prefix="twist-app-pictures-") as folder:
         state = Path(folder) / "state"
         process, url = start_app_server(None, state, "--no-warm-thumbnails", timeout=600)
         try:
-            with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-                page = browser.new_page(viewport={"width": WIDTH, "height": 1000})
-                page.set_default_timeout(TIMEOUT_MS)
+            with chromium_page(WIDTH) as page:
                 page.goto(url)
                 expect(page.locator("#summary")).to_contain_text("images in")
                 cluster_picture(page, Path(folder) / "app.png")
                 map_picture(page, state, Path(folder) / "app-map.png")
-                browser.close()
         finally:
             stop_app_server(process)
         for name in ("app.png", "app-map.png"):
