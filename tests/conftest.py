@@ -99,12 +99,6 @@ def app_bundle(tiny_run: Path, shapes_folder: Path, cifar_1k: Path, tmp_path_fac
 
     The folder mixes the drawn shapes with 20 CIFAR images per class (about 250 images).
     """
-    import shutil
-
-    from twist_core.export import ExportConfig, export_model
-    from twist_core.index_build import IndexConfig, build_index
-    from twist_core.label import LabelConfig, label_folder
-
     base = tmp_path_factory.mktemp("app_bundle")
     images = base / "images"
     shutil.copytree(shapes_folder, images / "shapes")
@@ -112,13 +106,20 @@ def app_bundle(tiny_run: Path, shapes_folder: Path, cifar_1k: Path, tmp_path_fac
         (images / "cifar" / class_dir.name).mkdir(parents=True)
         for picture in sorted(class_dir.iterdir())[:20]:
             shutil.copy(picture, images / "cifar" / class_dir.name / picture.name)
-    model = export_model(ExportConfig(run=str(tiny_run), out=str(base / "model.onnx"),
-                                      class_names="discs,stripes,animals,vehicles"))
-    label_folder(LabelConfig(model=str(model), folder=str(images), out=str(base / "labels.csv"), workers=0,
-                             progress=False))
-    build_index(IndexConfig(source=str(base / "labels.csv"), model=str(model), out=str(base / "index"),
-                            device="cpu"))
+    model = export_label_index(tiny_run, images, base / "model.onnx", base / "labels.csv", base / "index")
     return {"model": model, "index": base / "index", "images": images}
+
+
+def export_label_index(run: Path, images: Path, model: Path, labels: Path, index: Path) -> Path:
+    """The app's inputs from a run: export it (the four shape names), label ``images``, index the labels."""
+    from twist_core.export import ExportConfig, export_model
+    from twist_core.index_build import IndexConfig, build_index
+    from twist_core.label import LabelConfig, label_folder
+
+    model = export_model(ExportConfig(run=str(run), out=str(model), class_names="discs,stripes,animals,vehicles"))
+    label_folder(LabelConfig(model=str(model), folder=str(images), out=str(labels), workers=0, progress=False))
+    build_index(IndexConfig(source=str(labels), model=str(model), out=str(index), device="cpu"))
+    return model
 
 
 def free_port() -> int:

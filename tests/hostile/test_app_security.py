@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import REPO, start_app_server, stop_app_server
+from conftest import REPO, export_label_index, start_app_server, stop_app_server
 from gradio_client import Client, handle_file
 from PIL import Image
 
@@ -36,10 +36,6 @@ SAFE_IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/gif"}
 @pytest.fixture(scope="module")
 def hostile(tiny_run: Path, shapes_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """A dataset folder that holds everything it should not, served by a live app whose temp folder is its own."""
-    from twist_core.export import ExportConfig, export_model
-    from twist_core.index_build import IndexConfig, build_index
-    from twist_core.label import LabelConfig, label_folder
-
     base = tmp_path_factory.mktemp("hostile_app")
     images = base / "images"
     shutil.copytree(shapes_folder, images / "shapes")
@@ -49,12 +45,7 @@ def hostile(tiny_run: Path, shapes_folder: Path, tmp_path_factory: pytest.TempPa
     outside.mkdir()
     Image.fromarray(np.full((40, 30, 3), (200, 30, 90), np.uint8)).save(outside / "far.png")
     os.symlink(outside / "far.png", images / "shapes" / "linked.png")
-    model = export_model(ExportConfig(run=str(tiny_run), out=str(images / "model.onnx"),
-                                      class_names="discs,stripes,animals,vehicles"))
-    label_folder(LabelConfig(model=str(model), folder=str(images), out=str(base / "labels.csv"), workers=0,
-                             progress=False))
-    build_index(IndexConfig(source=str(base / "labels.csv"), model=str(model), out=str(images / "index"),
-                            device="cpu"))
+    model = export_label_index(tiny_run, images, images / "model.onnx", base / "labels.csv", images / "index")
     for folder in (images, images / "shapes"):
         (folder / "evil.html").write_text(f"<html><body>{SCRIPT}</body></html>")
         (folder / "evil.svg").write_text(f'<svg xmlns="http://www.w3.org/2000/svg">{SCRIPT}</svg>')
