@@ -1,8 +1,8 @@
 """The review queue: the index's images most likely in the wrong cluster first, without those a person handled.
 
 The scores come from the index (:mod:`twist_core.review`, written by ``twist index``); what a person did comes
-from the curation store. An image a person moved, excluded or kept (a keep is a move to the label it already
-has, so it is undone like any move) has its own override and leaves the queue; undo brings it back.
+from the curation store. An image a person moved, excluded or kept (a keep confirms the image in its cluster,
+as the Cluster view's Confirm does, so twist finetune learns from it too) leaves the queue; undo brings it back.
 Both databases are read through one read-only connection, so a page is one SQL query at any size.
 """
 
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twist_core import review
+from twist_core.index_store import IMAGES
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,11 @@ class ReviewQueue:
         self._lock = threading.Lock()
         self.available = review.has_scores(self._db, "idx")
 
-    FROM = ("FROM idx.review r JOIN idx.images i ON i.id = r.id LEFT JOIN overrides o ON o.image_id = r.id "
-            "WHERE o.image_id IS NULL")  # images: an index changed without a refresh may hold stale scores
+    # The join with the images drops stale scores (an index changed without a refresh); a person's move,
+    # exclusion or confirmation takes an image out of the queue.
+    FROM = (f"FROM idx.review r JOIN idx.{IMAGES.name} i ON i.{IMAGES.id} = r.id "
+            "LEFT JOIN overrides o ON o.image_id = r.id LEFT JOIN confirmed c ON c.image_id = r.id "
+            "WHERE o.image_id IS NULL AND c.image_id IS NULL")
 
     def count(self) -> int:
         if not self.available:

@@ -408,12 +408,9 @@ class Workspace:
 
     def keep(self, ids: Sequence[int]) -> str:
         """Confirm images in the cluster they are in: they leave the review queue (one undo entry brings them back)."""
-        records = self.store.records([int(i) for i in ids])
-        if not records:
+        if not ids:
             raise AppUserError("choose an image to keep")
-        self.store.relabel(f"kept {len(records)} image(s) in their clusters",
-                           {i: r.label for i, r in records.items()}, {})
-        return f"{len(records)} image(s) kept where they are"
+        return f"{self.store.confirm(ids)} image(s) kept where they are"
 
     # ---- export
     def _export_path(self, name: str) -> Path:
