@@ -34,7 +34,7 @@ import faiss
 import numpy as np
 
 from twist_core.index_faiss import PQ_TRAIN_POINTS, TRAIN_POINTS_PER_LIST, build, normalized, plan_index
-from twist_core.index_store import INDEX_FILE, META_FILE, MetaStore, commit_generation, read_manifest
+from twist_core.index_store import IMAGES, INDEX_FILE, META_FILE, MetaStore, commit_generation, read_manifest
 
 K_NEIGHBOURS = 5
 WEIGHTING = "softmax"
@@ -206,7 +206,8 @@ def fill_column(rows: list[dict[str, Any]], scores: np.ndarray) -> None:
 # ---- twist index: the review table in the index's metadata
 def read_inputs(store: MetaStore) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Ids (sorted), predicted clusters and margins of the images that have a cluster."""
-    found = store.query("SELECT id, cluster, margin FROM images WHERE cluster IS NOT NULL ORDER BY id")
+    found = store.query(f"SELECT {IMAGES.id}, {IMAGES.cluster}, {IMAGES.margin} FROM {IMAGES.name} "
+                        f"WHERE {IMAGES.cluster} IS NOT NULL ORDER BY {IMAGES.id}")
     ids = np.array([r[0] for r in found], np.int64)
     clusters = np.array([r[1] for r in found], np.int64)
     margins = np.array([np.nan if r[2] is None else r[2] for r in found], np.float32)
