@@ -274,9 +274,10 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         run.supervision = Supervision(labelled_draws(run, labelled, new_cluster, config.labelled_per_step,
                                                      config.seed), config.supervised_weight)
 
-    metrics = train(settings, start_from=head_rows(checkpoint["model"], keep), prepare=attach)
     out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)  # the names first: a checkpoint of a run killed later exports with them
     atomic_write_text(out / NAMES_FILE, "".join(curation.names[c] + "\n" for c in keep))
+    metrics = train(settings, start_from=head_rows(checkpoint["model"], keep), prepare=attach)
     report = {"source_run": str(Path(config.run).resolve()), "labels_from": str(config.index or config.labels),
               "classes_before": n_classes, "classes_after": len(keep),
               "clusters": [{"cluster": new_cluster[c], "from": c, "name": curation.names[c]} for c in keep],
