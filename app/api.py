@@ -22,10 +22,10 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, UploadFil
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, Field
 
-from app.curation import Record
 from app.workspace import PAGE_SIZE, AppUserError, Neighbour, Workspace
-from twist_core.index import Hit
-from twist_core.index_store import IndexUserError
+from twist_core.curate.curation import Record
+from twist_core.index.image_index import Hit
+from twist_core.index.store import IndexUserError
 
 PREFIX = "/api/v1"
 MAX_K = 200

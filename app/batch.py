@@ -19,7 +19,7 @@ from typing import IO, Any
 
 from PIL import Image, ImageOps
 
-from twist_core.folder import IMAGE_EXTENSIONS, ImageReadError, to_rgb
+from twist_core.data.folder import IMAGE_EXTENSIONS, ImageReadError, to_rgb
 
 MAX_MEMBER_BYTES = 50 << 20  # an image inside a zip larger than this is reported, not read
 

@@ -1,6 +1,7 @@
 """Write the curated labels out: a CSV table, an ImageFolder tree (or a zip of one), Label Studio tasks.
 
-All three stream :class:`app.curation.Record` rows, so an export of any size never holds the dataset in memory.
+All three stream :class:`twist_core.curate.curation.Record` rows, so an export of any size never holds the
+dataset in memory.
 Excluded images are listed in the CSV (with status ``excluded`` and no label) and left out of the others.
 """
 
@@ -15,9 +16,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from urllib.parse import quote
 
-from app.curation import EXCLUDED, Record
+from twist_core.curate.curation import EXCLUDED, Record
 from twist_core.io_utils import atomic_write, csv_safe, mark_output_folder, path_from_text
-from twist_core.label_tree import MARKER, file_names, folder_names
+from twist_core.label.tree import MARKER, file_names, folder_names
 
 CSV_COLUMNS = ["id", "path", "label", "label_name", "predicted", "predicted_name", "confidence", "status"]
 LABEL_STUDIO_PREFIX = "/data/local-files/?d="  # Label Studio's local-files storage URL

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from app.curation import EXCLUDED, CurationStore
 from twist_core.commands import run_command
 from twist_core.config import AutoConfig, command_parser, option
+from twist_core.curate.curation import EXCLUDED, CurationStore
 from twist_core.errors import UserError
-from twist_core.index_store import META_FILE, MetaStore, read_manifest
+from twist_core.index.store import META_FILE, MetaStore, read_manifest
 
 EXCLUDE_NAME = "excluded"
 SHOWN = 10  # unknown images listed by name in the summary
@@ -264,7 +264,7 @@ def open_store(config: ImportLabelsConfig) -> tuple[CurationStore, MetaStore]:
     model = config.model or meta.info().get("model")
     if not model:
         raise LabelImportError("the index records no model; give --model (the model the index was built with)")
-    from twist_core.infer import OnnxModel
+    from twist_core.deploy.infer import OnnxModel
 
     names = OnnxModel(model, device="cpu").class_names
     state_dir = Path(config.state_dir) if config.state_dir else index_dir

@@ -1,6 +1,6 @@
 """The review queue: the index's images most likely in the wrong cluster first, without those a person handled.
 
-The scores come from the index (:mod:`twist_core.review`, written by ``twist index``); what a person did comes
+The scores come from the index (:mod:`twist_core.label.review`, written by ``twist index``); what a person did comes
 from the curation store. An image a person moved, excluded or kept (a keep confirms the image in its cluster,
 as the Cluster view's Confirm does, so twist finetune learns from it too) leaves the queue; undo brings it back.
 Both databases are read through one read-only connection, so a page is one SQL query at any size.
@@ -13,8 +13,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from twist_core import review
-from twist_core.index_store import IMAGES
+from twist_core.index import review_table
+from twist_core.index.store import IMAGES
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class ReviewQueue:
                                    check_same_thread=False, timeout=30)
         self._db.execute("ATTACH DATABASE ? AS idx", (f"file:{Path(meta_path).resolve()}?mode=ro",))
         self._lock = threading.Lock()
-        self.available = review.has_scores(self._db, "idx")
+        self.available = review_table.has_scores(self._db, "idx")
 
     # The join with the images drops stale scores (an index changed without a refresh); a person's move,
     # exclusion or confirmation takes an image out of the queue.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from twist_core.folder import ImageReadError, decode_image
+from twist_core.data.folder import ImageReadError, decode_image
 from twist_core.io_utils import mark_output_folder
 
 PLACEHOLDER = "_unreadable.jpg"

@@ -23,15 +23,15 @@ from PIL import Image
 
 from app import exporters, projection
 from app.batch import BatchItem, BatchUserError, batch_items, check_pixel_budget, decode_small
-from app.curation import EXCLUDED, CurationError, CurationStore, Record
 from app.review_queue import ReviewQueue
 from app.thumbnails import ThumbnailCache
-from twist_core.folder import ImageReadError, decode_image
-from twist_core.index import ImageIndex
-from twist_core.index_store import MANIFEST, META_FILE, IndexUserError, read_manifest
-from twist_core.infer import OnnxModel
+from twist_core.curate.curation import EXCLUDED, CurationError, CurationStore, Record
+from twist_core.data.folder import ImageReadError, decode_image
+from twist_core.deploy.infer import OnnxModel
+from twist_core.index.image_index import ImageIndex
+from twist_core.index.store import MANIFEST, META_FILE, IndexUserError, read_manifest
 from twist_core.io_utils import csv_safe, mark_output_folder
-from twist_core.label_table import label_rows, labels_paths
+from twist_core.label.table import label_rows, labels_paths
 
 log = logging.getLogger("twist.app")
 PAGE_SIZE = 60

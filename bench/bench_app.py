@@ -48,10 +48,10 @@ def extract(archive: Path, out: Path) -> Path:
 
 
 def prepare(work: Path, archive: Path) -> dict[str, float | Path]:
-    from twist_core.export import ExportConfig, export_model
-    from twist_core.index_build import IndexConfig, build_index
-    from twist_core.label import LabelConfig, label_folder
-    from twist_core.train import TrainConfig, train
+    from twist_core.deploy.export import ExportConfig, export_model
+    from twist_core.index.build import IndexConfig, build_index
+    from twist_core.label.labeller import LabelConfig, label_folder
+    from twist_core.train.loop import TrainConfig, train
 
     times: dict[str, float | Path] = {}
     start = time.perf_counter()
@@ -148,7 +148,7 @@ def main() -> None:
     from gradio_client import Client, handle_file
 
     from app.main import free_port
-    from twist_core.index import ImageIndex
+    from twist_core.index.image_index import ImageIndex
 
     with tempfile.TemporaryDirectory(prefix="bench-app-") as tmp:
         work = Path(tmp)

@@ -25,7 +25,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from twist_core.index_faiss import (
+from twist_core.vectors import (
     TRAIN_POINTS_PER_LIST,
     IndexPlan,
     build,

@@ -36,10 +36,10 @@ def extract(archive: Path, destination: Path) -> Path:
 def make_model(workdir: Path) -> Path:
     import torch
 
-    from twist_core.checkpoint import save_checkpoint
-    from twist_core.export import ExportConfig, export_model
-    from twist_core.model import ModelSpec, TwistModel
-    from twist_core.train import TrainConfig
+    from twist_core.deploy.export import ExportConfig, export_model
+    from twist_core.model.checkpoint import save_checkpoint
+    from twist_core.model.network import ModelSpec, TwistModel
+    from twist_core.train.loop import TrainConfig
 
     torch.manual_seed(0)
     spec = ModelSpec(backbone="resnet18", width=32, small_stem=True, n_classes=10, tau=0.5)
@@ -54,10 +54,10 @@ def model_only(model_path: Path, folder: Path, batch_size: int = 64) -> dict[str
     """Decode once, then time PyTorch eager and onnxruntime on the same float32 batches."""
     import torch
 
-    from twist_core.checkpoint import load_checkpoint
-    from twist_core.folder import scan_folder
-    from twist_core.infer import OnnxModel, physical_cores
-    from twist_core.model import ModelSpec, TwistModel
+    from twist_core.data.folder import scan_folder
+    from twist_core.deploy.infer import OnnxModel, physical_cores
+    from twist_core.model.checkpoint import load_checkpoint
+    from twist_core.model.network import ModelSpec, TwistModel
 
     onnx_model = OnnxModel(model_path, device="cpu")
     files = scan_folder(folder)
@@ -91,7 +91,7 @@ def model_only(model_path: Path, folder: Path, batch_size: int = 64) -> dict[str
 
 def label_child(model_path: str, folder: str, out: str) -> None:
     """Runs in its own process so that its peak memory is its own."""
-    from twist_core.label import LabelConfig, label_folder
+    from twist_core.label.labeller import LabelConfig, label_folder
 
     start = time.perf_counter()
     summary = label_folder(LabelConfig(model=model_path, folder=folder, out=out, progress=False))
@@ -128,7 +128,7 @@ def main() -> None:
         baseline = model_only(model_path, test)
         label_10k = run_label(model_path, test, work / "l10k.csv")
         label_50k = run_label(model_path, train, work / "l50k.parquet")
-    from twist_core.infer import physical_cores
+    from twist_core.deploy.infer import physical_cores
 
     results = {
         "machine": f"{physical_cores()} physical CPU cores, no GPU",

@@ -43,7 +43,7 @@ def save(name: str, result: dict) -> Path:
 
 def subset_folder(data: Path, n_images: int, workdir: Path) -> Path:
     """``n_images`` files spread evenly over the folder (class folders kept), as symlinks: a short timed epoch."""
-    from twist_core.folder import scan_folder
+    from twist_core.data.folder import scan_folder
 
     subset = workdir / f"subset{n_images}"
     files = scan_folder(data)

@@ -30,10 +30,10 @@ import torch
 from sklearn.metrics import normalized_mutual_info_score
 
 from bench.common import machine, save
-from twist_core.checkpoint import load_checkpoint
-from twist_core.evaluate import EvalImages, load_eval_images, predict_torch
-from twist_core.metrics import contingency, hungarian_accuracy
-from twist_core.model import ModelSpec, TwistModel
+from twist_core.evaluation.evaluate import EvalImages, load_eval_images, predict_torch
+from twist_core.evaluation.metrics import contingency, hungarian_accuracy
+from twist_core.model.checkpoint import load_checkpoint
+from twist_core.model.network import ModelSpec, TwistModel
 
 RUN = Path("/work/bench_runs/cifar_patches_final")
 DATA = Path("/work/bench_runs/data/test")

@@ -52,7 +52,7 @@ def training_speed(data: Path, workdir: Path, device: str, compile_model: bool, 
     import torch
 
     from twist_core import distributed
-    from twist_core.train import TrainConfig, setup_run, step_loss
+    from twist_core.train.loop import TrainConfig, setup_run, step_loss
 
     warmup = 10 if compile_model else 3
     folder = subset_folder(data, batch * (warmup + steps), workdir)

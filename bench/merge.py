@@ -3,7 +3,7 @@
 For each data set: export, label and index the given runs (once, into --work), then for every similarity
 measure merge the over-clustered model's clusters greedily (merge the top suggestion, recompute, repeat: what
 clicking the first suggestion in the app does) and by cutting the hierarchy, down to the number of classes,
-WITHOUT the labels; only then score against the class folders (ACC / NMI, twist_core.metrics). Also records the
+WITHOUT the labels; only then score against the class folders (ACC / NMI, twist_core's metrics). Also records the
 K estimate (and the largest-gap alternative) per data set. Also the plan of ``twist suggest-merges --to N``
 (greedy, then single clusters moved between groups while modularity rises) and label-free alternatives
 (spectral partition of the cluster graph, other linkages, a soft re-labelling by summed top-k probability).
@@ -27,16 +27,16 @@ from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.spatial.distance import squareform
 from sklearn.cluster import SpectralClustering
 
-from twist_core import merges
-from twist_core.folder import ground_truth_labels
-from twist_core.metrics import cluster_report
+from twist_core.curate import merges
+from twist_core.data.folder import ground_truth_labels
+from twist_core.evaluation.metrics import cluster_report
 
 
 def prepare_index(run: Path, data: Path, work: Path, name: str) -> Path:
     """Export, label (top 10) and index ``run`` on ``data`` into ``work/name_*`` unless already there."""
-    from twist_core.export import ExportConfig, export_model
-    from twist_core.index_build import IndexConfig, build_index
-    from twist_core.label import LabelConfig, label_folder
+    from twist_core.deploy.export import ExportConfig, export_model
+    from twist_core.index.build import IndexConfig, build_index
+    from twist_core.label.labeller import LabelConfig, label_folder
 
     index = work / f"{name}_index"
     if (index / "manifest.json").is_file():
@@ -51,7 +51,7 @@ def prepare_index(run: Path, data: Path, work: Path, name: str) -> Path:
 
 def index_classes(index: Path, data: merges.ClusterData) -> tuple[np.ndarray, list[str]]:
     """The true class (first folder) of every image of ``data``, read from the index by id: scoring only."""
-    from twist_core.index_store import META_FILE, MetaStore, read_manifest
+    from twist_core.index.store import META_FILE, MetaStore, read_manifest
 
     store = MetaStore(index / read_manifest(index)["dir"] / META_FILE)
     try:

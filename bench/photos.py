@@ -6,7 +6,7 @@ lock file so timings are not disturbed by other benchmarks. A run folder that al
 collected, so runs made earlier (e.g. by a queue of `run_one.sh` jobs with the same names) count.
 Also measured: JPEG decoding with and without Pillow's draft mode (caltech20 and a synthetic 3000 x 4000
 photo), `twist label` with the best run's model, and a short training run with and without the allocator
-setting of twist_core.allocator.
+setting of twist_core.train.allocator.
 
 Usage: python bench/photos.py [--runs DIR] [--data DIR] [--collect-only] [--budget 15m] [--only NAME,...]
                               [--decode] [--label] [--allocator]
@@ -92,7 +92,7 @@ def collect(name: str, description: str, run: Path) -> dict | None:
 
 def decode_rate(paths: list[Path], draft_size: int | None, resize: int, repeat: int = 1) -> float:
     """Images per second of decode + resize + centre crop, as training and labelling prepare an image."""
-    from twist_core.folder import decode_image, resize_center_crop
+    from twist_core.data.folder import decode_image, resize_center_crop
 
     started = time.perf_counter()
     for _ in range(repeat):
@@ -151,8 +151,8 @@ def measure_allocator(data: Path, workdir: Path, lock: Path, seconds: int = 60) 
     result = {}
     for label, call in (("default allocator", ""), ("keep_freed_memory", "keep_freed_memory(); ")):
         run = workdir / f"allocator_{label.replace(' ', '_')}"
-        code = (f"from twist_core.allocator import keep_freed_memory; {call}"
-                "from twist_core.train import TrainConfig, train; "
+        code = (f"from twist_core.train.allocator import keep_freed_memory; {call}"
+                "from twist_core.train.loop import TrainConfig, train; "
                 f"train(TrainConfig(data={str(data)!r}, out={str(run)!r}, classes=20, backbone='patches', "
                 f"image_size=64, time_budget='{seconds}s', progress=False))")
         subprocess.run(["rm", "-rf", str(run)], check=True)

@@ -4,7 +4,7 @@ A "mistake" is an image whose cluster differs from its class's majority cluster 
 path; the folders are used for scoring only). The pipeline is the real one: ``twist export`` of a trained run,
 ``twist label`` of the folder (which writes the ``review_score`` column), ``twist index`` (which stores the
 scores). Every variant of the score (k, neighbour weighting, margin weight) is computed from the same table
-and embeddings with :mod:`twist_core.review`, so the shipped default is chosen by this measurement.
+and embeddings with :mod:`twist_core.label.review`, so the shipped default is chosen by this measurement.
 
     python bench/review.py --run RUN --data FOLDER --work DIR [--check-table OTHER_LABELS.csv]
 """
@@ -25,10 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import machine, save  # noqa: E402
-from twist_core import review  # noqa: E402
-from twist_core.index_faiss import IndexPlan, build, normalized  # noqa: E402
-from twist_core.index_store import META_FILE, read_manifest  # noqa: E402
-from twist_core.label_table import labels_paths, read_labels  # noqa: E402
+from twist_core.index import review_table  # noqa: E402
+from twist_core.index.store import META_FILE, read_manifest  # noqa: E402
+from twist_core.label import review  # noqa: E402
+from twist_core.label.table import labels_paths, read_labels  # noqa: E402
+from twist_core.vectors import IndexPlan, build, normalized  # noqa: E402
 
 KS = (5, 10, 20, 50)
 NEIGHBOUR_WEIGHTS = (0.0, 0.1, 0.2, 0.33, 0.5, 0.75, 1.0)
@@ -133,7 +134,7 @@ def shipped(table: Table, index_dir: Path, tops: tuple[int, ...]) -> dict[str, A
 
 def timing_of_refresh(index_dir: Path) -> float:
     start = time.perf_counter()
-    review.refresh_index(index_dir)
+    review_table.refresh_index(index_dir)
     return round(time.perf_counter() - start, 2)
 
 

@@ -26,8 +26,8 @@ sys.path.insert(0, str(REPO))
 
 def plain_loop_images_per_s(images: torch.Tensor, preset: dict, batch: int, steps: int) -> float:
     """Two random-crop/flip views, forward, a cross-view MSE on softmax outputs, backward, SGD step."""
-    from twist_core.model import ModelSpec, TwistModel
-    from twist_core.patches import PatchBackbone, learn_patch_dictionary
+    from twist_core.model.network import ModelSpec, TwistModel
+    from twist_core.model.patches import PatchBackbone, learn_patch_dictionary
 
     model = TwistModel(ModelSpec(backbone=preset["backbone"], width=preset["width"], small_stem=True,
                                  hidden_dim=preset["hidden_dim"], n_classes=10))
@@ -76,8 +76,8 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="twist_speed_"))
     data = extract("cifar10-test.tar.gz", workdir)
-    from twist_core.dataset import FolderImages, decode_all
-    from twist_core.folder import scan_folder
+    from twist_core.data.dataset import FolderImages, decode_all
+    from twist_core.data.folder import scan_folder
 
     images, _ = decode_all(FolderImages(data, scan_folder(data), 32), workers=2, progress=False)
     presets = [{"name": "patches, 256 atoms, MLP 1024 (CPU default)", "backbone": "patches", "width": 256,

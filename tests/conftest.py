@@ -74,7 +74,7 @@ def shapes_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tiny_train_config(data: Path, out: Path, **overrides):
     """A configuration that trains in seconds on the CPU: the default backbone, narrowed, small head, no workers."""
-    from twist_core.train import TrainConfig
+    from twist_core.train.loop import TrainConfig
 
     settings = dict(data=str(data), out=str(out), classes=4, width=8, hidden_dim=64, image_size=32, epochs=1,
                     batch_size=16, workers=0, progress=False, checkpoint_every=0, self_label_fraction=0.0)
@@ -85,7 +85,7 @@ def tiny_train_config(data: Path, out: Path, **overrides):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, shapes_folder: Path) -> Path:
     """A real (tiny) training run folder: config.json, metrics.jsonl, last.pt."""
-    from twist_core.train import train
+    from twist_core.train.loop import train
 
     out = tmp_path_factory.mktemp("tiny_run")
     train(tiny_train_config(shapes_folder, out, epochs=2))
@@ -112,9 +112,9 @@ def app_bundle(tiny_run: Path, shapes_folder: Path, cifar_1k: Path, tmp_path_fac
 
 def export_label_index(run: Path, images: Path, model: Path, labels: Path, index: Path) -> Path:
     """The app's inputs from a run: export it (the four shape names), label ``images``, index the labels."""
-    from twist_core.export import ExportConfig, export_model
-    from twist_core.index_build import IndexConfig, build_index
-    from twist_core.label import LabelConfig, label_folder
+    from twist_core.deploy.export import ExportConfig, export_model
+    from twist_core.index.build import IndexConfig, build_index
+    from twist_core.label.labeller import LabelConfig, label_folder
 
     model = export_model(ExportConfig(run=str(run), out=str(model), class_names="discs,stripes,animals,vehicles"))
     label_folder(LabelConfig(model=str(model), folder=str(images), out=str(labels), workers=0, progress=False))

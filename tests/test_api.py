@@ -14,8 +14,8 @@ import pytest
 from conftest import start_app_server, stop_app_server
 from PIL import Image
 
-from twist_core.index import ImageIndex
-from twist_core.infer import OnnxModel
+from twist_core.deploy.infer import OnnxModel
+from twist_core.index.image_index import ImageIndex
 
 USER, PASSWORD = "bo", "a long and careful password"
 

@@ -24,14 +24,14 @@ from conftest import REPO, loneliest_map_point, start_app_server, stop_app_serve
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from app.curation import CurationStore
 from app.main import AppConfig, AppStartError, parse_auth, resolve_defaults
 from app.projection import MAP_HEIGHT, MAP_WIDTH
 from app.workspace import DISPLAY_SIDE
-from twist_core.index import ImageIndex
-from twist_core.index_store import META_FILE, read_manifest
-from twist_core.infer import OnnxModel
-from twist_core.label_tree import folder_names
+from twist_core.curate.curation import CurationStore
+from twist_core.deploy.infer import OnnxModel
+from twist_core.index.image_index import ImageIndex
+from twist_core.index.store import META_FILE, read_manifest
+from twist_core.label.tree import folder_names
 
 MAX_PIXELS = 1_000_000
 

@@ -23,7 +23,7 @@ from conftest import (
 )
 
 from app.workspace import DISPLAY_SIDE
-from twist_core.index import ImageIndex
+from twist_core.index.image_index import ImageIndex
 
 pytestmark = needs_chromium
 

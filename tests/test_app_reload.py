@@ -18,8 +18,8 @@ import httpx
 from conftest import REPO, start_app_server, stop_app_server
 from gradio_client import Client
 
-from twist_core.index import ImageIndex
-from twist_core.index_build import IndexConfig, build_index
+from twist_core.index.build import IndexConfig, build_index
+from twist_core.index.image_index import ImageIndex
 
 FIRST, ADDED = 8, 5  # images per class at first, images added by the update
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from twist_core.augment import AugmentPolicy, BatchAugment, policy_for_size
-from twist_core.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from twist_core.data.augment import AugmentPolicy, BatchAugment, policy_for_size
+from twist_core.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
 def images(n: int = 8, size: int = 48) -> torch.Tensor:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from twist_core.cli import COMMANDS
+from twist_core.cli import commands
 from twist_core.cli import main as twist
 
 DEMO_MODEL = REPO / "models" / "demo" / "model.onnx"
@@ -38,10 +38,10 @@ def config_cases(tmp_path: Path) -> dict[str, tuple[list[str], dict, str]]:
 
 
 def test_every_command_is_covered(tmp_path: Path) -> None:
-    assert set(config_cases(tmp_path)) == set(COMMANDS)
+    assert set(config_cases(tmp_path)) == set(commands())
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("command", sorted(commands()))
 def test_config_file_is_honoured(command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The wrong value comes only from the file, so its one-line error proves the file was read (search and
     duplicates had no --config before: argparse refused the flag with a usage message)."""
@@ -83,9 +83,9 @@ def test_auto_is_one_word_and_old_sentinels_still_load(tmp_path: Path) -> None:
     """``auto`` on the command line and in files; the 0/-1/None that older versions wrote still mean auto."""
     from twist_core.commands.train import build_parser
     from twist_core.config import AUTO, build_config
-    from twist_core.index_build import IndexConfig
-    from twist_core.label import LabelConfig
-    from twist_core.train import TrainConfig
+    from twist_core.index.build import IndexConfig
+    from twist_core.label.labeller import LabelConfig
+    from twist_core.train.loop import TrainConfig
 
     args = build_parser().parse_args(["photos", "--width", "auto", "--batch-size", "0", "--tau", "0.7"])
     config = build_config(TrainConfig, args)

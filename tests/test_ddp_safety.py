@@ -90,8 +90,8 @@ def test_ram_cache_is_decoded_once_per_node_in_shared_memory(cifar_1k: Path, tmp
     """2 gloo processes share one cache: the same images as one process decodes, at about one copy of memory."""
     import torch
 
-    from twist_core.dataset import FolderImages, decode_all
-    from twist_core.folder import scan_folder
+    from twist_core.data.dataset import FolderImages, decode_all
+    from twist_core.data.folder import scan_folder
 
     folder = tmp_path / "photos"
     shutil.copytree(cifar_1k, folder)

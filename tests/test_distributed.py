@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from twist_core.loss import self_label_loss, twist_multicrop_loss
+from twist_core.train.loss import self_label_loss, twist_multicrop_loss
 
 HELPERS = Path(__file__).parent / "helpers"
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, draw_shapes_folder, tiny_train_config
 
-from twist_core.budget import fit_total_steps, parse_duration
-from twist_core.train import train
+from twist_core.train.budget import fit_total_steps, parse_duration
+from twist_core.train.loop import train
 
 
 def test_parse_duration() -> None:
@@ -80,9 +80,9 @@ def test_training_eval_onnx_eval_and_label_give_the_same_probabilities(shapes_fo
     import numpy as np
     from PIL import Image
 
-    from twist_core.evaluate import EvalConfig, _predict_source
-    from twist_core.export import ExportConfig, export_model
-    from twist_core.label import LabelConfig, label_folder, read_labels
+    from twist_core.deploy.export import ExportConfig, export_model
+    from twist_core.evaluation.evaluate import EvalConfig, _predict_source
+    from twist_core.label.labeller import LabelConfig, label_folder, read_labels
 
     data = tmp_path / "data"
     sizes = [(90, 70), (64, 101), (121, 81), (77, 77), (100, 66), (83, 95)]

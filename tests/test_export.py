@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from twist_core.checkpoint import load_checkpoint
 from twist_core.commands.export import main
-from twist_core.export import (
+from twist_core.data.preprocess import Preprocess
+from twist_core.deploy.export import (
     ExportConfig,
     ExportError,
     ProbabilityModel,
@@ -21,9 +21,9 @@ from twist_core.export import (
     check_parity,
     export_model,
 )
-from twist_core.infer import OnnxModel
-from twist_core.model import ModelSpec, TwistModel
-from twist_core.preprocess import Preprocess
+from twist_core.deploy.infer import OnnxModel
+from twist_core.model.checkpoint import load_checkpoint
+from twist_core.model.network import ModelSpec, TwistModel
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ import torch
 from conftest import draw_shapes_folder, tiny_train_config
 from PIL import Image
 
-from twist_core.dataset import FolderImages
-from twist_core.folder import NoImagesError, decode_image, ground_truth_labels, scan_folder
-from twist_core.train import train
+from twist_core.data.dataset import FolderImages
+from twist_core.data.folder import NoImagesError, decode_image, ground_truth_labels, scan_folder
+from twist_core.train.loop import train
 
 BROKEN = {"broken/truncated.jpg", "broken/empty.png", "broken/text.jpg", "broken/noise.png", "broken/huge.png"}
 ODD_VALID = {"odd/cmyk.jpg", "odd/palette_alpha.png", "odd/la.png", "odd/gray16.png", "odd/gray.png",

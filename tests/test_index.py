@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from twist_core.index import IndexReader, IndexWriter, find_duplicates
-from twist_core.index_build import IndexConfig, build_index
-from twist_core.index_store import CURATION_FILE, FAULT_ENV, IndexChangedError, IndexUserError, meta_path
+from twist_core.index.build import IndexConfig, build_index
+from twist_core.index.image_index import IndexReader, IndexWriter, find_duplicates
+from twist_core.index.store import CURATION_FILE, FAULT_ENV, IndexChangedError, IndexUserError, meta_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -160,7 +160,7 @@ def test_crash_during_update_leaves_previous_index_usable(tmp_path: Path, stage:
     vectors, clusters = clustered(1000, 16, 5)
     index = build(tmp_path, vectors, clusters)
     expected = [h.id for h in index.search_vectors(vectors[:1], k=20)[0]]
-    script = ("import numpy as np; from twist_core.index import IndexWriter; "
+    script = ("import numpy as np; from twist_core.index.image_index import IndexWriter; "
               f"ix = IndexWriter.open({str(tmp_path / 'index')!r}, 'cpu'); "
               "ix.add([f'x/{i}.png' for i in range(5)], np.ones((5, 16), np.float32)); ix.remove([0, 1, 2])")
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**os.environ, FAULT_ENV: stage},
@@ -179,7 +179,7 @@ def test_crash_during_update_leaves_previous_index_usable(tmp_path: Path, stage:
 def test_crash_after_manifest_swap_shows_the_new_state(tmp_path: Path) -> None:
     vectors, clusters = clustered(300, 16, 3)
     build(tmp_path, vectors, clusters)
-    script = ("from twist_core.index import IndexWriter; "
+    script = ("from twist_core.index.image_index import IndexWriter; "
               f"IndexWriter.open({str(tmp_path / 'index')!r}, 'cpu').remove([0, 1])")
     env = {**os.environ, FAULT_ENV: "after-manifest"}
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
@@ -298,8 +298,8 @@ def test_cli_index_search_duplicates(tmp_path: Path) -> None:
 def test_index_a_folder_search_by_image_and_update_with_the_onnx_model(tmp_path: Path, tiny_run: Path,
                                                                        shapes_folder: Path) -> None:
     try:
-        from twist_core.export import ExportConfig, export_model
-        from twist_core.infer import OnnxModel
+        from twist_core.deploy.export import ExportConfig, export_model
+        from twist_core.deploy.infer import OnnxModel
     except ImportError as error:
         pytest.skip(f"ONNX export/inference not available yet: {error}")
     model_path = export_model(ExportConfig(run=str(tiny_run), out=str(tmp_path / "m.onnx")))
@@ -328,7 +328,7 @@ def test_index_a_folder_search_by_image_and_update_with_the_onnx_model(tmp_path:
 
 def test_search_and_duplicates_show_the_name_given_in_the_app(tmp_path: Path) -> None:
     """Names live in the model card and the app's curation store: a rename in the app reaches the commands."""
-    from app.curation import CurationStore
+    from twist_core.curate.curation import CurationStore
 
     vectors, clusters = clustered(200, 16, 4)
     vectors[1], clusters[1] = vectors[0], clusters[0]  # one pair of duplicates

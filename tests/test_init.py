@@ -16,10 +16,10 @@ import torchvision
 from conftest import REPO
 
 from twist_core.config import AUTO
-from twist_core.init_weights import InitError, load_into, read_init
 from twist_core.io_utils import file_sha256
-from twist_core.model import ModelSpec, TwistModel
-from twist_core.train import TrainConfig, follow_init
+from twist_core.model.init_weights import InitError, load_into, read_init
+from twist_core.model.network import ModelSpec, TwistModel
+from twist_core.train.loop import TrainConfig, follow_init
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 REFERENCE_HEAD = {"mlp.0.": "projection_heads.projection_head.0.", "mlp.1.": "projection_heads.projection_head.1.",
@@ -158,7 +158,7 @@ def test_init_run_on_a_cpu_follows_the_weights_and_records_them(shapes_folder: P
     assert (saved["backbone"], saved["width"], saved["small_stem"]) == ("resnet18", 64, False)
     assert saved["init"] == str(torchvision_resnet18) and saved["init_sha256"] == file_sha256(torchvision_resnet18)
     assert "--init: " in result.stderr
-    from twist_core.export import ExportConfig, export_model
+    from twist_core.deploy.export import ExportConfig, export_model
 
     card = json.loads(export_model(ExportConfig(run=str(out), out=str(tmp_path / "m.onnx"))).with_suffix(".json")
                       .read_text())

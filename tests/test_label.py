@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from twist_core.commands.label import main
-from twist_core.export import ExportConfig, export_model
-from twist_core.infer import OnnxModel
-from twist_core.label import LabelConfig, label_folder, labels_paths, read_labels
-from twist_core.label_tree import file_names
+from twist_core.deploy.export import ExportConfig, export_model
+from twist_core.deploy.infer import OnnxModel
+from twist_core.label.labeller import LabelConfig, label_folder, labels_paths, read_labels
+from twist_core.label.tree import file_names
 
 REPO = Path(__file__).resolve().parents[1]
 # Small chunks and batches so that runs have many commit points; identical in every run that is compared.

@@ -25,11 +25,11 @@ import httpx
 import pytest
 from conftest import REPO, free_port
 
-from app.curation import EXCLUDED, CurationError, CurationStore, Record
 from app.exporters import LABEL_STUDIO_PREFIX, image_url_prefix, label_studio_tasks
 from app.labelstudio import url_path
-from twist_core.index_store import META_FILE, read_manifest
-from twist_core.infer import OnnxModel
+from twist_core.curate.curation import EXCLUDED, CurationError, CurationStore, Record
+from twist_core.deploy.infer import OnnxModel
+from twist_core.index.store import META_FILE, read_manifest
 
 LS_VENV = Path(os.environ.get("TWIST_LABEL_STUDIO_VENV", "/opt/ls-venv"))
 LS_BIN = LS_VENV / "bin" / "label-studio"

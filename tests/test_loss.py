@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from twist_core.loss import EPS, self_label_loss, twist_multicrop_loss, twist_pair_loss
-from twist_core.model import ModelSpec, TwistModel
+from twist_core.model.network import ModelSpec, TwistModel
+from twist_core.train.loss import EPS, self_label_loss, twist_multicrop_loss, twist_pair_loss
 
 
 def numpy_softmax(x: np.ndarray) -> np.ndarray:

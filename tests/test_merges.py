@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from conftest import REPO, chromium_page, needs_chromium
 
-from twist_core import merges
-from twist_core.index_build import IndexConfig, build_index
-from twist_core.label_table import labels_paths, write_table
+from twist_core.curate import merges
+from twist_core.index.build import IndexConfig, build_index
+from twist_core.label.table import labels_paths, write_table
 
 
 def planted_index(folder: Path, groups: int, splits: list[int], per_cluster: int, dim: int = 24,
@@ -112,8 +112,8 @@ def test_a_model_that_was_not_over_clustered_keeps_its_k(tmp_path: Path) -> None
 
 
 def test_curated_merges_and_exclusions_are_respected(one_split: tuple[Path, dict[int, int]], tmp_path: Path) -> None:
-    from app.curation import EXCLUDED, CurationStore
-    from twist_core.index_store import META_FILE, read_manifest
+    from twist_core.curate.curation import EXCLUDED, CurationStore
+    from twist_core.index.store import META_FILE, read_manifest
 
     index, _ = one_split
     meta = index / read_manifest(index)["dir"] / META_FILE
@@ -168,8 +168,8 @@ def planted_app(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     """The app on a planted index (group 0 split into clusters 0 and 1) with the tiny run's 4-cluster model."""
     from conftest import start_app_server, stop_app_server
 
-    from twist_core.export import ExportConfig, export_model
-    from twist_core.infer import OnnxModel
+    from twist_core.deploy.export import ExportConfig, export_model
+    from twist_core.deploy.infer import OnnxModel
 
     base = tmp_path_factory.mktemp("planted_app")
     model = export_model(ExportConfig(run=str(tiny_run), out=str(base / "model.onnx"), class_names="a,b,c,d"))
@@ -256,8 +256,8 @@ def test_past_the_natural_groups_the_least_harmful_merge_still_comes_first() -> 
 
 
 def test_command_suggests_over_the_apps_curation(one_split: tuple[Path, dict[int, int]], tmp_path: Path) -> None:
-    from app.curation import CurationStore
-    from twist_core.index_store import META_FILE, read_manifest
+    from twist_core.curate.curation import CurationStore
+    from twist_core.index.store import META_FILE, read_manifest
 
     index, _ = one_split
     store = CurationStore(tmp_path / "curation.sqlite", index / read_manifest(index)["dir"] / META_FILE,

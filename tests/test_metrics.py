@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from twist_core.metrics import cluster_report, contingency, hungarian_accuracy, knn_accuracy
+from twist_core.evaluation.metrics import cluster_report, contingency, hungarian_accuracy, knn_accuracy
 
 NAMES = ["a", "b", "c"]
 

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from twist_core.patches import (
+from twist_core.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from twist_core.model.patches import (
     CACHE_CHUNK,
     PATCH,
     POOL_GRID,
@@ -21,8 +22,7 @@ from twist_core.patches import (
     normalise_patches,
     region_average,
 )
-from twist_core.patches_conv import PatchConvBackbone
-from twist_core.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from twist_core.model.patches_conv import PatchConvBackbone
 
 
 def load_folder(root: Path) -> tuple[torch.Tensor, np.ndarray]:
@@ -137,11 +137,11 @@ def test_patches_conv_run_exports_to_onnx_with_dynamic_size(shapes_folder: Path,
     """A real run with --backbone patches-conv, exported; onnxruntime matches PyTorch at several sizes."""
     from conftest import tiny_train_config
 
-    from twist_core.checkpoint import load_checkpoint
-    from twist_core.export import ExportConfig, ProbabilityModel, export_model
-    from twist_core.infer import OnnxModel
-    from twist_core.model import ModelSpec, TwistModel
-    from twist_core.train import train
+    from twist_core.deploy.export import ExportConfig, ProbabilityModel, export_model
+    from twist_core.deploy.infer import OnnxModel
+    from twist_core.model.checkpoint import load_checkpoint
+    from twist_core.model.network import ModelSpec, TwistModel
+    from twist_core.train.loop import train
 
     run = tmp_path / "run"
     train(tiny_train_config(shapes_folder, run, backbone="patches-conv", epochs=1))

@@ -14,10 +14,10 @@ import pytest
 from conftest import REPO, SHARED_DATA, extract_cifar_slice
 from PIL import Image, JpegImagePlugin
 
-from twist_core.dataset import FolderImages
-from twist_core.folder import DRAFT_GAP, decode_image, resize_center_crop
-from twist_core.infer import Preprocess
-from twist_core.photo_defaults import PHOTO_BACKBONE, PHOTO_IMAGE_SIZE
+from twist_core.data.dataset import FolderImages
+from twist_core.data.folder import DRAFT_GAP, decode_image, resize_center_crop
+from twist_core.deploy.infer import Preprocess
+from twist_core.train.photo_defaults import PHOTO_BACKBONE, PHOTO_IMAGE_SIZE
 
 CALTECH = SHARED_DATA / "caltech20.tar.gz"
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -124,7 +124,7 @@ def test_auto_choice_for_photos_on_a_cpu_and_with_pretrained_weights(tmp_path: P
     """Photos get the measured default; --init (ImageNet weights) keeps a ResNet at 224 px, as before."""
     import torch
 
-    from twist_core.train import TrainConfig, resolve_auto
+    from twist_core.train.loop import TrainConfig, resolve_auto
 
     for index in range(5):
         noisy_photo(300, 225).save(tmp_path / f"{index}.jpg")

@@ -15,13 +15,15 @@ import pytest
 from conftest import REPO, chromium_page, keep_screenshots, needs_chromium
 
 from app.workspace import AppUserError, Workspace
-from twist_core import index_faiss, review
-from twist_core.index import ImageIndex
-from twist_core.index_build import IndexConfig, build_index, update_index
-from twist_core.index_faiss import IndexPlan, build, normalized, plan_index
-from twist_core.index_store import META_FILE, read_manifest
-from twist_core.label import LabelConfig, label_folder, read_labels
-from twist_core.label_table import labels_paths
+from twist_core import vectors as index_faiss
+from twist_core.index import review_table
+from twist_core.index.build import IndexConfig, build_index, update_index
+from twist_core.index.image_index import ImageIndex
+from twist_core.index.store import META_FILE, read_manifest
+from twist_core.label import review
+from twist_core.label.labeller import LabelConfig, label_folder, read_labels
+from twist_core.label.table import labels_paths
+from twist_core.vectors import IndexPlan, build, normalized, plan_index
 
 CENTRES, PER_CENTRE, DIM = 5, 40, 16
 
@@ -127,7 +129,7 @@ def test_bad_settings_are_refused() -> None:
 # ---- twist label: the column, in every format
 @pytest.fixture(scope="module")
 def model_path(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from twist_core.export import ExportConfig, export_model
+    from twist_core.deploy.export import ExportConfig, export_model
 
     out = tmp_path_factory.mktemp("review_model") / "tiny.onnx"
     return export_model(ExportConfig(run=str(tiny_run), out=str(out)))
@@ -192,7 +194,7 @@ def stored_scores(index_dir: Path) -> dict[str, tuple[float, int | None]]:
     """Path -> (score, suggestion) as the published index holds them."""
     meta = index_dir / read_manifest(index_dir)["dir"] / META_FILE
     with sqlite3.connect(f"file:{meta}?mode=ro", uri=True) as db:
-        assert review.has_scores(db)
+        assert review_table.has_scores(db)
         rows = db.execute("SELECT i.path, r.score, r.suggestion FROM review r JOIN images i ON i.id = r.id").fetchall()
     return {path: (score, suggestion) for path, score, suggestion in rows}
 
@@ -244,7 +246,7 @@ def test_an_index_without_scores_opens_and_update_adds_them(tmp_path: Path) -> N
     opened.close()
     meta = out / read_manifest(out)["dir"] / META_FILE
     with sqlite3.connect(f"file:{meta}?mode=ro", uri=True) as db:
-        assert not review.has_scores(db)
+        assert not review_table.has_scores(db)
     result = subprocess.run([sys.executable, "-m", "twist_core.cli", "index", str(table), "--update", "--out",
                              str(out), "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -353,7 +355,7 @@ def test_review_follows_an_index_update_while_the_app_runs(app_bundle: dict[str,
         writer.close()
         after, after_total = ws.review_page(0)
         assert gone not in [i.record.id for i in after] and after_total == total - 1
-        review.refresh_index(index_dir)
+        review_table.refresh_index(index_dir)
         assert ws.review_page(0)[1] == total - 1
     finally:
         ws.close()

@@ -3,6 +3,8 @@
 import ast
 import subprocess
 import sys
+from graphlib import CycleError, TopologicalSorter
+from pathlib import Path
 
 from conftest import REPO
 
@@ -23,3 +25,46 @@ def test_no_function_is_longer_than_the_limit() -> None:
                 if lines > LONGEST_FUNCTION:
                     too_long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
     assert not too_long, "split these functions: " + ", ".join(too_long)
+
+
+def imported_modules(path: Path) -> list[str]:
+    """Every module an import statement of ``path`` names (``from a import b`` names ``a`` and ``a.b``)."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+    return names
+
+
+def test_the_core_never_imports_the_app() -> None:
+    offenders = [f"{path.relative_to(REPO)}: {name}" for path in sorted((REPO / "twist_core").rglob("*.py"))
+                 for name in imported_modules(path) if name == "app" or name.startswith("app.")]
+    assert not offenders, "the app registers itself (pyproject entry points); the core must not name it: " + \
+        ", ".join(offenders)
+
+
+def test_stage_packages_depend_one_way() -> None:
+    """The stage packages (data, model, ...) form a pipeline: no two stages import each other, even through a
+    third, and no stage imports the commands above them (only a package's ``__main__`` runs its command)."""
+    core = REPO / "twist_core"
+    stages = {path.parent.name for path in core.glob("*/__init__.py")} - {"commands"}
+    graph: dict[str, set[str]] = {stage: set() for stage in stages}
+    upward = []
+    for stage in stages:
+        for path in (core / stage).rglob("*.py"):
+            for name in imported_modules(path):
+                parts = name.split(".")
+                if parts[0] != "twist_core" or len(parts) < 2:
+                    continue
+                if parts[1] in stages and parts[1] != stage:
+                    graph[stage].add(parts[1])
+                if parts[1] in ("commands", "cli", "demo") and path.name != "__main__.py":
+                    upward.append(f"{path.relative_to(REPO)}: {name}")
+    assert not upward, "a stage imports a command: " + ", ".join(upward)
+    try:
+        order = list(TopologicalSorter(graph).static_order())
+    except CycleError as error:
+        raise AssertionError(f"stage packages import each other in a cycle: {error.args[1]}") from None
+    assert {"data", "model", "train", "deploy", "label", "index", "curate"} <= set(order)

@@ -15,7 +15,7 @@ import torch
 from conftest import REPO, tiny_train_config
 
 from twist_core.commands.train import build_parser
-from twist_core.train import TrainConfig, train
+from twist_core.train.loop import TrainConfig, train
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
@@ -142,7 +142,7 @@ MIN_DEFAULT_RECIPE_ACC = 0.30
 
 
 def test_default_recipe_clusters_real_photos_well_above_pixels(cifar_1k: Path, tmp_path: Path) -> None:
-    from twist_core.evaluate import EvalConfig, evaluate
+    from twist_core.evaluation.evaluate import EvalConfig, evaluate
 
     out = tmp_path / "defaults"
     train(TrainConfig(data=str(cifar_1k), out=str(out), classes=10, epochs=25, workers=1, progress=False))
@@ -176,8 +176,8 @@ def test_multicrop_and_self_labelling_train(shapes_folder: Path, tmp_path: Path)
 
 @pytest.mark.parametrize("optimizer, lr", [("sgd", 0.1), ("lars", 0.5), ("adamw", 5e-4)])
 def test_learning_rate_default_follows_the_optimiser(shapes_folder: Path, optimizer: str, lr: float) -> None:
-    from twist_core.folder import require_images
-    from twist_core.train import resolve_auto
+    from twist_core.data.folder import require_images
+    from twist_core.train.loop import resolve_auto
 
     config = TrainConfig(data=str(shapes_folder), optimizer=optimizer, image_size=32)
     resolved = resolve_auto(config, shapes_folder, require_images(shapes_folder), torch.device("cpu"))
@@ -188,8 +188,8 @@ def test_learning_rate_default_follows_the_optimiser(shapes_folder: Path, optimi
 
 
 def test_head_runs_once_on_all_crops_so_logit_batchnorm_spans_crop_sizes() -> None:
-    from twist_core.model import ModelSpec, TwistModel
-    from twist_core.train import forward_views
+    from twist_core.model.network import ModelSpec, TwistModel
+    from twist_core.train.loop import forward_views
 
     torch.manual_seed(0)
     model = TwistModel(ModelSpec(backbone="resnet18", width=8, small_stem=True, hidden_dim=32, n_classes=6)).train()
@@ -202,7 +202,7 @@ def test_head_runs_once_on_all_crops_so_logit_batchnorm_spans_crop_sizes() -> No
 
 
 def test_paper_recipe_fills_defaults_and_is_recorded(shapes_folder: Path, tmp_path: Path) -> None:
-    from twist_core.train import apply_recipe
+    from twist_core.train.loop import apply_recipe
 
     paper = apply_recipe(TrainConfig(recipe="paper", lr=0.3))
     assert (paper.backbone, paper.hidden_dim, paper.tau, paper.optimizer, paper.weight_decay, paper.local_crops,
@@ -217,7 +217,7 @@ def test_paper_recipe_fills_defaults_and_is_recorded(shapes_folder: Path, tmp_pa
 
 
 def test_self_labelling_stage_restarts_the_learning_rate_and_raises_the_kept_share() -> None:
-    from twist_core.optim import Schedule
+    from twist_core.train.optim import Schedule
 
     schedule = Schedule(total_steps=1000, warmup_steps=50, peak_lr=1.0, self_label_fraction=0.1, keep=0.5)
     assert schedule.self_label_start == 900 and schedule.warmup_end == 50
@@ -231,8 +231,8 @@ def test_self_labelling_stage_restarts_the_learning_rate_and_raises_the_kept_sha
 
 
 def test_self_labelling_stage_is_on_by_default_only_where_it_was_measured_to_help(shapes_folder: Path) -> None:
-    from twist_core.folder import require_images
-    from twist_core.train import resolve_auto
+    from twist_core.data.folder import require_images
+    from twist_core.train.loop import resolve_auto
 
     files = require_images(shapes_folder)
     for backbone, fraction in (("patches", 0.1), ("resnet18", 0.0)):

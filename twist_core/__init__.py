@@ -1,4 +1,4 @@
-"""TWIST unsupervised image clustering: folder -> dataset -> augment -> model -> loss -> train -> export -> label."""
+"""TWIST unsupervised image clustering: data -> model -> train -> deploy (ONNX) -> label -> index -> curate."""
 
 import os
 

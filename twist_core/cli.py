@@ -1,38 +1,69 @@
-"""``twist COMMAND ...``: a thin dispatcher; each command parses its own config dataclass and calls one function."""
+"""``twist COMMAND ...``: a thin dispatcher; each command parses its own config dataclass and calls one function.
+
+The core lists its own commands. Other packages add theirs through the ``twist.commands`` entry-point group
+(the app registers ``app`` and ``import-labels`` in pyproject.toml), so the core never imports them by name and
+runs without them.
+"""
 
 from __future__ import annotations
 
 import importlib
 import sys
+from dataclasses import dataclass
+from importlib.metadata import entry_points
 
-COMMANDS = {
-    "demo": ("twist_core.commands.demo",
-             "the whole pipeline on scikit-learn's digits, then the app (no arguments needed)"),
-    "train": ("twist_core.commands.train", "train TWIST on an image folder"),
-    "finetune": ("twist_core.commands.finetune",
-                 "continue training a run with the labels a person set or confirmed in the app"),
-    "eval": ("twist_core.commands.eval", "score clusters against class folders (ACC/NMI/AMI/ARI, kNN, baselines)"),
-    "export": ("twist_core.commands.export", "export a run to one ONNX file with its model card"),
-    "label": ("twist_core.commands.label", "label every image of a folder with an exported model"),
-    "index": ("twist_core.commands.index", "build or update a FAISS similarity index from labels + embeddings"),
-    "search": ("twist_core.commands.search", "find the images most similar to an image (or an indexed id)"),
-    "duplicates": ("twist_core.commands.duplicates", "list groups of near-identical images in an index"),
-    "suggest-merges": ("twist_core.commands.suggest_merges",
-                       "rank cluster pairs to merge (over-clustered runs) and estimate K"),
-    "app": ("app.main", "open the web app: browse, search, curate and export the clusters"),
-    "import-labels": ("app.labelstudio", "apply the labels chosen in Label Studio (its JSON export) to the app"),
+ENTRY_POINT_GROUP = "twist.commands"
+
+
+@dataclass(frozen=True)
+class Command:
+    """A ``twist`` command: the module whose ``main(argv)`` runs it, and its line in ``twist --help``."""
+
+    module: str
+    help: str
+
+
+CORE_COMMANDS = {
+    "demo": Command("twist_core.commands.demo",
+                    "the whole pipeline on scikit-learn's digits, then the app (no arguments needed)"),
+    "train": Command("twist_core.commands.train", "train TWIST on an image folder"),
+    "finetune": Command("twist_core.commands.finetune",
+                        "continue training a run with the labels a person set or confirmed in the app"),
+    "eval": Command("twist_core.commands.eval",
+                    "score clusters against class folders (ACC/NMI/AMI/ARI, kNN, baselines)"),
+    "export": Command("twist_core.commands.export", "export a run to one ONNX file with its model card"),
+    "label": Command("twist_core.commands.label", "label every image of a folder with an exported model"),
+    "index": Command("twist_core.commands.index", "build or update a FAISS similarity index from labels + embeddings"),
+    "search": Command("twist_core.commands.search", "find the images most similar to an image (or an indexed id)"),
+    "duplicates": Command("twist_core.commands.duplicates", "list groups of near-identical images in an index"),
+    "suggest-merges": Command("twist_core.commands.suggest_merges",
+                              "rank cluster pairs to merge (over-clustered runs) and estimate K"),
 }
+
+
+def commands() -> dict[str, Command]:
+    """The core's commands, then every registered one (a registered name cannot replace a core command)."""
+    found = dict(CORE_COMMANDS)
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            command = entry.load()
+        except (ImportError, AttributeError) as error:  # a broken or half-removed package: the rest still runs
+            print(f"twist: command {entry.name!r} ({entry.value}) could not be loaded: {error}", file=sys.stderr)
+            continue
+        if entry.name not in found and isinstance(command, Command):
+            found[entry.name] = command
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        width = max(map(len, COMMANDS))
-        lines = [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    available = CORE_COMMANDS if argv and argv[0] in CORE_COMMANDS else commands()  # plugins only when needed
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in available:
+        width = max(map(len, available))
+        lines = [f"  {name:<{width}}  {command.help}" for name, command in available.items()]
         print("usage: twist COMMAND [options]   (twist COMMAND --help for each)\n\ncommands:\n" + "\n".join(lines))
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    module = importlib.import_module(COMMANDS[argv[0]][0])
-    return module.main(argv[1:])
+    return importlib.import_module(available[argv[0]].module).main(argv[1:])
 
 
 if __name__ == "__main__":

@@ -51,8 +51,8 @@ def write_digits(root: Path) -> Path:
 
 def label_and_index(model: Path, images: Path, workspace: Path, progress: bool = True) -> tuple[Path, Path]:
     """``twist label`` then ``twist index``: the table beside the index, as the app expects."""
-    from twist_core.index_build import IndexConfig, build_index
-    from twist_core.label import LabelConfig, label_folder
+    from twist_core.index.build import IndexConfig, build_index
+    from twist_core.label.labeller import LabelConfig, label_folder
 
     labels = workspace / "labels.csv"
     label_folder(LabelConfig(model=str(model), folder=str(images), out=str(labels), overwrite=True,
@@ -84,9 +84,9 @@ def step(title: str) -> float:
 
 
 def run_demo(config: DemoConfig) -> dict:
-    from twist_core.evaluate import EvalConfig, evaluate, format_report
-    from twist_core.export import ExportConfig, export_model
-    from twist_core.train import TrainConfig, train
+    from twist_core.deploy.export import ExportConfig, export_model
+    from twist_core.evaluation.evaluate import EvalConfig, evaluate, format_report
+    from twist_core.train.loop import TrainConfig, train
 
     workspace = Path(config.workspace).resolve()
     timings: dict[str, float] = {}

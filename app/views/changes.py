@@ -43,7 +43,7 @@ def cluster_names_by_file(source: Path) -> dict[str, str]:
     """Absolute file -> cluster name of every labelled image in an index folder or a labels table."""
     source = Path(source)
     if source.is_dir():
-        from twist_core.index_store import META_FILE, IndexUserError, MetaStore, read_manifest
+        from twist_core.index.store import META_FILE, IndexUserError, MetaStore, read_manifest
 
         try:
             meta = MetaStore(source / read_manifest(source)["dir"] / META_FILE)
@@ -56,7 +56,7 @@ def cluster_names_by_file(source: Path) -> dict[str, str]:
         finally:
             meta.close()
     else:
-        from twist_core.label_table import FORMATS, read_labels
+        from twist_core.label.table import FORMATS, read_labels
 
         if source.suffix.lower() not in FORMATS or not source.is_file():
             raise ChangesError(f"{source}: give a labels table of twist label ({', '.join(FORMATS)}) or an index "

@@ -12,7 +12,6 @@ from typing import Any
 
 import gradio as gr
 
-from app.curation import EXCLUDED
 from app.views import ViewContext
 from app.views.shared import (
     cluster_choices,
@@ -24,6 +23,7 @@ from app.views.shared import (
     parse_ids,
 )
 from app.workspace import PAGE_SIZE, Workspace
+from twist_core.curate.curation import EXCLUDED
 
 
 def build(ctx: ViewContext) -> None:

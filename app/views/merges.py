@@ -1,6 +1,6 @@
 """The "Suggested merges" view: which clusters of an over-clustered model belong together, merged with one click.
 
-The suggestions are computed over the clusters as curated now (:func:`twist_core.merges.data_from_index` with
+The suggestions are computed over the clusters as curated now (:func:`twist_core.curate.merges.data_from_index` with
 the workspace's store), so a merge made here or in the Cluster view is respected, and a merge goes through
 the curation store like any other: the app's "Undo last change" takes it back.
 """
@@ -16,7 +16,7 @@ from PIL import Image
 from app.views import ViewContext
 from app.views.shared import current_choices, friendly
 from app.workspace import AppUserError, Workspace
-from twist_core import merges
+from twist_core.curate import merges
 
 PAIRS_SHOWN = 30  # ranked pairs in the table and the chooser
 PAIR_THUMBNAILS = 6  # most confident images of each cluster of the chosen pair

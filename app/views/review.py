@@ -1,6 +1,6 @@
 """The Review view: the images most likely in the wrong cluster first, each moved or kept with one click.
 
-The order is the index's review score (:mod:`twist_core.review`: low margin, doubtful cluster, neighbours
+The order is the index's review score (:mod:`twist_core.label.review`: low margin, doubtful cluster, neighbours
 in another cluster).
 The image on the left of the page is the current one; "Move to ..." sends it to the cluster its neighbours
 point to, "Keep" confirms it where it is, and either way it leaves the queue and the next image becomes the

@@ -16,9 +16,9 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from app.curation import EXCLUDED, CurationError
 from app.workspace import DISPLAY_SIDE, AppUserError, Neighbour, Prediction, Workspace
-from twist_core.index_store import IndexUserError
+from twist_core.curate.curation import EXCLUDED, CurationError
+from twist_core.index.store import IndexUserError
 
 log = logging.getLogger("twist.app")
 TOP_CLASSES = 10  # bars in a class-distribution chart

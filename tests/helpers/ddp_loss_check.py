@@ -8,7 +8,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from twist_core.loss import self_label_loss, twist_multicrop_loss
+from twist_core.train.loss import self_label_loss, twist_multicrop_loss
 
 
 def main(out_path: str) -> None:

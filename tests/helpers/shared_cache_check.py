@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from twist_core.dataset import FolderImages, decode_all, decode_per_node
-from twist_core.folder import scan_folder
+from twist_core.data.dataset import FolderImages, decode_all, decode_per_node
+from twist_core.data.folder import scan_folder
 
 
 def pss_bytes() -> int:

@@ -14,8 +14,8 @@ import pytest
 from conftest import start_app_server, stop_app_server
 from gradio_client import Client
 
-from twist_core.index import ImageIndex
-from twist_core.infer import OnnxModel
+from twist_core.deploy.infer import OnnxModel
+from twist_core.index.image_index import ImageIndex
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"]

@@ -24,7 +24,7 @@ from conftest import REPO, export_label_index, start_app_server, stop_app_server
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from twist_core.index import ImageIndex
+from twist_core.index.image_index import ImageIndex
 from twist_core.io_utils import OUTPUT_MARKER
 
 SCRIPT = "<script>fetch('/gradio_api/info').then(r => document.title = 'pwned')</script>"

@@ -20,7 +20,7 @@ from conftest import start_app_server, stop_app_server
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from twist_core.index import ImageIndex
+from twist_core.index.image_index import ImageIndex
 
 USER, PASSWORD = "ann", "correct horse battery staple"
 CHROMIUM = Path("/usr/bin/chromium")

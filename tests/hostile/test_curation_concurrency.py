@@ -17,9 +17,9 @@ import faiss
 import numpy as np
 import pytest
 
-from app.curation import EXCLUDED, CurationError, CurationStore
-from twist_core.index import ImageIndex
-from twist_core.index_store import META_FILE, read_manifest
+from twist_core.curate.curation import EXCLUDED, CurationError, CurationStore
+from twist_core.index.image_index import ImageIndex
+from twist_core.index.store import META_FILE, read_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 N_CLUSTERS = 7
@@ -27,7 +27,7 @@ N_IMAGES = 28
 
 WORKER = r"""
 import json, random, sys, threading, time
-from app.curation import CurationError, CurationStore
+from twist_core.curate.curation import CurationError, CurationStore
 
 store_path, meta_path, seed, threads, actions, start_at, mode = sys.argv[1:]
 names = [f"c{i}" for i in range(7)]

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from app.thumbnails import PLACEHOLDER, ThumbnailCache
-from twist_core.export import ExportConfig, export_model
-from twist_core.index import ImageIndex
+from twist_core.deploy.export import ExportConfig, export_model
+from twist_core.index.image_index import ImageIndex
 from twist_core.io_utils import path_from_text, path_to_text
 
 REPO = Path(__file__).resolve().parents[2]

@@ -23,9 +23,9 @@ import pytest
 from onnx import numpy_helper
 from PIL import Image
 
-from twist_core.export import ExportConfig, export_model
+from twist_core.deploy.export import ExportConfig, export_model
 from twist_core.io_utils import OUTPUT_MARKER, path_from_text
-from twist_core.label_table import read_labels
+from twist_core.label.table import read_labels
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = ["--chunk-size", "16", "--batch-size", "8", "--workers", "0", "--no-progress"]
@@ -359,7 +359,7 @@ def test_scan_reports_unreadable_folders_to_its_caller(shapes_folder: Path, tmp_
     root = tmp_path / "images"
     shutil.copytree(shapes_folder, root)
     (root / "a" / "b").mkdir(parents=True)
-    scan = ("import json, sys; from twist_core.folder import NoImagesError, scan_folder, skipped_lines\n"
+    scan = ("import json, sys; from twist_core.data.folder import NoImagesError, scan_folder, skipped_lines\n"
             "unreadable = {}\n"
             "try:\n    files = scan_folder(sys.argv[1], unreadable)\n"
             "except NoImagesError as error:\n    files = str(error)\n"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
+from twist_core.cli import commands
 from twist_core.commands import run_command
 from twist_core.config import command_parser
 from twist_core.demo import DemoConfig, run_demo
@@ -20,13 +22,13 @@ def demo(config: DemoConfig) -> int:
     pixels = summary["kmeans_pixels"]
     print(f"\nTWIST on the digits: ACC {summary['acc']:.3f} NMI {summary['nmi']:.3f} ARI {summary['ari']:.3f}   "
           f"(k-means on raw pixels: ACC {pixels['acc']:.3f} NMI {pixels['nmi']:.3f} ARI {pixels['ari']:.3f})")
-    if not config.app:
+    app = commands().get("app")  # registered by the app package (an entry point), never imported by name here
+    if not config.app or app is None:
         print(f"workspace: {summary['workspace']}\nopen the app with: twist app --model {summary['model']} "
-              f"--index {summary['index']}")
+              f"--index {summary['index']}" + ("" if app else "   (once the app is installed: pip install -e .)"))
         return 0
-    from twist_core.cli import main as twist
-
-    return twist(["app", "--model", summary["model"], "--index", summary["index"], "--port", str(config.port)])
+    return importlib.import_module(app.module).main(
+        ["--model", summary["model"], "--index", summary["index"], "--port", str(config.port)])
 
 
 def main(argv: list[str] | None = None) -> int:

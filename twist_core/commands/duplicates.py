@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 from twist_core.commands import run_command
 from twist_core.config import AutoConfig, command_parser, option
-from twist_core.index import IndexReader, find_duplicates
-from twist_core.index_store import IndexUserError
+from twist_core.index.image_index import IndexReader, find_duplicates
+from twist_core.index.search import format_hits, hit_dict
+from twist_core.index.store import IndexUserError
 from twist_core.io_utils import atomic_write_text
-from twist_core.search import format_hits, hit_dict
 
 
 @dataclass

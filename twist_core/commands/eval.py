@@ -1,4 +1,4 @@
-"""``twist eval RUN_OR_MODEL DATA``: score the clusters against class folders (``twist_core.evaluate``)."""
+"""``twist eval RUN_OR_MODEL DATA``: score the clusters against class folders (``twist_core.evaluation.evaluate``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 from twist_core.commands import run_command
 from twist_core.config import command_parser
 from twist_core.errors import UserError
-from twist_core.evaluate import EvalConfig, evaluate, format_report
-from twist_core.evaluate import __doc__ as DOC
+from twist_core.evaluation.evaluate import EvalConfig, evaluate, format_report
+from twist_core.evaluation.evaluate import __doc__ as DOC
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""``twist export RUN``: one ONNX file and its model card (``twist_core.export``)."""
+"""``twist export RUN``: one ONNX file and its model card (``twist_core.deploy.export``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 
 from twist_core.commands import run_command
 from twist_core.config import command_parser
-from twist_core.export import ExportConfig, ExportError, export_model
-from twist_core.export import __doc__ as DOC
+from twist_core.deploy.export import ExportConfig, ExportError, export_model
+from twist_core.deploy.export import __doc__ as DOC
 
 
 def build_parser() -> argparse.ArgumentParser:

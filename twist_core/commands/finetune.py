@@ -1,4 +1,4 @@
-"""``twist finetune RUN --index IX``: continue a run with the labels set in the app (``twist_core.finetune``)."""
+"""``twist finetune RUN --index IX``: continue a run with the labels set in the app (``twist_core.curate.finetune``)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import sys
 
 from twist_core.commands import run_command
 from twist_core.config import command_parser
-from twist_core.finetune import FinetuneConfig, finetune
-from twist_core.finetune import __doc__ as DOC
+from twist_core.curate.finetune import FinetuneConfig, finetune
+from twist_core.curate.finetune import __doc__ as DOC
 
 
 def build_parser() -> argparse.ArgumentParser:

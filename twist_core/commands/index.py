@@ -1,4 +1,4 @@
-"""``twist index SOURCE --out INDEX`` (or ``--update``): build or update a FAISS index (``twist_core.index_build``)."""
+"""``twist index SOURCE --out INDEX`` (or ``--update``): build or update a FAISS index (``twist_core.index.build``)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import sys
 
 from twist_core.commands import run_command
 from twist_core.config import command_parser
-from twist_core.index import IndexReader
-from twist_core.index_build import IndexConfig, build_index, update_index
-from twist_core.index_build import __doc__ as DOC
-from twist_core.index_store import IndexUserError, write_failure
+from twist_core.index.build import IndexConfig, build_index, update_index
+from twist_core.index.build import __doc__ as DOC
+from twist_core.index.image_index import IndexReader
+from twist_core.index.store import IndexUserError, write_failure
 
 
 def build_parser() -> argparse.ArgumentParser:

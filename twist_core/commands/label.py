@@ -1,4 +1,4 @@
-"""``twist label MODEL FOLDER --out T.csv``: label every image of a folder (``twist_core.label``).
+"""``twist label MODEL FOLDER --out T.csv``: label every image of a folder (``twist_core.label.labeller``).
 
 Several processes: ``torchrun --nproc_per_node N -m twist_core.commands.label ...`` (or ``-m twist_core.label``).
 """
@@ -11,8 +11,8 @@ import sys
 
 from twist_core.commands import run_command
 from twist_core.config import command_parser
-from twist_core.label import LabelConfig, label_folder
-from twist_core.label import __doc__ as DOC
+from twist_core.label.labeller import LabelConfig, label_folder
+from twist_core.label.labeller import __doc__ as DOC
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 

@@ -1,4 +1,4 @@
-"""``twist search INDEX IMAGE -k 10``: the most similar indexed images (``twist_core.search``)."""
+"""``twist search INDEX IMAGE -k 10``: the most similar indexed images (``twist_core.index.search``)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import sys
 
 from twist_core.commands import run_command
 from twist_core.config import command_parser
-from twist_core.index_store import IndexUserError
+from twist_core.index.search import SearchConfig, format_hits, hit_dict, no_hits_reason, search
+from twist_core.index.search import __doc__ as DOC
+from twist_core.index.store import IndexUserError
 from twist_core.io_utils import atomic_write_text
-from twist_core.search import SearchConfig, format_hits, hit_dict, no_hits_reason, search
-from twist_core.search import __doc__ as DOC
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""``twist suggest-merges INDEX``: rank cluster pairs to merge and estimate K (``twist_core.merges``)."""
+"""``twist suggest-merges INDEX``: rank cluster pairs to merge and estimate K (``twist_core.curate.merges``)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import sys
 
 from twist_core.commands import run_command
 from twist_core.config import command_parser
+from twist_core.curate.merges import MergesConfig, draw_dendrogram, format_suggestions, run
+from twist_core.curate.merges import __doc__ as DOC
 from twist_core.io_utils import atomic_write_text
-from twist_core.merges import MergesConfig, draw_dendrogram, format_suggestions, run
-from twist_core.merges import __doc__ as DOC
 
 
 def build_parser() -> argparse.ArgumentParser:

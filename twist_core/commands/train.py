@@ -1,4 +1,4 @@
-"""``twist train DATA --out RUN``: train TWIST on an image folder (``twist_core.train``).
+"""``twist train DATA --out RUN``: train TWIST on an image folder (``twist_core.train.loop``).
 
 Several processes: ``torchrun --nproc_per_node N -m twist_core.commands.train ...`` (or ``-m twist_core.train``).
 """
@@ -11,12 +11,12 @@ import json
 import sys
 from pathlib import Path
 
-from twist_core.allocator import keep_freed_memory
 from twist_core.commands import run_command
 from twist_core.config import command_parser
 from twist_core.errors import UserError
-from twist_core.train import TrainConfig, train
-from twist_core.train import __doc__ as DOC
+from twist_core.train.allocator import keep_freed_memory
+from twist_core.train.loop import TrainConfig, train
+from twist_core.train.loop import __doc__ as DOC
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """Run an exported TWIST model with onnxruntime alone: no PyTorch needed to label images.
 
 The model file carries its own preprocessing contract (the ``twist_card`` metadata written by
-:mod:`twist_core.export`), so a caller only hands over images and gets probabilities and embeddings back.
+:mod:`twist_core.deploy.export`), so a caller only hands over images and gets probabilities and embeddings back.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from twist_core.data.preprocess import ImageLike, Preprocess
 from twist_core.errors import UserError
-from twist_core.preprocess import ImageLike, Preprocess
 
 CARD_KEY = "twist_card"
 

@@ -26,22 +26,22 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from twist_core import distributed
-from twist_core.augment import BatchAugment, policy_for_size
-from twist_core.budget import check_budget, fit_total_steps, parse_duration
-from twist_core.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from twist_core.config import AUTO, AutoConfig, auto_option, option, save_config
-from twist_core.dataset import EpochBatches, FolderImages, decode_per_node, epoch_batches, make_loader
+from twist_core.data.augment import BatchAugment, policy_for_size
+from twist_core.data.dataset import EpochBatches, FolderImages, decode_per_node, epoch_batches, make_loader
+from twist_core.data.folder import DEFAULT_MAX_PIXELS, NoImagesError, decode_image, require_images, skipped_lines
+from twist_core.data.preprocess import centre_crop_normalise, decode_size, is_small
 from twist_core.errors import RunFailure, UserError
-from twist_core.evaluate import load_eval_images, predict_torch, score, summary_line
-from twist_core.folder import DEFAULT_MAX_PIXELS, NoImagesError, decode_image, require_images, skipped_lines
-from twist_core.init_weights import InitWeights, check_fits, load_into, read_init
+from twist_core.evaluation.evaluate import load_eval_images, predict_torch, score, summary_line
 from twist_core.io_utils import atomic_write_text, mark_output_folder
-from twist_core.loss import self_label_loss, supervised_loss, twist_multicrop_loss
-from twist_core.model import ModelSpec, TwistModel, recalibrate_batchnorm
-from twist_core.optim import Schedule, StepPlan, build_optimizer
-from twist_core.patches import PatchBackbone, learn_patch_dictionary
-from twist_core.photo_defaults import announcement, auto_backbone, auto_image_size
-from twist_core.preprocess import centre_crop_normalise, decode_size, is_small
+from twist_core.model.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from twist_core.model.init_weights import InitWeights, check_fits, load_into, read_init
+from twist_core.model.network import ModelSpec, TwistModel, recalibrate_batchnorm
+from twist_core.model.patches import PatchBackbone, learn_patch_dictionary
+from twist_core.train.budget import check_budget, fit_total_steps, parse_duration
+from twist_core.train.loss import self_label_loss, supervised_loss, twist_multicrop_loss
+from twist_core.train.optim import Schedule, StepPlan, build_optimizer
+from twist_core.train.photo_defaults import announcement, auto_backbone, auto_image_size
 
 METRICS_NAME = "metrics.jsonl"
 RECALIBRATION_IMAGES = 10_000  # clean images whose BN statistics the exported model uses
@@ -347,7 +347,7 @@ def train(config: TrainConfig, start_from: dict[str, torch.Tensor] | None = None
                 metrics = end_epoch(run, epoch, train_one_epoch(run, epoch))
                 epoch += 1
         if ctx.is_main:
-            from twist_core.plots import plot_training_curves
+            from twist_core.train.plots import plot_training_curves
 
             plot_training_curves(run.history, run.out / "curves.png")
             atomic_write_text(run.out / "DONE", json.dumps(metrics) + "\n")
@@ -918,9 +918,3 @@ def _cache_batches(cache: torch.Tensor, batches: list[list[int]]):
     for batch in batches:
         indices = torch.tensor(batch)
         yield indices, cache[indices], [""] * len(batch)
-
-
-if __name__ == "__main__":  # ``torchrun -m twist_core.train`` (documented): the command is twist_core.commands.train
-    from twist_core.commands.train import main
-
-    sys.exit(main())

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from twist_core.config import AutoConfig, option
-from twist_core.dataset import FolderImages, decode_all
-from twist_core.folder import DEFAULT_MAX_PIXELS, NoImagesError, ground_truth_labels, require_images
+from twist_core.data.dataset import FolderImages, decode_all
+from twist_core.data.folder import DEFAULT_MAX_PIXELS, NoImagesError, ground_truth_labels, require_images
+from twist_core.data.preprocess import centre_crop_normalise, decode_size
+from twist_core.evaluation.metrics import cluster_report, kmeans_clusters, knn_accuracy
 from twist_core.io_utils import atomic_write_text
-from twist_core.metrics import cluster_report, kmeans_clusters, knn_accuracy
-from twist_core.model import TwistModel
-from twist_core.preprocess import centre_crop_normalise, decode_size
+from twist_core.model.network import TwistModel
 
 PIXEL_BASELINE_SIZE = 32
 
@@ -161,7 +161,7 @@ def _predict_source(config: EvalConfig) -> tuple[np.ndarray, np.ndarray, EvalIma
     source = Path(config.source)
     progress = sys.stderr.isatty()
     if source.suffix == ".onnx":
-        from twist_core.infer import OnnxModel
+        from twist_core.deploy.infer import OnnxModel
 
         onnx_model = OnnxModel(source, device=config.device)
         transform = onnx_model.transform
@@ -171,9 +171,9 @@ def _predict_source(config: EvalConfig) -> tuple[np.ndarray, np.ndarray, EvalIma
                    for i in range(0, len(data.images), config.batch_size)]
         outputs = [onnx_model.predict_arrays(batch) for batch in batches]
         return np.concatenate([o[0] for o in outputs]), np.concatenate([o[1] for o in outputs]), data
-    from twist_core.checkpoint import load_checkpoint
     from twist_core.distributed import pick_device
-    from twist_core.model import checkpoint_spec
+    from twist_core.model.checkpoint import load_checkpoint
+    from twist_core.model.network import checkpoint_spec
 
     checkpoint = load_checkpoint(source)
     spec = checkpoint_spec(checkpoint)

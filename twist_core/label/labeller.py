@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,13 +25,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from twist_core import __version__, distributed, review
+from twist_core import __version__, distributed
 from twist_core.config import AUTO, AutoConfig, auto_option, option
+from twist_core.data.folder import DEFAULT_MAX_PIXELS, ImageReadError, NoImagesError, require_images, skipped_lines
+from twist_core.data.preprocess import Preprocess
+from twist_core.deploy.infer import ModelOutputError, OnnxModel, finite_rows, physical_cores
 from twist_core.errors import UserError
-from twist_core.folder import DEFAULT_MAX_PIXELS, ImageReadError, NoImagesError, require_images, skipped_lines
-from twist_core.infer import ModelOutputError, OnnxModel, finite_rows, physical_cores
 from twist_core.io_utils import StagedWrites, atomic_write, atomic_write_text, file_sha256, path_to_text
-from twist_core.label_table import (
+from twist_core.label import review
+from twist_core.label.table import (
     COLUMNS,
     TOPK,
     Row,
@@ -47,8 +48,7 @@ from twist_core.label_table import (
     table_format,
     write_table,
 )
-from twist_core.label_tree import file_names, folder_names, prepare_tree, write_tree
-from twist_core.preprocess import Preprocess
+from twist_core.label.tree import file_names, folder_names, prepare_tree, write_tree
 
 __all__ = ["LabelConfig", "LabelError", "label_folder", "labels_paths", "read_labels"]
 
@@ -405,9 +405,3 @@ def _label_folder(config: LabelConfig, ctx: distributed.Context) -> dict[str, An
     if ctx.is_main:
         summary.update(merge(config, model, model_sha, root, files, topk, ctx.world_size))
     return summary
-
-
-if __name__ == "__main__":  # ``torchrun -m twist_core.label`` (documented): the command is twist_core.commands.label
-    from twist_core.commands.label import main
-
-    sys.exit(main())

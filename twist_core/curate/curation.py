@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from twist_core.errors import UserError
-from twist_core.index_store import IMAGES, INFO_TABLE, chunked_in
+from twist_core.index.store import IMAGES, INFO_TABLE, chunked_in
 from twist_core.io_utils import mark_output_folder
 
 EXCLUDED = -1  # the label of an image taken out of the dataset

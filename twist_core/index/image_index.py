@@ -1,10 +1,10 @@
 """Query and update an image index: nearest neighbours by vector, id or image; add, remove, find duplicates.
 
 An :class:`IndexReader` pairs a FAISS index (vector id = image id) with the SQLite metadata of the same
-generation (see :mod:`twist_core.index_store`), so an id always resolves to its image; it looks images up and
+generation (see :mod:`twist_core.index.store`), so an id always resolves to its image; it looks images up and
 searches. An :class:`IndexWriter` also adds and removes: every update writes a new generation and swaps it in
 atomically, and if anything fails the object reloads the last committed state. :func:`find_duplicates` and
-:func:`embed_and_add` work on them. Build one with :func:`twist_core.index_build.build_index` (``twist index``).
+:func:`embed_and_add` work on them. Build one with :func:`twist_core.index.build.build_index` (``twist index``).
 
 Hits show each cluster's current name: the app's (its curation store in the state folder, by default the
 index folder) where it renamed the cluster, else the model card's the images were labelled with.
@@ -26,9 +26,8 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from twist_core.folder import ImageReadError, decode_image
-from twist_core.index_faiss import normalized, resolve_device, search_params, set_nprobe, to_device
-from twist_core.index_store import (
+from twist_core.data.folder import ImageReadError, decode_image
+from twist_core.index.store import (
     CURATION_FILE,
     INDEX_FILE,
     META_FILE,
@@ -41,7 +40,8 @@ from twist_core.index_store import (
     read_manifest,
 )
 from twist_core.io_utils import path_from_text
-from twist_core.label_table import label_rows
+from twist_core.label.table import label_rows
+from twist_core.vectors import normalized, resolve_device, search_params, set_nprobe, to_device
 
 Opened = TypeVar("Opened", bound="IndexReader")
 

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from twist_core.patches import PatchBackbone
-from twist_core.patches_conv import PatchConvBackbone
-from twist_core.preprocess import spec_sizes
+from twist_core.data.preprocess import spec_sizes
+from twist_core.model.patches import PatchBackbone
+from twist_core.model.patches_conv import PatchConvBackbone
 
 ARCHITECTURES: dict[str, tuple[type[nn.Module], list[int]]] = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),

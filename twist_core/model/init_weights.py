@@ -175,7 +175,7 @@ def _advice(init: InitWeights) -> str:
 
 def check_fits(init: InitWeights, backbone: str, width: int, small_stem: bool) -> None:
     """Raise unless the weights fill this backbone completely: checked before the run writes anything."""
-    from twist_core.model import ResNetBackbone
+    from twist_core.model.network import ResNetBackbone
 
     check_complete(ResNetBackbone(backbone, width, small_stem).state_dict(), init.backbone, "backbone",
                    _advice(init))

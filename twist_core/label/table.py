@@ -1,7 +1,7 @@
 """The labels table in csv, jsonl or parquet (chosen by extension), written in streamed chunks and read back.
 
 A row is ``path, cluster, cluster_name, confidence, margin, topk, error, review_score``: ``topk`` is a JSON
-string ``[[cluster, prob], ...]``; ``review_score`` (0 to 1, see :mod:`twist_core.review`) is how likely the
+string ``[[cluster, prob], ...]``; ``review_score`` (0 to 1, see :mod:`twist_core.label.review`) is how likely the
 image is in the wrong cluster; a good row has an empty ``error``, an error row only ``path`` and ``error``.
 Beside ``T.csv`` lie ``T.embeddings.npy`` (row-aligned, zeros for error rows) and ``T.meta.json``.
 ``path`` is table text (:func:`twist_core.io_utils.path_to_text`: non-UTF-8 bytes as ``\\xNN``); in a CSV a text

@@ -13,9 +13,9 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from twist_core.folder import TREE_MARKER
+from twist_core.data.folder import TREE_MARKER
 from twist_core.io_utils import mark_output_folder, path_from_text
-from twist_core.label_table import Row
+from twist_core.label.table import Row
 
 UNCERTAIN = "_uncertain"
 MARKER = TREE_MARKER

@@ -267,7 +267,7 @@ class MetaStore:
     def commit(self) -> None:
         self._db.commit()
 
-    # ---- tables that other modules own (the review scores of twist_core.review)
+    # ---- tables that other modules own (the review scores of twist_core.label.review)
     def executescript(self, script: str) -> None:
         self._db.executescript(script)
 

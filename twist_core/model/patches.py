@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from twist_core.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from twist_core.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 PATCH = 6  # px side of an atom (Coates & Ng's best on 32 px images)
 PATCH_DIM = 3 * PATCH * PATCH

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 
 from twist_core.config import AutoConfig, option
-from twist_core.folder import decode_image
-from twist_core.index import Hit, IndexReader
-from twist_core.index_store import IndexUserError
-from twist_core.infer import finite_rows
+from twist_core.data.folder import decode_image
+from twist_core.deploy.infer import finite_rows
+from twist_core.index.image_index import Hit, IndexReader
+from twist_core.index.store import IndexUserError
 from twist_core.io_utils import path_to_text
 
 
@@ -66,7 +66,7 @@ def search(config: SearchConfig) -> list[Hit]:
         model_path = config.model or index.info.get("model")
         if not model_path:
             raise IndexUserError("the index records no model; give --model to embed the query image")
-        from twist_core.infer import DeviceUnavailable, OnnxModel
+        from twist_core.deploy.infer import DeviceUnavailable, OnnxModel
 
         try:
             model = OnnxModel(model_path, device=config.device)

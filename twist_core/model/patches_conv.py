@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from twist_core.patches import CACHE_CHUNK, POOL_GRID, PatchBackbone, region_average
+from twist_core.model.patches import CACHE_CHUNK, POOL_GRID, PatchBackbone, region_average
 
 CODE_GRID = 6  # the code maps are averaged to 6 x 6 regions before the trainable stage (POOL_GRID divides it)
 STAGE_CHANNELS = 128

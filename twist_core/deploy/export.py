@@ -21,14 +21,14 @@ import torch
 from torch import nn
 
 from twist_core import __version__
-from twist_core.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from twist_core.config import AutoConfig, option
+from twist_core.data.folder import ImageReadError, scan_folder
+from twist_core.data.preprocess import Preprocess, card_fields
+from twist_core.deploy.infer import CARD_KEY, create_session
 from twist_core.errors import UserError
-from twist_core.folder import ImageReadError, scan_folder
-from twist_core.infer import CARD_KEY, create_session
 from twist_core.io_utils import atomic_write, atomic_write_text, file_sha256
-from twist_core.model import PATCH_BACKBONES, ModelSpec, TwistModel, checkpoint_spec
-from twist_core.preprocess import Preprocess, card_fields
+from twist_core.model.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from twist_core.model.network import PATCH_BACKBONES, ModelSpec, TwistModel, checkpoint_spec
 
 N_VERIFY_IMAGES = 16
 

@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 
-from twist_core.budget import check_budget
-from twist_core.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from twist_core.config import AUTO, AutoConfig, auto_option, option
 from twist_core.errors import UserError
 from twist_core.io_utils import atomic_write_text, path_from_text
-from twist_core.train import Run, Supervision, TrainConfig, train
+from twist_core.model.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from twist_core.train.budget import check_budget
+from twist_core.train.loop import Run, Supervision, TrainConfig, train
 
 NAMES_FILE = "class_names.txt"
 REPORT_FILE = "finetune.json"
@@ -91,8 +91,8 @@ class Curation:
 
 def curation_from_store(index_dir: Path, state_dir: Path | None, n_classes: int) -> tuple[Curation, Path]:
     """The curation store's decisions, with image paths absolute (the index root joined)."""
-    from app.curation import EXCLUDED, CurationError, CurationStore
-    from twist_core.index_store import META_FILE, IndexUserError, MetaStore, read_manifest
+    from twist_core.curate.curation import EXCLUDED, CurationError, CurationStore
+    from twist_core.index.store import META_FILE, IndexUserError, MetaStore, read_manifest
 
     store_path = (state_dir or index_dir) / "curation.sqlite"
     if not store_path.is_file():
@@ -244,7 +244,7 @@ def check_options(config: FinetuneConfig) -> None:
 
 def finetune(config: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune RUN on the curated labels into ``config.out``; returns the final metrics and what was used."""
-    from twist_core.folder import require_images
+    from twist_core.data.folder import require_images
 
     config = dataclasses.replace(config, out=config.out or str(Path(config.run).resolve()) + "-finetuned")
     check_options(config)

@@ -1,6 +1,6 @@
 """Images as fixed-size uint8 tensors, decoded in worker processes or once into a RAM cache.
 
-Augmentation happens later on whole batches (see :mod:`twist_core.augment`), so a sample here is just
+Augmentation happens later on whole batches (see :mod:`twist_core.data.augment`), so a sample here is just
 the decoded image, resized so its shorter side is ``size`` and centre-cropped square.
 A file that fails to decode yields an all-zero image and its reason; the training loop drops it.
 """
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from twist_core.folder import DEFAULT_MAX_PIXELS, ImageReadError, decode_image, resize_center_crop
+from twist_core.data.folder import DEFAULT_MAX_PIXELS, ImageReadError, decode_image, resize_center_crop
 
 
 class FolderImages(Dataset):

@@ -20,11 +20,21 @@ from typing import Any
 
 import numpy as np
 
-from twist_core import review
 from twist_core.config import AutoConfig, auto_option, option
-from twist_core.folder import scan_folder
-from twist_core.index import IndexWriter, embed_and_add
-from twist_core.index_faiss import (
+from twist_core.data.folder import scan_folder
+from twist_core.index import review_table
+from twist_core.index.image_index import IndexWriter, embed_and_add
+from twist_core.index.store import (
+    MANIFEST,
+    META_FILE,
+    IndexUserError,
+    MetaStore,
+    file_fingerprint,
+    read_manifest,
+)
+from twist_core.io_utils import mark_output_folder, path_from_text, path_to_text
+from twist_core.label.table import FORMATS, labels_paths, read_labels
+from twist_core.vectors import (
     ADD_CHUNK,
     KINDS,
     PQ_TRAIN_POINTS,
@@ -34,16 +44,6 @@ from twist_core.index_faiss import (
     plan_index,
     resolve_device,
 )
-from twist_core.index_store import (
-    MANIFEST,
-    META_FILE,
-    IndexUserError,
-    MetaStore,
-    file_fingerprint,
-    read_manifest,
-)
-from twist_core.io_utils import mark_output_folder, path_from_text, path_to_text
-from twist_core.label_table import FORMATS, labels_paths, read_labels
 
 
 @dataclass
@@ -100,7 +100,7 @@ def require_model_dim(dim: int, config: IndexConfig, meta: dict[str, Any]) -> No
     """The embeddings must come from the model the index is for (``--model``, else the one that labelled)."""
     expected, source = meta.get("embedding_dim"), "the labelling model"
     if config.model:
-        from twist_core.infer import OnnxModel
+        from twist_core.deploy.infer import OnnxModel
 
         expected, source = OnnxModel(config.model, device="cpu", threads=1).embedding_dim, str(config.model)
     if expected is not None and int(expected) != dim:
@@ -157,7 +157,7 @@ def assign_ids(rows: list[dict[str, Any]], root: Path, lineage: Lineage) -> np.n
 def _label_folder(folder: Path, config: IndexConfig) -> Path:
     if not config.model:
         raise IndexUserError("indexing a folder needs --model to compute its embeddings")
-    from twist_core.label import LabelConfig, label_folder
+    from twist_core.label.labeller import LabelConfig, label_folder
 
     table = Path(config.out) / "labels.csv"
     mark_output_folder(config.out)  # an index inside the folder it labels is never taken for images
@@ -203,7 +203,7 @@ def build_index(config: IndexConfig) -> Path:
             "dim": dim, "kind": plan.kind, "metric": "cosine", "nlist": plan.nlist, "nprobe": plan.nprobe,
             "pq_m": plan.pq_m, "source": str(table.resolve())}
     IndexWriter.create(out, index, rows, info, device, ids=ids, expected=lineage.generation,
-                       extra=review.scorer(index, ids, rows)).close()
+                       extra=review_table.scorer(index, ids, rows)).close()
     return out
 
 
@@ -230,7 +230,7 @@ def update_index(config: IndexConfig) -> tuple[int, int]:
         model_path = config.model or index.info.get("model")
         if not model_path:
             raise IndexUserError("no model recorded in the index; give --model to embed the new images")
-        from twist_core.infer import OnnxModel
+        from twist_core.deploy.infer import OnnxModel
 
         model = OnnxModel(model_path, device=config.device)
         removed = index.remove_missing()
@@ -242,6 +242,6 @@ def update_index(config: IndexConfig) -> tuple[int, int]:
             print(f"skipped {problem}", file=sys.stderr)
         added = len(added_ids)
     index.close()
-    if added or removed or not review.index_has_scores(config.out):
-        review.refresh_index(config.out)  # new images change old images' neighbours: score them all again
+    if added or removed or not review_table.index_has_scores(config.out):
+        review_table.refresh_index(config.out)  # new images change old images' neighbours: score them all again
     return added, removed

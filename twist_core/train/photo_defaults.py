@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from twist_core.preprocess import is_small
+from twist_core.data.preprocess import is_small
 
 PHOTO_SIDE = 64  # a folder whose median shorter side is above this (px) is a photo folder
 # The winner on caltech20 in 15 minutes on a 2-core CPU: the frozen stem + MLP head at 64 px, ACC 0.681 /

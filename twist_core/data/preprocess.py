@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from twist_core.folder import DEFAULT_MAX_PIXELS, decode_image, resize_center_crop, to_rgb
+from twist_core.data.folder import DEFAULT_MAX_PIXELS, decode_image, resize_center_crop, to_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -32,7 +32,7 @@ from scipy.spatial.distance import squareform
 
 from twist_core.config import AutoConfig, option
 from twist_core.errors import UserError
-from twist_core.index_store import INDEX_FILE, MANIFEST, META_FILE, MetaStore, read_manifest
+from twist_core.index.store import INDEX_FILE, MANIFEST, META_FILE, MetaStore, read_manifest
 
 MEASURES = ("modularity", "knn", "knn-mean", "topk", "centroid")
 DEFAULT_MEASURE = "modularity"
@@ -519,7 +519,7 @@ def curated_labels(store: Any) -> tuple[dict[int, int | None], dict[int, str], d
 def labels_from_state(state_dir: Path, meta_path: Path, names: dict[int, str]
                       ) -> tuple[dict[int, int | None], dict[int, str], dict[int, int]]:
     """:func:`curated_labels` of the curation store in the app's state folder."""
-    from app.curation import CurationError, CurationStore
+    from twist_core.curate.curation import CurationError, CurationStore
 
     path = Path(state_dir) / "curation.sqlite"
     if not path.is_file():
@@ -538,7 +538,7 @@ def labels_from_state(state_dir: Path, meta_path: Path, names: dict[int, str]
 
 def data_from_table(table: Path) -> ClusterData:
     """Labels, embeddings and top-k of a ``twist label`` table (rows that failed to label left out)."""
-    from twist_core.index_build import load_labels
+    from twist_core.index.build import load_labels
 
     rows, embeddings, _ = load_labels(table)
     names = {int(r["cluster"]): r["cluster_name"] or f"cluster {r['cluster']}" for r in rows}

@@ -1,0 +1,1 @@
+"""Score clusters against class folders (ACC/NMI/AMI/ARI, kNN)."""

@@ -1,0 +1,1 @@
+"""The FAISS image index on disk (generations, metadata), search and duplicates."""
