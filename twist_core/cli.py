@@ -66,5 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     return importlib.import_module(available[argv[0]].module).main(argv[1:])
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # ``python -m twist_core.cli``: run the imported module, whose Command the plugins use
+    from twist_core import cli
+
+    sys.exit(cli.main())
