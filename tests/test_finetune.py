@@ -145,7 +145,7 @@ def test_merge_lowers_k_and_exclusions_are_left_out(app_bundle: dict[str, Path],
     from twist_core.demo import label_and_index
 
     _, new_index = label_and_index(tmp_path / "m.onnx", app_bundle["images"], tmp_path, progress=False)
-    changes = model_changes(app_bundle["index"].parent / "labels.csv", new_index)
+    changes = model_changes("labels.csv", new_index, [app_bundle["index"].parent])
     counts = {row["cluster"]: (row["before"], row["after"]) for row in changes.counts}
     merged_away = store_names[source]
     assert counts[merged_away][1] == 0 and counts[merged_away][0] > 0 and counts["merged things"][0] == 0
@@ -260,7 +260,7 @@ def test_app_confirms_a_selection_and_shows_what_a_new_labelling_changed(app_bun
 
     labels = app_bundle["index"].parent / "labels.csv"
     rows = list(csv.DictReader(labels.open(newline="")))
-    previous = tmp_path / "previous.csv"
+    previous = app_bundle["index"].parent / f"previous-{tmp_path.name}.csv"  # beside the index: the app reads it
     shutil.copy(labels.with_suffix(".meta.json"), previous.with_suffix(".meta.json"))
     names = sorted({row["cluster_name"] for row in rows})
     for row in rows[:3]:
@@ -288,10 +288,16 @@ def test_app_confirms_a_selection_and_shows_what_a_new_labelling_changed(app_bun
         assert summary.startswith(f"**3 of {len(rows)} images changed cluster**")
         assert sum(row[1] for row in table["data"]) == sum(row[2] for row in table["data"]) == len(rows)
         assert len(changed) == 3 and all("→" in item["caption"] for item in changed)
-        summary, _, changed = client.predict(str(labels), api_name="/compare_models")
+        summary, _, changed = client.predict("labels.csv", api_name="/compare_models")  # a name: beside the index
         assert summary.startswith(f"**0 of {len(rows)} images changed") and changed == []
         with pytest.raises(Exception, match="does not exist"):
-            client.predict(str(tmp_path / "nothing.csv"), api_name="/compare_models")
+            client.predict("nothing.csv", api_name="/compare_models")
+        outside = tmp_path / "outside.csv"  # a valid labels table, but not in the app's places
+        shutil.copy(previous, outside)
+        shutil.copy(previous.with_suffix(".meta.json"), outside.with_suffix(".meta.json"))
+        for probe in (outside, tmp_path / "missing.csv", "../" * 12 + "etc/passwd"):
+            with pytest.raises(Exception, match="the app reads no other place"):
+                client.predict(str(probe), api_name="/compare_models")
     finally:
         stop_app_server(process)
 

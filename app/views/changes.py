@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,13 +81,28 @@ def compare(before: dict[str, str], after: dict[str, str]) -> Changes:
     return Changes(counts, changed, len(common), len(before.keys() - common), len(after.keys() - common))
 
 
-def model_changes(previous: str | Path, current_index: Path) -> Changes:
-    if not str(previous).strip():
+def within_places(previous: str | Path, places: Sequence[Path]) -> Path:
+    """The previous labelling's path, if it lies in one of ``places`` (the first one anchors a relative path).
+
+    The app reads no other place on the server: the answer is the same whether an outside path exists or not,
+    so the box cannot be used to probe the server's files.
+    """
+    text = str(previous).strip()
+    if not text:
         raise ChangesError("give the previous labels table or index folder to compare with")
-    previous = Path(str(previous).strip()).expanduser()
-    if not previous.exists():
-        raise ChangesError(f"{previous} does not exist")
-    return compare(cluster_names_by_file(previous), cluster_names_by_file(current_index))
+    roots = [Path(os.path.realpath(place)) for place in places]
+    path = Path(os.path.realpath(roots[0] / text))  # an absolute text replaces the anchor
+    if not any(path.is_relative_to(root) for root in roots):
+        raise ChangesError("give a labels table or index folder inside " + " or ".join(map(str, roots)) +
+                           " (a name alone is looked up beside the index): the app reads no other place")
+    if not path.exists():
+        raise ChangesError(f"{path} does not exist")
+    return path
+
+
+def model_changes(previous: str | Path, current_index: Path, places: Sequence[Path]) -> Changes:
+    """Compare ``previous`` (inside ``places``) with the open index ``current_index``."""
+    return compare(cluster_names_by_file(within_places(previous, places)), cluster_names_by_file(current_index))
 
 
 def gallery_items(ws: Workspace, changes: Changes) -> list[tuple[str, str]]:
@@ -111,7 +127,7 @@ def build(ctx: ViewContext) -> None:
     @friendly
     def compare_models(previous: str) -> tuple[str, pd.DataFrame, list[tuple[str, str]]]:
         try:
-            changes = model_changes(previous, ws.index_dir)
+            changes = model_changes(previous, ws.index_dir, [ws.index_dir.parent, ws.root, ws.state_dir])
         except ChangesError as error:
             raise gr.Error(str(error), print_exception=False) from None
         summary = (f"**{len(changes.changed):,} of {changes.compared:,} images changed cluster** "
@@ -124,8 +140,9 @@ def build(ctx: ViewContext) -> None:
         gr.Markdown("Compare the open index with an earlier labelling of the same images (for example the labels "
                     "table of the model before `twist finetune`): clusters are matched by name.")
         with gr.Row():
-            previous = gr.Textbox(label="Previous labels table (.csv/.jsonl/.parquet of twist label) or index folder, "
-                                        "on the server", elem_id="changes-previous")
+            previous = gr.Textbox(label="Previous labels table (.csv/.jsonl/.parquet of twist label) or index folder: "
+                                        "a name beside the index, or a path in the image or state folder",
+                                  elem_id="changes-previous")
             button = gr.Button("Compare", elem_id="changes-compare")
         summary = gr.Markdown(elem_id="changes-summary")
         table = gr.Dataframe(label="Images per cluster, before and after", interactive=False)
