@@ -123,6 +123,19 @@ def curation_from_store(index_dir: Path, state_dir: Path | None, n_classes: int)
     return Curation(names, labels, excluded), root
 
 
+def record_learning(index_dir: Path, state_dir: Path | None, run: Path, images: int) -> None:
+    """Note in the app's curation store that ``run`` learned from it: when the index is relabelled by the
+    new model, the curation set aside says it was learned from, not lost."""
+    from app.curation import CurationStore
+    from twist_core.index_store import meta_path
+
+    store = CurationStore((state_dir or index_dir) / "curation.sqlite", meta_path(index_dir), [])
+    try:
+        store.record_learning(str(run.resolve()), images)
+    finally:
+        store.close()
+
+
 def curation_from_csv(table: Path, n_classes: int) -> Curation:
     """The app's CSV export (or any CSV with path and label columns) as decisions; one line on bad input."""
     try:
@@ -284,4 +297,6 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
               "labelled_images": len(labelled), "excluded_images": len(excluded), "not_found": missing,
               "options": dataclasses.asdict(config), "final": metrics}
     atomic_write_text(out / REPORT_FILE, json.dumps(report, indent=2) + "\n")
+    if config.index:
+        record_learning(Path(config.index), Path(config.state_dir) if config.state_dir else None, out, len(labelled))
     return report
