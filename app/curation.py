@@ -372,29 +372,52 @@ class CurationStore:
 
         A target merged away meanwhile (by another user) resolves to the cluster it went into.
         """
-        target = self._check_cluster(target)
-        wanted = {self._check_cluster(s) for s in sources}
+        self.merge_groups([(sources, target)])
+
+    def merge_groups(self, groups: Sequence[tuple[Sequence[int], int]], action: str | None = None) -> None:
+        """Several merges, each (sources, target), as ONE change: one undo takes them all back (a merge plan).
+
+        The groups must not share clusters; ``action`` describes the whole change (default: each merge).
+        """
+        checked = [({self._check_cluster(s) for s in sources}, self._check_cluster(target))
+                   for sources, target in groups]
+        if not checked:
+            raise CurationError("nothing to merge")
+        every = [c for wanted, target in checked for c in wanted | {target}]
+        if len(every) != len(set(every)):
+            raise CurationError("the merged groups share a cluster: each cluster may be in one group only")
 
         def plan() -> tuple[str, dict, list]:
-            final = self.merged_into(target)
-            chosen = sorted(wanted - {final})
-            if not chosen:
-                raise CurationError("choose at least one cluster other than the target to merge" if final == target
-                                    else f"cluster {target} was merged into {final} already")
-            marks = ",".join("?" * len(chosen))
-            chained = [r[0] for r in self._query(f"SELECT cluster FROM merges WHERE into_cluster IN ({marks})",
-                                                 chosen)]
-            merged = sorted(set(chosen) | set(chained))
-            moved = [r[0] for r in self._query(f"SELECT image_id FROM overrides WHERE cluster IN ({marks})", chosen)]
-            previous = {"merges": self._previous("merges", "cluster", "into_cluster", merged),
-                        "overrides": self._previous("overrides", "image_id", "cluster", moved)}
-            statements: list[tuple[str, Sequence]] = [
-                ("INSERT OR REPLACE INTO merges (cluster, into_cluster) VALUES (?, ?)", (c, final)) for c in merged]
-            statements += [("UPDATE overrides SET cluster = ? WHERE image_id = ?", (final, i)) for i in moved]
-            names = ", ".join(self.name(s) for s in chosen)
-            return f"merged {names} into {self.name(final)}", previous, statements
+            actions, previous, statements = [], {"merges": {}, "overrides": {}}, []
+            for wanted, target in checked:
+                described, before, more = self._merge_statements(wanted, target)
+                actions.append(described)
+                for table, values in before.items():
+                    for key, value in values.items():
+                        previous[table].setdefault(key, value)  # the state before the first write wins
+                statements += more
+            return action or "; ".join(actions), previous, statements
 
         self._change(plan)
+
+    def _merge_statements(self, wanted: set[int], target: int) -> tuple[str, dict, list[tuple[str, Sequence]]]:
+        """What merging ``wanted`` into ``target`` overwrites and writes (read inside the change's transaction)."""
+        final = self.merged_into(target)
+        chosen = sorted(wanted - {final})
+        if not chosen:
+            raise CurationError("choose at least one cluster other than the target to merge" if final == target
+                                else f"cluster {target} was merged into {final} already")
+        marks = ",".join("?" * len(chosen))
+        chained = [r[0] for r in self._query(f"SELECT cluster FROM merges WHERE into_cluster IN ({marks})", chosen)]
+        merged = sorted(set(chosen) | set(chained))
+        moved = [r[0] for r in self._query(f"SELECT image_id FROM overrides WHERE cluster IN ({marks})", chosen)]
+        previous = {"merges": self._previous("merges", "cluster", "into_cluster", merged),
+                    "overrides": self._previous("overrides", "image_id", "cluster", moved)}
+        statements: list[tuple[str, Sequence]] = [
+            ("INSERT OR REPLACE INTO merges (cluster, into_cluster) VALUES (?, ?)", (c, final)) for c in merged]
+        statements += [("UPDATE overrides SET cluster = ? WHERE image_id = ?", (final, i)) for i in moved]
+        names = ", ".join(self.name(s) for s in chosen)
+        return f"merged {names} into {self.name(final)}", previous, statements
 
     def move(self, ids: Sequence[int], target: int) -> int:
         """Move images to cluster ``target`` (or ``EXCLUDED``); returns how many exist and were moved."""
