@@ -127,6 +127,10 @@ def test_a_relabel_killed_before_it_commits_leaves_the_old_index_and_the_rerun_f
     """A re-export over the same model file is noticed by its fingerprint; the relabel is crash-safe."""
     index = indexed["index"]
     before, info_before = index_state(index)
+    store = open_store(index, index, indexed["model"])
+    store.rename(0, "an old name")  # given to the old model's cluster 0: search must not show it on the new one
+    store.close()
+    (index / "labels-0123456789ab.csv.parts").mkdir()  # an older relabelling that was never finished
     export_model(ExportConfig(run=str(tiny_run), out=str(indexed["model"]), class_names="w,x,y,z"))
     killed = twist("index", "--update", "--out", str(index), "--device", "cpu", env={FAULT_ENV: "before-manifest"})
     assert killed.returncode == 75, killed.stderr
@@ -140,7 +144,8 @@ def test_a_relabel_killed_before_it_commits_leaves_the_old_index_and_the_rerun_f
     opened = ImageIndex.open(index, "cpu")
     assert set(opened.cluster_names().values()) <= {"w", "x", "y", "z"}
     opened.close()
-    assert len(list(index.glob("labels-*.csv"))) == 1 and read_manifest(index)["generation"] > 1
+    assert len(list(index.glob("labels-*.csv"))) == 1 and not list(index.glob("labels-*.parts"))
+    assert read_manifest(index)["generation"] > 1
 
 
 def test_the_running_app_follows_a_relabel_with_the_new_model_and_says_what_it_set_aside(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sqlite3
 import sys
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ from twist_core.index_store import (
 )
 from twist_core.index_store import meta_path as index_meta_path
 from twist_core.io_utils import file_sha256, mark_output_folder, path_from_text, path_to_text
-from twist_core.label_table import FORMATS, labels_paths, read_labels
+from twist_core.label_table import FORMATS, labels_paths, read_labels, skipped_path
 
 
 @dataclass
@@ -290,15 +291,23 @@ def relabel_index(config: IndexConfig, change: ModelChange) -> UpdateResult:
                                    model=config.model if config.source else change.path,
                                    kind=kind if config.kind == "auto" else config.kind)
     build_index(settings)
-    for stale in out.glob("labels-*.csv"):  # tables of earlier relabellings: the index no longer reads them
-        if stale != source:
-            for path in (stale, *labels_paths(stale)):
-                path.unlink(missing_ok=True)
+    drop_old_relabellings(out, source)
     after = IndexReader.open(out, "cpu")
     new_paths = set(after.paths())
     result = UpdateResult(len(new_paths - old_paths), len(old_paths - new_paths), after.size, change)
     after.close()
     return result
+
+
+def drop_old_relabellings(out: Path, current: Path) -> None:
+    """Tables (and unfinished work) of earlier relabellings in the index folder: the index no longer reads them."""
+    for stale in out.glob("labels-*.csv"):
+        if stale != current:
+            for path in (stale, *labels_paths(stale), skipped_path(stale)):
+                path.unlink(missing_ok=True)
+    for parts in out.glob("labels-*.csv.parts"):
+        if parts.name != current.name + ".parts":
+            shutil.rmtree(parts, ignore_errors=True)
 
 
 def _relabel_folder(out: Path, root: Path, change: ModelChange) -> Path:
