@@ -32,7 +32,7 @@ import numpy as np
 from twist_core import review
 from twist_core.config import AutoConfig, auto_option, option
 from twist_core.folder import scan_folder
-from twist_core.index import IndexReader, IndexWriter, embed_and_add
+from twist_core.index import IndexWriter, embed_and_add
 from twist_core.index_faiss import (
     ADD_CHUNK,
     KINDS,
@@ -241,11 +241,7 @@ def model_change(config: IndexConfig) -> ModelChange:
 
     An index built before fingerprints were recorded counts as changed only when another model file is given.
     """
-    store = MetaStore(index_meta_path(Path(config.out)))
-    try:
-        info = store.info()
-    finally:
-        store.close()
+    info, _ = index_contents(Path(config.out))
     if config.source:
         meta = read_labels_meta(Path(config.source))
         path, sha = meta.get("model"), meta.get("model_sha256")
@@ -257,6 +253,15 @@ def model_change(config: IndexConfig) -> ModelChange:
             and Path(path).resolve() != Path(info["model"]).resolve():
         recorded = "unknown"
     return ModelChange(path, sha, recorded)
+
+
+def index_contents(out: Path) -> tuple[dict[str, Any], set[str]]:
+    """The info and indexed paths of the generation in ``out``, from its metadata alone (no vectors loaded)."""
+    store = MetaStore(index_meta_path(out))
+    try:
+        return store.info(), {path for _, path in store.all_paths()}
+    finally:
+        store.close()
 
 
 def read_labels_meta(table: Path) -> dict[str, Any]:
@@ -281,22 +286,17 @@ def relabel_index(config: IndexConfig, change: ModelChange) -> UpdateResult:
     every unchanged file's id and the index's uid, and publishes only when complete.
     """
     out = Path(config.out)
-    before = IndexReader.open(out, "cpu")
-    root, kind, old_paths = before.root, before.kind, set(before.paths())
-    before.close()
+    info, old_paths = index_contents(out)
     print(f"{out}: the model differs from the one its labels came from ({str(change.recorded)[:12]} -> "
           f"{str(change.sha256)[:12]}): labelling and embedding every image again", file=sys.stderr)
-    source = Path(config.source) if config.source else _relabel_folder(out, root, change)
+    source = Path(config.source) if config.source else _relabel_folder(out, Path(info["root"]), change)
     settings = dataclasses.replace(config, source=str(source), update=False,
                                    model=config.model if config.source else change.path,
-                                   kind=kind if config.kind == "auto" else config.kind)
+                                   kind=info["kind"] if config.kind == "auto" else config.kind)
     build_index(settings)
     drop_old_relabellings(out, source)
-    after = IndexReader.open(out, "cpu")
-    new_paths = set(after.paths())
-    result = UpdateResult(len(new_paths - old_paths), len(old_paths - new_paths), after.size, change)
-    after.close()
-    return result
+    _, new_paths = index_contents(out)
+    return UpdateResult(len(new_paths - old_paths), len(old_paths - new_paths), len(new_paths), change)
 
 
 def drop_old_relabellings(out: Path, current: Path) -> None:
