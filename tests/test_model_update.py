@@ -174,3 +174,7 @@ def test_the_running_app_follows_a_relabel_with_the_new_model_and_says_what_it_s
         assert [m["image_id"] for m in kept["moves"]] == [moved["id"]]
     finally:
         stop_app_server(process)
+    from app.workspace import AppUserError, Workspace
+
+    with pytest.raises(AppUserError, match=f"come from another model.*--model {model2}"):  # its clusters are m2's
+        Workspace(indexed["model"], indexed["index"], state_dir=indexed["base"] / "other-state")
