@@ -38,7 +38,7 @@ from twist_core.index_store import IMAGES, INFO_TABLE, chunked_in
 from twist_core.io_utils import atomic_write_text, mark_output_folder
 
 EXCLUDED = -1  # the label of an image taken out of the dataset
-SET_ASIDE_FILE = "curation-set-aside-{model}.json"  # curation made for a model the index no longer uses
+SET_ASIDE_FILE = "curation-set-aside-{model}-{time}.json"  # curation made for a model the index no longer uses
 ORDERS = (IMAGES.confidence, IMAGES.id, IMAGES.path)
 
 SCHEMA = """
@@ -176,7 +176,7 @@ class CurationStore:
             self._db.execute("DELETE FROM undo_log")
             return
         learned = json.loads(self._binding("learned_by") or "[]")
-        target = self.path.parent / SET_ASIDE_FILE.format(model=old[:12])
+        target = self.path.parent / SET_ASIDE_FILE.format(model=old[:12], time=time.strftime("%Y%m%d-%H%M%S"))
         atomic_write_text(target, json.dumps({"model_sha256": old, "new_model_sha256": new,
                                               "set_aside_at": time.strftime("%Y-%m-%d %H:%M:%S"),
                                               "learned_by": learned, **kept}, indent=2) + "\n")
