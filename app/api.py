@@ -124,6 +124,20 @@ def build_router(ws: Workspace, max_upload_bytes: int) -> APIRouter:
         return {"cluster": cluster, "page": page, "page_size": PAGE_SIZE, "total": total,
                 "images": [_record_json(record, names) for record, _ in items]}
 
+    @router.get("/review", summary="the review queue, most likely wrong first: a page of images no person moved, "
+                                   "excluded or kept, each with its score and the cluster its neighbours suggest")
+    def review_queue(page: int = Query(0, ge=0)) -> dict[str, Any]:
+        try:
+            items, total = ws.review_page(page, thumbnails=False)
+        except AppUserError as error:
+            raise user_error(error) from None
+        names = ws.names()
+        return {"page": min(page, max(0, (total - 1) // PAGE_SIZE)), "page_size": PAGE_SIZE, "total": total,
+                "images": [{**_record_json(item.record, names), "score": round(item.score, 6),
+                            "suggestion": None if item.suggestion is None else
+                            {"cluster": item.suggestion, "name": names.get(item.suggestion, "")}}
+                           for item in items]}
+
     @router.get("/images/{image_id}", summary="one image: path, cluster, name, confidence, top-k, neighbours")
     def image(image_id: int, k: int = Query(12, ge=1, le=MAX_K)) -> dict[str, Any]:
         try:

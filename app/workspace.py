@@ -30,7 +30,7 @@ from twist_core.data.folder import ImageReadError, decode_image
 from twist_core.deploy.infer import OnnxModel
 from twist_core.index.image_index import ImageIndex
 from twist_core.index.store import MANIFEST, META_FILE, IndexUserError, read_manifest
-from twist_core.io_utils import csv_safe, mark_output_folder
+from twist_core.io_utils import csv_safe, file_sha256, mark_output_folder
 from twist_core.label.table import label_rows, labels_paths
 
 log = logging.getLogger("twist.app")
@@ -79,7 +79,7 @@ class ReviewItem:
     record: Record
     score: float
     suggestion: int | None
-    thumbnail: Path
+    thumbnail: Path | None  # None when asked for without thumbnails (the JSON API)
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,9 @@ class Workspace:
         self.model_path, self.index_dir = model_path, index_dir
         try:
             self.model = OnnxModel(model_path, device=device)
+            self._model_sha = file_sha256(model_path)
             self._index, meta_path = self._open_generation()
+            self._model_for(self._index, follow=False)
         except (ValueError, OSError, IndexUserError) as error:
             raise AppUserError(str(error)) from None
         self.max_pixels = max_pixels
@@ -131,12 +133,31 @@ class Workspace:
             if manifest["generation"] != index.generation:  # a writer committed meanwhile: open that one
                 index.close()
                 continue
-            if index.dim != self.model.embedding_dim:
-                index.close()
-                raise AppUserError(f"the model gives {self.model.embedding_dim}-d embeddings but the index holds "
-                                   f"{index.dim}-d vectors; use the model the index was built with")
             return index, self.index_dir / manifest["dir"] / META_FILE
         raise AppUserError(f"{self.index_dir} keeps changing while the app opens it; try again")
+
+    def _model_for(self, index: ImageIndex, follow: bool) -> tuple[OnnxModel, str]:
+        """The model to serve ``index`` with, and its fingerprint: the one open, or (``follow``, after
+        ``twist index --update`` relabelled the index with another model) the model the index names.
+
+        At start the index must come from the model given: its clusters are that model's.
+        """
+        recorded, model, sha = index.info.get("model_sha256"), self.model, self._model_sha
+        if recorded is not None and recorded != sha:
+            path = index.info.get("model")
+            if not follow:
+                index.close()
+                raise AppUserError(f"the labels in {self.index_dir} come from another model ({path}) than "
+                                   f"{self.model_path}: start the app with --model {path}, or relabel the index with "
+                                   f"twist index --update --out {self.index_dir} --model {self.model_path}")
+            if not path or not Path(path).is_file() or file_sha256(path) != recorded:
+                raise AppUserError(f"{self.index_dir} was relabelled by a model that is no longer at {path}")
+            model, sha = OnnxModel(path, device=self.device), recorded
+        if index.dim != model.embedding_dim:
+            index.close()
+            raise AppUserError(f"the model gives {model.embedding_dim}-d embeddings but the index holds "
+                               f"{index.dim}-d vectors; use the model the index was built with")
+        return model, sha
 
     def keep_up(self) -> None:
         """Follow ``twist index --update`` while serving: switch to the generation the manifest names now.
@@ -174,7 +195,19 @@ class Workspace:
             log.warning("%s now holds another index (a new build, not an update): its ids name other images; "
                         "restart the app to open it", self.index_dir)
             return
+        try:
+            model, sha = self._model_for(fresh, follow=True)
+        except (AppUserError, ValueError, OSError) as error:
+            fresh.close()
+            log.warning("%s; still serving generation %d", error, current.generation)
+            return
         self._store.reattach(meta_path)
+        if sha != self._model_sha:  # relabelled by another model: serve it, with its clusters' names
+            self.model, self._model_sha, self.model_path = model, sha, Path(model.path)
+            self._store.default_names = list(model.class_names)
+            log.warning("%s was relabelled by another model: now serving %s", self.index_dir, model.path)
+            if self._store.notice:
+                log.warning(self._store.notice)
         self._meta_path = meta_path
         if self._retired is not None:
             self._retired.close()
@@ -280,7 +313,8 @@ class Workspace:
                 "clusters": self.model.n_classes, "backbone": card.get("backbone"),
                 "embedding_dim": card.get("embedding_dim"), "input_size": card.get("input_size"),
                 "checkpoint_epoch": card.get("checkpoint_epoch"),
-                "checkpoint_sha256": str(card.get("checkpoint_sha256", ""))[:12], "model": str(self.model.path)}
+                "checkpoint_sha256": str(card.get("checkpoint_sha256", ""))[:12], "model": str(self.model.path),
+                "notice": self.store.notice}
 
     # ---- one cluster
     def cluster_page(self, cluster: int, page: int = 0, lowest_first: bool = False, min_conf: float = 0.0,
@@ -385,8 +419,11 @@ class Workspace:
         return f"undone: {self.store.undo()}"
 
     # ---- review queue
-    def review_page(self, page: int = 0) -> tuple[list[ReviewItem], int]:
-        """A page of the images most likely in the wrong cluster, that no person moved, excluded or kept yet."""
+    def review_page(self, page: int = 0, thumbnails: bool = True) -> tuple[list[ReviewItem], int]:
+        """A page of the images most likely in the wrong cluster, that no person moved, excluded or kept yet.
+
+        ``thumbnails=False`` leaves them unmade (the API never shows them: a page is then one query).
+        """
         store = self.store  # follows an index update first
         with contextlib.closing(ReviewQueue(store.path, self._meta_path)) as queue:  # ~1 ms to open
             if not queue.available:
@@ -403,7 +440,7 @@ class Workspace:
                 continue
             target = None if entry.suggestion is None else self.store.merged_into(entry.suggestion)
             items.append(ReviewItem(record, entry.score, None if target == record.label else target,
-                                    self.thumbnail(record)))
+                                    self.thumbnail(record) if thumbnails else None))
         return items, total
 
     def keep(self, ids: Sequence[int]) -> str:

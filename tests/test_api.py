@@ -35,7 +35,7 @@ def servers(app_bundle: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
     index = ImageIndex.open(app_bundle["index"], "cpu")
     try:
         yield {"open": httpx.Client(base_url=open_url + "api/v1/", timeout=60),
-               **app_bundle, "locked_url": locked_url, "ix": index}
+               **app_bundle, "locked_url": locked_url, "ix": index, "open_state": base / "open-state"}
     finally:
         index.close()
         stop_app_server(open_process)
@@ -111,7 +111,7 @@ def test_auth_applies_and_openapi_describes_the_routes(servers: dict) -> None:
     url = servers["locked_url"]
     anonymous = httpx.Client(base_url=url, timeout=60)
     for route in ("api/v1/clusters", "api/v1/labels", "api/v1/images/0", "api/v1/images/0/file",
-                  "api/v1/search/id/0"):
+                  "api/v1/search/id/0", "api/v1/review"):
         assert anonymous.get(route).status_code == 401, route
     assert anonymous.post("api/v1/search/vector", json={"vector": [0.0]}).status_code == 401
     assert httpx.get(url + "api/v1/clusters", auth=(USER, "wrong"), timeout=60).status_code == 401
@@ -125,4 +125,38 @@ def test_auth_applies_and_openapi_describes_the_routes(servers: dict) -> None:
     spec = session.get("openapi.json").json()
     routes = {path for path in spec["paths"] if path.startswith("/api/v1/")}
     assert {"/api/v1/clusters", "/api/v1/search/upload", "/api/v1/search/vector",
-            "/api/v1/search/id/{image_id}", "/api/v1/labels"} <= routes
+            "/api/v1/search/id/{image_id}", "/api/v1/labels", "/api/v1/review"} <= routes
+
+
+def test_review_route_pages_the_queue_most_likely_wrong_first_and_follows_the_curation(servers: dict) -> None:
+    """The queue as the index scored it (score, then id), 60 a page; an image confirmed in the store (by
+    another process, as a second app would) leaves it, and undo brings it back."""
+    import sqlite3
+
+    from twist_core.curate.curation import CurationStore
+    from twist_core.index.store import meta_path
+
+    api, index = servers["open"], servers["ix"]
+    with sqlite3.connect(f"file:{meta_path(servers['index'])}?mode=ro", uri=True) as db:
+        scored = db.execute("SELECT id, score, suggestion FROM review ORDER BY score DESC, id").fetchall()
+    first, second = (api.get("review", params={"page": page}).json() for page in (0, 1))
+    assert first["total"] == len(scored) == index.size and first["page_size"] == 60
+    assert [i["id"] for i in first["images"] + second["images"]] == [row[0] for row in scored[:120]]
+    assert [i["score"] for i in first["images"]] == [round(row[1], 6) for row in scored[:60]]
+    top = first["images"][0]
+    hit = index.get(top["id"])
+    assert top["path"] == hit.path and top["cluster"] == hit.cluster and top["status"] == "predicted"
+    assert {"confidence", "topk", "name", "score", "suggestion"} <= set(top)
+    suggested = [i for i in first["images"] if i["suggestion"]]
+    assert all(i["suggestion"]["cluster"] != i["cluster"] and i["suggestion"]["name"] for i in suggested)
+    assert api.get("review", params={"page": -1}).status_code == 422
+
+    store = CurationStore(servers["open_state"] / "curation.sqlite", meta_path(servers["index"]), [])
+    try:
+        store.confirm([top["id"]])
+        after = api.get("review").json()
+        assert after["total"] == first["total"] - 1 and top["id"] not in [i["id"] for i in after["images"]]
+        store.undo()
+        assert api.get("review").json()["images"][0]["id"] == top["id"]
+    finally:
+        store.close()

@@ -85,6 +85,51 @@ def test_ten_percent_confirmed_labels_raise_accuracy_on_the_other_images(digits_
     assert "supervised" in json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
 
 
+def test_a_killed_finetune_resumes_from_its_checkpoint_when_run_again(tiny_run: Path, shapes_folder: Path,
+                                                                      tmp_path: Path) -> None:
+    """``kill -9`` after the first checkpoint, then the same command: it resumes (with the labels it started
+    with, even though the CSV changed meanwhile) and finishes; a third run is refused as finished."""
+    import os
+    import signal
+    import time
+
+    def write_labels(count: int) -> None:
+        with open(table, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "label"])
+            for cluster, label in enumerate(("discs", "stripes")):
+                writer.writerows([f"{label}/{i:03d}.png", cluster] for i in range(count))
+
+    table, out, epochs = tmp_path / "labels.csv", tmp_path / "ft", 12
+    write_labels(6)
+    args = [str(tiny_run), "--labels", str(table), "--out", str(out), "--epochs", str(epochs), "--workers", "0",
+            "--labelled-per-step", "16", "--no-progress"]
+    process = subprocess.Popen([sys.executable, "-m", "twist_core.cli", "finetune", *args], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "last.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert (out / "last.pt").exists() and not (out / "DONE").exists(), "killed after its first checkpoint"
+    stopped_at = torch.load(out / "last.pt", weights_only=True)["global_step"]
+
+    write_labels(2)  # changed after the start: the resumed run keeps the labels it started with
+    resumed = run_cli(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming the stopped fine-tune" in resumed.stderr
+    report = json.loads((out / "finetune.json").read_text())
+    assert report["labelled_images"] == 12 and (out / "DONE").is_file()
+    final = torch.load(out / "last.pt", weights_only=True)
+    assert final["global_step"] == final["total_steps"] > stopped_at > 0
+    epochs_logged = [row["epoch"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert epochs_logged == list(range(1, epochs + 1)), "each epoch once: resumed, not restarted or repeated"
+
+    finished = run_cli(*args)
+    assert finished.returncode == 2 and "holds a finished fine-tune" in finished.stderr
+    assert len(finished.stderr.strip().splitlines()) == 1
+
+
 def open_store(index: Path, state: Path):
     from twist_core.curate.curation import CurationStore
     from twist_core.index.store import META_FILE, MetaStore, read_manifest

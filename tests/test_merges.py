@@ -193,8 +193,8 @@ def test_merge_a_suggestion_then_undo_through_the_app(planted_app: dict) -> None
     from gradio_client import Client
 
     client = Client(planted_app["url"], verbose=False)
-    estimate, picture, table, pair, gallery, _ = client.predict("modularity", api_name="/suggest_merges")
-    assert "Estimated number of groups: 3**" in estimate
+    estimate, picture, table, pair, gallery, _, plan_to = client.predict("modularity", api_name="/suggest_merges")
+    assert "Estimated number of groups: 3**" in estimate and plan_to == 3  # the plan's default: the estimate
     assert pair["value"] in ("0,1", "1,0") and pair["choices"][0][1] == pair["value"] and len(table["data"]) == 6
     assert Path(picture).read_bytes()[:4] == b"\x89PNG" or Path(picture).stat().st_size > 1000
     assert len(gallery) == 12  # six images of each cluster of the pair
@@ -210,6 +210,43 @@ def test_merge_a_suggestion_then_undo_through_the_app(planted_app: dict) -> None
     status, *_ = client.predict(api_name="/undo")  # the app's own undo takes the suggested merge back
     assert "undone: merged" in status
     assert clusters_of(planted_app["url"]) == before
+
+
+def test_merge_plan_previewed_applied_and_undone_at_once_through_the_app(planted_app: dict) -> None:
+    """The tab's plan is the command's ``--to N`` plan over the same curation; applying merges several clusters
+    as one change, so one Undo restores all of them; a stale or impossible plan is refused."""
+    from gradio_client import Client
+
+    client = Client(planted_app["url"], verbose=False)
+    before = clusters_of(planted_app["url"])
+    assert before == {0: 40, 1: 40, 2: 40, 3: 40}
+    saved = planted_app["state"].parent / "plan.json"
+    command = subprocess.run([sys.executable, "-m", "twist_core.cli", "suggest-merges", str(planted_app["index"]),
+                              "--state-dir", str(planted_app["state"]), "--to", "2", "--bootstrap", "0", "--json",
+                              str(saved)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert command.returncode == 0, command.stderr
+
+    text, groups, _ = client.predict(2, "modularity", api_name="/preview_plan")
+    assert json.loads(groups) == json.loads(saved.read_text())["plan"]["groups"]
+    assert "Plan down to 2 groups" in text and "<-" in text
+    *_, status, plan_view, _ = client.predict(groups, "modularity", api_name="/apply_plan")
+    assert status.startswith("applied the plan: 2 cluster(s) merged, 2 clusters now") and plan_view == ""
+    after = clusters_of(planted_app["url"])
+    assert len(after) == 2 and sum(after.values()) == 160
+    with pytest.raises(Exception, match="changed since the plan was made"):
+        client.predict(groups, "modularity", api_name="/apply_plan")
+    status, *_ = client.predict(api_name="/undo")  # ONE undo takes the whole plan back
+    assert "undone: applied a merge plan down to 2 clusters" in status
+    assert clusters_of(planted_app["url"]) == before
+
+    _, groups, _ = client.predict(3, "modularity", api_name="/preview_plan")
+    assert json.loads(groups) == [[0, 1], [2], [3]]  # the split class joins again, nothing else moves
+    client.predict(groups, "modularity", api_name="/apply_plan")
+    assert clusters_of(planted_app["url"]) == {0: 80, 2: 40, 3: 40}
+    client.predict(api_name="/undo")
+    assert clusters_of(planted_app["url"]) == before
+    with pytest.raises(Exception, match="from 1 to 3"):
+        client.predict(4, "modularity", api_name="/preview_plan")
 
 
 @needs_chromium
@@ -235,6 +272,16 @@ def test_suggested_merges_view_in_chromium(planted_app: dict) -> None:
         page.screenshot(path=shots / "2-merged.png", full_page=True)
         page.locator("#merge-undo").click()
         expect(page.locator("#merge-status")).to_contain_text("undone")
+        expect(page.locator("#merge-estimate")).to_contain_text("from 4 current clusters")
+        expect(page.locator("#merge-plan-to input")).to_have_value("3")  # the estimate
+        page.locator("#merge-plan-preview").click()
+        expect(page.locator("#merge-plan")).to_contain_text("Plan down to 3 groups")
+        page.screenshot(path=shots / "3-plan.png", full_page=True)
+        page.locator("#merge-plan-apply").click()
+        expect(page.locator("#merge-status")).to_contain_text("applied the plan")
+        expect(page.locator("#merge-estimate")).to_contain_text("from 3 current clusters")
+        page.screenshot(path=shots / "4-plan-applied.png", full_page=True)
+        page.locator("#merge-undo").click()
         expect(page.locator("#merge-estimate")).to_contain_text("from 4 current clusters")
 
 

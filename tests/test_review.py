@@ -252,7 +252,8 @@ def test_an_index_without_scores_opens_and_update_adds_them(tmp_path: Path) -> N
     assert result.returncode == 0, result.stderr
     assert len(stored_scores(out)) == len(rows)
     generation = read_manifest(out)["generation"]
-    assert update_index(IndexConfig(source=str(table), out=str(out), update=True, device="cpu")) == (0, 0)
+    result = update_index(IndexConfig(source=str(table), out=str(out), update=True, device="cpu"))
+    assert (result.added, result.removed, result.relabelled) == (0, 0, None)
     assert read_manifest(out)["generation"] == generation  # nothing changed, scores present: nothing rewritten
 
 

@@ -28,7 +28,7 @@ def build(ctx: ViewContext) -> None:
                    f"skipped files: {'unknown' if s['skipped'] is None else s['skipped']} · folder `{s['root']}`  \n"
                    f"model `{s['model']}`: {s['backbone']}, {s['embedding_dim']}-d embeddings, "
                    f"{s['input_size']} px input, epoch {s['checkpoint_epoch']}, checkpoint {s['checkpoint_sha256']} · "
-                   f"{s['index_kind']} index")
+                   f"{s['index_kind']} index" + (f"  \n**Note:** {s['notice']}" if s["notice"] else ""))
         return items, table, summary, [c["cluster"] for c in cards]
 
     with gr.Tab("Clusters", id="clusters"):

@@ -3,10 +3,14 @@
 The suggestions are computed over the clusters as curated now (:func:`twist_core.curate.merges.data_from_index` with
 the workspace's store), so a merge made here or in the Cluster view is respected, and a merge goes through
 the curation store like any other: the app's "Undo last change" takes it back.
+
+"Merge down to N clusters" previews the plan of ``twist suggest-merges --to N`` (which clusters join which
+group) and applies it as one change of the store: one Undo takes the whole plan back.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import gradio as gr
@@ -44,6 +48,51 @@ def merge_pair(ws: Workspace, a: int, b: int) -> str:
     names = ws.names()
     ws.merge([source], into)
     return f"merged {names.get(source, source)!r} ({sizes[source]:,}) into {names.get(into, into)!r} ({sizes[into]:,})"
+
+
+def merge_plan(ws: Workspace, to: Any, measure: str = merges.DEFAULT_MEASURE) -> tuple[merges.Suggestions,
+                                                                                        merges.MergePlan]:
+    """The plan down to ``to`` clusters over the current clusters (``twist suggest-merges --to``)."""
+    current = len(ws.store.summary())
+    try:
+        target = int(to)
+    except (TypeError, ValueError):
+        raise AppUserError("give the number of clusters to merge down to") from None
+    if not 1 <= target < current:
+        raise AppUserError(f"merge down to a number from 1 to {current - 1} (there are {current} clusters now)")
+    if measure not in merges.MEASURES:
+        raise AppUserError(f"measure must be one of {', '.join(merges.MEASURES)}")
+    try:
+        result = merges.suggest(merges.data_from_index(ws.index_dir, store=ws.store), measure, resamples=0, to=target)
+    except merges.MergeUserError as error:
+        raise AppUserError(str(error)) from None
+    return result, result.plan  # type: ignore[return-value]
+
+
+def plan_text(result: merges.Suggestions, plan: merges.MergePlan) -> str:
+    """The plan's groups as the command prints them, one line per group: ``into <- merged, ...``."""
+    return f"```\n{merges.format_plan(result, plan)}\n```"
+
+
+def apply_plan(ws: Workspace, plan_json: str) -> str:
+    """Apply a previewed plan (its groups as JSON) as one change; refused if its clusters are no longer current."""
+    try:
+        groups = [[int(c) for c in group] for group in json.loads(plan_json or "")]
+    except (TypeError, ValueError):
+        raise AppUserError("preview a plan first") from None
+    merged = [group for group in groups if len(group) > 1]
+    sizes = {c["cluster"]: c["size"] for c in ws.store.summary()}
+    if not merged:
+        raise AppUserError("the plan merges nothing: preview a plan first")
+    if any(c not in sizes for group in groups for c in group):
+        raise AppUserError("the clusters changed since the plan was made: preview it again")
+    names = ws.names()
+    ws.store.merge_groups([(group[1:], group[0]) for group in merged],
+                          f"applied a merge plan down to {len(groups)} clusters: " + "; ".join(
+                              f"{', '.join(names.get(c, str(c)) for c in group[1:])} into {names.get(group[0])}"
+                              for group in merged))
+    return (f"applied the plan: {sum(len(g) - 1 for g in merged)} cluster(s) merged, {len(groups)} clusters now "
+            "(one Undo takes the whole plan back)")
 
 
 def dendrogram_picture(ws: Workspace, result: merges.Suggestions) -> Image.Image:
@@ -101,10 +150,6 @@ def build(ctx: ViewContext) -> None:
                 gr.Dropdown(choices=choices, value=first), gallery, message)
 
     @friendly
-    def suggest_merges(measure: str) -> tuple:
-        return shown(suggestions(ws, measure), "")
-
-    @friendly
     def show_pair(value: str) -> list[tuple[str, str]]:
         return pair_gallery(ws, *parse_pair(value)) if value else []
 
@@ -117,6 +162,22 @@ def build(ctx: ViewContext) -> None:
     def undo_here(measure: str) -> tuple:
         message = ws.undo()
         return shown(suggestions(ws, measure), message)
+
+    @friendly
+    def suggest_with_target(measure: str) -> tuple:
+        result = suggestions(ws, measure)
+        estimate = result.k_estimate.k if result.k_estimate else len(result.clusters) - 1
+        return (*shown(result, ""), min(max(1, estimate), max(1, len(result.clusters) - 1)))
+
+    @friendly
+    def preview_plan(to: Any, measure: str) -> tuple[str, str, str]:
+        result, plan = merge_plan(ws, to, measure)
+        return plan_text(result, plan), json.dumps(plan.groups), ""
+
+    @friendly
+    def apply_previewed(plan_json: str, measure: str) -> tuple:
+        message = apply_plan(ws, plan_json)
+        return (*shown(suggestions(ws, measure), message), "", "")
 
     with gr.Tab("Suggested merges", id="merges"):
         with gr.Row():
@@ -135,16 +196,26 @@ def build(ctx: ViewContext) -> None:
             undo_button = gr.Button("Undo last change", elem_id="merge-undo", scale=1)
         gallery = gr.Gallery(label="The pair's most confident images", columns=2 * PAIR_THUMBNAILS,
                              allow_preview=False, height="auto", elem_id="merge-pair-gallery")
+        with gr.Row():
+            plan_to = gr.Number(None, precision=0, minimum=1, label="Merge down to N clusters (default: the "
+                                "estimate)", elem_id="merge-plan-to", scale=2)
+            preview = gr.Button("Preview the plan", elem_id="merge-plan-preview", scale=1)
+            apply = gr.Button("Apply the plan", variant="primary", elem_id="merge-plan-apply", scale=1)
+        plan_view = gr.Markdown(elem_id="merge-plan")
+        plan_groups = gr.Textbox(visible=False, elem_id="merge-plan-groups")  # the previewed plan, as applied
         status = gr.Markdown(elem_id="merge-status")
 
     outputs = [estimate, picture, table, pair, gallery, status]
-    compute.click(suggest_merges, [measure], outputs, api_name="suggest_merges")
+    compute.click(suggest_with_target, [measure], [*outputs, plan_to], api_name="suggest_merges")
     pair.input(show_pair, [pair], [gallery], api_visibility="private")
+    preview.click(preview_plan, [plan_to, measure], [plan_view, plan_groups, status], api_name="preview_plan")
 
     def refresh_other_views() -> None:
         """A merge here changes the clusters the Cluster view lists: refresh its dropdowns and open page."""
         for event in (merge.click(merge_suggestion, [pair, measure], outputs, api_name="merge_suggestion"),
-                      undo_button.click(undo_here, [measure], outputs, api_visibility="private")):
+                      undo_button.click(undo_here, [measure], outputs, api_visibility="private"),
+                      apply.click(apply_previewed, [plan_groups, measure], [*outputs, plan_view, plan_groups],
+                                  api_name="apply_plan")):
             event.then(friendly(lambda: current_choices(ws)), None, ctx["cluster_choices"],
                        api_visibility="private").then(**ctx["show_cluster"])
 

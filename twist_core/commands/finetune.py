@@ -20,8 +20,8 @@ def finetune_and_print(config: FinetuneConfig) -> int:
     out = report["options"]["out"]
     print(f"{out}: fine-tuned on {report['labelled_images']} labelled images "
           f"({report['excluded_images']} excluded), K {report['classes_before']} -> {report['classes_after']}\n"
-          f"next: twist export {out} --out MODEL.onnx; twist label DATA --model MODEL.onnx --out LABELS.csv; "
-          "twist index LABELS.csv --out INDEX (keeps image ids); open the app with a new --state-dir")
+          f"next: twist export {out} --out MODEL.onnx; twist index --update --out INDEX --model MODEL.onnx "
+          "(relabels every image, keeps their ids; the app follows)")
     return 0
 
 

@@ -19,8 +19,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def index_and_print(config: IndexConfig) -> int:
     if config.update:
-        added, removed = update_index(config)
-        print(f"{config.out}: added {added}, removed {removed} images")
+        result = update_index(config)
+        if result.relabelled is None:
+            print(f"{config.out}: added {result.added}, removed {result.removed} images")
+        else:
+            print(f"{config.out}: the model changed, so all {result.relabelled} images were labelled and embedded "
+                  f"again (added {result.added}, removed {result.removed}); the app sets aside curation made for "
+                  "the old model's clusters")
         return 0
     if not config.source:
         raise IndexUserError("give the labels table or image folder to index (or --update)")

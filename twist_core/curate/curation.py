@@ -13,6 +13,12 @@ concurrent users (threads of one app, or several app processes) always log the t
 undo restores exactly the state before the action it undoes. Moves are keyed by index ids, which stay with
 their files across rebuilds; the store remembers the index's uid and refuses to open for another index.
 A running app follows index updates by re-attaching the new generation's metadata (:meth:`reattach`).
+
+The store also remembers the fingerprint of the model whose clusters its names, merges, moves and
+confirmations refer to. When the index is relabelled by another model (``twist finetune``, ``twist export``,
+``twist index --update``), cluster numbers mean other clusters: that curation is written to a file beside the
+store and no longer applied, and :attr:`CurationStore.notice` says so. Exclusions concern images, not
+clusters, and stay. ``twist finetune`` records in the store which runs learned from it, and the file says so.
 """
 
 from __future__ import annotations
@@ -29,9 +35,10 @@ from typing import Any
 
 from twist_core.errors import UserError
 from twist_core.index.store import IMAGES, INFO_TABLE, chunked_in
-from twist_core.io_utils import mark_output_folder
+from twist_core.io_utils import atomic_write_text, mark_output_folder
 
 EXCLUDED = -1  # the label of an image taken out of the dataset
+SET_ASIDE_FILE = "curation-set-aside-{model}-{time}.json"  # curation made for a model the index no longer uses
 ORDERS = (IMAGES.confidence, IMAGES.id, IMAGES.path)
 
 SCHEMA = """
@@ -114,9 +121,16 @@ class CurationStore:
                     self._db.execute("ATTACH DATABASE ? AS idx", (f"file:{previous}?mode=ro",))
                 raise
 
-    def _index_uid(self) -> str | None:
-        found = self._query(f"SELECT value FROM idx.{INFO_TABLE} WHERE key = 'uid'")
+    def _index_value(self, key: str) -> Any:
+        found = self._query(f"SELECT value FROM idx.{INFO_TABLE} WHERE key = ?", (key,))
         return json.loads(found[0][0]) if found else None
+
+    def _binding(self, key: str) -> str | None:
+        found = self._query("SELECT value FROM binding WHERE key = ?", (key,))
+        return found[0][0] if found else None
+
+    def _bind(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO binding (key, value) VALUES (?, ?)", (key, value))
 
     def _holds_moves(self) -> bool:
         """Whether anything here is keyed by image id (a move, or an undo entry that restores one)."""
@@ -126,16 +140,76 @@ class CurationStore:
                    self._query("SELECT previous FROM undo_log WHERE previous LIKE '%overrides%'"))
 
     def _bind_to_index(self) -> None:
-        """Remember which index the ids belong to; refuse a store whose moves were made on another index."""
-        uid = self._index_uid()
-        if uid is None:  # an index written before uids existed
-            return
+        """Remember which index the ids belong to and which model the clusters are of.
+
+        A store whose moves were made on another index is refused; curation made for another model's clusters
+        is set aside (:meth:`_set_aside`).
+        """
+        uid, model = self._index_value("uid"), self._index_value("model_sha256")
         with self._transaction():
-            bound = self._query("SELECT value FROM binding WHERE key = 'index_uid'")
-            if bound and bound[0][0] != uid and self._holds_moves():
-                raise CurationError(f"{self.path} holds curation made for another index, whose image ids name "
-                                    "other images; open it with that index, or use a new --state-dir")
-            self._db.execute("INSERT OR REPLACE INTO binding (key, value) VALUES ('index_uid', ?)", (uid,))
+            if uid is not None:  # None: an index written before uids existed
+                bound = self._binding("index_uid")
+                if bound and bound != uid and self._holds_moves():
+                    raise CurationError(f"{self.path} holds curation made for another index, whose image ids name "
+                                        "other images; open it with that index, or use a new --state-dir")
+                self._bind("index_uid", uid)
+            if model is not None:  # None: an index written before model fingerprints were recorded
+                bound_model = self._binding("model_sha256")
+                if bound_model and bound_model != model:
+                    self._set_aside(bound_model, model)
+                self._bind("model_sha256", model)
+
+    def _set_aside(self, old: str, new: str) -> None:
+        """Write what refers to the old model's clusters to a file and stop applying it (inside a transaction).
+
+        Names, merges, moves into clusters, confirmations and the undo log go; exclusions stay.
+        """
+        kept = {
+            "names": dict(self._query("SELECT cluster, name FROM names")),
+            "merges": dict(self._query("SELECT cluster, into_cluster FROM merges")),
+            "moves": self._with_paths("overrides", f"WHERE t.cluster != {EXCLUDED}"),
+            "confirmed": self._with_paths("confirmed", ""),
+            "undo_log": [{"action": a, "at": t, "previous": json.loads(p)} for a, t, p in
+                         self._query("SELECT action, at, previous FROM undo_log ORDER BY seq")],
+        }
+        if not any(kept[key] for key in ("names", "merges", "moves", "confirmed")):
+            self._db.execute("DELETE FROM undo_log")
+            return
+        learned = json.loads(self._binding("learned_by") or "[]")
+        target = self.path.parent / SET_ASIDE_FILE.format(model=old[:12], time=time.strftime("%Y%m%d-%H%M%S"))
+        atomic_write_text(target, json.dumps({"model_sha256": old, "new_model_sha256": new,
+                                              "set_aside_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                              "learned_by": learned, **kept}, indent=2) + "\n")
+        for sql in ("DELETE FROM names", "DELETE FROM merges", f"DELETE FROM overrides WHERE cluster != {EXCLUDED}",
+                    "DELETE FROM confirmed", "DELETE FROM undo_log"):
+            self._db.execute(sql)
+        counts = ", ".join(f"{len(kept[key])} {word}" for key, word in (
+            ("moves", "move(s)"), ("confirmed", "confirmation(s)"), ("merges", "merge(s)"), ("names", "name(s)")))
+        runs = ", ".join(sorted({entry["run"] for entry in learned}))
+        self._bind("notice", f"the model changed ({old[:12]} -> {new[:12]}): {counts} made for the old model's "
+                             f"clusters are set aside in {target} and no longer applied, since the new model numbers "
+                             "its clusters anew"
+                             + (f"; twist finetune learned from them ({runs})" if runs else "")
+                             + "; exclusions still apply")
+        self._bind("learned_by", "[]")
+
+    def _with_paths(self, table: str, where: str) -> list[dict[str, Any]]:
+        """Rows of an image-keyed table with each image's path (None when the image left the index)."""
+        rows = self._query(f"SELECT t.image_id, i.{IMAGES.path}, t.cluster FROM {table} t "
+                           f"LEFT JOIN idx.{IMAGES.name} i ON i.{IMAGES.id} = t.image_id {where} ORDER BY t.image_id")
+        return [{"image_id": i, "path": path, "cluster": cluster} for i, path, cluster in rows]
+
+    @property
+    def notice(self) -> str | None:
+        """What happened to curation made for an earlier model, if anything was set aside."""
+        return self._binding("notice")
+
+    def record_learning(self, run: str, images: int) -> None:
+        """Note that ``twist finetune`` learned from this curation into ``run`` (said when it is set aside)."""
+        with self._transaction():
+            learned = json.loads(self._binding("learned_by") or "[]")
+            learned.append({"run": run, "images": int(images), "at": time.strftime("%Y-%m-%d %H:%M:%S")})
+            self._bind("learned_by", json.dumps(learned))
 
     def close(self) -> None:
         self._db.close()
@@ -298,29 +372,52 @@ class CurationStore:
 
         A target merged away meanwhile (by another user) resolves to the cluster it went into.
         """
-        target = self._check_cluster(target)
-        wanted = {self._check_cluster(s) for s in sources}
+        self.merge_groups([(sources, target)])
+
+    def merge_groups(self, groups: Sequence[tuple[Sequence[int], int]], action: str | None = None) -> None:
+        """Several merges, each (sources, target), as ONE change: one undo takes them all back (a merge plan).
+
+        The groups must not share clusters; ``action`` describes the whole change (default: each merge).
+        """
+        checked = [({self._check_cluster(s) for s in sources}, self._check_cluster(target))
+                   for sources, target in groups]
+        if not checked:
+            raise CurationError("nothing to merge")
+        every = [c for wanted, target in checked for c in wanted | {target}]
+        if len(every) != len(set(every)):
+            raise CurationError("the merged groups share a cluster: each cluster may be in one group only")
 
         def plan() -> tuple[str, dict, list]:
-            final = self.merged_into(target)
-            chosen = sorted(wanted - {final})
-            if not chosen:
-                raise CurationError("choose at least one cluster other than the target to merge" if final == target
-                                    else f"cluster {target} was merged into {final} already")
-            marks = ",".join("?" * len(chosen))
-            chained = [r[0] for r in self._query(f"SELECT cluster FROM merges WHERE into_cluster IN ({marks})",
-                                                 chosen)]
-            merged = sorted(set(chosen) | set(chained))
-            moved = [r[0] for r in self._query(f"SELECT image_id FROM overrides WHERE cluster IN ({marks})", chosen)]
-            previous = {"merges": self._previous("merges", "cluster", "into_cluster", merged),
-                        "overrides": self._previous("overrides", "image_id", "cluster", moved)}
-            statements: list[tuple[str, Sequence]] = [
-                ("INSERT OR REPLACE INTO merges (cluster, into_cluster) VALUES (?, ?)", (c, final)) for c in merged]
-            statements += [("UPDATE overrides SET cluster = ? WHERE image_id = ?", (final, i)) for i in moved]
-            names = ", ".join(self.name(s) for s in chosen)
-            return f"merged {names} into {self.name(final)}", previous, statements
+            actions, previous, statements = [], {"merges": {}, "overrides": {}}, []
+            for wanted, target in checked:
+                described, before, more = self._merge_statements(wanted, target)
+                actions.append(described)
+                for table, values in before.items():
+                    for key, value in values.items():
+                        previous[table].setdefault(key, value)  # the state before the first write wins
+                statements += more
+            return action or "; ".join(actions), previous, statements
 
         self._change(plan)
+
+    def _merge_statements(self, wanted: set[int], target: int) -> tuple[str, dict, list[tuple[str, Sequence]]]:
+        """What merging ``wanted`` into ``target`` overwrites and writes (read inside the change's transaction)."""
+        final = self.merged_into(target)
+        chosen = sorted(wanted - {final})
+        if not chosen:
+            raise CurationError("choose at least one cluster other than the target to merge" if final == target
+                                else f"cluster {target} was merged into {final} already")
+        marks = ",".join("?" * len(chosen))
+        chained = [r[0] for r in self._query(f"SELECT cluster FROM merges WHERE into_cluster IN ({marks})", chosen)]
+        merged = sorted(set(chosen) | set(chained))
+        moved = [r[0] for r in self._query(f"SELECT image_id FROM overrides WHERE cluster IN ({marks})", chosen)]
+        previous = {"merges": self._previous("merges", "cluster", "into_cluster", merged),
+                    "overrides": self._previous("overrides", "image_id", "cluster", moved)}
+        statements: list[tuple[str, Sequence]] = [
+            ("INSERT OR REPLACE INTO merges (cluster, into_cluster) VALUES (?, ?)", (c, final)) for c in merged]
+        statements += [("UPDATE overrides SET cluster = ? WHERE image_id = ?", (final, i)) for i in moved]
+        names = ", ".join(self.name(s) for s in chosen)
+        return f"merged {names} into {self.name(final)}", previous, statements
 
     def move(self, ids: Sequence[int], target: int) -> int:
         """Move images to cluster ``target`` (or ``EXCLUDED``); returns how many exist and were moved."""

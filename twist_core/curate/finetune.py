@@ -6,6 +6,8 @@ on every image, as the paper's semi-supervised fine-tuning stage. K and the clas
 clusters: a merge drops the merged clusters' rows of the head's last layer (the target keeps its row), and
 excluded images are left out of both terms. RUN is never modified; the new run folder holds config.json,
 last.pt, metrics.jsonl, ``class_names.txt`` (which ``twist export`` picks up) and ``finetune.json``.
+A fine-tune that was stopped (killed, power cut) resumes from its checkpoint when the same command is run
+again, with the labels it started with (kept in ``finetune-plan.json``); a finished one is refused.
 Everything RUN trained trains on: a ResNet end to end; with the patches backbone the patch dictionary stays
 frozen and the BatchNorm over its pooled codes plus the head train, whose first hidden layer is the embedding
 (so the app's neighbours change too).
@@ -38,6 +40,7 @@ from twist_core.train.loop import Run, Supervision, TrainConfig, train
 
 NAMES_FILE = "class_names.txt"
 REPORT_FILE = "finetune.json"
+PLAN_FILE = "finetune-plan.json"  # what a fine-tune learns from, written before it starts: its resume reads it
 CURATED_STATUSES = ("moved", "merged", "confirmed")  # rows of the app's CSV whose label a person set
 EXCLUDED_STATUS = "excluded"
 
@@ -84,10 +87,6 @@ class Curation:
     labels: dict[str, int]
     excluded: set[str]
 
-    def new_cluster(self) -> dict[int, int]:
-        """RUN's surviving cluster -> its number in the new run (surviving clusters keep their order)."""
-        return {old: new for new, old in enumerate(sorted(self.names))}
-
 
 def curation_from_store(index_dir: Path, state_dir: Path | None, n_classes: int) -> tuple[Curation, Path]:
     """The curation store's decisions, with image paths absolute (the index root joined)."""
@@ -121,6 +120,19 @@ def curation_from_store(index_dir: Path, state_dir: Path | None, n_classes: int)
     finally:
         store.close()
     return Curation(names, labels, excluded), root
+
+
+def record_learning(index_dir: Path, state_dir: Path | None, run: Path, images: int) -> None:
+    """Note in the app's curation store that ``run`` learned from it: when the index is relabelled by the
+    new model, the curation set aside says it was learned from, not lost."""
+    from twist_core.curate.curation import CurationStore
+    from twist_core.index.store import meta_path
+
+    store = CurationStore((state_dir or index_dir) / "curation.sqlite", meta_path(index_dir), [])
+    try:
+        store.record_learning(str(run.resolve()), images)
+    finally:
+        store.close()
 
 
 def curation_from_csv(table: Path, n_classes: int) -> Curation:
@@ -229,8 +241,13 @@ def check_options(config: FinetuneConfig) -> None:
         raise FinetuneError(f"no run at {config.run} (no {CHECKPOINT_NAME})")
     if Path(config.out or "").resolve() == Path(config.run).resolve():
         raise FinetuneError("--out must be a new folder: fine-tuning never modifies RUN")
-    if (Path(str(config.out)) / CHECKPOINT_NAME).exists():
-        raise FinetuneError(f"{config.out} already holds a run: choose another --out (nothing was changed)")
+    out = Path(str(config.out))
+    if (out / CHECKPOINT_NAME).exists():
+        if (out / "DONE").exists():
+            raise FinetuneError(f"{config.out} holds a finished fine-tune: export it (twist export {config.out}) or "
+                                "choose another --out (nothing was changed)")
+        if saved_plan(out, Path(config.run)) is None:
+            raise FinetuneError(f"{config.out} already holds a run: choose another --out (nothing was changed)")
     for name in ("epochs", "labelled_per_step", "eval_every"):
         if getattr(config, name) < 1:
             raise FinetuneError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be at least 1")
@@ -242,20 +259,52 @@ def check_options(config: FinetuneConfig) -> None:
         raise FinetuneError(f"--time-budget: {error}") from None
 
 
-def finetune(config: FinetuneConfig) -> dict[str, Any]:
-    """Fine-tune RUN on the curated labels into ``config.out``; returns the final metrics and what was used."""
+@dataclass
+class Plan:
+    """What one fine-tune learns from, in positions of the run's file list and RUN's cluster numbers."""
+
+    source_run: str
+    names: dict[int, str]  # surviving cluster -> name, in the new run's order
+    labelled: dict[int, int]  # file position -> cluster
+    excluded: set[int]
+    missing: int
+
+    @property
+    def keep(self) -> list[int]:
+        return sorted(self.names)
+
+    def new_cluster(self) -> dict[int, int]:
+        """RUN's surviving cluster -> its number in the new run (surviving clusters keep their order)."""
+        return {old: new for new, old in enumerate(self.keep)}
+
+    def to_json(self) -> str:
+        return json.dumps({"source_run": self.source_run, "names": {str(c): n for c, n in self.names.items()},
+                           "labelled": sorted(self.labelled.items()), "excluded": sorted(self.excluded),
+                           "missing": self.missing}) + "\n"
+
+
+def saved_plan(out: Path, run: Path) -> Plan | None:
+    """The plan of a fine-tune of ``run`` started in ``out`` (None: none, or one of another run)."""
+    try:
+        saved = json.loads((out / PLAN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if saved.get("source_run") != str(run.resolve()):
+        return None
+    return Plan(saved["source_run"], {int(c): n for c, n in saved["names"].items()},
+                {int(i): int(c) for i, c in saved["labelled"]}, {int(i) for i in saved["excluded"]},
+                int(saved["missing"]))
+
+
+def new_plan(config: FinetuneConfig, n_classes: int, data: Path) -> Plan:
+    """The curation's decisions (the app's store or a CSV) as a plan; refused when nothing is labelled."""
     from twist_core.data.folder import require_images
 
-    config = dataclasses.replace(config, out=config.out or str(Path(config.run).resolve()) + "-finetuned")
-    check_options(config)
-    checkpoint = load_checkpoint(config.run)
-    saved, n_classes = checkpoint["config"], int(checkpoint["model_spec"]["n_classes"])
     if config.index:
         curation, _ = curation_from_store(Path(config.index), Path(config.state_dir) if config.state_dir else None,
                                           n_classes)
     else:
         curation = curation_from_csv(Path(config.labels), n_classes)  # type: ignore[arg-type]
-    data = Path(config.data or saved["data"])
     labelled, excluded, missing = file_positions(curation, data, require_images(data))
     if not labelled:
         raise FinetuneError(f"none of the {len(curation.labels)} images whose cluster was set or confirmed is in "
@@ -263,25 +312,49 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
                             "are in)")
     if missing:
         print(f"warning: {missing} curated image(s) are not in {data} and are left out", file=sys.stderr)
-    keep, new_cluster = sorted(curation.names), curation.new_cluster()
-    settings = train_config(config, saved, len(keep))
+    return Plan(str(Path(config.run).resolve()), curation.names, labelled, excluded, missing)
+
+
+def finetune(config: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune RUN on the curated labels into ``config.out`` (or resume a stopped fine-tune there); returns
+    the final metrics and what was used."""
+    config = dataclasses.replace(config, out=config.out or str(Path(config.run).resolve()) + "-finetuned")
+    check_options(config)
+    checkpoint = load_checkpoint(config.run)
+    saved, n_classes = checkpoint["config"], int(checkpoint["model_spec"]["n_classes"])
+    out = Path(str(config.out))
+    plan = saved_plan(out, Path(config.run)) if (out / CHECKPOINT_NAME).exists() else None
+    if plan is not None:
+        print(f"resuming the stopped fine-tune in {out} from its checkpoint, with the labels it started with",
+              file=sys.stderr)
+    else:
+        plan = new_plan(config, n_classes, Path(config.data or saved["data"]))
+        out.mkdir(parents=True, exist_ok=True)  # names first: a checkpoint of a run killed later exports with them
+        atomic_write_text(out / NAMES_FILE, "".join(plan.names[c] + "\n" for c in plan.keep))
+        atomic_write_text(out / PLAN_FILE, plan.to_json())
+    keep = plan.keep
+    new_cluster = plan.new_cluster()
+    settings = dataclasses.replace(train_config(config, saved, len(keep)), resume=(out / CHECKPOINT_NAME).exists())
 
     def attach(run: Run) -> None:
-        run.skipped.update({i: "excluded in the curation" for i in excluded})
+        run.supervision = Supervision(labelled_draws(run, plan.labelled, new_cluster, config.labelled_per_step,
+                                                     config.seed), config.supervised_weight)
+        if run.resumed:  # the checkpoint holds the exclusions and the length
+            return
+        run.skipped.update({i: "excluded in the curation" for i in plan.excluded})
         run.steps_per_epoch = max(1, (len(run.files) - len(run.skipped)) // (run.batch_size * run.ctx.world_size))
         run.total_steps = 0
         run.fit_length(0)
-        run.supervision = Supervision(labelled_draws(run, labelled, new_cluster, config.labelled_per_step,
-                                                     config.seed), config.supervised_weight)
 
-    out = Path(settings.out)
-    out.mkdir(parents=True, exist_ok=True)  # the names first: a checkpoint of a run killed later exports with them
-    atomic_write_text(out / NAMES_FILE, "".join(curation.names[c] + "\n" for c in keep))
-    metrics = train(settings, start_from=head_rows(checkpoint["model"], keep), prepare=attach)
-    report = {"source_run": str(Path(config.run).resolve()), "labels_from": str(config.index or config.labels),
+    metrics = train(settings, start_from=None if settings.resume else head_rows(checkpoint["model"], keep),
+                    prepare=attach)
+    report = {"source_run": plan.source_run, "labels_from": str(config.index or config.labels),
               "classes_before": n_classes, "classes_after": len(keep),
-              "clusters": [{"cluster": new_cluster[c], "from": c, "name": curation.names[c]} for c in keep],
-              "labelled_images": len(labelled), "excluded_images": len(excluded), "not_found": missing,
-              "options": dataclasses.asdict(config), "final": metrics}
+              "clusters": [{"cluster": new_cluster[c], "from": c, "name": plan.names[c]} for c in keep],
+              "labelled_images": len(plan.labelled), "excluded_images": len(plan.excluded),
+              "not_found": plan.missing, "options": dataclasses.asdict(config), "final": metrics}
     atomic_write_text(out / REPORT_FILE, json.dumps(report, indent=2) + "\n")
+    if config.index:
+        record_learning(Path(config.index), Path(config.state_dir) if config.state_dir else None, out,
+                        len(plan.labelled))
     return report

@@ -8,10 +8,19 @@ A rebuild over an existing index keeps the id of every unchanged file (path, siz
 one ``stat`` per file), so the app's curation and thumbnails, keyed by id, stay on their images. Embeddings
 holding NaN/inf or of another dimension than the model's are refused, and a full disk is one sentence:
 nothing is published unless everything was written (exit code 2 for every refusal).
+
+The index records the fingerprint (SHA-256) of the model its labels came from. ``--update`` with another model
+(``twist finetune`` then ``twist export``, or a re-export over the same file) labels and embeds every image
+again into one new generation of the same index (ids and lineage kept, crash-safe like any update), since
+mixing two models' clusters in one index would mean nothing; the app then sets aside curation made for the
+old model's clusters.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import shutil
 import sqlite3
 import sys
 from dataclasses import dataclass
@@ -32,8 +41,9 @@ from twist_core.index.store import (
     file_fingerprint,
     read_manifest,
 )
-from twist_core.io_utils import mark_output_folder, path_from_text, path_to_text
-from twist_core.label.table import FORMATS, labels_paths, read_labels
+from twist_core.index.store import meta_path as index_meta_path
+from twist_core.io_utils import file_sha256, mark_output_folder, path_from_text, path_to_text
+from twist_core.label.table import FORMATS, labels_paths, read_labels, skipped_path
 from twist_core.vectors import (
     ADD_CHUNK,
     KINDS,
@@ -200,6 +210,7 @@ def build_index(config: IndexConfig) -> Path:
     model = config.model or meta.get("model")
     info = {**lineage.info, "root": str(Path(meta["root"]).resolve()),  # uid and next id carried over
             "model": str(Path(model).resolve()) if model else None,
+            "model_sha256": meta.get("model_sha256") or model_sha256(model),
             "dim": dim, "kind": plan.kind, "metric": "cosine", "nlist": plan.nlist, "nprobe": plan.nprobe,
             "pq_m": plan.pq_m, "source": str(table.resolve())}
     IndexWriter.create(out, index, rows, info, device, ids=ids, expected=lineage.generation,
@@ -207,11 +218,122 @@ def build_index(config: IndexConfig) -> Path:
     return out
 
 
-def update_index(config: IndexConfig) -> tuple[int, int]:
-    """Drop entries whose files are gone, then add what is new or changed; returns (added, removed).
+def model_sha256(model: str | Path | None) -> str | None:
+    """The fingerprint of a model file (None when there is none to read)."""
+    return file_sha256(model) if model and Path(model).is_file() else None
+
+
+@dataclass(frozen=True)
+class ModelChange:
+    """The model an update would label with, against the one the index's labels came from."""
+
+    path: str | None
+    sha256: str | None
+    recorded: str | None
+
+    @property
+    def changed(self) -> bool:
+        return self.sha256 is not None and self.recorded is not None and self.sha256 != self.recorded
+
+
+def model_change(config: IndexConfig) -> ModelChange:
+    """Compare the update's model (the table's, else --model, else the index's) with the index's record.
+
+    An index built before fingerprints were recorded counts as changed only when another model file is given.
+    """
+    info, _ = index_contents(Path(config.out))
+    if config.source:
+        meta = read_labels_meta(Path(config.source))
+        path, sha = meta.get("model"), meta.get("model_sha256")
+    else:
+        path = config.model or info.get("model")
+        sha = model_sha256(path)
+    recorded = info.get("model_sha256")
+    if recorded is None and sha is not None and path and info.get("model") \
+            and Path(path).resolve() != Path(info["model"]).resolve():
+        recorded = "unknown"
+    return ModelChange(path, sha, recorded)
+
+
+def index_contents(out: Path) -> tuple[dict[str, Any], set[str]]:
+    """The info and indexed paths of the generation in ``out``, from its metadata alone (no vectors loaded)."""
+    store = MetaStore(index_meta_path(out))
+    try:
+        return store.info(), {path for _, path in store.all_paths()}
+    finally:
+        store.close()
+
+
+def read_labels_meta(table: Path) -> dict[str, Any]:
+    meta_file = labels_paths(table)[1]
+    return json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """What an update did: images added and removed, or (``relabelled``) every image labelled again."""
+
+    added: int
+    removed: int
+    relabelled: int | None = None
+    change: ModelChange | None = None
+
+
+def relabel_index(config: IndexConfig, change: ModelChange) -> UpdateResult:
+    """Label and embed every image again with the new model, as one new generation of the same index.
+
+    A folder is labelled into ``OUT/labels-<sha>.csv`` (resumed if an earlier try was killed); the rebuild keeps
+    every unchanged file's id and the index's uid, and publishes only when complete.
+    """
+    out = Path(config.out)
+    info, old_paths = index_contents(out)
+    print(f"{out}: the model differs from the one its labels came from ({str(change.recorded)[:12]} -> "
+          f"{str(change.sha256)[:12]}): labelling and embedding every image again", file=sys.stderr)
+    source = Path(config.source) if config.source else _relabel_folder(out, Path(info["root"]), change)
+    settings = dataclasses.replace(config, source=str(source), update=False,
+                                   model=config.model if config.source else change.path,
+                                   kind=info["kind"] if config.kind == "auto" else config.kind)
+    build_index(settings)
+    drop_old_relabellings(out, source)
+    _, new_paths = index_contents(out)
+    return UpdateResult(len(new_paths - old_paths), len(old_paths - new_paths), len(new_paths), change)
+
+
+def drop_old_relabellings(out: Path, current: Path) -> None:
+    """Tables (and unfinished work) of earlier relabellings in the index folder: the index no longer reads them."""
+    for stale in out.glob("labels-*.csv"):
+        if stale != current:
+            for path in (stale, *labels_paths(stale), skipped_path(stale)):
+                path.unlink(missing_ok=True)
+    for parts in out.glob("labels-*.csv.parts"):
+        if parts.name != current.name + ".parts":
+            shutil.rmtree(parts, ignore_errors=True)
+
+
+def _relabel_folder(out: Path, root: Path, change: ModelChange) -> Path:
+    from twist_core.label.labeller import LabelConfig, label_folder
+
+    if not change.path:
+        raise IndexUserError("no model recorded in the index; give --model to label the images")
+    table = out / f"labels-{str(change.sha256)[:12]}.csv"
+    label_folder(LabelConfig(model=str(change.path), folder=str(root), out=str(table), overwrite=table.exists()))
+    return table
+
+
+def update_index(config: IndexConfig) -> UpdateResult:
+    """Drop entries whose files are gone, then add what is new or changed; with another model, relabel all.
 
     The table is checked (dimension, finite values) before anything is written.
     """
+    change = model_change(config)
+    if change.changed:
+        return relabel_index(config, change)
+    added, removed = _add_and_remove(config)
+    return UpdateResult(added, removed)
+
+
+def _add_and_remove(config: IndexConfig) -> tuple[int, int]:
+    """The update of an index whose model is unchanged; returns (added, removed)."""
     index = IndexWriter.open(config.out, config.device)
     changed = index.changed_paths()
     if config.source:

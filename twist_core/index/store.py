@@ -342,13 +342,17 @@ class MetaStore:
         return [{"cluster": c, "name": n, "size": s, "mean_confidence": m} for c, n, s, m in rows]
 
 
-def curated_names(state_dir: Path) -> dict[int, str]:
-    """Cluster names given in the app (its curation store in ``state_dir``); none when it has no store."""
+def curated_names(state_dir: Path, model_sha256: str | None = None) -> dict[int, str]:
+    """Cluster names given in the app (its curation store in ``state_dir``); none when it has no store, or
+    when its names were given to the clusters of another model than ``model_sha256`` (the index's)."""
     path = Path(state_dir) / CURATION_FILE
     if not path.is_file():
         return {}
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True, timeout=30)) as db:
+            bound = db.execute("SELECT value FROM binding WHERE key = 'model_sha256'").fetchall()
+            if model_sha256 and bound and bound[0][0] != model_sha256:
+                return {}
             return {int(c): str(n) for c, n in db.execute("SELECT cluster, name FROM names")}
     except sqlite3.Error:  # a store being created, or not the app's: the card's names stand
         return {}
