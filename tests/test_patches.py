@@ -18,6 +18,7 @@ from twist_core.model.patches import (
     THRESHOLD,
     PatchBackbone,
     PatchDictionaryStem,
+    kmeans,
     learn_patch_dictionary,
     normalise_patches,
     region_average,
@@ -158,3 +159,16 @@ def test_patches_conv_run_exports_to_onnx_with_dynamic_size(shapes_folder: Path,
             ref_embeddings, ref_probs = ProbabilityModel(model).eval()(torch.from_numpy(images))
         np.testing.assert_allclose(probs, ref_probs.numpy(), atol=1e-4)
         np.testing.assert_allclose(embeddings, ref_embeddings.numpy(), atol=1e-3, rtol=1e-4)
+
+
+def test_kmeans_finds_planted_centres_and_reseeds_empty_clusters() -> None:
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.eye(4) * 10
+    points = (centres.repeat_interleave(500, 0) + torch.randn(2000, 4, generator=generator) * 0.1)
+    found = kmeans(points, 4, 20, torch.Generator().manual_seed(1))
+    nearest = torch.cdist(centres, found).min(1).values
+    assert nearest.max() < 0.5, found  # every planted centre has an atom on it
+    # more atoms than distinct points: every iteration leaves clusters empty; they are re-seeded, never NaN
+    few = centres.repeat_interleave(3, 0)
+    found = kmeans(few, 8, 5, torch.Generator().manual_seed(2))
+    assert torch.isfinite(found).all() and torch.cdist(found, centres).min(1).values.max() < 1e-5
