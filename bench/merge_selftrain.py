@@ -142,8 +142,7 @@ def main() -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     data = load_eval_images(DATA, 32, 2, progress=False)
-    previous = json.loads((RESULTS / "merge.json").read_text())
-    found: dict[str, Any] = previous.get("selftrain", {}).get("runs", {})
+    found: dict[str, Any] = {}
     for arm in args.arms:
         paths, label, own, confidence, plan = self_labels(arm)
         classes = np.array([data.class_names.index(p.split("/")[0]) for p in paths])  # scoring only
@@ -157,7 +156,8 @@ def main() -> int:
                 after = score(predict(work / name, data), data.labels, data.class_names)
                 found[name] = {**after, "keep": keep, "rows": n, **ran}
                 print(name, json.dumps({k: found[name][k] for k in ("acc", "nmi", "ari", "seconds")}), flush=True)
-    previous["selftrain"] = {"runs": found, "machine": machine()}
+    previous = json.loads((RESULTS / "merge.json").read_text())  # read now: keep what other runs added meanwhile
+    previous["selftrain"] = {"runs": {**previous.get("selftrain", {}).get("runs", {}), **found}, "machine": machine()}
     save("merge", previous)
     return 0
 
