@@ -131,12 +131,39 @@ def finetune(arm: str, table: Path, out: Path, epochs: int, seed: int) -> dict[s
             "classes_after": report["classes_after"], "labelled_images": report["labelled_images"]}
 
 
+def headline(runs: dict[str, Any], arm: str, epochs: int) -> dict[str, Any]:
+    """The arm with every image labelled after ``epochs`` of fine-tuning: the mean over the seeds measured."""
+    picked = {name: run for name, run in runs.items() if name.startswith(f"{arm}_keep1_e{epochs}_s")}
+    if not picked:
+        return {}
+    mean = {key: round(float(np.mean([run[key] for run in picked.values()])), 4) for key in ("acc", "nmi", "ari")}
+    how = ("the K=30 run, merged to 10 by the plan of twist suggest-merges --to 10 (no labels), then twist finetune "
+           "with every image labelled with its merged cluster" if arm == "k30_merged" else
+           "the K=10 run, then twist finetune with every image labelled with its own cluster (the control)")
+    return {**mean, "seeds": {name: [run["acc"], run["nmi"]] for name, run in picked.items()},
+            "finetune_epochs": epochs, "how": how}
+
+
+def verdict(result: dict[str, Any]) -> str:
+    """Whether merge-then-self-train meets the target, against the pure K=10 run and against the control."""
+    merged, k10, control = result["k30_merged_selftrained"], result["k10"], result["k10_selftrained"]
+
+    def against(other: dict[str, Any]) -> str:
+        met = merged["acc"] >= other["acc"] and merged["nmi"] >= other["nmi"]
+        return f"{'meets' if met else 'misses'} ({merged['acc']} / {merged['nmi']} vs {other['acc']} / {other['nmi']})"
+
+    return (f"K=30 merged to 10 and self-trained for {merged['finetune_epochs']} epochs {against(k10)} the K=10 run "
+            f"as trained (which used less compute), and {against(control)} the K=10 run self-trained the same way "
+            "(the fair control); ACC / NMI, means over seeds")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default="/work/bench_runs/i14s", help="folder for the label tables and new runs")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--keep", type=float, nargs="+", default=[1.0], help="share of each cluster labelled")
+    parser.add_argument("--headline-epochs", type=int, default=12, help="fine-tuning epochs of the headline keys")
     parser.add_argument("--arms", nargs="+", default=["k30_merged", "k10"], choices=sorted(RUNS))
     args = parser.parse_args()
     work = Path(args.work)
@@ -157,7 +184,13 @@ def main() -> int:
                 found[name] = {**after, "keep": keep, "rows": n, **ran}
                 print(name, json.dumps({k: found[name][k] for k in ("acc", "nmi", "ari", "seconds")}), flush=True)
     previous = json.loads((RESULTS / "merge.json").read_text())  # read now: keep what other runs added meanwhile
-    previous["selftrain"] = {"runs": {**previous.get("selftrain", {}).get("runs", {}), **found}, "machine": machine()}
+    runs = {**previous.get("selftrain", {}).get("runs", {}), **found}
+    previous["selftrain"] = {"runs": runs, "machine": machine()}
+    previous["k30_merged_selftrained"] = headline(runs, "k30_merged", args.headline_epochs)
+    previous["k10_selftrained"] = headline(runs, "k10", args.headline_epochs)
+    if previous["k30_merged_selftrained"] and previous["k10_selftrained"]:
+        previous["selftrain"]["verdict"] = verdict(previous)
+        print(previous["selftrain"]["verdict"])
     save("merge", previous)
     return 0
 
