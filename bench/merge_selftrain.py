@@ -45,6 +45,16 @@ RUNS = {"k10": Path("/work/bench_runs/cifar_patches_final"), "k30_merged": Path(
 INDEXES = Path("/work/bench_runs/i14m")  # k10_index, k30_index: built by bench/merge.py from the same runs
 DATA = Path("/work/bench_runs/data/test")
 TARGET = 10
+CONDITIONS = {
+    "data": "cifar10-test, 10,000 images; the class folders are used only to score",
+    "runs": "k10: the 20-minute K=10 run (96 epochs); k30_merged: the K=30 run with the same 96 epochs",
+    "labels": "from each run's index (bench/merge.py's k10_index / k30_index): its top-1 cluster, for k30_merged "
+              "mapped through the plan of twist suggest-merges --to 10 (modularity, no labels)",
+    "finetune": "twist finetune RUN --labels CSV --epochs E --seed S, defaults otherwise (lr 0.05, 1 warm-up "
+                "epoch, 64 labelled images per step, cross-entropy weight 1, TWIST loss on every image); the "
+                "patches backbone's dictionary stays frozen, its code BatchNorm and the head train",
+    "names": "ARM_keepF_eE_sS: share F of each cluster labelled (most confident first), E epochs, seed S",
+    "score": "the fine-tuned checkpoint in eval mode on all 10,000 images; ACC (Hungarian) / NMI / ARI"}
 
 
 def index_paths(index: Path, ids: np.ndarray) -> list[str]:
@@ -185,7 +195,7 @@ def main() -> int:
                 print(name, json.dumps({k: found[name][k] for k in ("acc", "nmi", "ari", "seconds")}), flush=True)
     previous = json.loads((RESULTS / "merge.json").read_text())  # read now: keep what other runs added meanwhile
     runs = {**previous.get("selftrain", {}).get("runs", {}), **found}
-    previous["selftrain"] = {"runs": runs, "machine": machine()}
+    previous["selftrain"] = {"runs": runs, "conditions": CONDITIONS, "machine": machine()}
     previous["k30_merged_selftrained"] = headline(runs, "k30_merged", args.headline_epochs)
     previous["k10_selftrained"] = headline(runs, "k10", args.headline_epochs)
     if previous["k30_merged_selftrained"] and previous["k10_selftrained"]:
