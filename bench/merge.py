@@ -7,7 +7,7 @@ WITHOUT the labels; only then score against the class folders (ACC / NMI, twist_
 K estimate (and the largest-gap alternative) per data set. Also the plan of ``twist suggest-merges --to N``
 (greedy, then single clusters moved between groups while modularity rises) and label-free alternatives
 (spectral partition of the cluster graph, other linkages, a soft re-labelling by summed top-k probability).
-Writes bench/results/merge.json.
+Writes bench/results/merge.json (bench/merge_selftrain.py adds merge-then-self-train to it).
 
     python bench/merge.py --k10-run RUN10 --k30-run RUN30 --data CIFAR_TEST \
         [--digits-runs RUN ... --digits-data DIGITS] [--caltech-labels LABELS.csv] [--work FOLDER]
