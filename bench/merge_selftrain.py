@@ -15,7 +15,8 @@ Scoring: the fine-tuned checkpoint in eval mode on cifar10-test (as the exported
 against the class folders. Results are added to bench/results/merge.json under ``k30_merged_selftrained``,
 ``k10_selftrained`` and ``selftrain`` (the other keys are kept). Run it serialised with other timed work:
 
-    flock /tmp/bench.lock python bench/merge_selftrain.py --epochs 12 [--seeds 0 1] [--keep 1.0 0.5]
+    flock /tmp/bench.lock python bench/merge_selftrain.py --k10-run RUN10 --k30-run RUN30 --indexes MERGE_WORK \\
+        --data CIFAR_TEST --work WORK --epochs 12 [--seeds 0 1] [--keep 1.0 0.5]
 
 The recorded figures came from ``--epochs 12 --seeds 0 --keep 1.0 0.5``, ``--epochs 12 --seeds 1 --keep 1.0`` and
 ``--epochs 36 --seeds 0 --keep 1.0 --arms k30_merged`` (about 2.5 minutes per 12 epochs on an idle 2-core CPU).
@@ -36,17 +37,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import RESULTS, machine, save
-from twist_core import merges
-from twist_core.checkpoint import load_checkpoint
-from twist_core.evaluate import EvalImages, load_eval_images, predict_torch
-from twist_core.index_store import META_FILE, MetaStore, read_manifest
-from twist_core.metrics import cluster_report
-from twist_core.model import ModelSpec, TwistModel
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-RUNS = {"k10": Path("/work/bench_runs/cifar_patches_final"), "k30_merged": Path("/work/bench_runs/cifar_patches_k30")}
-INDEXES = Path("/work/bench_runs/i14m")  # k10_index, k30_index: built by bench/merge.py from the same runs
-DATA = Path("/work/bench_runs/data/test")
+from bench.common import RESULTS, machine, save
+from twist_core.curate import merges
+from twist_core.evaluation.evaluate import EvalImages, load_eval_images, predict_torch
+from twist_core.evaluation.metrics import cluster_report
+from twist_core.index.store import META_FILE, MetaStore, read_manifest
+from twist_core.model.checkpoint import load_checkpoint
+from twist_core.model.network import ModelSpec, TwistModel
+
+ARMS = ("k30_merged", "k10")
 TARGET = 10
 CONDITIONS = {
     "data": "cifar10-test, 10,000 images; the class folders are used only to score",
@@ -80,9 +81,9 @@ def group_mass(data: merges.ClusterData, into: np.ndarray) -> np.ndarray:
     return np.where(target == merged_label[:, None], data.topk_probs, 0.0).sum(axis=1)
 
 
-def self_labels(arm: str) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+def self_labels(arm: str, indexes: Path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """(paths, label, own cluster, confidence, plan) of every image for ``arm``, from the run's index only."""
-    index = INDEXES / f"{arm.split('_')[0]}_index"
+    index = indexes / f"{arm.split('_')[0]}_index"
     data = merges.data_from_index(index)
     into = np.arange(int(data.labels.max()) + 1)
     plan: dict[str, Any] = {}
@@ -130,9 +131,9 @@ def score(clusters: np.ndarray, classes: np.ndarray, class_names: list[str]) -> 
             "clusters": len(values)}
 
 
-def finetune(arm: str, table: Path, out: Path, epochs: int, seed: int) -> dict[str, Any]:
-    """``twist finetune`` of the arm's run on ``table`` into ``out`` (replaced), fixed epochs."""
-    command = [sys.executable, "-m", "twist_core.cli", "finetune", str(RUNS[arm]), "--labels", str(table),
+def finetune(run: Path, table: Path, out: Path, epochs: int, seed: int) -> dict[str, Any]:
+    """``twist finetune`` of ``run`` on ``table`` into ``out`` (replaced), fixed epochs."""
+    command = [sys.executable, "-m", "twist_core.cli", "finetune", str(run), "--labels", str(table),
                "--out", str(out), "--epochs", str(epochs), "--seed", str(seed), "--no-progress"]
     subprocess.run(["rm", "-rf", str(out)], check=True)
     load, began = os.getloadavg(), time.perf_counter()
@@ -172,19 +173,24 @@ def verdict(result: dict[str, Any]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", default="/work/bench_runs/i14s", help="folder for the label tables and new runs")
+    parser.add_argument("--k10-run", required=True, help="the K=10 run (the 20-minute one of bench/merge.py)")
+    parser.add_argument("--k30-run", required=True, help="the K=30 run of the same recipe")
+    parser.add_argument("--indexes", required=True, help="bench/merge.py's --work folder (k10_index, k30_index)")
+    parser.add_argument("--data", required=True, help="cifar10-test as class folders (scoring only)")
+    parser.add_argument("--work", required=True, help="folder for the label tables and new runs")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--keep", type=float, nargs="+", default=[1.0], help="share of each cluster labelled")
     parser.add_argument("--headline-epochs", type=int, default=12, help="fine-tuning epochs of the headline keys")
-    parser.add_argument("--arms", nargs="+", default=["k30_merged", "k10"], choices=sorted(RUNS))
+    parser.add_argument("--arms", nargs="+", default=["k30_merged", "k10"], choices=ARMS)
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    data = load_eval_images(DATA, 32, 2, progress=False)
+    runs = {"k10": Path(args.k10_run), "k30_merged": Path(args.k30_run)}
+    data = load_eval_images(args.data, 32, 2, progress=False)
     found: dict[str, Any] = {}
     for arm in args.arms:
-        paths, label, own, confidence, plan = self_labels(arm)
+        paths, label, own, confidence, plan = self_labels(arm, Path(args.indexes))
         classes = np.array([data.class_names.index(p.split("/")[0]) for p in paths])  # scoring only
         found[f"{arm}_before"] = {**score(label, classes, data.class_names), "plan": plan}
         for keep in args.keep:
@@ -192,7 +198,7 @@ def main() -> int:
             n = write_table(table, (paths, label, own, confidence), keep)
             for seed in args.seeds:
                 name = f"{arm}_keep{keep:g}_e{args.epochs}_s{seed}"
-                ran = finetune(arm, table, work / name, args.epochs, seed)
+                ran = finetune(runs[arm], table, work / name, args.epochs, seed)
                 after = score(predict(work / name, data), data.labels, data.class_names)
                 found[name] = {**after, "keep": keep, "rows": n, **ran}
                 print(name, json.dumps({k: found[name][k] for k in ("acc", "nmi", "ari", "seconds")}), flush=True)
