@@ -2,8 +2,9 @@
 
 For each data set and dictionary seed: fit 256 atoms on (up to) 2,000 images' patches with each k-means, then
 score the frozen stem's pooled features by leave-one-out cosine kNN accuracy against the class folders (labels
-used only to score) and record each dictionary's k-means objective (mean squared distance of the whitened
-patches to their nearest atom). Writes bench/results/patch_kmeans.json.
+used only to score) and record each dictionary's residual (mean squared distance of 20,000 whitened patches to
+their projection on the best-matching unit-length atom, lower is a closer fit). Writes
+bench/results/patch_kmeans.json.
 
     python bench/patch_kmeans.py --data caltech20=PHOTOS:64 --data cifar10-test=CIFAR_TEST:32
 """
@@ -42,8 +43,8 @@ def faiss_kmeans(points: torch.Tensor, k: int, iterations: int, generator: torch
     return torch.from_numpy(clustering.centroids.copy())
 
 
-def objective(dictionary: patches.PatchDictionary, images: torch.Tensor) -> float:
-    """Mean squared distance of 20,000 fresh whitened patches to their nearest (unnormalised-length) atom."""
+def residual(dictionary: patches.PatchDictionary, images: torch.Tensor) -> float:
+    """Mean squared distance of 20,000 whitened patches to their projection on the best-matching unit atom."""
     generator = torch.Generator().manual_seed(12345)
     sample = patches.normalise_patches(patches.sample_patches(images, 20000, generator).double())
     whitened = ((sample - dictionary.patch_mean) @ dictionary.whitening).float()
@@ -79,12 +80,12 @@ def compare(root: str, size: int, seeds: list[int]) -> dict:
                 seconds = time.perf_counter() - start
                 runs.append({"seed": seed, "fit_seconds": round(seconds, 2),
                              "knn_acc": round(knn_accuracy(stem_features(dictionary, images), data.labels), 4),
-                             "objective": round(objective(dictionary, fit_on), 4)})
+                             "residual": round(residual(dictionary, fit_on), 4)})
                 print(root, size, name, runs[-1], file=sys.stderr, flush=True)
         finally:
             patches.kmeans = lloyd
         result[name] = {"runs": runs, "knn_acc_mean": round(float(np.mean([r["knn_acc"] for r in runs])), 4),
-                        "objective_mean": round(float(np.mean([r["objective"] for r in runs])), 4)}
+                        "residual_mean": round(float(np.mean([r["residual"] for r in runs])), 4)}
     return result
 
 
