@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import machine, save
+from common import RESULTS, machine, save
 from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.spatial.distance import squareform
 from sklearn.cluster import SpectralClustering
@@ -254,6 +254,25 @@ def notes(result: dict[str, Any]) -> str:
             "clusters, and it did not help.")
 
 
+def another_seed(args: argparse.Namespace) -> None:
+    """Only the headline pair (K=10 as trained, K=30 merged by the ``--to 10`` plan) for runs of another seed,
+    added to the existing merge.json under ``other_seeds`` (the rest of the file is kept)."""
+    work = Path(args.work)
+    k10 = prepare_index(Path(args.k10_run), Path(args.data), work, f"k10_{args.another_seed}")
+    k30 = prepare_index(Path(args.k30_run), Path(args.data), work, f"k30_{args.another_seed}")
+    data30, data10 = merges.data_from_index(k30), merges.data_from_index(k10)
+    classes, names = index_classes(k30, data30)
+    classes10, names10 = index_classes(k10, data10)
+    plan = merges.plan_merges(data30, merges.gather_evidence(data30, merges.DEFAULT_MEASURE), len(names))
+    saved = json.loads((RESULTS / "merge.json").read_text())
+    saved.setdefault("other_seeds", {})[args.another_seed] = {
+        "k10": score(data10.labels, classes10, names10), "k30": score(data30.labels, classes, names),
+        "k30_merged": score(merges.planned_labels(data30, plan), classes, names),
+        "runs": {"k10": str(Path(args.k10_run).resolve()), "k30": str(Path(args.k30_run).resolve())}}
+    print(json.dumps(saved["other_seeds"][args.another_seed], indent=2))
+    print(f"wrote {save('merge', saved)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--k10-run", required=True)
@@ -264,8 +283,12 @@ def main() -> None:
     parser.add_argument("--caltech-labels", help="labels table of a trained caltech20 model (twist label)")
     parser.add_argument("--work", default="bench_work/merge", help="exports, labels and indexes go here")
     parser.add_argument("--bootstrap", type=int, default=200)
+    parser.add_argument("--another-seed", help="NAME: score only this K=10/K=30 pair (runs of another seed)")
     args = parser.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
+    if args.another_seed:
+        another_seed(args)
+        return
     began = time.perf_counter()
     result: dict[str, Any] = {"cifar10_test": cifar(args)}
     result["k10"], result["k30_merged"] = result["cifar10_test"]["k10"], result["cifar10_test"]["k30_merged"]
