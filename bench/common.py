@@ -6,6 +6,12 @@ import json
 import platform
 import tarfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from twist_core.evaluation.evaluate import EvalImages
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -53,3 +59,19 @@ def subset_folder(data: Path, n_images: int, workdir: Path) -> Path:
         if not target.exists():
             target.symlink_to(data / name)
     return subset
+
+
+def run_clusters(run: Path, data: EvalImages) -> np.ndarray:
+    """Cluster of every image of ``data`` (``EvalImages``) by the run's checkpoint in eval mode, as the exported
+    model assigns it."""
+    import torch
+
+    from twist_core.evaluation.evaluate import predict_torch
+    from twist_core.model.checkpoint import load_checkpoint
+    from twist_core.model.network import ModelSpec, TwistModel
+
+    checkpoint = load_checkpoint(run)
+    model = TwistModel(ModelSpec(**checkpoint["model_spec"]))
+    model.load_state_dict(checkpoint["model"])
+    probs, _ = predict_torch(model, data.images, int(checkpoint["config"]["image_size"]), torch.device("cpu"))
+    return probs.argmax(1)

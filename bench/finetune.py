@@ -26,26 +26,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from sklearn.metrics import normalized_mutual_info_score
 
-from bench.common import machine, save
-from twist_core.evaluation.evaluate import EvalImages, load_eval_images, predict_torch
+from bench.common import machine, run_clusters, save
+from twist_core.evaluation.evaluate import EvalImages, load_eval_images
 from twist_core.evaluation.metrics import contingency, hungarian_accuracy
 from twist_core.model.checkpoint import load_checkpoint
-from twist_core.model.network import ModelSpec, TwistModel
 
 RUN = Path("/work/bench_runs/cifar_patches_final")
 DATA = Path("/work/bench_runs/data/test")
-
-
-def predict(run: Path, data: EvalImages) -> np.ndarray:
-    """Cluster of every image by the run's checkpoint in eval mode, as the exported model assigns it."""
-    checkpoint = load_checkpoint(run)
-    model = TwistModel(ModelSpec(**checkpoint["model_spec"]))
-    model.load_state_dict(checkpoint["model"])
-    probs, _ = predict_torch(model, data.images, int(checkpoint["config"]["image_size"]), torch.device("cpu"))
-    return probs.argmax(1)
 
 
 def scores(clusters: np.ndarray, data: EvalImages, confirmed: np.ndarray) -> dict[str, float]:
@@ -68,7 +57,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     config = load_checkpoint(RUN)["config"]
     data = load_eval_images(DATA, int(config["image_size"]), 2, progress=False)
-    before = predict(RUN, data)
+    before = run_clusters(RUN, data)
     n_classes = len(data.class_names)
     _, cluster_to_class = hungarian_accuracy(contingency(before, data.labels, 10, n_classes))
     cluster_of_class = {cls: cluster for cluster, cls in cluster_to_class.items()}
@@ -100,7 +89,7 @@ def main() -> int:
         report = json.loads((out / "finetune.json").read_text())
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         name = f"after_{round(fraction * 100)}pct"
-        result[name] = {**scores(predict(out, data), data, confirmed), "confirmed": n,
+        result[name] = {**scores(run_clusters(out, data), data, confirmed), "confirmed": n,
                         "given_labels_only": scores(given, data, confirmed)["acc"],
                         "command": " ".join(command[1:]), "seconds": seconds, "epochs": metrics[-1]["epoch"],
                         "steps": metrics[-1]["step"], "options": report["options"], "load_before": load}

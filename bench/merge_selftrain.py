@@ -35,17 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, machine, save
+from bench.common import RESULTS, machine, run_clusters, save
 from twist_core.curate import merges
-from twist_core.evaluation.evaluate import EvalImages, load_eval_images, predict_torch
+from twist_core.evaluation.evaluate import load_eval_images
 from twist_core.evaluation.metrics import cluster_report
 from twist_core.index.store import META_FILE, MetaStore, read_manifest
-from twist_core.model.checkpoint import load_checkpoint
-from twist_core.model.network import ModelSpec, TwistModel
 
 ARMS = ("k30_merged", "k10")
 TARGET = 10
@@ -113,15 +110,6 @@ def write_table(path: Path, rows: tuple[list[str], np.ndarray, np.ndarray, np.nd
             status = "merged" if label[i] != own[i] else "confirmed"
             writer.writerow([paths[i], int(label[i]), status, int(own[i])])
     return len(chosen)
-
-
-def predict(run: Path, data: EvalImages) -> np.ndarray:
-    """Cluster of every image by the run's checkpoint in eval mode, as the exported model assigns it."""
-    checkpoint = load_checkpoint(run)
-    model = TwistModel(ModelSpec(**checkpoint["model_spec"]))
-    model.load_state_dict(checkpoint["model"])
-    probs, _ = predict_torch(model, data.images, int(checkpoint["config"]["image_size"]), torch.device("cpu"))
-    return probs.argmax(1)
 
 
 def score(clusters: np.ndarray, classes: np.ndarray, class_names: list[str]) -> dict[str, float]:
@@ -199,7 +187,7 @@ def main() -> int:
             for seed in args.seeds:
                 name = f"{arm}_keep{keep:g}_e{args.epochs}_s{seed}"
                 ran = finetune(runs[arm], table, work / name, args.epochs, seed)
-                after = score(predict(work / name, data), data.labels, data.class_names)
+                after = score(run_clusters(work / name, data), data.labels, data.class_names)
                 found[name] = {**after, "keep": keep, "rows": n, **ran}
                 print(name, json.dumps({k: found[name][k] for k in ("acc", "nmi", "ari", "seconds")}), flush=True)
     previous = json.loads((RESULTS / "merge.json").read_text())  # read now: keep what other runs added meanwhile
