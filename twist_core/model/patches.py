@@ -119,12 +119,11 @@ def sample_patches(images: torch.Tensor, count: int, generator: torch.Generator)
 def kmeans(points: torch.Tensor, k: int, iterations: int, generator: torch.Generator) -> torch.Tensor:
     """Lloyd's k-means from random points; an empty cluster is re-seeded at a random point.
 
-    Not ``faiss.Kmeans``, although faiss is a dependency: faiss reaches a lower k-means objective, but its atoms
-    make worse features. Frozen-stem kNN accuracy, three dictionary seeds each: caltech20 at 64 px 0.675 against
-    0.687 for this loop, cifar10-test at 32 px even (``bench/patch_kmeans.py``, ``bench/results/patch_kmeans.json``);
-    the shipped photo default trained to ACC 0.713 with faiss atoms against 0.737 with these. Faiss fills an empty
-    cluster by splitting a large one, which spends atoms on the dense, low-contrast part of patch space; a random
-    re-seed spreads them out.
+    Not ``faiss.Kmeans``, although faiss is a dependency: both make equally good frozen features (stem kNN
+    accuracy over three dictionary seeds: caltech20 at 64 px 0.683 here against 0.684, cifar10-test at 32 px
+    0.507 against 0.504; ``bench/results/patch_kmeans.json``), but the shipped photo default, trained the same
+    172 epochs on caltech20 with the same seed, reached ACC 0.736 / NMI 0.725 with these atoms against
+    0.713 / 0.682 with faiss's (``bench/results/photos.json``, ``kmeans_check``; one run each).
     """
     centroids = points[torch.randperm(len(points), generator=generator)[:k]].clone()
     squared_norms = (points * points).sum(1, keepdim=True)
