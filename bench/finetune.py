@@ -1,6 +1,7 @@
 """``twist finetune`` on cifar10-test: ACC before and after a simulated person confirms 1 % and then 5 % of images.
 
-Run as ``flock /tmp/bench.lock python bench/finetune.py`` (timed runs must not overlap). The model is the
+Run as ``flock /tmp/bench.lock python bench/finetune.py --run RUN --data CIFAR_TEST --work WORK`` (timed runs
+must not overlap). The model is the
 20-minute CPU run (patches backbone, K = 10); it is never retrained or modified here.
 
 The simulated person: images are chosen at random (fixed seed; the 1 % set is the first 100 of the same
@@ -28,13 +29,12 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import normalized_mutual_info_score
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from bench.common import machine, run_clusters, save
 from twist_core.evaluation.evaluate import EvalImages, load_eval_images
 from twist_core.evaluation.metrics import contingency, hungarian_accuracy
 from twist_core.model.checkpoint import load_checkpoint
-
-RUN = Path("/work/bench_runs/cifar_patches_final")
-DATA = Path("/work/bench_runs/data/test")
 
 
 def scores(clusters: np.ndarray, data: EvalImages, confirmed: np.ndarray) -> dict[str, float]:
@@ -48,22 +48,24 @@ def scores(clusters: np.ndarray, data: EvalImages, confirmed: np.ndarray) -> dic
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", default="/work/bench_runs/i14f", help="folder for the labels and the new runs")
+    parser.add_argument("--run", required=True, help="the K=10 run to fine-tune (the 20-minute CPU run)")
+    parser.add_argument("--data", required=True, help="cifar10-test as class folders (the person's labels, scoring)")
+    parser.add_argument("--work", required=True, help="folder for the labels and the new runs")
     parser.add_argument("--time-budget", default="5m")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fractions", default="0.01,0.05")
     args = parser.parse_args()
-    work = Path(args.work)
+    work, run, data_root = Path(args.work), Path(args.run), Path(args.data)
     work.mkdir(parents=True, exist_ok=True)
-    config = load_checkpoint(RUN)["config"]
-    data = load_eval_images(DATA, int(config["image_size"]), 2, progress=False)
-    before = run_clusters(RUN, data)
+    config = load_checkpoint(run)["config"]
+    data = load_eval_images(data_root, int(config["image_size"]), 2, progress=False)
+    before = run_clusters(run, data)
     n_classes = len(data.class_names)
     _, cluster_to_class = hungarian_accuracy(contingency(before, data.labels, 10, n_classes))
     cluster_of_class = {cls: cluster for cluster, cls in cluster_to_class.items()}
     order = np.random.default_rng(args.seed).permutation(len(data.files))
-    result: dict = {"model": str(RUN), "data": str(DATA), "n_images": len(data.files),
-                    "model_eval": json.loads((RUN / "eval.json").read_text())["acc"],
+    result: dict = {"model": str(run), "data": str(data_root), "n_images": len(data.files),
+                    "model_eval": json.loads((run / "eval.json").read_text())["acc"],
                     "before": scores(before, data, np.zeros(0, dtype=np.int64)),
                     "mapping": "each confirmed image gets the cluster the Hungarian matching pairs with its class",
                     "cluster_of_class": {data.class_names[c]: k for c, k in sorted(cluster_of_class.items())},
@@ -79,7 +81,7 @@ def main() -> int:
         given = before.copy()
         given[confirmed] = [cluster_of_class[int(label)] for label in data.labels[confirmed]]
         out = work / f"finetuned_{n}"
-        command = [sys.executable, "-m", "twist_core.cli", "finetune", str(RUN), "--labels", str(table),
+        command = [sys.executable, "-m", "twist_core.cli", "finetune", str(run), "--labels", str(table),
                    "--out", str(out), "--time-budget", args.time_budget, "--seed", str(args.seed), "--no-progress"]
         load = os.getloadavg()
         began = time.perf_counter()
