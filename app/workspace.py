@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
-import json
 import logging
 import tempfile
 import threading
@@ -31,7 +30,7 @@ from twist_core.deploy.infer import OnnxModel
 from twist_core.index.image_index import ImageIndex
 from twist_core.index.store import MANIFEST, META_FILE, IndexUserError, read_manifest
 from twist_core.io_utils import csv_safe, file_sha256, mark_output_folder
-from twist_core.label.table import label_rows, labels_paths
+from twist_core.label.table import label_rows, read_labels_meta
 
 log = logging.getLogger("twist.app")
 PAGE_SIZE = 60
@@ -305,9 +304,7 @@ class Workspace:
         info = self.index.info
         skipped = None
         if info.get("source"):
-            meta_path = labels_paths(info["source"])[1]
-            if meta_path.is_file():
-                skipped = json.loads(meta_path.read_text()).get("errors")
+            skipped = read_labels_meta(info["source"]).get("errors")
         card = self.model.card
         return {"images": self.index.size, "skipped": skipped, "root": str(self.root), "index_kind": self.index.kind,
                 "clusters": self.model.n_classes, "backbone": card.get("backbone"),

@@ -19,7 +19,6 @@ old model's clusters.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import sqlite3
 import sys
@@ -43,7 +42,7 @@ from twist_core.index.store import (
 )
 from twist_core.index.store import meta_path as index_meta_path
 from twist_core.io_utils import file_sha256, mark_output_folder, path_from_text, path_to_text
-from twist_core.label.table import FORMATS, labels_paths, read_labels, skipped_path
+from twist_core.label.table import FORMATS, labels_paths, read_labels, read_labels_meta, skipped_path
 from twist_core.vectors import (
     ADD_CHUNK,
     KINDS,
@@ -262,11 +261,6 @@ def index_contents(out: Path) -> tuple[dict[str, Any], set[str]]:
         return store.info(), {path for _, path in store.all_paths()}
     finally:
         store.close()
-
-
-def read_labels_meta(table: Path) -> dict[str, Any]:
-    meta_file = labels_paths(table)[1]
-    return json.loads(meta_file.read_text()) if meta_file.is_file() else {}
 
 
 @dataclass(frozen=True)

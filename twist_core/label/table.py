@@ -186,11 +186,15 @@ def iter_labels(path: str | Path) -> Iterator[Row]:
             yield from (_typed(json.loads(line)) for line in handle if line.strip())
 
 
+def read_labels_meta(table: str | Path) -> dict[str, Any]:
+    """The ``.meta.json`` beside a table (root, model, its fingerprint, counts); empty when there is none."""
+    meta_path = labels_paths(table)[1]
+    return json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+
+
 def read_labels(path: str | Path) -> tuple[list[Row], dict[str, Any]]:
     """All rows of a csv/jsonl/parquet table and its ``.meta.json`` (root, model, counts, columns)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no labels table at {path}")
-    _, meta_path = labels_paths(path)
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    return list(iter_labels(path)), meta
+    return list(iter_labels(path)), read_labels_meta(path)
