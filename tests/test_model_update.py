@@ -7,11 +7,14 @@ Everything is real: a tiny trained run, ``twist finetune`` on the app's curation
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -24,7 +27,16 @@ from twist_core.curate.curation import EXCLUDED, CurationError, CurationStore
 from twist_core.deploy.export import ExportConfig, export_model
 from twist_core.deploy.infer import OnnxModel
 from twist_core.index.image_index import ImageIndex
-from twist_core.index.store import FAULT_ENV, meta_path, read_manifest
+from twist_core.index.store import (
+    ACTION_TIME_FORMAT,
+    FAULT_ENV,
+    UNKNOWN_MODEL,
+    curated_names,
+    meta_path,
+    model_at,
+    model_history,
+    read_manifest,
+)
 from twist_core.io_utils import file_sha256
 from twist_core.vectors import normalized
 
@@ -120,6 +132,64 @@ def test_update_with_a_finetuned_model_relabels_every_image_and_sets_old_curatio
 
     again = twist("index", "--update", "--out", str(index), "--device", "cpu")
     assert again.returncode == 0 and "added 0, removed 0" in again.stdout, again.stderr
+
+
+def test_the_model_history_says_which_model_the_index_held_at_a_moment() -> None:
+    history = model_history({}, "m1", now=100.0)
+    assert history == [{"model_sha256": "m1", "since": 100.0}]
+    assert model_history({"model_history": history, "model_sha256": "m1"}, "m1", now=150.0) == history
+    history = model_history({"model_history": history, "model_sha256": "m1"}, "m2", now=200.0)
+    info = {"model_sha256": "m2", "model_history": history}
+    assert [model_at(info, t) for t in (50.0, 100.0, 199.0, 200.0, 300.0)] == ["m1", "m1", "m1", "m2", "m2"]
+    assert model_at(info, None) == UNKNOWN_MODEL  # changed, and the store logged no time
+    assert model_at({"model_sha256": "m1", "model_history": history[:1]}, None) == "m1"  # never changed
+    legacy = model_history({"model_sha256": "m0"}, "m2", now=300.0)  # an index from before the history
+    assert legacy == [{"model_sha256": "m0", "since": None}, {"model_sha256": "m2", "since": 300.0}]
+    assert model_at({"model_history": legacy}, 10.0) == "m0"
+
+
+def test_a_store_that_never_recorded_its_model_is_set_aside_when_its_changes_predate_the_relabel(
+        indexed: dict[str, Path]) -> None:
+    """Stores written before stores recorded their model: the index's model history decides, by the time of
+    the store's last change. Renamed before the relabel: set aside. Renamed after it: kept."""
+    import onnx
+
+    index, base = indexed["index"], indexed["base"]
+    store = open_store(index, index, indexed["model"])
+    store.rename(0, "circles")
+    store.merge([1], 2)
+    store.close()
+    later = base / "later-state"
+    later.mkdir()
+    shutil.copy(index / "curation.sqlite", later / "curation.sqlite")
+    for path, moment in ((index, None), (later, time.time() + 3600)):
+        with contextlib.closing(sqlite3.connect(path / "curation.sqlite")) as db, db:
+            db.execute("DELETE FROM binding WHERE key = 'model_sha256'")
+            if moment is not None:  # a change made in the app after the relabel below
+                db.execute("UPDATE undo_log SET at = ?", (time.strftime(ACTION_TIME_FORMAT, time.localtime(moment)),))
+    resaved = onnx.load(indexed["model"])  # the same network under another fingerprint: cluster numbers may differ
+    resaved.doc_string = "another model"
+    model2 = base / "m2.onnx"
+    onnx.save(resaved, model2)
+    result = twist("index", "--update", "--out", str(index), "--model", str(model2), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    _, info = index_state(index)
+    assert [entry["model_sha256"] for entry in info["model_history"]] == [file_sha256(indexed["model"]),
+                                                                         file_sha256(model2)]
+    assert curated_names(index, info) == {}, "the old model's names are not shown on the new model's clusters"
+    assert curated_names(later, info)[0] == "circles"
+    store = open_store(index, index, model2)
+    try:
+        assert "set aside" in (store.notice or "") and store.merges() == {}
+        kept = json.loads(next(index.glob("curation-set-aside-*.json")).read_text())
+        assert kept["names"] == {"0": "circles"} and kept["model_sha256"] == file_sha256(indexed["model"])
+    finally:
+        store.close()
+    store = open_store(index, later, model2)
+    try:
+        assert store.notice is None and store.merges() == {1: 2} and store.names()[0] == "circles"
+    finally:
+        store.close()
 
 
 def test_a_relabel_killed_before_it_commits_leaves_the_old_index_and_the_rerun_finishes(

@@ -19,6 +19,8 @@ confirmations refer to. When the index is relabelled by another model (``twist f
 ``twist index --update``), cluster numbers mean other clusters: that curation is written to a file beside the
 store and no longer applied, and :attr:`CurationStore.notice` says so. Exclusions concern images, not
 clusters, and stay. ``twist finetune`` records in the store which runs learned from it, and the file says so.
+A store written before stores recorded their model takes the model the index held when its last change
+was made (the index keeps a history of its models with the time each came in).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from twist_core.errors import UserError
-from twist_core.index.store import IMAGES, INFO_TABLE, chunked_in
+from twist_core.index.store import ACTION_TIME_FORMAT, IMAGES, INFO_TABLE, chunked_in, store_model
 from twist_core.io_utils import atomic_write_text, mark_output_folder
 
 EXCLUDED = -1  # the label of an image taken out of the dataset
@@ -154,7 +156,8 @@ class CurationStore:
                                         "other images; open it with that index, or use a new --state-dir")
                 self._bind("index_uid", uid)
             if model is not None:  # None: an index written before model fingerprints were recorded
-                bound_model = self._binding("model_sha256")
+                history = {"model_sha256": model, "model_history": self._index_value("model_history")}
+                bound_model = store_model(self._db, history)  # an older store's: the model of its last change
                 if bound_model and bound_model != model:
                     self._set_aside(bound_model, model)
                 self._bind("model_sha256", model)
@@ -345,7 +348,7 @@ class CurationStore:
             for sql, params in statements:
                 self._db.execute(sql, params)
             self._db.execute("INSERT INTO undo_log (action, at, previous) VALUES (?, ?, ?)",
-                             (action, time.strftime("%Y-%m-%d %H:%M:%S"), json.dumps(previous)))
+                             (action, time.strftime(ACTION_TIME_FORMAT), json.dumps(previous)))
 
     def _previous(self, table: str, key: str, value: str, keys: Sequence[int]) -> dict[str, Any]:
         found = dict(chunked_in(self._query, f"SELECT {key}, {value} FROM {table} WHERE {key} IN ({{marks}})",

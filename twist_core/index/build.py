@@ -22,6 +22,7 @@ import dataclasses
 import shutil
 import sqlite3
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from twist_core.index.store import (
     IndexUserError,
     MetaStore,
     file_fingerprint,
+    model_history,
     read_manifest,
 )
 from twist_core.index.store import meta_path as index_meta_path
@@ -140,7 +142,8 @@ def previous_lineage(out: Path) -> Lineage:
     except (ValueError, KeyError, OSError, sqlite3.Error) as error:
         raise IndexUserError(f"the index already in {out} cannot be read ({error}), so its ids cannot be kept "
                              "for its curation; move it away or choose another --out") from None
-    return Lineage(identities, {k: info[k] for k in ("uid", "next_id", "root") if k in info}, manifest["generation"])
+    kept = ("uid", "next_id", "root", "model_sha256", "model_history")
+    return Lineage(identities, {k: info[k] for k in kept if k in info}, manifest["generation"])
 
 
 def assign_ids(rows: list[dict[str, Any]], root: Path, lineage: Lineage) -> np.ndarray:
@@ -207,9 +210,10 @@ def build_index(config: IndexConfig) -> Path:
 
     index = build(plan, dim, n, chunks, sample, device)
     model = config.model or meta.get("model")
+    sha = meta.get("model_sha256") or model_sha256(model)
     info = {**lineage.info, "root": str(Path(meta["root"]).resolve()),  # uid and next id carried over
-            "model": str(Path(model).resolve()) if model else None,
-            "model_sha256": meta.get("model_sha256") or model_sha256(model),
+            "model": str(Path(model).resolve()) if model else None, "model_sha256": sha,
+            "model_history": model_history(lineage.info, sha, time.time()),
             "dim": dim, "kind": plan.kind, "metric": "cosine", "nlist": plan.nlist, "nprobe": plan.nprobe,
             "pq_m": plan.pq_m, "source": str(table.resolve())}
     IndexWriter.create(out, index, rows, info, device, ids=ids, expected=lineage.generation,

@@ -156,7 +156,7 @@ class IndexReader:
         stamp = tuple((s.st_mtime_ns, s.st_size) if (s := _stat(f)) else None
                       for f in (path, path.with_name(path.name + "-wal")))
         if stamp != self._curated[0]:
-            self._curated = (stamp, curated_names(self.state_dir, self._info.get("model_sha256")))
+            self._curated = (stamp, curated_names(self.state_dir, self._info))
         return self._curated[1]
 
     # ---- lookups

@@ -31,6 +31,7 @@ import os
 import shutil
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -342,16 +343,62 @@ class MetaStore:
         return [{"cluster": c, "name": n, "size": s, "mean_confidence": m} for c, n, s, m in rows]
 
 
-def curated_names(state_dir: Path, model_sha256: str | None = None) -> dict[int, str]:
+ACTION_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"  # when a change was made, in the curation store's undo log (local time)
+UNKNOWN_MODEL = "unknown"
+
+
+def model_history(previous: dict[str, Any], model_sha256: str | None, now: float) -> list[dict[str, Any]]:
+    """The index's models in order, each with the time its labels came in (``since``, seconds since the epoch;
+    None when older than this record). A curation store that never wrote down its model reads from it which
+    model its clusters were of (:func:`store_model`)."""
+    history = list(previous.get("model_history") or [])
+    if not history and previous.get("model_sha256"):
+        history = [{"model_sha256": previous["model_sha256"], "since": None}]
+    if model_sha256 and (not history or history[-1]["model_sha256"] != model_sha256):
+        history.append({"model_sha256": model_sha256, "since": now})
+    return history
+
+
+def model_at(info: dict[str, Any], moment: float | None) -> str | None:
+    """The model whose clusters the index held at ``moment``: its current model when it never changed,
+    :data:`UNKNOWN_MODEL` when it changed and the moment is unknown."""
+    history = info.get("model_history") or []
+    if len(history) < 2:
+        return info.get("model_sha256")
+    if moment is None:
+        return UNKNOWN_MODEL
+    before = [entry for entry in history if entry["since"] is None or entry["since"] <= moment]
+    return (before[-1] if before else history[0])["model_sha256"]
+
+
+def last_action_time(db: sqlite3.Connection, schema: str = "main") -> float | None:
+    """When the newest change still in a curation store's undo log was made (None: none is logged)."""
+    newest = db.execute(f"SELECT MAX(at) FROM {schema}.undo_log").fetchone()[0]
+    if newest is None:
+        return None
+    try:
+        return time.mktime(time.strptime(newest, ACTION_TIME_FORMAT))
+    except ValueError:
+        return None
+
+
+def store_model(db: sqlite3.Connection, info: dict[str, Any], schema: str = "main") -> str | None:
+    """The model a curation store's names, merges and moves refer to: the one it recorded, else (a store
+    written before stores recorded it) the index's model when its last change was made."""
+    bound = db.execute(f"SELECT value FROM {schema}.binding WHERE key = 'model_sha256'").fetchall()
+    return bound[0][0] if bound else model_at(info, last_action_time(db, schema))
+
+
+def curated_names(state_dir: Path, info: dict[str, Any]) -> dict[int, str]:
     """Cluster names given in the app (its curation store in ``state_dir``); none when it has no store, or
-    when its names were given to the clusters of another model than ``model_sha256`` (the index's)."""
+    when its names were given to the clusters of another model than the index's (``info``)."""
     path = Path(state_dir) / CURATION_FILE
     if not path.is_file():
         return {}
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True, timeout=30)) as db:
-            bound = db.execute("SELECT value FROM binding WHERE key = 'model_sha256'").fetchall()
-            if model_sha256 and bound and bound[0][0] != model_sha256:
+            current = info.get("model_sha256")
+            if current and store_model(db, info) not in (current, None):
                 return {}
             return {int(c): str(n) for c, n in db.execute("SELECT cluster, name FROM names")}
     except sqlite3.Error:  # a store being created, or not the app's: the card's names stand
