@@ -7,10 +7,13 @@ WITHOUT the labels; only then score against the class folders (ACC / NMI, twist_
 K estimate (and the largest-gap alternative) per data set. Also the plan of ``twist suggest-merges --to N``
 (greedy, then single clusters moved between groups while modularity rises) and label-free alternatives
 (spectral partition of the cluster graph, other linkages, a soft re-labelling by summed top-k probability).
-Writes bench/results/merge.json (bench/merge_selftrain.py adds merge-then-self-train to it).
+Writes bench/results/merge.json, keeping what bench/merge_selftrain.py (merge-then-self-train) and the
+--another-seed and --caltech-pair modes added to it.
 
     python bench/merge.py --k10-run RUN10 --k30-run RUN30 --data CIFAR_TEST \
         [--digits-runs RUN ... --digits-data DIGITS] [--caltech-labels LABELS.csv] [--work FOLDER]
+    python bench/merge.py --another-seed NAME --k10-run RUN10 --k30-run RUN30 --data CIFAR_TEST   # adds a seed
+    python bench/merge.py --caltech-pair RUN20 RUN60 --caltech-data CALTECH20                     # adds caltech20
 """
 
 from __future__ import annotations
@@ -97,6 +100,44 @@ def group_scores(data: merges.ClusterData, clusters: np.ndarray, group_of: np.nd
             "soft_topk_relabel": score(soft_relabel(data, clusters, group_of), classes, class_names)}
 
 
+def balanced_plan(data: merges.ClusterData, target: int, beta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Merges chosen to maximise the kNN graph's modularity plus ``beta`` x the entropy of the group sizes (a prior
+    for even groups, like TWIST's own diversity term): greedy pair merges, then single clusters moved between
+    groups while the sum rises. Returns the clusters and each one's group."""
+    clusters, sizes = merges.current_clusters(data.labels)
+    evidence = merges.gather_evidence(data, merges.DEFAULT_MEASURE)
+    links = merges.knn_links(evidence, np.searchsorted(clusters, data.labels), len(clusters),
+                             np.ones(len(data.labels)))
+    graph = (links + links.T) / max(2 * links.sum(), 1e-12)
+    weight = np.array([sizes[c] for c in clusters], float) / len(data.labels)
+
+    def value(groups: np.ndarray) -> float:
+        share = np.bincount(groups, weight)
+        share = share[share > 0]
+        return merges.group_modularity(graph, groups) - beta * float(np.sum(share * np.log(share)))
+
+    groups = np.arange(len(clusters))
+    while groups.max() + 1 > target:
+        tries = [np.unique(np.where(groups == b, a, groups), return_inverse=True)[1]
+                 for a in range(groups.max() + 1) for b in range(a + 1, groups.max() + 1)]
+        groups = max(tries, key=value)
+    best, moved = value(groups), True
+    while moved:
+        moved = False
+        for leaf in range(len(groups)):
+            if np.count_nonzero(groups == groups[leaf]) == 1:
+                continue
+            for group in range(target):
+                trial = groups.copy()
+                trial[leaf] = group
+                if value(trial) > best + 1e-12:
+                    groups, best, moved = trial, value(trial), True
+    return np.array(clusters), groups
+
+
+BALANCE_BETAS = (0.05, 0.1)
+
+
 def variants(data: merges.ClusterData, classes: np.ndarray, class_names: list[str]) -> dict[str, Any]:
     """Label-free ways to group the clusters into the class count, all scored the same way afterwards."""
     target = len(class_names)
@@ -118,6 +159,9 @@ def variants(data: merges.ClusterData, classes: np.ndarray, class_names: list[st
     graph = links + links.T
     degree = graph.sum(axis=1)
     normalised = (graph - np.diag(np.diag(graph))) / np.sqrt(np.outer(degree, degree))
+    for beta in BALANCE_BETAS:
+        found[f"balanced_plan[beta={beta}]"] = group_scores(data, *balanced_plan(data, target, beta), classes,
+                                                            class_names)
     for assign in ("kmeans", "discretize", "cluster_qr"):
         groups = SpectralClustering(target, affinity="precomputed", random_state=0,
                                     assign_labels=assign).fit_predict(normalised)
@@ -254,40 +298,73 @@ def notes(result: dict[str, Any]) -> str:
             "clusters, and it did not help.")
 
 
-def another_seed(args: argparse.Namespace) -> None:
-    """Only the headline pair (K=10 as trained, K=30 merged by the ``--to 10`` plan) for runs of another seed,
-    added to the existing merge.json under ``other_seeds`` (the rest of the file is kept)."""
-    work = Path(args.work)
-    k10 = prepare_index(Path(args.k10_run), Path(args.data), work, f"k10_{args.another_seed}")
-    k30 = prepare_index(Path(args.k30_run), Path(args.data), work, f"k30_{args.another_seed}")
-    data30, data10 = merges.data_from_index(k30), merges.data_from_index(k10)
-    classes, names = index_classes(k30, data30)
-    classes10, names10 = index_classes(k10, data10)
-    plan = merges.plan_merges(data30, merges.gather_evidence(data30, merges.DEFAULT_MEASURE), len(names))
+def pair_scores(run: Path, over_run: Path, data: Path, work: Path, label: str, resamples: int) -> dict[str, Any]:
+    """One data set's headline pair: the run trained with the class count as trained, and the over-clustered
+    run merged down to it by the ``--to N`` plan (no labels), with the K estimate and the label-using ceiling.
+    Their indexes go to ``work/k<K><label>_index``."""
+    k, over = (json.loads((Path(r) / "config.json").read_text())["classes"] for r in (run, over_run))
+    plain_index = prepare_index(run, data, work, f"k{k}{label}")
+    plain = merges.data_from_index(plain_index)
+    plain_classes, plain_names = index_classes(plain_index, plain)
+    index = prepare_index(over_run, data, work, f"k{over}{label}")
+    clustered = merges.data_from_index(index)
+    classes, names = index_classes(index, clustered)
+    plan = merges.plan_merges(clustered, merges.gather_evidence(clustered, merges.DEFAULT_MEASURE), len(names))
+    return {f"k{k}": score(plain.labels, plain_classes, plain_names),
+            f"k{over}": score(clustered.labels, classes, names),
+            f"k{over}_merged": score(merges.planned_labels(clustered, plan), classes, names),
+            f"k{over}_oracle_merge_upper_bound": oracle_purity(clustered, classes, names),
+            **{f"k{over}_balanced_plan[beta={beta}]": score(group_of[np.searchsorted(leaves, clustered.labels)],
+                                                            classes, names)
+               for beta in BALANCE_BETAS for leaves, group_of in [balanced_plan(clustered, len(names), beta)]},
+            "k_estimate": k_estimate_only(clustered, resamples),
+            "runs": {f"k{k}": str(run.resolve()), f"k{over}": str(over_run.resolve())}}
+
+
+def add_pair(args: argparse.Namespace) -> None:
+    """Score one more pair (another seed of cifar10-test, or caltech20) into the existing merge.json, keeping the
+    rest of the file: under ``other_seeds`` or ``caltech20``, its K estimate under ``k_estimates``."""
     saved = json.loads((RESULTS / "merge.json").read_text())
-    saved.setdefault("other_seeds", {})[args.another_seed] = {
-        "k10": score(data10.labels, classes10, names10), "k30": score(data30.labels, classes, names),
-        "k30_merged": score(merges.planned_labels(data30, plan), classes, names),
-        "runs": {"k10": str(Path(args.k10_run).resolve()), "k30": str(Path(args.k30_run).resolve())}}
-    print(json.dumps(saved["other_seeds"][args.another_seed], indent=2))
+    if args.another_seed:
+        found = pair_scores(Path(args.k10_run), Path(args.k30_run), Path(args.data), Path(args.work),
+                            f"_{args.another_seed}", args.bootstrap)
+        saved.setdefault("other_seeds", {})[args.another_seed] = found
+        saved["k_estimates"][f"cifar10_test_k30_{args.another_seed}"] = found["k_estimate"]
+    else:
+        found = pair_scores(Path(args.caltech_pair[0]), Path(args.caltech_pair[1]), Path(args.caltech_data),
+                            Path(args.work), "_caltech20", args.bootstrap)
+        saved["caltech20"] = found
+        over = json.loads((Path(args.caltech_pair[1]) / "config.json").read_text())["classes"]
+        saved["k_estimates"][f"caltech20_k{over}"] = found["k_estimate"]
+    print(json.dumps(found, indent=2))
     print(f"wrote {save('merge', saved)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--k10-run", required=True)
-    parser.add_argument("--k30-run", required=True)
-    parser.add_argument("--data", required=True, help="cifar10-test class folders (scoring only)")
+    parser.add_argument("--k10-run")
+    parser.add_argument("--k30-run")
+    parser.add_argument("--data", help="cifar10-test class folders (scoring only)")
     parser.add_argument("--digits-runs", nargs="*", default=[], help="runs on the digits of twist demo, any K")
     parser.add_argument("--digits-data", help="the digits folder of those runs")
     parser.add_argument("--caltech-labels", help="labels table of a trained caltech20 model (twist label)")
     parser.add_argument("--work", default="bench_work/merge", help="exports, labels and indexes go here")
     parser.add_argument("--bootstrap", type=int, default=200)
     parser.add_argument("--another-seed", help="NAME: score only this K=10/K=30 pair (runs of another seed)")
+    parser.add_argument("--caltech-pair", nargs=2, metavar=("RUN", "OVER_RUN"),
+                        help="score only caltech20: a run with K = 20 and an over-clustered one")
+    parser.add_argument("--caltech-data", help="the caltech20 class folders of --caltech-pair (scoring only)")
     args = parser.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
+    if args.caltech_pair:
+        if not args.caltech_data:
+            parser.error("--caltech-pair needs --caltech-data")
+        add_pair(args)
+        return
+    if not (args.k10_run and args.k30_run and args.data):
+        parser.error("--k10-run, --k30-run and --data are required (or --caltech-pair)")
     if args.another_seed:
-        another_seed(args)
+        add_pair(args)
         return
     began = time.perf_counter()
     result: dict[str, Any] = {"cifar10_test": cifar(args)}
@@ -308,11 +385,17 @@ def main() -> None:
         "k10_run": "patches backbone, 20-minute CPU time budget (96 epochs)",
         "k30_run": "same recipe with --classes 30 --epochs 96 (the epochs the K=10 run fit in 20 minutes)",
         "digits": "scikit-learn digits (1,797 images, 16 px) of twist demo, patches backbone, --epochs 30 per K",
-        "caltech20": "the shipped photo default's K=20 run (15-minute budget); no over-clustered caltech20 run",
+        "caltech20": "the shipped photo default's K=20 run (15-minute budget) for the K estimate; the over-clustered "
+                     "pair (K=20 and K=60, 172 epochs each) is under caltech20 (--caltech-pair)",
         "suggestions": "index of the run's ONNX model; kNN graph k=10 over all images; average linkage on "
                        "1 - similarity; K estimate = most modular cut of the hierarchy, bootstrap "
                        f"{args.bootstrap} resamples", "machine": machine(),
         "seconds": round(time.perf_counter() - began, 1)}
+    previous = RESULTS / "merge.json"  # what the other modes and bench/merge_selftrain.py added stays
+    if previous.is_file():
+        saved = json.loads(previous.read_text())
+        result = {**result, **{k: v for k, v in saved.items() if k not in result}}
+        result["k_estimates"] = {**saved.get("k_estimates", {}), **estimates}
     print(json.dumps({k: result[k] for k in ("k10", "k30_merged", "k_estimates")}, indent=2))
     print(f"wrote {save('merge', result)}")
 
