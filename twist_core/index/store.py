@@ -371,9 +371,9 @@ def model_at(info: dict[str, Any], moment: float | None) -> str | None:
     return (before[-1] if before else history[0])["model_sha256"]
 
 
-def last_action_time(db: sqlite3.Connection, schema: str = "main") -> float | None:
+def last_action_time(db: sqlite3.Connection) -> float | None:
     """When the newest change still in a curation store's undo log was made (None: none is logged)."""
-    newest = db.execute(f"SELECT MAX(at) FROM {schema}.undo_log").fetchone()[0]
+    newest = db.execute("SELECT MAX(at) FROM undo_log").fetchone()[0]
     if newest is None:
         return None
     try:
@@ -382,11 +382,11 @@ def last_action_time(db: sqlite3.Connection, schema: str = "main") -> float | No
         return None
 
 
-def store_model(db: sqlite3.Connection, info: dict[str, Any], schema: str = "main") -> str | None:
+def store_model(db: sqlite3.Connection, info: dict[str, Any]) -> str | None:
     """The model a curation store's names, merges and moves refer to: the one it recorded, else (a store
     written before stores recorded it) the index's model when its last change was made."""
-    bound = db.execute(f"SELECT value FROM {schema}.binding WHERE key = 'model_sha256'").fetchall()
-    return bound[0][0] if bound else model_at(info, last_action_time(db, schema))
+    bound = db.execute("SELECT value FROM binding WHERE key = 'model_sha256'").fetchall()
+    return bound[0][0] if bound else model_at(info, last_action_time(db))
 
 
 def curated_names(state_dir: Path, info: dict[str, Any]) -> dict[int, str]:
