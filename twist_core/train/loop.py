@@ -97,8 +97,9 @@ class TrainConfig(AutoConfig):
     self_label_fraction: float | str = auto_option(
         -1, "share of the final steps spent in the self-labelling stage, which replaces the TWIST loss with "
             "confident pseudo-labels and restarts the learning rate at 10%% of the peak; 0 = off; auto: off (measured "
-            "within a CPU budget, it never helped: patches on cifar10-test -0.9 ACC over two seeds, caltech20 "
-            "+-0.1, a ResNet from scratch 0.24 -> 0.18; bench/results/self_label.json); --recipe paper: 50/850")
+            "within a CPU budget, it never helped: patches on cifar10-test -1.2 and -0.9 points of ACC over two seeds, "
+            "caltech20 -0.1, a ResNet from scratch 0.24 -> 0.18; bench/results/self_label.json); --recipe paper: "
+            "50/850")
     self_label_keep: float = option(0.5, "share of the global batch, most confident first, used as pseudo-labels at "
                                          "the start of the stage; it rises by 0.1 to the end (paper: 0.5 -> 0.6)")
     time_budget: str | None = option(None, "fit the whole schedule to this wall-clock time (e.g. 20m, 1h30m); "
