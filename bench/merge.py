@@ -72,6 +72,10 @@ def score(labels: np.ndarray, classes: np.ndarray, class_names: list[str]) -> di
             "clusters": len(values)}
 
 
+def trained_classes(run: Path) -> int:
+    return int(json.loads((run / "config.json").read_text())["classes"])
+
+
 def cut_labels(result: merges.Suggestions, labels: np.ndarray, groups: int) -> np.ndarray:
     """Each image's group when the hierarchy is cut into ``groups``."""
     leaf_group = cut_tree(result.linkage, n_clusters=groups)[:, 0]
@@ -225,7 +229,7 @@ def digits(runs: list[str], data: Path, work: Path, resamples: int) -> dict[str,
     """Each digits run as trained, and (K > 10) merged down to the 10 digits per measure: how much to over-cluster."""
     found: dict[str, Any] = {}
     for run in runs:
-        k = json.loads((Path(run) / "config.json").read_text())["classes"]
+        k = trained_classes(Path(run))
         index = prepare_index(Path(run), data, work, f"digits_k{k}")
         clusters = merges.data_from_index(index)
         classes, names = index_classes(index, clusters)
@@ -302,7 +306,7 @@ def pair_scores(run: Path, over_run: Path, data: Path, work: Path, label: str, r
     """One data set's headline pair: the run trained with the class count as trained, and the over-clustered
     run merged down to it by the ``--to N`` plan (no labels), with the K estimate and the label-using ceiling.
     Their indexes go to ``work/k<K><label>_index``."""
-    k, over = (json.loads((Path(r) / "config.json").read_text())["classes"] for r in (run, over_run))
+    k, over = trained_classes(run), trained_classes(over_run)
     plain_index = prepare_index(run, data, work, f"k{k}{label}")
     plain = merges.data_from_index(plain_index)
     plain_classes, plain_names = index_classes(plain_index, plain)
@@ -326,16 +330,18 @@ def add_pair(args: argparse.Namespace) -> None:
     rest of the file: under ``other_seeds`` or ``caltech20``, its K estimate under ``k_estimates``."""
     saved = json.loads((RESULTS / "merge.json").read_text())
     if args.another_seed:
-        found = pair_scores(Path(args.k10_run), Path(args.k30_run), Path(args.data), Path(args.work),
+        over_run = Path(args.k30_run)
+        found = pair_scores(Path(args.k10_run), over_run, Path(args.data), Path(args.work),
                             f"_{args.another_seed}", args.bootstrap)
         saved.setdefault("other_seeds", {})[args.another_seed] = found
-        saved["k_estimates"][f"cifar10_test_k30_{args.another_seed}"] = found["k_estimate"]
+        estimate = f"cifar10_test_k{trained_classes(over_run)}_{args.another_seed}"
     else:
-        found = pair_scores(Path(args.caltech_pair[0]), Path(args.caltech_pair[1]), Path(args.caltech_data),
-                            Path(args.work), "_caltech20", args.bootstrap)
+        over_run = Path(args.caltech_pair[1])
+        found = pair_scores(Path(args.caltech_pair[0]), over_run, Path(args.caltech_data), Path(args.work),
+                            "_caltech20", args.bootstrap)
         saved["caltech20"] = found
-        over = json.loads((Path(args.caltech_pair[1]) / "config.json").read_text())["classes"]
-        saved["k_estimates"][f"caltech20_k{over}"] = found["k_estimate"]
+        estimate = f"caltech20_k{trained_classes(over_run)}"
+    saved["k_estimates"][estimate] = found["k_estimate"]
     print(json.dumps(found, indent=2))
     print(f"wrote {save('merge', saved)}")
 

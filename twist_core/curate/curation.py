@@ -156,8 +156,8 @@ class CurationStore:
                                         "other images; open it with that index, or use a new --state-dir")
                 self._bind("index_uid", uid)
             if model is not None:  # None: an index written before model fingerprints were recorded
-                history = {"model_sha256": model, "model_history": self._index_value("model_history")}
-                bound_model = store_model(self._db, history)  # an older store's: the model of its last change
+                index_info = {"model_sha256": model, "model_history": self._index_value("model_history")}
+                bound_model = store_model(self._db, index_info)  # an older store's: the model of its last change
                 if bound_model and bound_model != model:
                     self._set_aside(bound_model, model)
                 self._bind("model_sha256", model)
