@@ -113,7 +113,6 @@ class Workspace:
             raise AppUserError(str(error)) from None
         self._manifest_stamp: tuple[int, ...] | None = None  # the manifest as last seen: see keep_up()
         self._switch_lock = threading.Lock()
-        self._retired: ImageIndex | None = None  # the generation before, closed at the next switch
         self.thumbnails = ThumbnailCache(self.state_dir / "thumbnails", max_pixels=max_pixels,
                                          owner=self._index.info.get("uid"))
         self.covers_dir = self.state_dir / "thumbnails" / "covers"
@@ -208,9 +207,9 @@ class Workspace:
             if self._store.notice:
                 log.warning(self._store.notice)
         self._meta_path = meta_path
-        if self._retired is not None:
-            self._retired.close()
-        self._index, self._retired = fresh, current
+        # not closed here: requests in flight may still hold the generation retired now (an export, a
+        # batch), and two more updates may commit before they finish; it closes once none holds it
+        self._index = fresh
         for stale in self.state_dir.glob("projection-gen*.npz"):
             if stale.name != self._projection_cache().name:
                 stale.unlink(missing_ok=True)
@@ -265,8 +264,6 @@ class Workspace:
         self._stop.set()
         self._store.close()
         self._index.close()
-        if self._retired is not None:
-            self._retired.close()
 
     # ---- overview
     def overview(self, sort: str = "size") -> list[dict[str, Any]]:

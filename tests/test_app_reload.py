@@ -82,3 +82,33 @@ def test_an_index_update_is_picked_up_without_a_restart_and_keeps_the_curation(
         assert {p["id"] for p in client.predict(api_name="/projection")} == {r["id"] for r in after.values()}
     finally:
         stop_app_server(process)
+
+
+def test_a_request_holding_a_generation_survives_two_updates_and_the_old_one_is_released_after(
+        app_bundle: dict[str, Path], tmp_path: Path) -> None:
+    """A slow request (an export, a batch) keeps the generation it started with while updates commit."""
+    import gc
+    import weakref
+
+    from app.workspace import Workspace
+
+    index_dir = tmp_path / "index"
+    shutil.copytree(app_bundle["index"], index_dir)
+    ws = Workspace(app_bundle["model"], index_dir, state_dir=tmp_path / "state")
+    try:
+        held = ws.index  # what a request in flight holds
+        first = held.generation
+        kept = held.get(0).id
+        for gone in (1, 2):  # two updates commit, each seen by another request
+            writer = ImageIndex.open(index_dir, "cpu")
+            writer.remove([gone])
+            writer.close()
+            assert ws.index.generation > first
+        assert ws.index.size == held.size - 2
+        assert held.get(kept).id == kept and held.search_id(kept, 3)  # the request in flight finishes
+        released = weakref.ref(held)
+        del held
+        gc.collect()
+        assert released() is None, "a generation no request holds any more is let go"
+    finally:
+        ws.close()

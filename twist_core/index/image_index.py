@@ -16,6 +16,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,7 @@ class IndexReader:
         self.generation = generation
         self.device = device
         self._cpu = cpu_index
-        self._store = store
+        self._hold(store)
         self._info = store.info()
         self._lock = threading.RLock()  # reads never see an update half-applied (FAISS index or metadata)
         if self._cpu.ntotal != store.count():
@@ -280,8 +281,17 @@ class IndexReader:
                 changed.add(path)
         return changed
 
+    def _hold(self, store: MetaStore) -> None:
+        """Read ``store`` from now on; it closes with :meth:`close` or, never closed, once nothing refers to
+        this reader: the app lets a generation retired by an update go when the last request holding it ends.
+        """
+        if hasattr(self, "_release"):
+            self._release.detach()
+        self._store = store
+        self._release = weakref.finalize(self, store.close)
+
     def close(self) -> None:
-        self._store.close()
+        self._release()
 
 
 class IndexWriter(IndexReader):
@@ -334,7 +344,7 @@ class IndexWriter(IndexReader):
                 self._reload()
                 raise
             self._store.close()
-            self._store = MetaStore(folder / META_FILE)
+            self._hold(MetaStore(folder / META_FILE))
             self._info = self._store.info()
             self.generation = self._info["generation"]
             self._search = to_device(self._cpu, self.device)
@@ -342,7 +352,9 @@ class IndexWriter(IndexReader):
     def _reload(self) -> None:
         fresh = IndexWriter.open(self.index_dir, self.device, self.state_dir)
         self._store.close()
-        self.__dict__.update({k: v for k, v in fresh.__dict__.items() if k != "_lock"})
+        fresh._release.detach()  # its store is ours now
+        self.__dict__.update({k: v for k, v in fresh.__dict__.items() if k not in ("_lock", "_release")})
+        self._hold(self._store)
 
     def add(self, rows: Sequence[str | dict[str, Any]], embeddings: np.ndarray) -> np.ndarray:
         """Add images (relative paths, or label rows with ``path``, ``cluster``, ...) with their embeddings.
