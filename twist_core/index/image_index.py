@@ -289,6 +289,7 @@ class IndexReader:
             self._release.detach()
         self._store = store
         self._release = weakref.finalize(self, store.close)
+        self._release.atexit = False  # at exit the OS frees it; a daemon thread may still be reading
 
     def close(self) -> None:
         self._release()
