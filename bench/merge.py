@@ -8,12 +8,13 @@ K estimate (and the largest-gap alternative) per data set. Also the plan of ``tw
 (greedy, then single clusters moved between groups while modularity rises) and label-free alternatives
 (spectral partition of the cluster graph, other linkages, a soft re-labelling by summed top-k probability).
 Writes bench/results/merge.json, keeping what bench/merge_selftrain.py (merge-then-self-train) and the
---another-seed and --caltech-pair modes added to it.
+--another-seed, --caltech-pair and --diversity-run modes added to it.
 
     python bench/merge.py --k10-run RUN10 --k30-run RUN30 --data CIFAR_TEST \
         [--digits-runs RUN ... --digits-data DIGITS] [--caltech-labels LABELS.csv] [--work FOLDER]
     python bench/merge.py --another-seed NAME --k10-run RUN10 --k30-run RUN30 --data CIFAR_TEST   # adds a seed
     python bench/merge.py --caltech-pair RUN20 RUN60 --caltech-data CALTECH20                     # adds caltech20
+    python bench/merge.py --diversity-run NAME RUN30 --data CIFAR_TEST      # a K=30 run trained with another --lam2
 """
 
 from __future__ import annotations
@@ -302,27 +303,59 @@ def notes(result: dict[str, Any]) -> str:
             "clusters, and it did not help.")
 
 
-def pair_scores(run: Path, over_run: Path, data: Path, work: Path, label: str, resamples: int) -> dict[str, Any]:
-    """One data set's headline pair: the run trained with the class count as trained, and the over-clustered
-    run merged down to it by the ``--to N`` plan (no labels), with the K estimate and the label-using ceiling.
-    Their indexes go to ``work/k<K><label>_index``."""
-    k, over = trained_classes(run), trained_classes(over_run)
-    plain_index = prepare_index(run, data, work, f"k{k}{label}")
-    plain = merges.data_from_index(plain_index)
-    plain_classes, plain_names = index_classes(plain_index, plain)
-    index = prepare_index(over_run, data, work, f"k{over}{label}")
+def over_scores(over_run: Path, data: Path, work: Path, name: str, resamples: int) -> dict[str, Any]:
+    """An over-clustered run as trained and merged down to the classes by the ``--to N`` plan (no labels), with
+    the balanced plans, the label-using ceiling and the K estimate. Its index goes to ``work/<name>_index``."""
+    over = trained_classes(over_run)
+    index = prepare_index(over_run, data, work, name)
     clustered = merges.data_from_index(index)
     classes, names = index_classes(index, clustered)
     plan = merges.plan_merges(clustered, merges.gather_evidence(clustered, merges.DEFAULT_MEASURE), len(names))
-    return {f"k{k}": score(plain.labels, plain_classes, plain_names),
-            f"k{over}": score(clustered.labels, classes, names),
+    return {f"k{over}": score(clustered.labels, classes, names),
             f"k{over}_merged": score(merges.planned_labels(clustered, plan), classes, names),
             f"k{over}_oracle_merge_upper_bound": oracle_purity(clustered, classes, names),
             **{f"k{over}_balanced_plan[beta={beta}]": score(group_of[np.searchsorted(leaves, clustered.labels)],
                                                             classes, names)
                for beta in BALANCE_BETAS for leaves, group_of in [balanced_plan(clustered, len(names), beta)]},
-            "k_estimate": k_estimate_only(clustered, resamples),
+            "k_estimate": k_estimate_only(clustered, resamples)}
+
+
+def pair_scores(run: Path, over_run: Path, data: Path, work: Path, label: str, resamples: int) -> dict[str, Any]:
+    """One data set's headline pair: the run trained with the class count as trained, and the over-clustered
+    run scored by :func:`over_scores`. Their indexes go to ``work/k<K><label>_index``."""
+    k, over = trained_classes(run), trained_classes(over_run)
+    plain_index = prepare_index(run, data, work, f"k{k}{label}")
+    plain = merges.data_from_index(plain_index)
+    plain_classes, plain_names = index_classes(plain_index, plain)
+    return {f"k{k}": score(plain.labels, plain_classes, plain_names),
+            **over_scores(over_run, data, work, f"k{over}{label}", resamples),
             "runs": {f"k{k}": str(run.resolve()), f"k{over}": str(over_run.resolve())}}
+
+
+def add_diversity_run(args: argparse.Namespace) -> None:
+    """Score one over-clustered cifar10-test run trained with another ``--lam2`` (the diversity weight) into
+    ``diversity_weight`` of merge.json, beside the K=10 run of the same seed already in the file."""
+    name, run = args.diversity_run[0], Path(args.diversity_run[1])
+    config = json.loads((run / "config.json").read_text())
+    saved = json.loads((RESULTS / "merge.json").read_text())
+    found = {"lam2": config["lam2"], "seed": config["seed"], "self_label_fraction": config["self_label_fraction"],
+             "epochs": config["epochs"], **over_scores(run, Path(args.data), Path(args.work), name, args.bootstrap),
+             "run": str(run.resolve())}
+    section = saved.setdefault("diversity_weight", {"runs": {}})
+    section["runs"][name] = found
+    over = trained_classes(run)
+    section["summary"] = [
+        {"run": key, "lam2": entry["lam2"], "seed": entry["seed"], "merged": entry[f"k{over}_merged"],
+         "ceiling_acc": entry[f"k{over}_oracle_merge_upper_bound"]["acc"]}
+        for key, entry in sorted(section["runs"].items(), key=lambda item: (item[1]["seed"], -item[1]["lam2"]))]
+    default = saved.get("other_seeds", {}).get("seed0_no_self_labelling")
+    if default:  # the same recipe with the default weight, scored by --another-seed
+        section["summary"].insert(0, {"run": "other_seeds.seed0_no_self_labelling", "lam2": 1.0, "seed": 0,
+                                      "merged": default["k30_merged"],
+                                      "ceiling_acc": default["k30_oracle_merge_upper_bound"]["acc"]})
+    section["k10_same_recipe"] = {"seed0": default["k10"]} if default else {}
+    print(json.dumps(found, indent=2))
+    print(f"wrote {save('merge', saved)}")
 
 
 def add_pair(args: argparse.Namespace) -> None:
@@ -360,8 +393,15 @@ def main() -> None:
     parser.add_argument("--caltech-pair", nargs=2, metavar=("RUN", "OVER_RUN"),
                         help="score only caltech20: a run with K = 20 and an over-clustered one")
     parser.add_argument("--caltech-data", help="the caltech20 class folders of --caltech-pair (scoring only)")
+    parser.add_argument("--diversity-run", nargs=2, metavar=("NAME", "OVER_RUN"),
+                        help="score only this over-clustered cifar10-test run (another --lam2) under diversity_weight")
     args = parser.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
+    if args.diversity_run:
+        if not args.data:
+            parser.error("--diversity-run needs --data")
+        add_diversity_run(args)
+        return
     if args.caltech_pair:
         if not args.caltech_data:
             parser.error("--caltech-pair needs --caltech-data")
