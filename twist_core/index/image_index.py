@@ -282,11 +282,12 @@ class IndexReader:
         return changed
 
     def _hold(self, store: MetaStore) -> None:
-        """Read ``store`` from now on; it closes with :meth:`close` or, never closed, once nothing refers to
-        this reader: the app lets a generation retired by an update go when the last request holding it ends.
+        """Read ``store`` from now on (the one read before is closed); it closes with :meth:`close` or, never
+        closed, once nothing refers to this reader: the app lets a generation retired by an update go when the
+        last request holding it ends.
         """
         if hasattr(self, "_release"):
-            self._release.detach()
+            self._release()
         self._store = store
         self._release = weakref.finalize(self, store.close)
         self._release.atexit = False  # at exit the OS frees it; a daemon thread may still be reading
@@ -344,7 +345,6 @@ class IndexWriter(IndexReader):
             except BaseException:
                 self._reload()
                 raise
-            self._store.close()
             self._hold(MetaStore(folder / META_FILE))
             self._info = self._store.info()
             self.generation = self._info["generation"]
@@ -352,10 +352,9 @@ class IndexWriter(IndexReader):
 
     def _reload(self) -> None:
         fresh = IndexWriter.open(self.index_dir, self.device, self.state_dir)
-        self._store.close()
         fresh._release.detach()  # its store is ours now
-        self.__dict__.update({k: v for k, v in fresh.__dict__.items() if k not in ("_lock", "_release")})
-        self._hold(self._store)
+        self.__dict__.update({k: v for k, v in fresh.__dict__.items() if k not in ("_lock", "_release", "_store")})
+        self._hold(fresh._store)
 
     def add(self, rows: Sequence[str | dict[str, Any]], embeddings: np.ndarray) -> np.ndarray:
         """Add images (relative paths, or label rows with ``path``, ``cluster``, ...) with their embeddings.
