@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +24,10 @@ from twist_core.config import AutoConfig, command_parser, option
 from twist_core.errors import UserError
 
 if TYPE_CHECKING:
+    import gradio as gr
     from starlette.middleware import Middleware
+
+    from app.workspace import Workspace
 
 log = logging.getLogger("twist.app")
 DEMO_DIR = Path("models") / "demo"
@@ -188,11 +194,40 @@ def launch(config: AppConfig, block: bool = True):
         log.warning(warning)
     if config.warm_thumbnails:
         workspace.warm_thumbnails()
-    demo.launch(server_name=config.host, server_port=config.port or free_port(config.host), auth=auth, css=page_css(),
-                allowed_paths=workspace.output_folders, max_file_size=f"{config.max_upload_mb}mb",
-                show_error=False, prevent_thread_lock=not block, inbrowser=False, quiet=not block,
-                app_kwargs={"middleware": [guard_middleware()], "routes": api_routes(workspace, config)})
+
+    def start() -> None:
+        demo.launch(server_name=config.host, server_port=config.port or free_port(config.host), auth=auth,
+                    css=page_css(), allowed_paths=workspace.output_folders, max_file_size=f"{config.max_upload_mb}mb",
+                    show_error=False, prevent_thread_lock=True, inbrowser=False, quiet=not block,
+                    app_kwargs={"middleware": [guard_middleware()], "routes": api_routes(workspace, config)})
+
+    if not block:
+        start()
+        return workspace, demo
+    serve_until_stopped(start, demo, workspace)
     return workspace, demo
+
+
+def serve_until_stopped(start: Callable[[], None], demo: gr.Blocks, workspace: Workspace) -> None:
+    """Start the server, wait for Ctrl-C or SIGTERM (``docker stop``), then stop it and close the index.
+
+    Both signals only set an event, installed before the server starts: the page answers while gradio is still
+    finishing its start-up, and a Ctrl-C raised inside that start-up ended the process with a traceback and
+    without closing the index; now it is acted on as soon as the start-up returns. SIGTERM used to end the
+    process on the spot.
+    """
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        start()
+        while not stop.wait(0.5):
+            pass
+        log.info("stopping the app")
+    finally:
+        demo.close()
+        workspace.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,6 +39,7 @@ MAX_BATCH_IMAGES = 2000
 BATCH_CHUNK = 64  # images decoded and predicted together
 MAX_BATCH_PIXELS = 500_000_000  # decoded pixels one batch request may ask for, all images together
 VIEW_SIZE = 1024  # longest side of the picture in the detail view
+WARMUP_STOP_SECONDS = 10.0  # close() waits this long for the thumbnail warm-up to finish its image
 DISPLAY_SIDE = 400  # smaller pictures are enlarged to about this in the detail view (see Workspace.display)
 
 
@@ -121,6 +122,7 @@ class Workspace:
         for folder in (self.state_dir, self.thumbnails.folder, self.exports_dir):
             mark_output_folder(folder)
         self._stop = threading.Event()
+        self._warmups: list[threading.Thread] = []
 
     # ---- following index updates
     def _open_generation(self) -> tuple[ImageIndex, Path]:
@@ -253,15 +255,21 @@ class Workspace:
         """Make the first page of every cluster in the background, so the first clicks are instant."""
         def work() -> None:
             for cluster in self.store.summary():
+                if self._stop.is_set():
+                    return
                 page = self.store.page(cluster["cluster"], limit=per_cluster)
                 self.thumbnails.warm(((r.id, self.index.file_of(r.path)) for r in page), self._stop.is_set)
 
         thread = threading.Thread(target=work, name="thumbnail-warmup", daemon=True)
+        self._warmups.append(thread)
         thread.start()
         return thread
 
     def close(self) -> None:
+        """Stop the warm-up (it stops between two images) before the stores it reads are closed under it."""
         self._stop.set()
+        for thread in self._warmups:
+            thread.join(timeout=WARMUP_STOP_SECONDS)
         self._store.close()
         self._index.close()
 

@@ -12,6 +12,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -382,3 +383,23 @@ def test_batch_labelling_and_the_zip_report_their_progress(app_bundle: dict[str,
         workspace.close()
     for name in ("batch_label", "export_zip"):
         assert isinstance(inspect.signature(handlers[name]).parameters["progress"].default, gr.Progress), name
+
+
+def test_closing_the_workspace_stops_the_thumbnail_warm_up_before_closing_its_stores(
+        app_bundle: dict[str, Path], tmp_path: Path) -> None:
+    """Ctrl-C right after the start: the warm-up thread must not read a store that close() has closed."""
+    from app.workspace import PAGE_SIZE, Workspace
+
+    failures: list[BaseException | None] = []
+    previous = threading.excepthook
+    threading.excepthook = lambda args: failures.append(args.exc_value)
+    try:
+        workspace = Workspace(app_bundle["model"], app_bundle["index"], tmp_path / "state")
+        full_warm_up = sum(min(c["size"], PAGE_SIZE) for c in workspace.store.summary())
+        thread = workspace.warm_thumbnails()
+        workspace.close()
+        thread.join(timeout=30)
+    finally:
+        threading.excepthook = previous
+    assert not thread.is_alive() and failures == []
+    assert len(list(workspace.thumbnails.folder.glob("*.jpg"))) < full_warm_up  # it stopped early, not finished

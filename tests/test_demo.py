@@ -49,6 +49,10 @@ def test_app_without_arguments_serves_the_shipped_demo_on_loopback(tmp_path: Pat
         opened = ImageIndex.open(index)
         assert opened.size == 1797
         opened.close()
+        process.terminate()  # SIGTERM, as docker stop sends: the app stops and closes its index, no traceback
+        assert process.wait(timeout=30) == 0
+        output = (tmp_path / "state-server.log").read_text()
+        assert "stopping the app" in output and "Traceback" not in output, output[-3000:]
     finally:
         stop_app_server(process)
 
@@ -63,9 +67,10 @@ def test_demo_app_stops_on_ctrl_c_after_training(tmp_path: Path) -> None:
     from conftest import free_port
 
     port = free_port()
+    log = tmp_path / "demo.log"
     process = subprocess.Popen([sys.executable, "-m", "twist_core.cli", "demo", "--workspace", str(tmp_path / "demo"),
                                 "--time-budget", "3s", "--port", str(port)], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               stdout=log.open("w"), stderr=subprocess.STDOUT,
                                env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
     try:
         deadline, serving = time.monotonic() + 600, False
@@ -76,8 +81,11 @@ def test_demo_app_stops_on_ctrl_c_after_training(tmp_path: Path) -> None:
             except OSError:
                 time.sleep(0.5)
         assert serving, "the demo's app never answered"
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGINT)  # the page answers before gradio's start-up returns: a Ctrl-C in it
         process.wait(timeout=30)  # raises TimeoutExpired when Ctrl-C is ignored
+        output = log.read_text()
+        assert process.returncode == 0 and "Traceback" not in output, output[-3000:]
+        assert "stopping the app" in output
     finally:
         if process.poll() is None:
             process.kill()
