@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import socket
 import sys
-import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING
 from twist_core.commands import run_command
 from twist_core.config import AutoConfig, command_parser, option
 from twist_core.errors import UserError
+from twist_core.stop_signals import StopRequested
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -211,23 +211,20 @@ def launch(config: AppConfig, block: bool = True):
 def serve_until_stopped(start: Callable[[], None], demo: gr.Blocks, workspace: Workspace) -> None:
     """Start the server, wait for Ctrl-C or SIGTERM (``docker stop``), then stop it and close the index.
 
-    Both signals only set an event, installed before the server starts: the page answers while gradio is still
-    finishing its start-up, and a Ctrl-C raised inside that start-up ended the process with a traceback and
-    without closing the index; now it is acted on as soon as the start-up returns. SIGTERM used to end the
-    process on the spot.
+    Both signals are only remembered (``StopRequested``, as training does), from before the server starts: the
+    page answers while gradio is still finishing its start-up, and a Ctrl-C raised inside that start-up ended
+    the process with a traceback and without closing the index; now it is acted on as soon as the start-up
+    returns. SIGTERM used to end the process on the spot.
     """
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        start()
-        while not stop.wait(0.5):
-            pass
-        log.info("stopping the app")
-    finally:
-        demo.close()
-        workspace.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with StopRequested().installed() as stop:
+        try:
+            start()
+            while stop.signal_number is None:
+                time.sleep(0.2)
+            log.info("stopping the app")
+        finally:
+            demo.close()
+            workspace.close()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,6 +38,7 @@ from twist_core.model.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_c
 from twist_core.model.init_weights import InitWeights, check_fits, load_into, read_init
 from twist_core.model.network import ModelSpec, TwistModel, recalibrate_batchnorm
 from twist_core.model.patches import PatchBackbone, learn_patch_dictionary
+from twist_core.stop_signals import StopRequested
 from twist_core.train.budget import check_budget, fit_total_steps, parse_duration
 from twist_core.train.loss import self_label_loss, supervised_loss, twist_multicrop_loss
 from twist_core.train.optim import Schedule, StepPlan, build_optimizer
@@ -151,30 +152,6 @@ class ResumeError(UserError, RuntimeError):
 
 class ConfigError(UserError, ValueError):
     """Options that contradict each other."""
-
-
-class StopRequested:
-    """Remembers SIGTERM/SIGINT so the loop can save a checkpoint and exit at the end of the step."""
-
-    def __init__(self) -> None:
-        self.signal_number: int | None = None
-
-    def __call__(self, signum: int, _frame: Any) -> None:
-        self.signal_number = signum
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[StopRequested]:
-        """Catch SIGTERM/SIGINT while the body runs, then put back whatever handled them before.
-
-        Restoring matters to callers that go on after training: ``twist demo`` serves its app afterwards,
-        and with this handler left in place Ctrl-C would be remembered and ignored.
-        """
-        previous = {number: signal.signal(number, self) for number in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield self
-        finally:
-            for number, handler in previous.items():
-                signal.signal(number, handler)
 
 
 def median_image_side(root: Path, files: list[str], max_pixels: int, sample: int = 200) -> int:
