@@ -121,3 +121,16 @@ def test_saved_config_reproduces_an_auto_run(shapes_folder: Path, tmp_path: Path
     weights = [torch.load(run / "last.pt", weights_only=True)["model"] for run in (first, again)]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_training_and_eval_commands_start_without_the_libraries_they_may_not_need() -> None:
+    """torchvision (with torch._dynamo), scikit-learn and scipy cost about two seconds per process; a patches run,
+    ``--help`` and a rejected option need none of them, so the commands import them only where they are used."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, twist_core.commands.train, twist_core.commands.eval, twist_core.commands.finetune; "
+             "print(' '.join(m for m in ('torchvision', 'sklearn', 'scipy') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "", f"imported at start-up: {result.stdout.strip()}"

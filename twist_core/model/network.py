@@ -17,16 +17,17 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from twist_core.data.preprocess import spec_sizes
 from twist_core.model.patches import PatchBackbone
 from twist_core.model.patches_conv import PatchConvBackbone
 
-ARCHITECTURES: dict[str, tuple[type[nn.Module], list[int]]] = {
-    "resnet18": (BasicBlock, [2, 2, 2, 2]),
-    "resnet34": (BasicBlock, [3, 4, 6, 3]),
-    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+# Block kind and blocks per stage. torchvision is imported only when a ResNet is built: it costs about a second
+# per process (it pulls in torch._dynamo), which every patches run and every quick CLI error would pay.
+ARCHITECTURES: dict[str, tuple[str, list[int]]] = {
+    "resnet18": ("basic", [2, 2, 2, 2]),
+    "resnet34": ("basic", [3, 4, 6, 3]),
+    "resnet50": ("bottleneck", [3, 4, 6, 3]),
 }
 # Backbones built on the frozen patch stem (``width`` = atoms); their embedding is the head's hidden layer.
 PATCH_BACKBONES: dict[str, type[PatchBackbone]] = {"patches": PatchBackbone, "patches-conv": PatchConvBackbone}
@@ -60,7 +61,10 @@ class ResNetBackbone(nn.Module):
         super().__init__()
         if backbone not in ARCHITECTURES:
             raise ValueError(f"unknown backbone {backbone!r}; choose from {', '.join(ARCHITECTURES)}")
-        block, layers = ARCHITECTURES[backbone]
+        from torchvision.models.resnet import BasicBlock, Bottleneck
+
+        kind, layers = ARCHITECTURES[backbone]
+        block: type[BasicBlock | Bottleneck] = Bottleneck if kind == "bottleneck" else BasicBlock
         self.inplanes = width
         if small_stem:  # 32-64 px images: keep resolution, as CIFAR ResNets do
             self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
