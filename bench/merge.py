@@ -12,7 +12,7 @@ Writes bench/results/merge.json, keeping what bench/merge_selftrain.py (merge-th
 
     python bench/merge.py --k10-run RUN10 --k30-run RUN30 --data CIFAR_TEST \
         [--digits-runs RUN ... --digits-data DIGITS] [--caltech-labels LABELS.csv] [--work FOLDER]
-    python bench/merge.py --another-seed NAME --k10-run RUN10 --k30-run RUN30 --data CIFAR_TEST   # adds a seed
+    python bench/merge.py --another-seed NAME --k10-run RUN10 --k30-run RUN30 --data CIFAR_TEST   # adds a pair
     python bench/merge.py --caltech-pair RUN20 RUN60 --caltech-data CALTECH20                     # adds caltech20
     python bench/merge.py --diversity-run NAME RUN30 --data CIFAR_TEST      # a K=30 run trained with another --lam2
 """
@@ -75,6 +75,14 @@ def score(labels: np.ndarray, classes: np.ndarray, class_names: list[str]) -> di
 
 def trained_classes(run: Path) -> int:
     return int(json.loads((run / "config.json").read_text())["classes"])
+
+
+def recipe(run: Path) -> dict[str, Any]:
+    """What a run was trained with, so that a pair in the JSON says which recipe it compares."""
+    config = json.loads((run / "config.json").read_text())
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    return {"backbone": config["backbone"], "seed": config["seed"], "time_budget": config["time_budget"],
+            "epochs_trained": last["epoch"], "self_label_fraction": config["self_label_fraction"]}
 
 
 def cut_labels(result: merges.Suggestions, labels: np.ndarray, groups: int) -> np.ndarray:
@@ -329,7 +337,8 @@ def pair_scores(run: Path, over_run: Path, data: Path, work: Path, label: str, r
     plain_classes, plain_names = index_classes(plain_index, plain)
     return {f"k{k}": score(plain.labels, plain_classes, plain_names),
             **over_scores(over_run, data, work, f"k{over}{label}", resamples),
-            "runs": {f"k{k}": str(run.resolve()), f"k{over}": str(over_run.resolve())}}
+            "runs": {f"k{k}": str(run.resolve()), f"k{over}": str(over_run.resolve())},
+            "recipes": {f"k{k}": recipe(run), f"k{over}": recipe(over_run)}}
 
 
 def add_diversity_run(args: argparse.Namespace) -> None:
@@ -389,7 +398,8 @@ def main() -> None:
     parser.add_argument("--caltech-labels", help="labels table of a trained caltech20 model (twist label)")
     parser.add_argument("--work", default="bench_work/merge", help="exports, labels and indexes go here")
     parser.add_argument("--bootstrap", type=int, default=200)
-    parser.add_argument("--another-seed", help="NAME: score only this K=10/K=30 pair (runs of another seed)")
+    parser.add_argument("--another-seed", help="NAME: score only this K=10/K=30 pair (runs of another seed or "
+                                               "backbone; each run's recipe is recorded)")
     parser.add_argument("--caltech-pair", nargs=2, metavar=("RUN", "OVER_RUN"),
                         help="score only caltech20: a run with K = 20 and an over-clustered one")
     parser.add_argument("--caltech-data", help="the caltech20 class folders of --caltech-pair (scoring only)")
