@@ -4,6 +4,9 @@
    ``torch.compile``: images/s and the share of step time spent waiting for data.
 2. A ``--time-budget`` run (default 6 minutes) on cifar10-train, scored on cifar10-test (target ACC >= 0.85).
 3. ONNX labelling of cifar10-test with the CUDA provider against the CPU provider, images/s.
+4. (``--parts overcluster``, issue 14) ResNet-18 with K = 10 and K = 30 trained side by side on the one GPU on
+   cifar10-test for the same budget, then scored by ``bench/merge.py --another-seed``: the K = 30 run merged down
+   to 10 by the suggestions, without labels, against the K = 10 run (its merge.json is written beside --out).
 Each part that cannot run (a missing package, no GPU) is recorded as skipped with the reason, never guessed.
 Writes bench/results/gpu.json (or --out). Run through bench/gpu_check.sh, which installs what is missing.
 """
@@ -11,6 +14,7 @@ Writes bench/results/gpu.json (or --out). Run through bench/gpu_check.sh, which 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import subprocess
@@ -88,7 +92,7 @@ def training_speed(data: Path, workdir: Path, device: str, compile_model: bool, 
 def quality(train: Path, test: Path, workdir: Path, device: str, budget: str) -> dict:
     run = workdir / "quality_run"
     twist("train", str(train), "--out", str(run), "--classes", "10", "--backbone", "resnet18", "--time-budget",
-          budget, "--device", device, "--no-progress", "--eval-data", str(test), "--eval-every", "1000",
+          budget, "--device", device, "--no-progress", "--eval-data", str(test), "--eval-every", "10",
           log=workdir / "quality_train.log")
     twist("eval", str(run), str(test), "--json", str(workdir / "quality_eval.json"), "--device", device,
           log=workdir / "quality_eval.log")
@@ -98,7 +102,8 @@ def quality(train: Path, test: Path, workdir: Path, device: str, budget: str) ->
     return {"budget": budget, **{m: report[m] for m in ("acc", "nmi", "ari", "knn_acc", "clusters_in_use")},
             "target_acc": 0.85, "epochs": trained[-1]["epoch"], "steps": trained[-1]["step"],
             "images_per_s_mean": sum(r["images_per_s"] for r in trained) / len(trained),
-            "eval_curve": [(row["epoch"], row["eval"]["acc"]) for row in history if row.get("eval")],
+            "eval_curve": [{"epoch": row["epoch"], **{m: row["eval"].get(m) for m in ("acc", "nmi", "knn_acc")}}
+                           for row in history if row.get("eval")],
             "run": str(run)}
 
 
@@ -118,6 +123,34 @@ def onnx_labelling(run: Path, test: Path, workdir: Path, n_images: int) -> dict:
             continue
         rows[device] = {"images_per_s": n_images / (time.perf_counter() - began), "images": n_images}
     return rows
+
+
+def over_clustering(test: Path, workdir: Path, device: str, budget: str) -> dict:
+    """K = 10 and K = 30 ResNet-18 runs trained at once (each gets half the GPU, the same for both), then merged
+    and scored by bench/merge.py, whose merge.json (with the other entries kept) is copied beside the results."""
+    runs = {k: workdir / f"over_k{k}" for k in (10, 30)}
+    with contextlib.ExitStack() as logs:
+        started = {}
+        for k, run in runs.items():
+            log = logs.enter_context(open(workdir / f"over_k{k}_train.log", "w"))
+            started[k] = subprocess.Popen(
+                [sys.executable, "-m", "twist_core.cli", "train", str(test), "--out", str(run), "--classes", str(k),
+                 "--backbone", "resnet18", "--time-budget", budget, "--device", device, "--no-progress",
+                 "--workers", "4"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        for k, process in started.items():
+            if process.wait() != 0:
+                log = (workdir / f"over_k{k}_train.log").read_text()
+                raise RuntimeError(f"twist train K={k} failed: {log[-1500:]}")
+    name = f"resnet18_{device}"
+    with open(workdir / "over_merge.log", "w") as log:
+        subprocess.run([sys.executable, "bench/merge.py", "--another-seed", name, "--k10-run", str(runs[10]),
+                        "--k30-run", str(runs[30]), "--data", str(test), "--work", str(workdir / "merge"),
+                        "--bootstrap", "100"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
+    entry = json.loads((REPO / "bench" / "results" / "merge.json").read_text())["other_seeds"][name]
+    epochs = {k: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+                  if "images_per_s" in line][-1]["epoch"] for k, run in runs.items()}
+    return {"budget_each": budget, "trained_side_by_side": True, "epochs": {f"k{k}": e for k, e in epochs.items()},
+            **{key: entry[key] for key in ("k10", "k30", "k30_merged", "k30_oracle_merge_upper_bound", "k_estimate")}}
 
 
 def part(results: dict, name: str, function, *args) -> None:
@@ -140,27 +173,42 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=512, help="batch of the speed measurement")
     parser.add_argument("--steps", type=int, default=20, help="timed steps of the speed measurement")
     parser.add_argument("--label-images", type=int, default=10_000)
+    parser.add_argument("--parts", default="speed,quality,onnx",
+                        help="comma-separated parts to run: speed, quality, onnx (needs quality), overcluster")
+    parser.add_argument("--over-budget", default="3m30s", help="time budget of each over-clustering run")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/twist_gpu_check"))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu.json")
     args = parser.parse_args()
     import torch
 
     args.workdir.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results: dict = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
                                  "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
                                  "device_asked": args.device},
                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    train = extract(args.cifar / "cifar10-train.tar.gz", args.workdir)
+    parts = set(args.parts.split(","))
     test = extract(args.cifar / "cifar10-test.tar.gz", args.workdir)
-    part(results, "speed_eager", training_speed, train, args.workdir, args.device, False, args.batch, args.steps)
-    part(results, "speed_compiled", training_speed, train, args.workdir, args.device, True, args.batch, args.steps)
-    part(results, "quality", quality, train, test, args.workdir, args.device, args.budget)
-    if "run" in results["quality"]:
+    # The speed parts time steps, not learning: cifar10-test serves when the training archive was not brought.
+    has_train = (args.cifar / "cifar10-train.tar.gz").exists() or "quality" in parts
+    train = extract(args.cifar / "cifar10-train.tar.gz", args.workdir) if has_train else test
+    results["speed_data"] = train.name
+    if "overcluster" in parts:
+        part(results, "overcluster", over_clustering, test, args.workdir, args.device, args.over_budget)
+        merged = REPO / "bench" / "results" / "merge.json"
+        (args.out.parent / "merge.json").write_bytes(merged.read_bytes())
+        args.out.write_text(json.dumps(results, indent=2) + "\n")  # kept should a later part run out of time
+    if "speed" in parts:
+        part(results, "speed_eager", training_speed, train, args.workdir, args.device, False, args.batch, args.steps)
+        part(results, "speed_compiled", training_speed, train, args.workdir, args.device, True, args.batch,
+             args.steps)
+    if "quality" in parts:
+        part(results, "quality", quality, train, test, args.workdir, args.device, args.budget)
+    if "onnx" in parts and "run" in results.get("quality", {}):
         part(results, "onnx_labelling", onnx_labelling, Path(results["quality"]["run"]), test, args.workdir,
              args.label_images)
     results["total_seconds"] = time.perf_counter() - started
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"results: {args.out} ({results['total_seconds']:.0f} s)")
 
