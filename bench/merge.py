@@ -8,13 +8,13 @@ K estimate (and the largest-gap alternative) per data set. Also the plan of ``tw
 (greedy, then single clusters moved between groups while modularity rises) and label-free alternatives
 (spectral partition of the cluster graph, other linkages, a soft re-labelling by summed top-k probability).
 Writes bench/results/merge.json, keeping what bench/merge_selftrain.py (merge-then-self-train) and the
---another-seed, --caltech-pair and --diversity-run modes added to it.
+--another-seed, --caltech-pair and --variant-run modes added to it.
 
     python bench/merge.py --k10-run RUN10 --k30-run RUN30 --data CIFAR_TEST \
         [--digits-runs RUN ... --digits-data DIGITS] [--caltech-labels LABELS.csv] [--work FOLDER]
     python bench/merge.py --another-seed NAME --k10-run RUN10 --k30-run RUN30 --data CIFAR_TEST   # adds a pair
     python bench/merge.py --caltech-pair RUN20 RUN60 --caltech-data CALTECH20                     # adds caltech20
-    python bench/merge.py --diversity-run NAME RUN30 --data CIFAR_TEST      # a K=30 run trained with another --lam2
+    python bench/merge.py --variant-run NAME RUN30 --data CIFAR_TEST   # a K=30 run with another --lam2 or --tau
 """
 
 from __future__ import annotations
@@ -341,25 +341,31 @@ def pair_scores(run: Path, over_run: Path, data: Path, work: Path, label: str, r
             "recipes": {f"k{k}": recipe(run), f"k{over}": recipe(over_run)}}
 
 
-def add_diversity_run(args: argparse.Namespace) -> None:
-    """Score one over-clustered cifar10-test run trained with another ``--lam2`` (the diversity weight) into
-    ``diversity_weight`` of merge.json, beside the K=10 run of the same seed already in the file."""
-    name, run = args.diversity_run[0], Path(args.diversity_run[1])
+VARIED = ("lam2", "tau")  # the recipe settings a variant run may change
+PATCHES_DEFAULTS = {"lam2": 1.0, "tau": 1.0}  # twist train's values for patches, as the runs of other_seeds used
+
+
+def add_variant_run(args: argparse.Namespace) -> None:
+    """Score one over-clustered cifar10-test run trained with another ``--lam2`` (the diversity weight) or
+    ``--tau`` into ``recipe_variants`` of merge.json, beside the K=10 run of the same seed already in the file."""
+    name, run = args.variant_run[0], Path(args.variant_run[1])
     config = json.loads((run / "config.json").read_text())
     saved = json.loads((RESULTS / "merge.json").read_text())
-    found = {"lam2": config["lam2"], "seed": config["seed"], "self_label_fraction": config["self_label_fraction"],
-             "epochs": config["epochs"], **over_scores(run, Path(args.data), Path(args.work), name, args.bootstrap),
-             "run": str(run.resolve())}
-    section = saved.setdefault("diversity_weight", {"runs": {}})
+    found = {**{key: config[key] for key in VARIED}, "seed": config["seed"],
+             "self_label_fraction": config["self_label_fraction"], "epochs": config["epochs"],
+             **over_scores(run, Path(args.data), Path(args.work), name, args.bootstrap), "run": str(run.resolve())}
+    section = saved.setdefault("recipe_variants", {"runs": {}})
     section["runs"][name] = found
     over = trained_classes(run)
     section["summary"] = [
-        {"run": key, "lam2": entry["lam2"], "seed": entry["seed"], "merged": entry[f"k{over}_merged"],
-         "ceiling_acc": entry[f"k{over}_oracle_merge_upper_bound"]["acc"]}
-        for key, entry in sorted(section["runs"].items(), key=lambda item: (item[1]["seed"], -item[1]["lam2"]))]
+        {"run": key, **{v: entry.get(v, PATCHES_DEFAULTS[v]) for v in VARIED}, "seed": entry["seed"],
+         "merged": entry[f"k{over}_merged"], "ceiling_acc": entry[f"k{over}_oracle_merge_upper_bound"]["acc"]}
+        for key, entry in sorted(section["runs"].items(),
+                                 key=lambda item: (item[1]["seed"], *(-item[1].get(v, PATCHES_DEFAULTS[v])
+                                                                       for v in VARIED)))]
     default = saved.get("other_seeds", {}).get("seed0_no_self_labelling")
-    if default:  # the same recipe with the default weight, scored by --another-seed
-        section["summary"].insert(0, {"run": "other_seeds.seed0_no_self_labelling", "lam2": 1.0, "seed": 0,
+    if default:  # the same recipe with the default weight and temperature, scored by --another-seed
+        section["summary"].insert(0, {"run": "other_seeds.seed0_no_self_labelling", **PATCHES_DEFAULTS, "seed": 0,
                                       "merged": default["k30_merged"],
                                       "ceiling_acc": default["k30_oracle_merge_upper_bound"]["acc"]})
     section["k10_same_recipe"] = {"seed0": default["k10"]} if default else {}
@@ -403,14 +409,15 @@ def main() -> None:
     parser.add_argument("--caltech-pair", nargs=2, metavar=("RUN", "OVER_RUN"),
                         help="score only caltech20: a run with K = 20 and an over-clustered one")
     parser.add_argument("--caltech-data", help="the caltech20 class folders of --caltech-pair (scoring only)")
-    parser.add_argument("--diversity-run", nargs=2, metavar=("NAME", "OVER_RUN"),
-                        help="score only this over-clustered cifar10-test run (another --lam2) under diversity_weight")
+    parser.add_argument("--variant-run", nargs=2, metavar=("NAME", "OVER_RUN"),
+                        help="score only this over-clustered cifar10-test run (another --lam2 or --tau) under "
+                             "recipe_variants")
     args = parser.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    if args.diversity_run:
+    if args.variant_run:
         if not args.data:
-            parser.error("--diversity-run needs --data")
-        add_diversity_run(args)
+            parser.error("--variant-run needs --data")
+        add_variant_run(args)
         return
     if args.caltech_pair:
         if not args.caltech_data:
