@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from twist_core.io_utils import atomic_write_text
+
 if TYPE_CHECKING:
     from twist_core.evaluation.evaluate import EvalImages
 
@@ -43,7 +45,7 @@ def machine() -> dict[str, str]:
 def save(name: str, result: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")  # a kill never leaves half a results file
     return path
 
 

@@ -29,6 +29,8 @@ sys.path.insert(0, str(REPO))
 
 from common import subset_folder  # noqa: E402 (after the path set-up)
 
+from twist_core.io_utils import atomic_write_text  # noqa: E402
+
 
 def extract(archive: Path, destination: Path) -> Path:
     """Extract a CIFAR archive once; returns its class-folder root."""
@@ -139,17 +141,16 @@ def over_clustering(test: Path, workdir: Path, device: str, budget: str) -> dict
                  "--workers", "4"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         for k, process in started.items():
             if process.wait() != 0:
-                log = (workdir / f"over_k{k}_train.log").read_text()
-                raise RuntimeError(f"twist train K={k} failed: {log[-1500:]}")
+                tail = (workdir / f"over_k{k}_train.log").read_text()[-1500:]
+                raise RuntimeError(f"twist train K={k} failed: {tail}")
     name = f"resnet18_{device}"
     with open(workdir / "over_merge.log", "w") as log:
         subprocess.run([sys.executable, "bench/merge.py", "--another-seed", name, "--k10-run", str(runs[10]),
                         "--k30-run", str(runs[30]), "--data", str(test), "--work", str(workdir / "merge"),
                         "--bootstrap", "100"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
     entry = json.loads((REPO / "bench" / "results" / "merge.json").read_text())["other_seeds"][name]
-    epochs = {k: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
-                  if "images_per_s" in line][-1]["epoch"] for k, run in runs.items()}
-    return {"budget_each": budget, "trained_side_by_side": True, "epochs": {f"k{k}": e for k, e in epochs.items()},
+    return {"budget_each": budget, "trained_side_by_side": True,
+            "epochs": {key: recipe["epochs_trained"] for key, recipe in entry["recipes"].items()},
             **{key: entry[key] for key in ("k10", "k30", "k30_merged", "k30_oracle_merge_upper_bound", "k_estimate")}}
 
 
@@ -197,8 +198,8 @@ def main() -> None:
     if "overcluster" in parts:
         part(results, "overcluster", over_clustering, test, args.workdir, args.device, args.over_budget)
         merged = REPO / "bench" / "results" / "merge.json"
-        (args.out.parent / "merge.json").write_bytes(merged.read_bytes())
-        args.out.write_text(json.dumps(results, indent=2) + "\n")  # kept should a later part run out of time
+        atomic_write_text(args.out.parent / "merge.json", merged.read_text())
+        atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")  # kept should a later part run out of time
     if "speed" in parts:
         part(results, "speed_eager", training_speed, train, args.workdir, args.device, False, args.batch, args.steps)
         part(results, "speed_compiled", training_speed, train, args.workdir, args.device, True, args.batch,
@@ -209,7 +210,7 @@ def main() -> None:
         part(results, "onnx_labelling", onnx_labelling, Path(results["quality"]["run"]), test, args.workdir,
              args.label_images)
     results["total_seconds"] = time.perf_counter() - started
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
     print(f"results: {args.out} ({results['total_seconds']:.0f} s)")
 
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check of issue 11 (about 8 minutes on one H100/H200): writes bench/results/gpu.json.
 #   bench/gpu_check.sh CIFAR_DIR [--device cpu] [--budget 6m] [--wheels DIR] [other bench/gpu_check.py options]
-# CIFAR_DIR holds cifar10-test.tar.gz and (for --parts quality) cifar10-train.tar.gz. The machine's own torch and
-# torchvision are kept:
-# the project is installed with --no-deps, and only packages it lacks are added (from --wheels DIR when the
-# machine is offline, else from the package index), with torch/torchvision pinned to what is installed.
+# CIFAR_DIR holds cifar10-test.tar.gz and (for --parts quality) cifar10-train.tar.gz. The machine's own torch
+# and torchvision are kept: the project is installed with --no-deps, and only packages it lacks are added (from
+# --wheels DIR when the machine is offline, else from the package index), with torch/torchvision pinned to what
+# is installed.
 # Rehearse on a CPU: bench/gpu_check.sh CIFAR_DIR --device cpu --budget 40s --batch 64 --steps 3 --label-images 500
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"

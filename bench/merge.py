@@ -358,11 +358,10 @@ def add_variant_run(args: argparse.Namespace) -> None:
     section["runs"][name] = found
     over = trained_classes(run)
     section["summary"] = [
-        {"run": key, **{v: entry.get(v, PATCHES_DEFAULTS[v]) for v in VARIED}, "seed": entry["seed"],
-         "merged": entry[f"k{over}_merged"], "ceiling_acc": entry[f"k{over}_oracle_merge_upper_bound"]["acc"]}
+        {"run": key, **{v: entry[v] for v in VARIED}, "seed": entry["seed"], "merged": entry[f"k{over}_merged"],
+         "ceiling_acc": entry[f"k{over}_oracle_merge_upper_bound"]["acc"]}
         for key, entry in sorted(section["runs"].items(),
-                                 key=lambda item: (item[1]["seed"], *(-item[1].get(v, PATCHES_DEFAULTS[v])
-                                                                       for v in VARIED)))]
+                                 key=lambda item: (item[1]["seed"], *(-item[1][v] for v in VARIED)))]
     default = saved.get("other_seeds", {}).get("seed0_no_self_labelling")
     if default:  # the same recipe with the default weight and temperature, scored by --another-seed
         section["summary"].insert(0, {"run": "other_seeds.seed0_no_self_labelling", **PATCHES_DEFAULTS, "seed": 0,
