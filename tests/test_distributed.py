@@ -18,7 +18,9 @@ HELPERS = Path(__file__).parent / "helpers"
 
 
 def torchrun(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # PYTHONFAULTHANDLER: a rank that aborts prints every thread's Python stack, so a rare failure says where.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -44,6 +46,16 @@ def test_two_processes_give_single_process_loss_and_gradients(tmp_path: Path) ->
         distributed_grad = np.concatenate([np.array(r["grads"][view_index]) for r in ranks]) / 2
         np.testing.assert_allclose(distributed_grad, view.grad.numpy(), atol=1e-5, rtol=0)
         assert np.abs(view.grad.numpy()).max() > 1e-3  # the comparison is not between zeros
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through Linux /proc")
+def test_leaving_the_group_ends_the_backend_threads(tmp_path: Path) -> None:
+    result = torchrun([str(HELPERS / "ddp_teardown_check.py"), str(tmp_path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        threads = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert any("gloo" in name for name in threads["during"])  # the probe sees the backend's threads
+        assert not [name for name in threads["after"] if "gloo" in name], threads["after"]
 
 
 @pytest.mark.parametrize("backbone", ["patches", "resnet18"])

@@ -47,9 +47,22 @@ def setup(device_preference: str = "auto") -> Context:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     if not dist.is_initialized():
+        _import_before_joining()
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
     return Context(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _import_before_joining() -> None:
+    """Import ``torch.distributed.nn.functional`` while no group exists.
+
+    That module binds the default group into its functions' defaults when first imported, and
+    DistributedDataParallel imports it. Imported after joining, it holds the group past
+    ``destroy_process_group``: the backend's threads live on until the interpreter shuts down, and the group's
+    destruction there can abort a rank that finished its work ("terminate called without an active
+    exception", SIGABRT; seen once in CI on a 2-process gloo run). Imported first, its defaults are None.
+    """
+    import torch.distributed.nn.functional  # noqa: F401
 
 
 @contextlib.contextmanager
