@@ -2,7 +2,8 @@
 
 Index ids are never reused (a replaced or changed image gets a new id, a rebuild keeps the ids of unchanged
 files), so a thumbnail never goes stale. The cache belongs to one index lineage (``owner``, the index's
-uid): opened for another index, whose ids mean other images, it starts empty. Files are
+uid) and one way of making thumbnails (size and ``RECIPE``): opened for another index, whose ids mean other
+images, or with another size or recipe (a state folder from an older release), it starts empty. Files are
 written under a temporary name and renamed, so concurrent requests for one image never see half a file.
 Unreadable images get a grey placeholder, so one broken file does not break a gallery page. Images smaller
 than the thumbnail size are enlarged by a whole factor with nearest-neighbour sampling (pixels stay sharp).
@@ -21,7 +22,8 @@ from twist_core.data.folder import ImageReadError, decode_image
 from twist_core.io_utils import mark_output_folder
 
 PLACEHOLDER = "_unreadable.jpg"
-OWNER_FILE = ".index-uid"  # the uid of the index whose ids name these thumbnails
+OWNER_FILE = ".index-uid"  # the uid of the index whose ids name these thumbnails, and how they were made
+RECIPE = 2  # raise it whenever how a thumbnail is made changes (2: small images enlarged sharply)
 
 
 class ThumbnailCache:
@@ -37,14 +39,16 @@ class ThumbnailCache:
             self._claim(owner)
 
     def _claim(self, owner: str) -> None:
-        """Drop thumbnails made for another index (their ids name other images), then record ``owner``."""
+        """Drop thumbnails made for another index (their ids name other images) or in another way (size or
+        recipe), then record ``owner`` with the way."""
         record = self.folder / OWNER_FILE
-        if record.is_file() and record.read_text().strip() == owner:
+        claim = f"{owner} {self.size}px recipe-{RECIPE}"
+        if record.is_file() and record.read_text().strip() == claim:
             return
         for stale in [*self.folder.glob("*.jpg"), *self.folder.glob("*/*.jpg")]:
             stale.unlink(missing_ok=True)
         tmp = record.with_name(f".{OWNER_FILE}.{os.getpid()}")
-        tmp.write_text(owner + "\n")
+        tmp.write_text(claim + "\n")
         os.replace(tmp, record)
 
     def _placeholder(self) -> Path:

@@ -403,3 +403,25 @@ def test_closing_the_workspace_stops_the_thumbnail_warm_up_before_closing_its_st
         threading.excepthook = previous
     assert not thread.is_alive() and failures == []
     assert len(list(workspace.thumbnails.folder.glob("*.jpg"))) < full_warm_up  # it stopped early, not finished
+
+
+def test_thumbnails_made_another_way_are_remade(tmp_path: Path) -> None:
+    """A state folder from an older release (its record holds only the index uid) or from another thumbnail size
+    must not keep serving those thumbnails: a 16 px image was shown as a blurry 16 px file before recipe 2."""
+    from app.thumbnails import OWNER_FILE, ThumbnailCache
+
+    source = tmp_path / "small.png"
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(source)
+    folder = tmp_path / "thumbnails"
+    folder.mkdir()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(folder / "0.jpg")  # what the old recipe made
+    (folder / OWNER_FILE).write_text("uid-a\n")
+    cache = ThumbnailCache(folder, size=64, owner="uid-a")
+    with Image.open(cache.path(0, source)) as made:
+        assert made.size == (64, 64)  # 16 px enlarged 4x, sharp
+    with Image.open(ThumbnailCache(folder, size=64, owner="uid-a").path(0, source)) as kept:
+        assert kept.size == (64, 64)
+    kept_at = (folder / "0.jpg").stat().st_mtime_ns
+    assert ThumbnailCache(folder, size=64, owner="uid-a").path(0, source).stat().st_mtime_ns == kept_at
+    with Image.open(ThumbnailCache(folder, size=160, owner="uid-a").path(0, source)) as bigger:
+        assert bigger.size == (160, 160)
