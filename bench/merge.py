@@ -372,6 +372,32 @@ def add_variant_run(args: argparse.Namespace) -> None:
     print(f"wrote {save('merge', saved)}")
 
 
+def seed_means(other_seeds: dict[str, Any]) -> dict[str, Any]:
+    """Per backbone, over the seeds of pairs whose recipes are recorded: the mean K=10 and merged K=30 scores,
+    so that a difference can be read against the spread between seeds."""
+    by_backbone: dict[str, list[dict[str, Any]]] = {}
+    for name, entry in sorted(other_seeds.items()):
+        if "recipes" in entry:
+            by_backbone.setdefault(entry["recipes"]["k10"]["backbone"], []).append({"pair": name, **entry})
+
+    def mean(entries: list[dict[str, Any]], key: str, measure: str) -> float:
+        return round(float(np.mean([entry[key][measure] for entry in entries])), 4)
+
+    summary = {}
+    for backbone, entries in by_backbone.items():
+        over = next(key for key in entries[0] if key.endswith("_merged"))
+        ceiling = over.replace("_merged", "_oracle_merge_upper_bound")
+        k10 = {m: mean(entries, "k10", m) for m in ("acc", "nmi")}
+        merged = {m: mean(entries, over, m) for m in ("acc", "nmi")}
+        summary[backbone] = {
+            "pairs": [entry["pair"] for entry in entries], "k10": k10, over: merged,
+            "ceiling_acc": mean(entries, ceiling, "acc"),
+            "merged_minus_k10_per_pair": [{m: round(entry[over][m] - entry["k10"][m], 4) for m in ("acc", "nmi")}
+                                          for entry in entries],
+            "merged_at_least_k10_on_mean": all(merged[m] >= k10[m] for m in ("acc", "nmi"))}
+    return summary
+
+
 def add_pair(args: argparse.Namespace) -> None:
     """Score one more pair (another seed of cifar10-test, or caltech20) into the existing merge.json, keeping the
     rest of the file: under ``other_seeds`` or ``caltech20``, its K estimate under ``k_estimates``."""
@@ -381,6 +407,7 @@ def add_pair(args: argparse.Namespace) -> None:
         found = pair_scores(Path(args.k10_run), over_run, Path(args.data), Path(args.work),
                             f"_{args.another_seed}", args.bootstrap)
         saved.setdefault("other_seeds", {})[args.another_seed] = found
+        saved["other_seeds_means"] = seed_means(saved["other_seeds"])
         estimate = f"cifar10_test_k{trained_classes(over_run)}_{args.another_seed}"
     else:
         over_run = Path(args.caltech_pair[1])

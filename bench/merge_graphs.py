@@ -6,7 +6,8 @@ agglomeration, then single clusters moved while modularity rises) and changes on
 weights (each link weighted by how many of the two lists overlap), mutual links only, the Hellinger similarity
 of the top-10 probabilities instead of the embedding, the two concatenated, and k = 10 or 30. It also groups the
 images themselves (Louvain communities of the embedding kNN graph, networkx) and maps each cluster to its
-majority community. Labels are used only to score. Writes ``graph_variants`` of bench/results/merge.json.
+majority community. Labels are used only to score. Writes ``graph_variants`` of bench/results/merge.json
+(with the K=10 result of ``other_seeds.NAME`` beside it, when bench/merge.py --another-seed NAME scored one).
 
     python bench/merge_graphs.py NAME OVER_RUN --data CIFAR_TEST [--work FOLDER]
 """
@@ -99,6 +100,20 @@ def graph_scores(data: merges.ClusterData, classes: np.ndarray, names: list[str]
     return out
 
 
+def summary(runs: dict[str, Any]) -> dict[str, Any]:
+    """Each graph's ACC on every run scored so far, and its mean gain over the plan as shipped: a graph is
+    worth shipping only if it gains on every run, not on the one it was found on."""
+    out = {}
+    for graph in next(iter(runs.values()))["graphs"]:
+        if "acc" not in next(iter(runs.values()))["graphs"][graph]:
+            continue
+        gains = [entry["graphs"][graph]["acc"] - entry["plan_as_shipped"]["acc"] for entry in runs.values()]
+        out[graph] = {"acc": {name: entry["graphs"][graph]["acc"] for name, entry in runs.items()},
+                      "mean_gain_over_plan": round(float(np.mean(gains)), 4),
+                      "gains_on_every_run": all(gain > 0 for gain in gains)}
+    return dict(sorted(out.items(), key=lambda item: -item[1]["mean_gain_over_plan"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("name")
@@ -120,7 +135,11 @@ def main() -> None:
     best = max(graphs, key=lambda key: graphs[key]["acc"])
     found["best_graph"] = {"graph": best, **graphs[best]}
     saved = json.loads((RESULTS / "merge.json").read_text())
+    pair = saved.get("other_seeds", {}).get(args.name)
+    if pair:  # the K=10 run of the same recipe and seed, scored by bench/merge.py --another-seed NAME
+        found["k10_same_recipe"] = pair["k10"]
     saved.setdefault("graph_variants", {})[args.name] = found
+    saved["graph_variants_summary"] = summary(saved["graph_variants"])
     print(json.dumps({k: found[k] for k in ("plan_as_shipped", "best_graph", "ceiling")}, indent=2))
     print(f"wrote {save('merge', saved)}")
 
