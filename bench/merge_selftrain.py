@@ -20,6 +20,9 @@ against the class folders. Results are added to bench/results/merge.json under `
 
 The recorded figures came from ``--epochs 12 --seeds 0 --keep 1.0 0.5``, ``--epochs 12 --seeds 1 --keep 1.0`` and
 ``--epochs 36 --seeds 0 --keep 1.0 --arms k30_merged`` (about 2.5 minutes per 12 epochs on an idle 2-core CPU).
+With ``--pair patches_conv_seedS`` (run from the folder the pair was trained in, ``--indexes`` the folder of
+``bench/merge.py --another-seed``) the same is done for that pair, recorded under ``other_seeds[PAIR].selftrain``;
+the ``patches-conv`` seeds 2-4 were run with ``--epochs 12 --seeds 0`` (about 4.7 minutes per 12 epochs).
 """
 
 from __future__ import annotations
@@ -78,9 +81,12 @@ def group_mass(data: merges.ClusterData, into: np.ndarray) -> np.ndarray:
     return np.where(target == merged_label[:, None], data.topk_probs, 0.0).sum(axis=1)
 
 
-def self_labels(arm: str, indexes: Path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-    """(paths, label, own cluster, confidence, plan) of every image for ``arm``, from the run's index only."""
-    index = indexes / f"{arm.split('_')[0]}_index"
+def self_labels(arm: str, indexes: Path, pair: str = "") -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray,
+                                                                  dict[str, Any]]:
+    """(paths, label, own cluster, confidence, plan) of every image for ``arm``, from the run's index only
+    (``k10_index`` / ``k30_index``, or ``k10_PAIR_index`` / ``k30_PAIR_index`` as ``bench/merge.py
+    --another-seed PAIR`` leaves them)."""
+    index = indexes / "_".join([arm.split("_")[0], *([pair] if pair else []), "index"])
     data = merges.data_from_index(index)
     into = np.arange(int(data.labels.max()) + 1)
     plan: dict[str, Any] = {}
@@ -171,6 +177,8 @@ def main() -> int:
     parser.add_argument("--keep", type=float, nargs="+", default=[1.0], help="share of each cluster labelled")
     parser.add_argument("--headline-epochs", type=int, default=12, help="fine-tuning epochs of the headline keys")
     parser.add_argument("--arms", nargs="+", default=["k30_merged", "k10"], choices=ARMS)
+    parser.add_argument("--pair", default="", help="a pair of bench/merge.py --another-seed: its indexes, and results "
+                                                   "under other_seeds[PAIR].selftrain instead of the headline keys")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -178,26 +186,29 @@ def main() -> int:
     data = load_eval_images(args.data, 32, 2, progress=False)
     found: dict[str, Any] = {}
     for arm in args.arms:
-        paths, label, own, confidence, plan = self_labels(arm, Path(args.indexes))
+        paths, label, own, confidence, plan = self_labels(arm, Path(args.indexes), args.pair)
         classes = np.array([data.class_names.index(p.split("/")[0]) for p in paths])  # scoring only
         found[f"{arm}_before"] = {**score(label, classes, data.class_names), "plan": plan}
         for keep in args.keep:
-            table = work / f"{arm}_keep{keep:g}.csv"
+            table = work / f"{arm}{'_' + args.pair if args.pair else ''}_keep{keep:g}.csv"
             n = write_table(table, (paths, label, own, confidence), keep)
             for seed in args.seeds:
                 name = f"{arm}_keep{keep:g}_e{args.epochs}_s{seed}"
-                ran = finetune(runs[arm], table, work / name, args.epochs, seed)
-                after = score(run_clusters(work / name, data), data.labels, data.class_names)
+                out = work / (f"{args.pair}_{name}" if args.pair else name)
+                ran = finetune(runs[arm], table, out, args.epochs, seed)
+                after = score(run_clusters(out, data), data.labels, data.class_names)
                 found[name] = {**after, "keep": keep, "rows": n, **ran}
                 print(name, json.dumps({k: found[name][k] for k in ("acc", "nmi", "ari", "seconds")}), flush=True)
     previous = json.loads((RESULTS / "merge.json").read_text())  # read now: keep what other runs added meanwhile
-    runs = {**previous.get("selftrain", {}).get("runs", {}), **found}
-    previous["selftrain"] = {"runs": runs, "conditions": CONDITIONS, "machine": machine()}
-    previous["k30_merged_selftrained"] = headline(runs, "k30_merged", args.headline_epochs)
-    previous["k10_selftrained"] = headline(runs, "k10", args.headline_epochs)
-    if previous["k30_merged_selftrained"] and previous["k10_selftrained"]:
-        previous["selftrain"]["verdict"] = verdict(previous)
-        print(previous["selftrain"]["verdict"])
+    home = previous["other_seeds"][args.pair] if args.pair else previous
+    runs = {**home.get("selftrain", {}).get("runs", {}), **found}
+    home["selftrain"] = {"runs": runs, "conditions": CONDITIONS, "machine": machine()}
+    results = home["selftrain"] if args.pair else previous
+    results["k30_merged_selftrained"] = headline(runs, "k30_merged", args.headline_epochs)
+    results["k10_selftrained"] = headline(runs, "k10", args.headline_epochs)
+    if results["k30_merged_selftrained"] and results["k10_selftrained"]:
+        home["selftrain"]["verdict"] = verdict({**results, "k10": home["k10"]})
+        print(home["selftrain"]["verdict"])
     save("merge", previous)
     return 0
 
