@@ -165,6 +165,25 @@ def verdict(result: dict[str, Any]) -> str:
             "(the fair control); ACC / NMI, means over seeds")
 
 
+def pair_means(saved: dict[str, Any]) -> dict[str, Any]:
+    """Means over every --pair that has both self-trained arms: the K=10 run as trained, the merged and
+    self-trained K=30 run, the control, and on how many pairs the merged one meets the K=10 run on both."""
+    pairs = {name: pair for name, pair in saved.get("other_seeds", {}).items()
+             if pair.get("selftrain", {}).get("k30_merged_selftrained") and pair["selftrain"].get("k10_selftrained")}
+    if not pairs:
+        return {}
+
+    def mean(pick: Any) -> dict[str, float]:
+        return {key: round(float(np.mean([pick(pair)[key] for pair in pairs.values()])), 4) for key in ("acc", "nmi")}
+
+    meets = sum(all(p["selftrain"]["k30_merged_selftrained"][k] >= p["k10"][k] for k in ("acc", "nmi"))
+                for p in pairs.values())
+    return {"pairs": list(pairs), "k10": mean(lambda p: p["k10"]),
+            "k30_merged_selftrained": mean(lambda p: p["selftrain"]["k30_merged_selftrained"]),
+            "k10_selftrained": mean(lambda p: p["selftrain"]["k10_selftrained"]),
+            "merged_selftrained_meets_k10_on": f"{meets} of {len(pairs)} pairs"}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--k10-run", required=True, help="the K=10 run (the 20-minute one of bench/merge.py)")
@@ -209,6 +228,8 @@ def main() -> int:
     if results["k30_merged_selftrained"] and results["k10_selftrained"]:
         home["selftrain"]["verdict"] = verdict({**results, "k10": home["k10"]})
         print(home["selftrain"]["verdict"])
+    if args.pair:
+        previous["other_seeds_selftrain_means"] = pair_means(previous)
     save("merge", previous)
     return 0
 

@@ -351,3 +351,31 @@ def test_command_plans_merges_down_to_n_groups(tmp_path: Path) -> None:
     refused = twist(str(index), "--to", "15", "--bootstrap", "0")
     assert refused.returncode == 2 and "--to must be from 1 to 14" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_measure_views_plans_on_the_models_confusions_not_the_embeddings(one_split: tuple[Path, dict[int, int]],
+                                                                         tmp_path: Path) -> None:
+    """On the planted index the embeddings say 0 and 1 belong together; a view graph in which the model confuses
+    2 and 3 instead must win under ``views``, and merges made in the app carry their view mass along."""
+    import dataclasses
+
+    index, _ = one_split
+    data = merges.data_from_index(index)
+    joint = np.diag([0.2, 0.2, 0.1, 0.1, 0.2, 0.2]) + 0.002
+    joint[2, 3] = joint[3, 2] = 0.08
+    evidence = merges.gather_evidence(data, merges.VIEWS, views=joint / joint.sum())
+    result = merges.suggest(data, evidence=evidence, to=5)
+    assert {result.pairs[0][0], result.pairs[0][1]} == {2, 3}
+    assert result.plan is not None and result.plan.graph == "view"
+    assert sorted(map(sorted, result.plan.groups)) == [[0], [1], [2, 3], [4], [5]]
+    knn = merges.suggest(data, to=5)
+    assert knn.plan is not None and knn.plan.graph == "kNN" and sorted(map(sorted, knn.plan.groups))[0] == [0, 1]
+    merged = dataclasses.replace(data, labels=np.where(data.labels == 4, 2, data.labels), merged_into={4: 2})
+    mapped = merges.views_by_cluster(joint, merged)
+    assert mapped[2, 2] == pytest.approx(joint[np.ix_([2, 4], [2, 4])].sum()) and mapped[4].sum() == 0
+    assert mapped.sum() == pytest.approx(joint.sum())
+    with pytest.raises(merges.MergeUserError, match="needs the model and the images"):
+        merges.gather_evidence(data, merges.VIEWS)
+    refused = twist(str(index), "--measure", "views", "--bootstrap", "0")
+    assert refused.returncode == 2 and "does not name the model" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1

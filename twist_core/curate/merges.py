@@ -5,7 +5,8 @@ alike when the images of one have their nearest neighbours in the other: by defa
 merging it would raise the modularity of the kNN graph of the embeddings (links between the two beyond what
 their sizes predict); ``--measure knn`` uses the share of a cluster's kNN links that land in the other,
 ``topk`` the probability mass an image shares between its top clusters, ``centroid`` the cosine between
-cluster means. A scipy
+cluster means, ``views`` how often the model itself puts two augmented views of an image into the two clusters
+(it runs the index's model on the images again: ``--view-pairs`` pairs per image). A scipy
 average-linkage hierarchy over ``1 - similarity`` gives the dendrogram; the cut of it whose groups make the
 kNN graph most modular estimates the number of groups, with a range from a bootstrap over the images.
 ``--to N`` also prints a plan down to N groups: the greedy merges, then single clusters moved between groups
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,12 @@ from scipy.spatial.distance import squareform
 from twist_core.config import AutoConfig, option
 from twist_core.errors import UserError
 from twist_core.index.store import INDEX_FILE, MANIFEST, META_FILE, MetaStore, read_manifest
+from twist_core.io_utils import path_from_text
 
-MEASURES = ("modularity", "knn", "knn-mean", "topk", "centroid")
+VIEW_PAIRS = 4  # two forward passes per image each; the pairs bench/merge_views.py measured
+
+MEASURES = ("modularity", "knn", "knn-mean", "topk", "centroid")  # from the index alone
+VIEWS = "views"  # also needs the model and the images (twist_core.curate.view_graph)
 DEFAULT_MEASURE = "modularity"
 LINKAGE_METHOD = "average"
 RANGE_QUANTILES = (0.05, 0.95)
@@ -54,8 +59,11 @@ class MergesConfig(AutoConfig):
                           "raises the modularity of the kNN graph (links beyond what their sizes predict), knn = "
                           "share of one cluster's nearest-neighbour links that land in the other, knn-mean = links "
                           "between them over both clusters' links, topk = probability mass their images share, "
-                          "centroid = cosine of the means",
-                          choices=list(MEASURES))
+                          "centroid = cosine of the means, views = how often the model puts two augmented views "
+                          "of one image into the two (runs the index's model on the images again)",
+                          choices=[*MEASURES, VIEWS])
+    view_pairs: int = option(VIEW_PAIRS, "measure views: augmented view pairs per image (two forward passes "
+                                              "each)")
     neighbours: int = option(10, "neighbours per image in the kNN graph (knn measures and the K estimate)")
     max_queries: int = option(20000, "images whose neighbours are searched (a random sample beyond this)")
     top: int = option(15, "ranked pairs to print")
@@ -78,6 +86,7 @@ class ClusterData:
     topk_clusters: np.ndarray  # (n, t) most probable clusters (mapped through merges), -1 where absent
     topk_probs: np.ndarray  # (n, t)
     names: dict[int, str]
+    merged_into: dict[int, int] = field(default_factory=dict)  # the model's clusters curation merged away
 
 
 @dataclass(frozen=True)
@@ -107,12 +116,14 @@ class MergePlan:
     target: int
     groups: list[list[int]]  # the clusters of each group, the one they go into first
     merges: list[tuple[int, int]]  # (source, into)
-    modularity: float  # of the kNN graph with the planned groups
+    modularity: float  # of the cluster graph (``graph``) with the planned groups
     greedy_modularity: float  # with the greedy merges alone, before clusters were moved between groups
+    graph: str = "kNN"  # the graph planned on: kNN (of the embeddings) or view (measure views)
 
     def as_dict(self) -> dict[str, Any]:
         return {"target": self.target, "groups": self.groups, "merges": [list(m) for m in self.merges],
-                "modularity": round(self.modularity, 5), "greedy_modularity": round(self.greedy_modularity, 5)}
+                "modularity": round(self.modularity, 5), "greedy_modularity": round(self.greedy_modularity, 5),
+                "graph": self.graph}
 
 
 @dataclass(frozen=True)
@@ -153,6 +164,7 @@ class Evidence:
     measure: str
     queries: np.ndarray  # positions of the images whose neighbours were searched
     neighbours: np.ndarray  # (len(queries), k) positions of their neighbours
+    views: np.ndarray | None = None  # measure views: joint of two views' clusters, over the clusters' ids
 
 
 def nearest_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -167,16 +179,48 @@ def nearest_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.n
 
 
 def gather_evidence(data: ClusterData, measure: str, neighbours: int = 10, max_queries: int = 20000,
-                    seed: int = 0) -> Evidence:
-    if measure not in MEASURES:
-        raise MergeUserError(f"unknown measure {measure!r}; choose one of {', '.join(MEASURES)}")
+                    seed: int = 0, views: np.ndarray | None = None) -> Evidence:
+    """The kNN graph of (a sample of) the images; with measure views also ``views``, the model's joint of two
+    views' clusters (:func:`twist_core.curate.view_graph.view_graph`), which it maps through curation's merges."""
+    if measure not in (*MEASURES, VIEWS):
+        raise MergeUserError(f"unknown measure {measure!r}; choose one of {', '.join((*MEASURES, VIEWS))}")
+    if measure == VIEWS and views is None:
+        raise MergeUserError("measure views needs the model and the images: give an index folder (twist index), "
+                             "whose model and image folder are still where they were, or use another measure")
     n = len(data.labels)
     if neighbours < 1:
         raise MergeUserError("--neighbours must be at least 1")
     queries = np.arange(n)
     if n > max_queries > 0:
         queries = np.sort(np.random.default_rng(seed).choice(n, max_queries, replace=False))
-    return Evidence(measure, queries, nearest_neighbours(data.vectors, queries, neighbours))
+    mapped = None if views is None else views_by_cluster(views, data)
+    return Evidence(measure, queries, nearest_neighbours(data.vectors, queries, neighbours), mapped)
+
+
+def views_by_cluster(views: np.ndarray, data: ClusterData) -> np.ndarray:
+    """The model's ``K x K`` view joint summed into the clusters curation left (row/column = cluster id)."""
+    size = max(len(views), int(data.labels.max(initial=-1)) + 1)
+    into = np.arange(len(views))
+    for source, target in data.merged_into.items():
+        if source < len(views):
+            into[source] = target
+    member = np.zeros((len(views), size))
+    member[np.arange(len(views)), into] = 1.0
+    return member.T @ views @ member
+
+
+def _view_graph(data: ClusterData, evidence: Evidence, clusters: Sequence[int], labels: np.ndarray) -> np.ndarray:
+    """``m x m`` view joint between ``clusters`` once the images are labelled ``labels`` (whole-cluster merges of
+    ``data.labels``, as planning makes them); clusters without images drop out."""
+    assert evidence.views is not None
+    owner = np.arange(len(evidence.views))
+    owner[data.labels] = labels
+    pos_of = np.full(max(len(owner), max(clusters) + 1), -1)
+    pos_of[list(clusters)] = np.arange(len(clusters))
+    pos = pos_of[owner]
+    keep = pos >= 0
+    member = np.eye(len(clusters))[pos[keep]]
+    return member.T @ evidence.views[np.ix_(keep, keep)] @ member
 
 
 def _pair_rate(links: np.ndarray, mass: np.ndarray) -> np.ndarray:
@@ -200,7 +244,12 @@ def _modularity_similarity(evidence: Evidence, pos: np.ndarray, m: int, weights:
     their degrees predict: ``e_ab - a_a a_b``), scaled to [0, 1] over the pairs: the best pair is 1, the worst 0.
 
     Near the end every merge lowers modularity; the scaling keeps the least harmful pair first."""
-    graph = knn_links(evidence, pos, m, weights)
+    return _scaled_gain(knn_links(evidence, pos, m, weights))
+
+
+def _scaled_gain(graph: np.ndarray) -> np.ndarray:
+    """The modularity gain ``e_ab - a_a a_b`` of merging each pair of a cluster graph, scaled to [0, 1]."""
+    m = len(graph)
     graph = graph + graph.T
     total = graph.sum()
     if total <= 0 or m < 2:
@@ -279,6 +328,8 @@ def similarity(data: ClusterData, evidence: Evidence, clusters: Sequence[int], l
     pos_of, pos = _positions(data, clusters, labels)
     if evidence.measure == "modularity":
         result = _modularity_similarity(evidence, pos, m, weights)
+    elif evidence.measure == VIEWS:
+        result = _scaled_gain(_view_graph(data, evidence, clusters, labels))
     elif evidence.measure in ("knn", "knn-mean"):
         result = _knn_similarity(evidence, pos, m, weights, mean=evidence.measure == "knn-mean")
     elif evidence.measure == "topk":
@@ -425,12 +476,16 @@ def refine_groups(graph: np.ndarray, groups: np.ndarray) -> np.ndarray:
 
 
 def plan_merges(data: ClusterData, evidence: Evidence, target: int) -> MergePlan:
-    """:func:`greedy_merges` down to ``target``, then :func:`refine_groups` on the kNN graph of the clusters;
-    each group goes into its largest cluster. Whole clusters only: the app applies it merge by merge."""
+    """:func:`greedy_merges` down to ``target``, then :func:`refine_groups` on the kNN graph of the clusters (the
+    view graph with measure views); each group goes into its largest cluster. Whole clusters only: the app applies
+    it merge by merge."""
     clusters, sizes = current_clusters(data.labels)
     merged, _ = greedy_merges(data, evidence, target)
-    pos = _positions(data, clusters, data.labels)[1]
-    links = knn_links(evidence, pos, len(clusters), np.ones(len(data.labels)))
+    if evidence.measure == VIEWS:
+        links = _view_graph(data, evidence, clusters, data.labels)
+    else:
+        links = knn_links(evidence, _positions(data, clusters, data.labels)[1], len(clusters),
+                          np.ones(len(data.labels)))
     graph = (links + links.T) / max(2 * links.sum(), 1e-12)
     greedy = np.unique([merged[data.labels == c][0] for c in clusters], return_inverse=True)[1]
     groups = refine_groups(graph, greedy)
@@ -438,7 +493,8 @@ def plan_merges(data: ClusterData, evidence: Evidence, target: int) -> MergePlan
                       key=lambda c: (-sizes[c], c)) for group in np.unique(groups)]
     members.sort(key=lambda group: -sum(sizes[c] for c in group))
     plan = [(source, group[0]) for group in members for source in group[1:]]
-    return MergePlan(target, members, plan, group_modularity(graph, groups), group_modularity(graph, greedy))
+    return MergePlan(target, members, plan, group_modularity(graph, groups), group_modularity(graph, greedy),
+                     "view" if evidence.measure == VIEWS else "kNN")
 
 
 def planned_labels(data: ClusterData, plan: MergePlan) -> np.ndarray:
@@ -475,7 +531,7 @@ def cluster_data(ids: np.ndarray, labels: np.ndarray, vectors: np.ndarray, topk:
             lookup[source] = into
         clusters = np.where(clusters >= 0, lookup[np.clip(clusters, 0, None)], -1)
     return ClusterData(np.asarray(ids, np.int64), np.asarray(labels, np.int64), _unit(vectors), clusters, probs,
-                       dict(names))
+                       dict(names), dict(merged_into or {}))
 
 
 def _index_names(store: MetaStore) -> dict[int, str]:
@@ -586,8 +642,8 @@ def format_suggestions(result: Suggestions, top: int) -> str:
 
 def format_plan(result: Suggestions, plan: MergePlan) -> str:
     """The groups of the plan, each as ``into <- merged, ...``, and the modularity it reaches."""
-    lines = [f"Plan down to {plan.target} groups (kNN-graph modularity {plan.modularity:.4f}; the greedy merges "
-             f"alone {plan.greedy_modularity:.4f}): merge into the first cluster of each line"]
+    lines = [f"Plan down to {plan.target} groups ({plan.graph}-graph modularity {plan.modularity:.4f}; the greedy "
+             f"merges alone {plan.greedy_modularity:.4f}): merge into the first cluster of each line"]
     for group in plan.groups:
         total = sum(result.sizes[c] for c in group)
         merged = ", ".join(result.label(c) for c in group[1:]) or "(nothing)"
@@ -657,9 +713,51 @@ def _cut_height(result: Suggestions) -> float:
     return float((heights[merges] + heights[merges + 1]) / 2)
 
 
+def source_images(source: str | Path) -> tuple[Path, str | None, str | None, dict[int, str]]:
+    """The image folder, the model file and its SHA-256 that an index (or labels table) was made with, and the
+    path of each of its image ids (a table's ids are its usable rows, as :func:`data_from_table` numbers them)."""
+    path = Path(source)
+    if path.is_dir():
+        store = MetaStore(path / read_manifest(path)["dir"] / META_FILE)
+        try:
+            info, paths = store.info(), dict(store.all_paths())
+        finally:
+            store.close()
+    else:
+        from twist_core.index.build import load_labels
+
+        rows, _, info = load_labels(path)
+        paths = {i: row["path"] for i, row in enumerate(rows)}
+    return Path(info["root"]), info.get("model"), info.get("model_sha256"), paths
+
+
+def views_of_source(source: str | Path, data: ClusterData, pairs: int = VIEW_PAIRS, max_images: int = 20000,
+                    seed: int = 0, progress: bool = True) -> np.ndarray:
+    """The model's view joint (:func:`twist_core.curate.view_graph.view_graph`) over the images of ``data``
+    (a seeded sample of ``max_images`` beyond that), with the model and images ``source`` names."""
+    from twist_core.curate.view_graph import ViewGraphError, open_model, view_graph
+
+    root, model_path, sha, paths = source_images(source)
+    if not model_path:
+        raise MergeUserError(f"{source} does not name the model it was made with: index it again with --model M.onnx, "
+                             "or use another measure")
+    ids = data.ids
+    if len(ids) > max_images:
+        ids = np.sort(np.random.default_rng(seed).choice(ids, max_images, replace=False))
+    try:
+        model = open_model(model_path, sha)
+        return view_graph(model, root, [path_from_text(paths[int(i)]) for i in ids], pairs, seed, progress)[0]
+    except ViewGraphError as error:
+        raise MergeUserError(str(error)) from None
+
+
 def run(config: MergesConfig) -> Suggestions:
     if config.top < 1 or config.bootstrap < 0 or config.max_queries < 1:
         raise MergeUserError("--top and --max-queries must be at least 1, --bootstrap at least 0")
     data = load_source(config.source, config.state_dir)
+    views = None
+    if config.measure == VIEWS:
+        views = views_of_source(str(config.source), data, config.view_pairs, config.max_queries, config.seed)
+    evidence = gather_evidence(data, config.measure, config.neighbours, config.max_queries, config.seed, views)
     return suggest(data, config.measure, config.neighbours, config.max_queries, config.bootstrap, config.seed,
-                   to=config.to)
+                   evidence=evidence, to=config.to)

@@ -1,0 +1,93 @@
+"""Which clusters the model itself confuses: the evidence of ``twist suggest-merges --measure views``.
+
+TWIST trains the two augmented views of an image to land in the same cluster. On a model with more clusters than
+classes, the disagreements left over are mostly between clusters that split one class, so the joint distribution
+of the clusters of two views (``sum_i p(view 1 of i) p(view 2 of i)^T``, IIC's joint) is a cluster graph that
+needs no embeddings. Planning on its modularity beat the kNN graph of the embeddings on six of seven over-clustered
+cifar10-test runs and lost on the digits (bench/results/merge.json, ``view_graph*``), so it is an option. It needs
+the model and the images, which an index names, and costs two forward passes per image and view pair.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from twist_core.data.augment import BatchAugment, policy_for_size
+from twist_core.deploy.infer import OnnxModel
+from twist_core.errors import UserError
+
+BATCH = 256
+
+
+class ViewGraphError(UserError):
+    """The model or the images the view graph needs are missing or unusable; the message says which."""
+
+
+def decoded_batches(model: OnnxModel, root: Path, paths: Sequence[str]):
+    """``(positions, uint8 N x 3 x S x S)`` batches of the images that decode; the others are counted, not fatal."""
+    positions, crops = [], []
+    for position, path in enumerate(paths):
+        try:
+            crops.append(model.transform.crop(model.load(root / path)))
+        except Exception:  # an unreadable image is left out of the evidence, as labelling leaves it out
+            continue
+        positions.append(position)
+        if len(crops) == BATCH:
+            yield np.array(positions), torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
+            positions, crops = [], []
+    if crops:
+        yield np.array(positions), torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
+
+
+def view_graph(model: OnnxModel, root: Path, paths: Sequence[str], pairs: int, seed: int = 0,
+               progress: bool = True) -> tuple[np.ndarray, int]:
+    """``K x K`` symmetric joint of the model's clusters over ``pairs`` augmented view pairs of each image (summing
+    to 1), and how many images went into it. The views are the training crops (0.4-1 of the image), jitter,
+    greyscale and (above 64 px) blur, drawn from a seeded generator so the graph is reproducible."""
+    if pairs < 1:
+        raise ViewGraphError("--view-pairs must be at least 1")
+    augment = BatchAugment(policy_for_size(model.transform.input_size, fixed_stem=True))
+    generator = torch.Generator().manual_seed(seed)
+    joint = np.zeros((model.n_classes, model.n_classes))
+    used, start = 0, time.monotonic()
+    for _, images in decoded_batches(model, root, paths):
+        for _ in range(pairs):
+            first, second = augment(images, generator)[:2]
+            p = model.predict_arrays(first.numpy())[0].astype(np.float64)
+            q = model.predict_arrays(second.numpy())[0].astype(np.float64)
+            joint += p.T @ q
+        used += len(images)
+        if progress:
+            rate = used / max(time.monotonic() - start, 1e-9)
+            left = (len(paths) - used) / max(rate, 1e-9)
+            print(f"\rview graph: {used}/{len(paths)} images, {rate:.0f} img/s, ETA {left:.0f} s", end="",
+                  file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    if used == 0:
+        raise ViewGraphError(f"none of the {len(paths)} images under {root} could be read for the view graph")
+    joint = (joint + joint.T) / 2
+    return joint / joint.sum(), used
+
+
+def open_model(path: str | Path, sha256: str | None) -> OnnxModel:
+    """The index's model, refused when it is gone or is no longer the file the index was labelled with."""
+    from twist_core.io_utils import file_sha256
+
+    path = Path(path)
+    if not path.is_file():
+        raise ViewGraphError(f"the index was made with the model {path}, which is not there any more; put it back "
+                             "or use another --measure")
+    if sha256 and file_sha256(path) != sha256:
+        raise ViewGraphError(f"{path} is not the model the index was labelled with (its SHA-256 differs); index the "
+                             "folder again with this model, or use another --measure")
+    try:
+        return OnnxModel(path, device="auto")
+    except (ValueError, FileNotFoundError) as error:
+        raise ViewGraphError(str(error)) from None
