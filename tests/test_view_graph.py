@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from test_merges import twist as suggest
 
 from twist_core.curate.view_graph import ViewGraphError, view_graph
 from twist_core.deploy.export import ExportConfig, export_model
@@ -82,11 +80,6 @@ def test_views_are_seeded_and_unreadable_images_are_left_out(app_bundle: dict[st
         view_graph(model, root, [str(broken), "gone.png"], pairs=1, progress=False)
     with pytest.raises(ViewGraphError, match="at least 1"):
         view_graph(model, root, paths, pairs=0, progress=False)
-
-
-def suggest(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "twist_core.cli", "suggest-merges", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
 
 
 def test_command_plans_on_the_view_graph(app_bundle: dict[str, Path], tmp_path: Path) -> None:

@@ -65,7 +65,8 @@ class MergesConfig(AutoConfig):
     view_pairs: int = option(VIEW_PAIRS, "measure views: augmented view pairs per image (two forward passes "
                                               "each)")
     neighbours: int = option(10, "neighbours per image in the kNN graph (knn measures and the K estimate)")
-    max_queries: int = option(20000, "images whose neighbours are searched (a random sample beyond this)")
+    max_queries: int = option(20000, "images whose neighbours are searched, and (measure views) whose views are run "
+                                     "(a random sample beyond this)")
     top: int = option(15, "ranked pairs to print")
     bootstrap: int = option(200, "bootstrap resamples of the images for the range of the K estimate (0: none)")
     seed: int = option(0, "seed of the query sample and the bootstrap")

@@ -17,32 +17,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from twist_core.data.augment import BatchAugment, policy_for_size
 from twist_core.deploy.infer import OnnxModel
 from twist_core.errors import UserError
+from twist_core.io_utils import file_sha256
+from twist_core.label.labeller import DecodedCrops, collate
 
 BATCH = 256
 
 
 class ViewGraphError(UserError):
     """The model or the images the view graph needs are missing or unusable; the message says which."""
-
-
-def decoded_batches(model: OnnxModel, root: Path, paths: Sequence[str]):
-    """``(positions, uint8 N x 3 x S x S)`` batches of the images that decode; the others are counted, not fatal."""
-    positions, crops = [], []
-    for position, path in enumerate(paths):
-        try:
-            crops.append(model.transform.crop(model.load(root / path)))
-        except Exception:  # an unreadable image is left out of the evidence, as labelling leaves it out
-            continue
-        positions.append(position)
-        if len(crops) == BATCH:
-            yield np.array(positions), torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
-            positions, crops = [], []
-    if crops:
-        yield np.array(positions), torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
 
 
 def view_graph(model: OnnxModel, root: Path, paths: Sequence[str], pairs: int, seed: int = 0,
@@ -56,7 +43,12 @@ def view_graph(model: OnnxModel, root: Path, paths: Sequence[str], pairs: int, s
     generator = torch.Generator().manual_seed(seed)
     joint = np.zeros((model.n_classes, model.n_classes))
     used, start = 0, time.monotonic()
-    for _, images in decoded_batches(model, root, paths):
+    # labelling's decoding: an unreadable image is left out of the evidence, as labelling leaves it out
+    batches = DataLoader(DecodedCrops(root, list(paths), model.transform), batch_size=BATCH, collate_fn=collate)
+    for _, crops, _ in batches:
+        if not len(crops):
+            continue
+        images = crops.permute(0, 3, 1, 2).contiguous()
         for _ in range(pairs):
             first, second = augment(images, generator)[:2]
             p = model.predict_arrays(first.numpy())[0].astype(np.float64)
@@ -78,8 +70,6 @@ def view_graph(model: OnnxModel, root: Path, paths: Sequence[str], pairs: int, s
 
 def open_model(path: str | Path, sha256: str | None) -> OnnxModel:
     """The index's model, refused when it is gone or is no longer the file the index was labelled with."""
-    from twist_core.io_utils import file_sha256
-
     path = Path(path)
     if not path.is_file():
         raise ViewGraphError(f"the index was made with the model {path}, which is not there any more; put it back "
