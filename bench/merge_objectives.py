@@ -50,6 +50,7 @@ from twist_core.label.labeller import DecodedCrops, collate
 
 PAIRS = 4
 TWIST_SAMPLE = 2000
+OBJECTIVES = ("knn_modularity", "views_modularity", "views_mutual_information", "twist")
 Objective = Callable[[np.ndarray], float]  # groups (cluster -> group) -> value, higher is better
 
 
@@ -147,11 +148,11 @@ def objectives_of(index: Path) -> dict[str, Any]:
                            np.ones(len(pos)))
     knn = (knn + knn.T) / (2 * knn.sum())
     sample = probs[np.random.default_rng(0).choice(len(probs), min(TWIST_SAMPLE, len(probs)), replace=False)]
-    objectives = {"knn_modularity": modularity(knn), "views_modularity": modularity(joint),
-                  "views_mutual_information": mutual_information(joint), "twist": twist_objective(sample)}
+    objectives = dict(zip(OBJECTIVES, (modularity(knn), modularity(joint), mutual_information(joint),
+                                       twist_objective(sample)), strict=True))
 
-    found: dict[str, Any] = {"labels_grouping": {**score(by_labels[pos], classes, names), "groups": int(
-        by_labels.max() + 1)}}
+    found: dict[str, Any] = {"labels_grouping": {**score(by_labels[pos], classes, names),
+                                                 "groups": int(by_labels.max() + 1)}}
     for name, objective in objectives.items():
         groups = greedy_then_moves(objective, len(clusters), target)
         found[name] = {**score(groups[pos], classes, names), "objective": round(objective(groups), 5),
@@ -162,13 +163,14 @@ def objectives_of(index: Path) -> dict[str, Any]:
 
 
 def summary(runs: dict[str, Any]) -> dict[str, Any]:
-    keys = [key for key in next(iter(runs.values())) if key != "labels_grouping" and isinstance(
-        next(iter(runs.values()))[key], dict) and "objective" in next(iter(runs.values()))[key]]
-    out: dict[str, Any] = {"runs": list(runs), "labels_grouping": {
-        k: round(float(np.mean([r["labels_grouping"][k] for r in runs.values()])), 4) for k in ("acc", "nmi")}}
-    for key in keys:
-        out[key] = {k: round(float(np.mean([r[key][k] for r in runs.values()])), 4) for k in ("acc", "nmi")}
-        out[key]["prefers_its_plan_on"] = sum(r[key]["prefers_its_plan"] for r in runs.values())
+    """Mean ACC / NMI of each objective's plan and of the labels' grouping, and on how many runs each objective
+    values its own plan above the labels' grouping (all of them: the objective is the limit)."""
+    def mean(part: str) -> dict[str, float]:
+        return {k: round(float(np.mean([r[part][k] for r in runs.values()])), 4) for k in ("acc", "nmi")}
+
+    out: dict[str, Any] = {"runs": list(runs), "labels_grouping": mean("labels_grouping")}
+    for name in OBJECTIVES:
+        out[name] = {**mean(name), "prefers_its_plan_on": sum(r[name]["prefers_its_plan"] for r in runs.values())}
     return out
 
 
