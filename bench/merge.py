@@ -15,6 +15,7 @@ Writes bench/results/merge.json, keeping what bench/merge_selftrain.py (merge-th
     python bench/merge.py --another-seed NAME --k10-run RUN10 --k30-run RUN30 --data CIFAR_TEST   # adds a pair
     python bench/merge.py --caltech-pair RUN20 RUN60 --caltech-data CALTECH20                     # adds caltech20
     python bench/merge.py --variant-run NAME RUN30 --data CIFAR_TEST   # a K=30 run with another --lam2 or --tau
+    python bench/merge.py --other-k NAME RUN20 --data CIFAR_TEST       # the pair NAME's seed over-clustered less
 """
 
 from __future__ import annotations
@@ -372,6 +373,37 @@ def add_variant_run(args: argparse.Namespace) -> None:
     print(f"wrote {save('merge', saved)}")
 
 
+def add_other_k(args: argparse.Namespace) -> None:
+    """Score an over-clustered cifar10-test run of another K (same recipe and seed as the pair ``NAME`` of
+    ``other_seeds``) into ``other_k``, with the pair's K=10 and K=30 results beside it; ``other_k_summary``
+    compares them per K over the pairs scored: how much to over-cluster, measured on cifar10-test."""
+    name, run = args.other_k[0], Path(args.other_k[1])
+    saved = json.loads((RESULTS / "merge.json").read_text())
+    pair = saved.get("other_seeds", {}).get(name)
+    if not pair:
+        raise SystemExit(f"no pair {name} in other_seeds of merge.json: score it first with --another-seed {name}")
+    over = trained_classes(run)
+    found = {**over_scores(run, Path(args.data), Path(args.work), f"k{over}_{name}", args.bootstrap),
+             "pair": name, "run": str(run.resolve()), "recipe": recipe(run)}
+    section = saved.setdefault("other_k", {})
+    section[f"{name}_k{over}"] = found
+    summary = {}
+    for entry in section.values():
+        k = next(key for key in entry if key.endswith("_merged"))
+        summary.setdefault(k, []).append(entry)
+
+    def mean(entries: list[dict[str, Any]], part: str) -> dict[str, float]:
+        return {m: round(float(np.mean([e[part][m] for e in entries])), 4) for m in ("acc", "nmi")}
+
+    saved["other_k_summary"] = {
+        k: {"pairs": [e["pair"] for e in entries], k: mean(entries, k),
+            "k10": mean([saved["other_seeds"][e["pair"]] for e in entries], "k10"),
+            "k30_merged": mean([saved["other_seeds"][e["pair"]] for e in entries], "k30_merged")}
+        for k, entries in summary.items()}
+    print(json.dumps(found, indent=2))
+    print(f"wrote {save('merge', saved)}")
+
+
 def seed_means(other_seeds: dict[str, Any]) -> dict[str, Any]:
     """Per backbone, over the seeds of pairs whose recipes are recorded: the mean K=10 and merged K=30 scores,
     so that a difference can be read against the spread between seeds."""
@@ -438,8 +470,16 @@ def main() -> None:
     parser.add_argument("--variant-run", nargs=2, metavar=("NAME", "OVER_RUN"),
                         help="score only this over-clustered cifar10-test run (another --lam2 or --tau) under "
                              "recipe_variants")
+    parser.add_argument("--other-k", nargs=2, metavar=("NAME", "OVER_RUN"),
+                        help="score only this over-clustered cifar10-test run of another K (the seed and recipe of "
+                             "the pair NAME) under other_k")
     args = parser.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
+    if args.other_k:
+        if not args.data:
+            parser.error("--other-k needs --data")
+        add_other_k(args)
+        return
     if args.variant_run:
         if not args.data:
             parser.error("--variant-run needs --data")
