@@ -35,18 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from common import RESULTS, machine, save
 from merge import index_classes, score
-from torch.utils.data import DataLoader
 
 from twist_core.curate import merges
-from twist_core.curate.view_graph import open_model
-from twist_core.data.augment import BatchAugment, policy_for_size
+from twist_core.curate.view_graph import open_model, view_probabilities
 from twist_core.data.folder import ground_truth_labels
 from twist_core.evaluation.metrics import kmeans_clusters, knn_accuracy
 from twist_core.io_utils import path_from_text
-from twist_core.label.labeller import DecodedCrops, collate
 
 PAIRS = 4
 TWIST_SAMPLE = 2000
@@ -54,23 +50,13 @@ OBJECTIVES = ("knn_modularity", "views_modularity", "views_mutual_information", 
 Objective = Callable[[np.ndarray], float]  # groups (cluster -> group) -> value, higher is better
 
 
-def view_probabilities(index: Path, data: merges.ClusterData, pairs: int = PAIRS, seed: int = 0) -> np.ndarray:
+def all_view_probabilities(index: Path, data: merges.ClusterData, pairs: int = PAIRS, seed: int = 0) -> np.ndarray:
     """``(n, 2 * pairs, K)`` cluster probabilities of augmented views of every image of ``data``, drawn as
-    ``--measure views`` draws them; the pairs are columns (0, 1), (2, 3), ..."""
+    ``--measure views`` draws them (:func:`twist_core.curate.view_graph.view_probabilities`)."""
     root, model_path, sha, paths = merges.source_images(index)
     model = open_model(model_path, sha)
-    augment = BatchAugment(policy_for_size(model.transform.input_size, fixed_stem=True))
-    generator = torch.Generator().manual_seed(seed)
-    crops = DecodedCrops(root, [path_from_text(paths[int(i)]) for i in data.ids], model.transform)
-    found = []
-    for _, batch, _ in DataLoader(crops, batch_size=256, collate_fn=collate):
-        images = batch.permute(0, 3, 1, 2).contiguous()
-        views = []
-        for _ in range(pairs):
-            first, second = augment(images, generator)[:2]
-            views += [model.predict_arrays(first.numpy())[0], model.predict_arrays(second.numpy())[0]]
-        found.append(np.stack(views, 1))
-    probs = np.concatenate(found).astype(np.float64)
+    probs = np.concatenate(list(view_probabilities(model, root, [path_from_text(paths[int(i)]) for i in data.ids],
+                                                   pairs, seed)))
     if len(probs) != len(data.ids):
         raise SystemExit(f"{index}: {len(data.ids) - len(probs)} images could not be read; the bench needs them all")
     return probs
@@ -140,7 +126,7 @@ def objectives_of(index: Path) -> dict[str, Any]:
     majority = np.array([np.bincount(classes[pos == i], minlength=target).argmax() for i in range(len(clusters))])
     by_labels = np.unique(majority, return_inverse=True)[1]
 
-    probs = view_probabilities(index, data)
+    probs = all_view_probabilities(index, data)
     probs = probs[:, :, clusters]  # columns in the order of ``clusters`` (all of them hold images here)
     joint = np.einsum("nvk,nvl->kl", probs[:, 0::2], probs[:, 1::2])
     joint = (joint + joint.T) / (2 * joint.sum())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,29 +32,38 @@ class ViewGraphError(UserError):
     """The model or the images the view graph needs are missing or unusable; the message says which."""
 
 
-def view_graph(model: OnnxModel, root: Path, paths: Sequence[str], pairs: int, seed: int = 0,
-               progress: bool = True) -> tuple[np.ndarray, int]:
-    """``K x K`` symmetric joint of the model's clusters over ``pairs`` augmented view pairs of each image (summing
-    to 1), and how many images went into it. The views are the training crops (0.4-1 of the image), jitter,
-    greyscale and (above 64 px) blur, drawn from a seeded generator so the graph is reproducible."""
+def view_probabilities(model: OnnxModel, root: Path, paths: Sequence[str], pairs: int,
+                       seed: int = 0) -> Iterator[np.ndarray]:
+    """Per batch of the images that decode, ``(n, 2 * pairs, K)`` cluster probabilities of their augmented view
+    pairs (pair ``i`` in columns ``2i`` and ``2i + 1``). The views are the training crops (0.4-1 of the image),
+    jitter, greyscale and (above 64 px) blur, drawn from a seeded generator so they are reproducible."""
     if pairs < 1:
         raise ViewGraphError("--view-pairs must be at least 1")
     augment = BatchAugment(policy_for_size(model.transform.input_size, fixed_stem=True))
     generator = torch.Generator().manual_seed(seed)
-    joint = np.zeros((model.n_classes, model.n_classes))
-    used, start = 0, time.monotonic()
     # labelling's decoding: an unreadable image is left out of the evidence, as labelling leaves it out
     batches = DataLoader(DecodedCrops(root, list(paths), model.transform), batch_size=BATCH, collate_fn=collate)
     for _, crops, _ in batches:
         if not len(crops):
             continue
         images = crops.permute(0, 3, 1, 2).contiguous()
+        views = []
         for _ in range(pairs):
             first, second = augment(images, generator)[:2]
-            p = model.predict_arrays(first.numpy())[0].astype(np.float64)
-            q = model.predict_arrays(second.numpy())[0].astype(np.float64)
-            joint += p.T @ q
-        used += len(images)
+            views += [model.predict_arrays(first.numpy())[0], model.predict_arrays(second.numpy())[0]]
+        yield np.stack(views, 1).astype(np.float64)
+
+
+def view_graph(model: OnnxModel, root: Path, paths: Sequence[str], pairs: int, seed: int = 0,
+               progress: bool = True) -> tuple[np.ndarray, int]:
+    """``K x K`` symmetric joint of the model's clusters over ``pairs`` augmented view pairs of each image
+    (:func:`view_probabilities`), summing to 1, and how many images went into it."""
+    joint = np.zeros((model.n_classes, model.n_classes))
+    used, start = 0, time.monotonic()
+    for views in view_probabilities(model, root, paths, pairs, seed):
+        for pair in range(pairs):
+            joint += views[:, 2 * pair].T @ views[:, 2 * pair + 1]
+        used += len(views)
         if progress:
             rate = used / max(time.monotonic() - start, 1e-9)
             left = (len(paths) - used) / max(rate, 1e-9)
