@@ -16,6 +16,7 @@ Writes bench/results/merge.json, keeping what bench/merge_selftrain.py (merge-th
     python bench/merge.py --caltech-pair RUN20 RUN60 --caltech-data CALTECH20                     # adds caltech20
     python bench/merge.py --variant-run NAME RUN30 --data CIFAR_TEST   # a K=30 run with another --lam2 or --tau
     python bench/merge.py --other-k NAME RUN20 --data CIFAR_TEST       # the pair NAME's seed over-clustered less
+    python bench/merge.py --coarse-run NAME RUN30C --data CIFAR_TEST   # the same with --coarse-classes 10
 """
 
 from __future__ import annotations
@@ -404,6 +405,74 @@ def add_other_k(args: argparse.Namespace) -> None:
     print(f"wrote {save('merge', saved)}")
 
 
+def coarse_assignments(index: Path, data: merges.ClusterData) -> np.ndarray:
+    """Each image's cluster in the first coarse head of the index's model, one clean pass (as the head graph)."""
+    from torch.utils.data import DataLoader
+
+    from twist_core.curate.view_graph import BATCH, open_model
+    from twist_core.label.labeller import DecodedCrops, collate
+
+    root, model_path, sha, paths = merges.source_images(index)
+    model = open_model(str(model_path), sha)
+    files = [paths[int(i)] for i in data.ids]
+    found = np.full(len(files), -1)
+    batches = DataLoader(DecodedCrops(root, files, model.transform), batch_size=BATCH, collate_fn=collate)
+    for positions, crops, errors in batches:
+        good = [p for p, e in zip(positions, errors, strict=True) if not e]
+        found[good] = model.predict_heads(model.transform.normalize(crops.numpy()))[1][0].argmax(1)
+    return found
+
+
+def add_coarse_run(args: argparse.Namespace) -> None:
+    """Score an over-clustered cifar10-test run trained with ``--coarse-classes`` (seed and recipe of the pair
+    ``NAME`` of ``other_seeds``) into ``coarse_heads``: merged to the classes by ``twist suggest-merges --measure
+    heads --to 10`` and by the default kNN plan, its coarse head as it stands, beside the pair's K=10 run;
+    ``coarse_heads_summary`` has the means over the runs scored."""
+    name, run = args.coarse_run[0], Path(args.coarse_run[1])
+    saved = json.loads((RESULTS / "merge.json").read_text())
+    pair = saved.get("other_seeds", {}).get(name)
+    if not pair:
+        raise SystemExit(f"no pair {name} in other_seeds of merge.json: score it first with --another-seed {name}")
+    over = trained_classes(run)
+    work_name = f"k{over}_coarse_{name}"
+    found = over_scores(run, Path(args.data), Path(args.work), work_name, args.bootstrap)
+    index = Path(args.work) / f"{work_name}_index"
+    clustered = merges.data_from_index(index)
+    classes, names = index_classes(index, clustered)
+    shares = merges.model_evidence(index, clustered, merges.HEADS, progress=False)
+    evidence = merges.gather_evidence(clustered, merges.HEADS, coarse_shares=shares)
+    heads = merges.suggest(clustered, merges.HEADS, resamples=args.bootstrap, evidence=evidence, to=len(names))
+    config = json.loads((run / "config.json").read_text())
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    found = {f"k{over}_heads_merged": {**score(merges.planned_labels(clustered, heads.plan), classes, names),
+                                       "plan": heads.plan.as_dict()},
+             f"k{over}_knn_merged": found.pop(f"k{over}_merged"),
+             "coarse_head": score(coarse_assignments(index, clustered), classes, names),
+             "k_estimate_heads": {k: v for k, v in heads.k_estimate.as_dict().items() if k != "modularity"},
+             **found, "k10_of_the_pair": pair["k10"], "coarse_classes": config["coarse_classes"],
+             "run": str(run.resolve()), "recipe": recipe(run), "run_seconds": round(last["run_seconds"], 1)}
+    section = saved.setdefault("coarse_heads", {})
+    section[name] = found
+
+    def mean(entries: list[dict[str, Any]], part: str) -> dict[str, float]:
+        return {m: round(float(np.mean([e[part][m] for e in entries])), 4) for m in ("acc", "nmi")}
+
+    entries = list(section.values())
+    ceiling = [e[f"k{over}_oracle_merge_upper_bound"]["acc"] for e in entries]
+    summary = {"pairs": list(section), f"k{over}_heads_merged": mean(entries, f"k{over}_heads_merged"),
+               "k10": mean(entries, "k10_of_the_pair"), f"k{over}_knn_merged": mean(entries, f"k{over}_knn_merged"),
+               "coarse_head": mean(entries, "coarse_head"), "ceiling_acc": round(float(np.mean(ceiling)), 4),
+               "heads_merged_minus_k10_per_pair": [
+                   {m: round(e[f"k{over}_heads_merged"][m] - e["k10_of_the_pair"][m], 4) for m in ("acc", "nmi")}
+                   for e in entries]}
+    summary["merged_at_least_k10_on_mean"] = all(summary[f"k{over}_heads_merged"][m] >= summary["k10"][m]
+                                                 for m in ("acc", "nmi"))
+    saved["coarse_heads_summary"] = summary
+    print(json.dumps({k: v for k, v in found.items() if k != f"k{over}_heads_merged"}, indent=2))
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {save('merge', saved)}")
+
+
 def seed_means(other_seeds: dict[str, Any]) -> dict[str, Any]:
     """Per backbone, over the seeds of pairs whose recipes are recorded: the mean K=10 and merged K=30 scores,
     so that a difference can be read against the spread between seeds."""
@@ -473,8 +542,16 @@ def main() -> None:
     parser.add_argument("--other-k", nargs=2, metavar=("NAME", "OVER_RUN"),
                         help="score only this over-clustered cifar10-test run of another K (the seed and recipe of "
                              "the pair NAME) under other_k")
+    parser.add_argument("--coarse-run", nargs=2, metavar=("NAME", "OVER_RUN"),
+                        help="score only this over-clustered cifar10-test run with --coarse-classes (the seed and "
+                             "recipe of the pair NAME) under coarse_heads")
     args = parser.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
+    if args.coarse_run:
+        if not args.data:
+            parser.error("--coarse-run needs --data")
+        add_coarse_run(args)
+        return
     if args.other_k:
         if not args.data:
             parser.error("--other-k needs --data")

@@ -36,8 +36,8 @@ def views_scores(index: Path, pairs: int, seeds: list[int]) -> dict[str, Any]:
                              "views": {}}
     for seed in seeds:
         began = time.perf_counter()
-        views = merges.views_of_source(index, data, pairs, seed=seed, progress=False)
-        evidence = merges.gather_evidence(data, merges.VIEWS, views=views)
+        views = merges.model_evidence(index, data, merges.VIEWS, pairs, seed=seed, progress=False)
+        evidence = merges.gather_evidence(data, merges.VIEWS, model_graph=views)
         plan = merges.plan_merges(data, evidence, len(names))
         found["views"][f"seed{seed}"] = {**score(merges.planned_labels(data, plan), classes, names),
                                          "view_seconds": round(time.perf_counter() - began, 1)}

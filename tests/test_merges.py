@@ -363,7 +363,7 @@ def test_measure_views_plans_on_the_models_confusions_not_the_embeddings(one_spl
     data = merges.data_from_index(index)
     joint = np.diag([0.2, 0.2, 0.1, 0.1, 0.2, 0.2]) + 0.002
     joint[2, 3] = joint[3, 2] = 0.08
-    evidence = merges.gather_evidence(data, merges.VIEWS, views=joint / joint.sum())
+    evidence = merges.gather_evidence(data, merges.VIEWS, model_graph=joint / joint.sum())
     result = merges.suggest(data, evidence=evidence, to=5)
     assert {result.pairs[0][0], result.pairs[0][1]} == {2, 3}
     assert result.plan is not None and result.plan.graph == "view"
@@ -371,7 +371,7 @@ def test_measure_views_plans_on_the_models_confusions_not_the_embeddings(one_spl
     knn = merges.suggest(data, to=5)
     assert knn.plan is not None and knn.plan.graph == "kNN" and sorted(map(sorted, knn.plan.groups))[0] == [0, 1]
     merged = dataclasses.replace(data, labels=np.where(data.labels == 4, 2, data.labels), merged_into={4: 2})
-    mapped = merges.views_by_cluster(joint, merged)
+    mapped = merges.graph_by_cluster(joint, merged)
     assert mapped[2, 2] == pytest.approx(joint[np.ix_([2, 4], [2, 4])].sum()) and mapped[4].sum() == 0
     assert mapped.sum() == pytest.approx(joint.sum())
     with pytest.raises(merges.MergeUserError, match="needs the model and the images"):

@@ -6,6 +6,10 @@ the curation store like any other: the app's "Undo last change" takes it back.
 
 "Merge down to N clusters" previews the plan of ``twist suggest-merges --to N`` (which clusters join which
 group) and applies it as one change of the store: one Undo takes the whole plan back.
+
+A model trained with ``--coarse-classes`` adds the measure ``heads`` and starts with it: the fine clusters are
+grouped the way the model's coarse heads group them (one pass of the model over the images, kept for the
+model's lifetime in the app).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 from typing import Any
 
 import gradio as gr
+import numpy as np
 import pandas as pd
 from PIL import Image
 
@@ -27,13 +32,31 @@ PAIR_THUMBNAILS = 6  # most confident images of each cluster of the chosen pair
 BOOTSTRAP = 100  # resamples for the K estimate's range (the command's default is 200)
 
 
+_SHARES: dict[tuple[str, str], list[np.ndarray]] = {}  # (index, model SHA-256) -> the coarse heads' shares
+
+
+def measures(ws: Workspace) -> tuple[str, ...]:
+    """The measures the app offers: ``heads`` too (and first) when the model has coarse heads."""
+    return (merges.HEADS, *merges.MEASURES) if ws.model.coarse_classes else merges.MEASURES
+
+
+def evidence_for(ws: Workspace, data: merges.ClusterData, measure: str) -> merges.Evidence | None:
+    """The evidence of ``measure`` when it needs the model (heads: its shares, computed once per model)."""
+    if measure not in measures(ws):
+        raise AppUserError(f"measure must be one of {', '.join(measures(ws))}")
+    if measure != merges.HEADS:
+        return None
+    key = (str(ws.index_dir), str(merges.source_images(ws.index_dir)[2]))
+    if key not in _SHARES:
+        _SHARES[key] = merges.model_evidence(ws.index_dir, data, merges.HEADS, progress=False)  # type: ignore[assignment]
+    return merges.gather_evidence(data, merges.HEADS, coarse_shares=_SHARES[key])
+
+
 def suggestions(ws: Workspace, measure: str = merges.DEFAULT_MEASURE) -> merges.Suggestions:
     """Merge suggestions and the K estimate over the current (curated) clusters."""
-    if measure not in merges.MEASURES:
-        raise AppUserError(f"measure must be one of {', '.join(merges.MEASURES)}")
     try:
         data = merges.data_from_index(ws.index_dir, store=ws.store)
-        return merges.suggest(data, measure, resamples=BOOTSTRAP)
+        return merges.suggest(data, measure, resamples=BOOTSTRAP, evidence=evidence_for(ws, data, measure))
     except merges.MergeUserError as error:
         raise AppUserError(str(error)) from None
 
@@ -60,10 +83,9 @@ def merge_plan(ws: Workspace, to: Any, measure: str = merges.DEFAULT_MEASURE) ->
         raise AppUserError("give the number of clusters to merge down to") from None
     if not 1 <= target < current:
         raise AppUserError(f"merge down to a number from 1 to {current - 1} (there are {current} clusters now)")
-    if measure not in merges.MEASURES:
-        raise AppUserError(f"measure must be one of {', '.join(merges.MEASURES)}")
     try:
-        result = merges.suggest(merges.data_from_index(ws.index_dir, store=ws.store), measure, resamples=0, to=target)
+        data = merges.data_from_index(ws.index_dir, store=ws.store)
+        result = merges.suggest(data, measure, resamples=0, to=target, evidence=evidence_for(ws, data, measure))
     except merges.MergeUserError as error:
         raise AppUserError(str(error)) from None
     return result, result.plan  # type: ignore[return-value]
@@ -181,10 +203,12 @@ def build(ctx: ViewContext) -> None:
 
     with gr.Tab("Suggested merges", id="merges"):
         with gr.Row():
-            measure = gr.Radio(list(merges.MEASURES), value=merges.DEFAULT_MEASURE, elem_id="merge-measure",
-                               label="Similarity of two clusters (modularity: nearest-neighbour links beyond what "
-                                     "their sizes predict; knn: share of one's neighbour links in the other; topk: "
-                                     "shared probability; centroid: cosine of the mean embeddings)")
+            offered = measures(ws)
+            measure = gr.Radio(list(offered), value=offered[0], elem_id="merge-measure",
+                               label="Similarity of two clusters (heads: they share the model's coarse clusters; "
+                                     "modularity: nearest-neighbour links beyond what their sizes predict; knn: "
+                                     "share of one's neighbour links in the other; topk: shared probability; "
+                                     "centroid: cosine of the mean embeddings)")
             compute = gr.Button("Suggest merges", variant="primary", elem_id="suggest-merges")
         estimate = gr.Markdown(elem_id="merge-estimate")
         picture = gr.Image(type="pil", interactive=False, label="Clusters as a hierarchy (dashed: the estimated cut)",

@@ -178,11 +178,12 @@ def _cluster(value: str, n_classes: int, table: Path, line: int) -> int:
 
 
 def head_rows(state: dict[str, torch.Tensor], keep: list[int]) -> dict[str, torch.Tensor]:
-    """The weights with only the ``keep`` rows of the head's output layer and of the logit BatchNorm."""
+    """The weights with only the ``keep`` rows of the head's output layer and of the logit BatchNorm, without
+    the coarse heads (the curated clusters replace the grouping they stood for)."""
     outputs = ("head.mlp.6.weight", "head.mlp.6.bias", "head.logit_norm.running_mean", "head.logit_norm.running_var")
     rows = torch.tensor(keep, dtype=torch.long)
     return {name: tensor.index_select(0, rows).clone() if name in outputs else tensor
-            for name, tensor in state.items()}
+            for name, tensor in state.items() if not name.startswith("coarse.")}
 
 
 def file_positions(curation: Curation, data: Path, files: list[str]) -> tuple[dict[int, int], set[int], int]:
@@ -225,7 +226,8 @@ def train_config(config: FinetuneConfig, saved: dict[str, Any], k: int) -> Train
     known = {field.name for field in dataclasses.fields(TrainConfig)}
     base = TrainConfig(**{k_: v for k_, v in saved.items() if k_ in known})
     return dataclasses.replace(
-        base, data=config.data or saved["data"], out=str(config.out), classes=k, epochs=config.epochs,
+        base, data=config.data or saved["data"], out=str(config.out), classes=k, coarse_classes="",
+        epochs=config.epochs,
         time_budget=config.time_budget, lr=config.lr, warmup_epochs=config.warmup_epochs,
         self_label_fraction=config.self_label_fraction, eval_data=config.eval_data, eval_every=config.eval_every,
         seed=config.seed, workers=base.workers if config.workers == AUTO else config.workers, device=config.device,

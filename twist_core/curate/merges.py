@@ -6,7 +6,9 @@ merging it would raise the modularity of the kNN graph of the embeddings (links 
 their sizes predict); ``--measure knn`` uses the share of a cluster's kNN links that land in the other,
 ``topk`` the probability mass an image shares between its top clusters, ``centroid`` the cosine between
 cluster means, ``views`` how often the model itself puts two augmented views of an image into the two clusters
-(it runs the index's model on the images again: ``--view-pairs`` pairs per image). A scipy
+(it runs the index's model on the images again: ``--view-pairs`` pairs per image), ``heads`` how much the two
+share the clusters of the model's coarse heads (a model trained with ``--coarse-classes``; one pass over the
+images), which is the measure to use when the model has them. A scipy
 average-linkage hierarchy over ``1 - similarity`` gives the dendrogram; the cut of it whose groups make the
 kNN graph most modular estimates the number of groups, with a range from a bootstrap over the images.
 ``--to N`` also prints a plan down to N groups: the greedy merges, then single clusters moved between groups
@@ -39,7 +41,9 @@ from twist_core.io_utils import path_from_text
 VIEW_PAIRS = 4  # two forward passes per image each; the pairs bench/merge_views.py measured
 
 MEASURES = ("modularity", "knn", "knn-mean", "topk", "centroid")  # from the index alone
-VIEWS = "views"  # also needs the model and the images (twist_core.curate.view_graph)
+VIEWS = "views"  # these two also need the model and the images (twist_core.curate.view_graph)
+HEADS = "heads"
+MODEL_GRAPHS = (VIEWS, HEADS)  # measures whose evidence is a graph of the model's clusters
 DEFAULT_MEASURE = "modularity"
 LINKAGE_METHOD = "average"
 RANGE_QUANTILES = (0.05, 0.95)
@@ -60,8 +64,10 @@ class MergesConfig(AutoConfig):
                           "share of one cluster's nearest-neighbour links that land in the other, knn-mean = links "
                           "between them over both clusters' links, topk = probability mass their images share, "
                           "centroid = cosine of the means, views = how often the model puts two augmented views "
-                          "of one image into the two (runs the index's model on the images again)",
-                          choices=[*MEASURES, VIEWS])
+                          "of one image into the two (runs the index's model on the images again), heads = how "
+                          "much their images share the clusters of the model's coarse heads (a model trained with "
+                          "--coarse-classes; the measure to use for such a model)",
+                          choices=[*MEASURES, *MODEL_GRAPHS])
     view_pairs: int = option(VIEW_PAIRS, "measure views: augmented view pairs per image (two forward passes "
                                               "each)")
     neighbours: int = option(10, "neighbours per image in the kNN graph (knn measures and the K estimate)")
@@ -118,8 +124,9 @@ class MergePlan:
     groups: list[list[int]]  # the clusters of each group, the one they go into first
     merges: list[tuple[int, int]]  # (source, into)
     modularity: float  # of the cluster graph (``graph``) with the planned groups
-    greedy_modularity: float  # with the greedy merges alone, before clusters were moved between groups
-    graph: str = "kNN"  # the graph planned on: kNN (of the embeddings) or view (measure views)
+    greedy_modularity: float  # with the greedy merges alone, before clusters were moved between groups (heads:
+    # with each cluster in its coarse cluster, before groups were merged or split to reach the target)
+    graph: str = "kNN"  # the graph planned on: kNN (of the embeddings), view or heads (those measures)
 
     def as_dict(self) -> dict[str, Any]:
         return {"target": self.target, "groups": self.groups, "merges": [list(m) for m in self.merges],
@@ -165,7 +172,8 @@ class Evidence:
     measure: str
     queries: np.ndarray  # positions of the images whose neighbours were searched
     neighbours: np.ndarray  # (len(queries), k) positions of their neighbours
-    views: np.ndarray | None = None  # measure views: joint of two views' clusters, over the clusters' ids
+    model_graph: np.ndarray | None = None  # measures views/heads: the model's cluster graph, over cluster ids
+    coarse_shares: tuple[np.ndarray, ...] = ()  # measure heads: mass each cluster shares with each coarse cluster
 
 
 def nearest_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -180,13 +188,18 @@ def nearest_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.n
 
 
 def gather_evidence(data: ClusterData, measure: str, neighbours: int = 10, max_queries: int = 20000,
-                    seed: int = 0, views: np.ndarray | None = None) -> Evidence:
-    """The kNN graph of (a sample of) the images; with measure views also ``views``, the model's joint of two
-    views' clusters (:func:`twist_core.curate.view_graph.view_graph`), which it maps through curation's merges."""
-    if measure not in (*MEASURES, VIEWS):
-        raise MergeUserError(f"unknown measure {measure!r}; choose one of {', '.join((*MEASURES, VIEWS))}")
-    if measure == VIEWS and views is None:
-        raise MergeUserError("measure views needs the model and the images: give an index folder (twist index), "
+                    seed: int = 0, model_graph: np.ndarray | None = None,
+                    coarse_shares: Sequence[np.ndarray] = ()) -> Evidence:
+    """The kNN graph of (a sample of) the images; with measure views also ``model_graph``, the model's joint of
+    two views' clusters, with measure heads ``coarse_shares`` (:mod:`twist_core.curate.view_graph`), each mapped
+    through curation's merges (the heads' graph of the clusters is :func:`heads_graph` of the shares)."""
+    if measure not in (*MEASURES, *MODEL_GRAPHS):
+        raise MergeUserError(f"unknown measure {measure!r}; choose one of {', '.join((*MEASURES, *MODEL_GRAPHS))}")
+    if measure == HEADS and coarse_shares:
+        coarse_shares = tuple(shares_by_cluster(share, data) for share in coarse_shares)
+        model_graph = heads_graph(coarse_shares)
+    if measure in MODEL_GRAPHS and model_graph is None:
+        raise MergeUserError(f"measure {measure} needs the model and the images: give an index folder (twist index), "
                              "whose model and image folder are still where they were, or use another measure")
     n = len(data.labels)
     if neighbours < 1:
@@ -194,34 +207,57 @@ def gather_evidence(data: ClusterData, measure: str, neighbours: int = 10, max_q
     queries = np.arange(n)
     if n > max_queries > 0:
         queries = np.sort(np.random.default_rng(seed).choice(n, max_queries, replace=False))
-    mapped = None if views is None else views_by_cluster(views, data)
-    return Evidence(measure, queries, nearest_neighbours(data.vectors, queries, neighbours), mapped)
+    if measure != HEADS and model_graph is not None:
+        model_graph = graph_by_cluster(model_graph, data)
+    return Evidence(measure, queries, nearest_neighbours(data.vectors, queries, neighbours), model_graph,
+                    tuple(coarse_shares))
 
 
-def views_by_cluster(views: np.ndarray, data: ClusterData) -> np.ndarray:
-    """The model's ``K x K`` view joint summed into the clusters curation left (row/column = cluster id)."""
-    size = max(len(views), int(data.labels.max(initial=-1)) + 1)
-    into = np.arange(len(views))
+def heads_graph(shares: Sequence[np.ndarray]) -> np.ndarray:
+    """``K x K`` graph of the clusters by the coarse heads, summing to 1: per head ``S diag(1/q) S^T`` (``S`` the
+    shares, ``q`` the coarse clusters' mass), so two clusters are linked as far as their images fall in the same
+    coarse clusters, weighed by how small those are; heads averaged."""
+    graphs = [(share / share.sum(0).clip(min=1e-12)) @ share.T for share in shares]
+    graph = sum(g / max(g.sum(), 1e-12) for g in graphs) / len(graphs)
+    return (graph + graph.T) / 2
+
+
+def _curation_members(n_model_clusters: int, data: ClusterData) -> np.ndarray:
+    """``K x size`` 0/1: which cluster curation left each of the model's clusters in (merges applied)."""
+    size = max(n_model_clusters, int(data.labels.max(initial=-1)) + 1)
+    into = np.arange(n_model_clusters)
     for source, target in data.merged_into.items():
-        if source < len(views):
+        if source < n_model_clusters:
             into[source] = target
-    member = np.zeros((len(views), size))
-    member[np.arange(len(views)), into] = 1.0
-    return member.T @ views @ member
+    member = np.zeros((n_model_clusters, size))
+    member[np.arange(n_model_clusters), into] = 1.0
+    return member
 
 
-def _view_graph(data: ClusterData, evidence: Evidence, clusters: Sequence[int], labels: np.ndarray) -> np.ndarray:
-    """``m x m`` view joint between ``clusters`` once the images are labelled ``labels`` (whole-cluster merges of
-    ``data.labels``, as planning makes them); clusters without images drop out."""
-    assert evidence.views is not None
-    owner = np.arange(len(evidence.views))
+def graph_by_cluster(graph: np.ndarray, data: ClusterData) -> np.ndarray:
+    """The model's ``K x K`` cluster graph summed into the clusters curation left (row/column = cluster id)."""
+    member = _curation_members(len(graph), data)
+    return member.T @ graph @ member
+
+
+def shares_by_cluster(share: np.ndarray, data: ClusterData) -> np.ndarray:
+    """A coarse head's ``K x coarse K`` shares summed into the clusters curation left (row = cluster id)."""
+    return _curation_members(len(share), data).T @ share
+
+
+def _model_graph(data: ClusterData, evidence: Evidence, clusters: Sequence[int], labels: np.ndarray
+                 ) -> np.ndarray:
+    """``m x m`` model graph between ``clusters`` once the images are labelled ``labels`` (whole-cluster merges
+    of ``data.labels``, as planning makes them); clusters without images drop out."""
+    assert evidence.model_graph is not None
+    owner = np.arange(len(evidence.model_graph))
     owner[data.labels] = labels
     pos_of = np.full(max(len(owner), max(clusters) + 1), -1)
     pos_of[list(clusters)] = np.arange(len(clusters))
     pos = pos_of[owner]
     keep = pos >= 0
     member = np.eye(len(clusters))[pos[keep]]
-    return member.T @ evidence.views[np.ix_(keep, keep)] @ member
+    return member.T @ evidence.model_graph[np.ix_(keep, keep)] @ member
 
 
 def _pair_rate(links: np.ndarray, mass: np.ndarray) -> np.ndarray:
@@ -329,8 +365,8 @@ def similarity(data: ClusterData, evidence: Evidence, clusters: Sequence[int], l
     pos_of, pos = _positions(data, clusters, labels)
     if evidence.measure == "modularity":
         result = _modularity_similarity(evidence, pos, m, weights)
-    elif evidence.measure == VIEWS:
-        result = _scaled_gain(_view_graph(data, evidence, clusters, labels))
+    elif evidence.measure in MODEL_GRAPHS:
+        result = _scaled_gain(_model_graph(data, evidence, clusters, labels))
     elif evidence.measure in ("knn", "knn-mean"):
         result = _knn_similarity(evidence, pos, m, weights, mean=evidence.measure == "knn-mean")
     elif evidence.measure == "topk":
@@ -476,26 +512,59 @@ def refine_groups(graph: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return groups
 
 
+def head_plan(data: ClusterData, evidence: Evidence, target: int) -> MergePlan:
+    """Measure heads: each cluster joins the coarse cluster it shares most of its mass with, in the coarse head
+    whose size is nearest ``target`` (the larger on a tie). Groups beyond ``target`` are then merged by the
+    largest heads-graph modularity gain; below it, the cluster least held by its coarse cluster leaves its group.
+    Each group goes into its largest cluster."""
+    clusters, sizes = current_clusters(data.labels)
+    head = min(evidence.coarse_shares, key=lambda share: (abs(share.shape[1] - target), -share.shape[1]))
+    rows = head[clusters]
+    groups = np.unique(rows.argmax(1), return_inverse=True)[1]
+    links = _model_graph(data, evidence, clusters, data.labels)
+    graph = (links + links.T) / max(2 * links.sum(), 1e-12)
+    following = group_modularity(graph, groups)
+    while groups.max() + 1 > target:
+        member = np.eye(groups.max() + 1)[groups]
+        gain = _scaled_gain(member.T @ graph @ member)
+        np.fill_diagonal(gain, -np.inf)
+        a, b = sorted(np.unravel_index(int(np.argmax(gain)), gain.shape))
+        groups = np.unique(np.where(groups == b, a, groups), return_inverse=True)[1]
+    held = rows.max(1) / rows.sum(1).clip(min=1e-12)
+    while groups.max() + 1 < min(target, len(clusters)):
+        shared = np.bincount(groups)[groups] > 1
+        leaving = int(np.flatnonzero(shared)[np.argmin(held[shared])])
+        groups[leaving] = groups.max() + 1
+    return _as_plan(target, clusters, sizes, groups, graph, following, HEADS)
+
+
+def _as_plan(target: int, clusters: list[int], sizes: dict[int, int], groups: np.ndarray, graph: np.ndarray,
+             before: float, graph_name: str) -> MergePlan:
+    members = [sorted((c for c, g in zip(clusters, groups, strict=True) if g == group),
+                      key=lambda c: (-sizes[c], c)) for group in np.unique(groups)]
+    members.sort(key=lambda group: -sum(sizes[c] for c in group))
+    plan = [(source, group[0]) for group in members for source in group[1:]]
+    return MergePlan(target, members, plan, group_modularity(graph, groups), before, graph_name)
+
+
 def plan_merges(data: ClusterData, evidence: Evidence, target: int) -> MergePlan:
     """:func:`greedy_merges` down to ``target``, then :func:`refine_groups` on the kNN graph of the clusters (the
-    view graph with measure views); each group goes into its largest cluster. Whole clusters only: the app applies
-    it merge by merge."""
+    model's graph with measures views and heads); each group goes into its largest cluster. Whole clusters only:
+    the app applies it merge by merge."""
+    if evidence.measure == HEADS:
+        return head_plan(data, evidence, target)
     clusters, sizes = current_clusters(data.labels)
     merged, _ = greedy_merges(data, evidence, target)
-    if evidence.measure == VIEWS:
-        links = _view_graph(data, evidence, clusters, data.labels)
+    if evidence.measure in MODEL_GRAPHS:
+        links = _model_graph(data, evidence, clusters, data.labels)
     else:
         links = knn_links(evidence, _positions(data, clusters, data.labels)[1], len(clusters),
                           np.ones(len(data.labels)))
     graph = (links + links.T) / max(2 * links.sum(), 1e-12)
     greedy = np.unique([merged[data.labels == c][0] for c in clusters], return_inverse=True)[1]
     groups = refine_groups(graph, greedy)
-    members = [sorted((c for c, g in zip(clusters, groups, strict=True) if g == group),
-                      key=lambda c: (-sizes[c], c)) for group in np.unique(groups)]
-    members.sort(key=lambda group: -sum(sizes[c] for c in group))
-    plan = [(source, group[0]) for group in members for source in group[1:]]
-    return MergePlan(target, members, plan, group_modularity(graph, groups), group_modularity(graph, greedy),
-                     "view" if evidence.measure == VIEWS else "kNN")
+    return _as_plan(target, clusters, sizes, groups, graph, group_modularity(graph, greedy),
+                    "view" if evidence.measure == VIEWS else "kNN")
 
 
 def planned_labels(data: ClusterData, plan: MergePlan) -> np.ndarray:
@@ -643,8 +712,9 @@ def format_suggestions(result: Suggestions, top: int) -> str:
 
 def format_plan(result: Suggestions, plan: MergePlan) -> str:
     """The groups of the plan, each as ``into <- merged, ...``, and the modularity it reaches."""
-    lines = [f"Plan down to {plan.target} groups ({plan.graph}-graph modularity {plan.modularity:.4f}; the greedy "
-             f"merges alone {plan.greedy_modularity:.4f}): merge into the first cluster of each line"]
+    before = "each cluster in its coarse cluster" if plan.graph == HEADS else "the greedy merges alone"
+    lines = [f"Plan down to {plan.target} groups ({plan.graph}-graph modularity {plan.modularity:.4f}; {before} "
+             f"{plan.greedy_modularity:.4f}): merge into the first cluster of each line"]
     for group in plan.groups:
         total = sum(result.sizes[c] for c in group)
         merged = ", ".join(result.label(c) for c in group[1:]) or "(nothing)"
@@ -732,11 +802,13 @@ def source_images(source: str | Path) -> tuple[Path, str | None, str | None, dic
     return Path(info["root"]), info.get("model"), info.get("model_sha256"), paths
 
 
-def views_of_source(source: str | Path, data: ClusterData, pairs: int = VIEW_PAIRS, max_images: int = 20000,
-                    seed: int = 0, progress: bool = True) -> np.ndarray:
-    """The model's view joint (:func:`twist_core.curate.view_graph.view_graph`) over the images of ``data``
-    (a seeded sample of ``max_images`` beyond that), with the model and images ``source`` names."""
-    from twist_core.curate.view_graph import ViewGraphError, open_model, view_graph
+def model_evidence(source: str | Path, data: ClusterData, measure: str, pairs: int = VIEW_PAIRS,
+                   max_images: int = 20000, seed: int = 0, progress: bool = True) -> np.ndarray | list[np.ndarray]:
+    """What ``measure`` reads from the model over the images of ``data`` (a seeded sample of ``max_images``
+    beyond that), with the model and images ``source`` names: views, the joint of two views' clusters
+    (:func:`~twist_core.curate.view_graph.view_graph`); heads, the coarse heads' shares
+    (:func:`~twist_core.curate.view_graph.head_shares`)."""
+    from twist_core.curate.view_graph import ViewGraphError, head_shares, open_model, view_graph
 
     root, model_path, sha, paths = source_images(source)
     if not model_path:
@@ -745,9 +817,12 @@ def views_of_source(source: str | Path, data: ClusterData, pairs: int = VIEW_PAI
     ids = data.ids
     if len(ids) > max_images:
         ids = np.sort(np.random.default_rng(seed).choice(ids, max_images, replace=False))
+    images = [path_from_text(paths[int(i)]) for i in ids]
     try:
         model = open_model(model_path, sha)
-        return view_graph(model, root, [path_from_text(paths[int(i)]) for i in ids], pairs, seed, progress)[0]
+        if measure == HEADS:
+            return head_shares(model, root, images, progress)[0]
+        return view_graph(model, root, images, pairs, seed, progress)[0]
     except ViewGraphError as error:
         raise MergeUserError(str(error)) from None
 
@@ -756,9 +831,12 @@ def run(config: MergesConfig) -> Suggestions:
     if config.top < 1 or config.bootstrap < 0 or config.max_queries < 1:
         raise MergeUserError("--top and --max-queries must be at least 1, --bootstrap at least 0")
     data = load_source(config.source, config.state_dir)
-    views = None
-    if config.measure == VIEWS:
-        views = views_of_source(str(config.source), data, config.view_pairs, config.max_queries, config.seed)
-    evidence = gather_evidence(data, config.measure, config.neighbours, config.max_queries, config.seed, views)
+    found = None
+    if config.measure in MODEL_GRAPHS:
+        found = model_evidence(str(config.source), data, config.measure, config.view_pairs, config.max_queries,
+                               config.seed)
+    evidence = gather_evidence(data, config.measure, config.neighbours, config.max_queries, config.seed,
+                               model_graph=found if config.measure == VIEWS else None,
+                               coarse_shares=found if config.measure == HEADS else ())
     return suggest(data, config.measure, config.neighbours, config.max_queries, config.bootstrap, config.seed,
                    evidence=evidence, to=config.to)

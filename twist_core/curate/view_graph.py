@@ -1,4 +1,4 @@
-"""Which clusters the model itself confuses: the evidence of ``twist suggest-merges --measure views``.
+"""Which clusters the model itself puts together: the evidence of ``twist suggest-merges --measure views|heads``.
 
 TWIST trains the two augmented views of an image to land in the same cluster. On a model with more clusters than
 classes, the disagreements left over are mostly between clusters that split one class, so the joint distribution
@@ -6,6 +6,10 @@ of the clusters of two views (``sum_i p(view 1 of i) p(view 2 of i)^T``, IIC's j
 needs no embeddings. Planning on its modularity beat the kNN graph of the embeddings on six of seven over-clustered
 cifar10-test runs and lost on the digits (bench/results/merge.json, ``view_graph*``), so it is an option. It needs
 the model and the images, which an index names, and costs two forward passes per image and view pair.
+
+A model trained with ``--coarse-classes`` says it more directly: its coarse heads cluster the same layer more
+coarsely, so two fine clusters whose images the heads put into the same coarse clusters belong together
+(:func:`head_shares`, one forward pass per image).
 """
 
 from __future__ import annotations
@@ -65,16 +69,47 @@ def view_graph(model: OnnxModel, root: Path, paths: Sequence[str], pairs: int, s
             joint += views[:, 2 * pair].T @ views[:, 2 * pair + 1]
         used += len(views)
         if progress:
-            rate = used / max(time.monotonic() - start, 1e-9)
-            left = (len(paths) - used) / max(rate, 1e-9)
-            print(f"\rview graph: {used}/{len(paths)} images, {rate:.0f} img/s, ETA {left:.0f} s", end="",
-                  file=sys.stderr, flush=True)
+            _show_progress("view graph", used, len(paths), start)
+    _check_used("view graph", used, len(paths), root, progress)
+    joint = (joint + joint.T) / 2
+    return joint / joint.sum(), used
+
+
+def head_shares(model: OnnxModel, root: Path, paths: Sequence[str], progress: bool = True
+                ) -> tuple[list[np.ndarray], int]:
+    """Per coarse head, ``S = sum_i p(i) q(i)^T``: how much probability mass each of the model's clusters shares
+    with each coarse cluster over the images (K x coarse K, summing to the images used), and how many images
+    went into it (one clean pass, labelling's crops)."""
+    if not model.coarse_classes:
+        raise ViewGraphError(f"{model.path} has no coarse heads: train with --coarse-classes (e.g. --classes 30 "
+                             "--coarse-classes 10), export and index again, or use another --measure")
+    shares = [np.zeros((model.n_classes, k)) for k in model.coarse_classes]
+    used, start = 0, time.monotonic()
+    batches = DataLoader(DecodedCrops(root, list(paths), model.transform), batch_size=BATCH, collate_fn=collate)
+    for _, crops, _ in batches:
+        if not len(crops):
+            continue
+        probs, coarse = model.predict_heads(model.transform.normalize(crops.numpy()))
+        for share, head in zip(shares, coarse, strict=True):
+            share += probs.astype(np.float64).T @ head.astype(np.float64)
+        used += len(crops)
+        if progress:
+            _show_progress("coarse heads", used, len(paths), start)
+    _check_used("coarse heads", used, len(paths), root, progress)
+    return shares, used
+
+
+def _show_progress(what: str, used: int, total: int, start: float) -> None:
+    rate = used / max(time.monotonic() - start, 1e-9)
+    left = (total - used) / max(rate, 1e-9)
+    print(f"\r{what}: {used}/{total} images, {rate:.0f} img/s, ETA {left:.0f} s", end="", file=sys.stderr, flush=True)
+
+
+def _check_used(what: str, used: int, total: int, root: Path, progress: bool) -> None:
     if progress:
         print(file=sys.stderr)
     if used == 0:
-        raise ViewGraphError(f"none of the {len(paths)} images under {root} could be read for the view graph")
-    joint = (joint + joint.T) / 2
-    return joint / joint.sum(), used
+        raise ViewGraphError(f"none of the {total} images under {root} could be read for the {what}")
 
 
 def open_model(path: str | Path, sha256: str | None) -> OnnxModel:

@@ -49,16 +49,25 @@ class ExportError(UserError):
 
 
 class ProbabilityModel(nn.Module):
-    """The exported graph: ``images -> (embedding, softmax(logits / tau))``."""
+    """The exported graph: ``images -> (embedding, softmax(logits / tau))``, and with coarse heads also
+    ``coarse_probs``, their probabilities side by side (``coarse_classes`` in the card gives the widths)."""
 
     def __init__(self, model: TwistModel):
         super().__init__()
         self.model = model
         self.tau = float(model.spec.tau)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embedding, logits = self.model(images)
-        return embedding, torch.softmax(logits / self.tau, dim=-1)
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not self.model.coarse:
+            embedding, logits = self.model(images)
+            return embedding, torch.softmax(logits / self.tau, dim=-1)
+        embedding, logits, coarse = self.model(images, all_heads=True)
+        return (embedding, torch.softmax(logits / self.tau, dim=-1),
+                torch.cat([torch.softmax(head / self.tau, dim=-1) for head in coarse], dim=1))
+
+
+def output_names(spec: ModelSpec) -> list[str]:
+    return ["embedding", "probs", *(["coarse_probs"] if spec.coarse_classes else [])]
 
 
 def parse_class_names(value: str | None, n_classes: int) -> list[str]:
@@ -87,9 +96,9 @@ def build_card(checkpoint: dict[str, Any], checkpoint_path: Path, class_names: l
     spec = checkpoint_spec(checkpoint)
     training = checkpoint["config"]
     return {
-        "format": 1, "input_name": "images", "outputs": ["embedding", "probs"],
+        "format": 1, "input_name": "images", "outputs": output_names(spec),
         **card_fields(spec.input_size, spec.resize_size),
-        "n_classes": spec.n_classes, "class_names": class_names,
+        "n_classes": spec.n_classes, "class_names": class_names, "coarse_classes": list(spec.coarse_classes),
         "backbone": spec.backbone, "width": spec.width, "small_stem": spec.small_stem,
         "hidden_dim": spec.hidden_dim, "tau": spec.tau, "embedding_dim": embedding_dim,
         "embedding": embedding_meaning(spec),
@@ -119,10 +128,10 @@ def verification_batch(card: dict, data_folder: str | None, n: int = N_VERIFY_IM
     return transform.normalize(np.stack(crops))
 
 
-def torch_outputs(module: nn.Module, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def torch_outputs(module: nn.Module, batch: np.ndarray) -> list[np.ndarray]:
+    """Every output of the exported module (embedding, probs[, coarse_probs]) for ``batch``."""
     with torch.no_grad():
-        embedding, probs = module.eval()(torch.from_numpy(batch))
-    return embedding.numpy(), probs.numpy()
+        return [output.numpy() for output in module.eval()(torch.from_numpy(batch))]
 
 
 def check_parity(module: nn.Module, onnx_path: Path, batch: np.ndarray,
@@ -133,11 +142,14 @@ def check_parity(module: nn.Module, onnx_path: Path, batch: np.ndarray,
     their scale depends on the backbone (BatchNorm'd patch codes reach tens) and float32 carries ~7 digits.
     """
     session = create_session(onnx_path, device="cpu")
-    onnx_probs, onnx_embedding = session.run(["probs", "embedding"], {session.get_inputs()[0].name: batch})
-    embedding, probs = torch_outputs(module, batch)
-    scale = max(1.0, float(np.abs(embedding).max()))
-    diffs = {"embedding": float(np.abs(onnx_embedding - embedding).max()) / scale,
-             "probs": float(np.abs(onnx_probs - probs).max())}
+    names = [output.name for output in session.get_outputs()]
+    exported = dict(zip(names, session.run(names, {session.get_inputs()[0].name: batch}), strict=True))
+    expected = dict(zip(["embedding", "probs", "coarse_probs"], torch_outputs(module, batch), strict=False))
+    if set(exported) != set(expected):
+        raise ExportError(f"the ONNX graph has outputs {sorted(exported)}, the model {sorted(expected)}")
+    scale = max(1.0, float(np.abs(expected["embedding"]).max()))
+    diffs = {name: float(np.abs(exported[name] - value).max()) / (scale if name == "embedding" else 1.0)
+             for name, value in expected.items()}
     bad = {name: diff for name, diff in diffs.items() if not diff <= tolerance}
     if bad:
         detail = ", ".join(f"{name} differs by {diff:.3g}" for name, diff in bad.items())
@@ -146,7 +158,7 @@ def check_parity(module: nn.Module, onnx_path: Path, batch: np.ndarray,
     return diffs
 
 
-def to_onnx(module: nn.Module, example: torch.Tensor, opset: int) -> Any:
+def to_onnx(module: ProbabilityModel, example: torch.Tensor, opset: int) -> Any:
     """Trace to an in-memory ONNX model with dynamic batch, height and width."""
     import onnx
 
@@ -156,9 +168,9 @@ def to_onnx(module: nn.Module, example: torch.Tensor, opset: int) -> Any:
         # and gives the same graph for this plain CNN.
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(module, (example,), buffer, input_names=["images"],
-                          output_names=["embedding", "probs"],
+                          output_names=output_names(module.model.spec),
                           dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"},
-                                        "embedding": {0: "batch"}, "probs": {0: "batch"}},
+                                        **{name: {0: "batch"} for name in output_names(module.model.spec)}},
                           opset_version=opset, do_constant_folding=True, dynamo=False)
     module.eval()  # the exporter restores the wrapper's mode, which may switch the children to training
     return onnx.load_from_string(buffer.getvalue())

@@ -131,6 +131,7 @@ class OnnxModel:
         self.class_names: list[str] = list(self.card["class_names"])
         self.n_classes: int = int(self.card["n_classes"])
         self.embedding_dim: int = int(self.card["embedding_dim"])
+        self.coarse_classes: list[int] = [int(k) for k in self.card.get("coarse_classes", [])]
         self.providers: list[str] = self.session.get_providers()
         self.transform = Preprocess.from_card(self.card)
         self.input_name = self.session.get_inputs()[0].name
@@ -156,6 +157,14 @@ class OnnxModel:
         probs, embeddings = self.session.run(["probs", "embedding"],
                                              {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
         return probs, embeddings
+
+    def predict_heads(self, batch: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Already preprocessed batch -> (probs, each coarse head's probabilities), in one run of the graph."""
+        if not self.coarse_classes:
+            return self.predict_arrays(batch)[0], []
+        probs, joined = self.session.run(["probs", "coarse_probs"],
+                                         {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+        return probs, np.split(joined, np.cumsum(self.coarse_classes)[:-1], axis=1)
 
     def predict(self, items: Sequence[ImageLike], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
         probs = np.zeros((0, self.n_classes), np.float32)

@@ -45,11 +45,14 @@ class ModelSpec:
     tau: float = 1.0
     input_size: int = 0  # px of the central crop the network sees; 0 = not recorded (see checkpoint_spec)
     resize_size: int = 0  # px images are decoded to before that crop (preprocess.decode_size)
+    coarse_classes: tuple[int, ...] = ()  # extra coarser heads (--coarse-classes), trained beside the K-way one
 
 
 def checkpoint_spec(checkpoint: dict[str, Any]) -> ModelSpec:
     """The model spec of a loaded checkpoint, with its preprocessing sizes (derived for older checkpoints)."""
-    spec = ModelSpec(**checkpoint["model_spec"])
+    saved = dict(checkpoint["model_spec"])
+    saved["coarse_classes"] = tuple(int(k) for k in saved.get("coarse_classes", ()))  # a list once saved as JSON
+    spec = ModelSpec(**saved)
     input_size, resize_size = spec_sizes(checkpoint["model_spec"], checkpoint["config"])
     return dataclasses.replace(spec, input_size=input_size, resize_size=resize_size)
 
@@ -123,10 +126,22 @@ class TwistHead(nn.Module):
         )
         self.logit_norm = nn.BatchNorm1d(n_classes, affine=False)
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the first hidden layer's activations and the normalised logits."""
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the first and the second hidden layer's activations and the normalised logits."""
         hidden = self.mlp[:3](features)
-        return hidden, self.logit_norm(self.mlp[3:](hidden))
+        last_hidden = self.mlp[3:6](hidden)
+        return hidden, last_hidden, self.logit_norm(self.mlp[6](last_hidden))
+
+
+def coarse_head(hidden_dim: int, n_classes: int) -> nn.Sequential:
+    """A coarser clustering of the head's last hidden layer: one linear layer and the non-affine logit BN.
+
+    Over-clustering (``--classes`` above the classes expected) gives finer clusters to browse, but merging them
+    back without labels loses accuracy (bench/results/merge.json). A coarse head trained by the same TWIST loss
+    on the same layer sees the same views, so its clusters nest the fine ones and say which of them belong
+    together (``twist suggest-merges --measure heads``).
+    """
+    return nn.Sequential(nn.Linear(hidden_dim, n_classes), nn.BatchNorm1d(n_classes, affine=False))
 
 
 class TwistModel(nn.Module):
@@ -145,25 +160,38 @@ class TwistModel(nn.Module):
             PATCH_BACKBONES[spec.backbone](spec.width) if spec.backbone in PATCH_BACKBONES
             else ResNetBackbone(spec.backbone, spec.width, spec.small_stem))
         self.head = TwistHead(self.backbone.feature_dim, spec.hidden_dim, spec.n_classes)
+        self.coarse = nn.ModuleList(coarse_head(spec.hidden_dim, k) for k in spec.coarse_classes)
 
     @property
     def embedding_dim(self) -> int:
         return self.spec.hidden_dim if self.spec.backbone in PATCH_BACKBONES else self.backbone.feature_dim
 
-    def forward(self, images: torch.Tensor | list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor | list[torch.Tensor], all_heads: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """One batch, or the crops of a training step (a list; crops of one size run through the backbone
         together). Either way the head runs once on everything, so the logit BatchNorm normalises over all crops
-        of the step, whatever their size, as the reference does; results come back in the order given."""
+        of the step, whatever their size, as the reference does; results come back in the order given.
+        ``all_heads`` also returns the logits of every coarse head (a list, empty without them)."""
         if isinstance(images, torch.Tensor):
             features = self.backbone(images)
         else:
             features = torch.cat([self.backbone(torch.cat(group)) for group in _same_size_runs(images)])
-        hidden, logits = self.head(features)
-        return (hidden if self.spec.backbone in PATCH_BACKBONES else features), logits
+        hidden, last_hidden, logits = self.head(features)
+        embedding = hidden if self.spec.backbone in PATCH_BACKBONES else features
+        if not all_heads:
+            return embedding, logits
+        return embedding, logits, [head(last_hidden) for head in self.coarse]
 
     def probabilities(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embedding, logits = self(images)
         return embedding, torch.softmax(logits / self.spec.tau, dim=-1)
+
+    def coarse_probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Every coarse head's probabilities side by side (N x sum of ``coarse_classes``; N x 0 without)."""
+        _, _, coarse = self(images, all_heads=True)
+        if not coarse:
+            return images.new_zeros((images.shape[0], 0))
+        return torch.cat([torch.softmax(logits / self.spec.tau, dim=-1) for logits in coarse], dim=1)
 
 
 def _same_size_runs(crops: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -194,8 +222,9 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
         norm.reset_running_stats()
         norm.momentum = None  # cumulative moving average over the whole pass
     model.train()
+    every_head = isinstance(model, TwistModel) and len(model.coarse) > 0  # the coarse heads' BNs too
     for batch in batches:  # every batch, even one of a single image: skipping one would desync SyncBatchNorm
-        model(batch)
+        model(batch, all_heads=True) if every_head else model(batch)
     for norm, momentum in zip(norms, momenta, strict=True):
         norm.momentum = momentum
     model.train(was_training)

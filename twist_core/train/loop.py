@@ -60,6 +60,11 @@ class TrainConfig(AutoConfig):
     data: str = option(None, "folder of images (searched recursively; folder names are never used as labels)")
     out: str = option("runs/twist", "run folder for config.json, metrics.jsonl, skipped.txt, checkpoints, curves.png")
     classes: int = option(10, "K, the number of classes to discover")
+    coarse_classes: str = option("", "extra coarser heads, e.g. 10 or 15,10 (each below --classes), trained by the "
+                                     "same loss on the same layer: over-cluster with --classes 3x your guess and "
+                                     "--coarse-classes your guess, and twist suggest-merges --measure heads merges "
+                                     "the fine clusters the way the coarse heads group them (on cifar10-test this "
+                                     "matched training with K alone; bench/results/merge.json, coarse_heads)")
     recipe: str = option("default", "default: settings for one GPU or a CPU within a time budget; paper: the "
                                     "paper's ImageNet settings (ResNet-50, MLP 4096, tau 1, LARS lr 0.5 per 256, "
                                     "weight decay 1.5e-6, 12 local crops, 800 + 50 epochs) for every option left at "
@@ -248,12 +253,15 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def forward_views(model: nn.Module, views: list[torch.Tensor], channels_last: bool) -> list[torch.Tensor]:
-    """Logits of every view, split back per view, from one model call on all the crops of the step."""
+def forward_views(model: nn.Module, views: list[torch.Tensor], channels_last: bool
+                  ) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    """Logits of every view, split back per view, from one model call on all the crops of the step; and the
+    same for each coarse head (one list of views per head)."""
     if channels_last:
         views = [view.contiguous(memory_format=torch.channels_last) for view in views]
-    _, logits = model(views)
-    return list(logits.float().split([view.shape[0] for view in views]))
+    _, logits, coarse = model(views, all_heads=True)
+    sizes = [view.shape[0] for view in views]
+    return list(logits.float().split(sizes)), [list(head.float().split(sizes)) for head in coarse]
 
 
 def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
@@ -288,6 +296,22 @@ def check_options(config: TrainConfig) -> None:
     for name in ("epochs", "eval_every"):
         if getattr(config, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be at least 1")
+    parse_coarse_classes(config.coarse_classes, config.classes)
+
+
+def parse_coarse_classes(text: str, classes: int) -> tuple[int, ...]:
+    """``--coarse-classes`` as head sizes; each must be from 2 to ``classes - 1`` (a coarser clustering)."""
+    parts = [part.strip() for part in str(text or "").split(",") if part.strip()]
+    if not all(part.isdigit() for part in parts):
+        raise ConfigError(f"--coarse-classes {text!r}: give whole numbers separated by commas, e.g. 10 or 15,10")
+    sizes = tuple(int(part) for part in parts)
+    bad = [k for k in sizes if not 2 <= k < classes]
+    if bad:
+        raise ConfigError(f"--coarse-classes {bad[0]}: each coarse head needs from 2 to {classes - 1} clusters "
+                          f"(fewer than --classes {classes})")
+    if len(set(sizes)) != len(sizes):
+        raise ConfigError(f"--coarse-classes {text!r} repeats a size")
+    return sizes
 
 
 def warn_about_classes(classes: int, n_images: int) -> None:
@@ -633,6 +657,7 @@ def setup_run(config: TrainConfig, ctx: distributed.Context, start_from: dict[st
 
     spec = ModelSpec(backbone=config.backbone, width=config.width, small_stem=bool(config.small_stem),
                      hidden_dim=config.hidden_dim, n_classes=config.classes, tau=config.tau,
+                     coarse_classes=parse_coarse_classes(config.coarse_classes, config.classes),
                      input_size=config.image_size, resize_size=decode_size(config.image_size))
     steps_per_epoch = resumed["steps_per_epoch"] if resumed else max(1, n_valid // (batch_size * ctx.world_size))
 
@@ -680,7 +705,7 @@ def setup_run(config: TrainConfig, ctx: distributed.Context, start_from: dict[st
     return run
 
 
-STAT_NAMES = ("loss", "consistency", "sharpness", "diversity", "self_label", "supervised")
+STAT_NAMES = ("loss", "consistency", "sharpness", "diversity", "self_label", "supervised", "coarse")
 
 
 @dataclass
@@ -689,6 +714,7 @@ class EpochStats:
 
     classes: int
     supervised: bool = False  # a Supervision adds its cross-entropy to the steps
+    coarse: bool = False  # coarse heads add their TWIST loss to the steps
     sums: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(STAT_NAMES, 0.0))
     steps: int = 0
     self_label_steps: int = 0
@@ -731,6 +757,8 @@ class EpochStats:
                   "seconds": elapsed}
         if not self.supervised:
             merged.pop("supervised")
+        if not self.coarse:
+            merged.pop("coarse")
         self_label_steps = float(totals[len(STAT_NAMES) + 2])
         if self_label_steps == 0:
             merged.pop("self_label")
@@ -752,7 +780,7 @@ def step_loss(run: Run, images: torch.Tensor, plan: StepPlan) -> tuple[torch.Ten
         targets = torch.cat([torch.full((len(images) - len(labelled),), -1), targets]).to(images.device)
     views = (run.augment_self_label if plan.self_labelling else run.augment)(images, generator)
     with autocast(config.precision, ctx.device):
-        view_logits = forward_views(run.train_model, views, config.channels_last)
+        view_logits, coarse_logits = forward_views(run.train_model, views, config.channels_last)
     if plan.self_labelling:  # the stage's cross-entropy replaces the TWIST loss, still logged as "loss"
         with torch.no_grad():
             parts = twist_multicrop_loss(view_logits, 2, config.tau, config.lam1, config.lam2)
@@ -760,6 +788,10 @@ def step_loss(run: Run, images: torch.Tensor, plan: StepPlan) -> tuple[torch.Ten
     else:
         parts = twist_multicrop_loss(view_logits, 2, config.tau, config.lam1, config.lam2)
         loss = parts["loss"]
+    if coarse_logits:  # each coarse head by the TWIST loss, their mean added with weight 1
+        parts["coarse"] = torch.stack([twist_multicrop_loss(head, 2, config.tau, config.lam1, config.lam2)["loss"]
+                                       for head in coarse_logits]).mean()
+        loss = loss + parts["coarse"]
     if run.supervision is not None and targets is not None:
         parts["supervised"] = supervised_loss(view_logits, targets, config.tau)
         loss = loss + run.supervision.weight * parts["supervised"]
@@ -776,7 +808,8 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
     first_step = run.start_step_in_epoch if epoch == run.start_epoch else 0
     run.sampler.batches = batches[first_step:]
     run.train_model.train()
-    stats = EpochStats(config.classes, supervised=run.supervision is not None)
+    stats = EpochStats(config.classes, supervised=run.supervision is not None,
+                       coarse=bool(unwrap(run.model).coarse))
     source = _cache_batches(run.cache, run.sampler.batches) if run.cache is not None else iter(run.loader)
     bar = tqdm(total=len(batches), initial=first_step,
                desc=f"epoch {epoch + 1}/{math.ceil(run.total_steps / run.steps_per_epoch)}", unit="step",
