@@ -468,6 +468,18 @@ def add_coarse_run(args: argparse.Namespace) -> None:
     summary["merged_at_least_k10_on_mean"] = all(summary[f"k{over}_heads_merged"][m] >= summary["k10"][m]
                                                  for m in ("acc", "nmi"))
     saved["coarse_heads_summary"] = summary
+    # the headline pair becomes the recommended recipe's means; the first seed's pair without coarse heads stays
+    if "first_pair" not in saved:
+        saved["first_pair"] = {"k10": saved["k10"], "k30_merged": saved["k30_merged"], "notes": saved.get("notes"),
+                               "how": "seed 0, patches, no coarse heads: k30_merged by suggest-merges --to 10"}
+    saved["notes"] = ("k10 and k30_merged are means over the coarse_heads seeds (K=30 with a coarse K=10 head, "
+                      "merged by --measure heads, against K=10 runs of the same seeds and epochs); the first pair's "
+                      "figures and notes, without coarse heads, are under first_pair")
+    saved["k10"] = {**summary["k10"], "how": "mean of the K=10 runs of the same seeds (patches-conv, 58 epochs)",
+                    "seeds": summary["pairs"]}
+    saved["k30_merged"] = {**summary[f"k{over}_heads_merged"], "clusters": 10, "seeds": summary["pairs"],
+                           "how": f"mean over seeds: --classes {over} --coarse-classes {config['coarse_classes']}, "
+                                  "merged by twist suggest-merges --measure heads --to 10 (no labels)"}
     print(json.dumps({k: v for k, v in found.items() if k != f"k{over}_heads_merged"}, indent=2))
     print(json.dumps(summary, indent=2))
     print(f"wrote {save('merge', saved)}")

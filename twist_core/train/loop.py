@@ -62,9 +62,9 @@ class TrainConfig(AutoConfig):
     classes: int = option(10, "K, the number of classes to discover")
     coarse_classes: str = option("", "extra coarser heads, e.g. 10 or 15,10 (each below --classes), trained by the "
                                      "same loss on the same layer: over-cluster with --classes 3x your guess and "
-                                     "--coarse-classes your guess, and twist suggest-merges --measure heads merges "
-                                     "the fine clusters the way the coarse heads group them (on cifar10-test this "
-                                     "matched training with K alone; bench/results/merge.json, coarse_heads)")
+                                     "--coarse-classes your guess, then twist suggest-merges --measure heads merges "
+                                     "the fine clusters the way the coarse heads group them (measured on "
+                                     "cifar10-test: guide section 6, bench/results/merge.json coarse_heads)")
     recipe: str = option("default", "default: settings for one GPU or a CPU within a time budget; paper: the "
                                     "paper's ImageNet settings (ResNet-50, MLP 4096, tau 1, LARS lr 0.5 per 256, "
                                     "weight decay 1.5e-6, 12 local crops, 800 + 50 epochs) for every option left at "
