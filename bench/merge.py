@@ -374,15 +374,26 @@ def add_variant_run(args: argparse.Namespace) -> None:
     print(f"wrote {save('merge', saved)}")
 
 
+def saved_pair(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """merge.json as saved, and its pair ``name`` of ``other_seeds`` (which the runs scored beside it need)."""
+    saved = json.loads((RESULTS / "merge.json").read_text())
+    pair = saved.get("other_seeds", {}).get(name)
+    if not pair:
+        raise SystemExit(f"no pair {name} in other_seeds of merge.json: score it first with --another-seed {name}")
+    return saved, pair
+
+
+def mean_scores(entries: list[dict[str, Any]], part: str) -> dict[str, float]:
+    """Mean ACC and NMI of ``part`` over ``entries``."""
+    return {m: round(float(np.mean([e[part][m] for e in entries])), 4) for m in ("acc", "nmi")}
+
+
 def add_other_k(args: argparse.Namespace) -> None:
     """Score an over-clustered cifar10-test run of another K (same recipe and seed as the pair ``NAME`` of
     ``other_seeds``) into ``other_k``, with the pair's K=10 and K=30 results beside it; ``other_k_summary``
     compares them per K over the pairs scored: how much to over-cluster, measured on cifar10-test."""
     name, run = args.other_k[0], Path(args.other_k[1])
-    saved = json.loads((RESULTS / "merge.json").read_text())
-    pair = saved.get("other_seeds", {}).get(name)
-    if not pair:
-        raise SystemExit(f"no pair {name} in other_seeds of merge.json: score it first with --another-seed {name}")
+    saved, _ = saved_pair(name)
     over = trained_classes(run)
     found = {**over_scores(run, Path(args.data), Path(args.work), f"k{over}_{name}", args.bootstrap),
              "pair": name, "run": str(run.resolve()), "recipe": recipe(run)}
@@ -393,13 +404,10 @@ def add_other_k(args: argparse.Namespace) -> None:
         k = next(key for key in entry if key.endswith("_merged"))
         summary.setdefault(k, []).append(entry)
 
-    def mean(entries: list[dict[str, Any]], part: str) -> dict[str, float]:
-        return {m: round(float(np.mean([e[part][m] for e in entries])), 4) for m in ("acc", "nmi")}
-
     saved["other_k_summary"] = {
-        k: {"pairs": [e["pair"] for e in entries], k: mean(entries, k),
-            "k10": mean([saved["other_seeds"][e["pair"]] for e in entries], "k10"),
-            "k30_merged": mean([saved["other_seeds"][e["pair"]] for e in entries], "k30_merged")}
+        k: {"pairs": [e["pair"] for e in entries], k: mean_scores(entries, k),
+            "k10": mean_scores([saved["other_seeds"][e["pair"]] for e in entries], "k10"),
+            "k30_merged": mean_scores([saved["other_seeds"][e["pair"]] for e in entries], "k30_merged")}
         for k, entries in summary.items()}
     print(json.dumps(found, indent=2))
     print(f"wrote {save('merge', saved)}")
@@ -429,10 +437,7 @@ def add_coarse_run(args: argparse.Namespace) -> None:
     heads --to 10`` and by the default kNN plan, its coarse head as it stands, beside the pair's K=10 run;
     ``coarse_heads_summary`` has the means over the runs scored."""
     name, run = args.coarse_run[0], Path(args.coarse_run[1])
-    saved = json.loads((RESULTS / "merge.json").read_text())
-    pair = saved.get("other_seeds", {}).get(name)
-    if not pair:
-        raise SystemExit(f"no pair {name} in other_seeds of merge.json: score it first with --another-seed {name}")
+    saved, pair = saved_pair(name)
     over = trained_classes(run)
     work_name = f"k{over}_coarse_{name}"
     found = over_scores(run, Path(args.data), Path(args.work), work_name, args.bootstrap)
@@ -454,14 +459,12 @@ def add_coarse_run(args: argparse.Namespace) -> None:
     section = saved.setdefault("coarse_heads", {})
     section[name] = found
 
-    def mean(entries: list[dict[str, Any]], part: str) -> dict[str, float]:
-        return {m: round(float(np.mean([e[part][m] for e in entries])), 4) for m in ("acc", "nmi")}
-
     entries = list(section.values())
     ceiling = [e[f"k{over}_oracle_merge_upper_bound"]["acc"] for e in entries]
-    summary = {"pairs": list(section), f"k{over}_heads_merged": mean(entries, f"k{over}_heads_merged"),
-               "k10": mean(entries, "k10_of_the_pair"), f"k{over}_knn_merged": mean(entries, f"k{over}_knn_merged"),
-               "coarse_head": mean(entries, "coarse_head"), "ceiling_acc": round(float(np.mean(ceiling)), 4),
+    summary = {"pairs": list(section), f"k{over}_heads_merged": mean_scores(entries, f"k{over}_heads_merged"),
+               "k10": mean_scores(entries, "k10_of_the_pair"),
+               f"k{over}_knn_merged": mean_scores(entries, f"k{over}_knn_merged"),
+               "coarse_head": mean_scores(entries, "coarse_head"), "ceiling_acc": round(float(np.mean(ceiling)), 4),
                "heads_merged_minus_k10_per_pair": [
                    {m: round(e[f"k{over}_heads_merged"][m] - e["k10_of_the_pair"][m], 4) for m in ("acc", "nmi")}
                    for e in entries]}
@@ -500,11 +503,11 @@ def seed_means(other_seeds: dict[str, Any]) -> dict[str, Any]:
     for backbone, entries in by_backbone.items():
         over = next(key for key in entries[0] if key.endswith("_merged"))
         ceiling = over.replace("_merged", "_oracle_merge_upper_bound")
-        k10 = {m: mean(entries, "k10", m) for m in ("acc", "nmi")}
-        merged = {m: mean(entries, over, m) for m in ("acc", "nmi")}
+        k10 = {m: mean_scores(entries, "k10", m) for m in ("acc", "nmi")}
+        merged = {m: mean_scores(entries, over, m) for m in ("acc", "nmi")}
         summary[backbone] = {
             "pairs": [entry["pair"] for entry in entries], "k10": k10, over: merged,
-            "ceiling_acc": mean(entries, ceiling, "acc"),
+            "ceiling_acc": mean_scores(entries, ceiling, "acc"),
             "merged_minus_k10_per_pair": [{m: round(entry[over][m] - entry["k10"][m], 4) for m in ("acc", "nmi")}
                                           for entry in entries],
             "merged_at_least_k10_on_mean": all(merged[m] >= k10[m] for m in ("acc", "nmi"))}
