@@ -57,6 +57,21 @@ def test_coarse_heads_train_with_the_fine_head_and_reach_the_backbone(coarse_run
     assert not torch.allclose(without["head.mlp.0.weight"], state["model"]["head.mlp.0.weight"])
 
 
+def test_coarse_heads_train_under_ddp_with_two_gloo_processes(shapes_folder: Path, tmp_path: Path) -> None:
+    from test_distributed import torchrun
+
+    out = tmp_path / "ddp"
+    done = torchrun(["-m", "twist_core.cli", "train", str(shapes_folder), "--out", str(out), "--classes", "4",
+                     "--coarse-classes", "2", "--backbone", "resnet18", "--width", "8", "--hidden-dim", "64",
+                     "--image-size", "32", "--epochs", "2", "--batch-size", "8", "--workers", "0", "--no-progress"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "DONE").is_file()
+    state = load_checkpoint(out)
+    assert tuple(state["model_spec"]["coarse_classes"]) == (2,) and "coarse.0.0.weight" in state["model"]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(logged) == 2 and all(np.isfinite(row["coarse"]) for row in logged)
+
+
 @pytest.mark.parametrize(("value", "message"), [("4", "from 2 to 3"), ("1", "from 2 to 3"), ("ten", "whole numbers"),
                                                 ("2,2", "repeats")])
 def test_bad_coarse_classes_are_refused_before_training(value: str, message: str, shapes_folder: Path,
