@@ -415,19 +415,14 @@ def add_other_k(args: argparse.Namespace) -> None:
 
 def coarse_assignments(index: Path, data: merges.ClusterData) -> np.ndarray:
     """Each image's cluster in the first coarse head of the index's model, one clean pass (as the head graph)."""
-    from torch.utils.data import DataLoader
-
-    from twist_core.curate.view_graph import BATCH, open_model
-    from twist_core.label.labeller import DecodedCrops, collate
+    from twist_core.curate.view_graph import decoded_crops, open_model
 
     root, model_path, sha, paths = merges.source_images(index)
     model = open_model(str(model_path), sha)
     files = [paths[int(i)] for i in data.ids]
     found = np.full(len(files), -1)
-    batches = DataLoader(DecodedCrops(root, files, model.transform), batch_size=BATCH, collate_fn=collate)
-    for positions, crops, errors in batches:
-        good = [p for p, e in zip(positions, errors, strict=True) if not e]
-        found[good] = model.predict_heads(model.transform.normalize(crops.numpy()))[1][0].argmax(1)
+    for positions, crops in decoded_crops(model, root, files):
+        found[positions] = model.predict_heads(model.transform.normalize(crops.numpy()))[1][0].argmax(1)
     return found
 
 

@@ -20,7 +20,7 @@ from twist_core.curate import merges
 from twist_core.curate.finetune import FinetuneConfig, finetune
 from twist_core.curate.view_graph import ViewGraphError, head_shares
 from twist_core.data.preprocess import centre_crop_normalise
-from twist_core.deploy.export import ExportConfig, export_model
+from twist_core.deploy.export import ExportConfig, ProbabilityModel, export_model
 from twist_core.deploy.infer import OnnxModel
 from twist_core.index.build import IndexConfig, build_index
 from twist_core.label.labeller import LabelConfig, label_folder
@@ -98,7 +98,7 @@ def test_export_adds_coarse_probabilities_that_match_pytorch(coarse_run: Path, a
     torch_model = TwistModel(checkpoint_spec(state))
     torch_model.load_state_dict(state["model"])
     batch = centre_crop_normalise(torch.from_numpy(crops).permute(0, 3, 1, 2), model.transform.input_size)
-    expected = torch_model.eval().coarse_probabilities(batch)
+    expected = ProbabilityModel(torch_model).eval()(batch)[2]
     assert np.allclose(coarse[0], expected.detach().numpy(), atol=1e-4)
     with open(tmp_path / "labels.csv") as handle:  # labelling is unchanged by the extra output
         assert len(list(csv.DictReader(handle))) == len(image_paths(app_bundle["images"]))

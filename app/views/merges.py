@@ -32,7 +32,7 @@ PAIR_THUMBNAILS = 6  # most confident images of each cluster of the chosen pair
 BOOTSTRAP = 100  # resamples for the K estimate's range (the command's default is 200)
 
 
-_SHARES: dict[tuple[str, str], list[np.ndarray]] = {}  # (index, model SHA-256) -> the coarse heads' shares
+_SHARES: dict[tuple[str, str], list[np.ndarray]] = {}  # (index, model's checkpoint) -> the coarse heads' shares
 
 
 def measures(ws: Workspace) -> tuple[str, ...]:
@@ -46,7 +46,7 @@ def evidence_for(ws: Workspace, data: merges.ClusterData, measure: str) -> merge
         raise AppUserError(f"measure must be one of {', '.join(measures(ws))}")
     if measure != merges.HEADS:
         return None
-    key = (str(ws.index_dir), str(merges.source_images(ws.index_dir)[2]))
+    key = (str(ws.index_dir), str(ws.model.card.get("checkpoint_sha256")))
     if key not in _SHARES:
         _SHARES[key] = merges.model_evidence(ws.index_dir, data, merges.HEADS, progress=False)  # type: ignore[assignment]
     return merges.gather_evidence(data, merges.HEADS, coarse_shares=_SHARES[key])

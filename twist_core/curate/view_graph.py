@@ -36,6 +36,15 @@ class ViewGraphError(UserError):
     """The model or the images the view graph needs are missing or unusable; the message says which."""
 
 
+def decoded_crops(model: OnnxModel, root: Path, paths: Sequence[str]) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Per batch, the positions in ``paths`` of the images that decode and their uint8 N x H x W x 3 crops
+    (labelling's decoding: an unreadable image is left out of the evidence, as labelling leaves it out)."""
+    batches = DataLoader(DecodedCrops(root, list(paths), model.transform), batch_size=BATCH, collate_fn=collate)
+    for positions, crops, errors in batches:
+        if len(crops):
+            yield [i for i, error in zip(positions, errors, strict=True) if not error], crops
+
+
 def view_probabilities(model: OnnxModel, root: Path, paths: Sequence[str], pairs: int,
                        seed: int = 0) -> Iterator[np.ndarray]:
     """Per batch of the images that decode, ``(n, 2 * pairs, K)`` cluster probabilities of their augmented view
@@ -45,11 +54,7 @@ def view_probabilities(model: OnnxModel, root: Path, paths: Sequence[str], pairs
         raise ViewGraphError("--view-pairs must be at least 1")
     augment = BatchAugment(policy_for_size(model.transform.input_size, fixed_stem=True))
     generator = torch.Generator().manual_seed(seed)
-    # labelling's decoding: an unreadable image is left out of the evidence, as labelling leaves it out
-    batches = DataLoader(DecodedCrops(root, list(paths), model.transform), batch_size=BATCH, collate_fn=collate)
-    for _, crops, _ in batches:
-        if not len(crops):
-            continue
+    for _, crops in decoded_crops(model, root, paths):
         images = crops.permute(0, 3, 1, 2).contiguous()
         views = []
         for _ in range(pairs):
@@ -85,10 +90,7 @@ def head_shares(model: OnnxModel, root: Path, paths: Sequence[str], progress: bo
                              "--coarse-classes 10), export and index again, or use another --measure")
     shares = [np.zeros((model.n_classes, k)) for k in model.coarse_classes]
     used, start = 0, time.monotonic()
-    batches = DataLoader(DecodedCrops(root, list(paths), model.transform), batch_size=BATCH, collate_fn=collate)
-    for _, crops, _ in batches:
-        if not len(crops):
-            continue
+    for _, crops in decoded_crops(model, root, paths):
         probs, coarse = model.predict_heads(model.transform.normalize(crops.numpy()))
         for share, head in zip(shares, coarse, strict=True):
             share += probs.astype(np.float64).T @ head.astype(np.float64)

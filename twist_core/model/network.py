@@ -186,13 +186,6 @@ class TwistModel(nn.Module):
         embedding, logits = self(images)
         return embedding, torch.softmax(logits / self.spec.tau, dim=-1)
 
-    def coarse_probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """Every coarse head's probabilities side by side (N x sum of ``coarse_classes``; N x 0 without)."""
-        _, _, coarse = self(images, all_heads=True)
-        if not coarse:
-            return images.new_zeros((images.shape[0], 0))
-        return torch.cat([torch.softmax(logits / self.spec.tau, dim=-1) for logits in coarse], dim=1)
-
 
 def _same_size_runs(crops: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     """Consecutive crops of equal size grouped, in order (two globals, then the locals)."""
@@ -222,7 +215,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
         norm.reset_running_stats()
         norm.momentum = None  # cumulative moving average over the whole pass
     model.train()
-    every_head = isinstance(model, TwistModel) and len(model.coarse) > 0  # the coarse heads' BNs too
+    every_head = isinstance(model, TwistModel)  # the coarse heads' BNs too
     for batch in batches:  # every batch, even one of a single image: skipping one would desync SyncBatchNorm
         model(batch, all_heads=True) if every_head else model(batch)
     for norm, momentum in zip(norms, momenta, strict=True):
