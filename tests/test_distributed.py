@@ -70,3 +70,6 @@ def test_two_process_training_runs(tmp_path: Path, shapes_folder: Path, backbone
     assert metrics[-1]["step"] == 2 * (48 // 16)  # global batch 2 x 8 over 48 images
     checkpoint = torch.load(out / "last.pt", weights_only=True)
     assert checkpoint["epoch"] == 2 and checkpoint["config"]["backbone"] == backbone
+    # The default neighbour stage covers epoch 2: mined over all 48 images, not over one rank's half.
+    assert checkpoint["paired_epoch"] == 1 and checkpoint["neighbours"].shape[0] == 48
+    assert (checkpoint["neighbours"] >= 0).all()

@@ -37,10 +37,10 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(first[name], second[name]), name
 
 
-def interrupt_during_second_epoch(data: Path, out: Path, sig: int) -> subprocess.CompletedProcess:
+def interrupt_during_second_epoch(data: Path, out: Path, sig: int, *extra: str) -> subprocess.CompletedProcess:
     """Start a run and send ``sig`` as soon as epoch 1 is logged, i.e. somewhere inside epoch 2."""
-    process = subprocess.Popen(train_command(data, out), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen(train_command(data, out, *extra), env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:

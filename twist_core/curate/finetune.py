@@ -179,11 +179,12 @@ def _cluster(value: str, n_classes: int, table: Path, line: int) -> int:
 
 def head_rows(state: dict[str, torch.Tensor], keep: list[int]) -> dict[str, torch.Tensor]:
     """The weights with only the ``keep`` rows of the head's output layer and of the logit BatchNorm, without
-    the coarse heads (the curated clusters replace the grouping they stood for)."""
+    the coarse heads (the curated clusters replace the grouping they stood for) and the over-clustering head
+    (the labelled images now teach the clusters)."""
     outputs = ("head.mlp.6.weight", "head.mlp.6.bias", "head.logit_norm.running_mean", "head.logit_norm.running_var")
     rows = torch.tensor(keep, dtype=torch.long)
     return {name: tensor.index_select(0, rows).clone() if name in outputs else tensor
-            for name, tensor in state.items() if not name.startswith("coarse.")}
+            for name, tensor in state.items() if not name.startswith(("coarse.", "overcluster."))}
 
 
 def file_positions(curation: Curation, data: Path, files: list[str]) -> tuple[dict[int, int], set[int], int]:
@@ -227,6 +228,7 @@ def train_config(config: FinetuneConfig, saved: dict[str, Any], k: int) -> Train
     base = TrainConfig(**{k_: v for k_, v in saved.items() if k_ in known})
     return dataclasses.replace(
         base, data=config.data or saved["data"], out=str(config.out), classes=k, coarse_classes="",
+        overcluster=0,
         epochs=config.epochs,
         time_budget=config.time_budget, lr=config.lr, warmup_epochs=config.warmup_epochs,
         self_label_fraction=config.self_label_fraction, eval_data=config.eval_data, eval_every=config.eval_every,

@@ -191,6 +191,12 @@ class BatchAugment:
         std = torch.tensor(policy.std, device=device).view(1, 3, 1, 1)
         return (out - mean) / std
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+    def __call__(self, images: torch.Tensor, generator: torch.Generator,
+                 partners: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Every view of ``images``; with ``partners`` (uint8, same shape) the second view is made from them
+        instead (mined neighbours, paired image by image)."""
         floats = images.float().div_(255.0)
-        return [self.view(floats, spec, generator) for spec in self.specs]
+        sources = [floats] * len(self.specs)
+        if partners is not None:
+            sources[1] = partners.float().div_(255.0)
+        return [self.view(source, spec, generator) for source, spec in zip(sources, self.specs, strict=True)]

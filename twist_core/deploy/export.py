@@ -8,6 +8,7 @@ through PyTorch and onnxruntime must agree within the tolerance, or no model is 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import io
 import json
@@ -61,7 +62,7 @@ class ProbabilityModel(nn.Module):
         if not self.model.coarse:
             embedding, logits = self.model(images)
             return embedding, torch.softmax(logits / self.tau, dim=-1)
-        embedding, logits, coarse = self.model(images, all_heads=True)
+        embedding, logits, coarse, _ = self.model(images, all_heads=True)
         return (embedding, torch.softmax(logits / self.tau, dim=-1),
                 torch.cat([torch.softmax(head / self.tau, dim=-1) for head in coarse], dim=1))
 
@@ -183,9 +184,10 @@ def export_model(config: ExportConfig) -> Path:
     run = Path(config.run)
     checkpoint_path = run / CHECKPOINT_NAME if run.is_dir() else run
     checkpoint = load_checkpoint(checkpoint_path)
-    spec = checkpoint_spec(checkpoint)
+    spec = dataclasses.replace(checkpoint_spec(checkpoint), overcluster=0)  # a training-only head: not exported
     model = TwistModel(spec)
-    model.load_state_dict(checkpoint["model"])
+    model.load_state_dict({name: value for name, value in checkpoint["model"].items()
+                           if not name.startswith("overcluster.")})
     module = ProbabilityModel(model).eval()
     curated = run / "class_names.txt" if run.is_dir() else None  # written by twist finetune
     names = parse_class_names(config.class_names or (str(curated) if curated and curated.is_file() else None),

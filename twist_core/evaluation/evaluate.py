@@ -22,7 +22,15 @@ from twist_core.config import AutoConfig, option
 from twist_core.data.dataset import FolderImages, decode_all
 from twist_core.data.folder import DEFAULT_MAX_PIXELS, NoImagesError, ground_truth_labels, require_images
 from twist_core.data.preprocess import centre_crop_normalise, decode_size
-from twist_core.evaluation.metrics import cluster_report, kmeans_clusters, knn_accuracy
+from twist_core.evaluation.metrics import (
+    cluster_report,
+    expected_calibration_error,
+    hungarian_accuracy,
+    kmeans_clusters,
+    knn_accuracy,
+    nearest_neighbours,
+    neighbour_disagreement,
+)
 from twist_core.io_utils import atomic_write_text
 from twist_core.model.network import TwistModel
 
@@ -94,13 +102,24 @@ def pixel_features(images: torch.Tensor) -> np.ndarray:
 
 
 def score(probs: np.ndarray, embeddings: np.ndarray, data: EvalImages, knn_k: int = 20,
-          baselines: bool = False, seed: int = 0) -> dict[str, Any]:
-    """The full report for predictions on ``data`` (same order)."""
+          baselines: bool = False, seed: int = 0, embedding_kmeans: bool = False) -> dict[str, Any]:
+    """The full report for predictions on ``data`` (same order).
+
+    Beside the head's scores: the kNN accuracy of its embedding (a ceiling, it uses the labels), the expected
+    calibration error of its confidence, and the share of images whose cluster disagrees with most of their
+    neighbours. ``embedding_kmeans`` adds k-means on the embedding alone (``kmeans_acc``/``kmeans_nmi``), the
+    figure the head should at least match; ``baselines`` adds that and k-means on pixels under ``baselines``.
+    """
     n_clusters = probs.shape[1]
-    report = cluster_report(probs.argmax(1), data.labels, n_clusters, data.class_names)
-    report["knn_acc"] = knn_accuracy(embeddings, data.labels, knn_k)
+    clusters = probs.argmax(1)
+    report = cluster_report(clusters, data.labels, n_clusters, data.class_names)
+    neighbours = nearest_neighbours(embeddings, knn_k)
+    report["knn_acc"] = knn_accuracy(embeddings, data.labels, knn_k, neighbours)
     report["knn_k"] = knn_k
     report["mean_confidence"] = float(probs.max(1).mean())
+    _, mapping = hungarian_accuracy(np.asarray(report["contingency"]))
+    report["ece"] = expected_calibration_error(probs, clusters, data.labels, mapping)
+    report["neighbour_disagreement"] = neighbour_disagreement(embeddings, clusters, knn_k, neighbours)
     report["classes"] = data.class_names
     report["n_clusters"] = n_clusters
     report["skipped"] = len(data.failures)
@@ -108,14 +127,29 @@ def score(probs: np.ndarray, embeddings: np.ndarray, data: EvalImages, knn_k: in
         normalised = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True).clip(min=1e-12)
         report["baselines"] = {}
         for name, features in (("kmeans_embeddings", normalised), ("kmeans_pixels", pixel_features(data.images))):
-            clusters = kmeans_clusters(features, n_clusters, seed)
-            summary = cluster_report(clusters, data.labels, n_clusters, data.class_names)
+            found = kmeans_clusters(features, n_clusters, seed)
+            summary = cluster_report(found, data.labels, n_clusters, data.class_names)
             report["baselines"][name] = {m: summary[m] for m in ("acc", "nmi", "ami", "ari")}
+        embedding_kmeans = False
+        report["kmeans_acc"] = report["baselines"]["kmeans_embeddings"]["acc"]
+        report["kmeans_nmi"] = report["baselines"]["kmeans_embeddings"]["nmi"]
+    if embedding_kmeans:
+        normalised = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True).clip(min=1e-12)
+        summary = cluster_report(kmeans_clusters(normalised, n_clusters, seed), data.labels, n_clusters,
+                                 data.class_names)
+        report["kmeans_acc"], report["kmeans_nmi"] = summary["acc"], summary["nmi"]
     return report
 
 
 def summary_line(report: dict[str, Any]) -> str:
-    return " ".join(f"{name.upper()} {report[name]:.3f}" for name in ("acc", "nmi", "ami", "ari", "knn_acc"))
+    """The head's scores, then what its embedding knows: k-means on it (when computed) and the kNN ceiling."""
+    line = " ".join(f"{name.upper()} {report[name]:.3f}" for name in ("acc", "nmi", "ami", "ari"))
+    if "kmeans_acc" in report:
+        line += f" | k-means on the embedding ACC {report['kmeans_acc']:.3f} NMI {report['kmeans_nmi']:.3f}"
+    line += f" | kNN {report['knn_acc']:.3f}"
+    if "ece" in report:
+        line += f" | ECE {report['ece']:.3f}, off-neighbours {report['neighbour_disagreement']:.3f}"
+    return line
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -127,7 +161,9 @@ def format_report(report: dict[str, Any]) -> str:
         label = name.replace("kmeans_", "k-means on ")
         lines.append(f"{label:<22}" + "".join(f"{values[m]:>7.3f}" for m in ("acc", "nmi", "ami", "ari")))
     lines += [f"kNN accuracy (k={report['knn_k']}, cosine, leave-one-out): {report['knn_acc']:.3f}",
-              f"mean confidence: {report['mean_confidence']:.3f}", "",
+              f"mean confidence: {report['mean_confidence']:.3f}, expected calibration error: {report['ece']:.3f}",
+              f"images whose cluster disagrees with most of their {report['knn_k']} neighbours: "
+              f"{report['neighbour_disagreement']:.3f}", "",
               f"{'cluster':>7} {'size':>7} {'purity':>7}  majority class"]
     for row in sorted(report["per_cluster"], key=lambda r: -r["size"]):
         lines.append(f"{row['cluster']:>7} {row['size']:>7} {row['purity']:>7.3f}  {row['majority_class'] or '-'}")

@@ -56,25 +56,73 @@ def cluster_report(clusters: np.ndarray, classes: np.ndarray, n_clusters: int,
     }
 
 
-def knn_accuracy(embeddings: np.ndarray, labels: np.ndarray, k: int = 20, chunk: int = 2048) -> float:
-    """Leave-one-out k-nearest-neighbour accuracy with cosine similarity (majority vote, ties by similarity)."""
+def nearest_neighbours(embeddings: np.ndarray, k: int = 20, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k`` most similar other rows by cosine (n x k indices and similarities, unordered)."""
     vectors = embeddings.astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
-    n, n_classes = len(vectors), int(labels.max()) + 1
-    k = min(k, n - 1)
+    n = len(vectors)
+    k = max(0, min(k, n - 1))
+    indices, similarities = np.zeros((n, k), np.int64), np.zeros((n, k), np.float32)
     if k < 1:
-        return 0.0
-    correct = 0
+        return indices, similarities
     for start in range(0, n, chunk):
         similarity = vectors[start:start + chunk] @ vectors.T
         rows = np.arange(similarity.shape[0])
         similarity[rows, start + rows] = -np.inf  # leave the query itself out
-        neighbours = np.argpartition(-similarity, k, axis=1)[:, :k]
-        votes = np.zeros((similarity.shape[0], n_classes))
-        weights = 1.0 + 1e-3 * np.take_along_axis(similarity, neighbours, 1)  # similarity only breaks ties
-        np.add.at(votes, (rows[:, None], labels[neighbours]), weights)
-        correct += int((votes.argmax(1) == labels[start:start + chunk]).sum())
-    return correct / n
+        found = np.argpartition(-similarity, k, axis=1)[:, :k]
+        indices[start:start + len(rows)] = found
+        similarities[start:start + len(rows)] = np.take_along_axis(similarity, found, 1)
+    return indices, similarities
+
+
+def knn_accuracy(embeddings: np.ndarray, labels: np.ndarray, k: int = 20,
+                 neighbours: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+    """Leave-one-out k-nearest-neighbour accuracy with cosine similarity (majority vote, ties by similarity).
+
+    ``neighbours``: the result of ``nearest_neighbours(embeddings, k)`` when already computed."""
+    indices, similarities = neighbours if neighbours is not None else nearest_neighbours(embeddings, k)
+    if indices.shape[1] < 1:
+        return 0.0
+    rows = np.arange(len(indices))
+    votes = np.zeros((len(indices), int(labels.max()) + 1))
+    np.add.at(votes, (rows[:, None], labels[indices]), 1.0 + 1e-3 * similarities)  # similarity only breaks ties
+    return float((votes.argmax(1) == labels).mean())
+
+
+def neighbour_disagreement(embeddings: np.ndarray, clusters: np.ndarray, k: int = 20,
+                           neighbours: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+    """Share of images whose cluster is not the most common cluster among their ``k`` nearest neighbours (cosine).
+
+    Needs no labels: where it is high, the head splits what the embedding keeps together (a confident image whose
+    neighbours all sit in another cluster is the typical mistake it counts).
+    """
+    indices, _ = neighbours if neighbours is not None else nearest_neighbours(embeddings, k)
+    if indices.shape[1] < 1:
+        return 0.0
+    rows = np.arange(len(indices))
+    votes = np.zeros((len(indices), int(clusters.max()) + 1))
+    np.add.at(votes, (rows[:, None], clusters[indices]), 1.0)
+    return float((votes[rows, clusters] < votes.max(1)).mean())
+
+
+def expected_calibration_error(probs: np.ndarray, clusters: np.ndarray, classes: np.ndarray,
+                               mapping: dict[int, int], bins: int = 15) -> float:
+    """ECE of the head's confidence: an image counts as right when its cluster is matched (Hungarian) to its class.
+
+    The gap between mean confidence and accuracy in each of ``bins`` equal confidence bins, weighted by the bin's
+    share of the images: 0 when a confidence of 0.9 is right 90 % of the time.
+    """
+    confidence = probs.max(1)
+    matched = np.array([mapping.get(int(c), -1) for c in range(probs.shape[1])])
+    correct = matched[clusters] == classes
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    error = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            error += inside.mean() * abs(confidence[inside].mean() - correct[inside].mean())
+    return float(error)
 
 
 def kmeans_clusters(features: np.ndarray, n_clusters: int, seed: int = 0) -> np.ndarray:

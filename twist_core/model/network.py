@@ -46,6 +46,7 @@ class ModelSpec:
     input_size: int = 0  # px of the central crop the network sees; 0 = not recorded (see checkpoint_spec)
     resize_size: int = 0  # px images are decoded to before that crop (preprocess.decode_size)
     coarse_classes: tuple[int, ...] = ()  # extra coarser heads (--coarse-classes), trained beside the K-way one
+    overcluster: int = 0  # clusters of the training-only over-clustering head (--overcluster); 0 = none
 
 
 def checkpoint_spec(checkpoint: dict[str, Any]) -> ModelSpec:
@@ -161,17 +162,22 @@ class TwistModel(nn.Module):
             else ResNetBackbone(spec.backbone, spec.width, spec.small_stem))
         self.head = TwistHead(self.backbone.feature_dim, spec.hidden_dim, spec.n_classes)
         self.coarse = nn.ModuleList(coarse_head(spec.hidden_dim, k) for k in spec.coarse_classes)
+        # Training only: a finer clustering of the same layer by the same loss, which makes the K-way head's
+        # clusters better (guide, section 1, "Over-clustering head"); the exported graph never runs it.
+        self.overcluster = nn.ModuleList([coarse_head(spec.hidden_dim, spec.overcluster)] if spec.overcluster else [])
 
     @property
     def embedding_dim(self) -> int:
         return self.spec.hidden_dim if self.spec.backbone in PATCH_BACKBONES else self.backbone.feature_dim
 
     def forward(self, images: torch.Tensor | list[torch.Tensor], all_heads: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+                ) -> (tuple[torch.Tensor, torch.Tensor]
+                      | tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]):
         """One batch, or the crops of a training step (a list; crops of one size run through the backbone
         together). Either way the head runs once on everything, so the logit BatchNorm normalises over all crops
         of the step, whatever their size, as the reference does; results come back in the order given.
-        ``all_heads`` also returns the logits of every coarse head (a list, empty without them)."""
+        ``all_heads`` also returns the logits of every coarse head and of the over-clustering head (two lists,
+        empty without them)."""
         if isinstance(images, torch.Tensor):
             features = self.backbone(images)
         else:
@@ -180,7 +186,8 @@ class TwistModel(nn.Module):
         embedding = hidden if self.spec.backbone in PATCH_BACKBONES else features
         if not all_heads:
             return embedding, logits
-        return embedding, logits, [head(last_hidden) for head in self.coarse]
+        return (embedding, logits, [head(last_hidden) for head in self.coarse],
+                [head(last_hidden) for head in self.overcluster])
 
     def probabilities(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embedding, logits = self(images)

@@ -41,6 +41,7 @@ from twist_core.model.patches import PatchBackbone, learn_patch_dictionary
 from twist_core.stop_signals import StopRequested
 from twist_core.train.budget import check_budget, fit_total_steps, parse_duration
 from twist_core.train.loss import self_label_loss, supervised_loss, twist_multicrop_loss
+from twist_core.train.neighbours import broadcast_buffers, draw_partners, mine
 from twist_core.train.optim import Schedule, StepPlan, build_optimizer
 from twist_core.train.photo_defaults import announcement, auto_backbone, auto_image_size
 
@@ -51,6 +52,9 @@ DICTIONARY_PIXELS = 32 * 1024**2  # the patch dictionary is fitted on at most th
 # 2048/1024 -> 256 atoms, tau 1.0, MLP 1024 (0.44; tau 0.5: 0.33, 400 atoms: 0.36 at half the speed).
 PATCH_ATOMS = 256
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "lars": 1.5e-6, "adamw": 0.05}
+DEFAULT_NEIGHBOUR_FRACTION = 0.5  # chosen in bench/results/neighbours.json
+# Options added after runs were saved: a run that predates them resumes (or fine-tunes) with them off, as it ran.
+ABSENT_FROM_OLDER_RUNS = {"neighbour_fraction": 0.0}
 # Per 256 images. LARS: the paper's 0.5; AdamW: DINO's 5e-4 (0.1 makes AdamW diverge); SGD: calibrated here.
 DEFAULT_LR = {"sgd": 0.1, "lars": 0.5, "adamw": 5e-4}
 
@@ -60,6 +64,10 @@ class TrainConfig(AutoConfig):
     data: str = option(None, "folder of images (searched recursively; folder names are never used as labels)")
     out: str = option("runs/twist", "run folder for config.json, metrics.jsonl, skipped.txt, checkpoints, curves.png")
     classes: int = option(10, "K, the number of classes to discover")
+    overcluster: int = option(0, "clusters of a training-only over-clustering head (e.g. 3 x --classes): a finer "
+                                 "clustering of the head's last hidden layer, trained by the same loss beside the "
+                                 "K-way head and left out of the export; 0 = none. It helped photos and hurt small "
+                                 "digits (guide, section 1, 'Clusters and what the embedding knows')")
     coarse_classes: str = option("", "extra coarser heads, e.g. 10 or 15,10 (each below --classes), trained by the "
                                      "same loss on the same layer: over-cluster with --classes 3x your guess and "
                                      "--coarse-classes your guess, then twist suggest-merges --measure heads merges "
@@ -106,6 +114,17 @@ class TrainConfig(AutoConfig):
             "within a CPU budget, it never helped: patches on cifar10-test -1.2 and -0.9 points of ACC over two seeds, "
             "caltech20 -0.1, a ResNet from scratch 0.24 -> 0.18; bench/results/self_label.json); --recipe paper: "
             "50/850")
+    neighbour_fraction: float | str = auto_option(
+        -1, "share of the TWIST stage's final steps in which an image's second view may come from one of its "
+            "nearest neighbours in the run's own embedding (mined with FAISS over the whole folder), so that the "
+            "clusters learn what the embedding knows (SCAN's idea, inside TWIST's loss); 0 = off; auto: 0.5 "
+            "(guide, section 1, 'Clusters and what the embedding knows'; bench/results/neighbours.json); "
+            "--recipe paper: off")
+    neighbour_k: int = option(20, "neighbours mined per image for the neighbour stage")
+    neighbour_share: float = option(0.5, "in the neighbour stage, the chance that an image's second view is one of "
+                                         "its neighbours rather than the image itself")
+    neighbour_every: int = option(5, "re-mine the neighbours every N epochs of the neighbour stage (the embedding "
+                                     "keeps changing)")
     self_label_keep: float = option(0.5, "share of the global batch, most confident first, used as pseudo-labels at "
                                          "the start of the stage; it rises by 0.1 to the end (paper: 0.5 -> 0.6)")
     time_budget: str | None = option(None, "fit the whole schedule to this wall-clock time (e.g. 20m, 1h30m); "
@@ -135,6 +154,7 @@ class TrainConfig(AutoConfig):
 PAPER_RECIPE: dict[str, Any] = {
     "backbone": "resnet50", "width": 64, "hidden_dim": 4096, "tau": 1.0, "optimizer": "lars", "lr": 0.5,
     "weight_decay": 1.5e-6, "local_crops": 12, "epochs": 850, "self_label_fraction": 50 / 850,
+    "neighbour_fraction": 0.0,
 }
 
 
@@ -205,6 +225,8 @@ def resolve_auto(config: TrainConfig, root: Path, files: list[str], device: torc
         changes["tau"] = 1.0 if patches else 0.5
     if config.self_label_fraction == AUTO:
         changes["self_label_fraction"] = 0.0
+    if config.neighbour_fraction == AUTO:
+        changes["neighbour_fraction"] = DEFAULT_NEIGHBOUR_FRACTION
     if config.weight_decay == AUTO:
         changes["weight_decay"] = DEFAULT_WEIGHT_DECAY[config.optimizer]
     if config.lr == AUTO:
@@ -254,14 +276,15 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 
 
 def forward_views(model: nn.Module, views: list[torch.Tensor], channels_last: bool
-                  ) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+                  ) -> tuple[list[torch.Tensor], list[list[torch.Tensor]], list[list[torch.Tensor]]]:
     """Logits of every view, split back per view, from one model call on all the crops of the step; and the
-    same for each coarse head (one list of views per head)."""
+    same for each coarse head and for the over-clustering head (one list of views per head)."""
     if channels_last:
         views = [view.contiguous(memory_format=torch.channels_last) for view in views]
-    _, logits, coarse = model(views, all_heads=True)
+    _, logits, coarse, overcluster = model(views, all_heads=True)
     sizes = [view.shape[0] for view in views]
-    return list(logits.float().split(sizes)), [list(head.float().split(sizes)) for head in coarse]
+    return (list(logits.float().split(sizes)), [list(head.float().split(sizes)) for head in coarse],
+            [list(head.float().split(sizes)) for head in overcluster])
 
 
 def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
@@ -293,10 +316,17 @@ def check_options(config: TrainConfig) -> None:
         check_budget(config.time_budget)
     except ValueError as error:
         raise ConfigError(f"--time-budget: {error}") from None
-    for name in ("epochs", "eval_every"):
+    if not 0.0 <= float(config.neighbour_share) <= 1.0:
+        raise ConfigError(f"--neighbour-share {config.neighbour_share}: give a chance from 0 to 1")
+    if config.neighbour_fraction != AUTO and not 0.0 <= float(config.neighbour_fraction) < 1.0:
+        raise ConfigError(f"--neighbour-fraction {config.neighbour_fraction}: give a share from 0 (off) to below 1")
+    for name in ("epochs", "eval_every", "neighbour_k", "neighbour_every"):
         if getattr(config, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be at least 1")
     parse_coarse_classes(config.coarse_classes, config.classes)
+    if config.overcluster and config.overcluster <= config.classes:
+        raise ConfigError(f"--overcluster {config.overcluster}: the over-clustering head needs more clusters than "
+                          f"--classes {config.classes} (or 0 for none)")
 
 
 def parse_coarse_classes(text: str, classes: int) -> tuple[int, ...]:
@@ -425,6 +455,9 @@ class Run:
     eval_seconds: float = 0.0
     stop: StopRequested = dataclasses.field(default_factory=StopRequested)
     supervision: Supervision | None = None  # twist finetune: labelled images and their cross-entropy
+    neighbours: torch.Tensor | None = None  # files x k mined neighbour table (neighbour stage)
+    neighbours_epoch: int = -1  # the epoch at whose start the table was mined
+    paired_epoch: int = -1  # the last epoch whose batches carry neighbour partners
 
     def __post_init__(self) -> None:
         policy = functools.partial(policy_for_size, self.config.image_size, self.config.local_crops,
@@ -446,7 +479,8 @@ class Run:
     def schedule(self) -> Schedule:
         """The schedule for the current total step count (a time budget refits it while training)."""
         return Schedule(self.total_steps, round(self.config.warmup_epochs * self.steps_per_epoch), self.peak_lr,
-                        self.config.self_label_fraction, self.config.self_label_keep)
+                        self.config.self_label_fraction, self.config.self_label_keep,
+                        neighbour_fraction=float(self.config.neighbour_fraction))
 
     def run_seconds(self) -> float:
         return self.prior_seconds + time.perf_counter() - self.started
@@ -461,6 +495,8 @@ class Run:
             "global_step": self.global_step, "total_steps": self.total_steps,
             "steps_per_epoch": self.steps_per_epoch, "train_seconds": self.run_seconds(),
             "skipped": dict(self.skipped), "files": self.files, "history": self.history,
+            "neighbours": self.neighbours, "neighbours_epoch": self.neighbours_epoch,
+            "paired_epoch": self.paired_epoch,
         })
 
     def fit_length(self, epochs_done: int) -> None:
@@ -508,6 +544,59 @@ class Run:
             batch = centre_crop_normalise(images.to(self.ctx.device), self.config.image_size)
             yield batch.contiguous(memory_format=torch.channels_last) if self.config.channels_last else batch
 
+    def epoch_partners(self, epoch: int, batches: list[list[int]], first_step: int) -> list[list[int]] | None:
+        """The neighbour partner of every image of this epoch's batches, or None when the epoch has no pairs.
+
+        Decided at the epoch's start (mining first when the table is missing or ``--neighbour-every`` epochs
+        old) and remembered in the checkpoint, so a run resumed inside the epoch pairs exactly as before.
+        """
+        config = self.config
+        if first_step > 0:  # resumed inside the epoch: pair as it did, from the saved table
+            paired = self.paired_epoch == epoch and self.neighbours is not None
+        else:
+            schedule = self.schedule()
+            last_step = self.global_step + len(batches) - 1
+            paired = schedule.neighbour_start <= last_step and self.global_step < schedule.self_label_start
+            if paired and (self.neighbours is None or epoch - self.neighbours_epoch >= config.neighbour_every):
+                self.mine_neighbours(epoch)
+            self.paired_epoch = epoch if paired else self.paired_epoch
+        if not paired or self.neighbours is None:
+            return None
+        generator = torch.Generator().manual_seed(config.seed * 1_000_033 + epoch * 7919 + self.ctx.rank)
+        return draw_partners(self.neighbours, batches, float(config.neighbour_share), generator)
+
+    def mine_neighbours(self, epoch: int) -> None:
+        """Fresh clean-image BN statistics (rank 0's on every rank), then the neighbour table over every image."""
+        from tqdm import tqdm
+
+        began = time.perf_counter()
+        with autocast(self.config.precision, self.ctx.device):
+            recalibrate_batchnorm(self.model, self.clean_batches())
+            broadcast_buffers(self.ctx, self.model)
+            self.neighbours = mine(self.ctx, self.model, self.embedding_batches(), len(self.files),
+                                   self.config.neighbour_k, self.config.seed)
+        self.neighbours_epoch = epoch
+        seconds = time.perf_counter() - began
+        self.clock.eval_seconds_in_loop += seconds  # not a training step's time
+        if self.config.progress and self.ctx.is_main:
+            tqdm.write(f"neighbours mined for epoch {epoch + 1}: {self.config.neighbour_k} per image over "
+                       f"{int((self.neighbours[:, 0] >= 0).sum())} images in {seconds:.1f} s", file=sys.stderr)
+
+    def embedding_batches(self) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """This rank's share of every readable image, as (file indices, normalised centre crops)."""
+        valid = [i for i in range(len(self.files)) if i not in self.skipped]
+        share = valid[self.ctx.rank::self.ctx.world_size]
+        batches = [share[i:i + self.batch_size] for i in range(0, len(share), self.batch_size)]
+        source = (_cache_batches(self.cache, batches) if self.cache is not None else
+                  DataLoader(self.dataset, batch_sampler=batches, num_workers=self.config.workers))
+        for indices, images, errors in source:
+            good = [k for k, error in enumerate(errors) if not error]
+            batch = centre_crop_normalise(images[torch.tensor(good, dtype=torch.long)].to(self.ctx.device),
+                                          self.config.image_size)
+            if self.config.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            yield [int(indices[k]) for k in good], batch
+
     def calibrate_and_evaluate(self, epoch: int) -> dict[str, float] | None:
         """Fresh BN statistics on clean images (all ranks), then rank 0 scores the eval set if there is one."""
         from tqdm import tqdm
@@ -518,11 +607,12 @@ class Run:
         if self.eval_data is None:
             return None
         probs, embeddings = predict_torch(self.model, self.eval_data.images, self.config.image_size, self.ctx.device)
-        report = score(probs, embeddings, self.eval_data)
+        report = score(probs, embeddings, self.eval_data, embedding_kmeans=True, seed=self.config.seed)
         self.eval_seconds = time.perf_counter() - began
         if self.config.progress:
             tqdm.write(f"eval after epoch {epoch}: {summary_line(report)}", file=sys.stderr)
-        return {name: report[name] for name in ("acc", "nmi", "ami", "ari", "knn_acc", "clusters_in_use")}
+        return {name: report[name] for name in ("acc", "nmi", "ami", "ari", "knn_acc", "clusters_in_use",
+                                                "kmeans_acc", "kmeans_nmi", "ece", "neighbour_disagreement")}
 
 
 def open_run(config: TrainConfig, ctx: distributed.Context
@@ -546,7 +636,7 @@ def open_run(config: TrainConfig, ctx: distributed.Context
         # The saved run defines everything; only where to run it may change.
         keep = {"device", "workers", "progress", "resume", "checkpoint_every", "eval_data", "eval_every"}
         known = {field.name for field in dataclasses.fields(TrainConfig)}  # options of older versions dropped
-        config = TrainConfig(**{**{k: v for k, v in saved.items() if k in known},
+        config = TrainConfig(**{**ABSENT_FROM_OLDER_RUNS, **{k: v for k, v in saved.items() if k in known},
                                 **{k: getattr(config, k) for k in keep}})
         if resumed["files"] != files:
             raise ResumeError(f"{root} changed since the run started ({len(resumed['files'])} files then, "
@@ -658,6 +748,7 @@ def setup_run(config: TrainConfig, ctx: distributed.Context, start_from: dict[st
     spec = ModelSpec(backbone=config.backbone, width=config.width, small_stem=bool(config.small_stem),
                      hidden_dim=config.hidden_dim, n_classes=config.classes, tau=config.tau,
                      coarse_classes=parse_coarse_classes(config.coarse_classes, config.classes),
+                     overcluster=int(config.overcluster),
                      input_size=config.image_size, resize_size=decode_size(config.image_size))
     steps_per_epoch = resumed["steps_per_epoch"] if resumed else max(1, n_valid // (batch_size * ctx.world_size))
 
@@ -699,13 +790,16 @@ def setup_run(config: TrainConfig, ctx: distributed.Context, start_from: dict[st
         global_step=resumed["global_step"] if resumed else 0, steps_per_epoch=steps_per_epoch,
         total_steps=resumed["total_steps"] if resumed else 0,
         clock=BudgetClock(parse_duration(config.time_budget) if config.time_budget else None),
-        prior_seconds=resumed["train_seconds"] if resumed else 0.0, resumed=resumed is not None, started=started)
+        prior_seconds=resumed["train_seconds"] if resumed else 0.0, resumed=resumed is not None, started=started,
+        neighbours=resumed.get("neighbours") if resumed else None,
+        neighbours_epoch=resumed.get("neighbours_epoch", -1) if resumed else -1,
+        paired_epoch=resumed.get("paired_epoch", -1) if resumed else -1)
     if not resumed:  # a resumed run keeps the length it saved
         run.fit_length(0)
     return run
 
 
-STAT_NAMES = ("loss", "consistency", "sharpness", "diversity", "self_label", "supervised", "coarse")
+STAT_NAMES = ("loss", "consistency", "sharpness", "diversity", "self_label", "supervised", "coarse", "overcluster")
 
 
 @dataclass
@@ -715,6 +809,7 @@ class EpochStats:
     classes: int
     supervised: bool = False  # a Supervision adds its cross-entropy to the steps
     coarse: bool = False  # coarse heads add their TWIST loss to the steps
+    overcluster: bool = False  # the over-clustering head adds its TWIST loss to the steps
     sums: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(STAT_NAMES, 0.0))
     steps: int = 0
     self_label_steps: int = 0
@@ -759,6 +854,8 @@ class EpochStats:
             merged.pop("supervised")
         if not self.coarse:
             merged.pop("coarse")
+        if not self.overcluster:
+            merged.pop("overcluster")
         self_label_steps = float(totals[len(STAT_NAMES) + 2])
         if self_label_steps == 0:
             merged.pop("self_label")
@@ -767,9 +864,12 @@ class EpochStats:
         return merged
 
 
-def step_loss(run: Run, images: torch.Tensor, plan: StepPlan) -> tuple[torch.Tensor, dict[str, torch.Tensor],
-                                                                        list[torch.Tensor]]:
-    """Augment, forward every crop at once, and the step's loss: TWIST, or in the last stage self-labelling."""
+def step_loss(run: Run, images: torch.Tensor, plan: StepPlan, partners: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Augment, forward every crop at once, and the step's loss: TWIST, or in the last stage self-labelling.
+
+    ``partners`` (the neighbour stage): the images whose view replaces each image's second view.
+    """
     config, ctx = run.config, run.ctx
     generator = torch.Generator(device=ctx.device).manual_seed(config.seed * 1_000_003 + run.global_step * 1009
                                                                + ctx.rank)
@@ -778,9 +878,12 @@ def step_loss(run: Run, images: torch.Tensor, plan: StepPlan) -> tuple[torch.Ten
         labelled, targets = run.supervision.draw()
         images = torch.cat([images, labelled.to(images.device)])
         targets = torch.cat([torch.full((len(images) - len(labelled),), -1), targets]).to(images.device)
-    views = (run.augment_self_label if plan.self_labelling else run.augment)(images, generator)
+        if partners is not None:  # a labelled image pairs with itself
+            partners = torch.cat([partners, labelled.to(partners.device)])
+    views = (run.augment_self_label(images, generator) if plan.self_labelling
+             else run.augment(images, generator, partners))
     with autocast(config.precision, ctx.device):
-        view_logits, coarse_logits = forward_views(run.train_model, views, config.channels_last)
+        view_logits, coarse_logits, overcluster_logits = forward_views(run.train_model, views, config.channels_last)
     if plan.self_labelling:  # the stage's cross-entropy replaces the TWIST loss, still logged as "loss"
         with torch.no_grad():
             parts = twist_multicrop_loss(view_logits, 2, config.tau, config.lam1, config.lam2)
@@ -792,6 +895,10 @@ def step_loss(run: Run, images: torch.Tensor, plan: StepPlan) -> tuple[torch.Ten
         parts["coarse"] = torch.stack([twist_multicrop_loss(head, 2, config.tau, config.lam1, config.lam2)["loss"]
                                        for head in coarse_logits]).mean()
         loss = loss + parts["coarse"]
+    if overcluster_logits:  # the over-clustering head by the TWIST loss, added with weight 1
+        parts["overcluster"] = twist_multicrop_loss(overcluster_logits[0], 2, config.tau, config.lam1,
+                                                    config.lam2)["loss"]
+        loss = loss + parts["overcluster"]
     if run.supervision is not None and targets is not None:
         parts["supervised"] = supervised_loss(view_logits, targets, config.tau)
         loss = loss + run.supervision.weight * parts["supervised"]
@@ -806,10 +913,12 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
     batches = epoch_batches(len(run.files), run.batch_size, epoch, config.seed, ctx.rank, ctx.world_size,
                             exclude=set(run.skipped))
     first_step = run.start_step_in_epoch if epoch == run.start_epoch else 0
-    run.sampler.batches = batches[first_step:]
+    partners = run.epoch_partners(epoch, batches, first_step)
+    run.sampler.batches = batches[first_step:] if partners is None else [
+        batch + partner for batch, partner in zip(batches[first_step:], partners[first_step:], strict=True)]
     run.train_model.train()
     stats = EpochStats(config.classes, supervised=run.supervision is not None,
-                       coarse=bool(unwrap(run.model).coarse))
+                       coarse=bool(unwrap(run.model).coarse), overcluster=bool(unwrap(run.model).overcluster))
     source = _cache_batches(run.cache, run.sampler.batches) if run.cache is not None else iter(run.loader)
     bar = tqdm(total=len(batches), initial=first_step,
                desc=f"epoch {epoch + 1}/{math.ceil(run.total_steps / run.steps_per_epoch)}", unit="step",
@@ -817,12 +926,16 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
     for step_in_epoch, (indices, images, errors) in enumerate(source, start=first_step):
         if run.global_step >= run.total_steps:
             break
-        images = drop_failures(run, indices, images, errors)
+        images, partner_images = drop_failures(run, indices, images, errors, paired=partners is not None)
         plan = run.schedule().at(run.global_step)
         for group in run.optimizer.param_groups:
             group["lr"] = plan.lr
         images = images.to(ctx.device, non_blocking=True)
-        loss, parts, view_logits = step_loss(run, images, plan)
+        if partner_images is not None and plan.neighbours:
+            partner_images = partner_images.to(ctx.device, non_blocking=True)
+        else:
+            partner_images = None
+        loss, parts, view_logits = step_loss(run, images, plan, partner_images)
         if distributed.any_rank(ctx, not bool(torch.isfinite(loss))):
             raise TrainingDiverged(
                 f"the loss became {loss.item()} at epoch {epoch + 1}, step {step_in_epoch + 1}: training stopped. "
@@ -853,18 +966,32 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
     return stats
 
 
-def drop_failures(run: Run, indices: torch.Tensor, images: torch.Tensor, errors: list[str]) -> torch.Tensor:
-    """Streaming: files that failed to decode now are skipped from here on and left out of this batch."""
+def drop_failures(run: Run, indices: torch.Tensor, images: torch.Tensor, errors: list[str], paired: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Streaming: files that failed to decode now are skipped from here on and left out of this batch.
+
+    ``paired``: the batch holds the images, then as many neighbour partners; an image that failed is left out
+    with its partner, and a partner that failed is replaced by its image. Returns (images, partners or None).
+    """
     from tqdm import tqdm
 
+    partners = None
+    if paired:
+        half = len(errors) // 2
+        partner_errors = errors[half:]
+        indices, errors, partners, images = indices[:half], errors[:half], images[half:], images[:half]
+        if any(partner_errors):
+            failed = torch.tensor([bool(e) for e in partner_errors]).view(-1, 1, 1, 1)
+            partners = torch.where(failed, images, partners)
     new_failures = {int(i): e for i, e in zip(indices.tolist(), errors, strict=True) if e}
     if not new_failures:
-        return images
+        return images, partners
     for index, reason in new_failures.items():
         if index not in run.skipped and run.ctx.is_main:
             tqdm.write(f"warning: skipping {run.files[index]}: {reason}", file=sys.stderr)
     run.skipped.update(new_failures)
-    return images[torch.tensor([not e for e in errors])]
+    keep = torch.tensor([not e for e in errors])
+    return images[keep], None if partners is None else partners[keep]
 
 
 def stop_on_signal(run: Run, epoch: int, step_in_epoch: int) -> None:

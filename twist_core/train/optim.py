@@ -81,11 +81,13 @@ def cosine_warmup(step: int, steps: int, warmup_steps: int, peak_lr: float, fina
 
 @dataclass(frozen=True)
 class StepPlan:
-    """What one training step does: its learning rate, and whether (and how selectively) it self-labels."""
+    """What one training step does: its learning rate, whether (and how selectively) it self-labels, and whether
+    its second views may come from mined neighbours."""
 
     lr: float
     self_labelling: bool
     keep: float
+    neighbours: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,9 @@ class Schedule:
 
     Two stages, as the paper runs them: TWIST (warm-up, then cosine) over the first steps, then, over the last
     ``self_label_fraction`` of them, the self-labelling stage with its own warm-up to ``restart`` x the peak, its
-    own cosine, and a kept share of the batch rising from ``keep`` to ``keep + keep_rise``.
+    own cosine, and a kept share of the batch rising from ``keep`` to ``keep + keep_rise``. The last
+    ``neighbour_fraction`` of the TWIST stage pairs images with their mined neighbours (``neighbours.py``) on the
+    same cosine.
     """
 
     total_steps: int
@@ -104,6 +108,7 @@ class Schedule:
     keep: float = 0.5
     keep_rise: float = 0.1
     restart: float = 0.1
+    neighbour_fraction: float = 0.0
 
     @property
     def self_label_start(self) -> int:
@@ -116,10 +121,19 @@ class Schedule:
         """The one definition of the warm-up's end: as asked, but at most a fifth of the TWIST stage."""
         return max(1, min(self.warmup_steps, self.self_label_start // 5))
 
+    @property
+    def neighbour_start(self) -> int:
+        """The first step of the neighbour stage (never inside the warm-up); ``self_label_start`` when off."""
+        start = self.self_label_start
+        if self.neighbour_fraction <= 0:
+            return start
+        return max(self.warmup_end, start - max(1, round(self.neighbour_fraction * start)))
+
     def at(self, step: int) -> StepPlan:
         start = self.self_label_start
         if step < start:
-            return StepPlan(cosine_warmup(step, start, self.warmup_end, self.peak_lr), False, self.keep)
+            return StepPlan(cosine_warmup(step, start, self.warmup_end, self.peak_lr), False, self.keep,
+                            step >= self.neighbour_start)
         length = max(1, self.total_steps - start)
         into = step - start
         lr = cosine_warmup(into, length, max(1, round(0.1 * length)), self.restart * self.peak_lr)

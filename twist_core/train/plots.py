@@ -30,8 +30,11 @@ def plot_training_curves(history: list[dict[str, Any]], path: str | Path) -> Non
     lr_axis.set_title("learning rate")
     evals = [(row["epoch"], row["eval"]) for row in history if row.get("eval")]
     if evals:
-        for name in ("acc", "nmi", "ari", "knn_acc"):
-            eval_axis.plot([e for e, _ in evals], [m[name] for _, m in evals], marker="o", label=name)
+        for name, label in (("acc", "head ACC"), ("nmi", "head NMI"), ("kmeans_acc", "k-means on embedding ACC"),
+                            ("knn_acc", "kNN on embedding (ceiling)")):
+            points = [(e, m[name]) for e, m in evals if name in m]
+            if points:
+                eval_axis.plot(*zip(*points, strict=True), marker="o", label=label)
         eval_axis.legend(fontsize=8)
         eval_axis.set_title("evaluation")
     else:
