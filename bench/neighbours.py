@@ -69,7 +69,7 @@ def collect(run: Path) -> dict[str, Any]:
 
 
 def coarse_head_scores(run: Path, data: Path) -> dict[str, Any]:
-    """ACC/NMI of the run's fine head and of its first coarse head on ``data``, one clean pass in eval mode."""
+    """ACC/NMI of the run's K-way head and of its first coarse head, if any, on ``data``: one clean pass."""
     import numpy as np
     import torch
 
@@ -93,10 +93,11 @@ def coarse_head_scores(run: Path, data: Path) -> dict[str, Any]:
     model.eval()
     with torch.no_grad():
         outputs = [model(batch, all_heads=True) for batch in batches()]
-    fine = torch.cat([o[1] for o in outputs]).argmax(1).numpy()
-    coarse = torch.cat([o[2][0] for o in outputs]).argmax(1).numpy()
+    heads = [("fine", torch.cat([o[1] for o in outputs]).argmax(1).numpy(), spec.n_classes)]
+    if spec.coarse_classes:
+        heads.append(("coarse", torch.cat([o[2][0] for o in outputs]).argmax(1).numpy(), spec.coarse_classes[0]))
     found = {}
-    for name, clusters, k in (("fine", fine, spec.n_classes), ("coarse", coarse, spec.coarse_classes[0])):
+    for name, clusters, k in heads:
         report = cluster_report(np.asarray(clusters), images.labels, k, images.class_names)
         found[name] = {"k": k, "acc": round(report["acc"], 4), "nmi": round(report["nmi"], 4)}
     config = checkpoint["config"]

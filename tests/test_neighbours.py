@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +110,7 @@ def test_two_processes_mine_the_table_one_process_mines(tmp_path: Path) -> None:
     """Each rank embeds half of the images; the table is over all of them and equals the one-process table."""
     result = torchrun([str(HELPERS / "ddp_neighbours_check.py"), str(tmp_path)])
     assert result.returncode == 0, result.stderr[-3000:]
-    single = subprocess.run(["python", str(HELPERS / "ddp_neighbours_check.py"), str(tmp_path)], env=ENV,
+    single = subprocess.run([sys.executable, str(HELPERS / "ddp_neighbours_check.py"), str(tmp_path)], env=ENV,
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     one = np.load(tmp_path / "table_world1_rank0.npy")

@@ -193,11 +193,12 @@ def test_head_runs_once_on_all_crops_so_logit_batchnorm_spans_crop_sizes() -> No
 
     torch.manual_seed(0)
     model = TwistModel(ModelSpec(backbone="resnet18", width=8, small_stem=True, hidden_dim=32, n_classes=6,
-                                 coarse_classes=(3,))).train()
+                                 coarse_classes=(3,), overcluster=12)).train()
     views = [torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32), torch.randn(8, 3, 16, 16) * 3 + 1]
-    logits, coarse = forward_views(model, views, channels_last=False)
+    logits, coarse, overcluster = forward_views(model, views, channels_last=False)
     assert [tuple(v.shape) for v in logits] == [(8, 6)] * 3
     assert [[tuple(v.shape) for v in head] for head in coarse] == [[(8, 3)] * 3]
+    assert [[tuple(v.shape) for v in head] for head in overcluster] == [[(8, 12)] * 3]
     torch.testing.assert_close(torch.cat(coarse[0]).mean(0), torch.zeros(3), atol=1e-5, rtol=0)  # its own BN
     everything = torch.cat(logits)
     torch.testing.assert_close(everything.mean(0), torch.zeros(6), atol=1e-5, rtol=0)  # one BN over all 24

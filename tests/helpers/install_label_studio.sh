@@ -20,12 +20,24 @@ installed() {
         2>/dev/null
 }
 
+# sentry-sdk 3 (December 2026) refuses an option label-studio 1.23.2 passes at start-up ("Unknown option
+# 'send_default_pii'"): the server dies before it answers. Keep its 2.x line.
+SENTRY='sentry-sdk<3'
+sentry_fits() {
+    "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(int(m.version('sentry-sdk').split('.')[0]) >= 3)" \
+        2>/dev/null
+}
+
 if ! installed; then
     echo "installing label-studio $VERSION into $VENV"
     python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q "label-studio==$VERSION" 2>&1 | grep -v "^WARNING: Location" || true
+    "$VENV/bin/pip" install -q "label-studio==$VERSION" "$SENTRY" 2>&1 | grep -v "^WARNING: Location" || true
     installed || { echo "label-studio $VERSION did not install into $VENV" >&2; exit 1; }
     rm -rf "$TEMPLATE"
+fi
+if ! sentry_fits; then
+    "$VENV/bin/pip" install -q "$SENTRY" 2>&1 | grep -v "^WARNING: Location" || true
+    sentry_fits || { echo "could not install $SENTRY into $VENV" >&2; exit 1; }
 fi
 
 if [ ! -s "$TEMPLATE/label_studio.sqlite3" ]; then
