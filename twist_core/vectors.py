@@ -113,6 +113,14 @@ def normalized(vectors: np.ndarray) -> np.ndarray:
     return out
 
 
+def drop_self(queries: np.ndarray, found: np.ndarray, sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best results that are not the query itself (the last one goes when the query is absent)."""
+    is_self = found == queries[:, None]
+    is_self[~is_self.any(axis=1), -1] = True
+    keep = ~is_self
+    return found[keep].reshape(len(queries), k), sims[keep].reshape(len(queries), k)
+
+
 def empty_index(plan: IndexPlan, dim: int) -> faiss.Index:
     if plan.kind == "flat":
         return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))

@@ -123,21 +123,18 @@ def score(probs: np.ndarray, embeddings: np.ndarray, data: EvalImages, knn_k: in
     report["classes"] = data.class_names
     report["n_clusters"] = n_clusters
     report["skipped"] = len(data.failures)
+    features = {}
+    if baselines or embedding_kmeans:
+        features["kmeans_embeddings"] = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True).clip(min=1e-12)
     if baselines:
-        normalised = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True).clip(min=1e-12)
-        report["baselines"] = {}
-        for name, features in (("kmeans_embeddings", normalised), ("kmeans_pixels", pixel_features(data.images))):
-            found = kmeans_clusters(features, n_clusters, seed)
-            summary = cluster_report(found, data.labels, n_clusters, data.class_names)
-            report["baselines"][name] = {m: summary[m] for m in ("acc", "nmi", "ami", "ari")}
-        embedding_kmeans = False
-        report["kmeans_acc"] = report["baselines"]["kmeans_embeddings"]["acc"]
-        report["kmeans_nmi"] = report["baselines"]["kmeans_embeddings"]["nmi"]
-    if embedding_kmeans:
-        normalised = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True).clip(min=1e-12)
-        summary = cluster_report(kmeans_clusters(normalised, n_clusters, seed), data.labels, n_clusters,
-                                 data.class_names)
-        report["kmeans_acc"], report["kmeans_nmi"] = summary["acc"], summary["nmi"]
+        features["kmeans_pixels"] = pixel_features(data.images)
+    found = {name: cluster_report(kmeans_clusters(values, n_clusters, seed), data.labels, n_clusters,
+                                  data.class_names) for name, values in features.items()}
+    if baselines:
+        report["baselines"] = {name: {m: summary[m] for m in ("acc", "nmi", "ami", "ari")}
+                               for name, summary in found.items()}
+    if "kmeans_embeddings" in found:
+        report["kmeans_acc"], report["kmeans_nmi"] = (found["kmeans_embeddings"][m] for m in ("acc", "nmi"))
     return report
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from twist_core.vectors import PQ_TRAIN_POINTS, TRAIN_POINTS_PER_LIST, build, normalized, plan_index
+from twist_core.vectors import PQ_TRAIN_POINTS, TRAIN_POINTS_PER_LIST, build, drop_self, normalized, plan_index
 
 K_NEIGHBOURS = 5
 WEIGHTING = "softmax"
@@ -110,14 +110,6 @@ def neighbour_votes(index: faiss.Index, ids: np.ndarray, clusters: np.ndarray, k
         agreement[start:stop], suggestion[start:stop] = vote_batch(
             clusters[start:stop], neighbour_clusters, neighbour_weights(neighbour_sims, weighting))
     return Votes(agreement, suggestion)
-
-
-def drop_self(queries: np.ndarray, found: np.ndarray, sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` best results that are not the query itself (the last one goes when the query is absent)."""
-    is_self = found == queries[:, None]
-    is_self[~is_self.any(axis=1), -1] = True
-    keep = ~is_self
-    return found[keep].reshape(len(queries), k), sims[keep].reshape(len(queries), k)
 
 
 def combine(agreement: np.ndarray, margins: np.ndarray, clusters: np.ndarray,

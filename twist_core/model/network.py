@@ -163,7 +163,8 @@ class TwistModel(nn.Module):
         self.head = TwistHead(self.backbone.feature_dim, spec.hidden_dim, spec.n_classes)
         self.coarse = nn.ModuleList(coarse_head(spec.hidden_dim, k) for k in spec.coarse_classes)
         # Training only: a finer clustering of the same layer by the same loss, which makes the K-way head's
-        # clusters better (guide, section 1, "Over-clustering head"); the exported graph never runs it.
+        # clusters better on photos (guide, section 1, "Clusters and what the embedding knows"); the exported graph
+        # never runs it.
         self.overcluster = nn.ModuleList([coarse_head(spec.hidden_dim, spec.overcluster)] if spec.overcluster else [])
 
     @property

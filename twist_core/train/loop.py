@@ -541,8 +541,12 @@ class Run:
         chosen = self.spread_images(RECALIBRATION_IMAGES)
         plan = distributed.pass_plan(len(chosen), self.ctx.world_size, self.batch_size)
         for images in self.decoded_batches(plan.batches(chosen, self.ctx.rank, self.ctx.world_size)):
-            batch = centre_crop_normalise(images.to(self.ctx.device), self.config.image_size)
-            yield batch.contiguous(memory_format=torch.channels_last) if self.config.channels_last else batch
+            yield self.clean_crops(images)
+
+    def clean_crops(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images as the network sees them outside training: normalised centre crops, on the device."""
+        batch = centre_crop_normalise(images.to(self.ctx.device), self.config.image_size)
+        return batch.contiguous(memory_format=torch.channels_last) if self.config.channels_last else batch
 
     def epoch_partners(self, epoch: int, batches: list[list[int]], first_step: int) -> list[list[int]] | None:
         """The neighbour partner of every image of this epoch's batches, or None when the epoch has no pairs.
@@ -584,18 +588,13 @@ class Run:
 
     def embedding_batches(self) -> Iterator[tuple[list[int], torch.Tensor]]:
         """This rank's share of every readable image, as (file indices, normalised centre crops)."""
-        valid = [i for i in range(len(self.files)) if i not in self.skipped]
-        share = valid[self.ctx.rank::self.ctx.world_size]
+        share = self.spread_images(len(self.files))[self.ctx.rank::self.ctx.world_size]
         batches = [share[i:i + self.batch_size] for i in range(0, len(share), self.batch_size)]
         source = (_cache_batches(self.cache, batches) if self.cache is not None else
                   DataLoader(self.dataset, batch_sampler=batches, num_workers=self.config.workers))
         for indices, images, errors in source:
             good = [k for k, error in enumerate(errors) if not error]
-            batch = centre_crop_normalise(images[torch.tensor(good, dtype=torch.long)].to(self.ctx.device),
-                                          self.config.image_size)
-            if self.config.channels_last:
-                batch = batch.contiguous(memory_format=torch.channels_last)
-            yield [int(indices[k]) for k in good], batch
+            yield [int(indices[k]) for k in good], self.clean_crops(images[torch.tensor(good, dtype=torch.long)])
 
     def calibrate_and_evaluate(self, epoch: int) -> dict[str, float] | None:
         """Fresh BN statistics on clean images (all ranks), then rank 0 scores the eval set if there is one."""

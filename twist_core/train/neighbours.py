@@ -1,7 +1,8 @@
 """Nearest neighbours in the run's own embedding, as second views that augmentation cannot make.
 
 The clusters of a TWIST head lag what its embedding knows: the images nearest to an image in the embedding
-share its class far more often than its cluster does (guide, section "Neighbour pairs"). SCAN (Van Gansbeke et
+share its class far more often than its cluster does (guide, section 1, "Clusters and what the embedding
+knows"). SCAN (Van Gansbeke et
 al., ECCV 2020) closes that gap by training the head so that an image and its mined neighbours agree. TWIST's
 loss is already a consistency loss between two views plus sharpness and diversity terms, so here a neighbour
 simply *becomes* the second view: in the neighbour stage the second view of an image is, with probability
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from twist_core import distributed
-from twist_core.vectors import TRAIN_POINTS_PER_LIST, build, normalized, plan_index
+from twist_core.vectors import TRAIN_POINTS_PER_LIST, build, drop_self, normalized, plan_index
 
 SEARCH_BATCH = 4096
 
@@ -61,10 +62,8 @@ def nearest(vectors: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     wanted = min(k, n - 1)
     for start in range(0, n, SEARCH_BATCH):
         queries = np.arange(start, min(n, start + SEARCH_BATCH))
-        _, found = index.search(vectors[queries], wanted + 1)
-        for row, (query, hits) in enumerate(zip(queries, found, strict=True)):
-            others = hits[(hits != query) & (hits >= 0)][:wanted]
-            table[start + row, :len(others)] = others
+        sims, found = index.search(vectors[queries], wanted + 1)
+        table[queries, :wanted] = drop_self(queries, found, sims, wanted)[0]  # IVF may leave -1: no neighbour
     return table
 
 
