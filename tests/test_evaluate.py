@@ -27,6 +27,12 @@ def test_fit_total_steps_leaves_room_for_evaluations() -> None:
     # 100 s left, 1 s/step, 10 steps/epoch, eval every epoch costing 5 s: n steps + 5 (n/10 + 1) <= 100.
     total = fit_total_steps(0, 1.0, 100.0, 10, 5.0, 1)
     assert 60 <= total <= 66
+    # An evaluation worth 300 steps: 23.5 s left at 0.01 s/step, 8 steps/epoch, every 2 epochs, 3 s each. A
+    # fixed-point iteration swung between 0 and 2,050 steps and ended on 0: the run stopped after one epoch.
+    total = fit_total_steps(8, 0.01, 23.5, 8, 3.0, 2)
+    more = total - 8
+    assert more >= 100 and more * 0.01 + (more // 16 + 1) * 3.0 <= 23.5
+    assert fit_total_steps(5, 1.0, 2.0, 10, 5.0, 1) == 5  # not even the final evaluation fits: no more steps
 
 
 def test_eval_command_reports_metrics_baselines_and_confusion(tiny_run: Path, shapes_folder: Path,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -27,10 +26,23 @@ def check_budget(text: str | None) -> None:
 
 def fit_total_steps(done_steps: int, seconds_per_step: float, seconds_left: float, steps_per_epoch: int,
                     eval_seconds: float, eval_every: int) -> int:
-    """Total step count that ends on time, leaving room for the evaluations still to come (and the final one)."""
-    steps_left = max(0.0, seconds_left / max(seconds_per_step, 1e-9))
-    if eval_seconds > 0:
-        for _ in range(3):  # evaluations depend on the steps left and vice versa; a fixed point in a few rounds
-            evals = math.floor(steps_left / max(1, steps_per_epoch * eval_every)) + 1
-            steps_left = max(0.0, (seconds_left - evals * eval_seconds) / max(seconds_per_step, 1e-9))
-    return done_steps + int(steps_left)
+    """Total step count that ends on time, leaving room for the evaluations still to come (and the final one).
+
+    The cost of n more steps, n * step + (n // steps_between_evals + 1) * eval, grows with n, so the largest n
+    that fits is found by bisection (a fixed-point iteration oscillates when an evaluation costs many steps).
+    """
+    step = max(seconds_per_step, 1e-9)
+    between_evals = max(1, steps_per_epoch * eval_every)
+
+    def cost(steps: int) -> float:
+        evals = steps // between_evals + 1 if eval_seconds > 0 else 0
+        return steps * step + evals * eval_seconds
+
+    low, high = 0, max(0, int(seconds_left / step))  # cost(low) fits or nothing does; cost(high + 1) does not
+    while low < high:
+        middle = (low + high + 1) // 2
+        if cost(middle) <= seconds_left:
+            low = middle
+        else:
+            high = middle - 1
+    return done_steps + low
