@@ -1,33 +1,57 @@
-"""The app's front door, as one ASGI middleware: which files may leave the server, and how fast logins may fail.
+"""The app's front door, as one ASGI middleware: who may send a body, how large, which files may leave the
+server, and how fast logins may fail.
+
+Bodies: when the app has a login, a request that could carry a body (anything but GET, HEAD, OPTIONS) and every
+``/api/v1`` request is answered 401 before a byte of its body is read, unless it carries the login (cookie or
+HTTP Basic); only the login form itself is open, and its body is capped at a few KB. A body larger than the
+route's limit (``--max-upload-mb``, with room for the form around it) is answered 413 at once when its
+``Content-Length`` says so, and as soon as it passes the limit when it is streamed (chunked); either way the
+connection is closed, so the rest is never read.
 
 Files: the app never hands out a dataset path. Thumbnails, detail views, the map and exports are written by
 the app and copied by Gradio into its own cache folder, so only that folder is served; a request for anything
 else (an ``evil.html`` among the images, the index, the model, the curation store) is answered 404, whatever
 the encoding. What is served carries ``X-Content-Type-Options: nosniff``; only raster images are shown
 inline, anything else (CSV, zip, JSON) is an attachment, so no served file can run script in the app's origin.
+JSON answers carry ``nosniff`` too.
 
 Logins: a failed login from one client is answered only after a delay that doubles with each failure
-(capped), and one client's attempts are handled one at a time, so guessing a password takes hours, not
-seconds, while a right password still gets in at once. Behind a reverse proxy every user shares the proxy's
-address, and so its delay.
+(capped), one failure after another, so guessing a password takes hours, not seconds; a right password is
+answered at once, even while wrong ones wait. A client may have ``WAITING_ATTEMPTS`` attempts in flight; more are
+answered 429 at once, before their password is looked at. The client is the socket peer: ``X-Forwarded-For``
+counts only from the proxies named with ``--trusted-proxy`` (uvicorn applies that rule before this middleware
+runs), so behind such a proxy each user has their own delay, and a forged header gains nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import json
 import os
 import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from starlette.requests import Request
 
 INLINE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "image/gif"})
 FILE_ROUTE = re.compile(r"(?:/file=|/gradio_api/file/)(?P<path>.*)$")  # Gradio's routes that serve a file path
 LOGIN_ROUTE = re.compile(r"/login/?$")
 FAILED_LOGIN = frozenset({400, 401, 403})  # the login form's answers to wrong credentials
 FAILED_BASIC = frozenset({401})  # a route's answer to wrong HTTP Basic credentials
-BASIC_SLOTS = 4  # requests with HTTP Basic credentials one client may have in flight
+WAITING_ATTEMPTS = 16  # requests carrying a password one client may have in flight; more are answered 429
+API_PREFIX = "/api/v1"
+UPLOAD_ROUTE = re.compile(r"/upload/?$")  # Gradio's route that takes the files of an upload component
+UPLOAD_ROUTE_FILES = 8  # one drop on an upload component may send several files in one request
+FORM_BYTES = 64 << 10  # room for the multipart form around an upload
+LOGIN_BODY_BYTES = 16 << 10
+BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
@@ -74,17 +98,35 @@ def file_headers(headers: list[tuple[bytes, bytes]], requested: str) -> list[tup
 class LoginThrottle:
     """Per-client delay after each failed login: ``first_delay * 2**(failures - 1)`` seconds, at most ``max_delay``.
 
-    Login forms are handled one at a time per client, and requests carrying HTTP Basic credentials (the JSON
-    API) at most ``BASIC_SLOTS`` at a time, so parallel guesses gain little.
+    Failures are answered one at a time per client, each after its delay, so parallel guesses gain nothing; a
+    success is answered at once. ``enter`` admits at most ``waiting`` attempts of one client at a time.
     """
 
-    def __init__(self, first_delay: float = 0.1, max_delay: float = 2.0, forget_after: float = 900.0) -> None:
+    def __init__(self, first_delay: float = 0.1, max_delay: float = 2.0, forget_after: float = 900.0,
+                 waiting: int = WAITING_ATTEMPTS) -> None:
         self.first_delay, self.max_delay, self.forget_after = first_delay, max_delay, forget_after
+        self.waiting = waiting
         self._failures: dict[str, tuple[int, float]] = {}
-        self._gates: dict[tuple[str, int], asyncio.Semaphore] = {}
+        self._open: dict[str, int] = {}
+        self._turns: dict[str, asyncio.Lock] = {}
 
-    def gate(self, client: str, slots: int) -> asyncio.Semaphore:
-        return self._gates.setdefault((client, slots), asyncio.Semaphore(slots))
+    def enter(self, client: str) -> bool:
+        """Admit one more attempt of ``client``; False when it already has ``waiting`` in flight."""
+        if self._open.get(client, 0) >= self.waiting:
+            return False
+        self._open[client] = self._open.get(client, 0) + 1
+        return True
+
+    def leave(self, client: str) -> None:
+        self._open[client] -= 1
+        if not self._open[client]:  # nobody of this client holds or waits for its turn
+            del self._open[client]
+            self._turns.pop(client, None)
+
+    async def hold_failure(self, client: str) -> None:
+        """Wait for this client's earlier failures to be answered, then for this failure's delay."""
+        async with self._turns.setdefault(client, asyncio.Lock()):
+            await asyncio.sleep(self.failed(client))
 
     def failed(self, client: str) -> float:
         """Count a failure; returns how long to hold its answer back."""
@@ -98,31 +140,145 @@ class LoginThrottle:
         self._failures.pop(client, None)
 
 
+def header(scope: Scope, name: bytes) -> bytes | None:
+    return next((value for key, value in scope.get("headers", []) if key.lower() == name), None)
+
+
 def has_basic_credentials(scope: Scope) -> bool:
-    return any(key.lower() == b"authorization" and value[:6].lower() == b"basic "
-               for key, value in scope.get("headers", []))
+    return (header(scope, b"authorization") or b"")[:6].lower() == b"basic "
+
+
+def basic_credentials_ok(app: Any, authorization: str | None) -> bool:
+    """HTTP Basic credentials checked against the app's ``--auth`` list in constant time."""
+    if not authorization or not authorization.lower().startswith("basic "):
+        return False
+    try:
+        user, _, password = base64.b64decode(authorization[6:], validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    expected = app.auth.get(user) if isinstance(app.auth, dict) else None
+    return expected is not None and secrets.compare_digest(password.encode(), str(expected).encode())
+
+
+def logged_in(request: Request) -> bool:
+    """The UI's rule: open when the app has no ``--auth``, else Gradio's login cookie or HTTP Basic credentials."""
+    app = request.app
+    if getattr(app, "auth", None) is None:
+        return True
+    cookie_id = getattr(app, "cookie_id", "")
+    token = (request.cookies.get(f"access-token-{cookie_id}")
+             or request.cookies.get(f"access-token-unsecure-{cookie_id}"))
+    if token and app.tokens.get(token):
+        return True
+    return basic_credentials_ok(app, request.headers.get("authorization"))
+
+
+def content_length(scope: Scope) -> int | None:
+    """The announced body size; a malformed one counts as unbounded."""
+    value = header(scope, b"content-length")
+    if value is None:
+        return None
+    return int(value) if value.strip().isdigit() else 1 << 62
+
+
+async def refuse(send: Send, status: int, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """A JSON error answered before the body is read; the connection closes so the rest is never received."""
+    body = json.dumps({"detail": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"x-content-type-options", b"nosniff"), (b"connection", b"close"), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def nosniff_json(send: Send, always: bool) -> Send:
+    """``send`` that adds ``X-Content-Type-Options: nosniff`` to JSON answers (to every answer when ``always``)."""
+    async def send_nosniff(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", []))
+            names = {k.lower() for k, _ in headers}
+            kind = dict((k.lower(), v) for k, v in headers).get(b"content-type", b"")
+            if b"x-content-type-options" not in names and (always or kind.startswith(b"application/json")):
+                message = {**message, "headers": [*headers, (b"x-content-type-options", b"nosniff")]}
+        await send(message)
+
+    return send_nosniff
+
+
+class BodyCap:
+    """A request's body passed on until it exceeds ``limit`` bytes: then 413, and the app is told the client left."""
+
+    def __init__(self, limit: int, receive: Receive, send: Send) -> None:
+        self.limit, self._receive, self._send = limit, receive, send
+        self.size, self.started, self.refused = 0, False, False
+
+    async def receive(self) -> dict:
+        if self.refused:
+            return {"type": "http.disconnect"}
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.size += len(message.get("body", b""))
+            if self.size > self.limit:
+                self.refused = True
+                if not self.started:
+                    await refuse(self._send, 413, too_large(self.limit))
+                return {"type": "http.disconnect"}
+        return message
+
+    async def send(self, message: dict) -> None:
+        if self.refused:
+            return  # the app's answer to the disconnect: the client has its 413 already
+        self.started = self.started or message["type"] == "http.response.start"
+        await self._send(message)
+
+    async def run(self, app: Callable, scope: Scope) -> None:
+        try:
+            await app(scope, self.receive, self.send)
+        except Exception:
+            if not self.refused:  # after a refusal the app fails on the missing body: nothing to report
+                raise
+
+
+def too_large(limit: int) -> str:
+    return f"the request is larger than the app accepts ({limit >> 20} MB; see --max-upload-mb)"
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    """Largest body in bytes: of any request, of one request to Gradio's upload route, of the login form."""
+
+    request: int
+    upload_route: int
+    login: int = LOGIN_BODY_BYTES
+
+    @classmethod
+    def from_upload_limit(cls, max_upload_bytes: int) -> BodyLimits:
+        return cls(max_upload_bytes + FORM_BYTES, max_upload_bytes * UPLOAD_ROUTE_FILES + FORM_BYTES)
+
+    def of(self, path: str) -> int:
+        return self.upload_route if UPLOAD_ROUTE.search(path) else self.request
 
 
 class AppGuard:
-    """ASGI middleware in front of the Gradio app: the file rules and the login throttle above."""
+    """ASGI middleware in front of the Gradio app: the body, file and login rules above."""
 
-    def __init__(self, app: Callable, files: FileGuard, throttle: LoginThrottle) -> None:
-        self.app, self.files, self.throttle = app, files, throttle
+    def __init__(self, app: Callable, files: FileGuard, throttle: LoginThrottle, limits: BodyLimits) -> None:
+        self.app, self.files, self.throttle, self.limits = app, files, throttle, limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
+        send = nosniff_json(send, always=path.startswith(API_PREFIX))
         file_route = FILE_ROUTE.search(path)
         if file_route:
             await self._serve_file(file_route.group("path"), scope, receive, send)
         elif LOGIN_ROUTE.search(path) and scope.get("method") == "POST":
-            await self._login(scope, receive, send, slots=1, failures=FAILED_LOGIN)
+            await self._attempt(scope, receive, send, FAILED_LOGIN)
         elif has_basic_credentials(scope):
-            await self._login(scope, receive, send, slots=BASIC_SLOTS, failures=FAILED_BASIC)
+            await self._attempt(scope, receive, send, FAILED_BASIC)
         else:
-            await self.app(scope, receive, send)
+            await self._admit(scope, receive, send)
 
     async def _serve_file(self, requested: str, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.files.allows(requested):
@@ -139,15 +295,57 @@ class AppGuard:
 
         await self.app(scope, receive, send_with_headers)
 
-    async def _login(self, scope: Scope, receive: Receive, send: Send, slots: int, failures: frozenset[int]) -> None:
-        client = (scope.get("client") or ("unknown",))[0]
-        async with self.throttle.gate(client, slots):
-            async def send_slowly(message: dict) -> None:
-                if message["type"] == "http.response.start":
-                    if message.get("status") in failures:
-                        await asyncio.sleep(self.throttle.failed(client))
-                    elif message.get("status", 500) < 300:
-                        self.throttle.succeeded(client)
-                await send(message)
+    def _needs_login(self, scope: Scope) -> bool:
+        """Every API route and every route that takes a body, except the login form."""
+        if getattr(scope.get("app"), "auth", None) is None or LOGIN_ROUTE.search(scope.get("path", "")):
+            return False
+        return scope.get("path", "").startswith(API_PREFIX) or scope.get("method") not in BODYLESS_METHODS
 
-            await self.app(scope, receive, send_slowly)
+    async def _admit(self, scope: Scope, receive: Receive, send: Send,
+                     admitted: Callable[[], None] | None = None) -> None:
+        """Pass the request on once its login and announced size are checked, its body capped while it streams."""
+        if self._needs_login(scope):
+            if not logged_in(Request(scope)):
+                await refuse(send, 401, "log in first: the app's --auth applies", ((b"www-authenticate", b"Basic"),))
+                return
+            if admitted is not None:
+                admitted()
+        path = scope.get("path", "")
+        limit = self.limits.login if LOGIN_ROUTE.search(path) else self.limits.of(path)
+        length = content_length(scope)
+        if length is not None and length > limit:
+            await refuse(send, 413, too_large(limit))
+            return
+        await BodyCap(limit, receive, send).run(self.app, scope)
+
+    async def _attempt(self, scope: Scope, receive: Receive, send: Send, failures: frozenset[int]) -> None:
+        """A request that carries a password: admitted only while the client has room, failures held back."""
+        client = (scope.get("client") or ("unknown",))[0]
+        if not self.throttle.enter(client):
+            await refuse(send, 429, "too many login attempts at once from this address: wait for their answers")
+            return
+        in_flight = True
+
+        def leave() -> None:
+            nonlocal in_flight
+            if in_flight:
+                in_flight = False
+                self.throttle.leave(client)
+
+        def admitted() -> None:
+            self.throttle.succeeded(client)
+            leave()
+
+        async def send_slowly(message: dict) -> None:
+            if message["type"] == "http.response.start" and in_flight:
+                if message.get("status") in failures:
+                    await self.throttle.hold_failure(client)
+                elif message.get("status", 500) < 300:
+                    self.throttle.succeeded(client)
+                leave()
+            await send(message)
+
+        try:
+            await self._admit(scope, receive, send_slowly, admitted)
+        finally:
+            leave()

@@ -8,6 +8,7 @@ concurrency, and turns every problem into a sentence (never a traceback).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import socket
@@ -51,6 +52,10 @@ class AppConfig(AutoConfig):
     queue_size: int = option(64, "requests that may wait in the queue before new ones are refused")
     device: str = option("cpu", "where the model and the index run", choices=["auto", "cpu", "cuda"])
     warm_thumbnails: bool = option(True, "make the first page of every cluster's thumbnails in the background")
+    trusted_proxy: str | None = option(None, "reverse proxies (addresses or networks, a comma list) whose "
+                                             "X-Forwarded-For names the client; from anyone else the header is "
+                                             "ignored and the login throttle sees the connection's address",
+                                       metavar="ADDR[,ADDR...]")
 
 
 class AppStartError(UserError):
@@ -154,14 +159,37 @@ def build_app(config: AppConfig):
     return workspace, demo
 
 
-def guard_middleware() -> Middleware:
-    """Serve files only from Gradio's cache (copies of what the app made), throttle failed logins."""
+def guard_middleware(config: AppConfig) -> Middleware:
+    """Refuse strangers' and oversized bodies unread, serve files only from Gradio's cache (copies of what the
+    app made), throttle failed logins."""
     from gradio.utils import get_upload_folder
     from starlette.middleware import Middleware
 
-    from app.guard import AppGuard, FileGuard, LoginThrottle
+    from app.guard import AppGuard, BodyLimits, FileGuard, LoginThrottle
 
-    return Middleware(AppGuard, files=FileGuard([get_upload_folder()]), throttle=LoginThrottle())
+    return Middleware(AppGuard, files=FileGuard([get_upload_folder()]), throttle=LoginThrottle(),
+                      limits=BodyLimits.from_upload_limit(config.max_upload_mb << 20))
+
+
+FORWARDED_ENV = "FORWARDED_ALLOW_IPS"  # uvicorn's list of proxies whose X-Forwarded-For it applies
+
+
+def trusted_proxies(config: AppConfig) -> list[str]:
+    """The --trusted-proxy addresses and networks (a comma list), each checked."""
+    proxies = [part.strip() for part in str(config.trusted_proxy or "").split(",") if part.strip()]
+    for proxy in proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise AppStartError(f"--trusted-proxy {proxy} is not an IP address or network (such as 127.0.0.1 "
+                                "or 10.0.0.0/8)") from None
+    return proxies
+
+
+def trust_only(proxies: list[str]) -> None:
+    """Make uvicorn read X-Forwarded-For only from ``proxies``: by default it trusts every loopback peer, which
+    let any local client pick the address the login throttle sees."""
+    os.environ[FORWARDED_ENV] = ",".join(proxies)
 
 
 def check_options(config: AppConfig) -> None:
@@ -174,6 +202,7 @@ def check_options(config: AppConfig) -> None:
             raise AppStartError(f"{flag} {value} must be at least 1")
     if not config.host.strip():
         raise AppStartError("--host must name an address, such as 127.0.0.1 or 0.0.0.0")
+    trusted_proxies(config)
 
 
 def api_routes(workspace, config: AppConfig) -> list:
@@ -186,6 +215,7 @@ def api_routes(workspace, config: AppConfig) -> list:
 def launch(config: AppConfig, block: bool = True):
     """Start the server; returns (workspace, demo) when ``block`` is False (tests, benchmarks)."""
     check_options(config)
+    trust_only(trusted_proxies(config))
     auth = resolve_auth(config)
     workspace, demo = build_app(config)
     from app.ui import page_css  # after build_app, which imports the UI (slowly) once the setup is checked
@@ -199,7 +229,7 @@ def launch(config: AppConfig, block: bool = True):
         demo.launch(server_name=config.host, server_port=config.port or free_port(config.host), auth=auth,
                     css=page_css(), allowed_paths=workspace.output_folders, max_file_size=f"{config.max_upload_mb}mb",
                     show_error=False, prevent_thread_lock=True, inbrowser=False, quiet=not block,
-                    app_kwargs={"middleware": [guard_middleware()], "routes": api_routes(workspace, config)})
+                    app_kwargs={"middleware": [guard_middleware(config)], "routes": api_routes(workspace, config)})
 
     if not block:
         start()
