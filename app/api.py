@@ -8,20 +8,24 @@ app, never as a file path: nothing outside the index is reachable through these 
 
 from __future__ import annotations
 
-import base64
-import binascii
+import functools
 import io
 import json
-import secrets
+import shutil
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, UploadFile
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
 
+from app.guard import logged_in
 from app.workspace import PAGE_SIZE, AppUserError, Neighbour, Workspace
 from twist_core.curate.curation import Record
 from twist_core.index.image_index import Hit
@@ -30,6 +34,7 @@ from twist_core.index.store import IndexUserError
 PREFIX = "/api/v1"
 MAX_K = 200
 UPLOAD_CHUNK = 1 << 20
+MAX_ID = 2**63 - 1  # SQLite's largest integer
 
 
 class VectorQuery(BaseModel):
@@ -37,31 +42,59 @@ class VectorQuery(BaseModel):
     k: int = Field(10, ge=1, le=MAX_K)
 
 
-def _credentials_ok(app: Any, header: str | None) -> bool:
-    """HTTP Basic credentials checked against the app's ``--auth`` list in constant time."""
-    if not header or not header.lower().startswith("basic "):
-        return False
-    try:
-        user, _, password = base64.b64decode(header[6:], validate=True).decode("utf-8").partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        return False
-    expected = app.auth.get(user) if isinstance(app.auth, dict) else None
-    return expected is not None and secrets.compare_digest(password.encode(), str(expected).encode())
-
-
 def require_login(request: Request) -> None:
-    """The UI's rule for every route: open when the app has no ``--auth``, else a login cookie or Basic auth."""
-    app = request.app
-    if getattr(app, "auth", None) is None:
-        return
-    cookie_id = getattr(app, "cookie_id", "")
-    token = (request.cookies.get(f"access-token-{cookie_id}")
-             or request.cookies.get(f"access-token-unsecure-{cookie_id}"))
-    if token and app.tokens.get(token):
-        return
-    if _credentials_ok(app, request.headers.get("authorization")):
-        return
-    raise HTTPException(401, "log in first: the app's --auth applies to the API", {"WWW-Authenticate": "Basic"})
+    """The UI's rule for every route (checked before the body is read by :mod:`app.guard`; kept here so the
+    routes stay closed wherever they are mounted): a login cookie or HTTP Basic credentials when the app has
+    ``--auth``."""
+    if not logged_in(request):
+        raise HTTPException(401, "log in first: the app's --auth applies to the API", {"WWW-Authenticate": "Basic"})
+
+
+class Workers:
+    """The API's share of ``--concurrency``: each route's work (decoding, the model, the stores) runs in worker
+    threads, at most ``concurrency`` requests of one route at a time, as the UI's queue does for its events;
+    the event loop only moves bytes, so one slow request never holds up another."""
+
+    def __init__(self, concurrency: int) -> None:
+        self.concurrency = concurrency
+        self._limiters: dict[str, anyio.CapacityLimiter] = {}
+
+    async def run(self, kind: str, work: Callable[[], Any]) -> Any:
+        limiter = self._limiters.setdefault(kind, anyio.CapacityLimiter(self.concurrency))
+        return await anyio.to_thread.run_sync(work, limiter=limiter)
+
+    def route(self, work: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+        """``work`` as an endpoint (same parameters) that runs in the workers of its own kind."""
+        @functools.wraps(work)
+        async def endpoint(*args: Any, **kwargs: Any) -> Any:
+            return await self.run(work.__name__, functools.partial(work, *args, **kwargs))
+
+        return endpoint
+
+
+def known_id(image_id: int) -> int:
+    """An id SQLite can hold; any other names no image (404, where it used to overflow into a 500)."""
+    if not 0 <= image_id <= MAX_ID:
+        raise HTTPException(404, f"no image with id {image_id} in the index")
+    return image_id
+
+
+def unit_query(values: list[float], dim: int) -> np.ndarray:
+    """The query vector as the index searches it; 400 when it has no direction to search along."""
+    vector = np.asarray(values, dtype=np.float32)[None]
+    if vector.shape[1] != dim or not np.isfinite(vector).all():
+        raise HTTPException(400, f"the vector must hold {dim} finite numbers")
+    norm = float(np.linalg.norm(vector))
+    if norm == 0.0 or not np.isfinite(norm):
+        problem = "is zero (or too small to measure)" if norm == 0.0 else "is too large for 32-bit floats"
+        raise HTTPException(400, f"the vector has no direction to search along: its length {problem}")
+    return vector
+
+
+def _temporary_csv(ws: Workspace) -> tuple[Path, BackgroundTask]:
+    """The labels CSV in a folder of its own, and the task that removes that folder once the answer is sent."""
+    path = ws.export_csv()
+    return path, BackgroundTask(shutil.rmtree, path.parent, ignore_errors=True)
 
 
 def _record_json(record: Record, names: dict[int, str]) -> dict[str, Any]:
@@ -100,21 +133,25 @@ def _top_classes(probs: np.ndarray, names: dict[int, str], k: int = 5) -> list[d
             for c in order]
 
 
-def build_router(ws: Workspace, max_upload_bytes: int) -> APIRouter:
-    """The ``/api/v1`` routes over one workspace; every route requires the UI's login."""
+def build_router(ws: Workspace, max_upload_bytes: int, concurrency: int) -> APIRouter:
+    """The ``/api/v1`` routes over one workspace; every route requires the UI's login and runs in ``Workers``."""
     router = APIRouter(prefix=PREFIX, dependencies=[Depends(require_login)], tags=["twist"])
+    workers = Workers(concurrency)
 
     def user_error(error: AppUserError) -> HTTPException:
         message = str(error)
         return HTTPException(404 if message.startswith(("no image", "there is no cluster")) else 400, message)
 
     @router.get("/clusters", summary="every non-empty cluster: id, name, size, mean confidence")
+    @workers.route
     def clusters() -> list[dict[str, Any]]:
         return [{"id": c["cluster"], "name": c["name"], "size": c["size"],
                  "mean_confidence": round(float(c["mean_confidence"]), 6)}
                 for c in sorted(ws.store.summary(), key=lambda c: (-c["size"], c["cluster"]))]
 
-    @router.get("/clusters/{cluster}/images", summary="a page of a cluster's images, most confident first")
+    @router.get("/clusters/{cluster}/images", summary="a page of a cluster's images, most confident first; a page "
+                                                      "past the end is empty")
+    @workers.route
     def cluster_images(cluster: int, page: int = Query(0, ge=0), lowest_first: bool = False) -> dict[str, Any]:
         try:
             items, total = ws.cluster_page(cluster, page, lowest_first)
@@ -122,10 +159,11 @@ def build_router(ws: Workspace, max_upload_bytes: int) -> APIRouter:
             raise user_error(error) from None
         names = ws.names()
         return {"cluster": cluster, "page": page, "page_size": PAGE_SIZE, "total": total,
-                "images": [_record_json(record, names) for record, _ in items]}
+                "images": [] if page * PAGE_SIZE >= total else [_record_json(record, names) for record, _ in items]}
 
     @router.get("/review", summary="the review queue, most likely wrong first: a page of images no person moved, "
                                    "excluded or kept, each with its score and the cluster its neighbours suggest")
+    @workers.route
     def review_queue(page: int = Query(0, ge=0)) -> dict[str, Any]:
         try:
             items, total = ws.review_page(page, thumbnails=False)
@@ -139,9 +177,10 @@ def build_router(ws: Workspace, max_upload_bytes: int) -> APIRouter:
                            for item in items]}
 
     @router.get("/images/{image_id}", summary="one image: path, cluster, name, confidence, top-k, neighbours")
+    @workers.route
     def image(image_id: int, k: int = Query(12, ge=1, le=MAX_K)) -> dict[str, Any]:
         try:
-            record = ws.record(image_id)
+            record = ws.record(known_id(image_id))
         except AppUserError as error:
             raise user_error(error) from None
         others = [pair for pair in _search_id(ws, image_id, k + 1) if pair[0].id != image_id][:k]
@@ -150,9 +189,10 @@ def build_router(ws: Workspace, max_upload_bytes: int) -> APIRouter:
 
     @router.get("/images/{image_id}/file", summary="the image, re-encoded by the app (PNG)",
                 response_class=Response)
+    @workers.route
     def image_file(image_id: int) -> Response:
         try:
-            picture = ws.view(ws.record(image_id))
+            picture = ws.view(ws.record(known_id(image_id)))
         except AppUserError as error:
             raise user_error(error) from None
         buffer = io.BytesIO()
@@ -162,16 +202,18 @@ def build_router(ws: Workspace, max_upload_bytes: int) -> APIRouter:
                                  "Content-Disposition": f'inline; filename="{image_id}.png"'})
 
     @router.get("/search/id/{image_id}", summary="nearest indexed images of an indexed image")
+    @workers.route
     def search_by_id(image_id: int, k: int = Query(12, ge=1, le=MAX_K)) -> dict[str, Any]:
-        return {"query": image_id, "neighbours": _neighbours_json(_search_id(ws, image_id, k), ws.names())}
+        return {"query": image_id, "neighbours": _neighbours_json(_search_id(ws, known_id(image_id), k), ws.names())}
 
     @router.post("/search/upload", summary="classes and nearest indexed images of an uploaded image")
-    async def search_by_upload(file: UploadFile, k: int = Query(12, ge=1, le=MAX_K)) -> dict[str, Any]:
+    @workers.route
+    def search_by_upload(file: UploadFile, k: int = Query(12, ge=1, le=MAX_K)) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="twist-api-") as folder:
             path = Path(folder) / "query"
             size = 0
             with open(path, "wb") as handle:
-                while chunk := await file.read(UPLOAD_CHUNK):
+                while chunk := file.file.read(UPLOAD_CHUNK):
                     size += len(chunk)
                     if size > max_upload_bytes:
                         raise HTTPException(413, f"the upload is larger than {max_upload_bytes >> 20} MB")
@@ -185,20 +227,19 @@ def build_router(ws: Workspace, max_upload_bytes: int) -> APIRouter:
                 "neighbours": _neighbours_json(_pairs(prediction.neighbours), names)}
 
     @router.post("/search/vector", summary="nearest indexed images of an embedding")
+    @workers.route
     def search_by_vector(query: VectorQuery) -> dict[str, Any]:
-        vector = np.asarray(query.vector, dtype=np.float32)[None]
-        if vector.shape[1] != ws.index.dim or not np.isfinite(vector).all():
-            raise HTTPException(400, f"the vector must hold {ws.index.dim} finite numbers")
-        pairs = _hits_to_pairs(ws, ws.index.search_vectors(vector, query.k)[0])
+        pairs = _hits_to_pairs(ws, ws.index.search_vectors(unit_query(query.vector, ws.index.dim), query.k)[0])
         return {"neighbours": _neighbours_json(pairs, ws.names())}
 
     @router.get("/labels", summary="the current (curated) labels of every image, as JSON or CSV")
+    @workers.route
     def labels(format: str = Query("json", pattern="^(json|csv)$")) -> Any:
         if format == "csv":
-            return FileResponse(ws.export_csv(), media_type="text/csv", filename="labels.csv",
+            path, remove = _temporary_csv(ws)
+            return FileResponse(path, media_type="text/csv", filename="labels.csv", background=remove,
                                 headers={"X-Content-Type-Options": "nosniff"})
         names = ws.names()
         return [_record_json(record, names) for record in ws.store.iter_records()]
 
     return router
-

@@ -209,7 +209,7 @@ def api_routes(workspace, config: AppConfig) -> list:
     """The JSON API's routes (``/api/v1``), handed to the app when it is created so they exist from the start."""
     from app.api import build_router
 
-    return build_router(workspace, config.max_upload_mb << 20).routes
+    return build_router(workspace, config.max_upload_mb << 20, config.concurrency).routes
 
 
 def launch(config: AppConfig, block: bool = True):

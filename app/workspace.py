@@ -10,6 +10,7 @@ import contextlib
 import csv
 import hashlib
 import logging
+import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -266,12 +267,14 @@ class Workspace:
         return thread
 
     def close(self) -> None:
-        """Stop the warm-up (it stops between two images) before the stores it reads are closed under it."""
+        """Stop the warm-up (it stops between two images) before the stores it reads are closed under it; remove
+        the exports folder (what was handed out is in Gradio's cache), which used to outlive every run."""
         self._stop.set()
         for thread in self._warmups:
             thread.join(timeout=WARMUP_STOP_SECONDS)
         self._store.close()
         self._index.close()
+        shutil.rmtree(self.exports_dir, ignore_errors=True)
 
     # ---- overview
     def overview(self, sort: str = "size") -> list[dict[str, Any]]:
