@@ -107,12 +107,12 @@ def offer_body(url: str, path: str, headers: dict[str, str], chunked: bool, watc
     head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": parts.netloc, **headers, **framing}.items())
     filler = FILLER[headers["Content-Type"]]
     pieces = [PREFIX[headers["Content-Type"]] + filler[:-len(PREFIX[headers["Content-Type"]])], filler]
-    base_temp, sent, pending, answer = temp_bytes(watch["pid"], watch["tmp"]), 0, b"", b""
+    base_temp, sent, pending, answer, sending = temp_bytes(watch["pid"], watch["tmp"]), 0, b"", b"", True
     with socket.create_connection((parts.hostname, parts.port)) as sock:
         sock.sendall(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode())
         sock.setblocking(False)
         while b"\r\n" not in answer:
-            wanted = [sock] if sent < BODY_BYTES or pending else []
+            wanted = [sock] if sending and (sent < BODY_BYTES or pending) else []
             readable, writable, _ = select.select([sock], wanted, [], 60)
             if not readable and not writable:
                 raise AssertionError(f"no answer after {sent >> 20} MB")
@@ -121,7 +121,10 @@ def offer_body(url: str, path: str, headers: dict[str, str], chunked: bool, watc
             elif writable:
                 piece = pieces[min(sent, 1)]  # a form or JSON that starts well, then goes on and on
                 pending = pending or (f"{len(piece):x}\r\n".encode() + piece + b"\r\n" if chunked else piece)
-                count = sock.send(pending)
+                try:
+                    count = sock.send(pending)
+                except (BrokenPipeError, ConnectionResetError):  # the server answered and closed: read it
+                    sending, count = False, 0
                 pending, sent = pending[count:], sent + count
                 if sent % (8 << 20) < count:
                     watch["temp_growth"] = max(watch.get("temp_growth", 0),
