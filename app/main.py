@@ -1,8 +1,9 @@
 """``twist app [--model M --index INDEX]``: the web app to browse, search, curate and export the clusters.
 
 It binds 127.0.0.1 unless told otherwise, serves only files it made itself (re-encoded images, exports; see
-app/guard.py), takes logins from a file or $TWIST_AUTH and slows failed ones, limits upload size, pixels and
-concurrency, and turns every problem into a sentence (never a traceback).
+app/guard.py), takes logins from a file or $TWIST_AUTH and slows failed ones (per connection address, or per
+forwarded address from a --trusted-proxy), refuses strangers' and oversized bodies before reading them, limits
+pixels and concurrency, and turns every problem into a sentence (never a traceback).
 """
 
 from __future__ import annotations
