@@ -25,6 +25,7 @@ from twist_core.deploy.export import ExportConfig, export_model
 from twist_core.deploy.infer import OnnxModel
 from twist_core.index.build import IndexConfig, build_index
 from twist_core.index.store import MetaStore, curated_names, meta_path
+from twist_core.io_utils import file_sha256
 from twist_core.label.labeller import LabelConfig, label_folder
 
 STORE_TABLES = ("names", "merges", "overrides", "confirmed")
@@ -206,9 +207,13 @@ def test_restore_state_refuses_a_file_that_is_not_a_set_aside_curation(indexes: 
     before = snapshot(state)
     for name, text in [("garbage.json", "{not json"), ("list.json", "[]"),
                        ("bad-id.json", json.dumps({"model_sha256": "x", "names": {}, "merges": {}, "confirmed": [],
-                                                   "moves": [{"image_id": 10**30, "cluster": 1}], "undo_log": []}))]:
+                                                   "moves": [{"image_id": 10**30, "cluster": 1}], "undo_log": []})),
+                       ("bad-cluster.json", json.dumps({"model_sha256": file_sha256(indexes["m1"]), "merges": {},
+                                                        "names": {"99": "x"}, "confirmed": [], "moves": [],
+                                                        "undo_log": []}))]:
         (tmp_path / name).write_text(text)
         result = twist("restore-state", str(tmp_path / name), "--index", str(indexes["A"]), "--state-dir", str(state))
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
         assert "Traceback" not in result.stderr
+    assert "cluster 99, which the model does not have" in result.stderr
     assert snapshot(state) == before

@@ -219,7 +219,9 @@ class CurationStore:
         return found[0][0] if found else None
 
     def _bind(self, key: str, value: str) -> None:
-        self._db.execute("INSERT OR REPLACE INTO binding (key, value) VALUES (?, ?)", (key, value))
+        """Write a binding when it changes (opening a store with its own index leaves its file as it was)."""
+        if self._binding(key) != value:
+            self._db.execute("INSERT OR REPLACE INTO binding (key, value) VALUES (?, ?)", (key, value))
 
     def held(self) -> dict[str, int]:
         """How many rows of each kind the store holds that name images or clusters (moves are by image id)."""
@@ -284,8 +286,8 @@ class CurationStore:
         runs = ", ".join(sorted({entry["run"] for entry in learned}))
         self._bind("notice", f"the model changed ({old[:12]} -> {new[:12]}): {counts} made for the old model's "
                              f"clusters are set aside in {target} and no longer applied, since the new model numbers "
-                             f"its clusters anew (twist restore-state {target.name} brings them back once the index "
-                             "holds that model again)"
+                             f"its clusters anew (twist restore-state {target} --index INDEX brings them back once "
+                             "the index holds that model again)"
                              + (f"; twist finetune learned from them ({runs})" if runs else "")
                              + "; exclusions still apply")
 
@@ -336,6 +338,7 @@ class CurationStore:
                                 f"{self._index_folder()} now holds model {str(model)[:12]}: relabel the index with "
                                 "that model first (twist index --update --out INDEX --model MODEL.onnx); nothing was "
                                 "changed")
+        self._check_restored_clusters(saved)
         with self._transaction():
             aside = self._write_aside(model, model)
             self._db.executemany("INSERT INTO names (cluster, name) VALUES (?, ?)", saved.names.items())
@@ -348,6 +351,17 @@ class CurationStore:
             self._bind("learned_by", json.dumps(saved.learned_by))
             self._db.execute("DELETE FROM binding WHERE key = 'notice'")
         return aside[0] if aside else None
+
+    def _check_restored_clusters(self, saved: SetAside) -> None:
+        """Every cluster a set-aside file names must be one of the model's (when the store knows how many)."""
+        if not self.n_clusters:
+            return
+        named = [*saved.names, *saved.merges, *saved.merges.values(), *saved.confirmed.values(),
+                 *(c for c in saved.moves.values() if c != EXCLUDED)]
+        wrong = sorted({c for c in named if not 0 <= c < self.n_clusters})
+        if wrong:
+            raise CurationError(f"that curation names cluster {wrong[0]}, which the model does not have (clusters are "
+                                f"0 to {self.n_clusters - 1}); nothing was changed")
 
     def _with_paths(self, table: str, where: str) -> list[dict[str, Any]]:
         """Rows of an image-keyed table with each image's path (None when the image left the index)."""

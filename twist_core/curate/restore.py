@@ -15,7 +15,8 @@ from pathlib import Path
 
 from twist_core.config import AutoConfig, option
 from twist_core.curate.curation import CurationError, CurationStore, SetAside, read_set_aside
-from twist_core.index.store import CURATION_FILE, meta_path
+from twist_core.index.store import CURATION_FILE, MetaStore, meta_path
+from twist_core.io_utils import file_sha256
 
 
 @dataclass
@@ -40,8 +41,28 @@ def restore_state(config: RestoreConfig) -> Restored:
         raise CurationError("give the set-aside file and the index: twist restore-state SET_ASIDE.json --index INDEX")
     saved = read_set_aside(Path(config.file))  # checked before the store is opened: a bad file changes nothing
     store_path = Path(config.state_dir or Path(config.file).parent) / CURATION_FILE
-    store = CurationStore(store_path, meta_path(Path(config.index)), [])
+    metadata = meta_path(Path(config.index))
+    store = CurationStore(store_path, metadata, class_names(metadata))
     try:
         return Restored(saved, store_path, store.restore(saved))
     finally:
         store.close()
+
+
+def class_names(metadata: Path) -> list[str]:
+    """The class names of the index's model, which say how many clusters there are (none when its model file
+    is gone or changed: the clusters are then not checked)."""
+    from twist_core.deploy.infer import OnnxModel
+
+    meta = MetaStore(metadata)
+    try:
+        info = meta.info()
+    finally:
+        meta.close()
+    model = info.get("model")
+    if not model or not Path(model).is_file() or file_sha256(model) != info.get("model_sha256"):
+        return []
+    try:
+        return OnnxModel(model, device="cpu").class_names
+    except (ValueError, OSError):
+        return []
