@@ -39,7 +39,7 @@ CORE_COMMANDS = {
     "suggest-merges": Command("twist_core.commands.suggest_merges",
                               "rank cluster pairs to merge (over-clustered runs) and estimate K"),
     "restore-state": Command("twist_core.commands.restore_state",
-                             "apply curation set aside when the index's model changed again (its JSON file)"),
+                             "put back the curation set aside when the index's model changed (its JSON file)"),
 }
 
 
