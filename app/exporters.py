@@ -117,10 +117,12 @@ def image_url_prefix(url_prefix: str, dataset_root: Path | None = None) -> str:
 
 
 def label_studio_tasks(records: Iterable[Record], names: dict[int, str], model_version: str,
-                       url_prefix: str = LABEL_STUDIO_PREFIX, dataset_root: Path | None = None) -> list[dict]:
+                       url_prefix: str = LABEL_STUDIO_PREFIX, dataset_root: Path | None = None,
+                       index_uid: str | None = None) -> list[dict]:
     """Label Studio import tasks: the image URL and the curated label as a scored prediction.
 
-    A model label keeps its confidence as score; a label a person set (moved, merged) gets score 1.
+    A model label keeps its confidence as score; a label a person set (moved, merged) gets score 1. Each task
+    names the index (``twist_index``, its uid), so ``twist import-labels`` can tell its ids are this index's.
     """
     prefix = image_url_prefix(url_prefix, dataset_root)
     tasks = []
@@ -130,7 +132,7 @@ def label_studio_tasks(records: Iterable[Record], names: dict[int, str], model_v
         score = 1.0 if r.status != "predicted" else round(float(r.confidence or 0.0), 4)
         result = {"from_name": "label", "to_name": "image", "type": "choices",
                   "value": {"choices": [names.get(r.label, str(r.label))]}, "score": score}
-        tasks.append({"data": {"image": prefix + quote(r.path), "twist_id": r.id},
+        tasks.append({"data": {"image": prefix + quote(r.path), "twist_id": r.id, "twist_index": index_uid},
                       "predictions": [{"model_version": model_version, "score": score, "result": [result]}]})
     return tasks
 
@@ -147,7 +149,8 @@ def _xml(text: str) -> str:
 
 
 def write_label_studio(records: Iterable[Record], names: dict[int, str], model_version: str, out: Path,
-                       url_prefix: str = LABEL_STUDIO_PREFIX, dataset_root: Path | None = None) -> Path:
-    tasks = label_studio_tasks(records, names, model_version, url_prefix, dataset_root)
+                       url_prefix: str = LABEL_STUDIO_PREFIX, dataset_root: Path | None = None,
+                       index_uid: str | None = None) -> Path:
+    tasks = label_studio_tasks(records, names, model_version, url_prefix, dataset_root, index_uid)
     atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(tasks, indent=1) + "\n"))
     return out

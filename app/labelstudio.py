@@ -5,10 +5,13 @@ annotation that was not skipped, and applies the chosen names to the curation st
 renames given by --rename, in ONE change: the app's Undo takes a whole import back, and the app and its
 exports see the labels at once (also while it runs: the store is one SQLite file with transactions).
 
-A task names its image by ``data.twist_id`` (the index id the export wrote), checked against its image URL,
-or else by the URL alone, whose path must end with the image's path in the index. A chosen name that matches
-no cluster is reported and left out: rename a cluster to it (in the app, or with --rename) and import again.
-The name ``excluded`` (when no cluster has it) takes an image out of the dataset, as the app's Exclude does.
+A task names its image by ``data.twist_id`` (the index id the export wrote), checked against its image URL
+(or, with no URL, against ``data.twist_index``, the index the app's export names), or else by the URL alone,
+whose path must end with the image's path in the index. An export whose tasks name another index, or a --model
+that did not label the index, is refused. A chosen name that matches no cluster is reported and left out:
+rename a cluster to it (in the app, or with --rename) and import again. The name ``excluded`` (when no cluster
+has it) takes an image out of the dataset, as the app's Exclude does. A malformed task is named and left out;
+the others are applied. What the summary quotes from the export is shown with control characters escaped.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from twist_core.config import AutoConfig, command_parser, option
 from twist_core.curate.curation import EXCLUDED, CurationStore
 from twist_core.errors import UserError
 from twist_core.index.store import META_FILE, MetaStore, read_manifest
+from twist_core.io_utils import file_sha256
 
 EXCLUDE_NAME = "excluded"
 SHOWN = 10  # unknown images listed by name in the summary
+MAX_ID = 2**63  # index ids are SQLite integers
 
 
 @dataclass
@@ -50,6 +55,10 @@ class LabelImportError(UserError):
     """The export or the options cannot be used as given; the message says why."""
 
 
+class TaskError(ValueError):
+    """One task of the export cannot be read; it is named in the summary and left out."""
+
+
 @dataclass(frozen=True)
 class Choice:
     """What one task says: the image it names (None if unknown) and the label chosen, or why there is none."""
@@ -57,7 +66,7 @@ class Choice:
     task: str
     image_id: int | None
     name: str | None
-    outcome: str  # chosen, not annotated, cancelled, no single choice, unknown image
+    outcome: str  # chosen, not annotated, cancelled, no single choice, unknown image, malformed
 
 
 @dataclass
@@ -72,6 +81,7 @@ class ImportPlan:
     unknown_names: Counter = field(default_factory=Counter)
     unknown_images: list[str] = field(default_factory=list)
     conflicting: list[int] = field(default_factory=list)
+    malformed: list[str] = field(default_factory=list)  # each: the task and what is wrong with it
 
 
 def load_export(path: Path) -> list[dict[str, Any]]:
@@ -94,13 +104,19 @@ def load_export(path: Path) -> list[dict[str, Any]]:
 
 def chosen_name(task: dict[str, Any], from_name: str) -> tuple[str | None, str]:
     """The label of the task's latest annotation that was not skipped, or why there is none."""
-    annotations = [a for a in task.get("annotations") or [] if isinstance(a, dict)]
+    listed = task.get("annotations") or []
+    if not isinstance(listed, list):
+        raise TaskError("its annotations are not a list")
+    annotations = [a for a in listed if isinstance(a, dict)]
     kept = [a for a in annotations if not a.get("was_cancelled")]
     if not kept:
         return None, "cancelled" if annotations else "not annotated"
     latest = max(kept, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""),
                                       a["id"] if type(a.get("id")) is int else -1))
-    picked = [choices_of(result) for result in latest.get("result") or []
+    results = latest.get("result") or []
+    if not isinstance(results, list):
+        raise TaskError("an annotation's result is not a list")
+    picked = [choices_of(result) for result in results
               if isinstance(result, dict) and result.get("type") == "choices" and result.get("from_name") == from_name]
     names = [name for choices in picked for name in choices]
     if len(names) != 1 or not isinstance(names[0], str):
@@ -135,29 +151,80 @@ def suffixes(path: str) -> list[str]:
 
 def as_id(value: Any) -> Any:
     """An index id as the export wrote it: a number, or digits in a string; anything else is kept as given."""
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit() and len(value.strip()) < 20:
         return int(value)
     return value
 
 
-def find_images(tasks: Sequence[dict[str, Any]], meta: MetaStore) -> list[tuple[int | None, str]]:
-    """Each task's index id (None if it names no indexed image, or an id whose path disagrees with its URL)."""
-    files = [url_path(t["data"].get("image")) for t in tasks]
-    given = [t["data"].get("twist_id") for t in tasks]
-    given = [as_id(i) for i in given]
-    ids = [i for i in given if type(i) is int]
+def is_index_id(value: Any) -> bool:
+    """Whether ``value`` can be an index id at all (10**30 cannot: it is reported as an unknown image)."""
+    return type(value) is int and 0 <= value < MAX_ID
+
+
+def terminal_safe(text: str, limit: int = 200) -> str:
+    """``text`` with every character a terminal could act on (escape sequences, bell, carriage return,
+    bidirectional overrides) written as its escape, cut at ``limit`` characters."""
+    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return shown if len(shown) <= limit else shown[:limit] + "..."
+
+
+def task_label(number: int, task: dict[str, Any]) -> str:
+    """How the summary names a task: its place in the file and its Label Studio id."""
+    return f"task #{number}" + (f" (id {task['id']})" if type(task.get("id")) is int else "")
+
+
+@dataclass(frozen=True)
+class TaskImage:
+    """What a task says about its image: the file its URL names, the index id and the index it names."""
+
+    url_file: str | None
+    twist_id: Any
+    twist_index: str | None
+
+
+def task_image(task: dict[str, Any]) -> TaskImage:
+    data = task["data"]
+    named = data.get("twist_index")
+    if named is not None and not isinstance(named, str):
+        raise TaskError("its twist_index is not text")
+    try:
+        url_file = url_path(data.get("image"))
+    except ValueError as error:
+        raise TaskError(f"its image URL cannot be read ({error})") from None
+    return TaskImage(url_file, as_id(data.get("twist_id")), named)
+
+
+def find_images(images: Sequence[TaskImage], meta: MetaStore, uid: str | None) -> list[tuple[int | None, str]]:
+    """Each task's index id (None if it names no indexed image, or an id its URL disagrees with, or an id with
+    no URL from a task that does not name this index) and how the summary names it."""
+    ids = [i.twist_id for i in images if is_index_id(i.twist_id)]
     paths = {i: row["path"] for i, row in meta.rows(ids).items()}
-    by_path = meta.ids_for_paths(sorted({s for f, i in zip(files, given, strict=True) if i is None and f
-                                         for s in suffixes(f)}))
+    by_path = meta.ids_for_paths(sorted({s for i in images if i.twist_id is None and i.url_file
+                                         for s in suffixes(i.url_file)}))
     found: list[tuple[int | None, str]] = []
-    for url_file, twist_id in zip(files, given, strict=True):
+    for image in images:
+        url_file, twist_id = image.url_file, image.twist_id
         if twist_id is not None:
-            known = type(twist_id) is int and twist_id in paths and names_path(url_file, paths[twist_id])
-            found.append((twist_id if known else None, f"id {twist_id}" + (f" ({url_file})" if url_file else "")))
+            known = is_index_id(twist_id) and twist_id in paths and (
+                names_path(url_file, paths[twist_id]) if url_file else uid is not None and image.twist_index == uid)
+            found.append((twist_id if known else None, f"id {twist_id}" + (
+                f" ({url_file})" if url_file else " (no image URL, and the task does not name this index)")))
         else:
             hit = next((by_path[s] for s in suffixes(url_file) if s in by_path), None) if url_file else None
             found.append((hit, url_file or "a task with no image URL"))
     return found
+
+
+def refuse_other_index(tasks: Sequence[dict[str, Any]], uid: str | None, source: str, index: str) -> None:
+    """An export whose tasks name another index (``twist_index``) belongs to that index: refused whole."""
+    foreign = [(number, task) for number, task in enumerate(tasks, 1)
+               if uid and isinstance(task["data"].get("twist_index"), str) and task["data"]["twist_index"] != uid]
+    if foreign:
+        number, task = foreign[0]
+        raise LabelImportError(
+            f"{source} was exported from another index (uid {terminal_safe(task['data']['twist_index'][:12])}, "
+            f"{task_label(number, task)}" + (f" and {len(foreign) - 1} more" if len(foreign) > 1 else "")
+            + f"), not {index} (uid {uid[:12]}): import it with the index it came from; nothing was changed")
 
 
 def normalized(name: str) -> str:
@@ -191,13 +258,23 @@ def name_lookup(names: dict[int, str], renames: dict[int, str]) -> dict[str, int
     return lookup
 
 
-def read_choices(tasks: Sequence[dict[str, Any]], meta: MetaStore, from_name: str) -> list[Choice]:
+def read_choices(tasks: Sequence[dict[str, Any]], meta: MetaStore, from_name: str, uid: str | None
+                 ) -> list[Choice]:
+    """Each task's choice; a task that cannot be read is a ``malformed`` choice naming it and why."""
+    read: list[tuple[TaskImage, str | None, str]] = []
+    malformed: dict[int, str] = {}
+    for number, task in enumerate(tasks, 1):
+        try:
+            read.append((task_image(task), *chosen_name(task, from_name)))
+        except (TaskError, TypeError, AttributeError, ValueError) as error:
+            malformed[number] = f"{task_label(number, task)}: {error}"
+            read.append((TaskImage(None, None, None), None, "malformed"))
     choices = []
-    for task, (image_id, reference) in zip(tasks, find_images(tasks, meta), strict=True):
-        name, outcome = chosen_name(task, from_name)
+    for number, ((_, name, outcome), (image_id, reference)) in enumerate(
+            zip(read, find_images([image for image, _, _ in read], meta, uid), strict=True), 1):
         if outcome == "chosen" and image_id is None:
             outcome = "unknown image"
-        choices.append(Choice(reference, image_id, name, outcome))
+        choices.append(Choice(malformed.get(number, reference), image_id, name, outcome))
     return choices
 
 
@@ -207,8 +284,10 @@ def plan_import(choices: Sequence[Choice], store: CurationStore, renames: dict[i
     lookup = name_lookup(store.names(), renames)
     targets: dict[int, set[int]] = {}
     for choice in choices:
-        if choice.outcome == "unknown image":
-            plan.unknown_images.append(choice.task)
+        if choice.outcome == "malformed":
+            plan.malformed.append(terminal_safe(choice.task))
+        elif choice.outcome == "unknown image":
+            plan.unknown_images.append(terminal_safe(choice.task))
         elif choice.outcome != "chosen":
             plan.skipped[choice.outcome] += 1
         elif normalized(choice.name or "") not in lookup:
@@ -250,25 +329,48 @@ def summary_lines(plan: ImportPlan, applied: bool) -> list[str]:
         names = ", ".join(f"{n!r} ({k} task(s))" for n, k in sorted(plan.unknown_names.items()))
         lines.append(f"unknown label names, not applied: {names}; rename a cluster to such a name (in the app, "
                      "or --rename CLUSTER=NAME) and import again")
+    if plan.malformed:
+        listed = "; ".join(plan.malformed[:SHOWN]) + ("; ..." if len(plan.malformed) > SHOWN else "")
+        lines.append(f"warning: {len(plan.malformed)} malformed task(s) left out ({listed})")
     shown = ", ".join(plan.unknown_images[:SHOWN]) + (", ..." if len(plan.unknown_images) > SHOWN else "")
     lines.append(f"unknown images: {len(plan.unknown_images)}" + (f" ({shown})" if shown else ""))
-    return lines
+    return [terminal_safe(line, limit=100_000) for line in lines]
 
 
-def open_store(config: ImportLabelsConfig) -> tuple[CurationStore, MetaStore]:
-    """The curation store the app uses for this index (same state folder), and the index's metadata."""
+def open_index(config: ImportLabelsConfig) -> tuple[MetaStore, Path, list[str]]:
+    """The index's metadata, its path and the class names of the model that labelled it (--model must be that
+    model: another one's clusters would be applied to this index's images)."""
     index_dir = Path(config.index or "")
-    manifest = read_manifest(index_dir)
-    meta_path = index_dir / manifest["dir"] / META_FILE
+    meta_path = index_dir / read_manifest(index_dir)["dir"] / META_FILE
     meta = MetaStore(meta_path)
-    model = config.model or meta.info().get("model")
-    if not model:
-        raise LabelImportError("the index records no model; give --model (the model the index was built with)")
-    from twist_core.deploy.infer import OnnxModel
+    try:
+        info = meta.info()
+        model = config.model or info.get("model")
+        if not model:
+            raise LabelImportError("the index records no model; give --model (the model the index was built with)")
+        check_model(Path(model), info, index_dir, given=bool(config.model))
+        from twist_core.deploy.infer import OnnxModel
 
-    names = OnnxModel(model, device="cpu").class_names
-    state_dir = Path(config.state_dir) if config.state_dir else index_dir
-    return CurationStore(state_dir / "curation.sqlite", meta_path, names), meta
+        return meta, meta_path, OnnxModel(model, device="cpu").class_names
+    except BaseException:
+        meta.close()
+        raise
+
+
+def check_model(model: Path, info: dict[str, Any], index_dir: Path, given: bool) -> None:
+    """Refuse a model file that is not the one whose fingerprint the index recorded when it was labelled."""
+    if not model.is_file():
+        where = "" if given else ", where the index's model was: give --model (the model the index was built with)"
+        raise LabelImportError(f"no model at {model}{where}")
+    recorded = info.get("model_sha256")
+    if recorded is None or file_sha256(model) == recorded:
+        return
+    if given:
+        raise LabelImportError(f"--model {model} did not label {index_dir}: its labels come from {info.get('model')} "
+                               f"(model {recorded[:12]}), whose clusters the export's names must be applied to; give "
+                               "that model, or leave --model out")
+    raise LabelImportError(f"{model} changed since it labelled {index_dir} (model {recorded[:12]}): give the model "
+                           "the index was labelled with as --model")
 
 
 def import_labels(config: ImportLabelsConfig) -> ImportPlan:
@@ -276,15 +378,21 @@ def import_labels(config: ImportLabelsConfig) -> ImportPlan:
     if not config.file or not config.index:
         raise LabelImportError("give the export and the index: twist import-labels EXPORT.json --index INDEX")
     tasks = load_export(Path(config.file))
-    store, meta = open_store(config)
+    meta, meta_path, names = open_index(config)
     try:
-        plan = plan_import(read_choices(tasks, meta, config.from_name), store,
-                           parse_renames(config.rename, store.names()))
-        if not config.dry_run and (plan.moves or plan.renames):
-            store.relabel(describe(plan, Path(config.file).name), plan.moves, plan.renames)
-        return plan
+        uid = meta.info().get("uid")
+        refuse_other_index(tasks, uid, config.file, config.index)
+        state_dir = Path(config.state_dir) if config.state_dir else Path(config.index)
+        store = CurationStore(state_dir / "curation.sqlite", meta_path, names)
+        try:
+            plan = plan_import(read_choices(tasks, meta, config.from_name, uid), store,
+                               parse_renames(config.rename, store.names()))
+            if not config.dry_run and (plan.moves or plan.renames):
+                store.relabel(describe(plan, Path(config.file).name), plan.moves, plan.renames)
+            return plan
+        finally:
+            store.close()
     finally:
-        store.close()
         meta.close()
 
 

@@ -482,7 +482,8 @@ class Workspace:
     def export_label_studio(self, url_prefix: str = exporters.LABEL_STUDIO_PREFIX) -> tuple[Path, str]:
         version = f"twist-{str(self.model.card.get('checkpoint_sha256', ''))[:12]}"
         out = exporters.write_label_studio(self.store.iter_records(), self.names(), version,
-                                           self._export_path("label-studio-tasks.json"), url_prefix, self.root)
+                                           self._export_path("label-studio-tasks.json"), url_prefix, self.root,
+                                           self.index.info.get("uid"))
         return out, exporters.label_studio_config(self.names()[c] for c in sorted(self.names()))
 
     # ---- map

@@ -34,6 +34,7 @@ def config_cases(tmp_path: Path) -> dict[str, tuple[list[str], dict, str]]:
         "suggest-merges": ([str(tmp_path)], {"top": 0}, "--top"),
         "app": ([], {"model": missing + ".onnx", "index": str(tmp_path)}, missing),
         "import-labels": ([missing + ".json"], {"index": str(tmp_path)}, missing),
+        "restore-state": ([], {"file": missing + ".json", "index": str(tmp_path)}, missing),
     }
 
 

@@ -38,6 +38,8 @@ CORE_COMMANDS = {
     "duplicates": Command("twist_core.commands.duplicates", "list groups of near-identical images in an index"),
     "suggest-merges": Command("twist_core.commands.suggest_merges",
                               "rank cluster pairs to merge (over-clustered runs) and estimate K"),
+    "restore-state": Command("twist_core.commands.restore_state",
+                             "put back the curation set aside when the index's model changed (its JSON file)"),
 }
 
 

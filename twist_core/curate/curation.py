@@ -42,6 +42,7 @@ from twist_core.io_utils import atomic_write_text, mark_output_folder
 EXCLUDED = -1  # the label of an image taken out of the dataset
 SET_ASIDE_FILE = "curation-set-aside-{model}-{time}.json"  # curation made for a model the index no longer uses
 ORDERS = (IMAGES.confidence, IMAGES.id, IMAGES.path)
+HELD = ("name(s)", "merge(s)", "move(s)", "exclusion(s)", "confirmation(s)", "undo step(s)")  # see held()
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS names (cluster INTEGER PRIMARY KEY, name TEXT NOT NULL);
@@ -65,8 +66,90 @@ RECORD_SQL = (f"SELECT i.{IMAGES.id}, i.{IMAGES.path}, i.{IMAGES.cluster}, i.{IM
               f"{LABEL_SQL}, o.cluster, c.image_id {JOINS}")
 
 
+def describe_held(held: Mapping[str, int]) -> str:
+    """``3 name(s), 1 merge(s), ...``: the kinds a store holds, empty when it holds nothing."""
+    return ", ".join(f"{n} {kind}" for kind, n in held.items() if n)
+
+
 class CurationError(UserError):
     """A curation request that cannot be applied (unknown cluster, nothing to undo, ...); says why."""
+
+
+@dataclass(frozen=True)
+class SetAside:
+    """A set-aside file (``curation-set-aside-*.json``) read back and checked: what :meth:`CurationStore.restore`
+    puts back, keyed as the store keys it."""
+
+    model_sha256: str
+    index_uid: str | None
+    names: dict[int, str]
+    merges: dict[int, int]
+    moves: dict[int, int]  # image id -> cluster
+    confirmed: dict[int, int]
+    undo_log: list[tuple[str, str, dict[str, dict[str, Any]]]]  # action, at, previous
+    learned_by: list[Any]
+
+    def describe(self) -> str:
+        return describe_held({"name(s)": len(self.names), "merge(s)": len(self.merges), "move(s)": len(self.moves),
+                              "confirmation(s)": len(self.confirmed), "undo step(s)": len(self.undo_log)})
+
+
+def read_set_aside(path: Path) -> SetAside:
+    """The set-aside file at ``path``; anything else (not JSON, a field of the wrong kind, an id SQLite cannot
+    hold) is refused in one line naming the file."""
+    try:
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(saved, dict) or not isinstance(saved.get("model_sha256"), str):
+            raise ValueError("no model_sha256: it was not written by a curation store")
+        uid = saved.get("index_uid")
+        return SetAside(
+            saved["model_sha256"], uid if isinstance(uid, str) else None,
+            {_key(c): _typed(n, str) for c, n in _field(saved, "names", dict).items()},
+            {_key(c): _typed(t, int) for c, t in _field(saved, "merges", dict).items()},
+            _image_rows(_field(saved, "moves", list)), _image_rows(_field(saved, "confirmed", list)),
+            [_undo_entry(entry) for entry in _field(saved, "undo_log", list)],
+            saved.get("learned_by") if isinstance(saved.get("learned_by"), list) else [])
+    except FileNotFoundError:
+        raise CurationError(f"no file {path}") from None
+    except KeyError as error:
+        raise CurationError(f"{path} is not a set-aside curation file (an entry lacks {error}); nothing was "
+                            "changed") from None
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError, RecursionError) as error:
+        raise CurationError(f"{path} is not a set-aside curation file ({error}); nothing was changed") from None
+
+
+def _field(saved: dict[str, Any], name: str, kind: type) -> Any:
+    return _typed(saved.get(name), kind, name)
+
+
+def _typed(value: Any, kind: type, what: str = "a value") -> Any:
+    """``value`` if it is a ``kind`` (an int SQLite can hold; never a bool), else ValueError."""
+    if type(value) is not kind or (kind is int and not -(2**63) <= value < 2**63):
+        raise ValueError(f"{what} is {str(value)[:40]!r}, not {kind.__name__}" + (" of 64 bits" if kind is int else ""))
+    return value
+
+
+def _key(text: str) -> int:
+    """A JSON object key holding a cluster number or an image id."""
+    return _typed(int(text) if text.lstrip("-").isdigit() else text, int, "a key")
+
+
+def _image_rows(rows: list[Any]) -> dict[int, int]:
+    return {_typed(row["image_id"], int, "an image id"): _typed(row["cluster"], int, "a cluster") for row in rows}
+
+
+def _undo_entry(entry: dict[str, Any]) -> tuple[str, str, dict[str, dict[str, Any]]]:
+    """An undo-log entry: what it restores must name tables and values the store has."""
+    previous = _typed(entry["previous"], dict, "an undo entry")
+    for table, values in previous.items():
+        if table not in UNDO_TABLES:
+            raise ValueError(f"an undo entry names no table of the store ({table[:40]!r})")
+        kind = str if table == "names" else int
+        for key, value in _typed(values, dict, "an undo entry").items():
+            _key(key)
+            if value is not None:
+                _typed(value, kind, "an undo entry's value")
+    return _typed(entry["action"], str, "an action"), _typed(entry["at"], str, "a time"), previous
 
 
 @dataclass(frozen=True)
@@ -101,7 +184,11 @@ class CurationStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
         self._lock = threading.RLock()  # one connection shared by the server's worker threads
-        self._attach(meta_path)
+        try:
+            self._attach(meta_path)
+        except BaseException:
+            self._db.close()  # a refused store is left as it was: no journal files, nothing written
+            raise
 
     def _attach(self, meta_path: Path) -> None:
         uri = f"file:{Path(meta_path).resolve()}?mode=ro"
@@ -132,29 +219,35 @@ class CurationStore:
         return found[0][0] if found else None
 
     def _bind(self, key: str, value: str) -> None:
-        self._db.execute("INSERT OR REPLACE INTO binding (key, value) VALUES (?, ?)", (key, value))
+        """Write a binding when it changes (opening a store with its own index leaves its file as it was)."""
+        if self._binding(key) != value:
+            self._db.execute("INSERT OR REPLACE INTO binding (key, value) VALUES (?, ?)", (key, value))
 
-    def _holds_moves(self) -> bool:
-        """Whether anything here is keyed by image id (a move, or an undo entry that restores one)."""
-        if self._query("SELECT 1 FROM overrides LIMIT 1"):
-            return True
-        return any(json.loads(previous).get("overrides") for (previous,) in
-                   self._query("SELECT previous FROM undo_log WHERE previous LIKE '%overrides%'"))
+    def held(self) -> dict[str, int]:
+        """How many rows of each kind the store holds that name images or clusters (moves are by image id)."""
+        counts = self._query(
+            f"SELECT (SELECT COUNT(*) FROM names), (SELECT COUNT(*) FROM merges), "
+            f"(SELECT COUNT(*) FROM overrides WHERE cluster != {EXCLUDED}), "
+            f"(SELECT COUNT(*) FROM overrides WHERE cluster = {EXCLUDED}), "
+            "(SELECT COUNT(*) FROM confirmed), (SELECT COUNT(*) FROM undo_log)")[0]
+        return dict(zip(HELD, counts, strict=True))
 
     def _bind_to_index(self) -> None:
         """Remember which index the ids belong to and which model the clusters are of.
 
-        A store whose moves were made on another index is refused; curation made for another model's clusters
-        is set aside (:meth:`_set_aside`).
+        A store holding anything keyed by image or cluster is refused by an index of another lineage (its
+        uid: a new build, not an update of the same folder); curation made for another model's clusters of
+        the same index is set aside (:meth:`_set_aside`).
         """
         uid, model = self._index_value("uid"), self._index_value("model_sha256")
+        here = self._index_folder()
         with self._transaction():
             if uid is not None:  # None: an index written before uids existed
                 bound = self._binding("index_uid")
-                if bound and bound != uid and self._holds_moves():
-                    raise CurationError(f"{self.path} holds curation made for another index, whose image ids name "
-                                        "other images; open it with that index, or use a new --state-dir")
+                if bound and bound != uid:
+                    self._refuse_other_index(bound, uid, here)
                 self._bind("index_uid", uid)
+                self._bind("index_path", here)
             if model is not None:  # None: an index written before model fingerprints were recorded
                 index_info = {"model_sha256": model, "model_history": self._index_value("model_history")}
                 bound_model = store_model(self._db, index_info)  # an older store's: the model of its last change
@@ -162,11 +255,45 @@ class CurationStore:
                     self._set_aside(bound_model, model)
                 self._bind("model_sha256", model)
 
+    def _index_folder(self) -> str:
+        """The folder of the index attached (its generation's metadata lies in a subfolder of it)."""
+        attached = self._query("SELECT file FROM pragma_database_list WHERE name = 'idx'")[0][0]
+        return str(Path(attached).parent.parent)
+
+    def _refuse_other_index(self, bound: str, uid: str, here: str) -> None:
+        """Raise unless the store is empty: its ids and clusters belong to the index it was made with."""
+        held = describe_held(self.held())
+        if not held:
+            return
+        there = self._binding("index_path")
+        raise CurationError(
+            f"{self.path} holds curation made for another index ({there + ', ' if there else ''}uid {bound[:12]}): "
+            f"{held}; {here} (uid {uid[:12]}) is a different index, whose ids and clusters name other images: "
+            "open the store with the index it was made for, or give a new --state-dir (nothing was changed)")
+
     def _set_aside(self, old: str, new: str) -> None:
         """Write what refers to the old model's clusters to a file and stop applying it (inside a transaction).
 
         Names, merges, moves into clusters, confirmations and the undo log go; exclusions stay.
         """
+        learned = json.loads(self._binding("learned_by") or "[]")
+        aside = self._write_aside(old, new)
+        if aside is None:
+            return
+        target, kept = aside
+        counts = ", ".join(f"{len(kept[key])} {word}" for key, word in (
+            ("moves", "move(s)"), ("confirmed", "confirmation(s)"), ("merges", "merge(s)"), ("names", "name(s)")))
+        runs = ", ".join(sorted({entry["run"] for entry in learned}))
+        self._bind("notice", f"the model changed ({old[:12]} -> {new[:12]}): {counts} made for the old model's "
+                             f"clusters are set aside in {target} and no longer applied, since the new model numbers "
+                             f"its clusters anew (twist restore-state {target} --index INDEX brings them back once "
+                             "the index holds that model again)"
+                             + (f"; twist finetune learned from them ({runs})" if runs else "")
+                             + "; exclusions still apply")
+
+    def _write_aside(self, old: str, new: str) -> tuple[Path, dict[str, Any]] | None:
+        """Move names, merges, moves, confirmations and the undo log to a new file beside the store (inside a
+        transaction); None when there was none of them. Exclusions stay."""
         kept = {
             "names": dict(self._query("SELECT cluster, name FROM names")),
             "merges": dict(self._query("SELECT cluster, into_cluster FROM merges")),
@@ -177,24 +304,64 @@ class CurationStore:
         }
         if not any(kept[key] for key in ("names", "merges", "moves", "confirmed")):
             self._db.execute("DELETE FROM undo_log")
-            return
+            return None
         learned = json.loads(self._binding("learned_by") or "[]")
-        target = self.path.parent / SET_ASIDE_FILE.format(model=old[:12], time=time.strftime("%Y%m%d-%H%M%S"))
+        target = self._new_aside_path(old)
         atomic_write_text(target, json.dumps({"model_sha256": old, "new_model_sha256": new,
+                                              "index_uid": self._binding("index_uid"),
                                               "set_aside_at": time.strftime("%Y-%m-%d %H:%M:%S"),
                                               "learned_by": learned, **kept}, indent=2) + "\n")
         for sql in ("DELETE FROM names", "DELETE FROM merges", f"DELETE FROM overrides WHERE cluster != {EXCLUDED}",
                     "DELETE FROM confirmed", "DELETE FROM undo_log"):
             self._db.execute(sql)
-        counts = ", ".join(f"{len(kept[key])} {word}" for key, word in (
-            ("moves", "move(s)"), ("confirmed", "confirmation(s)"), ("merges", "merge(s)"), ("names", "name(s)")))
-        runs = ", ".join(sorted({entry["run"] for entry in learned}))
-        self._bind("notice", f"the model changed ({old[:12]} -> {new[:12]}): {counts} made for the old model's "
-                             f"clusters are set aside in {target} and no longer applied, since the new model numbers "
-                             "its clusters anew"
-                             + (f"; twist finetune learned from them ({runs})" if runs else "")
-                             + "; exclusions still apply")
         self._bind("learned_by", "[]")
+        return target, kept
+
+    def _new_aside_path(self, model: str) -> Path:
+        """A set-aside file name not taken yet (two set asides in one second never overwrite each other)."""
+        first = self.path.parent / SET_ASIDE_FILE.format(model=model[:12], time=time.strftime("%Y%m%d-%H%M%S"))
+        candidates = (first.with_name(f"{first.stem}-{n}{first.suffix}") for n in range(2, 10_000))
+        return next(p for p in (first, *candidates) if not p.exists())
+
+    def restore(self, saved: SetAside) -> Path | None:
+        """Apply a set-aside file's curation again, as it was; the curation held now is set aside first.
+
+        Refused unless the index is the one (same lineage) and holds the model the curation was made for, so
+        its ids and cluster numbers mean what they meant. Returns the file the current curation went to.
+        """
+        uid, model = self._index_value("uid"), self._index_value("model_sha256")
+        if saved.index_uid and uid and saved.index_uid != uid:
+            raise CurationError(f"that curation was made for another index (uid {saved.index_uid[:12]}), not "
+                                f"{self._index_folder()} (uid {uid[:12]}); nothing was changed")
+        if model != saved.model_sha256:
+            raise CurationError(f"that curation was made for the clusters of model {saved.model_sha256[:12]}, but "
+                                f"{self._index_folder()} now holds model {str(model)[:12]}: relabel the index with "
+                                "that model first (twist index --update --out INDEX --model MODEL.onnx); nothing was "
+                                "changed")
+        self._check_restored_clusters(saved)
+        with self._transaction():
+            aside = self._write_aside(model, model)
+            self._db.executemany("INSERT INTO names (cluster, name) VALUES (?, ?)", saved.names.items())
+            self._db.executemany("INSERT INTO merges (cluster, into_cluster) VALUES (?, ?)", saved.merges.items())
+            self._db.executemany("INSERT OR IGNORE INTO overrides (image_id, cluster) VALUES (?, ?)",  # exclusions
+                                 saved.moves.items())  # made since stay: the later decision
+            self._db.executemany("INSERT INTO confirmed (image_id, cluster) VALUES (?, ?)", saved.confirmed.items())
+            self._db.executemany("INSERT INTO undo_log (action, at, previous) VALUES (?, ?, ?)",
+                                 [(a, t, json.dumps(p)) for a, t, p in saved.undo_log])
+            self._bind("learned_by", json.dumps(saved.learned_by))
+            self._db.execute("DELETE FROM binding WHERE key = 'notice'")
+        return aside[0] if aside else None
+
+    def _check_restored_clusters(self, saved: SetAside) -> None:
+        """Every cluster a set-aside file names must be one of the model's (when the store knows how many)."""
+        if not self.n_clusters:
+            return
+        named = [*saved.names, *saved.merges, *saved.merges.values(), *saved.confirmed.values(),
+                 *(c for c in saved.moves.values() if c != EXCLUDED)]
+        wrong = sorted({c for c in named if not 0 <= c < self.n_clusters})
+        if wrong:
+            raise CurationError(f"that curation names cluster {wrong[0]}, which the model does not have (clusters are "
+                                f"0 to {self.n_clusters - 1}); nothing was changed")
 
     def _with_paths(self, table: str, where: str) -> list[dict[str, Any]]:
         """Rows of an image-keyed table with each image's path (None when the image left the index)."""

@@ -33,7 +33,7 @@ import torch
 
 from twist_core.config import AUTO, AutoConfig, auto_option, option
 from twist_core.errors import UserError
-from twist_core.io_utils import atomic_write_text, path_from_text
+from twist_core.io_utils import atomic_write_text, file_sha256, path_from_text
 from twist_core.model.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from twist_core.train.budget import check_budget
 from twist_core.train.loop import Run, Supervision, TrainConfig, train
@@ -120,6 +120,55 @@ def curation_from_store(index_dir: Path, state_dir: Path | None, n_classes: int)
     finally:
         store.close()
     return Curation(names, labels, excluded), root
+
+
+def check_index_model(index_dir: Path, run: Path) -> None:
+    """Refuse an index that RUN's own export did not label, before anything is read or written: its cluster
+    numbers would be another model's (a K that differs failed half-way; an equal K was learned silently)."""
+    from twist_core.index.store import IndexUserError, MetaStore, meta_path
+
+    try:
+        meta = MetaStore(meta_path(index_dir))
+    except IndexUserError as error:
+        raise FinetuneError(str(error)) from None
+    try:
+        info = meta.info()
+    finally:
+        meta.close()
+    exported_from = index_checkpoint(info)
+    model = info.get("model") or "its model"
+    if exported_from is None:
+        raise FinetuneError(f"--index {index_dir}: cannot tell which run its labels come from ({model} is gone or "
+                            "changed, and so is the labels table it was built from): put that model back, or give "
+                            "the labels as a CSV exported from the app (--labels); nothing was written")
+    ours = file_sha256(run / CHECKPOINT_NAME)
+    if exported_from != ours:
+        raise FinetuneError(f"--index {index_dir} was labelled by {model}, which is not an export of {run} (checkpoint "
+                            f"{exported_from[:12]}, not {ours[:12]}): fine-tune the run that model came from, or "
+                            f"relabel the index with an export of this run (twist export {run} --out M.onnx; twist "
+                            f"index --update --out {index_dir} --model M.onnx); nothing was written")
+
+
+def index_checkpoint(info: dict[str, Any]) -> str | None:
+    """The fingerprint of the checkpoint the index's model was exported from: its model card, or else the
+    labels table it was built from; None when neither is there as it was."""
+    from twist_core.deploy.infer import OnnxModel
+    from twist_core.label.table import read_labels_meta
+
+    path, recorded = info.get("model"), info.get("model_sha256")
+    if path and Path(path).is_file() and recorded in (None, file_sha256(path)):  # None: an index from before
+        try:
+            return OnnxModel(path, device="cpu").card.get("checkpoint_sha256")
+        except (ValueError, OSError):
+            pass
+    source = info.get("source")
+    try:
+        table = read_labels_meta(source) if source else {}
+    except (OSError, ValueError):
+        table = {}
+    if not isinstance(table, dict):
+        return None
+    return table.get("checkpoint_sha256") if recorded and table.get("model_sha256") == recorded else None
 
 
 def record_learning(index_dir: Path, state_dir: Path | None, run: Path, images: int) -> None:
@@ -305,6 +354,7 @@ def new_plan(config: FinetuneConfig, n_classes: int, data: Path) -> Plan:
     from twist_core.data.folder import require_images
 
     if config.index:
+        check_index_model(Path(config.index), Path(config.run))
         curation, _ = curation_from_store(Path(config.index), Path(config.state_dir) if config.state_dir else None,
                                           n_classes)
     else:

@@ -391,7 +391,7 @@ def store_model(db: sqlite3.Connection, info: dict[str, Any]) -> str | None:
 
 def curated_names(state_dir: Path, info: dict[str, Any]) -> dict[int, str]:
     """Cluster names given in the app (its curation store in ``state_dir``); none when it has no store, or
-    when its names were given to the clusters of another model than the index's (``info``)."""
+    when its names were given to the clusters of another model than the index's (``info``), or of another index."""
     path = Path(state_dir) / CURATION_FILE
     if not path.is_file():
         return {}
@@ -399,6 +399,9 @@ def curated_names(state_dir: Path, info: dict[str, Any]) -> dict[int, str]:
         with contextlib.closing(sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True, timeout=30)) as db:
             current = info.get("model_sha256")
             if current and store_model(db, info) not in (current, None):
+                return {}
+            bound = db.execute("SELECT value FROM binding WHERE key = 'index_uid'").fetchall()
+            if bound and info.get("uid") and bound[0][0] != info["uid"]:
                 return {}
             return {int(c): str(n) for c, n in db.execute("SELECT cluster, name FROM names")}
     except sqlite3.Error:  # a store being created, or not the app's: the card's names stand
