@@ -34,7 +34,8 @@ TABLE = "table"  # twist label: the table and the files beside it
 RUN = "run"  # twist train / finetune: a run folder
 INDEX = "index"  # twist index: an index folder
 TREE = "tree"  # twist label --export-tree: a folder of links or copies
-FOLDERS = (RUN, INDEX, TREE)
+WORKSPACE = "workspace"  # twist demo: a folder of its own (digits, run, model, labels, index)
+FOLDERS = (RUN, INDEX, TREE, WORKSPACE)
 
 INDEX_MANIFEST = "manifest.json"  # twist_core.index.store's names (not imported: that module loads FAISS)
 STATE_FILE = "curation.sqlite"
@@ -70,8 +71,7 @@ def check_outputs(outputs: Sequence[Output], inputs: Iterable[str | Path | None]
         if not output.path:
             continue
         for path in written_paths(output):
-            place = Path(os.path.realpath(path)) if output.kind in FOLDERS and path == Path(output.path) \
-                else _location(path)
+            place = Path(os.path.realpath(path)) if output.kind in FOLDERS else _location(path)  # written into
             reason = (_input_reason(place, inputs_at) or _inside_reason(place, folders)
                       or _owner_reason(place, output.kind) or _claimed_reason(place, claimed))
             if reason:

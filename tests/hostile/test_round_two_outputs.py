@@ -70,6 +70,7 @@ REFUSED = {  # the issue's cases first, then one per command and kind of file
                            "--workers", "0"),
     "index-over-run": ("index", "labels.csv", "--model", "model.onnx", "--out", "run"),
     "index-out-is-its-table": ("index", "labels.csv", "--out", "labels.csv"),
+    "demo-workspace-in-index": ("demo", "--workspace", "ix/demo", "--no-app"),
     "finetune-out-is-run": ("finetune", "run", "--labels", "curated.csv", "--data", "data", "--out", "run"),
 }
 
