@@ -1,8 +1,9 @@
 """Where a command may write: never over one of its inputs, never into an image folder it reads, and never
 over a file that belongs to an index, a training run, an exported model or a labels table.
 
-Every command calls :func:`check_outputs` with its output options before it starts, so a mistyped path is one
-line and exit code 2 before anything is read or written. The folders and files other commands made are
+Every command that writes where the user says (``--out``, ``--json``, ``--plot``, ``--confusion``,
+``--export-tree``, ``--workspace``) calls :func:`check_outputs` with those paths before it starts, so a mistyped
+path is one line and exit code 2 before anything is read or written. The folders and files other commands made are
 recognised by what they hold (their marker files), not by their names:
 
 - an index folder has ``manifest.json`` and the ``.twist-output`` marker (or ``gen-*`` generations); an app
