@@ -57,6 +57,7 @@ REFUSED = {  # the issue's cases first, then one per command and kind of file
     "export-card-over-table-meta": ("export", "run", "--out", "labels.meta.onnx"),
     "train-out-is-data": ("train", "data", "--out", "data", *TINY),
     "train-out-inside-data": ("train", "data", "--out", "data/run", *TINY),
+    "train-out-inside-eval-data": ("train", "data/discs", "--eval-data", "data", "--out", "data/run", *TINY),
     "finetune-out-is-data": ("finetune", "run", "--labels", "curated.csv", "--data", "data", "--out", "data",
                              "--epochs", "1", "--workers", "0", "--no-progress"),
     "merges-json-and-plot-same-file": ("suggest-merges", "ix", "--measure", "topk", "--json", "out.x",

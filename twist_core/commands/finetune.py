@@ -30,7 +30,7 @@ def finetune_and_print(config: FinetuneConfig) -> int:
     if config.run:
         check_outputs([Output("--out", config.out or str(Path(config.run).resolve()) + "-finetuned", RUN)],
                       inputs=[config.run, config.index, config.state_dir, config.labels],
-                      within=[config.data or run_data(config.run)])
+                      within=[config.data or run_data(config.run), config.eval_data])
     report = finetune(config)
     out = report["options"]["out"]
     print(f"{out}: fine-tuned on {report['labelled_images']} labelled images "

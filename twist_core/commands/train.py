@@ -39,7 +39,7 @@ def train_run(config: TrainConfig) -> int:
     if not config.data and not config.resume:
         raise UserError("give the image folder (DATA)")
     config = resumed_data(config)
-    check_outputs([Output("--out", config.out, RUN)], within=[config.data])
+    check_outputs([Output("--out", config.out, RUN)], within=[config.data, config.eval_data])
     train(config)
     return 0
 
