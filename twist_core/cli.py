@@ -49,8 +49,10 @@ def commands() -> dict[str, Command]:
     for entry in entry_points(group=ENTRY_POINT_GROUP):
         try:
             command = entry.load()
-        except (ImportError, AttributeError) as error:  # a broken or half-removed package: the rest still runs
-            print(f"twist: command {entry.name!r} ({entry.value}) could not be loaded: {error}", file=sys.stderr)
+        except Exception as error:  # a plugin may raise anything at import: the rest still runs
+            detail = " ".join(f"{type(error).__name__}: {error}".split())
+            print(f"twist: warning: command {entry.name!r} ({entry.value}) could not be loaded, skipped: {detail}",
+                  file=sys.stderr)
             continue
         if entry.name not in found and isinstance(command, Command):
             found[entry.name] = command

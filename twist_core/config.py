@@ -2,6 +2,12 @@
 
 Every field carries its help text in ``metadata["help"]`` so that ``--help`` documents each option and
 the saved ``config.json`` reproduces a run exactly.
+
+A config file's values are checked against the field types strictly, with no conversion: an integer option
+takes an integer (``5``, not ``"5"`` or ``true``), a number an integer or a decimal, a switch only ``true`` or
+``false`` (a quoted ``"false"`` is text, and text is never read as a switch), a text option only text (quote
+``"10"``), ``null`` only where the option may be left out, and the options with a fixed set of choices one of
+them. A wrong value is one line naming the key, the value and the type expected, before the command starts.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from twist_core.errors import UserError
 
 C = TypeVar("C")
 AUTO = "auto"  # the one spelling of "choose this for me": command line, config files and the config dataclasses
@@ -103,30 +111,109 @@ def command_parser(prog: str, doc: str | None, cls: type, positional: tuple[str,
     return parser
 
 
+class ConfigError(UserError, ValueError):
+    """A config file that cannot be read, or one of its values has the wrong type."""
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON mapping of option names (dashes or underscores) to values."""
     text = Path(path).read_text()
     try:
         data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as error:
-        raise ValueError(f"{path}: not a valid {'JSON' if str(path).endswith('.json') else 'YAML'} file "
-                         f"({' '.join(str(error).split())})") from None
+        raise ConfigError(f"{path}: not a valid {'JSON' if str(path).endswith('.json') else 'YAML'} file "
+                          f"({' '.join(str(error).split())})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of option names to values")
+        raise ConfigError(f"{path}: expected a mapping of option names to values")
+    for key in data:
+        if not isinstance(key, str):
+            raise ConfigError(f"{path}: option names are text, got {_shown(key)} ({_type_name(key)})")
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
 def build_config(cls: type[C], args: argparse.Namespace, config_file: str | None = None) -> C:
-    """File values first, then every option given on the command line; unknown keys are an error."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    """File values first (each checked against its field's type), then every option given on the command
+    line; unknown keys are an error."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     if config_file:
         values.update(load_config_file(config_file))
-    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
-    unknown = set(values) - names
+    unknown = set(values) - set(fields)
     if unknown:
-        raise ValueError(f"unknown option(s) in {config_file}: {', '.join(sorted(unknown))}")
+        raise ConfigError(f"unknown option(s) in {config_file}: {', '.join(sorted(unknown))}")
+    hints = typing.get_type_hints(cls)
+    values = {name: checked_value(fields[name], hints[name], value, str(config_file)) for name, value in values.items()}
+    values.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
     return cls(**values)
+
+
+def checked_value(field: dataclasses.Field, annotation: Any, value: Any, source: str) -> Any:
+    """``value`` if it has the type of ``field`` (an integer given for a number becomes a float), else a
+    :class:`ConfigError` naming the key, the value and the expected type. Nothing is converted from text."""
+    kinds = _members(annotation)
+    legacy = field.metadata.get("legacy_auto", AUTO)
+    if legacy != AUTO:  # an auto option: the word auto, its old sentinel, or a value of its real type
+        if value == AUTO or (value is None and legacy is None):
+            return value
+        kinds = [kind for kind in kinds if kind is not str]
+    if value is None and (type(None) in kinds or field.default is None):
+        return value
+    choices = field.metadata.get("choices")
+    for kind in kinds:
+        matched, typed = _matches(value, kind)
+        if matched and (not choices or typed in choices):
+            return typed
+    expected = (f"one of {', '.join(map(str, choices))}" if choices
+                else " or ".join(([AUTO] if legacy != AUTO else []) + [_expected(kind) for kind in kinds]))
+    raise ConfigError(f"{source}: {field.name}: {_shown(value)} ({_type_name(value)}) is not {expected}")
+
+
+def _members(annotation: Any) -> list[Any]:
+    """The types a field takes: ``int | None`` -> [int, NoneType]."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return list(typing.get_args(annotation))
+    return [annotation]
+
+
+def _matches(value: Any, kind: Any) -> tuple[bool, Any]:
+    """Whether ``value`` is a ``kind`` as YAML/JSON give it (``True`` is no integer), and the value to keep."""
+    if kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if typing.get_origin(kind) is list:
+        item = typing.get_args(kind)[0]
+        if not isinstance(value, list):
+            return False, value
+        checked = [_matches(element, item) for element in value]
+        return all(ok for ok, _ in checked), [typed for _, typed in checked]
+    if kind is type(None):
+        return value is None, value
+    return isinstance(value, kind), value
+
+
+def _expected(kind: Any) -> str:
+    if typing.get_origin(kind) is list:
+        return f"a list of {_expected(typing.get_args(kind)[0])}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "text (quote it)",
+            type(None): "null"}.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def _type_name(value: Any) -> str:
+    for kind, name in ((bool, "true/false"), (int, "integer"), (float, "number"), (str, "text"),
+                       (list, "list"), (dict, "mapping"), (type(None), "null")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def _shown(value: Any) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def to_dict(config: Any) -> dict[str, Any]:

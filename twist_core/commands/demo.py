@@ -11,6 +11,7 @@ from twist_core.commands import run_command
 from twist_core.config import command_parser
 from twist_core.demo import DemoConfig, run_demo
 from twist_core.demo import __doc__ as DOC
+from twist_core.outputs import WORKSPACE, Output, check_outputs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def demo(config: DemoConfig) -> int:
+    check_outputs([Output("--workspace", config.workspace, WORKSPACE)])
     summary = run_demo(config)
     pixels = summary["kmeans_pixels"]
     print(f"\nTWIST on the digits: ACC {summary['acc']:.3f} NMI {summary['nmi']:.3f} ARI {summary['ari']:.3f}   "

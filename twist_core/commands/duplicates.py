@@ -13,6 +13,7 @@ from twist_core.index.image_index import IndexReader, find_duplicates
 from twist_core.index.search import format_hits, hit_dict
 from twist_core.index.store import IndexUserError
 from twist_core.io_utils import atomic_write_text
+from twist_core.outputs import Output, check_outputs
 
 
 @dataclass
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 def duplicates(config: DuplicatesConfig) -> int:
     if not config.index:
         raise IndexUserError("give the INDEX folder")
+    check_outputs([Output("--json", config.json)], inputs=[config.index, config.state_dir])
     if not -1.0 <= config.threshold <= 1.0:
         raise IndexUserError(f"--threshold is a cosine similarity in [-1, 1], got {config.threshold}")
     index = IndexReader.open(config.index, config.device, config.state_dir)

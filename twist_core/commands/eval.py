@@ -8,8 +8,9 @@ import sys
 from twist_core.commands import run_command
 from twist_core.config import command_parser
 from twist_core.errors import UserError
-from twist_core.evaluation.evaluate import EvalConfig, evaluate, format_report
+from twist_core.evaluation.evaluate import EvalConfig, confusion_path, evaluate, format_report
 from twist_core.evaluation.evaluate import __doc__ as DOC
+from twist_core.outputs import Output, check_outputs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
 def evaluate_and_print(config: EvalConfig) -> int:
     if not config.source or not config.data:
         raise UserError("give RUN_OR_MODEL and DATA")
+    check_outputs([Output("--json", config.json), Output("--confusion", confusion_path(config))],
+                  inputs=[config.source], within=[config.data])
     print(format_report(evaluate(config)))
     return 0
 

@@ -10,6 +10,7 @@ from twist_core.commands import run_command
 from twist_core.config import command_parser
 from twist_core.deploy.export import ExportConfig, ExportError, export_model
 from twist_core.deploy.export import __doc__ as DOC
+from twist_core.outputs import MODEL, Output, check_outputs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
 def export_and_print(config: ExportConfig) -> int:
     if not config.run:
         raise ExportError("give the run folder or checkpoint to export (RUN)")
+    check_outputs([Output("--out", config.out, MODEL)], inputs=[config.run, config.class_names])
     out = export_model(config)
     card = json.loads(out.with_suffix(".json").read_text())
     parity = card.get("parity_max_abs_diff")

@@ -3,19 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from twist_core.commands import run_command
 from twist_core.config import command_parser
 from twist_core.curate.finetune import FinetuneConfig, finetune
 from twist_core.curate.finetune import __doc__ as DOC
+from twist_core.outputs import RUN, Output, check_outputs
 
 
 def build_parser() -> argparse.ArgumentParser:
     return command_parser("twist finetune", DOC, FinetuneConfig, positional=("run",))
 
 
+def run_data(run: str | None) -> str | None:
+    """The image folder RUN was trained on (None when RUN has no readable config: finetune says why)."""
+    try:
+        return json.loads((Path(str(run)) / "config.json").read_text()).get("data")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def finetune_and_print(config: FinetuneConfig) -> int:
+    if config.run:
+        check_outputs([Output("--out", config.out or str(Path(config.run).resolve()) + "-finetuned", RUN)],
+                      inputs=[config.run, config.index, config.state_dir, config.labels],
+                      within=[config.data or run_data(config.run), config.eval_data])
     report = finetune(config)
     out = report["options"]["out"]
     print(f"{out}: fine-tuned on {report['labelled_images']} labelled images "

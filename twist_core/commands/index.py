@@ -11,6 +11,7 @@ from twist_core.index.build import IndexConfig, build_index, update_index
 from twist_core.index.build import __doc__ as DOC
 from twist_core.index.image_index import IndexReader
 from twist_core.index.store import IndexUserError, write_failure
+from twist_core.outputs import INDEX, Output, check_outputs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def index_and_print(config: IndexConfig) -> int:
+    check_outputs([Output("--out", config.out, INDEX)], inputs=[config.source, config.model])
     if config.update:
         result = update_index(config)
         if result.relabelled is None:

@@ -13,6 +13,7 @@ from twist_core.commands import run_command
 from twist_core.config import command_parser
 from twist_core.label.labeller import LabelConfig, label_folder
 from twist_core.label.labeller import __doc__ as DOC
+from twist_core.outputs import TABLE, TREE, Output, check_outputs
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -22,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def label_and_print(config: LabelConfig) -> int:
+    check_outputs([Output("--out", config.out, TABLE), Output("--export-tree", config.export_tree, TREE)],
+                  inputs=[config.model, config.folder])
     summary = label_folder(config)
     if "rows" in summary:
         print(f"labelled {summary['labelled']} images ({summary['errors']} unreadable) into "

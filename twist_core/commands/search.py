@@ -12,6 +12,7 @@ from twist_core.index.search import SearchConfig, format_hits, hit_dict, no_hits
 from twist_core.index.search import __doc__ as DOC
 from twist_core.index.store import IndexUserError
 from twist_core.io_utils import atomic_write_text
+from twist_core.outputs import Output, check_outputs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +25,8 @@ def search_and_print(config: SearchConfig) -> int:
     """Exit code 1 (not an error) when nothing matched, as grep does."""
     if not config.index:
         raise IndexUserError("give the INDEX folder")
+    check_outputs([Output("--json", config.json)], inputs=[config.index, config.image, config.state_dir,
+                                                         config.model])
     hits = search(config)
     if not hits:
         print(f"twist search: {no_hits_reason(config)}", file=sys.stderr)

@@ -11,6 +11,7 @@ from twist_core.config import command_parser
 from twist_core.curate.merges import MergesConfig, draw_dendrogram, format_suggestions, run
 from twist_core.curate.merges import __doc__ as DOC
 from twist_core.io_utils import atomic_write_text
+from twist_core.outputs import Output, check_outputs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def suggest_and_print(config: MergesConfig) -> int:
+    check_outputs([Output("--json", config.json), Output("--plot", config.plot)],
+                  inputs=[config.source, config.state_dir])
     result = run(config)
     if config.json:
         atomic_write_text(config.json, json.dumps({"source": str(config.source), **result.as_dict()}, indent=2) + "\n")

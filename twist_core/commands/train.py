@@ -14,6 +14,7 @@ from pathlib import Path
 from twist_core.commands import run_command
 from twist_core.config import command_parser
 from twist_core.errors import UserError
+from twist_core.outputs import RUN, Output, check_outputs
 from twist_core.train.allocator import keep_freed_memory
 from twist_core.train.loop import TrainConfig, train
 from twist_core.train.loop import __doc__ as DOC
@@ -37,7 +38,9 @@ def resumed_data(config: TrainConfig) -> TrainConfig:
 def train_run(config: TrainConfig) -> int:
     if not config.data and not config.resume:
         raise UserError("give the image folder (DATA)")
-    train(resumed_data(config))
+    config = resumed_data(config)
+    check_outputs([Output("--out", config.out, RUN)], within=[config.data, config.eval_data])
+    train(config)
     return 0
 
 

@@ -772,7 +772,9 @@ def draw_dendrogram(result: Suggestions, out: str | Path,
                 axis.add_artist(box)
         axis.tick_params(axis="x", pad=2 + COVER_TILE)
     out = Path(out)
-    figure.savefig(out, format="png", bbox_inches="tight")
+    from twist_core.io_utils import atomic_write
+
+    atomic_write(out, lambda tmp: figure.savefig(tmp, format="png", bbox_inches="tight"))  # a link is replaced
     plt.close(figure)
     return out
 

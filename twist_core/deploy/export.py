@@ -12,6 +12,8 @@ import dataclasses
 import datetime
 import io
 import json
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,8 +201,10 @@ def export_model(config: ExportConfig) -> Path:
     out = Path(config.out)
     card_path = out.with_suffix(".json")
     if config.verify:  # check the bare graph before anything is written where the user will look
-        scratch = out.with_name(f".{out.name}.verify")
-        scratch.parent.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".verify", dir=out.parent)
+        os.close(handle)  # a new file of its own: never a link left at a fixed name
+        scratch = Path(name)
         try:
             onnx.save_model(proto, scratch)
             card["parity_max_abs_diff"] = check_parity(module, scratch, batch, config.tolerance)

@@ -220,6 +220,14 @@ def _predict_source(config: EvalConfig) -> tuple[np.ndarray, np.ndarray, EvalIma
     return probs, embeddings, data
 
 
+def confusion_path(config: EvalConfig) -> str | None:
+    """Where the confusion matrix goes: --confusion, else beside --json, else into a run folder."""
+    if config.confusion is not None:
+        return config.confusion
+    return (str(Path(config.json).with_suffix(".png")) if config.json
+            else str(Path(config.source) / "eval_confusion.png") if Path(config.source).is_dir() else None)
+
+
 def evaluate(config: EvalConfig) -> dict[str, Any]:
     started = time.perf_counter()
     probs, embeddings, data = _predict_source(config)
@@ -229,10 +237,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     report["seconds"] = time.perf_counter() - started
     if config.json:
         atomic_write_text(config.json, json.dumps(report, indent=2) + "\n")
-    confusion = config.confusion
-    if confusion is None:
-        confusion = (str(Path(config.json).with_suffix(".png")) if config.json
-                     else str(Path(config.source) / "eval_confusion.png") if Path(config.source).is_dir() else None)
+    confusion = confusion_path(config)
     if confusion:
         plot_confusion(report, confusion)
         report["confusion_png"] = confusion
