@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,10 @@ def friendly(fn: Callable) -> Callable:
             raise
         except (AppUserError, CurationError, IndexUserError) as error:
             raise gr.Error(literal(error), print_exception=False) from None
+        except sqlite3.DatabaseError as error:  # a file of the index or the state damaged under the server
+            log.exception("request failed")
+            raise gr.Error(f"a database file of the index or the state cannot be read ({literal(error)}); the server "
+                           "log and the warning at the top of the page say more", print_exception=False) from None
         except Exception as error:
             log.exception("request failed")
             raise gr.Error(f"the request failed ({type(error).__name__}); the server log has details",
@@ -88,6 +93,12 @@ def cluster_choices(ws: Workspace, include_excluded: bool) -> list[tuple[str, in
     merged = {c: ws.store.merged_into(c) for c in names}
     choices = [(f"{c} · {names[c]} ({sizes.get(c, 0)})", c) for c in sorted(names) if merged[c] == c]
     return [*choices, (f"excluded ({sizes.get(EXCLUDED, 0)})", EXCLUDED)] if include_excluded else choices
+
+
+def index_warning(ws: Workspace) -> str:
+    """The page's warning line: what is wrong with the index's files now (nothing when nothing is)."""
+    ws.keep_up()
+    return f"**Warning:** {literal(ws.index_problem)}" if ws.index_problem else ""
 
 
 def current_choices(ws: Workspace) -> tuple[Any, Any, Any]:
