@@ -26,6 +26,8 @@ def build_ui(ws: Workspace) -> gr.Blocks:
     """The whole app; ``ws`` is shared by every session (state lives in the curation store, not the browser)."""
     with gr.Blocks(title="TWIST clusters") as demo:
         gr.Markdown("## TWIST: discovered clusters")
+        warning = gr.Markdown(elem_id="index-warning")  # damaged index files, said on each page load
+        demo.load(shared.friendly(lambda: shared.index_warning(ws)), None, [warning], api_name="index_warning")
         with gr.Tabs() as tabs:
             ctx = ViewContext(ws, demo, tabs)
             for view in VIEWS:

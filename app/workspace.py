@@ -11,6 +11,7 @@ import csv
 import hashlib
 import logging
 import shutil
+import sqlite3
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -30,6 +31,7 @@ from twist_core.data.folder import ImageReadError, decode_image
 from twist_core.deploy.infer import OnnxModel
 from twist_core.index.image_index import ImageIndex
 from twist_core.index.store import MANIFEST, META_FILE, IndexUserError, read_manifest
+from twist_core.index.store import meta_path as index_meta_path
 from twist_core.io_utils import csv_safe, file_sha256, mark_output_folder
 from twist_core.label.table import label_rows, read_labels_meta
 
@@ -60,6 +62,30 @@ def throttled(progress: Progress | None, steps: int = 100) -> Progress | None:
             progress(done, total)
 
     return report
+
+
+def file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """Inode, modification time and size: any of them changes when a file is rewritten or replaced."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+def check_whole(meta_path: Path) -> None:
+    """Refuse a metadata file that is not whole (cut short, overwritten): SQLite's quick check reads every page.
+
+    Run when the app follows a change of the index's files, so a damaged file is said, not served.
+    """
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{meta_path.resolve()}?mode=ro", uri=True)) as db:
+            verdict = str(db.execute("PRAGMA quick_check(1)").fetchone()[0])
+    except sqlite3.Error as error:
+        verdict = str(error)
+    if verdict != "ok":
+        raise IndexUserError(f"{meta_path} is damaged ({verdict}): restore it, or build the index again with "
+                             f"twist index --out {meta_path.parent.parent}")
 
 
 class AppUserError(Exception):
@@ -99,6 +125,7 @@ class Workspace:
         model_path, index_dir = Path(model_path), Path(index_dir)
         self.device = device
         self.model_path, self.index_dir = model_path, index_dir
+        manifest_stamp = file_stamp(index_dir / MANIFEST)  # before opening: a change meanwhile is followed
         try:
             self.model = OnnxModel(model_path, device=device)
             self._model_sha = file_sha256(model_path)
@@ -113,7 +140,8 @@ class Workspace:
             self._store = CurationStore(self.state_dir / "curation.sqlite", meta_path, self.model.class_names)
         except CurationError as error:
             raise AppUserError(str(error)) from None
-        self._manifest_stamp: tuple[int, ...] | None = None  # the manifest as last seen: see keep_up()
+        self._files_stamp = (manifest_stamp, file_stamp(meta_path))  # the index's files as last seen: keep_up()
+        self.index_problem: str | None = None  # what is wrong with the index's files now, for the page
         self._switch_lock = threading.Lock()
         self.thumbnails = ThumbnailCache(self.state_dir / "thumbnails", max_pixels=max_pixels,
                                          owner=self._index.info.get("uid"))
@@ -161,48 +189,51 @@ class Workspace:
         return model, sha
 
     def keep_up(self) -> None:
-        """Follow ``twist index --update`` while serving: switch to the generation the manifest names now.
+        """Follow the index's files while serving: ``twist index --update``, and damage and its repair.
 
-        Called on every access to :attr:`index` and :attr:`store`, so the next request after an update sees
-        it; a check is one ``stat`` of the manifest. Ids are stable across updates and the curation store is
-        re-attached to the new generation, so every name, merge and move still applies; the map is cached
-        per generation, thumbnails per id.
+        Called on every access to :attr:`index` and :attr:`store`, so the next request after a change sees
+        it; a check is one ``stat`` of the manifest and one of the served metadata file. When either changed,
+        what the manifest names now is opened afresh and served (a newer generation, or the same one whose file
+        was replaced); if it cannot be read, the generation open goes on being served and
+        :attr:`index_problem` says why until the files are whole again. Ids are stable across updates and the
+        curation store is re-attached to the new generation, so every name, merge and move still applies; the
+        map is cached per generation, thumbnails per id.
         """
-        try:
-            stat = (self.index_dir / MANIFEST).stat()
-        except OSError:
-            return  # the index folder is being replaced or is gone: keep serving what is open
-        stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-        if stamp == self._manifest_stamp:
+        manifest = file_stamp(self.index_dir / MANIFEST)
+        if (manifest, file_stamp(self._meta_path)) == self._files_stamp:
             return
         with self._switch_lock:
-            if stamp != self._manifest_stamp:
+            if (manifest, file_stamp(self._meta_path)) != self._files_stamp:
                 self._switch_generation()
-                self._manifest_stamp = stamp
+                self._files_stamp = (manifest, file_stamp(self._meta_path))
+
+    def _problem(self, message: str) -> None:
+        """Say what is wrong with the index's files: in the log once, and on the page while it lasts."""
+        if message != self.index_problem:
+            log.warning(message)
+        self.index_problem = message
 
     def _switch_generation(self) -> None:
         current = self._index
         try:
+            check_whole(index_meta_path(self.index_dir))  # before FAISS loads a generation that cannot be served
             fresh, meta_path = self._open_generation()
-        except (AppUserError, IndexUserError, OSError) as error:
-            log.warning("the index changed but cannot be opened (%s); still serving generation %d",
-                        error, current.generation)
-            return
-        if fresh.generation == current.generation:
-            fresh.close()
+        except (AppUserError, IndexUserError, OSError, ValueError, RuntimeError, sqlite3.Error) as error:
+            self._problem(f"the index cannot be read: {error}; still serving generation {current.generation} as "
+                          "far as it can be read (the app follows the files again once they are whole)")
             return
         if fresh.info.get("uid") != current.info.get("uid"):
             fresh.close()
-            log.warning("%s now holds another index (a new build, not an update): its ids name other images; "
-                        "restart the app to open it", self.index_dir)
+            self._problem(f"{self.index_dir} now holds another index (a new build, not an update): its ids name "
+                          "other images; restart the app to open it")
             return
         try:
             model, sha = self._model_for(fresh, follow=True)
-        except (AppUserError, ValueError, OSError) as error:
+            self._store.reattach(meta_path)
+        except (AppUserError, CurationError, sqlite3.Error, ValueError, OSError) as error:
             fresh.close()
-            log.warning("%s; still serving generation %d", error, current.generation)
+            self._problem(f"{error}; still serving generation {current.generation}")
             return
-        self._store.reattach(meta_path)
         if sha != self._model_sha:  # relabelled by another model: serve it, with its clusters' names
             self.model, self._model_sha, self.model_path = model, sha, Path(model.path)
             self._store.default_names = list(model.class_names)
@@ -216,6 +247,9 @@ class Workspace:
         for stale in self.state_dir.glob("projection-gen*.npz"):
             if stale.name != self._projection_cache().name:
                 stale.unlink(missing_ok=True)
+        if self.index_problem:
+            log.warning("the index's files are whole again")
+            self.index_problem = None
         log.info("now serving generation %d of %s (%d images)", fresh.generation, self.index_dir, fresh.size)
 
     @property

@@ -228,7 +228,7 @@ def test_merge_plan_previewed_applied_and_undone_at_once_through_the_app(planted
 
     text, groups, _ = client.predict(2, "modularity", api_name="/preview_plan")
     assert json.loads(groups) == json.loads(saved.read_text())["plan"]["groups"]
-    assert "Plan down to 2 groups" in text and "<-" in text
+    assert "Plan down to 2 groups" in text and "&#60;-" in text  # shown as text: "<-"
     *_, status, plan_view, _ = client.predict(groups, "modularity", api_name="/apply_plan")
     assert status.startswith("applied the plan: 2 cluster(s) merged, 2 clusters now") and plan_view == ""
     after = clusters_of(planted_app["url"])

@@ -16,9 +16,12 @@ dropdown), ``cluster_choices`` (the three cluster dropdowns that :func:`app.view
 refreshes after a curation change), ``show_cluster`` (event kwargs that reload the open cluster's page, for
 ``.then(**ctx["show_cluster"])``), and ``send_to_search`` (a function ``(gallery, ids_state)`` that makes a click
 in a gallery open the Search view on that image). Reusable pieces live in :mod:`app.views.shared`:
-``friendly``, ``parse_ids``, ``cluster_number``, ``cluster_choices``/``current_choices``, ``image_panel`` with
-``image_selector`` (an inspected image, large, with its neighbours and class chart) and ``PROGRESS`` (the default
-of a handler's ``progress`` parameter, which gives a long action a progress bar).
+``friendly``, ``literal`` (every text the app did not write itself, such as a cluster name, a path or a message
+quoting them, goes into Markdown, HTML or an error through it: it is then shown as text, never as markup),
+``index_warning`` (the page's warning line about the index's files), ``parse_ids``, ``cluster_number``,
+``cluster_choices``/``current_choices``, ``image_panel`` with ``image_selector`` (an inspected image, large, with
+its neighbours and class chart) and ``PROGRESS`` (the default of a handler's ``progress`` parameter, which gives a
+long action a progress bar).
 """
 
 from __future__ import annotations

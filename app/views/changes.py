@@ -120,7 +120,7 @@ def build(ctx: ViewContext) -> None:
     import gradio as gr
     import pandas as pd
 
-    from app.views.shared import friendly
+    from app.views.shared import friendly, literal
 
     ws = ctx.ws
 
@@ -129,7 +129,7 @@ def build(ctx: ViewContext) -> None:
         try:
             changes = model_changes(previous, ws.index_dir, [ws.index_dir.parent, ws.root, ws.state_dir])
         except ChangesError as error:
-            raise gr.Error(str(error), print_exception=False) from None
+            raise gr.Error(literal(error), print_exception=False) from None
         summary = (f"**{len(changes.changed):,} of {changes.compared:,} images changed cluster** "
                    f"(only in the previous labelling: {changes.only_before:,}; only in the open index: "
                    f"{changes.only_after:,}). The first {min(SHOWN_CHANGES, len(changes.changed))} are shown.")

@@ -20,6 +20,7 @@ from app.views.shared import (
     friendly,
     image_panel,
     image_selector,
+    literal,
     parse_ids,
 )
 from app.workspace import PAGE_SIZE, Workspace
@@ -106,8 +107,8 @@ class ClusterView:
                                             float(max_conf))
         pages = max(1, -(-total // PAGE_SIZE))
         page = min(max(0, int(page or 0)), pages - 1)
-        info = (f"**{self.ws.store.name(cluster)}**: {total:,} images in the confidence range · page {page + 1} "
-                f"of {pages} · {'lowest' if lowest_first else 'highest'} confidence first")
+        info = (f"**{literal(self.ws.store.name(cluster))}**: {total:,} images in the confidence range · page "
+                f"{page + 1} of {pages} · {'lowest' if lowest_first else 'highest'} confidence first")
         gallery = [(str(thumb), f"#{r.id} · {r.confidence or 0:.2f}") for r, thumb in items]
         return gallery, info, [r.id for r, _ in items], page
 
@@ -123,8 +124,8 @@ class ClusterView:
         return self.open_cluster(values[0], 0, *values[2:])
 
     def curation_result(self, message: str) -> tuple[str, str, Any, Any, Any]:
-        history = "\n".join(f"- {line}" for line in self.ws.store.history()) or "no changes yet"
-        return (message, history, *current_choices(self.ws))
+        history = "\n".join(f"- {literal(line)}" for line in self.ws.store.history()) or "no changes yet"
+        return (literal(message), history, *current_choices(self.ws))
 
     @friendly
     def rename_cluster(self, cluster: int, name: str) -> tuple:

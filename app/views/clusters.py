@@ -8,7 +8,8 @@ import gradio as gr
 import pandas as pd
 
 from app.views import ViewContext
-from app.views.shared import friendly
+from app.views.shared import friendly, literal
+from twist_core.curate.curation import EXCLUDED
 
 SORTS = ["size", "confidence", "lowest confidence", "cluster"]
 
@@ -24,11 +25,13 @@ def build(ctx: ViewContext) -> None:
         table = pd.DataFrame([{"cluster": c["cluster"], "name": c["name"], "size": c["size"],
                                "mean confidence": round(c["mean_confidence"] or 0, 4)} for c in cards])
         s = ws.dataset_summary()
-        summary = (f"**{s['images']:,} images** in {len(cards)} non-empty clusters (model: {s['clusters']}) · "
-                   f"skipped files: {'unknown' if s['skipped'] is None else s['skipped']} · folder `{s['root']}`  \n"
-                   f"model `{s['model']}`: {s['backbone']}, {s['embedding_dim']}-d embeddings, "
-                   f"{s['input_size']} px input, epoch {s['checkpoint_epoch']}, checkpoint {s['checkpoint_sha256']} · "
-                   f"{s['index_kind']} index" + (f"  \n**Note:** {s['notice']}" if s["notice"] else ""))
+        clustered = sum(c["cluster"] != EXCLUDED for c in cards)  # the excluded images' card is no cluster
+        summary = (f"**{s['images']:,} images** in {clustered} non-empty clusters (model: {s['clusters']}) · "
+                   f"skipped files: {'unknown' if s['skipped'] is None else s['skipped']} · folder "
+                   f"{literal(s['root'])}  \nmodel {literal(s['model'])}: {literal(s['backbone'])}, "
+                   f"{s['embedding_dim']}-d embeddings, {s['input_size']} px input, epoch {s['checkpoint_epoch']}, "
+                   f"checkpoint {literal(s['checkpoint_sha256'])} · {literal(s['index_kind'])} index"
+                   + (f"  \n**Note:** {literal(s['notice'])}" if s["notice"] else ""))
         return items, table, summary, [c["cluster"] for c in cards]
 
     with gr.Tab("Clusters", id="clusters"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import gradio as gr
 
 from app.views import ViewContext
-from app.views.shared import PROGRESS, friendly
+from app.views.shared import PROGRESS, friendly, literal
 
 ONE_AT_A_TIME = {"concurrency_id": "export", "concurrency_limit": 1}
 
@@ -28,7 +28,7 @@ def build(ctx: ViewContext) -> None:
     @friendly
     def export_tree(folder: str, mode: str) -> str:
         tree, counts = ws.export_tree(folder, mode)
-        return f"wrote {sum(counts.values()):,} images in {len(counts)} folders to `{tree}`"
+        return f"wrote {sum(counts.values()):,} images in {len(counts)} folders to {literal(tree)}"
 
     @friendly
     def export_label_studio(url_prefix: str) -> tuple[str, str]:

@@ -23,9 +23,10 @@ import pandas as pd
 from PIL import Image
 
 from app.views import ViewContext
-from app.views.shared import current_choices, friendly
+from app.views.shared import current_choices, friendly, literal
 from app.workspace import AppUserError, Workspace
 from twist_core.curate import merges
+from twist_core.curate.curation import EXCLUDED
 
 PAIRS_SHOWN = 30  # ranked pairs in the table and the chooser
 PAIR_THUMBNAILS = 6  # most confident images of each cluster of the chosen pair
@@ -76,7 +77,7 @@ def merge_pair(ws: Workspace, a: int, b: int) -> str:
 def merge_plan(ws: Workspace, to: Any, measure: str = merges.DEFAULT_MEASURE) -> tuple[merges.Suggestions,
                                                                                         merges.MergePlan]:
     """The plan down to ``to`` clusters over the current clusters (``twist suggest-merges --to``)."""
-    current = len(ws.store.summary())
+    current = sum(c["cluster"] != EXCLUDED for c in ws.store.summary())  # excluded images are no cluster
     try:
         target = int(to)
     except (TypeError, ValueError):
@@ -92,8 +93,8 @@ def merge_plan(ws: Workspace, to: Any, measure: str = merges.DEFAULT_MEASURE) ->
 
 
 def plan_text(result: merges.Suggestions, plan: merges.MergePlan) -> str:
-    """The plan's groups as the command prints them, one line per group: ``into <- merged, ...``."""
-    return f"```\n{merges.format_plan(result, plan)}\n```"
+    """The plan's groups as the command prints them, one line per group (``into <- merged, ...``), as text."""
+    return "  \n".join(literal(line.strip()) for line in merges.format_plan(result, plan).splitlines())
 
 
 def apply_plan(ws: Workspace, plan_json: str) -> str:
@@ -169,7 +170,7 @@ def build(ctx: ViewContext) -> None:
         first = choices[0][1] if choices else None
         gallery = pair_gallery(ws, *parse_pair(first)) if first else []
         return (estimate_text(result), dendrogram_picture(ws, result), pairs_table(result),
-                gr.Dropdown(choices=choices, value=first), gallery, message)
+                gr.Dropdown(choices=choices, value=first), gallery, literal(message))
 
     @friendly
     def show_pair(value: str) -> list[tuple[str, str]]:

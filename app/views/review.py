@@ -14,7 +14,15 @@ from typing import Any
 import gradio as gr
 
 from app.views import ViewContext
-from app.views.shared import cluster_choices, cluster_number, current_choices, friendly, image_panel, image_selector
+from app.views.shared import (
+    cluster_choices,
+    cluster_number,
+    current_choices,
+    friendly,
+    image_panel,
+    image_selector,
+    literal,
+)
 from app.workspace import PAGE_SIZE, Workspace
 
 HELP = ("Images most likely in the wrong cluster come first: the model hesitates between two clusters, their "
@@ -87,7 +95,7 @@ class ReviewView:
         if int(image_id) in ids:
             at = ids.index(int(image_id))
             where = ("none of its neighbours is in another cluster" if suggestions[at] is None
-                     else f"its neighbours point to {self.ws.store.name(suggestions[at])}")
+                     else f"its neighbours point to {literal(self.ws.store.name(suggestions[at]))}")
             text += f"  \nreview score {scores[at]:.3f} · {where}"
         return (picture, text, *rest)
 
@@ -97,7 +105,7 @@ class ReviewView:
     def act(self, change: Any, page: Any, position: int) -> tuple:
         """Apply a curation change, then show the page again with the next image current."""
         message = change()
-        return (message, *self.show(page, position), *current_choices(self.ws),
+        return (literal(message), *self.show(page, position), *current_choices(self.ws),
                 gr.Dropdown(choices=cluster_choices(self.ws, False)))
 
     def current_id(self, image_id: Any) -> int:

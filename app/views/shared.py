@@ -1,7 +1,9 @@
 """Pieces several views use: error wrapping, id parsing, the cluster choices and the one-image panel.
 
 Every handler goes through :func:`friendly`, so a user mistake (or an unexpected failure) reaches the browser
-as a sentence, never a trace.
+as a sentence, never a trace. Every text that did not come from the app itself (a cluster name, a file path,
+a message that quotes them) goes into Markdown, HTML or an error message through :func:`literal`, so it is
+shown as the characters it holds and never becomes markup (an image, a link, a formula) in anyone's browser.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +30,26 @@ CSS = f".{FIT} .fixed-height {{ min-height: 0 !important; }}"  # the page's styl
 PROGRESS = gr.Progress()  # default of a handler's ``progress`` parameter: Gradio then shows a progress bar
 
 
+# Characters that Markdown (GFM, as Gradio renders it), HTML or Gradio's LaTeX could read as markup, anywhere in
+# a line; ``://``, ``www.`` and ``@`` would become links; and a list, heading or quote marker at a line's start.
+MARKUP = re.compile(r"[\\`*_~\[\]<>&|$#%!{}@]|:(?=//)|(?<=[wW]{3})\.|^[ \t]*(?:[-+=]|\d+[.)])")
+CONTROL_PICTURES = {**{code: 0x2400 + code for code in range(0x20)}, 0x7F: 0x2421}  # a newline shows as ␊
+
+
+def literal(text: object) -> str:
+    """``text`` as Markdown and HTML that shows exactly its characters, never markup (the one escape of the app).
+
+    Each character that could start markup becomes a numeric character reference, which Markdown and HTML
+    both show as that character; control characters (a newline in a file name) show as their symbols.
+    Never put the result inside a code span: there references are shown as written.
+    """
+    def reference(match: re.Match) -> str:
+        found = match.group()
+        return f"{found[:-1]}&#{ord(found[-1])};"
+
+    return MARKUP.sub(reference, str(text).translate(CONTROL_PICTURES))
+
+
 def friendly(fn: Callable) -> Callable:
     """Turn known problems into their message and anything else into one line (the trace goes to the log)."""
     @functools.wraps(fn)
@@ -36,7 +59,11 @@ def friendly(fn: Callable) -> Callable:
         except gr.Error:
             raise
         except (AppUserError, CurationError, IndexUserError) as error:
-            raise gr.Error(str(error), print_exception=False) from None
+            raise gr.Error(literal(error), print_exception=False) from None
+        except sqlite3.DatabaseError as error:  # a file of the index or the state damaged under the server
+            log.exception("request failed")
+            raise gr.Error(f"a database file of the index or the state cannot be read ({literal(error)}); the server "
+                           "log and the warning at the top of the page say more", print_exception=False) from None
         except Exception as error:
             log.exception("request failed")
             raise gr.Error(f"the request failed ({type(error).__name__}); the server log has details",
@@ -66,6 +93,12 @@ def cluster_choices(ws: Workspace, include_excluded: bool) -> list[tuple[str, in
     merged = {c: ws.store.merged_into(c) for c in names}
     choices = [(f"{c} · {names[c]} ({sizes.get(c, 0)})", c) for c in sorted(names) if merged[c] == c]
     return [*choices, (f"excluded ({sizes.get(EXCLUDED, 0)})", EXCLUDED)] if include_excluded else choices
+
+
+def index_warning(ws: Workspace) -> str:
+    """The page's warning line: what is wrong with the index's files now (nothing when nothing is)."""
+    ws.keep_up()
+    return f"**Warning:** {literal(ws.index_problem)}" if ws.index_problem else ""
 
 
 def current_choices(ws: Workspace) -> tuple[Any, Any, Any]:
@@ -133,8 +166,9 @@ def image_selector(ws: Workspace) -> Callable[[int], tuple]:
     @friendly
     def select_image(image_id: int) -> tuple[Any, str, pd.DataFrame, list, list[int]]:
         record, prediction = ws.describe(int(image_id))
-        details = (f"**#{record.id}** `{record.path}`  \nlabel: {ws.store.name(record.label)} ({record.status}) · "
-                   f"predicted: {ws.store.name(record.predicted)} · confidence {record.confidence or 0:.3f}")
+        details = (f"**#{record.id}** {literal(record.path)}  \nlabel: {literal(ws.store.name(record.label))} "
+                   f"({record.status}) · predicted: {literal(ws.store.name(record.predicted))} · "
+                   f"confidence {record.confidence or 0:.3f}")
         return (ws.display(record), details, *prediction_outputs(ws, prediction))
 
     return select_image

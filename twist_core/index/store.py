@@ -154,10 +154,18 @@ def _fsync_path(path: Path) -> None:
 
 
 def read_manifest(index_dir: Path) -> dict[str, Any]:
+    """The manifest: which generation folder is the index now. Damaged, it is one line saying so, not a trace."""
     path = index_dir / MANIFEST
     if not path.is_file():
         raise IndexUserError(f"no index in {index_dir} (build one: twist index LABELS --out {index_dir})")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest["generation"], int) or Path(str(manifest["dir"])).name != manifest["dir"]:
+            raise ValueError
+    except (ValueError, TypeError, KeyError):
+        raise IndexUserError(f"{path} is damaged (not the generation number and folder twist writes): restore it, "
+                             f"or build the index again with twist index --out {index_dir}") from None
+    return manifest
 
 
 @contextlib.contextmanager
