@@ -12,6 +12,7 @@ import functools
 import io
 import json
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -61,7 +62,11 @@ class Workers:
 
     async def run(self, kind: str, work: Callable[[], Any]) -> Any:
         limiter = self._limiters.setdefault(kind, anyio.CapacityLimiter(self.concurrency))
-        return await anyio.to_thread.run_sync(work, limiter=limiter)
+        try:
+            return await anyio.to_thread.run_sync(work, limiter=limiter)
+        except sqlite3.DatabaseError as error:  # the index's file damaged under the app: say so, never a 500
+            raise HTTPException(503, f"the index cannot be read now ({error}); the app's log and page say which "
+                                     "file, and it serves again once the file is restored") from None
 
     def route(self, work: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
         """``work`` as an endpoint (same parameters) that runs in the workers of its own kind."""

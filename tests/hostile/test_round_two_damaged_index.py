@@ -131,6 +131,8 @@ def test_a_metadata_file_truncated_in_place_is_said_and_served_again_once_restor
             overview(url)
         assert "\n" not in str(refused.value)
         assert f"{meta} is damaged" in html.unescape(warning(url))
+        answer = httpx.get(url + "api/v1/clusters", timeout=60)  # the API says the same, never a bare 500
+        assert answer.status_code == 503 and "cannot be read" in answer.json()["detail"], answer.text
 
         replace_with(meta, good)
         assert clusters(url) == serving["before"]
