@@ -17,10 +17,11 @@ JSON answers carry ``nosniff`` too.
 
 Logins: a failed login from one client is answered only after a delay that doubles with each failure
 (capped), one failure after another, so guessing a password takes hours, not seconds; a right password is
-answered at once, even while wrong ones wait. A client may have ``WAITING_ATTEMPTS`` attempts in flight; more are
-answered 429 at once, before their password is looked at. The client is the socket peer: ``X-Forwarded-For``
-counts only from the proxies named with ``--trusted-proxy`` (uvicorn applies that rule before this middleware
-runs), so behind such a proxy each user has their own delay, and a forged header gains nothing.
+answered at once, even while wrong ones wait. Only credentials found right clear the count: a wrong HTTP Basic
+header on a page that answers anyone (``GET /``) clears nothing. A client may have ``WAITING_ATTEMPTS`` attempts
+in flight; more are answered 429 at once, before their password is looked at. The client is the socket peer:
+``X-Forwarded-For`` counts only from the proxies named with ``--trusted-proxy`` (uvicorn applies that rule before
+this middleware runs), so behind such a proxy each user has their own delay, and a forged header gains nothing.
 """
 
 from __future__ import annotations
@@ -99,7 +100,9 @@ class LoginThrottle:
     """Per-client delay after each failed login: ``first_delay * 2**(failures - 1)`` seconds, at most ``max_delay``.
 
     Failures are answered one at a time per client, each after its delay, so parallel guesses gain nothing; a
-    success is answered at once. ``enter`` admits at most ``waiting`` attempts of one client at a time.
+    success is answered at once. Only credentials checked as right clear the failures (the login form's
+    success, HTTP Basic that matches the ``--auth`` list); any other answer, even a 200, leaves them. ``enter``
+    admits at most ``waiting`` attempts of one client at a time.
     """
 
     def __init__(self, first_delay: float = 0.1, max_delay: float = 2.0, forget_after: float = 900.0,
@@ -171,6 +174,20 @@ def logged_in(request: Request) -> bool:
     if token and app.tokens.get(token):
         return True
     return basic_credentials_ok(app, request.headers.get("authorization"))
+
+
+def basic_verified(scope: Scope) -> Callable[[int], bool]:
+    """Whether a request's HTTP Basic credentials are right, whatever the route answered (checked when asked)."""
+    def verified(_status: int) -> bool:
+        authorization = (header(scope, b"authorization") or b"").decode("latin-1")
+        return basic_credentials_ok(scope.get("app"), authorization)
+
+    return verified
+
+
+def login_verified(status: int) -> bool:
+    """The login form answers 2xx only to right credentials."""
+    return status < 300
 
 
 def content_length(scope: Scope) -> int | None:
@@ -274,9 +291,9 @@ class AppGuard:
         if file_route:
             await self._serve_file(file_route.group("path"), scope, receive, send)
         elif LOGIN_ROUTE.search(path) and scope.get("method") == "POST":
-            await self._attempt(scope, receive, send, FAILED_LOGIN)
+            await self._attempt(scope, receive, send, FAILED_LOGIN, login_verified)
         elif has_basic_credentials(scope):
-            await self._attempt(scope, receive, send, FAILED_BASIC)
+            await self._attempt(scope, receive, send, FAILED_BASIC, basic_verified(scope))
         else:
             await self._admit(scope, receive, send)
 
@@ -318,8 +335,10 @@ class AppGuard:
             return
         await BodyCap(limit, receive, send).run(self.app, scope)
 
-    async def _attempt(self, scope: Scope, receive: Receive, send: Send, failures: frozenset[int]) -> None:
-        """A request that carries a password: admitted only while the client has room, failures held back."""
+    async def _attempt(self, scope: Scope, receive: Receive, send: Send, failures: frozenset[int],
+                       verified: Callable[[int], bool]) -> None:
+        """A request that carries a password: admitted only while the client has room, failures held back, and
+        the count of failures cleared only when ``verified`` says its credentials were right."""
         client = (scope.get("client") or ("unknown",))[0]
         if not self.throttle.enter(client):
             await refuse(send, 429, "too many login attempts at once from this address: wait for their answers")
@@ -332,20 +351,22 @@ class AppGuard:
                 in_flight = False
                 self.throttle.leave(client)
 
-        def admitted() -> None:
-            self.throttle.succeeded(client)
+        def settle(status: int) -> None:
+            if verified(status):
+                self.throttle.succeeded(client)
             leave()
 
         async def send_slowly(message: dict) -> None:
             if message["type"] == "http.response.start" and in_flight:
-                if message.get("status") in failures:
+                status = message.get("status", 500)
+                if status in failures:
                     await self.throttle.hold_failure(client)
-                elif message.get("status", 500) < 300:
-                    self.throttle.succeeded(client)
-                leave()
+                    leave()
+                else:
+                    settle(status)
             await send(message)
 
         try:
-            await self._admit(scope, receive, send_slowly, admitted)
+            await self._admit(scope, receive, send_slowly, lambda: settle(200))  # past the login check
         finally:
             leave()
