@@ -23,10 +23,10 @@ import anyio.to_thread
 import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, UploadFile
 from fastapi.responses import FileResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.background import BackgroundTask
 
-from app.guard import logged_in
+from app.guard import logged_in, vector_body_bytes
 from app.workspace import PAGE_SIZE, AppUserError, Neighbour, Workspace
 from twist_core.curate.curation import Record
 from twist_core.index.image_index import Hit
@@ -94,6 +94,30 @@ def unit_query(values: list[float], dim: int) -> np.ndarray:
         problem = "is zero (or too small to measure)" if norm == 0.0 else "is too large for 32-bit floats"
         raise HTTPException(400, f"the vector has no direction to search along: its length {problem}")
     return vector
+
+
+async def capped_body(request: Request, limit: int) -> bytes:
+    """The request's body, 413 once it passes ``limit`` (the front door refuses it sooner; this keeps the route
+    bounded wherever it is mounted)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HTTPException(413, f"a vector search body is at most {limit} bytes")
+    return bytes(body)
+
+
+def parse_vector_query(body: bytes) -> VectorQuery:
+    """The JSON body as a ``VectorQuery`` (run in a worker: a long list of numbers takes a while to parse)."""
+    try:
+        return VectorQuery.model_validate_json(body)
+    except ValidationError as error:
+        raise HTTPException(422, jsonable_errors(error)) from None
+
+
+def jsonable_errors(error: ValidationError) -> list[dict[str, Any]]:
+    """Pydantic's errors as FastAPI shows them (without the input echoed back)."""
+    return [{"type": e["type"], "loc": ["body", *e["loc"]], "msg": e["msg"]} for e in error.errors()]
 
 
 def _temporary_csv(ws: Workspace) -> tuple[Path, BackgroundTask]:
@@ -231,11 +255,21 @@ def build_router(ws: Workspace, max_upload_bytes: int, concurrency: int) -> APIR
         return {"classes": _top_classes(prediction.probs, names),
                 "neighbours": _neighbours_json(_pairs(prediction.neighbours), names)}
 
-    @router.post("/search/vector", summary="nearest indexed images of an embedding")
-    @workers.route
-    def search_by_vector(query: VectorQuery) -> dict[str, Any]:
+    vector_limit = vector_body_bytes(ws.index.dim)
+
+    def vector_search(body: bytes) -> dict[str, Any]:
+        query = parse_vector_query(body)
         pairs = _hits_to_pairs(ws, ws.index.search_vectors(unit_query(query.vector, ws.index.dim), query.k)[0])
         return {"neighbours": _neighbours_json(pairs, ws.names())}
+
+    @router.post("/search/vector", summary="nearest indexed images of an embedding",
+                 openapi_extra={"requestBody": {"required": True, "content": {
+                     "application/json": {"schema": VectorQuery.model_json_schema()}}}})
+    async def search_by_vector(request: Request) -> dict[str, Any]:
+        """The body is read here (at most ``vector_limit`` bytes) and parsed in the workers, never on the
+        event loop."""
+        body = await capped_body(request, vector_limit)
+        return await workers.run("search_by_vector", functools.partial(vector_search, body))
 
     @router.get("/labels", summary="the current (curated) labels of every image, as JSON or CSV")
     @workers.route

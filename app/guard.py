@@ -4,9 +4,9 @@ server, and how fast logins may fail.
 Bodies: when the app has a login, a request that could carry a body (anything but GET, HEAD, OPTIONS) and every
 ``/api/v1`` request is answered 401 before a byte of its body is read, unless it carries the login (cookie or
 HTTP Basic); only the login form itself is open, and its body is capped at a few KB. A body larger than the
-route's limit (``--max-upload-mb``, with room for the form around it) is answered 413 at once when its
-``Content-Length`` says so, and as soon as it passes the limit when it is streamed (chunked); either way the
-connection is closed, so the rest is never read.
+route's limit (``--max-upload-mb``, with room for the form around it; for the vector search, what a vector of
+the index's dimension needs) is answered 413 at once when its ``Content-Length`` says so, and as soon as it
+passes the limit when it is streamed (chunked); either way the connection is closed, so the rest is never read.
 
 Files: the app never hands out a dataset path. Thumbnails, detail views, the map and exports are written by
 the app and copied by Gradio into its own cache folder, so only that folder is served; a request for anything
@@ -49,6 +49,9 @@ FAILED_BASIC = frozenset({401})  # a route's answer to wrong HTTP Basic credenti
 WAITING_ATTEMPTS = 16  # requests carrying a password one client may have in flight; more are answered 429
 API_PREFIX = "/api/v1"
 UPLOAD_ROUTE = re.compile(r"^(?:/gradio_api)?/upload/?$")  # Gradio's route for the files of an upload component
+VECTOR_ROUTE = re.compile(r"^/api/v1/search/vector/?$")
+VECTOR_NUMBER_BYTES = 32  # one float as JSON writes it, with its comma and indentation ("-1.2345678901234567e-05, ")
+VECTOR_SLACK_BYTES = 4 << 10  # the braces, "k" and whitespace around the numbers
 UPLOAD_ROUTE_FILES = 8  # one drop on an upload component may send several files in one request
 FORM_BYTES = 64 << 10  # room for the multipart form around an upload
 LOGIN_BODY_BYTES = 16 << 10
@@ -190,6 +193,11 @@ def login_verified(status: int) -> bool:
     return status < 300
 
 
+def vector_body_bytes(dim: int) -> int:
+    """Largest body of a vector search: ``dim`` numbers as JSON writes them, and the object around them."""
+    return dim * VECTOR_NUMBER_BYTES + VECTOR_SLACK_BYTES
+
+
 def content_length(scope: Scope) -> int | None:
     """The announced body size; a malformed one counts as unbounded."""
     value = header(scope, b"content-length")
@@ -261,17 +269,24 @@ def too_large(limit: int) -> str:
 
 @dataclass(frozen=True)
 class BodyLimits:
-    """Largest body in bytes: of any request, of one request to Gradio's upload route, of the login form."""
+    """Largest body in bytes: of any request, of one request to Gradio's upload route, of a vector search, of the
+    login form."""
 
     request: int
     upload_route: int
+    vector: int
     login: int = LOGIN_BODY_BYTES
 
     @classmethod
-    def from_upload_limit(cls, max_upload_bytes: int) -> BodyLimits:
-        return cls(max_upload_bytes + FORM_BYTES, max_upload_bytes * UPLOAD_ROUTE_FILES + FORM_BYTES)
+    def from_upload_limit(cls, max_upload_bytes: int, vector_dim: int) -> BodyLimits:
+        return cls(max_upload_bytes + FORM_BYTES, max_upload_bytes * UPLOAD_ROUTE_FILES + FORM_BYTES,
+                   vector_body_bytes(vector_dim))
 
     def of(self, path: str) -> int:
+        if LOGIN_ROUTE.search(path):
+            return self.login
+        if VECTOR_ROUTE.search(path):
+            return self.vector
         return self.upload_route if UPLOAD_ROUTE.search(path) else self.request
 
 
@@ -327,8 +342,7 @@ class AppGuard:
                 return
             if admitted is not None:
                 admitted()
-        path = scope.get("path", "")
-        limit = self.limits.login if LOGIN_ROUTE.search(path) else self.limits.of(path)
+        limit = self.limits.of(scope.get("path", ""))
         length = content_length(scope)
         if length is not None and length > limit:
             await refuse(send, 413, too_large(limit))

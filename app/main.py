@@ -160,16 +160,16 @@ def build_app(config: AppConfig):
     return workspace, demo
 
 
-def guard_middleware(config: AppConfig) -> Middleware:
+def guard_middleware(config: AppConfig, vector_dim: int) -> Middleware:
     """Refuse strangers' and oversized bodies unread, serve files only from Gradio's cache (copies of what the
-    app made), throttle failed logins."""
+    app made), throttle failed logins, keep the uploads bounded."""
     from gradio.utils import get_upload_folder
     from starlette.middleware import Middleware
 
     from app.guard import AppGuard, BodyLimits, FileGuard, LoginThrottle
 
     return Middleware(AppGuard, files=FileGuard([get_upload_folder()]), throttle=LoginThrottle(),
-                      limits=BodyLimits.from_upload_limit(config.max_upload_mb << 20))
+                      limits=BodyLimits.from_upload_limit(config.max_upload_mb << 20, vector_dim))
 
 
 FORWARDED_ENV = "FORWARDED_ALLOW_IPS"  # uvicorn's list of proxies whose X-Forwarded-For it applies
@@ -226,11 +226,13 @@ def launch(config: AppConfig, block: bool = True):
     if config.warm_thumbnails:
         workspace.warm_thumbnails()
 
+    middleware = guard_middleware(config, workspace.index.dim)
+
     def start() -> None:
         demo.launch(server_name=config.host, server_port=config.port or free_port(config.host), auth=auth,
                     css=page_css(), allowed_paths=workspace.output_folders, max_file_size=f"{config.max_upload_mb}mb",
                     show_error=False, prevent_thread_lock=True, inbrowser=False, quiet=not block,
-                    app_kwargs={"middleware": [guard_middleware(config)], "routes": api_routes(workspace, config)})
+                    app_kwargs={"middleware": [middleware], "routes": api_routes(workspace, config)})
 
     if not block:
         start()

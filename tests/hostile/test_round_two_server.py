@@ -8,7 +8,13 @@ stay bounded while the app runs and are gone once it exits. Each test speaks fro
 
 from __future__ import annotations
 
+import base64
+import json
+import select
+import socket
+import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,12 +22,17 @@ import httpx
 import pytest
 from conftest import stop_app_server
 from test_round_two_front_door import (
+    ANSWERED_WITHIN_BYTES,
+    GROWTH_LIMIT,
     PASSWORD,
     THROTTLED_S,
     USER,
     client,
+    rss_peak,
     start,
 )
+
+from twist_core.index.image_index import ImageIndex
 
 UPLOAD_MB = 20  # the default --max-upload-mb: a vector search body used to be allowed all of it
 OFFERED_BYTES = 96 << 20  # what a hostile client streams to a route that does not read it
@@ -59,3 +70,70 @@ def test_a_wrong_basic_header_on_an_open_page_does_not_clear_failed_logins(serve
         took = time.monotonic() - started
         assert took > THROTTLED_S, f"five wrong guesses took {took:.2f} s: the wrong Basic header reset the delay"
         assert http.get(url + "api/v1/clusters", auth=(USER, PASSWORD)).status_code == 200
+
+
+# ---- the vector search body
+
+
+def post_announced(url: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, int, float]:
+    """POST ``body`` with its length announced; returns (status, bytes sent by the answer, seconds taken)."""
+    parts = urllib.parse.urlsplit(url)
+    head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": parts.netloc, "Content-Length": str(len(body)),
+                                                 **headers}.items())
+    started, sent, answer = time.monotonic(), 0, b""
+    with socket.create_connection((parts.hostname, parts.port)) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode())
+        sock.setblocking(False)
+        while b"\r\n" not in answer:
+            readable, writable, _ = select.select([sock], [sock] if sent < len(body) else [], [], 60)
+            if not readable and not writable:
+                raise AssertionError(f"no answer after {sent >> 20} MB")
+            if readable:
+                answer += sock.recv(65536) or b"closed\r\n"
+            else:
+                try:
+                    sent += sock.send(body[sent:sent + (1 << 20)])
+                except (BrokenPipeError, ConnectionResetError):
+                    sent = len(body)
+    return int(answer.split()[1]), sent, time.monotonic() - started
+
+
+def basic_header() -> dict[str, str]:
+    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    return {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
+
+
+def test_a_huge_vector_body_is_refused_at_once_and_delays_nobody(server: dict) -> None:
+    """20 MB of zeros (the whole --max-upload-mb) used to be read and parsed into floats on the event loop:
+    +540 MB and a 400 after 2 s each, while every other request waited."""
+    body = b'{"vector": [' + b"0," * ((UPLOAD_MB << 20) // 2 - 16) + b"0]}"
+    peak_before = rss_peak(server["pid"])
+    answers: list[tuple[int, int, float]] = []
+    posts = [threading.Thread(target=lambda: answers.append(
+        post_announced(server["url"], "/api/v1/search/vector", basic_header(), body))) for _ in range(3)]
+    for post in posts:
+        post.start()
+    started = time.monotonic()
+    assert httpx.get(server["url"] + "api/v1/clusters", auth=(USER, PASSWORD), timeout=60).status_code == 200
+    waited = time.monotonic() - started
+    for post in posts:
+        post.join(60)
+    assert [status for status, _, _ in answers] == [413] * 3, answers
+    assert all(sent < ANSWERED_WITHIN_BYTES and took < 2.0 for _, sent, took in answers), answers
+    assert waited < 1.0, f"an unrelated request waited {waited:.2f} s"
+    assert rss_peak(server["pid"]) - peak_before < GROWTH_LIMIT
+
+
+def test_a_vector_of_the_index_dimension_still_finds_itself(server: dict, app_bundle: dict[str, Path]) -> None:
+    index = ImageIndex.open(app_bundle["index"], "cpu")
+    try:
+        vector = index.vector(0).tolist()
+    finally:
+        index.close()
+    spelled_out = json.dumps({"vector": vector, "k": 3}, indent=4)  # every digit, and generous whitespace
+    answer = httpx.post(server["url"] + "api/v1/search/vector", content=spelled_out, headers=basic_header(),
+                        timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["neighbours"][0]["id"] == 0
+    malformed = httpx.post(server["url"] + "api/v1/search/vector", content=b"{not json", headers=basic_header())
+    assert malformed.status_code == 422
