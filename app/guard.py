@@ -7,6 +7,8 @@ HTTP Basic); only the login form itself is open, and its body is capped at a few
 route's limit (``--max-upload-mb``, with room for the form around it; for the vector search, what a vector of
 the index's dimension needs) is answered 413 at once when its ``Content-Length`` says so, and as soon as it
 passes the limit when it is streamed (chunked); either way the connection is closed, so the rest is never read.
+A stranger's body is refused on every route, even one that takes none (a GET or OPTIONS sent with a body), and
+a body the route answers without reading closes the connection too, so the server never drains it.
 
 Files: the app never hands out a dataset path. Thumbnails, detail views, the map and exports are written by
 the app and copied by Gradio into its own cache folder, so only that folder is served; a request for anything
@@ -179,6 +181,11 @@ def logged_in(request: Request) -> bool:
     return basic_credentials_ok(app, request.headers.get("authorization"))
 
 
+def has_body(scope: Scope) -> bool:
+    """The request announces a body: a non-zero ``Content-Length`` or any ``Transfer-Encoding``."""
+    return content_length(scope) not in (None, 0) or header(scope, b"transfer-encoding") is not None
+
+
 def basic_verified(scope: Scope) -> Callable[[int], bool]:
     """Whether a request's HTTP Basic credentials are right, whatever the route answered (checked when asked)."""
     def verified(_status: int) -> bool:
@@ -230,17 +237,22 @@ def nosniff_json(send: Send, always: bool) -> Send:
 
 
 class BodyCap:
-    """A request's body passed on until it exceeds ``limit`` bytes: then 413, and the app is told the client left."""
+    """A request's body passed on until it exceeds ``limit`` bytes: then 413, and the app is told the client left.
 
-    def __init__(self, limit: int, receive: Receive, send: Send) -> None:
+    An answer sent before the whole body was read closes the connection: the server would otherwise read (drain)
+    the rest, however large, to reach the next request on it.
+    """
+
+    def __init__(self, limit: int, receive: Receive, send: Send, unread: bool) -> None:
         self.limit, self._receive, self._send = limit, receive, send
-        self.size, self.started, self.refused = 0, False, False
+        self.size, self.started, self.refused, self.unread = 0, False, False, unread
 
     async def receive(self) -> dict:
         if self.refused:
             return {"type": "http.disconnect"}
         message = await self._receive()
         if message["type"] == "http.request":
+            self.unread = self.unread and message.get("more_body", False)
             self.size += len(message.get("body", b""))
             if self.size > self.limit:
                 self.refused = True
@@ -252,7 +264,10 @@ class BodyCap:
     async def send(self, message: dict) -> None:
         if self.refused:
             return  # the app's answer to the disconnect: the client has its 413 already
-        self.started = self.started or message["type"] == "http.response.start"
+        if message["type"] == "http.response.start":
+            self.started = True
+            if self.unread:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
         await self._send(message)
 
     async def run(self, app: Callable, scope: Scope) -> None:
@@ -328,10 +343,12 @@ class AppGuard:
         await self.app(scope, receive, send_with_headers)
 
     def _needs_login(self, scope: Scope) -> bool:
-        """Every API route and every route that takes a body, except the login form."""
+        """Every API route, every route that takes a body and every request that carries one, except the login
+        form."""
         if getattr(scope.get("app"), "auth", None) is None or LOGIN_ROUTE.search(scope.get("path", "")):
             return False
-        return scope.get("path", "").startswith(API_PREFIX) or scope.get("method") not in BODYLESS_METHODS
+        return (scope.get("path", "").startswith(API_PREFIX) or scope.get("method") not in BODYLESS_METHODS
+                or has_body(scope))
 
     async def _admit(self, scope: Scope, receive: Receive, send: Send,
                      admitted: Callable[[], None] | None = None) -> None:
@@ -347,7 +364,7 @@ class AppGuard:
         if length is not None and length > limit:
             await refuse(send, 413, too_large(limit))
             return
-        await BodyCap(limit, receive, send).run(self.app, scope)
+        await BodyCap(limit, receive, send, has_body(scope)).run(self.app, scope)
 
     async def _attempt(self, scope: Scope, receive: Receive, send: Send, failures: frozenset[int],
                        verified: Callable[[int], bool]) -> None:

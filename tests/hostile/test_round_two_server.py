@@ -28,6 +28,7 @@ from test_round_two_front_door import (
     THROTTLED_S,
     USER,
     client,
+    login_cookie,
     rss_peak,
     start,
 )
@@ -137,3 +138,55 @@ def test_a_vector_of_the_index_dimension_still_finds_itself(server: dict, app_bu
     assert answer.json()["neighbours"][0]["id"] == 0
     malformed = httpx.post(server["url"] + "api/v1/search/vector", content=b"{not json", headers=basic_header())
     assert malformed.status_code == 422
+
+
+# ---- bodies no route reads are not drained
+
+
+def offer_after_answer(url: str, method: str, path: str, headers: dict[str, str]) -> tuple[int, int]:
+    """Stream a chunked body of ``OFFERED_BYTES`` and keep streaming after the answer, until the server closes the
+    connection; returns (status, bytes it took in all)."""
+    parts = urllib.parse.urlsplit(url)
+    head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": parts.netloc, "Transfer-Encoding": "chunked",
+                                                 **headers}.items())
+    piece = b"100000\r\n" + b"x" * (1 << 20) + b"\r\n"
+    sent, answer, pending = 0, b"", b""
+    with socket.create_connection((parts.hostname, parts.port)) as sock:
+        sock.sendall(f"{method} {path} HTTP/1.1\r\n{head}\r\n".encode())
+        sock.setblocking(False)
+        while sent < OFFERED_BYTES:
+            readable, writable, _ = select.select([sock], [sock], [], 60)
+            if not readable and not writable:
+                raise AssertionError(f"stuck after {sent >> 20} MB")
+            if readable:
+                try:
+                    data = sock.recv(65536)
+                except ConnectionResetError:  # closed with our body unread: the answer came before
+                    break
+                if not data:
+                    break
+                answer += data
+            if writable:
+                pending = pending or piece
+                try:
+                    count = sock.send(pending)
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                pending, sent = pending[count:], sent + count
+    assert b"\r\n" in answer, f"no answer after {sent >> 20} MB"
+    return int(answer.split()[1]), sent
+
+
+@pytest.mark.parametrize("method, path, logged_in", [
+    ("OPTIONS", "/", False),
+    ("GET", "/theme.css", False),
+    ("GET", "/", False),
+    ("GET", "/theme.css", True),
+])
+def test_a_body_no_route_reads_is_never_drained(server: dict, method: str, path: str, logged_in: bool) -> None:
+    """A stranger's body is answered 401 on every route; a member's body that the route ignores ends the
+    connection with the answer. Both used to be read to the end, however long."""
+    headers = {"Cookie": login_cookie(server["url"])} if logged_in else {}
+    status, sent = offer_after_answer(server["url"], method, path, headers)
+    assert status == (200 if logged_in else 401)
+    assert sent < ANSWERED_WITHIN_BYTES, f"the server took {sent >> 20} MB of a body it never reads"
