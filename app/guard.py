@@ -17,6 +17,10 @@ the encoding. What is served carries ``X-Content-Type-Options: nosniff``; only r
 inline, anything else (CSV, zip, JSON) is an attachment, so no served file can run script in the app's origin.
 JSON answers carry ``nosniff`` too.
 
+Uploads: what Gradio's upload route keeps is bounded: after each upload the oldest uploaded files are removed
+until those left hold at most ``UPLOADS_KEPT_REQUESTS`` full uploads' worth (see also app/main.py, which gives
+the app a folder of its own, ages its files out and removes it at exit).
+
 Logins: a failed login from one client is answered only after a delay that doubles with each failure
 (capped), one failure after another, so guessing a password takes hours, not seconds; a right password is
 answered at once, even while wrong ones wait. Only credentials found right clear the count: a wrong HTTP Basic
@@ -31,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import os
 import re
@@ -41,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 from starlette.requests import Request
 
 INLINE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "image/gif"})
@@ -55,6 +61,7 @@ VECTOR_ROUTE = re.compile(r"^/api/v1/search/vector/?$")
 VECTOR_NUMBER_BYTES = 32  # one float as JSON writes it, with its comma and indentation ("-1.2345678901234567e-05, ")
 VECTOR_SLACK_BYTES = 4 << 10  # the braces, "k" and whitespace around the numbers
 UPLOAD_ROUTE_FILES = 8  # one drop on an upload component may send several files in one request
+UPLOADS_KEPT_REQUESTS = 4  # the uploaded files kept at most: this many full requests to the upload route
 FORM_BYTES = 64 << 10  # room for the multipart form around an upload
 LOGIN_BODY_BYTES = 16 << 10
 BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -278,6 +285,26 @@ class BodyCap:
                 raise
 
 
+def trim_uploads(files: set[str], keep_bytes: int) -> None:
+    """Remove the oldest of ``files`` (Gradio's record of uploaded files) until the rest hold ``keep_bytes``."""
+    sized = []
+    for name in list(files):
+        try:
+            info = os.stat(name)
+        except OSError:
+            files.discard(name)
+            continue
+        sized.append((info.st_ctime, info.st_size, name))
+    total = sum(size for _, size, _ in sized)
+    for _, size, name in sorted(sized):
+        if total <= keep_bytes:
+            break
+        with contextlib.suppress(OSError):
+            os.remove(name)
+        files.discard(name)
+        total -= size
+
+
 def too_large(limit: int) -> str:
     return f"the request is larger than the app accepts ({limit >> 20} MB; see --max-upload-mb)"
 
@@ -365,6 +392,9 @@ class AppGuard:
             await refuse(send, 413, too_large(limit))
             return
         await BodyCap(limit, receive, send, has_body(scope)).run(self.app, scope)
+        if UPLOAD_ROUTE.search(scope.get("path", "")) and hasattr(scope.get("app"), "get_blocks"):
+            uploaded = scope["app"].get_blocks().upload_file_set
+            await anyio.to_thread.run_sync(trim_uploads, uploaded, self.limits.upload_route * UPLOADS_KEPT_REQUESTS)
 
     async def _attempt(self, scope: Scope, receive: Receive, send: Send, failures: frozenset[int],
                        verified: Callable[[int], bool]) -> None:

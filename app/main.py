@@ -9,11 +9,14 @@ pixels and concurrency, and turns every problem into a sentence (never a traceba
 from __future__ import annotations
 
 import argparse
+import atexit
 import ipaddress
 import logging
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -172,6 +175,17 @@ def guard_middleware(config: AppConfig, vector_dim: int) -> Middleware:
                       limits=BodyLimits.from_upload_limit(config.max_upload_mb << 20, vector_dim))
 
 
+UPLOAD_FOLDER_ENV = "GRADIO_TEMP_DIR"  # Gradio's folder of uploads and of the copies of files it serves
+
+
+def own_upload_folder() -> None:
+    """Give Gradio a fresh folder of this app's own (inside $GRADIO_TEMP_DIR or the system's temporary folder),
+    removed when the app exits: uploads used to pile up in the shared /tmp/gradio, run after run."""
+    folder = Path(tempfile.mkdtemp(prefix="twist-app-", dir=os.environ.get(UPLOAD_FOLDER_ENV) or None))
+    os.environ[UPLOAD_FOLDER_ENV] = str(folder)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
+
 FORWARDED_ENV = "FORWARDED_ALLOW_IPS"  # uvicorn's list of proxies whose X-Forwarded-For it applies
 
 
@@ -218,6 +232,7 @@ def launch(config: AppConfig, block: bool = True):
     check_options(config)
     trust_only(trusted_proxies(config))
     auth = resolve_auth(config)
+    own_upload_folder()
     workspace, demo = build_app(config)
     from app.ui import page_css  # after build_app, which imports the UI (slowly) once the setup is checked
 

@@ -14,6 +14,7 @@ from app.views import map as map_view
 from app.views import review as review_view
 from app.workspace import Workspace
 
+CACHE_SWEEP = (600, 3600)  # every 10 minutes, Gradio removes the uploads and served copies older than an hour
 VIEWS = (clusters, cluster, review_view, search, export, map_view, batch, merges, changes)  # in tab order
 
 
@@ -24,7 +25,7 @@ def page_css() -> str:
 
 def build_ui(ws: Workspace) -> gr.Blocks:
     """The whole app; ``ws`` is shared by every session (state lives in the curation store, not the browser)."""
-    with gr.Blocks(title="TWIST clusters") as demo:
+    with gr.Blocks(title="TWIST clusters", delete_cache=CACHE_SWEEP) as demo:
         gr.Markdown("## TWIST: discovered clusters")
         warning = gr.Markdown(elem_id="index-warning")  # damaged index files, said on each page load
         demo.load(shared.friendly(lambda: shared.index_warning(ws)), None, [warning], api_name="index_warning")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import select
 import socket
 import threading
@@ -190,3 +191,36 @@ def test_a_body_no_route_reads_is_never_drained(server: dict, method: str, path:
     status, sent = offer_after_answer(server["url"], method, path, headers)
     assert status == (200 if logged_in else 401)
     assert sent < ANSWERED_WITHIN_BYTES, f"the server took {sent >> 20} MB of a body it never reads"
+
+
+# ---- Gradio's upload route
+
+
+def files_under(folder: Path) -> list[Path]:
+    return [path for path in folder.rglob("*") if path.is_file()]
+
+
+def test_uploads_stay_bounded_and_are_gone_after_exit(app_bundle: dict[str, Path], tmp_path: Path) -> None:
+    """Six drops of eight files (96 MB) keep at most four drops' worth; stopping the app leaves nothing behind
+    (they used to stay in /tmp/gradio for good)."""
+    process, url, server_tmp = start(app_bundle, tmp_path, "--max-upload-mb", str(UPLOAD_LIMIT_MB))
+    try:
+        cookie = {"Cookie": login_cookie(url)}
+        for drop in range(6):
+            files = [("files", (f"{drop}-{n}.png", random_bytes(UPLOAD_LIMIT_MB << 20), "image/png"))
+                     for n in range(8)]
+            answer = httpx.post(url + "gradio_api/upload", files=files, headers=cookie, timeout=60)
+            assert answer.status_code == 200, answer.text
+        time.sleep(1.0)  # the oldest files are removed once each answer is sent
+        kept = sum(path.stat().st_size for path in files_under(server_tmp))
+        assert 0 < kept <= 4 * (8 * UPLOAD_LIMIT_MB + 1) << 20, f"{kept >> 20} MB of uploads kept"
+    finally:
+        stop_app_server(process)
+    assert process.returncode == 0
+    uploads_left = [path for path in files_under(server_tmp) if path.stat().st_size >= 1 << 20]
+    assert uploads_left == [] and not [*server_tmp.glob("gradio")] and not [*server_tmp.glob("twist-app-*")]
+
+
+def random_bytes(size: int) -> bytes:
+    """Distinct contents (Gradio stores equal files once), a little under ``size``."""
+    return os.urandom(size * 9 // 10)
