@@ -80,7 +80,9 @@ def test_a_run_far_below_the_expected_speed_says_so_once(shapes_folder: Path, tm
     """The run is real; the expectation is set out of reach (and judged after 0.01 s), so no timing decides it."""
     prelude = ("from twist_core.train import photo_defaults, speed\n"
                "photo_defaults.MEASURED_IMAGES_PER_S[('patches', 32)] = 1e9\nspeed.SETTLE_SECONDS = 0.01")
-    result = run_train(str(shapes_folder), "--out", str(tmp_path / "run"), *TINY, "--epochs", "3", prelude=prelude)
+    result = run_train(str(shapes_folder), "--out", str(tmp_path / "run"), *TINY, "--epochs", "3", "--eval-data",
+                       str(shapes_folder), prelude=prelude)
+    assert "final eval: ACC " in result.stdout and "| kNN " in result.stdout  # the summary's final scores
     bars = result.stderr.replace("\r", "\n")
     assert bars.count("warning: training runs at") == 1, result.stderr[-3000:]
     assert "expected speed: about 1000000000 images/s" in bars
