@@ -31,6 +31,7 @@ from twist_core.curate.curation import EXCLUDED, CurationStore
 from twist_core.errors import UserError
 from twist_core.index.store import META_FILE, MetaStore, read_manifest
 from twist_core.io_utils import file_sha256
+from twist_core.report import print_written
 
 EXCLUDE_NAME = "excluded"
 SHOWN = 10  # unknown images listed by name in the summary
@@ -382,8 +383,7 @@ def import_labels(config: ImportLabelsConfig) -> ImportPlan:
     try:
         uid = meta.info().get("uid")
         refuse_other_index(tasks, uid, config.file, config.index)
-        state_dir = Path(config.state_dir) if config.state_dir else Path(config.index)
-        store = CurationStore(state_dir / "curation.sqlite", meta_path, names)
+        store = CurationStore(store_path(config), meta_path, names)
         try:
             plan = plan_import(read_choices(tasks, meta, config.from_name, uid), store,
                                parse_renames(config.rename, store.names()))
@@ -399,7 +399,14 @@ def import_labels(config: ImportLabelsConfig) -> ImportPlan:
 def import_and_print(config: ImportLabelsConfig) -> int:
     plan = import_labels(config)
     print("\n".join(summary_lines(plan, applied=not config.dry_run)))
+    if not config.dry_run and (plan.moves or plan.renames):
+        print_written([(store_path(config), "the app's curation store: the import is one change, Undo takes it back")])
     return 0
+
+
+def store_path(config: ImportLabelsConfig) -> Path:
+    """The curation store the import writes: in --state-dir, else in the index folder (as the app keeps it)."""
+    return Path(config.state_dir or config.index) / "curation.sqlite"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,30 +9,50 @@ from pathlib import Path
 
 from conftest import REPO, start_app_server, stop_app_server
 
-# Measured on this project's 2-core CPU machine: the demo's default 2-minute run (16 px digits, the CPU default
-# patches backbone, 38 epochs) reached ACC 0.930 / NMI 0.873 / ARI 0.855 on the digits (2026-11-28; k-means on raw
-# pixels: ACC 0.804; the earlier ResNet-18 default: 0.488), and the 40-second run this test makes (17 epochs) ACC
-# 0.910 / NMI 0.839 (2026-12-04). The test runs every step of the default command with the shorter budget, to keep
-# CI short; the threshold leaves a margin for a slower or busier machine, where the budget buys fewer steps.
-MIN_ACC = 0.75
-DEMO_BUDGET = "40s"
+# The demo's recipe is fixed in epochs, so its result does not depend on the machine's speed: the default 30
+# epochs gave ACC 0.933 / NMI 0.878 on this project's 2-core CPU while it was busy (2026-12-07; k-means on raw
+# pixels: ACC 0.804), the figure the demo announces, and the same again beside a second demo and a test run
+# (load 5). This test runs every step of the default command with fewer epochs to keep CI short: 16 epochs gave
+# ACC 0.913 / NMI 0.844 in 92 s of training under load (2026-12-07; 12 epochs: 0.794, below k-means on pixels).
+MIN_ACC = 0.85
+TEST_EPOCHS = 16
 
 
-def test_demo_runs_every_step_and_clusters_the_digits(tmp_path: Path) -> None:
+def test_demo_runs_every_step_for_a_fixed_length_and_says_where_and_what(tmp_path: Path) -> None:
     workspace = tmp_path / "demo"
     result = subprocess.run([sys.executable, "-m", "twist_core.cli", "demo", "--no-app", "--workspace",
-                             str(workspace), "--time-budget", DEMO_BUDGET], capture_output=True, text=True,
+                             str(workspace), "--epochs", str(TEST_EPOCHS)], capture_output=True, text=True,
                             timeout=900, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     for step in ("1/5", "2/5", "3/5", "4/5", "5/5"):
         assert f"== {step}" in result.stdout
     summary = json.loads((workspace / "demo.json").read_text())
     assert summary["acc"] >= MIN_ACC, summary
-    assert "k-means on raw pixels" in result.stdout
+    assert "k-means on raw pixels" in result.stdout and summary["acc"] > summary["kmeans_pixels"]["acc"]
     assert len(list((workspace / "digits").rglob("*.png"))) == 1797
     assert Path(summary["model"]).with_suffix(".json").exists()
     assert (workspace / "labels.csv").read_text().count("\n") == 1798  # header + one row per digit
     assert (Path(summary["index"]) / "manifest.json").exists()
+
+    ran = json.loads((workspace / "run" / "summary.json").read_text())
+    assert ran["epochs_run"] == TEST_EPOCHS and ran["time_budget"] is None  # a length, not a time
+    bars = result.stderr.replace("\r", "\n")
+    assert f"epoch {TEST_EPOCHS}/{TEST_EPOCHS}" in bars and "left=" in bars  # the time left, as it trains
+    # Where it works, what to expect (the default recipe's figure, since this run is shorter), how to remove it.
+    assert result.stdout.startswith(f"workspace: {workspace} (")
+    assert "the recipe that gives ACC about 0.93 on any machine is 30 epochs" in result.stdout
+    for path in ("digits/", "run/", "model/digits.onnx", "model/digits.json", "labels.csv", "index/", "eval.json",
+                 "eval.png", "demo.json"):
+        assert f"\n  {workspace / path}" in result.stdout, path
+    assert f"next: twist app --model {summary['model']} --index {summary['index']}" in result.stdout
+    assert result.stdout.rstrip().endswith(f"remove the workspace (everything above) with: rm -rf {workspace}")
+
+
+def test_demo_help_reads_as_text() -> None:
+    result = subprocess.run([sys.executable, "-m", "twist_core.cli", "demo", "--help"], capture_output=True,
+                            text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0 and "twist demo: the whole product" in result.stdout
+    assert "``" not in result.stdout and "--epochs" in result.stdout and "--time-budget" not in result.stdout
 
 
 def test_app_without_arguments_serves_the_shipped_demo_on_loopback(tmp_path: Path) -> None:
@@ -72,7 +92,7 @@ def test_demo_app_stops_on_ctrl_c_after_training(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "demo.log"
     process = subprocess.Popen([sys.executable, "-m", "twist_core.cli", "demo", "--workspace", str(tmp_path / "demo"),
-                                "--time-budget", "3s", "--port", str(port)], cwd=REPO,
+                                "--epochs", "1", "--port", str(port)], cwd=REPO,
                                stdout=log.open("w"), stderr=subprocess.STDOUT,
                                env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
     try:

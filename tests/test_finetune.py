@@ -124,6 +124,11 @@ def test_a_killed_finetune_resumes_from_its_checkpoint_when_run_again(tiny_run: 
     assert final["global_step"] == final["total_steps"] > stopped_at > 0
     epochs_logged = [row["epoch"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
     assert epochs_logged == list(range(1, epochs + 1)), "each epoch once: resumed, not restarted or repeated"
+    # It ends as twist train does: what ran, the run folder, every file written, and the next command.
+    assert f"trained {epochs} epochs" in resumed.stdout and f"run folder: {out}" in resumed.stdout
+    for name in ("config.json", "last.pt", "summary.json", "finetune.json", "class_names.txt", "finetune-plan.json"):
+        assert f"  {out / name} " in resumed.stdout, name
+    assert f"next: twist export {out} --out ft.onnx" in resumed.stdout
 
     finished = run_cli(*args)
     assert finished.returncode == 2 and "holds a finished fine-tune" in finished.stderr

@@ -264,6 +264,7 @@ def test_import_finds_images_by_url_and_reports_what_it_cannot_use(app_bundle: d
     done = import_labels(export, app_bundle, tmp_path / "state")
     assert done.returncode == 0, done.stderr
     assert "applied: 2 image(s) moved" in done.stdout and "3 no single choice" in done.stdout
+    assert f"wrote:\n  {tmp_path / 'state' / 'curation.sqlite'}  " in done.stdout and "wrote:" not in dry.stdout
     assert f"conflicting: 1 image(s) given different labels by different tasks, left as they were " \
            f"(ids {records[1].id})" in done.stdout
     assert "unknown images: 2 (id 99999" in done.stdout and f"id {records[2].id} (" in done.stdout

@@ -137,7 +137,10 @@ def test_command_prints_pairs_and_k_and_writes_json(one_split: tuple[Path, dict[
     out = tmp_path / "merges.json"
     done = twist(str(index), "--config", str(options), "--json", str(out), "--plot", str(tmp_path / "tree.png"))
     assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    lines, written = done.stdout.split("wrote:\n")
+    assert written.split() == [str(out), "every", "pair's", "scores", "and", "the", "estimate", "of", "K",
+                               str(tmp_path / "tree.png"), "the", "dendrogram", "of", "the", "clusters"]
+    lines = lines.splitlines()
     assert len(lines) == 5 and "0 c0 (60)" in lines[1] and "1 c1 (60)" in lines[1]
     assert lines[-1].startswith("K estimate: 5 ")
     written = json.loads(out.read_text())

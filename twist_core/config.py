@@ -104,7 +104,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, position
 
 def command_parser(prog: str, doc: str | None, cls: type, positional: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     """A command's parser: one option per config field, plus ``--config FILE`` (flags override the file)."""
-    parser = argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n\n")[0],
+    # The module docstring's first paragraph, without its reStructuredText literal quotes (``twist demo``).
+    parser = argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n\n")[0].replace("``", ""),
                                      allow_abbrev=False)  # --to must never be read as --top
     add_dataclass_arguments(parser, cls, positional)
     parser.add_argument("--config", help="YAML or JSON file of options (command-line flags override it)")

@@ -42,7 +42,7 @@ INDEX_MANIFEST = "manifest.json"  # twist_core.index.store's names (not imported
 STATE_FILE = "curation.sqlite"
 RUN_CONFIG = "config.json"
 RUN_MARKERS = ("last.pt", "metrics.jsonl")
-RUN_FILES = frozenset({RUN_CONFIG, *RUN_MARKERS, "curves.png", "skipped.txt", "DONE", "class_names.txt",
+RUN_FILES = frozenset({RUN_CONFIG, *RUN_MARKERS, "curves.png", "skipped.txt", "DONE", "summary.json", "class_names.txt",
                        "finetune.json", "finetune-plan.json"})  # what train and finetune write into a run
 TABLE_SIDE_FILES = (".meta.json", ".embeddings.npy", ".skipped.txt")
 

@@ -107,7 +107,9 @@ def test_search_by_an_odd_image_prints_its_name(indexed: dict[str, Path], tmp_pa
     out = tmp_path / "hits.json"
     found = twist("search", indexed["index"], query, "-k", "3", "--device", "cpu", "--json", out, env=env)
     assert found.returncode == 0, found.stderr[-3000:]
-    table = found.stdout.splitlines()
+    table, written = found.stdout.split("wrote:\n")
+    assert written.split()[0] == str(out)
+    table = table.splitlines()
     accented = "\\xe9t\\xe9.png" if env else "été.png"  # an ascii stdout gets the escaped form, no crash
     assert len(table) == 4 and all("1.0000" in line for line in table[1:3])
     assert sorted(line.split()[-1] for line in table[1:3]) == sorted(["caf\\xe9.png", accented])

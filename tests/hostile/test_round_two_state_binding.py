@@ -191,6 +191,8 @@ def test_curation_set_aside_by_a_model_change_is_restored_exactly(indexes: dict[
     restored = twist("restore-state", str(aside), "--index", str(index))
     assert restored.returncode == 0, restored.stderr
     assert "restored 1 name(s), 1 merge(s), 2 move(s), 5 confirmation(s), 5 undo step(s)" in restored.stdout
+    assert f"wrote:\n  {index / 'curation.sqlite'}  " in restored.stdout  # the file it changed, named
+    assert f"wrote:\n  {index}/  the index" in relabel.stdout
     assert store_rows(index) == before
     store = CurationStore(index / "curation.sqlite", meta_path(index), OnnxModel(indexes["m1"]).class_names)
     try:

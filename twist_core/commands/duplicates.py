@@ -14,6 +14,7 @@ from twist_core.index.search import format_hits, hit_dict
 from twist_core.index.store import IndexUserError
 from twist_core.io_utils import atomic_write_text
 from twist_core.outputs import Output, check_outputs
+from twist_core.report import print_written
 
 
 @dataclass
@@ -47,6 +48,7 @@ def duplicates(config: DuplicatesConfig) -> int:
         atomic_write_text(config.json, json.dumps({"index": config.index, "threshold": config.threshold,
                                                    "groups": [[hit_dict(h) for h in g] for g in groups]},
                                                   indent=1) + "\n")
+        print_written([(config.json, "the groups, each image with its path and cluster")])
     return 0
 
 

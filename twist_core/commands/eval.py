@@ -11,6 +11,7 @@ from twist_core.errors import UserError
 from twist_core.evaluation.evaluate import EvalConfig, confusion_path, evaluate, format_report
 from twist_core.evaluation.evaluate import __doc__ as DOC
 from twist_core.outputs import Output, check_outputs
+from twist_core.report import print_written
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +23,10 @@ def evaluate_and_print(config: EvalConfig) -> int:
         raise UserError("give RUN_OR_MODEL and DATA")
     check_outputs([Output("--json", config.json), Output("--confusion", confusion_path(config))],
                   inputs=[config.source], within=[config.data])
-    print(format_report(evaluate(config)))
+    report = evaluate(config)
+    print(format_report(report))
+    print_written([*([(config.json, "the full report (metrics, per-cluster table, baselines)")] if config.json else []),
+                   *([(report["confusion_png"], "the confusion matrix")] if "confusion_png" in report else [])])
     return 0
 
 

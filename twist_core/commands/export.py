@@ -11,6 +11,7 @@ from twist_core.config import command_parser
 from twist_core.deploy.export import ExportConfig, ExportError, export_model
 from twist_core.deploy.export import __doc__ as DOC
 from twist_core.outputs import MODEL, Output, check_outputs
+from twist_core.report import print_written
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,8 +26,10 @@ def export_and_print(config: ExportConfig) -> int:
     card = json.loads(out.with_suffix(".json").read_text())
     parity = card.get("parity_max_abs_diff")
     checked = f"max |PyTorch - ONNX| = {max(parity.values()):.2g}" if parity else "not verified"
-    print(f"wrote {out} and {out.with_suffix('.json')} (K={card['n_classes']}, "
-          f"input {card['input_size']} px, {checked})")
+    print(f"exported {config.run}: K={card['n_classes']}, input {card['input_size']} px, {checked}")
+    print_written([(out, "the model (onnxruntime: embedding and probs)"),
+                   (out.with_suffix(".json"), "its model card: preprocessing, class names, the run it came from")],
+                  next_step=f"twist label {out} FOLDER --out labels.csv")
     return 0
 
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 from twist_core.commands import run_command
 from twist_core.config import command_parser
-from twist_core.curate.finetune import FinetuneConfig, finetune
+from twist_core.curate.finetune import NAMES_FILE, PLAN_FILE, REPORT_FILE, FinetuneConfig, finetune
 from twist_core.curate.finetune import __doc__ as DOC
 from twist_core.outputs import RUN, Output, check_outputs
+from twist_core.train.summary import print_run_end
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,11 +33,14 @@ def finetune_and_print(config: FinetuneConfig) -> int:
                       inputs=[config.run, config.index, config.state_dir, config.labels],
                       within=[config.data or run_data(config.run), config.eval_data])
     report = finetune(config)
-    out = report["options"]["out"]
+    out = Path(report["options"]["out"])
     print(f"{out}: fine-tuned on {report['labelled_images']} labelled images "
-          f"({report['excluded_images']} excluded), K {report['classes_before']} -> {report['classes_after']}\n"
-          f"next: twist export {out} --out MODEL.onnx; twist index --update --out INDEX --model MODEL.onnx "
-          "(relabels every image, keeps their ids; the app follows)")
+          f"({report['excluded_images']} excluded), K {report['classes_before']} -> {report['classes_after']}")
+    print_run_end(out, [(out / NAMES_FILE, "the clusters' names, which twist export picks up"),
+                        (out / PLAN_FILE, "the labels this fine-tune started with (a rerun resumes with them)"),
+                        (out / REPORT_FILE, "what was learned from: labels, exclusions, clusters kept")])
+    print(f"then: twist index --update --out INDEX --model {out.name}.onnx (relabels every image, keeps their "
+          "ids; the app follows)")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from twist_core.commands import run_command
 from twist_core.config import command_parser
@@ -12,6 +13,7 @@ from twist_core.index.build import __doc__ as DOC
 from twist_core.index.image_index import IndexReader
 from twist_core.index.store import IndexUserError, write_failure
 from twist_core.outputs import INDEX, Output, check_outputs
+from twist_core.report import Written, print_written
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +30,7 @@ def index_and_print(config: IndexConfig) -> int:
             print(f"{config.out}: the model changed, so all {result.relabelled} images were labelled and embedded "
                   f"again (added {result.added}, removed {result.removed}); the app sets aside curation made for "
                   "the old model's clusters")
+        print_written(index_files(config.out))
         return 0
     if not config.source:
         raise IndexUserError("give the labels table or image folder to index (or --update)")
@@ -36,7 +39,14 @@ def index_and_print(config: IndexConfig) -> int:
     print(f"{out}: {index.size} images, {index.dim}-d, {index.kind} index"
           + (f" (nlist {index.info['nlist']}, nprobe {index.nprobe})" if index.kind != "flat" else ""))
     index.close()
+    print_written(index_files(out), next_step=f"twist app --model {config.model or 'MODEL.onnx'} --index {out}")
     return 0
+
+
+def index_files(out: str | Path) -> list[Written]:
+    """The index folder, and the labels table twist index wrote there when it labelled an image folder."""
+    return [(out, "the index: FAISS vectors and image metadata (manifest.json names the current files)"),
+            (Path(out) / "labels.csv", "the labels table made from the image folder")]
 
 
 def explain(error: BaseException, config: IndexConfig | None) -> str | None:

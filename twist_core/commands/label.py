@@ -13,7 +13,9 @@ from twist_core.commands import run_command
 from twist_core.config import command_parser
 from twist_core.label.labeller import LabelConfig, label_folder
 from twist_core.label.labeller import __doc__ as DOC
+from twist_core.label.table import labels_paths, skipped_path
 from twist_core.outputs import TABLE, TREE, Output, check_outputs
+from twist_core.report import print_written
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -33,6 +35,14 @@ def label_and_print(config: LabelConfig) -> int:
             folders = summary["unreadable_folders"]
             print(f"{len(folders)} folder(s) could not be read and were skipped: {', '.join(folders[:5])}"
                   f"{' ...' if len(folders) > 5 else ''} (listed in {summary['skipped']})", file=sys.stderr)
+        embeddings, meta = labels_paths(config.out)
+        print_written([(config.out, "one row per image: cluster, confidence, top clusters"),
+                       (embeddings, "one embedding per row, for twist index"),
+                       (meta, "the model, the folder and the counts it was made with"),
+                       (skipped_path(config.out), "images and folders that could not be read (empty: none)"),
+                       *([(config.export_tree, f"the images in one folder per cluster ({config.tree_mode}s)")]
+                         if config.export_tree else [])],
+                      next_step=f"twist index {config.out} --model {config.model} --out INDEX")
     return 0
 
 

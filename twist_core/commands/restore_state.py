@@ -10,6 +10,7 @@ from twist_core.commands import run_command
 from twist_core.config import command_parser
 from twist_core.curate.restore import RestoreConfig, restore_state
 from twist_core.curate.restore import __doc__ as DOC
+from twist_core.report import print_written
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +23,8 @@ def restore_and_print(config: RestoreConfig) -> int:
     if restored.set_aside:
         print(f"the curation it held before is set aside in {restored.set_aside} (twist restore-state "
               f"{restored.set_aside} --index {config.index} brings it back)")
+    print_written([(restored.store, "the app's curation store, now holding the restored curation"),
+                   *([(restored.set_aside, "the curation the store held before")] if restored.set_aside else [])])
     return 0
 
 

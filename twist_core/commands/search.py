@@ -13,6 +13,7 @@ from twist_core.index.search import __doc__ as DOC
 from twist_core.index.store import IndexUserError
 from twist_core.io_utils import atomic_write_text
 from twist_core.outputs import Output, check_outputs
+from twist_core.report import print_written
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +37,7 @@ def search_and_print(config: SearchConfig) -> int:
         query = {"image": config.image, "id": config.id, "k": config.k, "cluster": config.cluster}
         atomic_write_text(config.json, json.dumps({"index": config.index, "query": query,
                                                    "hits": [hit_dict(h) for h in hits]}, indent=1) + "\n")
+        print_written([(config.json, "the query and its hits")])
     return 0
 
 

@@ -12,6 +12,7 @@ from twist_core.curate.merges import MergesConfig, draw_dendrogram, format_sugge
 from twist_core.curate.merges import __doc__ as DOC
 from twist_core.io_utils import atomic_write_text
 from twist_core.outputs import Output, check_outputs
+from twist_core.report import print_written
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +28,8 @@ def suggest_and_print(config: MergesConfig) -> int:
     if config.plot:
         draw_dendrogram(result, config.plot)
     print(format_suggestions(result, config.top))
+    print_written([*([(config.json, "every pair's scores and the estimate of K")] if config.json else []),
+                   *([(config.plot, "the dendrogram of the clusters")] if config.plot else [])])
     return 0
 
 

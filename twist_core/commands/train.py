@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from twist_core.outputs import RUN, Output, check_outputs
 from twist_core.train.allocator import keep_freed_memory
 from twist_core.train.loop import TrainConfig, train
 from twist_core.train.loop import __doc__ as DOC
+from twist_core.train.summary import print_run_end
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +43,8 @@ def train_run(config: TrainConfig) -> int:
     config = resumed_data(config)
     check_outputs([Output("--out", config.out, RUN)], within=[config.data, config.eval_data])
     train(config)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one process speaks
+        print_run_end(Path(config.out))
     return 0
 
 

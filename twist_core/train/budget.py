@@ -46,3 +46,13 @@ def fit_total_steps(done_steps: int, seconds_per_step: float, seconds_left: floa
         else:
             high = middle - 1
     return done_steps + low
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as a person reads them: 42s, 3m05s, 1h02m."""
+    whole = max(0, round(seconds))
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"

@@ -39,11 +39,13 @@ from twist_core.model.init_weights import InitWeights, check_fits, load_into, re
 from twist_core.model.network import ModelSpec, TwistModel, recalibrate_batchnorm
 from twist_core.model.patches import PatchBackbone, learn_patch_dictionary
 from twist_core.stop_signals import StopRequested
-from twist_core.train.budget import check_budget, fit_total_steps, parse_duration
+from twist_core.train.budget import check_budget, fit_total_steps, format_duration, parse_duration
 from twist_core.train.loss import self_label_loss, supervised_loss, twist_multicrop_loss
 from twist_core.train.neighbours import broadcast_buffers, draw_partners, mine
 from twist_core.train.optim import Schedule, StepPlan, build_optimizer
-from twist_core.train.photo_defaults import announcement, auto_backbone, auto_image_size
+from twist_core.train.photo_defaults import announcement, auto_backbone, auto_image_size, expected_speed
+from twist_core.train.speed import SpeedWatch
+from twist_core.train.summary import run_summary, write_run_summary
 
 METRICS_NAME = "metrics.jsonl"
 RECALIBRATION_IMAGES = 10_000  # clean images whose BN statistics the exported model uses
@@ -383,6 +385,8 @@ def train(config: TrainConfig, start_from: dict[str, torch.Tensor] | None = None
 
             plot_training_curves(run.history, run.out / "curves.png")
             atomic_write_text(run.out / "DONE", json.dumps(metrics) + "\n")
+            write_run_summary(run.out, run_summary(run.config, metrics, run.global_step,
+                                                   run.batch_size * ctx.world_size, run.run_seconds()))
         return metrics
 
 
@@ -451,6 +455,7 @@ class Run:
     clock: BudgetClock
     prior_seconds: float
     resumed: bool
+    speed: SpeedWatch  # this session's training speed against the expected one
     started: float = dataclasses.field(default_factory=time.perf_counter)  # of this session
     eval_seconds: float = 0.0
     stop: StopRequested = dataclasses.field(default_factory=StopRequested)
@@ -499,6 +504,11 @@ class Run:
             "paired_epoch": self.paired_epoch,
         })
 
+    def budget_left(self) -> float:
+        """Seconds of ``--time-budget`` left for training, less a reserve for the final checkpoint, plot and exit."""
+        budget = self.clock.budget or 0.0
+        return budget - self.run_seconds() - (0.01 * budget + 2.0)
+
     def fit_length(self, epochs_done: int) -> None:
         """The one place the run's length (``total_steps``) is decided.
 
@@ -511,9 +521,8 @@ class Run:
             if self.clock.budget is None or self.total_steps == 0:
                 self.total_steps = self.global_step + (self.config.epochs - epochs_done) * self.steps_per_epoch
             return
-        reserve = 0.01 * self.clock.budget + 2.0  # final checkpoint, plot, process exit
-        fitted = fit_total_steps(self.global_step, seconds_per_step, self.clock.budget - self.run_seconds() - reserve,
-                                 self.steps_per_epoch, self.eval_seconds, self.config.eval_every)
+        fitted = fit_total_steps(self.global_step, seconds_per_step, self.budget_left(), self.steps_per_epoch,
+                                 self.eval_seconds, self.config.eval_every)
         self.total_steps = distributed.broadcast_int(self.ctx, max(fitted, self.global_step, 1))
 
     def spread_images(self, limit: int) -> list[int]:
@@ -792,7 +801,8 @@ def setup_run(config: TrainConfig, ctx: distributed.Context, start_from: dict[st
         prior_seconds=resumed["train_seconds"] if resumed else 0.0, resumed=resumed is not None, started=started,
         neighbours=resumed.get("neighbours") if resumed else None,
         neighbours_epoch=resumed.get("neighbours_epoch", -1) if resumed else -1,
-        paired_epoch=resumed.get("paired_epoch", -1) if resumed else -1)
+        paired_epoch=resumed.get("paired_epoch", -1) if resumed else -1,
+        speed=SpeedWatch(expected_speed(config.backbone, config.image_size, ctx.device), bool(config.time_budget)))
     if not resumed:  # a resumed run keeps the length it saved
         run.fit_length(0)
     return run
@@ -919,8 +929,9 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
     stats = EpochStats(config.classes, supervised=run.supervision is not None,
                        coarse=bool(unwrap(run.model).coarse), overcluster=bool(unwrap(run.model).overcluster))
     source = _cache_batches(run.cache, run.sampler.batches) if run.cache is not None else iter(run.loader)
-    bar = tqdm(total=len(batches), initial=first_step,
-               desc=f"epoch {epoch + 1}/{math.ceil(run.total_steps / run.steps_per_epoch)}", unit="step",
+    # Under a time budget the epoch count is refitted as the speed is measured: the bar shows the time left.
+    total = "" if run.clock.budget is not None else f"/{math.ceil(run.total_steps / run.steps_per_epoch)}"
+    bar = tqdm(total=len(batches), initial=first_step, desc=f"epoch {epoch + 1}{total}", unit="step",
                disable=not (config.progress and ctx.is_main), dynamic_ncols=True)
     for step_in_epoch, (indices, images, errors) in enumerate(source, start=first_step):
         if run.global_step >= run.total_steps:
@@ -951,8 +962,12 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
         seconds = max(time.perf_counter() - stats.started, 1e-9)
         bar.set_postfix(loss=f"{loss.detach().item():.3f}", kl=f"{values['consistency']:.3f}",
                         sharp=f"{values['sharpness']:.3f}", div=f"{values['diversity']:.3f}",
-                        img_s=f"{stats.images * ctx.world_size / seconds:.0f}", refresh=False)
+                        img_s=f"{stats.images * ctx.world_size / seconds:.0f}",
+                        left=format_duration(time_left(run, stats.steps, seconds)), refresh=False)
         bar.update(1)
+        slow = run.speed.check(stats.images * ctx.world_size, seconds)
+        if slow and ctx.is_main:
+            tqdm.write(slow, file=sys.stderr)
         if run.clock.step_done(stats.steps):
             run.fit_length(epoch)
         if distributed.any_rank(ctx, run.stop.signal_number is not None):
@@ -962,7 +977,15 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
         if at_interval and step_in_epoch + 1 < len(batches):
             run.checkpoint(epoch, step_in_epoch + 1)
     bar.close()
+    run.speed.end_epoch(stats.images * ctx.world_size, time.perf_counter() - stats.started)
     return stats
+
+
+def time_left(run: Run, steps_this_epoch: int, seconds_this_epoch: float) -> float:
+    """Seconds of training left: what remains of ``--time-budget``, else the steps left at this epoch's pace."""
+    if run.clock.budget is not None:
+        return max(0.0, run.budget_left())
+    return (run.total_steps - run.global_step) * seconds_this_epoch / max(1, steps_this_epoch)
 
 
 def drop_failures(run: Run, indices: torch.Tensor, images: torch.Tensor, errors: list[str], paired: bool = False

@@ -52,13 +52,18 @@ def auto_backbone(image_size: int, side: int | None, device: torch.device, pretr
     return "patches" if is_small(image_size) else "resnet18"
 
 
+def expected_speed(backbone: str, image_size: int, device: torch.device) -> float | None:
+    """Training images/s measured for this backbone and size on the benchmarks' 2-core CPU (None: not measured)."""
+    return None if device.type == "cuda" else MEASURED_IMAGES_PER_S.get((backbone, image_size))
+
+
 def announcement(backbone: str, image_size: int, width: int, side: int | None, device: torch.device) -> list[str]:
     """The first lines of ``twist train``: what will run, how fast it was measured, and the ImageNet route."""
     unit = "atoms" if backbone.startswith("patches") else "channels"
     lines = [f"training {backbone} ({width} {unit}) on {image_size} px images on {device.type}"
              + (f" (median image side {side} px)" if side else "")]
-    speed = MEASURED_IMAGES_PER_S.get((backbone, image_size))
-    if speed and device.type != "cuda":
+    speed = expected_speed(backbone, image_size, device)
+    if speed:
         lines.append(f"expected speed: about {speed:.0f} images/s on a 2-core CPU (measured; more cores go faster)")
     if device.type != "cuda" and side is not None and side > PHOTO_SIDE:
         lines.append(f"photos on a CPU: to start from ImageNet weights where this machine can download them, "
