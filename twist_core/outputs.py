@@ -12,6 +12,9 @@ recognised by what they hold (their marker files), not by their names:
 - a model is ``M.onnx`` with its card ``M.json`` beside it; a labels table ``T.csv`` (``.jsonl``, ``.parquet``)
   has ``T.meta.json``, ``T.embeddings.npy``, ``T.skipped.txt`` and ``T.csv.parts/`` beside it.
 
+An index or a labels table among the inputs brings the image folder it was made from (its recorded root) into
+the folders nothing is written into: its images are read again by search, merges, updates and the app.
+
 Writes themselves go through :mod:`twist_core.io_utils` (a temporary file renamed over the path), which
 replaces a symbolic link at the path instead of writing through it; so only the link's own location counts
 here, and a link to an input is replaced, never its target.
@@ -19,8 +22,10 @@ here, and a link to an input is replaced, never its target.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +44,7 @@ WORKSPACE = "workspace"  # twist demo: a folder of its own (digits, run, model, 
 FOLDERS = (RUN, INDEX, TREE, WORKSPACE)
 
 INDEX_MANIFEST = "manifest.json"  # twist_core.index.store's names (not imported: that module loads FAISS)
+INDEX_META, INDEX_INFO = "meta.sqlite", "info"
 STATE_FILE = "curation.sqlite"
 RUN_CONFIG = "config.json"
 RUN_MARKERS = ("last.pt", "metrics.jsonl")
@@ -63,10 +69,12 @@ class Output:
 def check_outputs(outputs: Sequence[Output], inputs: Iterable[str | Path | None] = (),
                   within: Iterable[str | Path | None] = ()) -> None:
     """Refuse (:class:`OutputError`) an output that is one of ``inputs``, lies in one of the image folders
-    ``within``, would replace a file of an index, run, model or labels table, or is another output too."""
+    ``within`` (or the one an input index or labels table was made from), would replace a file of an index,
+    run, model or labels table, or is another output too."""
     given = [i for i in inputs if i]
     inputs_at = {place for i in given for place in (_location(Path(i)), Path(os.path.realpath(i)))}
-    folders = [Path(os.path.realpath(folder)) for folder in within if folder]
+    roots = [root for i in given if (root := image_root(Path(i)))]
+    folders = [Path(os.path.realpath(folder)) for folder in [*within, *roots] if folder]
     claimed: dict[Path, str] = {}
     for output in outputs:
         if not output.path:
@@ -90,6 +98,25 @@ def written_paths(output: Output) -> list[Path]:
     if output.kind == TABLE:
         return [path, *labels_paths(path), skipped_path(path), path.with_name(path.name + ".parts")]
     return [path]
+
+
+def image_root(path: Path) -> str | None:
+    """The image folder an index folder or a labels table was made from, as it records it (None for any other
+    input, or one too damaged to say: the command itself reports that)."""
+    try:
+        if is_index_folder(path):
+            generation = json.loads((path / INDEX_MANIFEST).read_text())["dir"]
+            meta = path / Path(str(generation)).name / INDEX_META
+            with contextlib.closing(sqlite3.connect(f"{meta.resolve().as_uri()}?mode=ro", uri=True)) as db:
+                row = db.execute(f"SELECT value FROM {INDEX_INFO} WHERE key = 'root'").fetchone()
+            root = json.loads(row[0]) if row else None
+        elif path.suffix in FORMATS and path.is_file():
+            root = json.loads(labels_paths(path)[1].read_text()).get("root")
+        else:
+            return None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, sqlite3.Error):
+        return None
+    return root if isinstance(root, str) and root else None
 
 
 def _location(path: Path) -> Path:
