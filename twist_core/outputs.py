@@ -13,7 +13,8 @@ recognised by what they hold (their marker files), not by their names:
   has ``T.meta.json``, ``T.embeddings.npy``, ``T.skipped.txt`` and ``T.csv.parts/`` beside it.
 
 An index or a labels table among the inputs brings the image folder it was made from (its recorded root) into
-the folders nothing is written into: its images are read again by search, merges, updates and the app.
+the folders nothing is written into: its images are read again by search, merges, updates and the app. An export
+replaces an existing model only when that model's card names the same checkpoint (by path or content).
 
 Writes themselves go through :mod:`twist_core.io_utils` (a temporary file renamed over the path), which
 replaces a symbolic link at the path instead of writing through it; so only the link's own location counts
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twist_core.errors import UserError
-from twist_core.io_utils import OUTPUT_MARKER
+from twist_core.io_utils import OUTPUT_MARKER, file_sha256
 from twist_core.label.table import FORMATS, labels_paths, skipped_path
 
 REPORT = "report"  # a JSON or PNG a command writes on request (--json, --plot, --confusion)
@@ -64,6 +65,7 @@ class Output:
     option: str
     path: str | Path | None
     kind: str = REPORT
+    source: str | Path | None = None  # a model's checkpoint: an existing model of another is not replaced
 
 
 def check_outputs(outputs: Sequence[Output], inputs: Iterable[str | Path | None] = (),
@@ -82,7 +84,8 @@ def check_outputs(outputs: Sequence[Output], inputs: Iterable[str | Path | None]
         for path in written_paths(output):
             place = Path(os.path.realpath(path)) if output.kind in FOLDERS else _location(path)  # written into
             reason = (_input_reason(place, inputs_at) or _inside_reason(place, folders)
-                      or _owner_reason(place, output.kind) or _claimed_reason(place, claimed))
+                      or _owner_reason(place, output.kind) or _other_model_reason(place, output)
+                      or _claimed_reason(place, claimed))
             if reason:
                 shown = "" if path == Path(output.path) else f" (it writes {path})"
                 raise OutputError(f"{output.option} {output.path}{shown}: {reason}; nothing was written, "
@@ -159,6 +162,31 @@ def _owner_reason(place: Path, kind: str) -> str | None:
     return None
 
 
+def _other_model_reason(place: Path, output: Output) -> str | None:
+    """Why an export would replace the model (or card) of another checkpoint at ``place``; re-exporting the
+    checkpoint a model came from (the same file, or a copy of it) over that model is allowed."""
+    if output.kind != MODEL or place != _location(Path(str(output.path))):
+        return None
+    card = _model_card(place.with_suffix(".json")) or {}
+    if not card and not place.exists():
+        return None
+    recorded = card.get("checkpoint")
+    if not isinstance(recorded, str) or not recorded:
+        return "it would replace an exported model whose card does not say which checkpoint it came from"
+    if output.source and _same_checkpoint(Path(output.source), Path(recorded), card.get("checkpoint_sha256")):
+        return None
+    return f"it would replace the model exported from another checkpoint ({recorded})"
+
+
+def _same_checkpoint(source: Path, recorded: Path, recorded_sha256: object) -> bool:
+    if os.path.realpath(source) == os.path.realpath(recorded):
+        return True
+    try:
+        return isinstance(recorded_sha256, str) and file_sha256(source) == recorded_sha256
+    except OSError:
+        return False
+
+
 def is_index_folder(folder: Path) -> bool:
     return (folder / INDEX_MANIFEST).is_file() and ((folder / OUTPUT_MARKER).exists() or any(folder.glob("gen-*")))
 
@@ -171,13 +199,16 @@ def _is_model_file(path: Path) -> bool:
     """An exported model (``.onnx`` beside its card) or the card (``.json`` with a model's fields)."""
     if path.suffix == ".onnx":
         return path.is_file()
-    if path.suffix != ".json" or not path.is_file():
-        return False
+    return path.suffix == ".json" and _model_card(path) is not None
+
+
+def _model_card(path: Path) -> dict | None:
+    """The model card at ``path`` (a JSON object with a model's fields), or None."""
     try:
-        card = json.loads(path.read_text())
+        card = json.loads(path.read_text()) if path.is_file() else None
     except (OSError, ValueError):
-        return False
-    return isinstance(card, dict) and {"n_classes", "input_name"} <= card.keys()
+        return None
+    return card if isinstance(card, dict) and {"n_classes", "input_name"} <= card.keys() else None
 
 
 def _is_table_file(path: Path) -> bool:

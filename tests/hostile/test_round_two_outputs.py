@@ -164,3 +164,24 @@ def test_an_output_among_the_images_an_index_was_built_from_is_refused(case: str
     assert result.stderr.count("\n") == 1 and "inside the image folder" in result.stderr, result.stderr[-2000:]
     assert snapshot(indexed_folder) == before
 
+
+def test_an_export_never_replaces_the_model_of_another_checkpoint(workspace: Path) -> None:
+    """``twist export RUN2 --out M.onnx`` replaced the model (and card) of another run; the card names the
+    checkpoint a model came from, and only that checkpoint (the same file, grown by further training, or a copy
+    of it) may be exported over it again."""
+    import torch
+
+    checkpoint = torch.load(workspace / "run" / "last.pt", map_location="cpu", weights_only=False)
+    first = next(name for name, value in checkpoint["model"].items() if value.is_floating_point())
+    checkpoint["model"][first] = checkpoint["model"][first] + 0.01
+    torch.save(checkpoint, workspace / "other.pt")
+    before = snapshot(workspace)
+    result = twist("export", "other.pt", "--out", "model.onnx", "--no-verify", cwd=workspace)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+    assert "another checkpoint" in result.stderr and "nothing was written" in result.stderr, result.stderr
+    assert snapshot(workspace) == before
+    assert twist("export", "other.pt", "--out", "other.onnx", "--no-verify", cwd=workspace).returncode == 0
+    checkpoint["model"][first] = checkpoint["model"][first] + 0.01  # the same checkpoint file, trained on
+    torch.save(checkpoint, workspace / "other.pt")
+    result = twist("export", "other.pt", "--out", "other.onnx", "--no-verify", cwd=workspace)
+    assert result.returncode == 0, result.stderr[-2000:]
