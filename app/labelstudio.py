@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from twist_core.commands import run_command
 from twist_core.config import AutoConfig, command_parser, option
 from twist_core.curate.curation import EXCLUDED, CurationStore
-from twist_core.errors import UserError
+from twist_core.errors import UserError, terminal_safe
 from twist_core.index.store import META_FILE, MetaStore, read_manifest
 from twist_core.io_utils import file_sha256
 
@@ -159,13 +159,6 @@ def as_id(value: Any) -> Any:
 def is_index_id(value: Any) -> bool:
     """Whether ``value`` can be an index id at all (10**30 cannot: it is reported as an unknown image)."""
     return type(value) is int and 0 <= value < MAX_ID
-
-
-def terminal_safe(text: str, limit: int = 200) -> str:
-    """``text`` with every character a terminal could act on (escape sequences, bell, carriage return,
-    bidirectional overrides) written as its escape, cut at ``limit`` characters."""
-    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-    return shown if len(shown) <= limit else shown[:limit] + "..."
 
 
 def task_label(number: int, task: dict[str, Any]) -> str:
