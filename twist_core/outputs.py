@@ -172,7 +172,8 @@ def _other_model_reason(place: Path, output: Output) -> str | None:
         return None
     recorded = card.get("checkpoint")
     if not isinstance(recorded, str) or not recorded:
-        return "it would replace an exported model whose card does not say which checkpoint it came from"
+        return (f"it would replace an exported model whose card ({place.with_suffix('.json').name}) is missing or "
+                "does not name the checkpoint it came from")
     if output.source and _same_checkpoint(Path(output.source), Path(recorded), card.get("checkpoint_sha256")):
         return None
     return f"it would replace the model exported from another checkpoint ({recorded})"
