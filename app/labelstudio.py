@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from twist_core.commands import run_command
 from twist_core.config import AutoConfig, command_parser, option
 from twist_core.curate.curation import EXCLUDED, CurationStore
-from twist_core.errors import UserError
+from twist_core.errors import UserError, terminal_safe
 from twist_core.index.store import META_FILE, MetaStore, read_manifest
 from twist_core.io_utils import file_sha256
 from twist_core.report import print_written
@@ -85,7 +85,7 @@ class ImportPlan:
     malformed: list[str] = field(default_factory=list)  # each: the task and what is wrong with it
 
 
-def load_export(path: Path) -> list[dict[str, Any]]:
+def load_export(path: Path) -> list[Any]:
     """The tasks of a Label Studio JSON export; anything else (CSV, JSON-MIN, tasks to import) is refused."""
     try:
         tasks = json.loads(path.read_text(encoding="utf-8"))
@@ -93,14 +93,18 @@ def load_export(path: Path) -> list[dict[str, Any]]:
         raise LabelImportError(f"no file {path}") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise LabelImportError(f"{path} is not JSON ({error}); export the project as JSON in Label Studio") from None
-    if not isinstance(tasks, list) or not all(isinstance(t, dict) and isinstance(t.get("data"), dict)
-                                              for t in tasks):
+    if not isinstance(tasks, list) or (tasks and not any(is_task(t) for t in tasks)):
         raise LabelImportError(f"{path} is not a Label Studio JSON export (a list of tasks with 'data'); "
                                "export the project with the JSON format, not JSON-MIN or CSV")
-    if tasks and not any("annotations" in t for t in tasks):
+    if tasks and not any(is_task(t) and "annotations" in t for t in tasks):
         raise LabelImportError(f"{path} holds tasks without annotations: it is a file to import into Label "
                                "Studio, not an export from it")
     return tasks
+
+
+def is_task(task: Any) -> bool:
+    """A Label Studio task: an object whose ``data`` is one (any other entry is a malformed task, left out)."""
+    return isinstance(task, dict) and isinstance(task.get("data"), dict)
 
 
 def chosen_name(task: dict[str, Any], from_name: str) -> tuple[str | None, str]:
@@ -162,16 +166,10 @@ def is_index_id(value: Any) -> bool:
     return type(value) is int and 0 <= value < MAX_ID
 
 
-def terminal_safe(text: str, limit: int = 200) -> str:
-    """``text`` with every character a terminal could act on (escape sequences, bell, carriage return,
-    bidirectional overrides) written as its escape, cut at ``limit`` characters."""
-    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-    return shown if len(shown) <= limit else shown[:limit] + "..."
-
-
-def task_label(number: int, task: dict[str, Any]) -> str:
+def task_label(number: int, task: Any) -> str:
     """How the summary names a task: its place in the file and its Label Studio id."""
-    return f"task #{number}" + (f" (id {task['id']})" if type(task.get("id")) is int else "")
+    return f"task #{number}" + (f" (id {task['id']})" if isinstance(task, dict) and type(task.get("id")) is int
+                                else "")
 
 
 @dataclass(frozen=True)
@@ -183,8 +181,12 @@ class TaskImage:
     twist_index: str | None
 
 
-def task_image(task: dict[str, Any]) -> TaskImage:
-    data = task["data"]
+def task_image(task: Any) -> TaskImage:
+    if not isinstance(task, dict):
+        raise TaskError("it is not an object")
+    data = task.get("data")
+    if not isinstance(data, dict):
+        raise TaskError("its data is not an object")
     named = data.get("twist_index")
     if named is not None and not isinstance(named, str):
         raise TaskError("its twist_index is not text")
@@ -216,10 +218,11 @@ def find_images(images: Sequence[TaskImage], meta: MetaStore, uid: str | None) -
     return found
 
 
-def refuse_other_index(tasks: Sequence[dict[str, Any]], uid: str | None, source: str, index: str) -> None:
+def refuse_other_index(tasks: Sequence[Any], uid: str | None, source: str, index: str) -> None:
     """An export whose tasks name another index (``twist_index``) belongs to that index: refused whole."""
     foreign = [(number, task) for number, task in enumerate(tasks, 1)
-               if uid and isinstance(task["data"].get("twist_index"), str) and task["data"]["twist_index"] != uid]
+               if uid and is_task(task) and isinstance(task["data"].get("twist_index"), str)
+               and task["data"]["twist_index"] != uid]
     if foreign:
         number, task = foreign[0]
         raise LabelImportError(
@@ -259,7 +262,7 @@ def name_lookup(names: dict[int, str], renames: dict[int, str]) -> dict[str, int
     return lookup
 
 
-def read_choices(tasks: Sequence[dict[str, Any]], meta: MetaStore, from_name: str, uid: str | None
+def read_choices(tasks: Sequence[Any], meta: MetaStore, from_name: str, uid: str | None
                  ) -> list[Choice]:
     """Each task's choice; a task that cannot be read is a ``malformed`` choice naming it and why."""
     read: list[tuple[TaskImage, str | None, str]] = []

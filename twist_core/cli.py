@@ -12,6 +12,8 @@ import sys
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
+from twist_core.errors import terminal_safe
+
 ENTRY_POINT_GROUP = "twist.commands"
 
 
@@ -49,10 +51,10 @@ def commands() -> dict[str, Command]:
     for entry in entry_points(group=ENTRY_POINT_GROUP):
         try:
             command = entry.load()
-        except Exception as error:  # a plugin may raise anything at import: the rest still runs
-            detail = " ".join(f"{type(error).__name__}: {error}".split())
-            print(f"twist: warning: command {entry.name!r} ({entry.value}) could not be loaded, skipped: {detail}",
-                  file=sys.stderr)
+        except (Exception, SystemExit) as error:  # a plugin may raise (or exit) at import: the rest still runs
+            detail = terminal_safe(" ".join(f"{type(error).__name__}: {error}".split()))
+            print(f"twist: warning: command '{terminal_safe(entry.name)}' ({terminal_safe(entry.value)}) could "
+                  f"not be loaded, skipped: {detail}", file=sys.stderr)
             continue
         if entry.name not in found and isinstance(command, Command):
             found[entry.name] = command

@@ -13,3 +13,11 @@ class UserError(Exception):
 
 class RunFailure(Exception):
     """The input was fine but the run could not succeed (e.g. training diverged): exit code 1."""
+
+
+def terminal_safe(text: str, limit: int = 200) -> str:
+    """``text`` with every character a terminal could act on (escape sequences, bell, carriage return,
+    bidirectional overrides) written as its escape, cut at ``limit`` characters: for text a command prints
+    that came from a file or a package, not from the user."""
+    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return shown if len(shown) <= limit else shown[:limit] + "..."

@@ -12,6 +12,10 @@ recognised by what they hold (their marker files), not by their names:
 - a model is ``M.onnx`` with its card ``M.json`` beside it; a labels table ``T.csv`` (``.jsonl``, ``.parquet``)
   has ``T.meta.json``, ``T.embeddings.npy``, ``T.skipped.txt`` and ``T.csv.parts/`` beside it.
 
+An index or a labels table among the inputs brings the image folder it was made from (its recorded root) into
+the folders nothing is written into: its images are read again by search, merges, updates and the app. An export
+replaces an existing model only when that model's card names the same checkpoint (by path or content).
+
 Writes themselves go through :mod:`twist_core.io_utils` (a temporary file renamed over the path), which
 replaces a symbolic link at the path instead of writing through it; so only the link's own location counts
 here, and a link to an input is replaced, never its target.
@@ -19,14 +23,16 @@ here, and a link to an input is replaced, never its target.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from twist_core.errors import UserError
-from twist_core.io_utils import OUTPUT_MARKER
+from twist_core.io_utils import OUTPUT_MARKER, file_sha256
 from twist_core.label.table import FORMATS, labels_paths, skipped_path
 
 REPORT = "report"  # a JSON or PNG a command writes on request (--json, --plot, --confusion)
@@ -39,6 +45,7 @@ WORKSPACE = "workspace"  # twist demo: a folder of its own (digits, run, model, 
 FOLDERS = (RUN, INDEX, TREE, WORKSPACE)
 
 INDEX_MANIFEST = "manifest.json"  # twist_core.index.store's names (not imported: that module loads FAISS)
+INDEX_META, INDEX_INFO = "meta.sqlite", "info"
 STATE_FILE = "curation.sqlite"
 RUN_CONFIG = "config.json"
 RUN_MARKERS = ("last.pt", "metrics.jsonl")
@@ -58,15 +65,18 @@ class Output:
     option: str
     path: str | Path | None
     kind: str = REPORT
+    source: str | Path | None = None  # a model's checkpoint: an existing model of another is not replaced
 
 
 def check_outputs(outputs: Sequence[Output], inputs: Iterable[str | Path | None] = (),
                   within: Iterable[str | Path | None] = ()) -> None:
     """Refuse (:class:`OutputError`) an output that is one of ``inputs``, lies in one of the image folders
-    ``within``, would replace a file of an index, run, model or labels table, or is another output too."""
+    ``within`` (or the one an input index or labels table was made from), would replace a file of an index,
+    run, model or labels table, or is another output too."""
     given = [i for i in inputs if i]
     inputs_at = {place for i in given for place in (_location(Path(i)), Path(os.path.realpath(i)))}
-    folders = [Path(os.path.realpath(folder)) for folder in within if folder]
+    roots = [root for i in given if (root := image_root(Path(i)))]
+    folders = [Path(os.path.realpath(folder)) for folder in [*within, *roots] if folder]
     claimed: dict[Path, str] = {}
     for output in outputs:
         if not output.path:
@@ -74,7 +84,8 @@ def check_outputs(outputs: Sequence[Output], inputs: Iterable[str | Path | None]
         for path in written_paths(output):
             place = Path(os.path.realpath(path)) if output.kind in FOLDERS else _location(path)  # written into
             reason = (_input_reason(place, inputs_at) or _inside_reason(place, folders)
-                      or _owner_reason(place, output.kind) or _claimed_reason(place, claimed))
+                      or _owner_reason(place, output.kind) or _other_model_reason(place, output)
+                      or _claimed_reason(place, claimed))
             if reason:
                 shown = "" if path == Path(output.path) else f" (it writes {path})"
                 raise OutputError(f"{output.option} {output.path}{shown}: {reason}; nothing was written, "
@@ -90,6 +101,25 @@ def written_paths(output: Output) -> list[Path]:
     if output.kind == TABLE:
         return [path, *labels_paths(path), skipped_path(path), path.with_name(path.name + ".parts")]
     return [path]
+
+
+def image_root(path: Path) -> str | None:
+    """The image folder an index folder or a labels table was made from, as it records it (None for any other
+    input, or one too damaged to say: the command itself reports that)."""
+    try:
+        if is_index_folder(path):
+            generation = json.loads((path / INDEX_MANIFEST).read_text())["dir"]
+            meta = path / Path(str(generation)).name / INDEX_META
+            with contextlib.closing(sqlite3.connect(f"{meta.resolve().as_uri()}?mode=ro", uri=True)) as db:
+                row = db.execute(f"SELECT value FROM {INDEX_INFO} WHERE key = 'root'").fetchone()
+            root = json.loads(row[0]) if row else None
+        elif path.suffix in FORMATS and path.is_file():
+            root = json.loads(labels_paths(path)[1].read_text()).get("root")
+        else:
+            return None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, sqlite3.Error):
+        return None
+    return root if isinstance(root, str) and root else None
 
 
 def _location(path: Path) -> Path:
@@ -132,6 +162,32 @@ def _owner_reason(place: Path, kind: str) -> str | None:
     return None
 
 
+def _other_model_reason(place: Path, output: Output) -> str | None:
+    """Why an export would replace the model (or card) of another checkpoint at ``place``; re-exporting the
+    checkpoint a model came from (the same file, or a copy of it) over that model is allowed."""
+    if output.kind != MODEL or place != _location(Path(str(output.path))):
+        return None
+    card = _model_card(place.with_suffix(".json")) or {}
+    if not card and not place.exists():
+        return None
+    recorded = card.get("checkpoint")
+    if not isinstance(recorded, str) or not recorded:
+        return (f"it would replace an exported model whose card ({place.with_suffix('.json').name}) is missing or "
+                "does not name the checkpoint it came from")
+    if output.source and _same_checkpoint(Path(output.source), Path(recorded), card.get("checkpoint_sha256")):
+        return None
+    return f"it would replace the model exported from another checkpoint ({recorded})"
+
+
+def _same_checkpoint(source: Path, recorded: Path, recorded_sha256: object) -> bool:
+    if os.path.realpath(source) == os.path.realpath(recorded):
+        return True
+    try:
+        return isinstance(recorded_sha256, str) and file_sha256(source) == recorded_sha256
+    except OSError:
+        return False
+
+
 def is_index_folder(folder: Path) -> bool:
     return (folder / INDEX_MANIFEST).is_file() and ((folder / OUTPUT_MARKER).exists() or any(folder.glob("gen-*")))
 
@@ -144,13 +200,16 @@ def _is_model_file(path: Path) -> bool:
     """An exported model (``.onnx`` beside its card) or the card (``.json`` with a model's fields)."""
     if path.suffix == ".onnx":
         return path.is_file()
-    if path.suffix != ".json" or not path.is_file():
-        return False
+    return path.suffix == ".json" and _model_card(path) is not None
+
+
+def _model_card(path: Path) -> dict | None:
+    """The model card at ``path`` (a JSON object with a model's fields), or None."""
     try:
-        card = json.loads(path.read_text())
+        card = json.loads(path.read_text()) if path.is_file() else None
     except (OSError, ValueError):
-        return False
-    return isinstance(card, dict) and {"n_classes", "input_name"} <= card.keys()
+        return None
+    return card if isinstance(card, dict) and {"n_classes", "input_name"} <= card.keys() else None
 
 
 def _is_table_file(path: Path) -> bool:

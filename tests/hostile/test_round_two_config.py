@@ -98,3 +98,26 @@ def test_right_types_still_load(tmp_path: Path) -> None:
     train = build_config(TrainConfig, args, args.config)
     assert (train.lr, train.workers, train.weight_decay, train.compile) == (1.0, AUTO, AUTO, False)
     assert isinstance(train.lr, float) and isinstance(train.warmup_epochs, float)
+
+
+@pytest.mark.parametrize("given", ["flag", "config"])
+@pytest.mark.parametrize("k", [-1, 0])
+def test_a_count_below_one_is_a_range_error_not_an_empty_answer(given: str, k: int, app_bundle: dict[str, Path],
+                                                                tmp_path: Path) -> None:
+    """``k: -1`` answered "no images found: the index holds no comparable vectors there" (exit 1), which blames
+    the index for the option's mistake."""
+    config = tmp_path / "k.yaml"
+    config.write_text(yaml.safe_dump({"k": k}))
+    option = ["-k", str(k)] if given == "flag" else ["--config", str(config)]
+    result = subprocess.run([sys.executable, "-m", "twist_core.cli", "search", str(app_bundle["index"]), "--id", "0",
+                             *option], cwd=REPO, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, (result.returncode, result.stderr[-2000:])
+    assert result.stderr.startswith("twist search: error: k ") and f"at least 1, got {k}" in result.stderr
+
+
+def test_an_id_past_the_index_range_is_an_unknown_id(app_bundle: dict[str, Path]) -> None:
+    """``--id 99999999999999999999`` overflowed FAISS's id type: a traceback."""
+    result = subprocess.run([sys.executable, "-m", "twist_core.cli", "search", str(app_bundle["index"]), "--id",
+                             str(10**20)], cwd=REPO, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, (result.returncode, result.stderr[-2000:])
+    assert f"no image with id {10**20}" in result.stderr

@@ -110,12 +110,16 @@ def test_malformed_tasks_are_named_and_left_out_while_the_rest_is_applied(indexe
         task(13, {"image": "http://[bad"}, name),
         task(14, {"image": URL + path, "twist_id": 10**30}, name),
         task(15, {"image": URL + path, "twist_id": good}, name),
+        {"id": 16, "data": "notadict", "annotations": []},  # data that is not an object aborted the whole import
+        ["a task that is not an object"],
     ]
     result = import_labels(tasks, indexed, state)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stdout + result.stderr
     assert "applied: 1 image(s) moved" in result.stdout, result.stdout
-    assert "3 malformed task(s) left out" in result.stdout and "task #1 (id 11)" in result.stdout, result.stdout
+    assert "5 malformed task(s) left out" in result.stdout and "task #1 (id 11)" in result.stdout, result.stdout
     assert "task #2 (id 12)" in result.stdout and "task #3 (id 13)" in result.stdout, result.stdout
+    assert "task #6 (id 16): its data is not an object" in result.stdout, result.stdout
+    assert "task #7: it is not an object" in result.stdout, result.stdout
     assert f"unknown images: 1 (id {10**30}" in result.stdout, result.stdout
     assert store.records([good])[good].label == cluster
     store.close()

@@ -114,3 +114,74 @@ def test_outputs_beside_the_inputs_still_work(workspace: Path) -> None:
     result = twist("eval", "run", "data", "--no-baselines", cwd=workspace)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (workspace / "run" / "eval_confusion.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def indexed_folder(app_bundle: dict[str, Path], tiny_run: Path, shapes_folder: Path,
+                   tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An image folder ``data`` with its labels table and the index built from it (whose recorded root is
+    ``data``), a run, and the model that labelled it, all in one folder."""
+    from twist_core.index.build import IndexConfig, build_index
+    from twist_core.label.labeller import LabelConfig, label_folder
+
+    base = tmp_path_factory.mktemp("indexed-folder")
+    shutil.copytree(shapes_folder, base / "data")
+    shutil.copytree(tiny_run, base / "run")
+    for name in ("model.onnx", "model.json"):
+        shutil.copy(app_bundle["model"].parent / name, base / name)
+    label_folder(LabelConfig(model=str(base / "model.onnx"), folder=str(base / "data"), out=str(base / "labels.csv"),
+                             workers=0, progress=False))
+    build_index(IndexConfig(source=str(base / "labels.csv"), model=str(base / "model.onnx"), out=str(base / "dix"),
+                            device="cpu"))
+    return base
+
+
+INTO_THE_INDEXED_IMAGES = {  # every command that reads an index (or a labels table) writes nothing among its images
+    "merges-plot-over-an-image": ("suggest-merges", "dix", "--measure", "topk", "--bootstrap", "0",
+                                  "--plot", "data/discs/001.png"),
+    "merges-json-into-images": ("suggest-merges", "dix", "--measure", "topk", "--bootstrap", "0",
+                                "--json", "data/merges.json"),
+    "merges-of-table-plot-into-images": ("suggest-merges", "labels.csv", "--measure", "topk", "--bootstrap", "0",
+                                         "--plot", "data/tree.png"),
+    "search-json-over-an-image": ("search", "dix", "--id", "0", "--json", "data/discs/002.png"),
+    "duplicates-json-into-images": ("duplicates", "dix", "--json", "data/stripes/dups.json"),
+    "finetune-out-into-the-index-images": ("finetune", "run", "--index", "dix", "--out", "data/finetuned",
+                                           "--epochs", "1", "--workers", "0", "--no-progress"),
+    "index-of-table-into-its-images": ("index", "labels.csv", "--out", "data/ix"),
+    "index-of-folder-into-it": ("index", "data", "--model", "model.onnx", "--out", "data/ix"),
+    "label-table-into-the-folder-read": ("label", "model.onnx", "data", "--out", "data/labels.csv",
+                                         "--workers", "0", "--no-progress"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INTO_THE_INDEXED_IMAGES))
+def test_an_output_among_the_images_an_index_was_built_from_is_refused(case: str, indexed_folder: Path) -> None:
+    """``--plot data/discs/001.png`` replaced a picture of the dataset with the dendrogram: the index's recorded
+    image folder counts as read, as the folder given to twist label does."""
+    before = snapshot(indexed_folder)
+    result = twist(*INTO_THE_INDEXED_IMAGES[case], cwd=indexed_folder)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.count("\n") == 1 and "inside the image folder" in result.stderr, result.stderr[-2000:]
+    assert snapshot(indexed_folder) == before
+
+
+def test_an_export_never_replaces_the_model_of_another_checkpoint(workspace: Path) -> None:
+    """``twist export RUN2 --out M.onnx`` replaced the model (and card) of another run; the card names the
+    checkpoint a model came from, and only that checkpoint (the same file, grown by further training, or a copy
+    of it) may be exported over it again."""
+    import torch
+
+    checkpoint = torch.load(workspace / "run" / "last.pt", map_location="cpu", weights_only=False)
+    first = next(name for name, value in checkpoint["model"].items() if value.is_floating_point())
+    checkpoint["model"][first] = checkpoint["model"][first] + 0.01
+    torch.save(checkpoint, workspace / "other.pt")
+    before = snapshot(workspace)
+    result = twist("export", "other.pt", "--out", "model.onnx", "--no-verify", cwd=workspace)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+    assert "another checkpoint" in result.stderr and "nothing was written" in result.stderr, result.stderr
+    assert snapshot(workspace) == before
+    assert twist("export", "other.pt", "--out", "other.onnx", "--no-verify", cwd=workspace).returncode == 0
+    checkpoint["model"][first] = checkpoint["model"][first] + 0.01  # the same checkpoint file, trained on
+    torch.save(checkpoint, workspace / "other.pt")
+    result = twist("export", "other.pt", "--out", "other.onnx", "--no-verify", cwd=workspace)
+    assert result.returncode == 0, result.stderr[-2000:]

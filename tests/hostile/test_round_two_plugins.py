@@ -1,6 +1,7 @@
 """A broken plugin never stops ``twist`` (issue 36, item 12): a package of the ``twist.commands`` entry-point group
-whose module raises anything at import (not only ImportError) is skipped with one warning line naming it and
-the error, and every other command, the app's included, still runs."""
+whose module raises anything at import (not only ImportError; SystemExit too) is skipped with one warning line
+naming it and the error (its control characters escaped), and every other command, the app's included, still
+runs."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ BROKEN = {  # entry-point name: (module source, what the warning names)
     "boom": ("raise RuntimeError('plugin exploded at import')\n", "RuntimeError: plugin exploded at import"),
     "typo": ("def broken(:\n    pass\n", "SyntaxError"),
     "picky": ("raise ValueError('first line\\nsecond line')\n", "ValueError: first line second line"),
+    "quits": ("import sys\nsys.exit(3)\n", "SystemExit: 3"),  # BaseException, not Exception
+    "paints": ("raise RuntimeError('\\x1b]0;owned\\x07\\x1b[31mred\\u202e')\n",
+               "RuntimeError: \\x1b]0;owned\\x07\\x1b[31mred\\u202e"),  # shown escaped, never sent to the terminal
 }
 
 
@@ -42,7 +46,7 @@ def twist(plugins: Path, *args: str) -> subprocess.CompletedProcess:
 def test_a_plugin_that_raises_at_import_is_skipped_with_one_warning(plugins: Path, args: tuple[str, ...]) -> None:
     result = twist(plugins, *args)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and not any(c in result.stderr for c in "\x1b\x07\u202e"), result.stderr
     warnings = result.stderr.splitlines()
     assert len(warnings) == len(BROKEN), result.stderr
     for name, (_, named) in BROKEN.items():

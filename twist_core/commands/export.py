@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from twist_core.commands import run_command
 from twist_core.config import command_parser
 from twist_core.deploy.export import ExportConfig, ExportError, export_model
 from twist_core.deploy.export import __doc__ as DOC
+from twist_core.model.checkpoint import CHECKPOINT_NAME
 from twist_core.outputs import MODEL, Output, check_outputs
 from twist_core.report import print_written
 
@@ -21,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
 def export_and_print(config: ExportConfig) -> int:
     if not config.run:
         raise ExportError("give the run folder or checkpoint to export (RUN)")
-    check_outputs([Output("--out", config.out, MODEL)], inputs=[config.run, config.class_names])
+    run = Path(config.run)
+    checkpoint = run / CHECKPOINT_NAME if run.is_dir() else run  # what the card will name, as export_model finds it
+    check_outputs([Output("--out", config.out, MODEL, source=checkpoint)], inputs=[config.run, config.class_names])
     out = export_model(config)
     card = json.loads(out.with_suffix(".json").read_text())
     parity = card.get("parity_max_abs_diff")

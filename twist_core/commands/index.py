@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def index_and_print(config: IndexConfig) -> int:
-    check_outputs([Output("--out", config.out, INDEX)], inputs=[config.source, config.model])
+    check_outputs([Output("--out", config.out, INDEX)], inputs=[config.source, config.model], within=[config.source])
     if config.update:
         result = update_index(config)
         if result.relabelled is None:

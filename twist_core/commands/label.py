@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def label_and_print(config: LabelConfig) -> int:
     check_outputs([Output("--out", config.out, TABLE), Output("--export-tree", config.export_tree, TREE)],
-                  inputs=[config.model, config.folder])
+                  inputs=[config.model, config.folder], within=[config.folder])
     summary = label_folder(config)
     if "rows" in summary:
         print(f"labelled {summary['labelled']} images ({summary['errors']} unreadable) into "

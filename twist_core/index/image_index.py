@@ -192,7 +192,7 @@ class IndexReader:
         with self._lock:
             try:
                 return self._cpu.reconstruct(int(image_id))
-            except RuntimeError:
+            except (RuntimeError, OverflowError):  # OverflowError: past FAISS's 64-bit ids
                 raise IndexUserError(f"no image with id {image_id} in the index") from None
 
     def cluster_ids(self) -> list[int]:

@@ -55,6 +55,8 @@ def format_hits(hits: list[Hit]) -> str:
 
 
 def search(config: SearchConfig) -> list[Hit]:
+    if config.k < 1:  # FAISS would answer nothing, and "no images found" would blame the index
+        raise IndexUserError(f"k (-k, --k) is how many neighbours to return: at least 1, got {config.k}")
     index = IndexReader.open(config.index, config.device, config.state_dir)
     try:
         if config.id is not None:
