@@ -229,7 +229,10 @@ def test_state_of_another_index_is_refused_and_its_thumbnails_dropped(dataset: d
 
 
 def test_index_and_thumbnail_folders_are_marked_as_outputs(dataset: dict) -> None:
-    index_dir = dataset["root"] / "ix"  # inside the dataset, where a folder scan would otherwise look
+    inside = build(dataset, dataset["root"] / "ix", dataset["numbers"])  # where a folder scan would look
+    assert inside.returncode == 2 and "where it would be taken for images" in inside.stderr
+    assert not (dataset["root"] / "ix").exists()  # refused before anything is written (issue 36, item 9)
+    index_dir = dataset["tmp"] / "ix"  # beside it, still marked: moved into a dataset by hand, scans skip it
     assert build(dataset, index_dir, dataset["numbers"]).returncode == 0
     assert (index_dir / OUTPUT_MARKER).is_file()
     thumbs = ThumbnailCache(dataset["tmp"] / "state" / "thumbnails")
