@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 
 from twist_core.index.build import IndexConfig, build_index
-from twist_core.index.image_index import IndexReader, IndexWriter, find_duplicates
+from twist_core.index.image_index import (
+    IndexReader,
+    IndexWriter,
+    auto_threshold,
+    find_duplicates,
+    nearest_similarities,
+)
 from twist_core.index.store import CURATION_FILE, FAULT_ENV, IndexChangedError, IndexUserError, meta_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,6 +238,23 @@ def test_duplicates_finds_planted_near_copies(tmp_path: Path) -> None:
     assert sorted(sorted(h.id for h in g) for g in groups) == sorted(sorted(g) for g in planted)
     assert len(groups[0]) == 3 and all(h.similarity >= 0.97 for g in groups for h in g)
     assert find_duplicates(index, threshold=0.9999) == []
+    threshold, stats = auto_threshold(nearest_similarities(index))  # the default of twist duplicates
+    assert stats["images_measured"] == 2000 and stats["nearest_similarity_median"] < threshold < 1.0
+    assert sorted(sorted(h.id for h in g) for g in find_duplicates(index, threshold)) == sorted(map(sorted, planted))
+
+
+def test_auto_threshold_flags_nothing_without_copies_and_little_on_tiny_indexes(tmp_path: Path) -> None:
+    vectors, clusters = clustered(2000, 64, 10, spread=1.0)
+    index = build(tmp_path / "plain", vectors, clusters)
+    nearest = nearest_similarities(index)
+    exact = vectors @ vectors.T
+    np.fill_diagonal(exact, -2.0)
+    np.testing.assert_allclose(nearest, exact.max(axis=1), atol=1e-5)  # FAISS gives each image's nearest other
+    threshold, _ = auto_threshold(nearest)
+    assert len(find_duplicates(index, threshold)) <= 5  # no copies planted: almost nothing passes
+    pair = build(tmp_path / "pair", vectors[:2], clusters[:2])
+    assert find_duplicates(pair, auto_threshold(nearest_similarities(pair))[0]) == []  # two unrelated images
+    assert auto_threshold(np.array([np.nan]))[0] == 1.0  # one image: nothing to compare
 
 
 def test_records_paging_and_cluster_summary(tmp_path: Path) -> None:

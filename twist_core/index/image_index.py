@@ -410,6 +410,53 @@ class IndexWriter(IndexReader):
 ImageIndex = IndexWriter  # the name the app and older callers use: an index that reads and writes
 
 
+AUTO_THRESHOLD_RULE = ("an outlier among the nearest-neighbour distances 1 - cosine: at most the median distance times "
+                       "min(1/2, exp(-3 x 1.4826 x MAD of their logarithms))")
+
+
+def nearest_similarities(index: IndexReader, batch: int = 4096) -> np.ndarray:
+    """Each image's cosine to its nearest other image (one FAISS k=3 search per batch, the image itself dropped)."""
+    with index._lock:
+        ids = index._store.all_ids()
+        k = min(3, len(ids))
+        nearest = np.full(len(ids), np.nan)
+        if k < 2:  # no image has another to be near
+            return nearest
+        for start in range(0, len(ids), batch):
+            chunk = ids[start:start + batch]
+            sims, found = index._search.search(index._cpu.reconstruct_batch(chunk), k)
+            other = (found != chunk[:, None]) & (found >= 0)
+            first = np.argmax(other, axis=1)  # sorted by similarity: the first hit that is another image
+            rows = np.arange(len(chunk))
+            nearest[start:start + len(chunk)] = np.where(other[rows, first], sims[rows, first], np.nan)
+    return nearest
+
+
+def auto_threshold(nearest: np.ndarray, spread: float = 3.0) -> tuple[float, dict[str, Any]]:
+    """A cosine threshold that means "far closer than images here usually are to their nearest neighbour".
+
+    A fixed cosine means nothing across embeddings (0.95 marked a fifth of a photo set), so the rule is relative:
+    a pair counts when its distance 1 - cosine is an outlier on the log scale among the nearest-neighbour
+    distances (median - ``spread`` robust SDs, MAD x 1.4826), and at least twice as close as the median. Logs make
+    it scale-free; median and MAD ignore the duplicates themselves while they are under half the images.
+    """
+    known = nearest[np.isfinite(nearest)]
+    if len(known) == 0:
+        return 1.0, {"images_measured": 0}
+    distances = np.maximum(1.0 - known.astype(np.float64), 1e-6)  # float error puts exact copies a hair off 0
+    logs = np.log(distances)
+    median_log = float(np.median(logs))
+    robust_sd = 1.4826 * float(np.median(np.abs(logs - median_log)))
+    cut = float(np.exp(median_log - max(spread * robust_sd, np.log(2.0))))
+    stats = {"images_measured": len(known),
+             "nearest_similarity_median": round(float(np.median(known)), 6),
+             "nearest_similarity_p05": round(float(np.quantile(known, 0.05)), 6),
+             "nearest_similarity_p95": round(float(np.quantile(known, 0.95)), 6),
+             "nearest_distance_median": round(float(np.exp(median_log)), 8),
+             "log_distance_robust_sd": round(robust_sd, 6), "spread": spread}
+    return round(1.0 - cut, 8), stats
+
+
 def find_duplicates(index: IndexReader, threshold: float = 0.95, batch: int = 4096) -> list[list[Hit]]:
     """Groups of images linked by cosine >= ``threshold`` (range search, then connected components).
 
