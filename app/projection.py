@@ -7,7 +7,7 @@ geometry is known exactly (:class:`MapGeometry`), so a click on any pixel resolv
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,8 +87,12 @@ class MapGeometry:
         return row if distance[row] <= radius else None
 
 
-def draw_map(xy: np.ndarray, labels: Sequence[str], geometry: MapGeometry) -> np.ndarray:
-    """The map as an RGB array of exactly ``geometry``'s size, one colour per label."""
+def draw_map(xy: np.ndarray, clusters: Sequence[int], names: Mapping[int, str], geometry: MapGeometry) -> np.ndarray:
+    """The map as an RGB array of exactly ``geometry``'s size, one colour per cluster.
+
+    A cluster's colour and place in the legend follow its number, not its name: a rename used to reorder the
+    legend and change every colour.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,18 +102,18 @@ def draw_map(xy: np.ndarray, labels: Sequence[str], geometry: MapGeometry) -> np
     figure = plt.figure(figsize=(geometry.width / dpi, geometry.height / dpi), dpi=dpi)
     try:
         axes = figure.add_axes(PLOT_BOX)
-        names = sorted(set(labels))
-        colours = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
-        label_array = np.asarray(labels)
-        for position, name in enumerate(names):
-            chosen = label_array == name
-            axes.scatter(xy[chosen, 0], xy[chosen, 1], s=6, color=colours(position % colours.N), label=name,
-                         linewidths=0)
+        shown = sorted(set(int(c) for c in clusters))
+        colours = plt.get_cmap("tab20" if max(shown, default=0) >= 10 else "tab10")
+        cluster_array = np.asarray(clusters)
+        for cluster in shown:
+            chosen = cluster_array == cluster
+            axes.scatter(xy[chosen, 0], xy[chosen, 1], s=6, color=colours(cluster % colours.N), linewidths=0,
+                         label=names.get(cluster, f"cluster {cluster}"))
         axes.set_xlim(*geometry.x_range)
         axes.set_ylim(*geometry.y_range)
         axes.set_xticks([])
         axes.set_yticks([])
-        if 0 < len(names) <= MAX_LEGEND:
+        if 0 < len(shown) <= MAX_LEGEND:
             figure.legend(loc="center right", fontsize=8, markerscale=2.5, frameon=False)
         figure.canvas.draw()
         return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()

@@ -16,6 +16,8 @@ from pathlib import Path
 from twist_core.index import review_table
 from twist_core.index.store import IMAGES
 
+CHUNK = 900  # ids per IN (...) list: below SQLite's limit of bound parameters
+
 
 @dataclass(frozen=True)
 class QueueEntry:
@@ -53,6 +55,26 @@ class ReviewQueue:
             rows = self._db.execute(f"SELECT r.id, r.score, r.suggestion {self.FROM} ORDER BY r.score DESC, r.id "
                                     "LIMIT ? OFFSET ?", (int(limit), int(offset))).fetchall()
         return [QueueEntry(int(i), float(score), suggestion) for i, score, suggestion in rows]
+
+    def scores(self, ids: list[int]) -> dict[int, QueueEntry]:
+        """The scores of ``ids`` whether handled or not (an inspected image, a cluster sorted by doubt)."""
+        if not self.available:
+            return {}
+        found: dict[int, QueueEntry] = {}
+        with self._lock:
+            for start in range(0, len(ids), CHUNK):
+                chunk = [int(i) for i in ids[start:start + CHUNK]]
+                rows = self._db.execute(f"SELECT id, score, suggestion FROM idx.review WHERE id IN "
+                                        f"({','.join('?' * len(chunk))})", chunk).fetchall()
+                found.update({int(i): QueueEntry(int(i), float(score), suggestion) for i, score, suggestion in rows})
+        return found
+
+    def share_above(self, score: float) -> float:
+        """The share of the index's images scored at least ``score`` (small: one of the most doubtful)."""
+        with self._lock:
+            above, total = self._db.execute("SELECT SUM(score >= ?), COUNT(*) FROM idx.review", (float(score),)
+                                            ).fetchone()
+        return float(above or 0) / max(1, int(total or 0))
 
     def close(self) -> None:
         self._db.close()

@@ -34,4 +34,5 @@ def build_ui(ws: Workspace) -> gr.Blocks:
             for view in VIEWS:
                 view.build(ctx)
         ctx.finish()
+        tabs.select(None, None, None, js=shared.CLOSE_TOASTS)  # a toast belongs to the tab it was raised in
     return demo

@@ -324,17 +324,18 @@ class Workspace:
         return cards
 
     def cover(self, records: Sequence[Record]) -> Path:
-        """A 2 x 2 mosaic of thumbnails, cached under a name derived from the image ids it shows."""
+        """A 2 x 2 mosaic of thumbnails with white gaps between them (four images, not one), cached under a name
+        derived from the image ids it shows."""
         key = hashlib.sha1(",".join(str(r.id) for r in records).encode()).hexdigest()[:16]
-        path = self.covers_dir / f"{key}.jpg"
+        path = self.covers_dir / f"{key}-gap.jpg"  # not the gapless covers of older versions
         if not path.is_file():
-            size = self.thumbnails.size
-            mosaic = Image.new("RGB", (2 * size, 2 * size), (240, 240, 240))
+            size, gap = self.thumbnails.size, max(2, self.thumbnails.size // 24)
+            mosaic = Image.new("RGB", (2 * size + gap, 2 * size + gap), (255, 255, 255))
             for slot, record in enumerate(records[:4]):
                 with Image.open(self.thumbnail(record)) as thumb:
                     thumb = thumb.convert("RGB")
                     thumb.thumbnail((size, size))
-                    left, top = (slot % 2) * size, (slot // 2) * size
+                    left, top = (slot % 2) * (size + gap), (slot // 2) * (size + gap)
                     mosaic.paste(thumb, (left + (size - thumb.width) // 2, top + (size - thumb.height) // 2))
             tmp = path.with_name(f".{path.name}.{threading.get_ident()}")
             mosaic.save(tmp, "JPEG", quality=85)
@@ -357,8 +358,12 @@ class Workspace:
 
     # ---- one cluster
     def cluster_page(self, cluster: int, page: int = 0, lowest_first: bool = False, min_conf: float = 0.0,
-                     max_conf: float = 1.0) -> tuple[list[tuple[Record, Path]], int]:
-        """A page of ``PAGE_SIZE`` images of a cluster (with thumbnails) and the cluster's filtered size."""
+                     max_conf: float = 1.0, doubtful_first: bool = False) -> tuple[list[tuple[Record, Path]], int]:
+        """A page of ``PAGE_SIZE`` images of a cluster (with thumbnails) and the cluster's filtered size.
+
+        ``doubtful_first`` orders by the review score (neighbours in another cluster, hesitation) instead of
+        the confidence: a confident mistake comes first there and last by confidence.
+        """
         cluster = int(cluster)
         if cluster != EXCLUDED and not 0 <= cluster < self.model.n_classes:
             raise AppUserError(f"there is no cluster {cluster}")
@@ -366,9 +371,25 @@ class Workspace:
             raise AppUserError("the lowest confidence must not exceed the highest")
         total = self.store.count(cluster, min_conf, max_conf)
         page = max(0, min(int(page), max(0, (total - 1) // PAGE_SIZE)))
-        records = self.store.page(cluster, page * PAGE_SIZE, PAGE_SIZE, "confidence", not lowest_first,
-                                  min_conf, max_conf)
+        if doubtful_first:
+            records = self._doubtful_page(cluster, page, total, min_conf, max_conf)
+        else:
+            records = self.store.page(cluster, page * PAGE_SIZE, PAGE_SIZE, "confidence", not lowest_first,
+                                      min_conf, max_conf)
         return [(r, self.thumbnail(r)) for r in records], total
+
+    def _doubtful_page(self, cluster: int, page: int, total: int, min_conf: float, max_conf: float) -> list[Record]:
+        """A page of the cluster by descending review score (the scores of its members, sorted here)."""
+        members = [r.id for r in self.store.page(cluster, 0, total, "id", False, min_conf, max_conf)]
+        with contextlib.closing(ReviewQueue(self.store.path, self._meta_path)) as queue:
+            if not queue.available:
+                raise AppUserError(f"this index has no review scores (an older twist built it); add them with "
+                                   f"twist index --update --out {self.index_dir}")
+            scores = queue.scores(members)
+        ranked = sorted(members, key=lambda i: (-(scores[i].score if i in scores else 0.0), i))
+        shown = ranked[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
+        records = self.store.records(shown)
+        return [records[i] for i in shown if i in records]
 
     def record(self, image_id: int) -> Record:
         found = self.store.records([int(image_id)])
@@ -406,6 +427,12 @@ class Workspace:
         factor = DISPLAY_SIDE // max(image.size)
         if factor > 1:
             image = image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+        return image
+
+    def upload_view(self, path: str | Path) -> Image.Image:
+        """An uploaded query as the app shows it: decoded and re-encoded (never the file handed back as is)."""
+        image = self._decode(path, draft_size=VIEW_SIZE)
+        image.thumbnail((VIEW_SIZE, VIEW_SIZE), Image.Resampling.BICUBIC)
         return image
 
     def describe(self, image_id: int, k: int = 12) -> tuple[Record, Prediction]:
@@ -482,6 +509,11 @@ class Workspace:
                                     self.thumbnail(record) if thumbnails else None))
         return items, total
 
+    def review_scores(self, ids: Sequence[int]) -> dict[int, tuple[float, float]]:
+        """(review score, share of the index scored as high or higher) of each of ``ids`` that has one."""
+        with contextlib.closing(ReviewQueue(self.store.path, self._meta_path)) as queue:
+            return {i: (e.score, queue.share_above(e.score)) for i, e in queue.scores(list(ids)).items()}
+
     def keep(self, ids: Sequence[int]) -> str:
         """Confirm images in the cluster they are in: they leave the review queue (one undo entry brings them back)."""
         if not ids:
@@ -550,7 +582,8 @@ class Workspace:
     def map_picture(self) -> np.ndarray:
         """The map drawn as an RGB picture, coloured by current cluster; a click on it goes to :meth:`map_point`."""
         ids, xy, records, geometry = self._map_points()
-        return projection.draw_map(xy, self._cluster_names(ids, records), geometry)
+        clusters = [records[int(i)].label for i in ids]
+        return projection.draw_map(xy, clusters, {**self.names(), EXCLUDED: "excluded"}, geometry)
 
     def map_point(self, x: float, y: float) -> int:
         """Id of the image drawn nearest to pixel (x, y) of :meth:`map_picture`."""

@@ -339,7 +339,7 @@ def test_app_confirms_a_selection_and_shows_what_a_new_labelling_changed(app_bun
         assert sum(row[1] for row in table["data"]) == sum(row[2] for row in table["data"]) == len(rows)
         assert len(changed) == 3 and all("→" in item["caption"] for item in changed)
         summary, _, changed = client.predict("labels.csv", api_name="/compare_models")  # a name: beside the index
-        assert summary.startswith(f"**0 of {len(rows)} images changed") and changed == []
+        assert summary.startswith(f"**No image changed cluster** among the {len(rows)} images") and changed == []
         with pytest.raises(Exception, match="does not exist"):
             client.predict("nothing.csv", api_name="/compare_models")
         outside = tmp_path / "outside.csv"  # a valid labels table, but not in the app's places

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from app.workspace import Workspace
 
 SHOWN_CHANGES = 60  # changed images shown in the gallery
+COUNT_COLUMNS = ["cluster", "before", "after", "change"]
 
 
 class ChangesError(ValueError):
@@ -100,9 +101,38 @@ def within_places(previous: str | Path, places: Sequence[Path]) -> Path:
     return path
 
 
-def model_changes(previous: str | Path, current_index: Path, places: Sequence[Path]) -> Changes:
-    """Compare ``previous`` (inside ``places``) with the open index ``current_index``."""
-    return compare(cluster_names_by_file(within_places(previous, places)), cluster_names_by_file(current_index))
+def model_changes(previous: str | Path, current_index: Path, places: Sequence[Path],
+                  current: Mapping[str, str] | None = None, aliases: Mapping[str, str] | None = None) -> Changes:
+    """Compare ``previous`` (inside ``places``) with the open index ``current_index``, or with ``current`` (file ->
+    cluster name as curated now); ``aliases`` renames the previous side's names (a model name -> its new name)."""
+    before = cluster_names_by_file(within_places(previous, places))
+    before = {file: (aliases or {}).get(name, name) for file, name in before.items()}
+    return compare(before, dict(current) if current is not None else cluster_names_by_file(current_index))
+
+
+def curated_labelling(ws: Workspace) -> tuple[dict[str, str], dict[str, str]]:
+    """File -> cluster name of the open index as curated now (moves, merges, exclusions, names), and each model
+    name renamed since -> its current name, so a rename made after the compared model is no change."""
+    from twist_core.curate.curation import EXCLUDED
+
+    names = {**ws.names(), EXCLUDED: "excluded"}
+    files = {os.path.normpath(ws.root / path_from_text(r.path)): names.get(r.label, f"cluster {r.label}")
+             for r in ws.store.iter_records() if r.label is not None}
+    current = set(names.values())
+    aliases = {model: names[c] for c, model in enumerate(ws.store.default_names)
+               if names.get(c, model) != model and model not in current}
+    return files, aliases
+
+
+def summary_text(changes: Changes) -> str:
+    """How many images changed cluster, and how many of them the gallery shows."""
+    counts = (f"(only in the previous labelling: {changes.only_before:,}; only in the open index: "
+              f"{changes.only_after:,})")
+    if not changes.changed:
+        return f"**No image changed cluster** among the {changes.compared:,} images in both {counts}."
+    shown = ("All are shown below." if len(changes.changed) <= SHOWN_CHANGES
+             else f"The first {SHOWN_CHANGES} are shown below.")
+    return f"**{len(changes.changed):,} of {changes.compared:,} images changed cluster** {counts}. {shown}"
 
 
 def gallery_items(ws: Workspace, changes: Changes) -> list[tuple[str, str]]:
@@ -120,23 +150,26 @@ def build(ctx: ViewContext) -> None:
     import gradio as gr
     import pandas as pd
 
-    from app.views.shared import friendly, literal
+    from app.views.shared import FIT, QUIET, friendly, literal
 
     ws = ctx.ws
 
     @friendly
     def compare_models(previous: str) -> tuple[str, pd.DataFrame, list[tuple[str, str]]]:
         try:
-            changes = model_changes(previous, ws.index_dir, [ws.index_dir.parent, ws.root, ws.state_dir])
+            changes = model_changes(previous, ws.index_dir, [ws.index_dir.parent, ws.root, ws.state_dir],
+                                    *curated_labelling(ws))
         except ChangesError as error:
             raise gr.Error(literal(error), print_exception=False) from None
-        summary = (f"**{len(changes.changed):,} of {changes.compared:,} images changed cluster** "
-                   f"(only in the previous labelling: {changes.only_before:,}; only in the open index: "
-                   f"{changes.only_after:,}). The first {min(SHOWN_CHANGES, len(changes.changed))} are shown.")
-        return summary, pd.DataFrame(changes.counts, columns=["cluster", "before", "after", "change"]), \
-            gallery_items(ws, changes)
+        return (summary_text(changes), pd.DataFrame(changes.counts, columns=COUNT_COLUMNS),
+                gallery_items(ws, changes))
 
-    with gr.Tab("Changes", id="changes"):
+    @friendly
+    def compare_again(previous: str) -> tuple:
+        """On each visit, the last comparison again with the names and clusters as curated now."""
+        return compare_models(previous) if str(previous or "").strip() else gr.skip()
+
+    with gr.Tab("Changes", id="changes") as tab:
         gr.Markdown("Compare the open index with an earlier labelling of the same images (for example the labels "
                     "table of the model before `twist finetune`): clusters are matched by name.")
         with gr.Row():
@@ -145,8 +178,10 @@ def build(ctx: ViewContext) -> None:
                                   elem_id="changes-previous")
             button = gr.Button("Compare", elem_id="changes-compare")
         summary = gr.Markdown(elem_id="changes-summary")
-        table = gr.Dataframe(label="Images per cluster, before and after", interactive=False)
+        table = gr.Dataframe(pd.DataFrame(columns=COUNT_COLUMNS), label="Images per cluster, before and after",
+                             interactive=False, elem_id="changes-table")
         gallery = gr.Gallery(label="Images whose cluster changed (previous → now)", columns=10, allow_preview=False,
-                             height="auto", elem_id="changes-gallery")
-    button.click(compare_models, [previous], [summary, table, gallery], api_name="compare_models")
-    previous.submit(compare_models, [previous], [summary, table, gallery], api_visibility="private")
+                             height="auto", elem_id="changes-gallery", elem_classes=[FIT])
+    button.click(compare_models, [previous], [summary, table, gallery], api_name="compare_models", **QUIET)
+    previous.submit(compare_models, [previous], [summary, table, gallery], api_visibility="private", **QUIET)
+    tab.select(compare_again, [previous], [summary, table, gallery], api_visibility="private", **QUIET)

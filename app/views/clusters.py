@@ -1,4 +1,7 @@
-"""The Clusters view: the dataset's summary and one card per cluster; a click on a card opens that cluster."""
+"""The Clusters view: the dataset's summary and one card per cluster; a click on a card opens that cluster.
+
+Drawn on each page load and each visit, so names, sizes and covers follow the curation made in other tabs.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,11 @@ import gradio as gr
 import pandas as pd
 
 from app.views import ViewContext
-from app.views.shared import friendly, literal
+from app.views.shared import FIT, QUIET, friendly, literal
 from twist_core.curate.curation import EXCLUDED
 
 SORTS = ["size", "confidence", "lowest confidence", "cluster"]
+TABLE_COLUMNS = ["cluster", "name", "size", "mean confidence"]
 
 
 def build(ctx: ViewContext) -> None:
@@ -23,7 +27,8 @@ def build(ctx: ViewContext) -> None:
         items = [(str(c["cover"]), f"{c['cluster']} · {c['name']} · {c['size']:,} images · "
                                    f"conf {c['mean_confidence'] or 0:.2f}") for c in cards]
         table = pd.DataFrame([{"cluster": c["cluster"], "name": c["name"], "size": c["size"],
-                               "mean confidence": round(c["mean_confidence"] or 0, 4)} for c in cards])
+                               "mean confidence": round(c["mean_confidence"] or 0, 4)} for c in cards],
+                             columns=TABLE_COLUMNS)
         s = ws.dataset_summary()
         clustered = sum(c["cluster"] != EXCLUDED for c in cards)  # the excluded images' card is no cluster
         summary = (f"**{s['images']:,} images** in {clustered} non-empty clusters (model: {s['clusters']}) · "
@@ -34,17 +39,19 @@ def build(ctx: ViewContext) -> None:
                    + (f"  \n**Note:** {literal(s['notice'])}" if s["notice"] else ""))
         return items, table, summary, [c["cluster"] for c in cards]
 
-    with gr.Tab("Clusters", id="clusters"):
+    with gr.Tab("Clusters", id="clusters") as tab:
         summary = gr.Markdown(elem_id="summary")
         sort = gr.Radio(SORTS, value="size", label="Sort clusters by")
         cards = gr.Gallery(label="Clusters (click one to open it)", columns=5, allow_preview=False,
-                           object_fit="contain", height="auto", elem_id="cluster-cards")
-        table = gr.Dataframe(interactive=False, label="Clusters")
+                           object_fit="contain", height="auto", elem_id="cluster-cards", elem_classes=[FIT])
+        table = gr.Dataframe(pd.DataFrame(columns=TABLE_COLUMNS), interactive=False, label="Clusters",
+                             elem_id="clusters-table")
         card_ids = gr.State([])
 
     overview_io = {"inputs": [sort], "outputs": [cards, table, summary, card_ids]}
     ctx.demo.load(overview, **overview_io, api_name="overview")
-    sort.change(overview, **overview_io, api_visibility="private")
+    sort.change(overview, **overview_io, api_visibility="private", **QUIET)
+    tab.select(overview, **overview_io, api_visibility="private", **QUIET)
 
     def card_clicked(ids: list[int], evt: gr.SelectData) -> tuple[int, Any]:
         return ids[evt.index], gr.Tabs(selected="cluster")

@@ -23,7 +23,7 @@ import pandas as pd
 from PIL import Image
 
 from app.views import ViewContext
-from app.views.shared import current_choices, friendly, literal
+from app.views.shared import FIT, QUIET, friendly, literal
 from app.workspace import AppUserError, Workspace
 from twist_core.curate import merges
 from twist_core.curate.curation import EXCLUDED
@@ -135,10 +135,14 @@ def estimate_text(result: merges.Suggestions) -> str:
             f"{estimate.k}) from {len(result.clusters)} current clusters. Measure: {result.measure}.")
 
 
+PAIR_COLUMNS = ["rank", "cluster A", "size A", "cluster B", "size B", "similarity"]
+
+
 def pairs_table(result: merges.Suggestions) -> pd.DataFrame:
-    return pd.DataFrame([{"rank": rank, "cluster A": result.label(a), "size A": result.sizes[a],
-                          "cluster B": result.label(b), "size B": result.sizes[b], "similarity": round(s, 4)}
-                         for rank, (a, b, s) in enumerate(result.pairs[:PAIRS_SHOWN], 1)])
+    rows = [{"rank": rank, "cluster A": result.label(a), "size A": result.sizes[a], "cluster B": result.label(b),
+             "size B": result.sizes[b], "similarity": round(s, 4)}
+            for rank, (a, b, s) in enumerate(result.pairs[:PAIRS_SHOWN], 1)]
+    return pd.DataFrame(rows, columns=PAIR_COLUMNS)  # the headers even when there is no pair
 
 
 def pair_choices(result: merges.Suggestions) -> list[tuple[str, str]]:
@@ -202,7 +206,7 @@ def build(ctx: ViewContext) -> None:
         message = apply_plan(ws, plan_json)
         return (*shown(suggestions(ws, measure), message), "", "")
 
-    with gr.Tab("Suggested merges", id="merges"):
+    with gr.Tab("Suggested merges", id="merges") as tab:
         with gr.Row():
             offered = measures(ws)
             measure = gr.Radio(list(offered), value=offered[0], elem_id="merge-measure",
@@ -214,15 +218,17 @@ def build(ctx: ViewContext) -> None:
         estimate = gr.Markdown(elem_id="merge-estimate")
         picture = gr.Image(type="pil", interactive=False, label="Clusters as a hierarchy (dashed: the estimated cut)",
                            elem_id="merge-dendrogram", buttons=["download"])
-        table = gr.Dataframe(interactive=False, label="Most similar pairs first", elem_id="merge-pairs")
+        table = gr.Dataframe(pd.DataFrame(columns=PAIR_COLUMNS), interactive=False, label="Most similar pairs first",
+                             elem_id="merge-pairs")
         with gr.Row():
-            pair = gr.Dropdown([], label="Pair", elem_id="merge-pair", allow_custom_value=True, scale=3)
+            pair = gr.Dropdown([], value=None, label="Pair", elem_id="merge-pair", allow_custom_value=True, scale=3)
             merge = gr.Button("Merge this pair", elem_id="merge-pair-button", scale=1)
             undo_button = gr.Button("Undo last change", elem_id="merge-undo", scale=1)
-        gallery = gr.Gallery(label="The pair's most confident images", columns=2 * PAIR_THUMBNAILS,
-                             allow_preview=False, height="auto", elem_id="merge-pair-gallery")
+        gallery = gr.Gallery(label="The pair's most confident images (a row per cluster)", columns=PAIR_THUMBNAILS,
+                             fit_columns=False, allow_preview=False, height="auto", elem_id="merge-pair-gallery",
+                             elem_classes=[FIT])
         with gr.Row():
-            plan_to = gr.Number(None, precision=0, minimum=1, label="Merge down to N clusters (default: the "
+            plan_to = gr.Number(None, precision=0, label="Merge down to N clusters (default: the "
                                 "estimate)", elem_id="merge-plan-to", scale=2)
             preview = gr.Button("Preview the plan", elem_id="merge-plan-preview", scale=1)
             apply = gr.Button("Apply the plan", variant="primary", elem_id="merge-plan-apply", scale=1)
@@ -232,16 +238,19 @@ def build(ctx: ViewContext) -> None:
 
     outputs = [estimate, picture, table, pair, gallery, status]
     compute.click(suggest_with_target, [measure], [*outputs, plan_to], api_name="suggest_merges")
-    pair.input(show_pair, [pair], [gallery], api_visibility="private")
-    preview.click(preview_plan, [plan_to, measure], [plan_view, plan_groups, status], api_name="preview_plan")
+    # computed on each visit: the tab opens on the suggestions over the clusters as curated now, N at the estimate
+    tab.select(suggest_with_target, [measure], [*outputs, plan_to], api_visibility="private")
+    pair.input(show_pair, [pair], [gallery], api_visibility="private", **QUIET)
+    preview.click(preview_plan, [plan_to, measure], [plan_view, plan_groups, status], api_name="preview_plan",
+                  **QUIET)
 
     def refresh_other_views() -> None:
-        """A merge here changes the clusters the Cluster view lists: refresh its dropdowns and open page."""
-        for event in (merge.click(merge_suggestion, [pair, measure], outputs, api_name="merge_suggestion"),
-                      undo_button.click(undo_here, [measure], outputs, api_visibility="private"),
+        """A merge here changes the clusters the Cluster view lists: bring that view up to date."""
+        for event in (merge.click(merge_suggestion, [pair, measure], outputs, api_name="merge_suggestion", **QUIET),
+                      undo_button.click(undo_here, [measure], outputs, api_visibility="private", **QUIET),
                       apply.click(apply_previewed, [plan_groups, measure], [*outputs, plan_view, plan_groups],
-                                  api_name="apply_plan")):
-            event.then(friendly(lambda: current_choices(ws)), None, ctx["cluster_choices"],
-                       api_visibility="private").then(**ctx["show_cluster"])
+                                  api_name="apply_plan", **QUIET)):
+            for step in ctx["after_change"]:
+                event = event.then(**step)
 
     ctx.after_build(refresh_other_views)

@@ -15,9 +15,10 @@ import gradio as gr
 
 from app.views import ViewContext
 from app.views.shared import (
+    QUIET,
     cluster_choices,
     cluster_number,
-    current_choices,
+    fresh_target,
     friendly,
     image_panel,
     image_selector,
@@ -57,7 +58,7 @@ class ReviewView:
             self.move_suggested = gr.Button("Move to the suggested cluster", variant="primary",
                                             elem_id="review-move-suggested")
             self.keep = gr.Button("Keep (it is right)", elem_id="review-keep")
-            self.target = gr.Dropdown(cluster_choices(self.ws, False), label="…or move it to",
+            self.target = gr.Dropdown(cluster_choices(self.ws, False), value=None, label="…or move it to",
                                       elem_id="review-target", allow_custom_value=True)
             self.move = gr.Button("Move", elem_id="review-move")
             self.undo = gr.Button("Undo last change", elem_id="review-undo")
@@ -103,10 +104,10 @@ class ReviewView:
         return evt.index, ids[evt.index], self.suggestion_button(suggestions[evt.index])
 
     def act(self, change: Any, page: Any, position: int) -> tuple:
-        """Apply a curation change, then show the page again with the next image current."""
+        """Apply a curation change, then show the page again with the next image current (the dropdowns here and
+        in the Cluster view follow in later steps, browser only)."""
         message = change()
-        return (literal(message), *self.show(page, position), *current_choices(self.ws),
-                gr.Dropdown(choices=cluster_choices(self.ws, False)))
+        return (literal(message), *self.show(page, position))
 
     def current_id(self, image_id: Any) -> int:
         if image_id is None or image_id == "":
@@ -118,7 +119,7 @@ class ReviewView:
         page_outputs = [self.gallery, self.info, self.ids, self.scores, self.suggestions, self.page, self.position,
                         self.current, self.move_suggested]
         details = {"fn": self.details, "inputs": [self.current, self.ids, self.scores, self.suggestions],
-                   "outputs": self.detail_outputs, "api_visibility": "private"}
+                   "outputs": self.detail_outputs, "api_visibility": "private", **QUIET}
         show = friendly(self.show)
         self.tab.select(lambda page, position: show(page, position), [self.page, self.position], page_outputs,
                         api_visibility="private").then(**details)
@@ -128,8 +129,8 @@ class ReviewView:
         self.next_page.click(lambda page: show(int(page or 0) + 1), [self.page], page_outputs,
                              api_visibility="private").then(**details)
         self.gallery.select(self.clicked, [self.ids, self.suggestions],
-                            [self.position, self.current, self.move_suggested],
-                            api_visibility="private").then(**details)
+                            [self.position, self.current, self.move_suggested], api_visibility="private",
+                            trigger_mode="always_last").then(**details)
 
         @friendly
         def move_suggested(image_id: Any, suggestions: list[int | None], position: int, page: Any) -> tuple:
@@ -153,13 +154,20 @@ class ReviewView:
             return self.act(self.ws.undo, page, position)
 
         def wire_changes() -> None:
-            outputs = [self.status, *page_outputs, *ctx["cluster_choices"], self.target]
-            self.move_suggested.click(move_suggested, [self.current, self.suggestions, self.position, self.page],
-                                      outputs, api_name="review_move_suggested").then(**details)
-            self.move.click(move_to, [self.current, self.target, self.position, self.page], outputs,
-                            api_name="review_move").then(**details)
-            self.keep.click(keep, [self.current, self.position, self.page], outputs,
-                            api_name="review_keep").then(**details)
-            self.undo.click(undo, [self.position, self.page], outputs, api_visibility="private").then(**details)
+            outputs = [self.status, *page_outputs]
+            target = {"fn": friendly(lambda value: fresh_target(self.ws, value)), "inputs": [self.target],
+                      "outputs": [self.target], "api_visibility": "private", **QUIET}
+            for event in (
+                    self.move_suggested.click(move_suggested, [self.current, self.suggestions, self.position,
+                                                               self.page], outputs, api_name="review_move_suggested",
+                                              **QUIET),
+                    self.move.click(move_to, [self.current, self.target, self.position, self.page], outputs,
+                                    api_name="review_move", **QUIET),
+                    self.keep.click(keep, [self.current, self.position, self.page], outputs, api_name="review_keep",
+                                    **QUIET),
+                    self.undo.click(undo, [self.position, self.page], outputs, api_visibility="private", **QUIET)):
+                event = event.then(**details).then(**target)
+                for step in ctx["after_change"]:
+                    event = event.then(**step)
 
         ctx.after_build(wire_changes)

@@ -12,6 +12,7 @@ import functools
 import logging
 import re
 import sqlite3
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,14 +21,25 @@ import gradio as gr
 import pandas as pd
 
 from app.workspace import DISPLAY_SIDE, AppUserError, Neighbour, Prediction, Workspace
-from twist_core.curate.curation import EXCLUDED, CurationError
+from twist_core.curate.curation import EXCLUDED, CurationError, Record
 from twist_core.index.store import IndexUserError
 
 log = logging.getLogger("twist.app")
 TOP_CLASSES = 10  # bars in a class-distribution chart
+SHOWN_PROBABILITY = 0.01  # classes below this share are left out of the chart (a photo model's 0.0000 bars)
+LABEL_CHARS = 18  # a cluster name on a chart axis is cut to this many characters (long names overlapped)
 FIT = "fit-content"  # a gallery as tall as its images (Gradio's default is at least 450 px on wide screens)
-CSS = f".{FIT} .fixed-height {{ min-height: 0 !important; }}"  # the page's style for the pieces below
+# The page's style for the pieces below; a caption wraps onto more lines instead of ending in "..." (where the
+# similarity or the confidence were cut off).
+CSS = (f".{FIT} .fixed-height {{ min-height: 0 !important; }}\n"
+       ".thumbnail-item .caption-label { white-space: normal; overflow: visible; text-overflow: clip; }")
 PROGRESS = gr.Progress()  # default of a handler's ``progress`` parameter: Gradio then shows a progress bar
+# Event option for actions a person can get wrong (an empty name, nothing chosen): Gradio marks every output of
+# a failed event with a red "Error" badge that hides the control until it is closed; hidden progress keeps the
+# controls as they were and leaves the mistake to its toast. Only for quick actions: it also hides the spinner.
+QUIET = {"show_progress": "hidden"}
+# Toasts belong to the tab they were raised in: a click on another tab closes them (browser-side only).
+CLOSE_TOASTS = "() => document.querySelectorAll('.toast-close').forEach((button) => button.click())"
 
 
 # Characters that Markdown (GFM, as Gradio renders it), HTML or Gradio's LaTeX could read as markup, anywhere in
@@ -101,16 +113,58 @@ def index_warning(ws: Workspace) -> str:
     return f"**Warning:** {literal(ws.index_problem)}" if ws.index_problem else ""
 
 
-def current_choices(ws: Workspace) -> tuple[Any, Any, Any]:
-    """The Cluster, Merge and Move dropdowns as the store is now (on each page load and after each change)."""
-    return (gr.Dropdown(choices=cluster_choices(ws, True)), gr.Dropdown(choices=cluster_choices(ws, False)),
-            gr.Dropdown(choices=cluster_choices(ws, False)))
+def as_cluster(value: Any) -> int | None:
+    """A dropdown's value as a cluster number (None when it holds none)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def current_cluster(ws: Workspace, value: Any) -> int | None:
+    """A dropdown's cluster as the store is now: one merged away is followed into the cluster it joined."""
+    cluster = as_cluster(value)
+    if cluster is None:
+        return None
+    if cluster == EXCLUDED:
+        return cluster
+    return ws.store.merged_into(cluster) if cluster in ws.names() else None
+
+
+def fresh_choices(ws: Workspace, cluster: Any, sources: Any, target: Any) -> tuple[Any, Any, Any]:
+    """The Cluster, Merge and Move dropdowns as the store is now (on each page load and after each change).
+
+    Each keeps its value while that is a current cluster: a merged-away cluster leaves the Merge box and the
+    Move target, and the Cluster dropdown follows it into the cluster it joined. (A choices-only Dropdown put
+    the first cluster's bare number in the Move box, and left chips of merged clusters in Merge.)
+    """
+    every, clusters = cluster_choices(ws, True), cluster_choices(ws, False)
+    current = {c for _, c in clusters}
+    shown = current_cluster(ws, cluster)
+    kept = [c for c in map(as_cluster, sources or []) if c in current and c != shown]
+    move = as_cluster(target)  # not followed into a merge: a move goes only where the person chose
+    # gr.update, not gr.Dropdown: a Dropdown made with value=None selects its first choice
+    return (gr.update(choices=every, value=shown), gr.update(choices=clusters, value=kept),
+            gr.update(choices=clusters, value=move if move in current else None))
+
+
+def fresh_target(ws: Workspace, target: Any) -> Any:
+    """A "move to" dropdown as the store is now, keeping its cluster while that is current."""
+    return fresh_choices(ws, None, [], target)[2]
+
+
+def short(name: str, limit: int = LABEL_CHARS) -> str:
+    """A cluster name cut for a chart axis, where long names ran into each other."""
+    return name if len(name) <= limit else name[:limit - 1] + "…"
 
 
 def distribution(ws: Workspace, probs: Any) -> pd.DataFrame:
+    """The class-distribution chart: the classes that hold a real share (a photo model's chart was one bar among
+    nine of 0.0000), names cut short for the axis."""
     names = ws.names()
-    top = probs.argsort()[::-1][:TOP_CLASSES]
-    return pd.DataFrame({"cluster": [f"{int(c)} {names.get(int(c), '')}" for c in top],
+    top = [int(c) for c in probs.argsort()[::-1][:TOP_CLASSES] if probs[c] >= SHOWN_PROBABILITY] or [
+        int(probs.argmax())]
+    return pd.DataFrame({"cluster": [f"{c} {short(names.get(c, ''))}" for c in top],
                          "probability": [round(float(probs[c]), 4) for c in top]})
 
 
@@ -157,8 +211,29 @@ def image_panel(prefix: str, neighbours_label: str) -> ImagePanel:
             details = gr.Markdown(elem_id=f"{prefix}-details")
             neighbours = gr.Gallery(label=neighbours_label, columns=6, allow_preview=False, height="auto",
                                     elem_id=f"{prefix}-neighbours", elem_classes=[FIT])
-            plot = gr.BarPlot(x="cluster", y="probability", label="Class distribution", sort="-y", height=220)
+            plot = gr.BarPlot(x="cluster", y="probability", label="Class distribution", sort="-y", height=220,
+                              x_label_angle=-30)
     return ImagePanel(image_id, picture, details, plot, neighbours, gr.State([]))
+
+
+def neighbour_note(ws: Workspace, record: Record, neighbours: list[Neighbour]) -> str:
+    """What the neighbours say about the image's cluster, and its review score: a confident mistake (a turtle
+    in the motorbikes at 0.99, its neighbours all turtles) shows here although its confidence looks fine."""
+    others = [n.record.label for n in neighbours if n.record.id != record.id]
+    elsewhere = Counter(label for label in others if label != record.label)
+    if not others:
+        note = "no neighbours to compare with"
+    elif not elsewhere:
+        note = f"all {len(others)} nearest neighbours are in its cluster"
+    else:
+        cluster, count = elsewhere.most_common(1)[0]
+        where = f"{count} of its {len(others)} nearest neighbours are in {literal(ws.store.name(cluster))}"
+        note = (f"**Its neighbours disagree:** {where}, not in {literal(ws.store.name(record.label))}"
+                if 2 * sum(elsewhere.values()) > len(others) else where)
+    score = ws.review_scores([record.id]).get(record.id)
+    if score is not None:
+        note += f"  \nreview score {score[0]:.2f} (among the {max(score[1], 0.01):.0%} most doubtful images)"
+    return note
 
 
 def image_selector(ws: Workspace) -> Callable[[int], tuple]:
@@ -168,7 +243,7 @@ def image_selector(ws: Workspace) -> Callable[[int], tuple]:
         record, prediction = ws.describe(int(image_id))
         details = (f"**#{record.id}** {literal(record.path)}  \nlabel: {literal(ws.store.name(record.label))} "
                    f"({record.status}) · predicted: {literal(ws.store.name(record.predicted))} · "
-                   f"confidence {record.confidence or 0:.3f}")
+                   f"confidence {record.confidence or 0:.3f}  \n{neighbour_note(ws, record, prediction.neighbours)}")
         return (ws.display(record), details, *prediction_outputs(ws, prediction))
 
     return select_image

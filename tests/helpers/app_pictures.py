@@ -51,7 +51,7 @@ def map_picture(page, state: Path, shot: Path) -> None:
     from playwright.sync_api import expect
 
     page.get_by_role("tab", name="Map").click()
-    picture = page.locator("#map-image img")
+    picture = page.locator("#map-picture img")
     expect(picture).to_be_visible()
     cache = next(state.glob("projection-gen*.npz"))
     with np.load(cache) as cached:
