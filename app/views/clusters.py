@@ -11,7 +11,7 @@ import gradio as gr
 import pandas as pd
 
 from app.views import ViewContext
-from app.views.shared import FIT, QUIET, friendly, literal
+from app.views.shared import FIT, QUIET, WHOLE_CAPTIONS, friendly, literal
 from twist_core.curate.curation import EXCLUDED
 
 SORTS = ["size", "confidence", "lowest confidence", "cluster"]
@@ -43,7 +43,8 @@ def build(ctx: ViewContext) -> None:
         summary = gr.Markdown(elem_id="summary")
         sort = gr.Radio(SORTS, value="size", label="Sort clusters by")
         cards = gr.Gallery(label="Clusters (click one to open it)", columns=5, allow_preview=False,
-                           object_fit="contain", height="auto", elem_id="cluster-cards", elem_classes=[FIT])
+                           object_fit="contain", height="auto", elem_id="cluster-cards",
+                           elem_classes=[FIT, WHOLE_CAPTIONS])
         table = gr.Dataframe(pd.DataFrame(columns=TABLE_COLUMNS), interactive=False, label="Clusters",
                              elem_id="clusters-table")
         card_ids = gr.State([])

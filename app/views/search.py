@@ -15,7 +15,7 @@ import gradio as gr
 import pandas as pd
 
 from app.views import ViewContext
-from app.views.shared import FIT, QUIET, friendly, prediction_outputs
+from app.views.shared import FIT, QUIET, WHOLE_CAPTIONS, friendly, prediction_outputs
 from app.workspace import AppUserError, Workspace
 from twist_core.curate.curation import EXCLUDED
 
@@ -75,7 +75,7 @@ def build(ctx: ViewContext) -> None:
             k = gr.Slider(1, 60, 12, step=1, label="Neighbours")
         search_gallery = gr.Gallery(label="Nearest neighbours (click to search from one)", columns=8,
                                     fit_columns=False, allow_preview=False, height="auto", elem_id="search-results",
-                                    elem_classes=[FIT])
+                                    elem_classes=[FIT, WHOLE_CAPTIONS])
         search_plot = gr.BarPlot(x="cluster", y="probability", label="Class distribution", sort="-y", height=220,
                                  x_label_angle=-30)
         search_ids = gr.State([])

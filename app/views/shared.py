@@ -29,10 +29,11 @@ TOP_CLASSES = 10  # bars in a class-distribution chart
 SHOWN_PROBABILITY = 0.01  # classes below this share are left out of the chart (a photo model's 0.0000 bars)
 LABEL_CHARS = 18  # a cluster name on a chart axis is cut to this many characters (long names overlapped)
 FIT = "fit-content"  # a gallery as tall as its images (Gradio's default is at least 450 px on wide screens)
-# The page's style for the pieces below; a caption wraps onto more lines instead of ending in "..." (where the
-# similarity or the confidence were cut off).
+WHOLE_CAPTIONS = "whole-captions"  # a gallery whose captions wrap onto more lines instead of ending in "..."
+# The page's style for the pieces below (wrapping captions only where the tiles are wide enough to keep most of
+# the image in view: cards, search results).
 CSS = (f".{FIT} .fixed-height {{ min-height: 0 !important; }}\n"
-       ".thumbnail-item .caption-label { white-space: normal; overflow: visible; text-overflow: clip; }")
+       f".{WHOLE_CAPTIONS} .caption-label {{ white-space: normal; overflow: visible; text-overflow: clip; }}")
 PROGRESS = gr.Progress()  # default of a handler's ``progress`` parameter: Gradio then shows a progress bar
 # Event option for actions a person can get wrong (an empty name, nothing chosen): Gradio marks every output of
 # a failed event with a red "Error" badge that hides the control until it is closed; hidden progress keeps the
@@ -232,7 +233,7 @@ def neighbour_note(ws: Workspace, record: Record, neighbours: list[Neighbour]) -
                 if 2 * sum(elsewhere.values()) > len(others) else where)
     score = ws.review_scores([record.id]).get(record.id)
     if score is not None:
-        note += f"  \nreview score {score[0]:.2f} (among the {max(score[1], 0.01):.0%} most doubtful images)"
+        note += f"  \nreview score {score[0]:.2f} (higher than {int(100 * (1 - score[1]))} % of the images)"
     return note
 
 
