@@ -118,6 +118,11 @@ def apply_plan(ws: Workspace, plan_json: str) -> str:
             "(one Undo takes the whole plan back)")
 
 
+def curation_stamp(ws: Workspace) -> str:
+    """Changes when the clusters do: the index generation and the latest curation change (an undo too)."""
+    return f"{ws.index.generation} {ws.store.history(1)}"
+
+
 def dendrogram_picture(ws: Workspace, result: merges.Suggestions) -> Image.Image:
     """The hierarchy with each cluster's cover (its most confident images) under its leaf."""
     covers = {c: [ws.thumbnail(r) for r in ws.store.page(c, limit=4)] for c in result.clusters}
@@ -197,6 +202,13 @@ def build(ctx: ViewContext) -> None:
         return (*shown(result, ""), min(max(1, estimate), max(1, len(result.clusters) - 1)))
 
     @friendly
+    def suggest_when_changed(measure: str, shown_for: Any) -> tuple:
+        """On a visit: the suggestions again only if the clusters changed since they were computed (the bootstrap
+        of a large index takes a while)."""
+        now = curation_stamp(ws)
+        return gr.skip() if now == shown_for else (*suggest_with_target(measure), now)
+
+    @friendly
     def preview_plan(to: Any, measure: str) -> tuple[str, str, str]:
         result, plan = merge_plan(ws, to, measure)
         return plan_text(result, plan), json.dumps(plan.groups), ""
@@ -235,11 +247,12 @@ def build(ctx: ViewContext) -> None:
         plan_view = gr.Markdown(elem_id="merge-plan")
         plan_groups = gr.Textbox(visible=False, elem_id="merge-plan-groups")  # the previewed plan, as applied
         status = gr.Markdown(elem_id="merge-status")
+        shown_for = gr.State(None)  # the curation_stamp the shown suggestions were computed for
 
     outputs = [estimate, picture, table, pair, gallery, status]
     compute.click(suggest_with_target, [measure], [*outputs, plan_to], api_name="suggest_merges")
-    # computed on each visit: the tab opens on the suggestions over the clusters as curated now, N at the estimate
-    tab.select(suggest_with_target, [measure], [*outputs, plan_to], api_visibility="private")
+    # computed on opening (N at the estimate), and again on a visit after the clusters changed
+    tab.select(suggest_when_changed, [measure, shown_for], [*outputs, plan_to, shown_for], api_visibility="private")
     pair.input(show_pair, [pair], [gallery], api_visibility="private", **QUIET)
     preview.click(preview_plan, [plan_to, measure], [plan_view, plan_groups, status], api_name="preview_plan",
                   **QUIET)
