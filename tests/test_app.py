@@ -425,3 +425,16 @@ def test_thumbnails_made_another_way_are_remade(tmp_path: Path) -> None:
     assert ThumbnailCache(folder, size=64, owner="uid-a").path(0, source).stat().st_mtime_ns == kept_at
     with Image.open(ThumbnailCache(folder, size=160, owner="uid-a").path(0, source)) as bigger:
         assert bigger.size == (160, 160)
+
+
+def test_the_class_chart_holds_real_shares_under_short_names() -> None:
+    """A photo model's chart was one bar among nine of 0.0000; long cluster names ran into each other."""
+    from types import SimpleNamespace
+
+    from app.views.shared import LABEL_CHARS, distribution
+
+    names = {0: "motorbikes", 1: "a sea turtle photographed from above on a reef", 2: "faces", 3: "leopards"}
+    chart = distribution(SimpleNamespace(names=lambda: names), np.array([0.004, 0.95, 0.04, 0.006]))
+    assert chart["cluster"].tolist() == ["1 a sea turtle phot…", "2 faces"]
+    assert all(len(label.split(" ", 1)[1]) <= LABEL_CHARS for label in chart["cluster"])
+    assert chart["probability"].tolist() == [0.95, 0.04]

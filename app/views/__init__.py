@@ -12,16 +12,19 @@ Convention for adding a view:
 - Optional: a module-level ``CSS`` string is added to the page's style (scope it by ``elem_id``/``elem_classes``).
 
 Shared names published by the built-in views (see each module): ``cluster`` (the Cluster view's cluster
-dropdown), ``cluster_choices`` (the three cluster dropdowns that :func:`app.views.shared.current_choices`
-refreshes after a curation change), ``show_cluster`` (event kwargs that reload the open cluster's page, for
-``.then(**ctx["show_cluster"])``), and ``send_to_search`` (a function ``(gallery, ids_state)`` that makes a click
-in a gallery open the Search view on that image). Reusable pieces live in :mod:`app.views.shared`:
-``friendly``, ``literal`` (every text the app did not write itself, such as a cluster name, a path or a message
-quoting them, goes into Markdown, HTML or an error through it: it is then shown as text, never as markup),
-``index_warning`` (the page's warning line about the index's files), ``parse_ids``, ``cluster_number``,
-``cluster_choices``/``current_choices``, ``image_panel`` with ``image_selector`` (an inspected image, large, with
-its neighbours and class chart) and ``PROGRESS`` (the default of a handler's ``progress`` parameter, which gives a
-long action a progress bar).
+dropdown), ``cluster_choices`` (the three cluster dropdowns that :func:`app.views.shared.fresh_choices`
+brings up to date after a curation change), ``refresh_choices`` (event kwargs doing that), ``show_cluster``
+(event kwargs that reload the open cluster's page, for ``.then(**ctx["show_cluster"])``), ``after_change``
+(the steps that bring the Cluster view up to date after a change made in another view), and
+``send_to_search`` (a function ``(gallery, ids_state)`` that makes a click in a gallery open the Search view on
+that image). Reusable pieces live in :mod:`app.views.shared`: ``friendly``, ``literal`` (every text the app
+did not write itself, such as a cluster name, a path or a message quoting them, goes into Markdown, HTML or an
+error through it: it is then shown as text, never as markup), ``index_warning`` (the page's warning line about
+the index's files), ``parse_ids``, ``cluster_number``, ``cluster_choices``/``fresh_choices``, ``QUIET`` (the
+event option of actions a person can get wrong: a mistake is its toast, never an "Error" badge over the
+controls), ``image_panel`` with ``image_selector`` (an inspected image, large, with its neighbours, class
+chart and what its neighbours say about its cluster) and ``PROGRESS`` (the default of a handler's
+``progress`` parameter, which gives a long action a progress bar).
 """
 
 from __future__ import annotations
