@@ -209,6 +209,8 @@ def inspect_then_select(page, image) -> None:
     assert max(shown["width"], shown["height"]) >= 0.8 * DISPLAY_SIDE, shown  # and is shown large
     assert neighbours["x"] >= shown["x"] + shown["width"] and neighbours["y"] < shown["y"] + shown["height"]
     expect(page.locator("#inspect-neighbours button.thumbnail-item").first).to_be_visible()
+    # the chart's axis runs from 0 to 1: fitted to the data, a photo's one bar of 0.9999 drew as an empty chart
+    expect(page.locator("#inspect-chart")).to_contain_text(re.compile(r"0\.0.*1\.0", re.S))
     last = page.locator("#inspect-neighbours button.thumbnail-item").last.bounding_box()
     assert neighbours["y"] + neighbours["height"] - (last["y"] + last["height"]) < 40, (neighbours, last)  # no gap
     expect(page.locator("#selection textarea")).to_have_value("")  # looking selects nothing

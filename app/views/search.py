@@ -77,7 +77,7 @@ def build(ctx: ViewContext) -> None:
                                     fit_columns=False, allow_preview=False, height="auto", elem_id="search-results",
                                     elem_classes=[FIT, WHOLE_CAPTIONS])
         search_plot = gr.BarPlot(x="cluster", y="probability", label="Class distribution", sort="-y", height=220,
-                                 x_label_angle=-30)
+                                 x_label_angle=-30, y_lim=[0, 1])
         search_ids = gr.State([])
         search_from = gr.Number(None, precision=0, label="Search from image id", elem_id="search-from")
         last = gr.State(None)  # the last query: an image id, or the path of an uploaded file

@@ -201,7 +201,11 @@ class ImagePanel:
 def image_panel(prefix: str, neighbours_label: str) -> ImagePanel:
     """The picture large on the left; details, neighbours and the class chart beside it, filling the row.
 
-    Elements are ``#<prefix>-id``, ``#<prefix>-image``, ``#<prefix>-details`` and ``#<prefix>-neighbours``.
+    The chart's axis runs from 0 to 1: fitted to the data, a confident image's one bar of 0.9999 drew as an
+    empty chart (the photo models' usual case), and small shares started below the axis.
+
+    Elements are ``#<prefix>-id``, ``#<prefix>-image``, ``#<prefix>-details``, ``#<prefix>-neighbours`` and
+    ``#<prefix>-chart``.
     """
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=320):
@@ -213,7 +217,7 @@ def image_panel(prefix: str, neighbours_label: str) -> ImagePanel:
             neighbours = gr.Gallery(label=neighbours_label, columns=6, allow_preview=False, height="auto",
                                     elem_id=f"{prefix}-neighbours", elem_classes=[FIT])
             plot = gr.BarPlot(x="cluster", y="probability", label="Class distribution", sort="-y", height=220,
-                              x_label_angle=-30)
+                              x_label_angle=-30, y_lim=[0, 1], elem_id=f"{prefix}-chart")
     return ImagePanel(image_id, picture, details, plot, neighbours, gr.State([]))
 
 
