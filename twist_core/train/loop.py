@@ -313,7 +313,8 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def check_options(config: TrainConfig) -> None:
     """Refuse values no run can use before anything is decoded or written."""
     if config.classes < 1:
-        raise ConfigError(f"--classes {config.classes}: give the number of classes to discover, at least 2")
+        raise ConfigError(f"--classes {config.classes}: give the number of classes to discover, at least 1 "
+                          "(1 trains with a warning; 2 or more learn something)")
     try:
         check_budget(config.time_budget)
     except ValueError as error:
