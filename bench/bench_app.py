@@ -51,7 +51,8 @@ def prepare(work: Path, archive: Path) -> dict[str, float | Path]:
     from twist_core.deploy.export import ExportConfig, export_model
     from twist_core.index.build import IndexConfig, build_index
     from twist_core.label.labeller import LabelConfig, label_folder
-    from twist_core.train.loop import TrainConfig, train
+    from twist_core.train.loop import train
+    from twist_core.train.options import TrainConfig
 
     times: dict[str, float | Path] = {}
     start = time.perf_counter()

@@ -39,7 +39,7 @@ def make_model(workdir: Path) -> Path:
     from twist_core.deploy.export import ExportConfig, export_model
     from twist_core.model.checkpoint import save_checkpoint
     from twist_core.model.network import ModelSpec, TwistModel
-    from twist_core.train.loop import TrainConfig
+    from twist_core.train.options import TrainConfig
 
     torch.manual_seed(0)
     spec = ModelSpec(backbone="resnet18", width=32, small_stem=True, n_classes=10, tau=0.5)

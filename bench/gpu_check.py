@@ -58,7 +58,9 @@ def training_speed(data: Path, workdir: Path, device: str, compile_model: bool, 
     import torch
 
     from twist_core import distributed
-    from twist_core.train.loop import TrainConfig, setup_run, step_loss
+    from twist_core.train.loop import step_loss
+    from twist_core.train.options import TrainConfig
+    from twist_core.train.run import setup_run
 
     warmup = 10 if compile_model else 3
     folder = subset_folder(data, batch * (warmup + steps), workdir)

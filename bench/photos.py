@@ -152,7 +152,7 @@ def measure_allocator(data: Path, workdir: Path, lock: Path, seconds: int = 60) 
     for label, call in (("default allocator", ""), ("keep_freed_memory", "keep_freed_memory(); ")):
         run = workdir / f"allocator_{label.replace(' ', '_')}"
         code = (f"from twist_core.train.allocator import keep_freed_memory; {call}"
-                "from twist_core.train.loop import TrainConfig, train; "
+                "from twist_core.train.loop import train; from twist_core.train.options import TrainConfig; "
                 f"train(TrainConfig(data={str(data)!r}, out={str(run)!r}, classes=20, backbone='patches', "
                 f"image_size=64, time_budget='{seconds}s', progress=False))")
         subprocess.run(["rm", "-rf", str(run)], check=True)

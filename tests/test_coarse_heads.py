@@ -26,7 +26,8 @@ from twist_core.index.build import IndexConfig, build_index
 from twist_core.label.labeller import LabelConfig, label_folder
 from twist_core.model.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from twist_core.model.network import TwistModel, checkpoint_spec, recalibrate_batchnorm
-from twist_core.train.loop import ConfigError, train
+from twist_core.train.loop import train
+from twist_core.train.options import ConfigError
 
 SPLIT = 0  # the fine cluster the planted model splits in two (the new cluster is the last)
 

@@ -144,7 +144,7 @@ def test_training_pairs_images_with_neighbours_over_the_whole_folder(paired_run:
 
 def test_auto_neighbour_fraction_is_recorded_and_paper_recipe_turns_it_off(shapes_folder: Path,
                                                                             tmp_path: Path) -> None:
-    from twist_core.train.loop import DEFAULT_NEIGHBOUR_FRACTION, PAPER_RECIPE
+    from twist_core.train.options import DEFAULT_NEIGHBOUR_FRACTION, PAPER_RECIPE
 
     train(tiny_train_config(shapes_folder, tmp_path / "auto", epochs=1))
     config = json.loads((tmp_path / "auto" / "config.json").read_text())

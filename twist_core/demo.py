@@ -96,7 +96,8 @@ def step(title: str) -> float:
 def run_demo(config: DemoConfig) -> dict:
     from twist_core.deploy.export import ExportConfig, export_model
     from twist_core.evaluation.evaluate import EvalConfig, evaluate, format_report
-    from twist_core.train.loop import TrainConfig, train
+    from twist_core.train.loop import train
+    from twist_core.train.options import TrainConfig
 
     workspace = Path(config.workspace).resolve()
     print(f"workspace: {workspace} (digits, run, model, labels, index; remove it with: rm -rf {workspace})")

@@ -84,7 +84,7 @@ def test_right_types_still_load(tmp_path: Path) -> None:
     from twist_core.commands.suggest_merges import build_parser
     from twist_core.config import AUTO, build_config
     from twist_core.curate.merges import MergesConfig
-    from twist_core.train.loop import TrainConfig
+    from twist_core.train.options import TrainConfig
 
     config = tmp_path / "ok.yaml"
     config.write_text("to: null\ntop: 3\nmeasure: knn\nplot: tree.png\n")

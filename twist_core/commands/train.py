@@ -17,8 +17,9 @@ from twist_core.config import command_parser
 from twist_core.errors import UserError
 from twist_core.outputs import RUN, Output, check_outputs
 from twist_core.train.allocator import keep_freed_memory
-from twist_core.train.loop import TrainConfig, train
 from twist_core.train.loop import __doc__ as DOC
+from twist_core.train.loop import train
+from twist_core.train.options import TrainConfig
 from twist_core.train.summary import print_run_end
 
 

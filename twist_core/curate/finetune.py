@@ -36,7 +36,9 @@ from twist_core.errors import UserError
 from twist_core.io_utils import atomic_write_text, file_sha256, path_from_text
 from twist_core.model.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from twist_core.train.budget import check_budget
-from twist_core.train.loop import Run, Supervision, TrainConfig, train
+from twist_core.train.loop import train
+from twist_core.train.options import TrainConfig
+from twist_core.train.run import Run, Supervision
 
 NAMES_FILE = "class_names.txt"
 REPORT_FILE = "finetune.json"
