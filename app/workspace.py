@@ -30,10 +30,11 @@ from twist_core.curate.curation import EXCLUDED, CurationError, CurationStore, R
 from twist_core.data.folder import ImageReadError, decode_image
 from twist_core.deploy.infer import OnnxModel
 from twist_core.index.image_index import ImageIndex
-from twist_core.index.store import MANIFEST, META_FILE, IndexUserError, read_manifest
+from twist_core.index.store import IndexUserError, read_manifest
 from twist_core.index.store import meta_path as index_meta_path
 from twist_core.io_utils import csv_safe, file_sha256, mark_output_folder
 from twist_core.label.table import label_rows, read_labels_meta
+from twist_core.layout import MANIFEST, META_FILE
 
 log = logging.getLogger("twist.app")
 PAGE_SIZE = 60
@@ -137,7 +138,7 @@ class Workspace:
         self.state_dir = Path(state_dir) if state_dir else index_dir
         self._meta_path = meta_path  # of the generation served, for the review queue
         try:
-            self._store = CurationStore(self.state_dir / "curation.sqlite", meta_path, self.model.class_names)
+            self._store = CurationStore.for_index(index_dir, self.state_dir, self.model.class_names, meta_path)
         except CurationError as error:
             raise AppUserError(str(error)) from None
         self._files_stamp = (manifest_stamp, file_stamp(meta_path))  # the index's files as last seen: keep_up()

@@ -57,9 +57,9 @@ def prepare_index(run: Path, data: Path, work: Path, name: str) -> Path:
 
 def index_classes(index: Path, data: merges.ClusterData) -> tuple[np.ndarray, list[str]]:
     """The true class (first folder) of every image of ``data``, read from the index by id: scoring only."""
-    from twist_core.index.store import META_FILE, MetaStore, read_manifest
+    from twist_core.index.store import MetaStore, meta_path
 
-    store = MetaStore(index / read_manifest(index)["dir"] / META_FILE)
+    store = MetaStore(meta_path(index))
     try:
         paths = dict(store.all_paths())
     finally:

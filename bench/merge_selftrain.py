@@ -45,7 +45,7 @@ from bench.common import RESULTS, machine, run_clusters, save
 from twist_core.curate import merges
 from twist_core.evaluation.evaluate import load_eval_images
 from twist_core.evaluation.metrics import cluster_report
-from twist_core.index.store import META_FILE, MetaStore, read_manifest
+from twist_core.index.store import MetaStore, meta_path
 
 ARMS = ("k30_merged", "k10")
 TARGET = 10
@@ -63,7 +63,7 @@ CONDITIONS = {
 
 def index_paths(index: Path, ids: np.ndarray) -> list[str]:
     """Each id's image path as the index stores it (relative to the data folder)."""
-    store = MetaStore(index / read_manifest(index)["dir"] / META_FILE)
+    store = MetaStore(meta_path(index))
     try:
         paths = dict(store.all_paths())
     finally:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import machine, save  # noqa: E402
 from twist_core.index import review_table  # noqa: E402
-from twist_core.index.store import META_FILE, read_manifest  # noqa: E402
+from twist_core.index.store import meta_path  # noqa: E402
 from twist_core.label import review  # noqa: E402
 from twist_core.label.table import labels_paths, read_labels  # noqa: E402
 from twist_core.vectors import IndexPlan, build, normalized  # noqa: E402
@@ -117,7 +117,7 @@ def shipped(table: Table, index_dir: Path, tops: tuple[int, ...]) -> dict[str, A
     """The default as written by twist label (column) and by twist index (review table), and its suggestions."""
     import sqlite3
 
-    meta = index_dir / read_manifest(index_dir)["dir"] / META_FILE
+    meta = meta_path(index_dir)
     with sqlite3.connect(f"file:{meta}?mode=ro", uri=True) as db:
         stored = dict(db.execute("SELECT i.path, r.score FROM review r JOIN images i ON i.id = r.id").fetchall())
         suggestions = dict(db.execute("SELECT i.path, r.suggestion FROM review r JOIN images i ON i.id = r.id"))

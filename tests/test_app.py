@@ -31,8 +31,9 @@ from app.workspace import DISPLAY_SIDE
 from twist_core.curate.curation import CurationStore
 from twist_core.deploy.infer import OnnxModel
 from twist_core.index.image_index import ImageIndex
-from twist_core.index.store import META_FILE, read_manifest
+from twist_core.index.store import read_manifest
 from twist_core.label.tree import folder_names
+from twist_core.layout import META_FILE
 
 MAX_PIXELS = 1_000_000
 

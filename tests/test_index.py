@@ -21,7 +21,8 @@ from twist_core.index.image_index import (
     find_duplicates,
     nearest_similarities,
 )
-from twist_core.index.store import CURATION_FILE, FAULT_ENV, IndexChangedError, IndexUserError, meta_path
+from twist_core.index.store import FAULT_ENV, IndexChangedError, IndexUserError, meta_path
+from twist_core.layout import CURATION_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,20 +23,12 @@ import pytest
 from conftest import REPO, export_label_index, start_app_server, stop_app_server
 from gradio_client import Client
 
-from twist_core.curate.curation import EXCLUDED, CurationError, CurationStore
+from twist_core.curate.curation import EXCLUDED, CurationStore
+from twist_core.curate.store_file import ACTION_TIME_FORMAT, CurationError, curated_names, curation_path
 from twist_core.deploy.export import ExportConfig, export_model
 from twist_core.deploy.infer import OnnxModel
 from twist_core.index.image_index import ImageIndex
-from twist_core.index.store import (
-    ACTION_TIME_FORMAT,
-    FAULT_ENV,
-    UNKNOWN_MODEL,
-    curated_names,
-    meta_path,
-    model_at,
-    model_history,
-    read_manifest,
-)
+from twist_core.index.store import FAULT_ENV, UNKNOWN_MODEL, meta_path, model_at, model_history, read_manifest
 from twist_core.io_utils import file_sha256
 from twist_core.vectors import normalized
 
@@ -176,8 +168,8 @@ def test_a_store_that_never_recorded_its_model_is_set_aside_when_its_changes_pre
     _, info = index_state(index)
     assert [entry["model_sha256"] for entry in info["model_history"]] == [file_sha256(indexed["model"]),
                                                                          file_sha256(model2)]
-    assert curated_names(index, info) == {}, "the old model's names are not shown on the new model's clusters"
-    assert curated_names(later, info)[0] == "circles"
+    assert curated_names(curation_path(index), info) == {}, "the old model's names are not on the new model's clusters"
+    assert curated_names(curation_path(later), info)[0] == "circles"
     store = open_store(index, index, model2)
     try:
         assert "set aside" in (store.notice or "") and store.merges() == {}

@@ -221,6 +221,19 @@ def test_paper_recipe_fills_defaults_and_is_recorded(shapes_folder: Path, tmp_pa
     assert (saved["recipe"], saved["optimizer"], saved["lr"], saved["tau"]) == ("paper", "lars", 0.5, 1.0)
 
 
+def test_the_paper_recipe_is_a_shipped_file_that_config_reads() -> None:
+    """``--config recipes/paper.yaml`` and ``--recipe paper`` give the same options: one file holds the recipe."""
+    from twist_core.commands.train import build_parser
+    from twist_core.config import build_config
+    from twist_core.train.options import RECIPES, apply_recipe
+
+    args = build_parser().parse_args(["DATA", "--config", str(RECIPES / "paper.yaml")])
+    from_file = build_config(TrainConfig, args, args.config)
+    assert from_file == apply_recipe(TrainConfig(data="DATA", recipe="paper"))
+    assert apply_recipe(from_file) == from_file
+    assert from_file.self_label_fraction == 50 / 850
+
+
 def test_self_labelling_stage_restarts_the_learning_rate_and_raises_the_kept_share() -> None:
     from twist_core.train.optim import Schedule
 

@@ -19,7 +19,8 @@ import pytest
 
 from twist_core.curate.curation import EXCLUDED, CurationError, CurationStore
 from twist_core.index.image_index import ImageIndex
-from twist_core.index.store import META_FILE, read_manifest
+from twist_core.index.store import read_manifest
+from twist_core.layout import META_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 N_CLUSTERS = 7

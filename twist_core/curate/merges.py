@@ -34,9 +34,11 @@ from scipy.sparse import coo_matrix
 from scipy.spatial.distance import squareform
 
 from twist_core.config import AutoConfig, option
+from twist_core.curate.store_file import curation_path
 from twist_core.errors import UserError
-from twist_core.index.store import INDEX_FILE, MANIFEST, META_FILE, MetaStore, read_manifest
+from twist_core.index.store import MetaStore, meta_path, read_manifest
 from twist_core.io_utils import path_from_text
+from twist_core.layout import CONFIG_FILE, CURATION_FILE, INDEX_FILE, MANIFEST, META_FILE
 
 VIEW_PAIRS = 4  # two forward passes per image each; the pairs bench/merge_views.py measured
 
@@ -628,7 +630,7 @@ def data_from_index(index_dir: Path, state_dir: Path | None = None, store: Any =
     if store is not None:
         labels, names, merged = curated_labels(store)
     elif state_dir is not None:
-        labels, names, merged = labels_from_state(state_dir, folder / META_FILE, names)
+        labels, names, merged = labels_from_state(index_dir, state_dir, folder / META_FILE, names)
     keep = np.array([labels.get(int(i)) is not None and labels[int(i)] >= 0 for i in ids], dtype=bool)
     kept = ids[keep]
     return cluster_data(kept, np.array([labels[int(i)] for i in kept], np.int64), vectors[keep],
@@ -642,18 +644,17 @@ def curated_labels(store: Any) -> tuple[dict[int, int | None], dict[int, str], d
     return labels, store.names(), {c: t for c, t in merged.items() if c != t}
 
 
-def labels_from_state(state_dir: Path, meta_path: Path, names: dict[int, str]
+def labels_from_state(index_dir: Path, state_dir: Path, metadata: Path, names: dict[int, str]
                       ) -> tuple[dict[int, int | None], dict[int, str], dict[int, int]]:
     """:func:`curated_labels` of the curation store in the app's state folder."""
     from twist_core.curate.curation import CurationError, CurationStore
 
-    path = Path(state_dir) / "curation.sqlite"
-    if not path.is_file():
-        raise MergeUserError(f"no curation.sqlite in {state_dir}: give the folder the app was started with "
+    if not curation_path(index_dir, state_dir).is_file():
+        raise MergeUserError(f"no {CURATION_FILE} in {state_dir}: give the folder the app was started with "
                              "(--state-dir), or leave the option out")
     default = [names.get(c, f"cluster {c}") for c in range(max(names, default=-1) + 1)]
     try:
-        store = CurationStore(path, meta_path, default)
+        store = CurationStore.for_index(index_dir, state_dir, default, metadata)
     except CurationError as error:
         raise MergeUserError(str(error)) from None
     try:
@@ -685,7 +686,7 @@ def load_source(source: str | None, state_dir: str | None) -> ClusterData:
         raise MergeUserError("--state-dir applies to an index folder only")
     if path.is_file() and path.suffix.lower() in (".csv", ".jsonl", ".parquet"):
         return data_from_table(path)
-    if path.is_dir() and (path / "config.json").is_file():
+    if path.is_dir() and (path / CONFIG_FILE).is_file():
         raise MergeUserError(f"{source} is a training run, which holds no embeddings of your images: run twist "
                              f"export {source} --out M.onnx; twist label M.onnx FOLDER --out L.csv; twist index "
                              "L.csv --out INDEX, then give INDEX")
@@ -791,7 +792,7 @@ def source_images(source: str | Path) -> tuple[Path, str | None, str | None, dic
     path of each of its image ids (a table's ids are its usable rows, as :func:`data_from_table` numbers them)."""
     path = Path(source)
     if path.is_dir():
-        store = MetaStore(path / read_manifest(path)["dir"] / META_FILE)
+        store = MetaStore(meta_path(path))
         try:
             info, paths = store.info(), dict(store.all_paths())
         finally:

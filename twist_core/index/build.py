@@ -33,18 +33,11 @@ from twist_core.config import AutoConfig, auto_option, option
 from twist_core.data.folder import scan_folder
 from twist_core.index import review_table
 from twist_core.index.image_index import IndexWriter, embed_and_add
-from twist_core.index.store import (
-    MANIFEST,
-    META_FILE,
-    IndexUserError,
-    MetaStore,
-    file_fingerprint,
-    model_history,
-    read_manifest,
-)
+from twist_core.index.store import IndexUserError, MetaStore, file_fingerprint, model_history, read_manifest
 from twist_core.index.store import meta_path as index_meta_path
 from twist_core.io_utils import file_sha256, mark_output_folder, path_from_text, path_to_text
 from twist_core.label.table import FORMATS, labels_paths, read_labels, read_labels_meta, skipped_path
+from twist_core.layout import MANIFEST, META_FILE
 from twist_core.vectors import (
     ADD_CHUNK,
     KINDS,

@@ -24,21 +24,12 @@ from twist_core import distributed
 from twist_core.data.dataset import epoch_batches
 from twist_core.errors import RunFailure
 from twist_core.io_utils import atomic_write_text
-from twist_core.model.checkpoint import CHECKPOINT_NAME
+from twist_core.layout import CHECKPOINT_FILE, CURVES_FILE, DONE_FILE, METRICS_FILE, SKIPPED_FILE
 from twist_core.train.budget import format_duration
-from twist_core.train.loss import self_label_loss, supervised_loss, twist_multicrop_loss
+from twist_core.train.loss import HeadLogits
 from twist_core.train.optim import StepPlan
 from twist_core.train.options import TrainConfig, apply_recipe, check_options
-from twist_core.train.run import (
-    METRICS_NAME,
-    Run,
-    autocast,
-    cache_batches,
-    setup_run,
-    unwrap,
-    write_metrics,
-    write_skipped,
-)
+from twist_core.train.run import Run, autocast, cache_batches, setup_run, unwrap, write_metrics, write_skipped
 from twist_core.train.summary import run_summary, write_run_summary
 
 
@@ -64,7 +55,7 @@ def train(config: TrainConfig, start_from: dict[str, torch.Tensor] | None = None
             if run.config.eval_data and not run.resumed:
                 run.history.append({"epoch": 0, "step": 0, "eval": run.calibrate_and_evaluate(0)})
             if ctx.is_main:
-                write_metrics(run.out / METRICS_NAME, run.history)  # on resume: rows past the checkpoint dropped
+                write_metrics(run.out / METRICS_FILE, run.history)  # on resume: rows past the checkpoint dropped
             metrics: dict[str, Any] = run.history[-1] if run.history else {}
             epoch = run.start_epoch
             while run.global_step < run.total_steps:
@@ -73,23 +64,22 @@ def train(config: TrainConfig, start_from: dict[str, torch.Tensor] | None = None
         if ctx.is_main:
             from twist_core.train.plots import plot_training_curves
 
-            plot_training_curves(run.history, run.out / "curves.png")
-            atomic_write_text(run.out / "DONE", json.dumps(metrics) + "\n")
+            plot_training_curves(run.history, run.out / CURVES_FILE)
+            atomic_write_text(run.out / DONE_FILE, json.dumps(metrics) + "\n")
             write_run_summary(run.out, run_summary(run.config, metrics, run.global_step,
                                                    run.batch_size * ctx.world_size, run.run_seconds()))
         return metrics
 
 
-def forward_views(model: nn.Module, views: list[torch.Tensor], channels_last: bool
-                  ) -> tuple[list[torch.Tensor], list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+def forward_views(model: nn.Module, views: list[torch.Tensor], channels_last: bool) -> HeadLogits:
     """Logits of every view, split back per view, from one model call on all the crops of the step; and the
     same for each coarse head and for the over-clustering head (one list of views per head)."""
     if channels_last:
         views = [view.contiguous(memory_format=torch.channels_last) for view in views]
     _, logits, coarse, overcluster = model(views, all_heads=True)
     sizes = [view.shape[0] for view in views]
-    return (list(logits.float().split(sizes)), [list(head.float().split(sizes)) for head in coarse],
-            [list(head.float().split(sizes)) for head in overcluster])
+    return HeadLogits(list(logits.float().split(sizes)), [list(head.float().split(sizes)) for head in coarse],
+                      [list(head.float().split(sizes)) for head in overcluster])
 
 
 STAT_NAMES = ("loss", "consistency", "sharpness", "diversity", "self_label", "supervised", "coarse", "overcluster")
@@ -176,26 +166,9 @@ def step_loss(run: Run, images: torch.Tensor, plan: StepPlan, partners: torch.Te
     views = (run.augment_self_label(images, generator) if plan.self_labelling
              else run.augment(images, generator, partners))
     with autocast(config.precision, ctx.device):
-        view_logits, coarse_logits, overcluster_logits = forward_views(run.train_model, views, config.channels_last)
-    if plan.self_labelling:  # the stage's cross-entropy replaces the TWIST loss, still logged as "loss"
-        with torch.no_grad():
-            parts = twist_multicrop_loss(view_logits, 2, config.tau, config.lam1, config.lam2)
-        loss = parts["self_label"] = self_label_loss(view_logits, 2, config.tau, plan.keep)
-    else:
-        parts = twist_multicrop_loss(view_logits, 2, config.tau, config.lam1, config.lam2)
-        loss = parts["loss"]
-    if coarse_logits:  # each coarse head by the TWIST loss, their mean added with weight 1
-        parts["coarse"] = torch.stack([twist_multicrop_loss(head, 2, config.tau, config.lam1, config.lam2)["loss"]
-                                       for head in coarse_logits]).mean()
-        loss = loss + parts["coarse"]
-    if overcluster_logits:  # the over-clustering head by the TWIST loss, added with weight 1
-        parts["overcluster"] = twist_multicrop_loss(overcluster_logits[0], 2, config.tau, config.lam1,
-                                                    config.lam2)["loss"]
-        loss = loss + parts["overcluster"]
-    if run.supervision is not None and targets is not None:
-        parts["supervised"] = supervised_loss(view_logits, targets, config.tau)
-        loss = loss + run.supervision.weight * parts["supervised"]
-    return loss, parts, view_logits
+        logits = forward_views(run.train_model, views, config.channels_last)
+    loss, parts = run.objective(logits, plan.keep if plan.self_labelling else None, targets)
+    return loss, parts, logits.main
 
 
 def train_one_epoch(run: Run, epoch: int) -> EpochStats:
@@ -233,7 +206,7 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
         if distributed.any_rank(ctx, not bool(torch.isfinite(loss))):
             raise TrainingDiverged(
                 f"the loss became {loss.item()} at epoch {epoch + 1}, step {step_in_epoch + 1}: training stopped. "
-                f"The last good checkpoint ({run.out / CHECKPOINT_NAME}) is intact; try a lower --lr or --precision "
+                f"The last good checkpoint ({run.out / CHECKPOINT_FILE}) is intact; try a lower --lr or --precision "
                 "fp32, then --resume or start again.")
         run.optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
@@ -305,7 +278,7 @@ def stop_on_signal(run: Run, epoch: int, step_in_epoch: int) -> None:
     run.checkpoint(epoch, step_in_epoch)
     number = run.stop.signal_number or signal.SIGTERM
     if run.ctx.is_main:
-        write_skipped(run.out / "skipped.txt", run.files, run.skipped, run.unreadable)
+        write_skipped(run.out / SKIPPED_FILE, run.files, run.skipped, run.unreadable)
         print(f"\n{signal.Signals(number).name}: checkpoint saved at epoch {epoch + 1}, step {step_in_epoch}; "
               f"continue with: twist train {run.config.data} --out {run.out} --resume", file=sys.stderr)
     raise SystemExit(128 + number)
@@ -321,8 +294,7 @@ def end_epoch(run: Run, epoch: int, stats: EpochStats) -> dict[str, Any]:
         merged_skips.update(part)
     run.skipped = merged_skips
     summary = stats.merged(ctx)
-    # Files that failed only now (streaming) shorten the epochs to come; the epoch count stays as asked.
-    run.steps_per_epoch = max(1, (len(run.files) - len(run.skipped)) // (run.batch_size * ctx.world_size))
+    run.count_steps_per_epoch()
     metrics = {"epoch": epoch + 1, "step": run.global_step, **summary, "skipped": len(run.skipped),
                "run_seconds": run.run_seconds()}
     if run.clock.budget is None or run.global_step < run.total_steps:
@@ -341,8 +313,8 @@ def end_epoch(run: Run, epoch: int, stats: EpochStats) -> dict[str, Any]:
     run.history.append(metrics)
     run.checkpoint(epoch + 1, 0)  # first the checkpoint, which carries the history, then the file rebuilt from it
     if ctx.is_main:
-        write_metrics(run.out / METRICS_NAME, run.history)
-        write_skipped(run.out / "skipped.txt", run.files, run.skipped, run.unreadable)
+        write_metrics(run.out / METRICS_FILE, run.history)
+        write_skipped(run.out / SKIPPED_FILE, run.files, run.skipped, run.unreadable)
         if run.global_step > schedule.warmup_end and metrics["clusters_in_use"] < config.classes / 2:
             tqdm.write(f"warning: only {metrics['clusters_in_use']} of {config.classes} clusters in use after "
                        "warm-up: the model may be collapsing (check --lam2, --tau, --lr, or use a smaller K)",

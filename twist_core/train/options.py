@@ -10,13 +10,14 @@ import contextlib
 import dataclasses
 import os
 import sys
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from twist_core.config import AUTO, AutoConfig, auto_option, option
+from twist_core.config import AUTO, AutoConfig, auto_option, checked_value, load_config_file, option
 from twist_core.data.folder import DEFAULT_MAX_PIXELS, NoImagesError
 from twist_core.data.preprocess import is_small
 from twist_core.errors import UserError
@@ -59,8 +60,9 @@ class TrainConfig(AutoConfig):
                                      "cifar10-test: guide section 6, bench/results/merge.json coarse_heads)")
     recipe: str = option("default", "default: settings for one GPU or a CPU within a time budget; paper: the "
                                     "paper's ImageNet settings (ResNet-50, MLP 4096, tau 1, LARS lr 0.5 per 256, "
-                                    "weight decay 1.5e-6, 12 local crops, 800 + 50 epochs) for every option left at "
-                                    "its default", choices=["default", "paper"])
+                                    "weight decay 1.5e-6, 12 local crops, 800 + 50 epochs; the file "
+                                    "twist_core/train/recipes/paper.yaml) for every option left at its default",
+                           choices=["default", "paper"])
     backbone: str = option("auto", "auto: on a CPU, patches for small images (<= 64 px) and the measured best for "
                                    "photos (bench/results/photos.json), else resnet18. A ResNet trains a "
                                    "representation (the exported embedding is its pooled feature); patches trains "
@@ -135,20 +137,51 @@ class TrainConfig(AutoConfig):
     progress: bool = option(True, "show a progress bar")
 
 
-PAPER_RECIPE: dict[str, Any] = {
-    "backbone": "resnet50", "width": 64, "hidden_dim": 4096, "tau": 1.0, "optimizer": "lars", "lr": 0.5,
-    "weight_decay": 1.5e-6, "local_crops": 12, "epochs": 850, "self_label_fraction": 50 / 850,
-    "neighbour_fraction": 0.0,
-}
+RECIPES = Path(__file__).with_name("recipes")  # shipped option files: --recipe NAME, or --config RECIPES/NAME.yaml
+
+
+def recipe_options(name: str) -> dict[str, Any]:
+    """The options of the shipped recipe ``name`` (``recipes/NAME.yaml``), each checked as ``--config`` checks it."""
+    values = load_config_file(RECIPES / f"{name}.yaml")
+    fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
+    return {key: checked_value(fields[key], hints[key], value, f"recipe {name}") for key, value in values.items()}
 
 
 def apply_recipe(config: TrainConfig) -> TrainConfig:
     """``--recipe paper``: the paper's values for every option still at its default (explicit options win)."""
-    if config.recipe != "paper":
+    if config.recipe == "default":
         return config
     defaults = TrainConfig()
-    return dataclasses.replace(config, **{name: value for name, value in PAPER_RECIPE.items()
+    return dataclasses.replace(config, **{name: value for name, value in recipe_options(config.recipe).items()
                                           if getattr(config, name) == getattr(defaults, name)})
+
+
+@dataclass(kw_only=True)
+class ResolvedTrainConfig(TrainConfig):
+    """The options that ran: every ``auto`` chosen, so training reads plain values and never casts or compares
+    with ``auto``. Only ``device`` and ``cache`` may stay ``auto`` (where the run happens, not what it computes).
+    ``RUN/config.json`` and the checkpoint hold this."""
+
+    backbone: str
+    width: int
+    image_size: int
+    small_stem: bool
+    hidden_dim: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    tau: float
+    self_label_fraction: float
+    neighbour_fraction: float
+    workers: int
+    precision: str
+
+    def __post_init__(self) -> None:
+        left = [field.name for field in dataclasses.fields(self)
+                if getattr(self, field.name) == AUTO and field.name not in ("device", "cache")]
+        if left:
+            raise ValueError(f"options left auto in a resolved config: {', '.join(left)}")  # a bug, not user input
 
 
 class ConfigError(UserError, ValueError):
@@ -168,6 +201,9 @@ def check_options(config: TrainConfig) -> None:
         raise ConfigError(f"--neighbour-share {config.neighbour_share}: give a chance from 0 to 1")
     if config.neighbour_fraction != AUTO and not 0.0 <= float(config.neighbour_fraction) < 1.0:
         raise ConfigError(f"--neighbour-fraction {config.neighbour_fraction}: give a share from 0 (off) to below 1")
+    if config.init and config.backbone.startswith("patches"):
+        raise ConfigError("--init loads ResNet weights; the patches backbones have none: add --backbone resnet18 "
+                          "(or resnet34/resnet50, as the weights are)")
     for name in ("epochs", "eval_every", "neighbour_k", "neighbour_every"):
         if getattr(config, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be at least 1")
@@ -227,9 +263,6 @@ def resolve_auto(config: TrainConfig, root: Path, files: list[str], device: torc
     if backbone == AUTO:
         backbone = changes["backbone"] = auto_backbone(size, side, device, pretrained=bool(config.init))
     patches = backbone.startswith("patches")
-    if patches and config.init:
-        raise ConfigError("--init loads ResNet weights; the patches backbone has none: add --backbone resnet18 "
-                          "(or resnet34/resnet50, as the weights are)")
     if config.width == AUTO:
         changes["width"] = PATCH_ATOMS if patches else 64 if device.type == "cuda" else 16
     if config.hidden_dim == AUTO:

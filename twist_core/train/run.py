@@ -29,17 +29,19 @@ from twist_core.data.preprocess import centre_crop_normalise, decode_size
 from twist_core.errors import UserError
 from twist_core.evaluation.evaluate import load_eval_images, predict_torch, score, summary_line
 from twist_core.io_utils import atomic_write_text, mark_output_folder
-from twist_core.model.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from twist_core.layout import CHECKPOINT_FILE, CONFIG_FILE, SKIPPED_FILE
+from twist_core.model.checkpoint import load_checkpoint, save_checkpoint
 from twist_core.model.init_weights import InitWeights, load_into, read_init
 from twist_core.model.network import ModelSpec, TwistModel, recalibrate_batchnorm
 from twist_core.model.patches import PatchBackbone, learn_patch_dictionary
 from twist_core.stop_signals import StopRequested
 from twist_core.train.budget import fit_total_steps, parse_duration
+from twist_core.train.loss import TwistObjective
 from twist_core.train.neighbours import broadcast_buffers, draw_partners, mine
 from twist_core.train.optim import Schedule, build_optimizer
 from twist_core.train.options import (
     ABSENT_FROM_OLDER_RUNS,
-    ConfigError,
+    ResolvedTrainConfig,
     TrainConfig,
     auto_batch_size,
     follow_init,
@@ -50,9 +52,6 @@ from twist_core.train.options import (
 )
 from twist_core.train.photo_defaults import announcement, expected_speed
 from twist_core.train.speed import SpeedWatch
-
-METRICS_NAME = "metrics.jsonl"
-
 
 RECALIBRATION_IMAGES = 10_000  # clean images whose BN statistics the exported model uses
 
@@ -106,7 +105,7 @@ class Supervision:
 class Run:
     """Everything a run holds between steps: configuration, data, model, optimiser and progress."""
 
-    config: TrainConfig
+    config: ResolvedTrainConfig
     ctx: distributed.Context
     files: list[str]
     unreadable: dict[str, str]  # folder -> reason
@@ -141,25 +140,33 @@ class Run:
     def __post_init__(self) -> None:
         policy = functools.partial(policy_for_size, self.config.image_size, self.config.local_crops,
                                    fixed_stem=self.config.backbone.startswith("patches"))
+        self.objective = TwistObjective(self.config.tau, self.config.lam1, self.config.lam2)
         self.augment = BatchAugment(policy())
         self.augment_self_label = BatchAugment(policy(self_labelling=True))
         self.sampler = EpochBatches()
         self.loader = None if self.cache is not None else make_loader(
             self.dataset, self.sampler, self.config.workers, self.ctx.device.type == "cuda")
 
+    def supervise(self, supervision: Supervision) -> None:
+        """Mix labelled images into every step, their cross-entropy weighted in the loss (``twist finetune``)."""
+        self.supervision = supervision
+        self.objective = TwistObjective(self.config.tau, self.config.lam1, self.config.lam2, supervision.weight)
+
     @property
     def out(self) -> Path:
         return Path(self.config.out)
 
-    @property
-    def peak_lr(self) -> float:
-        return float(self.config.lr) * self.batch_size * self.ctx.world_size / 256
-
     def schedule(self) -> Schedule:
         """The schedule for the current total step count (a time budget refits it while training)."""
-        return Schedule(self.total_steps, round(self.config.warmup_epochs * self.steps_per_epoch), self.peak_lr,
+        return Schedule(self.total_steps, round(self.config.warmup_epochs * self.steps_per_epoch),
+                        peak_lr(self.config, self.batch_size, self.ctx.world_size),
                         self.config.self_label_fraction, self.config.self_label_keep,
-                        neighbour_fraction=float(self.config.neighbour_fraction))
+                        neighbour_fraction=self.config.neighbour_fraction)
+
+    def count_steps_per_epoch(self) -> None:
+        """Files that failed only now (streaming) shorten the epochs to come; the epoch count stays as asked."""
+        global_batch = self.batch_size * self.ctx.world_size
+        self.steps_per_epoch = steps_per_epoch(len(self.files) - len(self.skipped), global_batch)
 
     def run_seconds(self) -> float:
         return self.prior_seconds + time.perf_counter() - self.started
@@ -167,7 +174,7 @@ class Run:
     def checkpoint(self, epoch: int, step_in_epoch: int) -> None:
         if not self.ctx.is_main:
             return
-        save_checkpoint(self.out / CHECKPOINT_NAME, {
+        save_checkpoint(self.out / CHECKPOINT_FILE, {
             "format": 1, "config": dataclasses.asdict(self.config), "model_spec": dataclasses.asdict(self.spec),
             "model": plain_state_dict(self.model), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
@@ -250,7 +257,7 @@ class Run:
         if not paired or self.neighbours is None:
             return None
         generator = torch.Generator().manual_seed(config.seed * 1_000_033 + epoch * 7919 + self.ctx.rank)
-        return draw_partners(self.neighbours, batches, float(config.neighbour_share), generator)
+        return draw_partners(self.neighbours, batches, config.neighbour_share, generator)
 
     def mine_neighbours(self, epoch: int) -> None:
         """Fresh clean-image BN statistics (rank 0's on every rank), then the neighbour table over every image."""
@@ -313,7 +320,7 @@ def setup_run(config: TrainConfig, ctx: distributed.Context, start_from: dict[st
     dataset, cache = load_images(config, ctx, files, skipped)
     n_valid = len(files) - len(skipped)
     if ctx.is_main:
-        write_skipped(out / "skipped.txt", files, skipped, unreadable)
+        write_skipped(out / SKIPPED_FILE, files, skipped, unreadable)
         for folder, reason in sorted(unreadable.items()):
             print(f"warning: skipping folder {folder}/: {reason}", file=sys.stderr)
         for index, reason in sorted(skipped.items()):
@@ -321,14 +328,14 @@ def setup_run(config: TrainConfig, ctx: distributed.Context, start_from: dict[st
         warn_about_classes(config.classes, n_valid)
     config, batch_size = fitted_batch_size(config, ctx, n_valid)
     if ctx.is_main:
-        save_config(config, out / "config.json")
+        save_config(config, out / CONFIG_FILE)
 
-    spec = ModelSpec(backbone=config.backbone, width=config.width, small_stem=bool(config.small_stem),
+    spec = ModelSpec(backbone=config.backbone, width=config.width, small_stem=config.small_stem,
                      hidden_dim=config.hidden_dim, n_classes=config.classes, tau=config.tau,
                      coarse_classes=parse_coarse_classes(config.coarse_classes, config.classes),
-                     overcluster=int(config.overcluster),
+                     overcluster=config.overcluster,
                      input_size=config.image_size, resize_size=decode_size(config.image_size))
-    steps_per_epoch = resumed["steps_per_epoch"] if resumed else max(1, n_valid // (batch_size * ctx.world_size))
+    epoch_length = resumed["steps_per_epoch"] if resumed else steps_per_epoch(n_valid, batch_size * ctx.world_size)
 
     def patch_sample() -> torch.Tensor:
         chosen = [i for i in range(len(files)) if i not in skipped]
@@ -343,8 +350,8 @@ def setup_run(config: TrainConfig, ctx: distributed.Context, start_from: dict[st
     model = build_model(config, spec, ctx, init, None if resumed or start_from else patch_sample)
     if resumed or start_from:
         unwrap(model).load_state_dict(resumed["model"] if resumed else start_from)
-    optimizer = build_optimizer(config.optimizer, model, float(config.lr) * batch_size * ctx.world_size / 256,
-                                float(config.weight_decay), config.momentum, config.lars_eta)
+    optimizer = build_optimizer(config.optimizer, model, peak_lr(config, batch_size, ctx.world_size),
+                                config.weight_decay, config.momentum, config.lars_eta)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.precision == "fp16")
     if resumed:
         optimizer.load_state_dict(resumed["optimizer"])
@@ -365,7 +372,7 @@ def setup_run(config: TrainConfig, ctx: distributed.Context, start_from: dict[st
         spec=spec, model=model, train_model=train_model, optimizer=optimizer, scaler=scaler, eval_data=eval_data,
         history=resumed["history"] if resumed else [],
         start_epoch=resumed["epoch"] if resumed else 0, start_step_in_epoch=resumed["step_in_epoch"] if resumed else 0,
-        global_step=resumed["global_step"] if resumed else 0, steps_per_epoch=steps_per_epoch,
+        global_step=resumed["global_step"] if resumed else 0, steps_per_epoch=epoch_length,
         total_steps=resumed["total_steps"] if resumed else 0,
         clock=BudgetClock(parse_duration(config.time_budget) if config.time_budget else None),
         prior_seconds=resumed["train_seconds"] if resumed else 0.0, resumed=resumed is not None, started=started,
@@ -385,16 +392,16 @@ def open_run(config: TrainConfig, ctx: distributed.Context
     unreadable: dict[str, str] = {}  # subfolders the scan could not open: listed in skipped.txt, never silent
     files = require_images(root, unreadable)
     resumed: dict[str, Any] | None = None
-    if not config.resume and (out / CHECKPOINT_NAME).exists():
+    if not config.resume and (out / CHECKPOINT_FILE).exists():
         # Metrics alone are no run: they are rewritten from the checkpoint, so a run killed before its
         # first checkpoint simply starts again.
-        raise ResumeError(f"{out} already holds a run ({CHECKPOINT_NAME}): add --resume to continue it, or choose "
+        raise ResumeError(f"{out} already holds a run ({CHECKPOINT_FILE}): add --resume to continue it, or choose "
                           "another --out (nothing was changed)")
     if config.resume:
-        if not (out / CHECKPOINT_NAME).exists():
-            raise ResumeError(f"--resume: no checkpoint at {out / CHECKPOINT_NAME} (the run stopped before its first "
+        if not (out / CHECKPOINT_FILE).exists():
+            raise ResumeError(f"--resume: no checkpoint at {out / CHECKPOINT_FILE} (the run stopped before its first "
                               "checkpoint): start it again without --resume")
-        resumed = load_checkpoint(out / CHECKPOINT_NAME)
+        resumed = load_checkpoint(out / CHECKPOINT_FILE)
         saved = resumed["config"]
         # The saved run defines everything; only where to run it may change.
         keep = {"device", "workers", "progress", "resume", "checkpoint_every", "eval_data", "eval_every"}
@@ -405,10 +412,7 @@ def open_run(config: TrainConfig, ctx: distributed.Context
             raise ResumeError(f"{root} changed since the run started ({len(resumed['files'])} files then, "
                                f"{len(files)} now): start a new run instead of --resume")
     init = None
-    if config.init and not resumed:
-        if config.backbone in ("patches", "patches-conv"):
-            raise ConfigError("--init loads ResNet weights; the patches backbones have none: add --backbone "
-                              "resnet18 (or resnet34/resnet50, as the weights are)")
+    if config.init and not resumed:  # check_options refused --init with a patches backbone
         init = read_init(config.init)
         config = follow_init(config, init)
     config = resolve_auto(config, root, files, ctx.device)
@@ -445,17 +449,19 @@ def load_images(config: TrainConfig, ctx: distributed.Context, files: list[str],
     return dataset, cache
 
 
-def fitted_batch_size(config: TrainConfig, ctx: distributed.Context, n_valid: int) -> tuple[TrainConfig, int]:
-    """The configured (or automatic) batch size, lowered when the folder cannot fill one global batch."""
-    if config.batch_size == AUTO:
-        config = dataclasses.replace(config, batch_size=auto_batch_size(n_valid, ctx.world_size))
-    batch_size = config.batch_size
+def fitted_batch_size(config: TrainConfig, ctx: distributed.Context, n_valid: int
+                      ) -> tuple[ResolvedTrainConfig, int]:
+    """The options resolved with the batch size (the last ``auto``: it needs the readable image count), and the
+    batch size this run uses: the configured one, lowered when the folder cannot fill one global batch."""
+    chosen = auto_batch_size(n_valid, ctx.world_size) if config.batch_size == AUTO else config.batch_size
+    resolved = ResolvedTrainConfig(**{**dataclasses.asdict(config), "batch_size": chosen})
+    batch_size = resolved.batch_size
     if n_valid < batch_size * ctx.world_size:
         batch_size = max(2, n_valid // ctx.world_size)
         if ctx.is_main:
             print(f"warning: only {n_valid} readable images: batch size lowered to {batch_size} per process",
                   file=sys.stderr)
-    return config, batch_size
+    return resolved, batch_size
 
 
 def build_model(config: TrainConfig, spec: ModelSpec, ctx: distributed.Context, init: InitWeights | None,
@@ -487,6 +493,16 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast(device_type=device.type, dtype=dtype)
     return contextlib.nullcontext()
+
+
+def peak_lr(config: ResolvedTrainConfig, batch_size: int, world_size: int) -> float:
+    """``--lr`` is per 256 images: the learning rate at the top of the schedule scales with the global batch."""
+    return config.lr * batch_size * world_size / 256
+
+
+def steps_per_epoch(n_valid: int, global_batch: int) -> int:
+    """Full global batches in one pass over the readable images (at least one)."""
+    return max(1, n_valid // global_batch)
 
 
 def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
