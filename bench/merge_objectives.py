@@ -162,7 +162,7 @@ def summary(runs: dict[str, Any]) -> dict[str, Any]:
 
 def representation(table: Path) -> dict[str, Any]:
     """20-NN accuracy and k-means (k = classes) ACC / NMI of the embeddings of one labels table."""
-    from twist_core.index.build import load_labels
+    from twist_core.label.table import load_labels
 
     rows, embeddings, _ = load_labels(table)
     names, classes = ground_truth_labels([row["path"] for row in rows])

@@ -24,10 +24,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from twist_core.data.augment import BatchAugment, policy_for_size
+from twist_core.data.dataset import DecodedCrops, collate
 from twist_core.deploy.infer import OnnxModel
 from twist_core.errors import UserError
 from twist_core.io_utils import file_sha256
-from twist_core.label.labeller import DecodedCrops, collate
 
 BATCH = 256
 
