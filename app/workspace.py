@@ -29,7 +29,7 @@ from app.thumbnails import ThumbnailCache
 from twist_core.curate.curation import EXCLUDED, CurationError, CurationStore, Record
 from twist_core.data.folder import ImageReadError, decode_image
 from twist_core.deploy.infer import OnnxModel
-from twist_core.index.image_index import ImageIndex
+from twist_core.index.image_index import IndexReader
 from twist_core.index.store import IndexUserError, read_manifest
 from twist_core.index.store import meta_path as index_meta_path
 from twist_core.io_utils import csv_safe, file_sha256, mark_output_folder
@@ -155,10 +155,10 @@ class Workspace:
         self._warmups: list[threading.Thread] = []
 
     # ---- following index updates
-    def _open_generation(self) -> tuple[ImageIndex, Path]:
+    def _open_generation(self) -> tuple[IndexReader, Path]:
         """The index generation the manifest names and its metadata file, checked against the model."""
         for _ in range(3):
-            index = ImageIndex.open(self.index_dir, self.device)
+            index = IndexReader.open(self.index_dir, self.device)
             manifest = read_manifest(self.index_dir)
             if manifest["generation"] != index.generation:  # a writer committed meanwhile: open that one
                 index.close()
@@ -166,7 +166,7 @@ class Workspace:
             return index, self.index_dir / manifest["dir"] / META_FILE
         raise AppUserError(f"{self.index_dir} keeps changing while the app opens it; try again")
 
-    def _model_for(self, index: ImageIndex, follow: bool) -> tuple[OnnxModel, str]:
+    def _model_for(self, index: IndexReader, follow: bool) -> tuple[OnnxModel, str]:
         """The model to serve ``index`` with, and its fingerprint: the one open, or (``follow``, after
         ``twist index --update`` relabelled the index with another model) the model the index names.
 
@@ -254,7 +254,7 @@ class Workspace:
         log.info("now serving generation %d of %s (%d images)", fresh.generation, self.index_dir, fresh.size)
 
     @property
-    def index(self) -> ImageIndex:
+    def index(self) -> IndexReader:
         self.keep_up()
         return self._index
 
@@ -534,7 +534,7 @@ class Workspace:
         keep = np.array([int(i) in records for i in ids], dtype=bool)
         return ids[keep], xy[keep], records, geometry
 
-    def _projection_cache(self, index: ImageIndex | None = None) -> Path:
+    def _projection_cache(self, index: IndexReader | None = None) -> Path:
         """The map's cache file: one per index generation, so an update draws a fresh map."""
         return self.state_dir / f"projection-gen{(index or self._index).generation}.npz"
 

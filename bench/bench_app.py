@@ -149,12 +149,12 @@ def main() -> None:
     from gradio_client import Client, handle_file
 
     from app.main import free_port
-    from twist_core.index.image_index import ImageIndex
+    from twist_core.index.image_index import IndexReader
 
     with tempfile.TemporaryDirectory(prefix="bench-app-") as tmp:
         work = Path(tmp)
         setup = prepare(work, Path(args.archive))
-        index = ImageIndex.open(setup["index"], "cpu")
+        index = IndexReader.open(setup["index"], "cpu")
         size, clusters = index.size, index.cluster_summary()
         biggest = max(clusters, key=lambda c: c["size"])
         sampled = index.records(None, order_by="id", limit=50_000)[::500][:args.searches]

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 from common import RESULTS, machine, save
+from merge_measures import COMPARED
 from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.spatial.distance import squareform
 from sklearn.cluster import SpectralClustering
@@ -196,7 +197,7 @@ def compare_measures(data: merges.ClusterData, classes: np.ndarray, class_names:
     """Greedy merge and hierarchy cut down to the class count, per measure; K estimates; timings."""
     target = len(class_names)
     table: dict[str, Any] = {}
-    for measure in merges.MEASURES:
+    for measure in COMPARED:
         began = time.perf_counter()
         evidence = merges.gather_evidence(data, measure)
         result = merges.suggest(data, measure, resamples=resamples, evidence=evidence)

@@ -23,7 +23,7 @@ from conftest import (
 )
 
 from app.workspace import DISPLAY_SIDE
-from twist_core.index.image_index import ImageIndex
+from twist_core.index.image_index import IndexReader
 
 pytestmark = needs_chromium
 
@@ -44,7 +44,7 @@ def test_every_view_opens_on_something_and_the_flow_works_in_chromium(server: di
 
     shots = tmp_path / "screenshots"
     shots.mkdir()
-    index = ImageIndex.open(server["index"], "cpu")
+    index = IndexReader.open(server["index"], "cpu")
     by_size = sorted(index.cluster_summary(), key=lambda c: (-c["size"], c["cluster"]))
     query = index.records(None, order_by="id", limit=1)[0].abs_path
     index.close()

@@ -124,17 +124,25 @@ def test_curated_merges_and_exclusions_are_respected(one_split: tuple[Path, dict
     store.move(excluded, EXCLUDED)
     store.close()
     data = merges.data_from_index(index, tmp_path)
-    result = merges.suggest(data, "topk", resamples=0)
+    result = merges.suggest(data, merges.DEFAULT_MEASURE, resamples=0)
     assert result.clusters == [0, 2, 3, 4, 5]
     assert result.sizes[0] == 120 and result.sizes[5] == 50
     assert not set(excluded) & set(data.ids.tolist())
     assert (data.topk_clusters != 1).all(), "top-k entries of a merged cluster count for the cluster it went into"
 
 
+def test_measures_the_guide_rejected_are_left_to_the_bench(one_split: tuple[Path, dict[int, int]]) -> None:
+    index, _ = one_split
+    for measure in ("knn", "knn-mean", "topk", "centroid"):
+        refused = twist(str(index), "--measure", measure)
+        assert refused.returncode == 2 and "invalid choice" in refused.stderr, refused.stderr
+    assert merges.MEASURES == ("modularity",)  # the app's dropdown offers these (and heads for a coarse model)
+
+
 def test_command_prints_pairs_and_k_and_writes_json(one_split: tuple[Path, dict[int, int]], tmp_path: Path) -> None:
     index, _ = one_split
     options = tmp_path / "merges.yaml"
-    options.write_text("measure: topk\nbootstrap: 10\ntop: 3\n")
+    options.write_text("measure: modularity\nbootstrap: 10\ntop: 3\n")
     out = tmp_path / "merges.json"
     done = twist(str(index), "--config", str(options), "--json", str(out), "--plot", str(tmp_path / "tree.png"))
     assert done.returncode == 0, done.stderr
@@ -145,7 +153,7 @@ def test_command_prints_pairs_and_k_and_writes_json(one_split: tuple[Path, dict[
     assert len(lines) == 5 and "0 c0 (60)" in lines[1] and "1 c1 (60)" in lines[1]
     assert lines[-1].startswith("K estimate: 5 ")
     written = json.loads(out.read_text())
-    assert written["measure"] == "topk" and written["k_estimate"]["resamples"] == 10
+    assert written["measure"] == "modularity" and written["k_estimate"]["resamples"] == 10
     assert {written["pairs"][0]["a"], written["pairs"][0]["b"]} == {0, 1}
     assert len(written["linkage"]) == 5 and (tmp_path / "tree.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -19,7 +19,7 @@ from app.workspace import AppUserError, Workspace
 from twist_core import vectors as index_faiss
 from twist_core.index import review_table
 from twist_core.index.build import IndexConfig, build_index, update_index
-from twist_core.index.image_index import ImageIndex
+from twist_core.index.image_index import IndexWriter
 from twist_core.index.store import read_manifest
 from twist_core.label import review
 from twist_core.label.labeller import LabelConfig, label_folder, read_labels
@@ -242,8 +242,8 @@ def test_an_index_without_scores_opens_and_update_adds_them(tmp_path: Path) -> N
     out = tmp_path / "old-index"
     info = {"root": str(tmp_path / "images"), "dim": DIM, "kind": "flat", "metric": "cosine", "nlist": 0,
             "nprobe": 0, "pq_m": 0, "model": None}
-    ImageIndex.create(out, faiss_index, rows, info, "cpu").close()  # what twist index wrote before the review
-    opened = ImageIndex.open(out, "cpu")
+    IndexWriter.create(out, faiss_index, rows, info, "cpu").close()  # what twist index wrote before the review
+    opened = IndexWriter.open(out, "cpu")
     assert opened.size == len(rows) and opened.search_id(0, 3)
     opened.close()
     meta = out / read_manifest(out)["dir"] / META_FILE
@@ -364,7 +364,7 @@ def test_review_follows_an_index_update_while_the_app_runs(app_bundle: dict[str,
     try:
         items, total = ws.review_page(0)
         gone = items[0].record.id
-        writer = ImageIndex.open(index_dir, "cpu")
+        writer = IndexWriter.open(index_dir, "cpu")
         writer.remove([gone])  # an update: a new generation, whose stale score the queue must not show
         writer.close()
         after, after_total = ws.review_page(0)

@@ -170,8 +170,17 @@ class IndexReader:
 
     def paths(self) -> list[str]:
         """Every indexed path, relative to ``root``, as table text (open it with :meth:`file_of`)."""
+        return list(self.paths_by_id().values())
+
+    def paths_by_id(self) -> dict[int, str]:
+        """Every image id -> its path (as :meth:`paths` gives it), ids ascending."""
         with self._lock:
-            return [path for _, path in self._store.all_paths()]
+            return dict(self._store.all_paths())
+
+    @property
+    def metadata_path(self) -> Path:
+        """The metadata file of the generation this reader holds (what the curation store attaches)."""
+        return self._store.path
 
     def vector(self, image_id: int) -> np.ndarray:
         """The stored unit vector (approximate for an IVF-PQ index)."""
@@ -180,6 +189,15 @@ class IndexReader:
                 return self._cpu.reconstruct(int(image_id))
             except (RuntimeError, OverflowError):  # OverflowError: past FAISS's 64-bit ids
                 raise IndexUserError(f"no image with id {image_id} in the index") from None
+
+    def everything(self) -> tuple[np.ndarray, dict[int, dict[str, Any]], np.ndarray]:
+        """Every image's id (ascending), metadata row and stored vector (in id order): for a whole-index analysis
+        such as ``twist suggest-merges``."""
+        with self._lock:
+            ids = self._store.all_ids()
+            rows = self._store.rows(ids.tolist())
+            vectors = self._cpu.reconstruct_batch(ids) if len(ids) else np.zeros((0, self.dim), np.float32)
+        return ids, rows, vectors
 
     def cluster_ids(self) -> list[int]:
         """The clusters that have at least one image."""
@@ -393,7 +411,6 @@ class IndexWriter(IndexReader):
         return self.remove(gone)
 
 
-ImageIndex = IndexWriter  # the name the app and older callers use: an index that reads and writes
 
 
 AUTO_THRESHOLD_RULE = ("an outlier among the nearest-neighbour distances 1 - cosine: at most the median distance times "

@@ -3,10 +3,9 @@
 Train with more clusters than you expect, index the folder, then ask which pairs to merge. Two clusters are
 alike when the images of one have their nearest neighbours in the other: by default a pair ranks by how much
 merging it would raise the modularity of the kNN graph of the embeddings (links between the two beyond what
-their sizes predict); ``--measure knn`` uses the share of a cluster's kNN links that land in the other,
-``topk`` the probability mass an image shares between its top clusters, ``centroid`` the cosine between
-cluster means, ``views`` how often the model itself puts two augmented views of an image into the two clusters
-(it runs the index's model on the images again: ``--view-pairs`` pairs per image), ``heads`` how much the two
+their sizes predict); ``--measure views`` uses how often the model itself puts two augmented views of an image
+into the two clusters (it runs the index's model on the images again: ``--view-pairs`` pairs per image),
+``heads`` how much the two
 share the clusters of the model's coarse heads (a model trained with ``--coarse-classes``; one pass over the
 images), which is the measure to use when the model has them. A scipy
 average-linkage hierarchy over ``1 - similarity`` gives the dendrogram; the cut of it whose groups make the
@@ -34,6 +33,8 @@ from twist_core.curate.merges.measures import (
     knn_links,
     model_evidence,
     nearest_neighbours,
+    positions,
+    register_measure,
     similarity,
 )
 from twist_core.curate.merges.options import (
@@ -60,10 +61,39 @@ from twist_core.curate.merges.plan import (
 from twist_core.curate.merges.report import draw_dendrogram, format_plan, format_suggestions
 
 __all__ = [
-    "DEFAULT_MEASURE", "HEADS", "MEASURES", "VIEWS", "VIEW_PAIRS", "ClusterData", "Evidence", "MergePlan",
-    "MergeUserError", "MergesConfig", "Suggestions", "cluster_data", "current_clusters", "data_from_index",
-    "data_from_table", "draw_dendrogram", "format_plan", "format_suggestions", "gather_evidence",
-    "graph_by_cluster", "greedy_merges", "group_modularity", "heads_graph", "knn_links", "model_evidence",
-    "nearest_neighbours", "plan_merges", "planned_labels", "refine_groups", "run", "similarity",
-    "source_images", "suggest",
+    "DEFAULT_MEASURE",
+    "HEADS",
+    "MEASURES",
+    "VIEWS",
+    "VIEW_PAIRS",
+    "ClusterData",
+    "Evidence",
+    "MergePlan",
+    "MergeUserError",
+    "MergesConfig",
+    "Suggestions",
+    "cluster_data",
+    "current_clusters",
+    "data_from_index",
+    "data_from_table",
+    "draw_dendrogram",
+    "format_plan",
+    "format_suggestions",
+    "gather_evidence",
+    "graph_by_cluster",
+    "greedy_merges",
+    "group_modularity",
+    "heads_graph",
+    "knn_links",
+    "model_evidence",
+    "nearest_neighbours",
+    "plan_merges",
+    "planned_labels",
+    "positions",
+    "refine_groups",
+    "register_measure",
+    "run",
+    "similarity",
+    "source_images",
+    "suggest",
 ]

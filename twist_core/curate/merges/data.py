@@ -8,13 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from twist_core.curate.merges.options import MergeUserError
 from twist_core.curate.store_file import curation_path
-from twist_core.index.store import MetaStore, meta_path, read_manifest
-from twist_core.layout import CONFIG_FILE, CURATION_FILE, INDEX_FILE, MANIFEST, META_FILE
+from twist_core.index.image_index import IndexReader
+from twist_core.layout import CONFIG_FILE, CURATION_FILE, MANIFEST
 
 
 @dataclass(frozen=True)
@@ -60,31 +59,23 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
     return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
 
 
-def _index_names(store: MetaStore) -> dict[int, str]:
-    return {int(c["cluster"]): c["name"] or f"cluster {c['cluster']}" for c in store.cluster_summary()
-            if c["cluster"] is not None}
-
-
 def data_from_index(index_dir: Path, state_dir: Path | None = None, store: Any = None) -> ClusterData:
     """Embeddings and top-k of an index; with the app's curation (its state folder, or its open ``store``) the
     curated labels, excluded images left out."""
-    manifest = read_manifest(index_dir)
-    folder = index_dir / manifest["dir"]
-    meta = MetaStore(folder / META_FILE)
+    index = IndexReader.open(index_dir, "cpu")
     try:
-        names = _index_names(meta)
-        ids = meta.all_ids()
-        rows = meta.rows(ids.tolist())
+        names = {int(c["cluster"]): c["name"] or f"cluster {c['cluster']}" for c in index.cluster_summary()
+                 if c["cluster"] is not None}
+        ids, rows, vectors = index.everything()
+        metadata = index.metadata_path
     finally:
-        meta.close()
-    cpu_index = faiss.read_index(str(folder / INDEX_FILE))
-    vectors = cpu_index.reconstruct_batch(ids) if len(ids) else np.zeros((0, cpu_index.d), np.float32)
+        index.close()
     labels = {int(i): rows[int(i)]["cluster"] for i in ids}
     merged: dict[int, int] = {}
     if store is not None:
         labels, names, merged = curated_labels(store)
     elif state_dir is not None:
-        labels, names, merged = labels_from_state(index_dir, state_dir, folder / META_FILE, names)
+        labels, names, merged = labels_from_state(index_dir, state_dir, metadata, names)
     keep = np.array([labels.get(int(i)) is not None and labels[int(i)] >= 0 for i in ids], dtype=bool)
     kept = ids[keep]
     return cluster_data(kept, np.array([labels[int(i)] for i in kept], np.int64), vectors[keep],
@@ -152,11 +143,11 @@ def source_images(source: str | Path) -> tuple[Path, str | None, str | None, dic
     path of each of its image ids (a table's ids are its usable rows, as :func:`data_from_table` numbers them)."""
     path = Path(source)
     if path.is_dir():
-        store = MetaStore(meta_path(path))
+        index = IndexReader.open(path, "cpu")
         try:
-            info, paths = store.info(), dict(store.all_paths())
+            info, paths = index.info, index.paths_by_id()
         finally:
-            store.close()
+            index.close()
     else:
         from twist_core.label.table import load_labels
 

@@ -3,16 +3,15 @@ cluster graph), then weighed per image for each bootstrap resample."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
-from scipy.sparse import coo_matrix
 
 from twist_core.curate.merges.data import ClusterData, source_images
-from twist_core.curate.merges.options import HEADS, MEASURES, MODEL_GRAPHS, VIEW_PAIRS, MergeUserError
+from twist_core.curate.merges.options import HEADS, MODEL_GRAPHS, VIEW_PAIRS, VIEWS, MergeUserError
 from twist_core.io_utils import path_from_text
 
 
@@ -44,8 +43,8 @@ def gather_evidence(data: ClusterData, measure: str, neighbours: int = 10, max_q
     """The kNN graph of (a sample of) the images; with measure views also ``model_graph``, the model's joint of
     two views' clusters, with measure heads ``coarse_shares`` (:mod:`twist_core.curate.view_graph`), each mapped
     through curation's merges (the heads' graph of the clusters is :func:`heads_graph` of the shares)."""
-    if measure not in (*MEASURES, *MODEL_GRAPHS):
-        raise MergeUserError(f"unknown measure {measure!r}; choose one of {', '.join((*MEASURES, *MODEL_GRAPHS))}")
+    if measure not in SIMILARITIES:
+        raise MergeUserError(f"unknown measure {measure!r}; choose one of {', '.join(SIMILARITIES)}")
     if measure == HEADS and coarse_shares:
         coarse_shares = tuple(shares_by_cluster(share, data) for share in coarse_shares)
         model_graph = heads_graph(coarse_shares)
@@ -111,13 +110,6 @@ def cluster_model_graph(data: ClusterData, evidence: Evidence, clusters: Sequenc
     return member.T @ evidence.model_graph[np.ix_(keep, keep)] @ member
 
 
-def _pair_rate(links: np.ndarray, mass: np.ndarray) -> np.ndarray:
-    """Symmetric link rate ``(L_ab + L_ba) / (mass_a + mass_b)`` (0 where both clusters are empty)."""
-    both = links + links.T
-    total = mass[:, None] + mass[None, :]
-    return np.divide(both, total, out=np.zeros_like(both), where=total > 0)
-
-
 def knn_links(evidence: Evidence, pos: np.ndarray, m: int, weights: np.ndarray) -> np.ndarray:
     """``m x m`` weighted counts of kNN edges from images of cluster a (position) to images of cluster b."""
     k = evidence.neighbours.shape[1]
@@ -127,12 +119,21 @@ def knn_links(evidence: Evidence, pos: np.ndarray, m: int, weights: np.ndarray) 
     return np.bincount(a * m + b, w, m * m).reshape(m, m)
 
 
-def _modularity_similarity(evidence: Evidence, pos: np.ndarray, m: int, weights: np.ndarray) -> np.ndarray:
+
+def modularity_similarity(data: ClusterData, evidence: Evidence, clusters: Sequence[int], labels: np.ndarray,
+                          weights: np.ndarray) -> np.ndarray:
     """How much merging two clusters would change the modularity of the kNN graph (links between them beyond what
     their degrees predict: ``e_ab - a_a a_b``), scaled to [0, 1] over the pairs: the best pair is 1, the worst 0.
 
     Near the end every merge lowers modularity; the scaling keeps the least harmful pair first."""
-    return scaled_gain(knn_links(evidence, pos, m, weights))
+    _, pos = positions(data, clusters, labels)
+    return scaled_gain(knn_links(evidence, pos, len(clusters), weights))
+
+
+def model_graph_similarity(data: ClusterData, evidence: Evidence, clusters: Sequence[int], labels: np.ndarray,
+                           weights: np.ndarray) -> np.ndarray:
+    """Measures views and heads: the modularity gain of merging two clusters in the model's own cluster graph."""
+    return scaled_gain(cluster_model_graph(data, evidence, clusters, labels))
 
 
 def scaled_gain(graph: np.ndarray) -> np.ndarray:
@@ -150,54 +151,10 @@ def scaled_gain(graph: np.ndarray) -> np.ndarray:
     return (gain - low) / (high - low) if high > low else np.zeros((m, m))
 
 
-def _knn_similarity(evidence: Evidence, pos: np.ndarray, m: int, weights: np.ndarray, mean: bool) -> np.ndarray:
-    """Share of a cluster's kNN links that land in the other, the larger of the two directions (``mean``: all
-    links between the two over all links of both, which keeps a small cluster inside a big one apart)."""
-    links = knn_links(evidence, pos, m, weights)
-    out = np.bincount(pos[evidence.queries], weights[evidence.queries], m) * evidence.neighbours.shape[1]
-    if mean:
-        return _pair_rate(links, out)
-    share = np.divide(links, out[:, None], out=np.zeros_like(links), where=out[:, None] > 0)
-    return np.maximum(share, share.T)
-
-
-def merged_topk(clusters: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per image, each cluster's total probability among its top entries (entries merged into one cluster add
-    up); repeated entries and absent ones (-1) become -1."""
-    same = (clusters[:, :, None] == clusters[:, None, :]) & (clusters[:, :, None] >= 0)
-    total = (same * probs[:, None, :]).sum(axis=2)
-    t = clusters.shape[1]
-    earlier = np.tril(np.ones((t, t), bool), -1)  # entry u has the same cluster as an earlier entry v < u
-    repeated = (same & earlier[None]).any(axis=2)
-    return np.where(repeated | (clusters < 0), -1, clusters), total
-
-
-def _topk_similarity(data: ClusterData, pos_of: np.ndarray, m: int, weights: np.ndarray) -> np.ndarray:
-    """Shared mass ``sum_i min(p_ia, p_ib)`` over the clusters' total mass: at most 1, whoever holds it."""
-    mapped = np.where(data.topk_clusters >= 0, pos_of[np.clip(data.topk_clusters, 0, None)], -1)
-    clusters, totals = merged_topk(mapped, data.topk_probs)
-    links = np.zeros(m * m)
-    t = clusters.shape[1]
-    for u in range(t):
-        for v in range(u + 1, t):
-            ok = (clusters[:, u] >= 0) & (clusters[:, v] >= 0)
-            shared = np.minimum(totals[ok, u], totals[ok, v]) * weights[ok]
-            links += np.bincount(clusters[ok, u] * m + clusters[ok, v], shared, m * m)
-    present = clusters >= 0
-    mass = np.bincount(clusters[present], (totals * weights[:, None])[present], m)
-    return 2 * _pair_rate(links.reshape(m, m), mass)
-
-
-def _centroid_similarity(data: ClusterData, pos: np.ndarray, m: int, weights: np.ndarray) -> np.ndarray:
-    member = coo_matrix((weights, (pos, np.arange(len(pos)))), shape=(m, len(pos))).tocsr()
-    sums = np.asarray(member @ data.vectors)
-    norms = np.linalg.norm(sums, axis=1, keepdims=True)
-    means = np.divide(sums, norms, out=np.zeros_like(sums), where=norms > 0)
-    return means @ means.T
-
 
 def image_weights(data: ClusterData, weights: np.ndarray | None) -> np.ndarray:
     return np.ones(len(data.labels)) if weights is None else weights
+
 
 
 def positions(data: ClusterData, clusters: Sequence[int], labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -207,23 +164,24 @@ def positions(data: ClusterData, clusters: Sequence[int], labels: np.ndarray) ->
     return pos_of, pos_of[labels]
 
 
+
+Similarity = Callable[[ClusterData, Evidence, Sequence[int], np.ndarray, np.ndarray], np.ndarray]
+# measure -> the ``m x m`` similarity of ``clusters`` from (data, evidence, clusters, image labels, image weights)
+SIMILARITIES: dict[str, Similarity] = {"modularity": modularity_similarity, VIEWS: model_graph_similarity,
+                                       HEADS: model_graph_similarity}
+
+
+def register_measure(name: str, measure: Similarity) -> None:
+    """Offer another measure to :func:`gather_evidence` and :func:`similarity` (the bench compares, with these,
+    the measures the guide's table rejected)."""
+    SIMILARITIES[name] = measure
+
+
 def similarity(data: ClusterData, evidence: Evidence, clusters: Sequence[int], labels: np.ndarray | None = None,
                weights: np.ndarray | None = None) -> np.ndarray:
     """``m x m`` similarity in [0, 1] of ``clusters`` (images labelled by ``labels``, default ``data.labels``)."""
     labels = data.labels if labels is None else labels
-    weights = image_weights(data, weights)
-    m = len(clusters)
-    pos_of, pos = positions(data, clusters, labels)
-    if evidence.measure == "modularity":
-        result = _modularity_similarity(evidence, pos, m, weights)
-    elif evidence.measure in MODEL_GRAPHS:
-        result = scaled_gain(cluster_model_graph(data, evidence, clusters, labels))
-    elif evidence.measure in ("knn", "knn-mean"):
-        result = _knn_similarity(evidence, pos, m, weights, mean=evidence.measure == "knn-mean")
-    elif evidence.measure == "topk":
-        result = _topk_similarity(data, pos_of, m, weights)
-    else:
-        result = _centroid_similarity(data, pos, m, weights)
+    result = SIMILARITIES[evidence.measure](data, evidence, clusters, labels, image_weights(data, weights))
     result = np.clip(result, 0.0, 1.0)
     np.fill_diagonal(result, 1.0)
     return result

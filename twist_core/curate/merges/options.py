@@ -10,7 +10,7 @@ from twist_core.errors import UserError
 VIEW_PAIRS = 4  # two forward passes per image each; the pairs bench/merge_views.py measured
 
 
-MEASURES = ("modularity", "knn", "knn-mean", "topk", "centroid")  # from the index alone
+MEASURES = ("modularity",)  # from the index alone; the ones the guide's table rejected live in the bench
 
 
 VIEWS = "views"  # these two also need the model and the images (twist_core.curate.view_graph)
@@ -42,17 +42,15 @@ class MergesConfig(AutoConfig):
     state_dir: str | None = option(None, "the app's --state-dir: suggest over the curated clusters (its merges, "
                                    "moves and exclusions applied)")
     measure: str = option(DEFAULT_MEASURE, "similarity of two clusters: modularity = how much merging them "
-                          "raises the modularity of the kNN graph (links beyond what their sizes predict), knn = "
-                          "share of one cluster's nearest-neighbour links that land in the other, knn-mean = links "
-                          "between them over both clusters' links, topk = probability mass their images share, "
-                          "centroid = cosine of the means, views = how often the model puts two augmented views "
+                          "raises the modularity of the kNN graph (links beyond what their sizes predict), "
+                          "views = how often the model puts two augmented views "
                           "of one image into the two (runs the index's model on the images again), heads = how "
                           "much their images share the clusters of the model's coarse heads (a model trained with "
                           "--coarse-classes; the measure to use for such a model)",
                           choices=[*MEASURES, *MODEL_GRAPHS])
     view_pairs: int = option(VIEW_PAIRS, "measure views: augmented view pairs per image (two forward passes "
                                               "each)")
-    neighbours: int = option(10, "neighbours per image in the kNN graph (knn measures and the K estimate)")
+    neighbours: int = option(10, "neighbours per image in the kNN graph (modularity and the K estimate)")
     max_queries: int = option(20000, "images whose neighbours are searched, and (measure views) whose views are run "
                                      "(a random sample beyond this)")
     top: int = option(15, "ranked pairs to print")
