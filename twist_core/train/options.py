@@ -25,8 +25,8 @@ from twist_core.model.init_weights import InitWeights, check_fits
 from twist_core.train.budget import check_budget
 from twist_core.train.photo_defaults import auto_backbone, auto_image_size
 
-# Patches recipe, from 5-minute runs on cifar10-test (2-core CPU, ACC): 128/256/400 atoms, tau 0.5/1.0, MLP
-# 2048/1024 -> 256 atoms, tau 1.0, MLP 1024 (0.44; tau 0.5: 0.33, 400 atoms: 0.36 at half the speed).
+# Patches recipe, chosen by 5-minute runs on cifar10-test over 128/256/400 atoms, tau 0.5/1.0 and MLP 2048/1024
+# (bench/results/recipe.json).
 PATCH_ATOMS = 256
 
 
@@ -97,8 +97,7 @@ class TrainConfig(AutoConfig):
     self_label_fraction: float | str = auto_option(
         -1, "share of the final steps spent in the self-labelling stage, which replaces the TWIST loss with "
             "confident pseudo-labels and restarts the learning rate at 10%% of the peak; 0 = off; auto: off (measured "
-            "within a CPU budget, it never helped: patches on cifar10-test -1.2 and -0.9 points of ACC over two seeds, "
-            "caltech20 -0.1, a ResNet from scratch 0.24 -> 0.18; bench/results/self_label.json); --recipe paper: "
+            "within a CPU budget, it did not help: guide section 6; bench/results/self_label.json); --recipe paper: "
             "50/850")
     neighbour_fraction: float | str = auto_option(
         -1, "share of the TWIST stage's final steps in which an image's second view may come from one of its "
