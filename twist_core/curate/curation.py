@@ -427,11 +427,11 @@ class CurationStore:
                     self._db.execute("ROLLBACK")
                 raise
 
-    def _change(self, plan: Callable[[], tuple[str, dict[str, dict[str, Any]], list[tuple[str, Sequence]]]]
+    def _change(self, prepare: Callable[[], tuple[str, dict[str, dict[str, Any]], list[tuple[str, Sequence]]]]
                 ) -> None:
-        """Read with ``plan()`` (action, what will be overwritten, statements), write and log it: one transaction."""
+        """Read with ``prepare()`` (action, what will be overwritten, statements), write and log it: one transaction."""
         with self._transaction():
-            action, previous, statements = plan()
+            action, previous, statements = prepare()
             for sql, params in statements:
                 self._db.execute(sql, params)
             self._db.execute("INSERT INTO undo_log (action, at, previous) VALUES (?, ?, ?)",
@@ -447,7 +447,7 @@ class CurationStore:
         if not name:
             raise CurationError("a cluster name cannot be empty")
 
-        def plan() -> tuple[str, dict, list]:
+        def prepare() -> tuple[str, dict, list]:
             clash = [c for c, n in self.names().items() if n.lower() == name.lower() and c != cluster]
             if clash:
                 raise CurationError(f"cluster {clash[0]} is already called {name!r}")
@@ -455,7 +455,7 @@ class CurationStore:
                     {"names": self._previous("names", "cluster", "name", [cluster])},
                     [("INSERT OR REPLACE INTO names (cluster, name) VALUES (?, ?)", (cluster, name))])
 
-        self._change(plan)
+        self._change(prepare)
 
     def merge(self, sources: Sequence[int], target: int) -> None:
         """Merge ``sources`` into ``target``: their images (and anything moved into them) take its label.
@@ -477,7 +477,7 @@ class CurationStore:
         if len(every) != len(set(every)):
             raise CurationError("the merged groups share a cluster: each cluster may be in one group only")
 
-        def plan() -> tuple[str, dict, list]:
+        def prepare() -> tuple[str, dict, list]:
             actions, previous, statements = [], {"merges": {}, "overrides": {}}, []
             for wanted, target in checked:
                 described, before, more = self._merge_statements(wanted, target)
@@ -488,7 +488,7 @@ class CurationStore:
                 statements += more
             return action or "; ".join(actions), previous, statements
 
-        self._change(plan)
+        self._change(prepare)
 
     def _merge_statements(self, wanted: set[int], target: int) -> tuple[str, dict, list[tuple[str, Sequence]]]:
         """What merging ``wanted`` into ``target`` overwrites and writes (read inside the change's transaction)."""
@@ -516,7 +516,7 @@ class CurationStore:
         if not known:
             raise CurationError("no images selected (or none of the given ids is in the index)")
 
-        def plan() -> tuple[str, dict, list]:
+        def prepare() -> tuple[str, dict, list]:
             final = EXCLUDED if wanted == EXCLUDED else self.merged_into(wanted)
             statements = [("INSERT OR REPLACE INTO overrides (image_id, cluster) VALUES (?, ?)", (i, final))
                           for i in known]
@@ -524,7 +524,7 @@ class CurationStore:
             return (f"{verb}: {len(known)} image(s)",
                     {"overrides": self._previous("overrides", "image_id", "cluster", known)}, statements)
 
-        self._change(plan)
+        self._change(prepare)
         return len(known)
 
     def confirm(self, ids: Sequence[int]) -> int:
@@ -537,7 +537,7 @@ class CurationStore:
             raise CurationError("no images selected to confirm")
         labels: dict[int, int] = {}
 
-        def plan() -> tuple[str, dict, list]:
+        def prepare() -> tuple[str, dict, list]:
             labels.update({r.id: r.label for r in self.records(wanted).values()
                            if r.label is not None and r.label != EXCLUDED})
             if not labels:
@@ -549,7 +549,7 @@ class CurationStore:
                     [("INSERT OR REPLACE INTO confirmed (image_id, cluster) VALUES (?, ?)", (i, c))
                      for i, c in labels.items()])
 
-        self._change(plan)
+        self._change(prepare)
         return len(labels)
 
     def relabel(self, action: str, moves: Mapping[int, int], renames: Mapping[int, str]) -> None:
@@ -563,7 +563,7 @@ class CurationStore:
         if any(not name for name in renames.values()):
             raise CurationError("a cluster name cannot be empty")
 
-        def plan() -> tuple[str, dict, list]:
+        def prepare() -> tuple[str, dict, list]:
             final_names = {**self.names(), **renames}
             seen: dict[str, int] = {}
             for cluster, name in final_names.items():
@@ -579,7 +579,7 @@ class CurationStore:
                         "overrides": self._previous("overrides", "image_id", "cluster", list(moves))}
             return action, previous, statements
 
-        self._change(plan)
+        self._change(prepare)
 
     def undo(self) -> str:
         """Restore what the last change overwrote; returns its description."""

@@ -305,7 +305,7 @@ def check_options(config: FinetuneConfig) -> None:
         if (out / DONE_FILE).exists():
             raise FinetuneError(f"{config.out} holds a finished fine-tune: export it (twist export {config.out}) or "
                                 "choose another --out (nothing was changed)")
-        if saved_plan(out, Path(config.run)) is None:
+        if saved_learning_set(out, Path(config.run)) is None:
             raise FinetuneError(f"{config.out} already holds a run: choose another --out (nothing was changed)")
     for name in ("epochs", "labelled_per_step", "eval_every"):
         if getattr(config, name) < 1:
@@ -319,7 +319,7 @@ def check_options(config: FinetuneConfig) -> None:
 
 
 @dataclass
-class Plan:
+class LearningSet:
     """What one fine-tune learns from, in positions of the run's file list and RUN's cluster numbers."""
 
     source_run: str
@@ -342,21 +342,22 @@ class Plan:
                            "missing": self.missing}) + "\n"
 
 
-def saved_plan(out: Path, run: Path) -> Plan | None:
-    """The plan of a fine-tune of ``run`` started in ``out`` (None: none, or one of another run)."""
+def saved_learning_set(out: Path, run: Path) -> LearningSet | None:
+    """What a fine-tune of ``run`` started in ``out`` learns from (None: none, or one of another run)."""
     try:
         saved = json.loads((out / FINETUNE_PLAN_FILE).read_text())
     except (OSError, ValueError):
         return None
     if saved.get("source_run") != str(run.resolve()):
         return None
-    return Plan(saved["source_run"], {int(c): n for c, n in saved["names"].items()},
+    return LearningSet(saved["source_run"], {int(c): n for c, n in saved["names"].items()},
                 {int(i): int(c) for i, c in saved["labelled"]}, {int(i) for i in saved["excluded"]},
                 int(saved["missing"]))
 
 
-def new_plan(config: FinetuneConfig, n_classes: int, data: Path) -> Plan:
-    """The curation's decisions (the app's store or a CSV) as a plan; refused when nothing is labelled."""
+def new_learning_set(config: FinetuneConfig, n_classes: int, data: Path) -> LearningSet:
+    """The curation's decisions (the app's store or a CSV) as what the fine-tune learns from; refused when nothing
+    is labelled."""
     from twist_core.data.folder import require_images
 
     if config.index:
@@ -372,7 +373,7 @@ def new_plan(config: FinetuneConfig, n_classes: int, data: Path) -> Plan:
                             "are in)")
     if missing:
         print(f"warning: {missing} curated image(s) are not in {data} and are left out", file=sys.stderr)
-    return Plan(str(Path(config.run).resolve()), curation.names, labelled, excluded, missing)
+    return LearningSet(str(Path(config.run).resolve()), curation.names, labelled, excluded, missing)
 
 
 def finetune(config: FinetuneConfig) -> dict[str, Any]:
@@ -383,38 +384,38 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     checkpoint = load_checkpoint(config.run)
     saved, n_classes = checkpoint["config"], int(checkpoint["model_spec"]["n_classes"])
     out = Path(str(config.out))
-    plan = saved_plan(out, Path(config.run)) if (out / CHECKPOINT_FILE).exists() else None
-    if plan is not None:
+    learning = saved_learning_set(out, Path(config.run)) if (out / CHECKPOINT_FILE).exists() else None
+    if learning is not None:
         print(f"resuming the stopped fine-tune in {out} from its checkpoint, with the labels it started with",
               file=sys.stderr)
     else:
-        plan = new_plan(config, n_classes, Path(config.data or saved["data"]))
+        learning = new_learning_set(config, n_classes, Path(config.data or saved["data"]))
         out.mkdir(parents=True, exist_ok=True)  # names first: a checkpoint of a run killed later exports with them
-        atomic_write_text(out / CLASS_NAMES_FILE, "".join(plan.names[c] + "\n" for c in plan.keep))
-        atomic_write_text(out / FINETUNE_PLAN_FILE, plan.to_json())
-    keep = plan.keep
-    new_cluster = plan.new_cluster()
+        atomic_write_text(out / CLASS_NAMES_FILE, "".join(learning.names[c] + "\n" for c in learning.keep))
+        atomic_write_text(out / FINETUNE_PLAN_FILE, learning.to_json())
+    keep = learning.keep
+    new_cluster = learning.new_cluster()
     settings = dataclasses.replace(train_config(config, saved, len(keep)), resume=(out / CHECKPOINT_FILE).exists())
 
     def attach(run: Run) -> None:
-        run.supervise(Supervision(labelled_draws(run, plan.labelled, new_cluster, config.labelled_per_step,
+        run.supervise(Supervision(labelled_draws(run, learning.labelled, new_cluster, config.labelled_per_step,
                                                  config.seed), config.supervised_weight))
         if run.resumed:  # the checkpoint holds the exclusions and the length
             return
-        run.skipped.update({i: "excluded in the curation" for i in plan.excluded})
+        run.skipped.update({i: "excluded in the curation" for i in learning.excluded})
         run.count_steps_per_epoch()
         run.total_steps = 0
         run.fit_length(0)
 
     metrics = train(settings, start_from=None if settings.resume else head_rows(checkpoint["model"], keep),
                     prepare=attach)
-    report = {"source_run": plan.source_run, "labels_from": str(config.index or config.labels),
+    report = {"source_run": learning.source_run, "labels_from": str(config.index or config.labels),
               "classes_before": n_classes, "classes_after": len(keep),
-              "clusters": [{"cluster": new_cluster[c], "from": c, "name": plan.names[c]} for c in keep],
-              "labelled_images": len(plan.labelled), "excluded_images": len(plan.excluded),
-              "not_found": plan.missing, "options": dataclasses.asdict(config), "final": metrics}
+              "clusters": [{"cluster": new_cluster[c], "from": c, "name": learning.names[c]} for c in keep],
+              "labelled_images": len(learning.labelled), "excluded_images": len(learning.excluded),
+              "not_found": learning.missing, "options": dataclasses.asdict(config), "final": metrics}
     atomic_write_text(out / FINETUNE_REPORT_FILE, json.dumps(report, indent=2) + "\n")
     if config.index:
         record_learning(Path(config.index), Path(config.state_dir) if config.state_dir else None, out,
-                        len(plan.labelled))
+                        len(learning.labelled))
     return report

@@ -27,7 +27,7 @@ from twist_core.io_utils import atomic_write_text
 from twist_core.layout import CHECKPOINT_FILE, CURVES_FILE, DONE_FILE, METRICS_FILE, SKIPPED_FILE
 from twist_core.train.budget import format_duration
 from twist_core.train.loss import HeadLogits
-from twist_core.train.optim import StepPlan
+from twist_core.train.optim import StepSettings
 from twist_core.train.options import TrainConfig, apply_recipe, check_options
 from twist_core.train.run import Run, autocast, cache_batches, setup_run, unwrap, write_metrics, write_skipped
 from twist_core.train.summary import run_summary, write_run_summary
@@ -147,7 +147,7 @@ class EpochStats:
         return merged
 
 
-def step_loss(run: Run, images: torch.Tensor, plan: StepPlan, partners: torch.Tensor | None = None
+def step_loss(run: Run, images: torch.Tensor, settings: StepSettings, partners: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
     """Augment, forward every crop at once, and the step's loss: TWIST, or in the last stage self-labelling.
 
@@ -163,11 +163,11 @@ def step_loss(run: Run, images: torch.Tensor, plan: StepPlan, partners: torch.Te
         targets = torch.cat([torch.full((len(images) - len(labelled),), -1), targets]).to(images.device)
         if partners is not None:  # a labelled image pairs with itself
             partners = torch.cat([partners, labelled.to(partners.device)])
-    views = (run.augment_self_label(images, generator) if plan.self_labelling
+    views = (run.augment_self_label(images, generator) if settings.self_labelling
              else run.augment(images, generator, partners))
     with autocast(config.precision, ctx.device):
         logits = forward_views(run.train_model, views, config.channels_last)
-    loss, parts = run.objective(logits, plan.keep if plan.self_labelling else None, targets)
+    loss, parts = run.objective(logits, settings.keep if settings.self_labelling else None, targets)
     return loss, parts, logits.main
 
 
@@ -194,15 +194,15 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
         if run.global_step >= run.total_steps:
             break
         images, partner_images = drop_failures(run, indices, images, errors, paired=partners is not None)
-        plan = run.schedule().at(run.global_step)
+        settings = run.schedule().at(run.global_step)
         for group in run.optimizer.param_groups:
-            group["lr"] = plan.lr
+            group["lr"] = settings.lr
         images = images.to(ctx.device, non_blocking=True)
-        if partner_images is not None and plan.neighbours:
+        if partner_images is not None and settings.neighbours:
             partner_images = partner_images.to(ctx.device, non_blocking=True)
         else:
             partner_images = None
-        loss, parts, view_logits = step_loss(run, images, plan, partner_images)
+        loss, parts, view_logits = step_loss(run, images, settings, partner_images)
         if distributed.any_rank(ctx, not bool(torch.isfinite(loss))):
             raise TrainingDiverged(
                 f"the loss became {loss.item()} at epoch {epoch + 1}, step {step_in_epoch + 1}: training stopped. "
@@ -215,7 +215,7 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
         run.global_step += 1
         with torch.no_grad():
             probs = torch.softmax(view_logits[0].detach() / config.tau, -1)
-        values = stats.add(parts, probs, images.shape[0], plan.lr, plan.self_labelling)
+        values = stats.add(parts, probs, images.shape[0], settings.lr, settings.self_labelling)
         seconds = max(time.perf_counter() - stats.started, 1e-9)
         bar.set_postfix(loss=f"{loss.detach().item():.3f}", kl=f"{values['consistency']:.3f}",
                         sharp=f"{values['sharpness']:.3f}", div=f"{values['diversity']:.3f}",

@@ -227,10 +227,10 @@ class Run:
 
     def clean_batches(self) -> Iterator[torch.Tensor]:
         """Centre crops of up to RECALIBRATION_IMAGES training images, evenly spread, in this rank's share of a
-        pass plan that makes every rank run the same number of batches of 2 or more images."""
+        set of passes that makes every rank run the same number of batches of 2 or more images."""
         chosen = self.spread_images(RECALIBRATION_IMAGES)
-        plan = distributed.pass_plan(len(chosen), self.ctx.world_size, self.batch_size)
-        for images in self.decoded_batches(plan.batches(chosen, self.ctx.rank, self.ctx.world_size)):
+        passes = distributed.even_passes(len(chosen), self.ctx.world_size, self.batch_size)
+        for images in self.decoded_batches(passes.batches(chosen, self.ctx.rank, self.ctx.world_size)):
             yield self.clean_crops(images)
 
     def clean_crops(self, images: torch.Tensor) -> torch.Tensor:
