@@ -13,7 +13,7 @@ need to be real, not good), export it, label all 50,000 images and build the ind
 - the JSON API beside the UI (``/api/v1``): search by id and by upload over plain HTTP (one kept-alive
   connection, as a script uses it), next to Gradio's ``/search_id`` and ``/search_upload`` of the same run.
 
-    python bench/bench_app.py            # writes bench/results/app.json and prints a table
+    python -m bench.bench_app            # writes bench/results/app.json and prints a table
 """
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.common import REPO
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -10,13 +10,13 @@ K estimate (and the largest-gap alternative) per data set. Also the plan of ``tw
 Writes bench/results/merge.json, keeping what bench/merge_selftrain.py (merge-then-self-train) and the
 --another-seed, --caltech-pair and --variant-run modes added to it.
 
-    python bench/merge.py --k10-run RUN10 --k30-run RUN30 --data CIFAR_TEST \
+    python -m bench.merge --k10-run RUN10 --k30-run RUN30 --data CIFAR_TEST \
         [--digits-runs RUN ... --digits-data DIGITS] [--caltech-labels LABELS.csv] [--work FOLDER]
-    python bench/merge.py --another-seed NAME --k10-run RUN10 --k30-run RUN30 --data CIFAR_TEST   # adds a pair
-    python bench/merge.py --caltech-pair RUN20 RUN60 --caltech-data CALTECH20                     # adds caltech20
-    python bench/merge.py --variant-run NAME RUN30 --data CIFAR_TEST   # a K=30 run with another --lam2 or --tau
-    python bench/merge.py --other-k NAME RUN20 --data CIFAR_TEST       # the pair NAME's seed over-clustered less
-    python bench/merge.py --coarse-run NAME RUN30C --data CIFAR_TEST   # the same with --coarse-classes 10
+    python -m bench.merge --another-seed NAME --k10-run RUN10 --k30-run RUN30 --data CIFAR_TEST   # adds a pair
+    python -m bench.merge --caltech-pair RUN20 RUN60 --caltech-data CALTECH20                     # adds caltech20
+    python -m bench.merge --variant-run NAME RUN30 --data CIFAR_TEST   # a K=30 run with another --lam2 or --tau
+    python -m bench.merge --other-k NAME RUN20 --data CIFAR_TEST       # the pair NAME's seed over-clustered less
+    python -m bench.merge --coarse-run NAME RUN30C --data CIFAR_TEST   # the same with --coarse-classes 10
 """
 
 from __future__ import annotations
@@ -28,64 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import RESULTS, machine, save
-from merge_measures import COMPARED
 from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.spatial.distance import squareform
 from sklearn.cluster import SpectralClustering
 
+from bench.common import RESULTS, machine, save
+from bench.merge_measures import COMPARED
+from bench.merge_setup import index_classes, oracle_purity, prepare_index, recipe, score, trained_classes
 from twist_core.curate import merges
-from twist_core.data.folder import ground_truth_labels
-from twist_core.evaluation.metrics import cluster_report
-
-
-def prepare_index(run: Path, data: Path, work: Path, name: str) -> Path:
-    """Export, label (top 10) and index ``run`` on ``data`` into ``work/name_*`` unless already there."""
-    from twist_core.deploy.export import ExportConfig, export_model
-    from twist_core.index.build import IndexConfig, build_index
-    from twist_core.label.labeller import LabelConfig, label_folder
-
-    index = work / f"{name}_index"
-    if (index / "manifest.json").is_file():
-        return index
-    model = export_model(ExportConfig(run=str(run), out=str(work / f"{name}.onnx")))
-    labels = work / f"{name}_labels.csv"
-    label_folder(LabelConfig(model=str(model), folder=str(data), out=str(labels), topk=10, overwrite=True,
-                             progress=False))
-    build_index(IndexConfig(source=str(labels), model=str(model), out=str(index), device="cpu"))
-    return index
-
-
-def index_classes(index: Path, data: merges.ClusterData) -> tuple[np.ndarray, list[str]]:
-    """The true class (first folder) of every image of ``data``, read from the index by id: scoring only."""
-    from twist_core.index.store import MetaStore, meta_path
-
-    store = MetaStore(meta_path(index))
-    try:
-        paths = dict(store.all_paths())
-    finally:
-        store.close()
-    names, classes = ground_truth_labels([paths[int(i)] for i in data.ids])
-    return classes, names
-
-
-def score(labels: np.ndarray, classes: np.ndarray, class_names: list[str]) -> dict[str, float]:
-    values, dense = np.unique(labels, return_inverse=True)
-    report = cluster_report(dense, classes, len(values), class_names)
-    return {"acc": round(report["acc"], 4), "nmi": round(report["nmi"], 4), "ari": round(report["ari"], 4),
-            "clusters": len(values)}
-
-
-def trained_classes(run: Path) -> int:
-    return int(json.loads((run / "config.json").read_text())["classes"])
-
-
-def recipe(run: Path) -> dict[str, Any]:
-    """What a run was trained with, so that a pair in the JSON says which recipe it compares."""
-    config = json.loads((run / "config.json").read_text())
-    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    return {"backbone": config["backbone"], "seed": config["seed"], "time_budget": config["time_budget"],
-            "epochs_trained": last["epoch"], "self_label_fraction": config["self_label_fraction"]}
 
 
 def cut_labels(result: merges.Suggestions, labels: np.ndarray, groups: int) -> np.ndarray:
@@ -227,14 +177,6 @@ def k_estimate_only(data: merges.ClusterData, resamples: int) -> dict[str, Any]:
     result = merges.suggest(data, merges.DEFAULT_MEASURE, resamples=resamples)
     estimate = result.k_estimate.as_dict()
     return {"clusters": len(result.clusters), **{k: v for k, v in estimate.items() if k != "modularity"}}
-
-
-def oracle_purity(data: merges.ClusterData, classes: np.ndarray, class_names: list[str]) -> dict[str, float]:
-    """Upper bound that USES the labels: every cluster merged into its majority class."""
-    clusters = np.unique(data.labels)
-    majority = {int(c): int(np.bincount(classes[data.labels == c], minlength=len(class_names)).argmax())
-                for c in clusters}
-    return score(np.array([majority[int(c)] for c in data.labels]), classes, class_names)
 
 
 def digits(runs: list[str], data: Path, work: Path, resamples: int) -> dict[str, Any]:

@@ -9,7 +9,7 @@ images themselves (Louvain communities of the embedding kNN graph, networkx) and
 majority community. Labels are used only to score. Writes ``graph_variants`` of bench/results/merge.json
 (with the K=10 result of ``other_seeds.NAME`` beside it, when bench/merge.py --another-seed NAME scored one).
 
-    python bench/merge_graphs.py NAME OVER_RUN --data CIFAR_TEST [--work FOLDER]
+    python -m bench.merge_graphs NAME OVER_RUN --data CIFAR_TEST [--work FOLDER]
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from typing import Any
 
 import networkx as nx
 import numpy as np
-from common import RESULTS, machine, save
-from merge import index_classes, oracle_purity, prepare_index, recipe, score
 from scipy.sparse import csr_matrix
 
+from bench.common import RESULTS, machine, save
+from bench.merge_setup import index_classes, oracle_purity, prepare_index, recipe, score
 from twist_core.curate import merges
 
 LOUVAIN_RESOLUTIONS = (0.5, 0.7, 0.85, 1.0)

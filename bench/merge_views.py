@@ -8,8 +8,8 @@ seeds of the views, and scores them against the class folders (labels used only 
 ``view_graph`` and ``view_graph_summary`` of bench/results/merge.json (or ``SECTION`` and ``SECTION_summary``),
 with the K=10 result of ``other_seeds.NAME`` beside each run when bench/merge.py --another-seed NAME scored one.
 
-    python bench/merge_views.py NAME OVER_RUN --data CIFAR_TEST [--work FOLDER] [--pairs 4] [--view-seeds 0 1]
-    python bench/merge_views.py digits_k30 RUN --data DIGITS --section view_graph_digits   # another data set
+    python -m bench.merge_views NAME OVER_RUN --data CIFAR_TEST [--work FOLDER] [--pairs 4] [--view-seeds 0 1]
+    python -m bench.merge_views digits_k30 RUN --data DIGITS --section view_graph_digits   # another data set
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import RESULTS, machine, save
-from merge import index_classes, prepare_index, recipe, score
 
+from bench.common import RESULTS, machine, save
+from bench.merge_setup import index_classes, prepare_index, recipe, score
 from twist_core.curate import merges
 
 

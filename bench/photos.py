@@ -8,7 +8,7 @@ Also measured: JPEG decoding with and without Pillow's draft mode (caltech20 and
 photo), `twist label` with the best run's model, and a short training run with and without the allocator
 setting of twist_core.train.allocator.
 
-Usage: python bench/photos.py [--runs DIR] [--data DIR] [--collect-only] [--budget 15m] [--only NAME,...]
+Usage: python -m bench.photos [--runs DIR] [--data DIR] [--collect-only] [--budget 15m] [--only NAME,...]
                               [--decode] [--label] [--allocator]
 """
 
@@ -29,7 +29,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from common import REPO, RESULTS, extract, machine, save
+
+from bench.common import REPO, RESULTS, extract, machine, save
 
 # name -> (what it is, `twist train` options); the names match the run folders of the benchmark queue.
 CONFIGS: dict[str, tuple[str, list[str]]] = {

@@ -6,7 +6,7 @@ in nothing else (output folder aside), reads each run's final evaluation (``twis
 ARI / kNN on the class folders) and the last evaluation before the stage began,
 and writes bench/results/self_label.json.
 
-    python bench/self_label.py --pair NAME RUN_WITH_STAGE RUN_WITHOUT [--pair ...]
+    python -m bench.self_label --pair NAME RUN_WITH_STAGE RUN_WITHOUT [--pair ...]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common import machine, save
+from bench.common import machine, save
 
 SAME_EXCEPT = {"out", "self_label_fraction"}
 

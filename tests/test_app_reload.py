@@ -19,7 +19,7 @@ from conftest import REPO, start_app_server, stop_app_server
 from gradio_client import Client
 
 from twist_core.index.build import IndexConfig, build_index
-from twist_core.index.image_index import IndexReader
+from twist_core.index.image_index import IndexReader, IndexWriter
 
 FIRST, ADDED = 8, 5  # images per class at first, images added by the update
 
@@ -100,7 +100,7 @@ def test_a_request_holding_a_generation_survives_two_updates_and_the_old_one_is_
         first = held.generation
         kept = held.get(0).id
         for gone in (1, 2):  # two updates commit, each seen by another request
-            writer = IndexReader.open(index_dir, "cpu")
+            writer = IndexWriter.open(index_dir, "cpu")
             writer.remove([gone])
             writer.close()
             assert ws.index.generation > first
