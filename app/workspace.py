@@ -14,8 +14,7 @@ import shutil
 import sqlite3
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from PIL import Image
 
 from app import exporters, projection
 from app.batch import BatchItem, BatchUserError, batch_items, check_pixel_budget, decode_small
+from app.results import AppUserError, Neighbour, Prediction, Progress, ReviewItem, throttled
 from app.review_queue import ReviewQueue
 from app.thumbnails import ThumbnailCache
 from twist_core.curate.curation import EXCLUDED, CurationError, CurationStore, Record
@@ -45,24 +45,6 @@ MAX_BATCH_PIXELS = 500_000_000  # decoded pixels one batch request may ask for, 
 VIEW_SIZE = 1024  # longest side of the picture in the detail view
 WARMUP_STOP_SECONDS = 10.0  # close() waits this long for the thumbnail warm-up to finish its image
 DISPLAY_SIDE = 400  # smaller pictures are enlarged to about this in the detail view (see Workspace.display)
-
-
-Progress = Callable[[int, int], None]  # (done, total) of a long action, for the UI's progress bar
-
-
-def throttled(progress: Progress | None, steps: int = 100) -> Progress | None:
-    """``progress`` called about ``steps`` times over a run, however many items it counts (and at the end)."""
-    if progress is None:
-        return None
-    last = [-1]
-
-    def report(done: int, total: int) -> None:
-        step = done * steps // max(total, 1)
-        if step != last[0] or done == total:
-            last[0] = step
-            progress(done, total)
-
-    return report
 
 
 def file_stamp(path: Path) -> tuple[int, int, int] | None:
@@ -87,35 +69,6 @@ def check_whole(meta_path: Path) -> None:
     if verdict != "ok":
         raise IndexUserError(f"{meta_path} is damaged ({verdict}): restore it, or build the index again with "
                              f"twist index --out {meta_path.parent.parent}")
-
-
-class AppUserError(Exception):
-    """Something the user can fix (missing model or index, bad upload, bad request); the message says what."""
-
-
-@dataclass(frozen=True)
-class Neighbour:
-    record: Record
-    similarity: float
-    thumbnail: Path
-
-
-@dataclass(frozen=True)
-class ReviewItem:
-    """An image of the review queue: its score, and the cluster its neighbours point to (None: no other)."""
-
-    record: Record
-    score: float
-    suggestion: int | None
-    thumbnail: Path | None  # None when asked for without thumbnails (the JSON API)
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """What the model says about one image: class probabilities (K) and its nearest indexed neighbours."""
-
-    probs: np.ndarray
-    neighbours: list[Neighbour]
 
 
 class Workspace:
