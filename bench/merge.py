@@ -34,7 +34,15 @@ from sklearn.cluster import SpectralClustering
 
 from bench.common import RESULTS, machine, save
 from bench.merge_measures import COMPARED
-from bench.merge_setup import index_classes, oracle_purity, prepare_index, recipe, score, trained_classes
+from bench.merge_setup import (
+    index_classes,
+    oracle_purity,
+    planned_labels,
+    prepare_index,
+    recipe,
+    score,
+    trained_classes,
+)
 from twist_core.curate import merges
 
 
@@ -116,7 +124,7 @@ def variants(data: merges.ClusterData, classes: np.ndarray, class_names: list[st
     found["greedy_modularity"] = group_scores(data, clusters, np.unique(greedy[first], return_inverse=True)[1],
                                               classes, class_names)
     plan = merges.plan_merges(data, evidence, target)
-    planned = merges.planned_labels(data, plan)
+    planned = planned_labels(data, plan)
     found["plan_to_n (suggest-merges --to N)"] = {
         **group_scores(data, clusters, np.unique(planned[first], return_inverse=True)[1], classes, class_names),
         "modularity": round(plan.modularity, 5), "greedy_modularity": round(plan.greedy_modularity, 5)}
@@ -153,7 +161,7 @@ def compare_measures(data: merges.ClusterData, classes: np.ndarray, class_names:
         result = merges.suggest(data, measure, resamples=resamples, evidence=evidence)
         seconds = time.perf_counter() - began
         greedy, plan = merges.greedy_merges(data, evidence, target)
-        planned = merges.planned_labels(data, merges.plan_merges(data, evidence, target))
+        planned = planned_labels(data, merges.plan_merges(data, evidence, target))
         table[measure] = {"greedy": score(greedy, classes, class_names),
                           "plan_to_n": score(planned, classes, class_names),
                           "hierarchy_cut": score(cut_labels(result, data.labels, target), classes, class_names),
@@ -265,7 +273,7 @@ def over_scores(over_run: Path, data: Path, work: Path, name: str, resamples: in
     classes, names = index_classes(index, clustered)
     plan = merges.plan_merges(clustered, merges.gather_evidence(clustered, merges.DEFAULT_MEASURE), len(names))
     return {f"k{over}": score(clustered.labels, classes, names),
-            f"k{over}_merged": score(merges.planned_labels(clustered, plan), classes, names),
+            f"k{over}_merged": score(planned_labels(clustered, plan), classes, names),
             f"k{over}_oracle_merge_upper_bound": oracle_purity(clustered, classes, names),
             **{f"k{over}_balanced_plan[beta={beta}]": score(group_of[np.searchsorted(leaves, clustered.labels)],
                                                             classes, names)
@@ -387,7 +395,7 @@ def add_coarse_run(args: argparse.Namespace) -> None:
     heads = merges.suggest(clustered, merges.HEADS, resamples=args.bootstrap, evidence=evidence, to=len(names))
     config = json.loads((run / "config.json").read_text())
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    found = {f"k{over}_heads_merged": {**score(merges.planned_labels(clustered, heads.plan), classes, names),
+    found = {f"k{over}_heads_merged": {**score(planned_labels(clustered, heads.plan), classes, names),
                                        "plan": heads.plan.as_dict()},
              f"k{over}_knn_merged": found.pop(f"k{over}_merged"),
              "coarse_head": score(coarse_assignments(index, clustered), classes, names),

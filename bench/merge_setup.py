@@ -71,3 +71,9 @@ def recipe(run: Path) -> dict[str, Any]:
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     return {"backbone": config["backbone"], "seed": config["seed"], "time_budget": config["time_budget"],
             "epochs_trained": last["epoch"], "self_label_fraction": config["self_label_fraction"]}
+
+
+def planned_labels(data: merges.ClusterData, plan: merges.MergePlan) -> np.ndarray:
+    """Each image's cluster once ``plan`` is applied."""
+    into = {source: target for source, target in plan.merges}
+    return np.array([into.get(int(c), int(c)) for c in data.labels], np.int64)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import RESULTS, machine, save
-from bench.merge_setup import index_classes, prepare_index, recipe, score
+from bench.merge_setup import index_classes, planned_labels, prepare_index, recipe, score
 from twist_core.curate import merges
 
 
@@ -32,14 +32,14 @@ def views_scores(index: Path, pairs: int, seeds: list[int]) -> dict[str, Any]:
     data = merges.data_from_index(index)
     classes, names = index_classes(index, data)
     knn = merges.plan_merges(data, merges.gather_evidence(data, merges.DEFAULT_MEASURE), len(names))
-    found: dict[str, Any] = {"plan_as_shipped": score(merges.planned_labels(data, knn), classes, names),
+    found: dict[str, Any] = {"plan_as_shipped": score(planned_labels(data, knn), classes, names),
                              "views": {}}
     for seed in seeds:
         began = time.perf_counter()
         views = merges.model_evidence(index, data, merges.VIEWS, pairs, seed=seed, progress=False)
         evidence = merges.gather_evidence(data, merges.VIEWS, model_graph=views)
         plan = merges.plan_merges(data, evidence, len(names))
-        found["views"][f"seed{seed}"] = {**score(merges.planned_labels(data, plan), classes, names),
+        found["views"][f"seed{seed}"] = {**score(planned_labels(data, plan), classes, names),
                                          "view_seconds": round(time.perf_counter() - began, 1)}
         print(f"views seed {seed}: {found['views'][f'seed{seed}']}", flush=True)
     runs = list(found["views"].values())

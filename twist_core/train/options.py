@@ -28,18 +28,10 @@ from twist_core.train.photo_defaults import auto_backbone, auto_image_size
 # Patches recipe, chosen by 5-minute runs on cifar10-test over 128/256/400 atoms, tau 0.5/1.0 and MLP 2048/1024
 # (bench/results/recipe.json).
 PATCH_ATOMS = 256
-
-
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "lars": 1.5e-6, "adamw": 0.05}
-
-
 DEFAULT_NEIGHBOUR_FRACTION = 0.5  # chosen in bench/results/neighbours.json
-
-
 # Options added after runs were saved: a run that predates them resumes (or fine-tunes) with them off, as it ran.
 ABSENT_FROM_OLDER_RUNS = {"neighbour_fraction": 0.0}
-
-
 # Per 256 images. LARS: the paper's 0.5; AdamW: DINO's 5e-4 (0.1 makes AdamW diverge); SGD: calibrated here.
 DEFAULT_LR = {"sgd": 0.1, "lars": 0.5, "adamw": 5e-4}
 

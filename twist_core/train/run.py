@@ -54,8 +54,6 @@ from twist_core.train.photo_defaults import announcement, expected_speed
 from twist_core.train.speed import SpeedWatch
 
 RECALIBRATION_IMAGES = 10_000  # clean images whose BN statistics the exported model uses
-
-
 DICTIONARY_PIXELS = 32 * 1024**2  # the patch dictionary is fitted on at most this many decoded pixels (10,000 at 32 px)
 
 

@@ -53,7 +53,6 @@ from twist_core.curate.merges.plan import (
     greedy_merges,
     group_modularity,
     plan_merges,
-    planned_labels,
     refine_groups,
     run,
     suggest,

@@ -8,26 +8,12 @@ from twist_core.config import AutoConfig, option
 from twist_core.errors import UserError
 
 VIEW_PAIRS = 4  # two forward passes per image each; the pairs bench/merge_views.py measured
-
-
 MEASURES = ("modularity",)  # from the index alone; the ones the guide's table rejected live in the bench
-
-
 VIEWS = "views"  # these two also need the model and the images (twist_core.curate.view_graph)
-
-
 HEADS = "heads"
-
-
 MODEL_GRAPHS = (VIEWS, HEADS)  # measures whose evidence is a graph of the model's clusters
-
-
 DEFAULT_MEASURE = "modularity"
-
-
 LINKAGE_METHOD = "average"
-
-
 RANGE_QUANTILES = (0.05, 0.95)
 
 

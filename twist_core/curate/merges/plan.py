@@ -291,12 +291,6 @@ def plan_merges(data: ClusterData, evidence: Evidence, target: int) -> MergePlan
                     "view" if evidence.measure == VIEWS else "kNN")
 
 
-def planned_labels(data: ClusterData, plan: MergePlan) -> np.ndarray:
-    """Each image's cluster once ``plan`` is applied."""
-    into = {source: target for source, target in plan.merges}
-    return np.array([into.get(int(c), int(c)) for c in data.labels], np.int64)
-
-
 def run(config: MergesConfig) -> Suggestions:
     if config.top < 1 or config.bootstrap < 0 or config.max_queries < 1:
         raise MergeUserError("--top and --max-queries must be at least 1, --bootstrap at least 0")
