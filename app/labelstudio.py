@@ -383,11 +383,11 @@ def import_labels(config: ImportLabelsConfig) -> ImportPlan:
     if not config.file or not config.index:
         raise LabelImportError("give the export and the index: twist import-labels EXPORT.json --index INDEX")
     tasks = load_export(Path(config.file))
-    meta, meta_path, names = open_index(config)
+    meta, metadata, names = open_index(config)
     try:
         uid = meta.info().get("uid")
         refuse_other_index(tasks, uid, config.file, config.index)
-        store = CurationStore.for_index(config.index, config.state_dir, names, meta_path)
+        store = CurationStore.for_index(config.index, config.state_dir, names, metadata)
         try:
             plan = plan_import(read_choices(tasks, meta, config.from_name, uid), store,
                                parse_renames(config.rename, store.names()))
