@@ -103,7 +103,7 @@ def test_merge_plan_counts_clusters_without_the_excluded_images(served: dict) ->
     client.predict(str(served["ids"][served["clusters"][0]][0]), api_name="/exclude_images")
     try:
         with pytest.raises(Exception, match=rf"from 1 to {clusters - 1} \(there are {clusters} clusters now\)"):
-            client.predict(clusters, "centroid", api_name="/preview_plan")
+            client.predict(clusters, "modularity", api_name="/preview_plan")
         _, _, summary = client.predict("size", api_name="/overview")
         assert f"in {clusters} non-empty clusters" in summary
     finally:
