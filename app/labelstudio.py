@@ -28,8 +28,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from twist_core.commands import run_command
 from twist_core.config import AutoConfig, command_parser, option
 from twist_core.curate.curation import EXCLUDED, CurationStore
+from twist_core.curate.store_file import curation_path
 from twist_core.errors import UserError, terminal_safe
-from twist_core.index.store import META_FILE, MetaStore, read_manifest
+from twist_core.index.store import MetaStore, meta_path
 from twist_core.io_utils import file_sha256
 from twist_core.report import print_written
 
@@ -345,8 +346,8 @@ def open_index(config: ImportLabelsConfig) -> tuple[MetaStore, Path, list[str]]:
     """The index's metadata, its path and the class names of the model that labelled it (--model must be that
     model: another one's clusters would be applied to this index's images)."""
     index_dir = Path(config.index or "")
-    meta_path = index_dir / read_manifest(index_dir)["dir"] / META_FILE
-    meta = MetaStore(meta_path)
+    metadata = meta_path(index_dir)
+    meta = MetaStore(metadata)
     try:
         info = meta.info()
         model = config.model or info.get("model")
@@ -355,7 +356,7 @@ def open_index(config: ImportLabelsConfig) -> tuple[MetaStore, Path, list[str]]:
         check_model(Path(model), info, index_dir, given=bool(config.model))
         from twist_core.deploy.infer import OnnxModel
 
-        return meta, meta_path, OnnxModel(model, device="cpu").class_names
+        return meta, metadata, OnnxModel(model, device="cpu").class_names
     except BaseException:
         meta.close()
         raise
@@ -382,11 +383,11 @@ def import_labels(config: ImportLabelsConfig) -> ImportPlan:
     if not config.file or not config.index:
         raise LabelImportError("give the export and the index: twist import-labels EXPORT.json --index INDEX")
     tasks = load_export(Path(config.file))
-    meta, meta_path, names = open_index(config)
+    meta, metadata, names = open_index(config)
     try:
         uid = meta.info().get("uid")
         refuse_other_index(tasks, uid, config.file, config.index)
-        store = CurationStore(store_path(config), meta_path, names)
+        store = CurationStore.for_index(config.index, config.state_dir, names, metadata)
         try:
             plan = plan_import(read_choices(tasks, meta, config.from_name, uid), store,
                                parse_renames(config.rename, store.names()))
@@ -409,7 +410,7 @@ def import_and_print(config: ImportLabelsConfig) -> int:
 
 def store_path(config: ImportLabelsConfig) -> Path:
     """The curation store the import writes: in --state-dir, else in the index folder (as the app keeps it)."""
-    return Path(config.state_dir or config.index) / "curation.sqlite"
+    return curation_path(config.index, config.state_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,8 +14,7 @@ import shutil
 import sqlite3
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +23,18 @@ from PIL import Image
 
 from app import exporters, projection
 from app.batch import BatchItem, BatchUserError, batch_items, check_pixel_budget, decode_small
+from app.results import AppUserError, Neighbour, Prediction, Progress, ReviewItem, throttled
 from app.review_queue import ReviewQueue
 from app.thumbnails import ThumbnailCache
 from twist_core.curate.curation import EXCLUDED, CurationError, CurationStore, Record
 from twist_core.data.folder import ImageReadError, decode_image
 from twist_core.deploy.infer import OnnxModel
-from twist_core.index.image_index import ImageIndex
-from twist_core.index.store import MANIFEST, META_FILE, IndexUserError, read_manifest
+from twist_core.index.image_index import IndexReader
+from twist_core.index.store import IndexUserError, read_manifest
 from twist_core.index.store import meta_path as index_meta_path
 from twist_core.io_utils import csv_safe, file_sha256, mark_output_folder
 from twist_core.label.table import label_rows, read_labels_meta
+from twist_core.layout import MANIFEST, META_FILE
 
 log = logging.getLogger("twist.app")
 PAGE_SIZE = 60
@@ -44,24 +45,6 @@ MAX_BATCH_PIXELS = 500_000_000  # decoded pixels one batch request may ask for, 
 VIEW_SIZE = 1024  # longest side of the picture in the detail view
 WARMUP_STOP_SECONDS = 10.0  # close() waits this long for the thumbnail warm-up to finish its image
 DISPLAY_SIDE = 400  # smaller pictures are enlarged to about this in the detail view (see Workspace.display)
-
-
-Progress = Callable[[int, int], None]  # (done, total) of a long action, for the UI's progress bar
-
-
-def throttled(progress: Progress | None, steps: int = 100) -> Progress | None:
-    """``progress`` called about ``steps`` times over a run, however many items it counts (and at the end)."""
-    if progress is None:
-        return None
-    last = [-1]
-
-    def report(done: int, total: int) -> None:
-        step = done * steps // max(total, 1)
-        if step != last[0] or done == total:
-            last[0] = step
-            progress(done, total)
-
-    return report
 
 
 def file_stamp(path: Path) -> tuple[int, int, int] | None:
@@ -88,35 +71,6 @@ def check_whole(meta_path: Path) -> None:
                              f"twist index --out {meta_path.parent.parent}")
 
 
-class AppUserError(Exception):
-    """Something the user can fix (missing model or index, bad upload, bad request); the message says what."""
-
-
-@dataclass(frozen=True)
-class Neighbour:
-    record: Record
-    similarity: float
-    thumbnail: Path
-
-
-@dataclass(frozen=True)
-class ReviewItem:
-    """An image of the review queue: its score, and the cluster its neighbours point to (None: no other)."""
-
-    record: Record
-    score: float
-    suggestion: int | None
-    thumbnail: Path | None  # None when asked for without thumbnails (the JSON API)
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """What the model says about one image: class probabilities (K) and its nearest indexed neighbours."""
-
-    probs: np.ndarray
-    neighbours: list[Neighbour]
-
-
 class Workspace:
     """A model, its index, the curation store and the thumbnail cache, opened once per server."""
 
@@ -137,7 +91,7 @@ class Workspace:
         self.state_dir = Path(state_dir) if state_dir else index_dir
         self._meta_path = meta_path  # of the generation served, for the review queue
         try:
-            self._store = CurationStore(self.state_dir / "curation.sqlite", meta_path, self.model.class_names)
+            self._store = CurationStore.for_index(index_dir, self.state_dir, self.model.class_names, meta_path)
         except CurationError as error:
             raise AppUserError(str(error)) from None
         self._files_stamp = (manifest_stamp, file_stamp(meta_path))  # the index's files as last seen: keep_up()
@@ -154,10 +108,10 @@ class Workspace:
         self._warmups: list[threading.Thread] = []
 
     # ---- following index updates
-    def _open_generation(self) -> tuple[ImageIndex, Path]:
+    def _open_generation(self) -> tuple[IndexReader, Path]:
         """The index generation the manifest names and its metadata file, checked against the model."""
         for _ in range(3):
-            index = ImageIndex.open(self.index_dir, self.device)
+            index = IndexReader.open(self.index_dir, self.device)
             manifest = read_manifest(self.index_dir)
             if manifest["generation"] != index.generation:  # a writer committed meanwhile: open that one
                 index.close()
@@ -165,7 +119,7 @@ class Workspace:
             return index, self.index_dir / manifest["dir"] / META_FILE
         raise AppUserError(f"{self.index_dir} keeps changing while the app opens it; try again")
 
-    def _model_for(self, index: ImageIndex, follow: bool) -> tuple[OnnxModel, str]:
+    def _model_for(self, index: IndexReader, follow: bool) -> tuple[OnnxModel, str]:
         """The model to serve ``index`` with, and its fingerprint: the one open, or (``follow``, after
         ``twist index --update`` relabelled the index with another model) the model the index names.
 
@@ -253,7 +207,7 @@ class Workspace:
         log.info("now serving generation %d of %s (%d images)", fresh.generation, self.index_dir, fresh.size)
 
     @property
-    def index(self) -> ImageIndex:
+    def index(self) -> IndexReader:
         self.keep_up()
         return self._index
 
@@ -565,7 +519,7 @@ class Workspace:
         keep = np.array([int(i) in records for i in ids], dtype=bool)
         return ids[keep], xy[keep], records, geometry
 
-    def _projection_cache(self, index: ImageIndex | None = None) -> Path:
+    def _projection_cache(self, index: IndexReader | None = None) -> Path:
         """The map's cache file: one per index generation, so an update draws a fresh map."""
         return self.state_dir / f"projection-gen{(index or self._index).generation}.npz"
 

@@ -4,7 +4,7 @@ The zip holds eight 6000 x 6000 PNGs of a few hundred KB in all. The app runs wi
 (its digits index prepared in a temporary cache); the server's peak RSS is reset through
 ``/proc/PID/clear_refs`` just before the request, and read (``VmHWM``) after it.
 
-    python bench/app_batch_memory.py --label after    # adds {"after": ...} to bench/results/app_batch_memory.json
+    python -m bench.app_batch_memory --label after    # adds {"after": ...} to bench/results/app_batch_memory.json
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.common import REPO
+
 RESULT = REPO / "bench" / "results" / "app_batch_memory.json"
 
 

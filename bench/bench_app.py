@@ -13,7 +13,7 @@ need to be real, not good), export it, label all 50,000 images and build the ind
 - the JSON API beside the UI (``/api/v1``): search by id and by upload over plain HTTP (one kept-alive
   connection, as a script uses it), next to Gradio's ``/search_id`` and ``/search_upload`` of the same run.
 
-    python bench/bench_app.py            # writes bench/results/app.json and prints a table
+    python -m bench.bench_app            # writes bench/results/app.json and prints a table
 """
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.common import REPO
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -51,7 +50,8 @@ def prepare(work: Path, archive: Path) -> dict[str, float | Path]:
     from twist_core.deploy.export import ExportConfig, export_model
     from twist_core.index.build import IndexConfig, build_index
     from twist_core.label.labeller import LabelConfig, label_folder
-    from twist_core.train.loop import TrainConfig, train
+    from twist_core.train.loop import train
+    from twist_core.train.options import TrainConfig
 
     times: dict[str, float | Path] = {}
     start = time.perf_counter()
@@ -148,12 +148,12 @@ def main() -> None:
     from gradio_client import Client, handle_file
 
     from app.main import free_port
-    from twist_core.index.image_index import ImageIndex
+    from twist_core.index.image_index import IndexReader
 
     with tempfile.TemporaryDirectory(prefix="bench-app-") as tmp:
         work = Path(tmp)
         setup = prepare(work, Path(args.archive))
-        index = ImageIndex.open(setup["index"], "cpu")
+        index = IndexReader.open(setup["index"], "cpu")
         size, clusters = index.size, index.cluster_summary()
         biggest = max(clusters, key=lambda c: c["size"])
         sampled = index.records(None, order_by="id", limit=50_000)[::500][:args.searches]

@@ -7,8 +7,8 @@ runs in the same process as the baseline. Random unit vectors are the worst case
 exploit); ``clustered`` mimics trained embeddings (points around class centres). From 100k on, RaBitQ codes
 with exact reranking (and HNSW at 100k) show what unstructured data costs with methods ``twist index`` does not use.
 
-    python bench/bench_index.py                       # 10k, 100k, 1M; writes bench/results/index.json
-    python bench/bench_index.py --sizes 10000 --queries 200
+    python -m bench.bench_index                       # 10k, 100k, 1M; writes bench/results/index.json
+    python -m bench.bench_index --sizes 10000 --queries 200
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Random weights cost the same time as trained ones. Figures, all on the same mach
   * label images/s: the whole pipeline (decode in workers + onnxruntime + chunk commits), 10k CIFAR JPEGs;
   * PyTorch eager and onnxruntime model-only images/s on the same pre-decoded tensors;
   * pipeline / model-only ratio (1.0 = decoding costs nothing); peak RSS labelling 10k vs 50k images.
-Usage: python bench/bench_label.py [--data ../shared/data] [--out bench/results/label.json]
+Usage: python -m bench.bench_label [--data ../shared/data] [--out bench/results/label.json]
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.common import REPO
 
 
 def extract(archive: Path, destination: Path) -> Path:
@@ -39,7 +38,7 @@ def make_model(workdir: Path) -> Path:
     from twist_core.deploy.export import ExportConfig, export_model
     from twist_core.model.checkpoint import save_checkpoint
     from twist_core.model.network import ModelSpec, TwistModel
-    from twist_core.train.loop import TrainConfig
+    from twist_core.train.options import TrainConfig
 
     torch.manual_seed(0)
     spec = ModelSpec(backbone="resnet18", width=32, small_stem=True, n_classes=10, tau=0.5)

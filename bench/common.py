@@ -42,10 +42,19 @@ def machine() -> dict[str, str]:
             "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
 
 
+def summary_first(result: dict) -> dict:
+    """The result with its readable part on top: ``notes``, ``conditions`` and every ``*_summary`` / ``*_means``
+    entry before the full tables (a results file of thousands of lines opens on its conclusions)."""
+    def rank(key: str) -> int:
+        return {"notes": 0, "conditions": 1}.get(key, 2 if key.endswith(("_summary", "_means")) else 3)
+
+    return {key: result[key] for key in sorted(result, key=rank)}  # sorted is stable: each part keeps its order
+
+
 def save(name: str, result: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    atomic_write_text(path, json.dumps(result, indent=2) + "\n")  # a kill never leaves half a results file
+    atomic_write_text(path, json.dumps(summary_first(result), indent=2) + "\n")  # a kill never leaves half a file
     return path
 
 

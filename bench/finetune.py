@@ -1,6 +1,6 @@
 """``twist finetune`` on cifar10-test: ACC before and after a simulated person confirms 1 % and then 5 % of images.
 
-Run as ``flock /tmp/bench.lock python bench/finetune.py --run RUN --data CIFAR_TEST --work WORK`` (timed runs
+Run as ``flock /tmp/bench.lock python -m bench.finetune --run RUN --data CIFAR_TEST --work WORK`` (timed runs
 must not overlap). The model is the
 20-minute CPU run (patches backbone, K = 10); it is never retrained or modified here.
 
@@ -28,8 +28,6 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import normalized_mutual_info_score
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine, run_clusters, save
 from twist_core.evaluation.evaluate import EvalImages, load_eval_images

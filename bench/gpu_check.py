@@ -5,7 +5,7 @@
 2. A ``--time-budget`` run (default 6 minutes) on cifar10-train, scored on cifar10-test (target ACC >= 0.85).
 3. ONNX labelling of cifar10-test with the CUDA provider against the CPU provider, images/s.
 4. (``--parts overcluster``, issue 14) ResNet-18 with K = 10 and K = 30 trained side by side on the one GPU on
-   cifar10-test for the same budget, then scored by ``bench/merge.py --another-seed``: the K = 30 run merged down
+   cifar10-test for the same budget, then scored by ``python -m bench.merge --another-seed``: the K = 30 run merged down
    to 10 by the suggestions, without labels, against the K = 10 run (its merge.json is written beside --out).
 Each part that cannot run (a missing package, no GPU) is recorded as skipped with the reason, never guessed.
 Writes bench/results/gpu.json (or --out). Run through bench/gpu_check.sh, which installs what is missing.
@@ -24,12 +24,8 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from common import subset_folder  # noqa: E402 (after the path set-up)
-
-from twist_core.io_utils import atomic_write_text  # noqa: E402
+from bench.common import REPO, subset_folder
+from twist_core.io_utils import atomic_write_text
 
 
 def extract(archive: Path, destination: Path) -> Path:
@@ -58,7 +54,9 @@ def training_speed(data: Path, workdir: Path, device: str, compile_model: bool, 
     import torch
 
     from twist_core import distributed
-    from twist_core.train.loop import TrainConfig, setup_run, step_loss
+    from twist_core.train.loop import step_loss
+    from twist_core.train.options import TrainConfig
+    from twist_core.train.run import setup_run
 
     warmup = 10 if compile_model else 3
     folder = subset_folder(data, batch * (warmup + steps), workdir)
@@ -129,7 +127,7 @@ def onnx_labelling(run: Path, test: Path, workdir: Path, n_images: int) -> dict:
 
 def over_clustering(test: Path, workdir: Path, device: str, budget: str) -> dict:
     """K = 10 and K = 30 ResNet-18 runs trained at once (each gets half the GPU, the same for both), then merged
-    and scored by bench/merge.py, whose merge.json (with the other entries kept) is copied beside the results."""
+    and scored by python -m bench.merge, whose merge.json (with the other entries kept) is copied beside the results."""
     runs = {k: workdir / f"over_k{k}" for k in (10, 30)}
     with contextlib.ExitStack() as logs:
         started = {}
@@ -145,7 +143,7 @@ def over_clustering(test: Path, workdir: Path, device: str, budget: str) -> dict
                 raise RuntimeError(f"twist train K={k} failed: {tail}")
     name = f"resnet18_{device}"
     with open(workdir / "over_merge.log", "w") as log:
-        subprocess.run([sys.executable, "bench/merge.py", "--another-seed", name, "--k10-run", str(runs[10]),
+        subprocess.run([sys.executable, "-m", "bench.merge", "--another-seed", name, "--k10-run", str(runs[10]),
                         "--k30-run", str(runs[30]), "--data", str(test), "--work", str(workdir / "merge"),
                         "--bootstrap", "100"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
     entry = json.loads((REPO / "bench" / "results" / "merge.json").read_text())["other_seeds"][name]

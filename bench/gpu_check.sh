@@ -44,4 +44,4 @@ if [ -n "$missing" ]; then
   python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, '(kept)')"
 fi
 
-exec python bench/gpu_check.py "$cifar" "${args[@]}"
+exec python -m bench.gpu_check "$cifar" "${args[@]}"

@@ -10,13 +10,13 @@ K estimate (and the largest-gap alternative) per data set. Also the plan of ``tw
 Writes bench/results/merge.json, keeping what bench/merge_selftrain.py (merge-then-self-train) and the
 --another-seed, --caltech-pair and --variant-run modes added to it.
 
-    python bench/merge.py --k10-run RUN10 --k30-run RUN30 --data CIFAR_TEST \
+    python -m bench.merge --k10-run RUN10 --k30-run RUN30 --data CIFAR_TEST \
         [--digits-runs RUN ... --digits-data DIGITS] [--caltech-labels LABELS.csv] [--work FOLDER]
-    python bench/merge.py --another-seed NAME --k10-run RUN10 --k30-run RUN30 --data CIFAR_TEST   # adds a pair
-    python bench/merge.py --caltech-pair RUN20 RUN60 --caltech-data CALTECH20                     # adds caltech20
-    python bench/merge.py --variant-run NAME RUN30 --data CIFAR_TEST   # a K=30 run with another --lam2 or --tau
-    python bench/merge.py --other-k NAME RUN20 --data CIFAR_TEST       # the pair NAME's seed over-clustered less
-    python bench/merge.py --coarse-run NAME RUN30C --data CIFAR_TEST   # the same with --coarse-classes 10
+    python -m bench.merge --another-seed NAME --k10-run RUN10 --k30-run RUN30 --data CIFAR_TEST   # adds a pair
+    python -m bench.merge --caltech-pair RUN20 RUN60 --caltech-data CALTECH20                     # adds caltech20
+    python -m bench.merge --variant-run NAME RUN30 --data CIFAR_TEST   # a K=30 run with another --lam2 or --tau
+    python -m bench.merge --other-k NAME RUN20 --data CIFAR_TEST       # the pair NAME's seed over-clustered less
+    python -m bench.merge --coarse-run NAME RUN30C --data CIFAR_TEST   # the same with --coarse-classes 10
 """
 
 from __future__ import annotations
@@ -28,63 +28,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import RESULTS, machine, save
 from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.spatial.distance import squareform
 from sklearn.cluster import SpectralClustering
 
+from bench.common import RESULTS, machine, save
+from bench.merge_measures import COMPARED
+from bench.merge_setup import (
+    index_classes,
+    oracle_purity,
+    planned_labels,
+    prepare_index,
+    recipe,
+    score,
+    trained_classes,
+)
 from twist_core.curate import merges
-from twist_core.data.folder import ground_truth_labels
-from twist_core.evaluation.metrics import cluster_report
-
-
-def prepare_index(run: Path, data: Path, work: Path, name: str) -> Path:
-    """Export, label (top 10) and index ``run`` on ``data`` into ``work/name_*`` unless already there."""
-    from twist_core.deploy.export import ExportConfig, export_model
-    from twist_core.index.build import IndexConfig, build_index
-    from twist_core.label.labeller import LabelConfig, label_folder
-
-    index = work / f"{name}_index"
-    if (index / "manifest.json").is_file():
-        return index
-    model = export_model(ExportConfig(run=str(run), out=str(work / f"{name}.onnx")))
-    labels = work / f"{name}_labels.csv"
-    label_folder(LabelConfig(model=str(model), folder=str(data), out=str(labels), topk=10, overwrite=True,
-                             progress=False))
-    build_index(IndexConfig(source=str(labels), model=str(model), out=str(index), device="cpu"))
-    return index
-
-
-def index_classes(index: Path, data: merges.ClusterData) -> tuple[np.ndarray, list[str]]:
-    """The true class (first folder) of every image of ``data``, read from the index by id: scoring only."""
-    from twist_core.index.store import META_FILE, MetaStore, read_manifest
-
-    store = MetaStore(index / read_manifest(index)["dir"] / META_FILE)
-    try:
-        paths = dict(store.all_paths())
-    finally:
-        store.close()
-    names, classes = ground_truth_labels([paths[int(i)] for i in data.ids])
-    return classes, names
-
-
-def score(labels: np.ndarray, classes: np.ndarray, class_names: list[str]) -> dict[str, float]:
-    values, dense = np.unique(labels, return_inverse=True)
-    report = cluster_report(dense, classes, len(values), class_names)
-    return {"acc": round(report["acc"], 4), "nmi": round(report["nmi"], 4), "ari": round(report["ari"], 4),
-            "clusters": len(values)}
-
-
-def trained_classes(run: Path) -> int:
-    return int(json.loads((run / "config.json").read_text())["classes"])
-
-
-def recipe(run: Path) -> dict[str, Any]:
-    """What a run was trained with, so that a pair in the JSON says which recipe it compares."""
-    config = json.loads((run / "config.json").read_text())
-    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    return {"backbone": config["backbone"], "seed": config["seed"], "time_budget": config["time_budget"],
-            "epochs_trained": last["epoch"], "self_label_fraction": config["self_label_fraction"]}
 
 
 def cut_labels(result: merges.Suggestions, labels: np.ndarray, groups: int) -> np.ndarray:
@@ -165,7 +124,7 @@ def variants(data: merges.ClusterData, classes: np.ndarray, class_names: list[st
     found["greedy_modularity"] = group_scores(data, clusters, np.unique(greedy[first], return_inverse=True)[1],
                                               classes, class_names)
     plan = merges.plan_merges(data, evidence, target)
-    planned = merges.planned_labels(data, plan)
+    planned = planned_labels(data, plan)
     found["plan_to_n (suggest-merges --to N)"] = {
         **group_scores(data, clusters, np.unique(planned[first], return_inverse=True)[1], classes, class_names),
         "modularity": round(plan.modularity, 5), "greedy_modularity": round(plan.greedy_modularity, 5)}
@@ -196,13 +155,13 @@ def compare_measures(data: merges.ClusterData, classes: np.ndarray, class_names:
     """Greedy merge and hierarchy cut down to the class count, per measure; K estimates; timings."""
     target = len(class_names)
     table: dict[str, Any] = {}
-    for measure in merges.MEASURES:
+    for measure in COMPARED:
         began = time.perf_counter()
         evidence = merges.gather_evidence(data, measure)
         result = merges.suggest(data, measure, resamples=resamples, evidence=evidence)
         seconds = time.perf_counter() - began
         greedy, plan = merges.greedy_merges(data, evidence, target)
-        planned = merges.planned_labels(data, merges.plan_merges(data, evidence, target))
+        planned = planned_labels(data, merges.plan_merges(data, evidence, target))
         table[measure] = {"greedy": score(greedy, classes, class_names),
                           "plan_to_n": score(planned, classes, class_names),
                           "hierarchy_cut": score(cut_labels(result, data.labels, target), classes, class_names),
@@ -226,14 +185,6 @@ def k_estimate_only(data: merges.ClusterData, resamples: int) -> dict[str, Any]:
     result = merges.suggest(data, merges.DEFAULT_MEASURE, resamples=resamples)
     estimate = result.k_estimate.as_dict()
     return {"clusters": len(result.clusters), **{k: v for k, v in estimate.items() if k != "modularity"}}
-
-
-def oracle_purity(data: merges.ClusterData, classes: np.ndarray, class_names: list[str]) -> dict[str, float]:
-    """Upper bound that USES the labels: every cluster merged into its majority class."""
-    clusters = np.unique(data.labels)
-    majority = {int(c): int(np.bincount(classes[data.labels == c], minlength=len(class_names)).argmax())
-                for c in clusters}
-    return score(np.array([majority[int(c)] for c in data.labels]), classes, class_names)
 
 
 def digits(runs: list[str], data: Path, work: Path, resamples: int) -> dict[str, Any]:
@@ -322,7 +273,7 @@ def over_scores(over_run: Path, data: Path, work: Path, name: str, resamples: in
     classes, names = index_classes(index, clustered)
     plan = merges.plan_merges(clustered, merges.gather_evidence(clustered, merges.DEFAULT_MEASURE), len(names))
     return {f"k{over}": score(clustered.labels, classes, names),
-            f"k{over}_merged": score(merges.planned_labels(clustered, plan), classes, names),
+            f"k{over}_merged": score(planned_labels(clustered, plan), classes, names),
             f"k{over}_oracle_merge_upper_bound": oracle_purity(clustered, classes, names),
             **{f"k{over}_balanced_plan[beta={beta}]": score(group_of[np.searchsorted(leaves, clustered.labels)],
                                                             classes, names)
@@ -444,7 +395,7 @@ def add_coarse_run(args: argparse.Namespace) -> None:
     heads = merges.suggest(clustered, merges.HEADS, resamples=args.bootstrap, evidence=evidence, to=len(names))
     config = json.loads((run / "config.json").read_text())
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    found = {f"k{over}_heads_merged": {**score(merges.planned_labels(clustered, heads.plan), classes, names),
+    found = {f"k{over}_heads_merged": {**score(planned_labels(clustered, heads.plan), classes, names),
                                        "plan": heads.plan.as_dict()},
              f"k{over}_knn_merged": found.pop(f"k{over}_merged"),
              "coarse_head": score(coarse_assignments(index, clustered), classes, names),

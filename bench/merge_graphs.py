@@ -9,7 +9,7 @@ images themselves (Louvain communities of the embedding kNN graph, networkx) and
 majority community. Labels are used only to score. Writes ``graph_variants`` of bench/results/merge.json
 (with the K=10 result of ``other_seeds.NAME`` beside it, when bench/merge.py --another-seed NAME scored one).
 
-    python bench/merge_graphs.py NAME OVER_RUN --data CIFAR_TEST [--work FOLDER]
+    python -m bench.merge_graphs NAME OVER_RUN --data CIFAR_TEST [--work FOLDER]
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from typing import Any
 
 import networkx as nx
 import numpy as np
-from common import RESULTS, machine, save
-from merge import index_classes, oracle_purity, prepare_index, recipe, score
 from scipy.sparse import csr_matrix
 
+from bench.common import RESULTS, machine, save
+from bench.merge_setup import index_classes, oracle_purity, planned_labels, prepare_index, recipe, score
 from twist_core.curate import merges
 
 LOUVAIN_RESOLUTIONS = (0.5, 0.7, 0.85, 1.0)
@@ -128,7 +128,7 @@ def main() -> None:
     classes, names = index_classes(index, data)
     plan = merges.plan_merges(data, merges.gather_evidence(data, merges.DEFAULT_MEASURE), len(names))
     found = {"run": str(run.resolve()), "recipe": recipe(run),
-             "plan_as_shipped": score(merges.planned_labels(data, plan), classes, names),
+             "plan_as_shipped": score(planned_labels(data, plan), classes, names),
              "ceiling": oracle_purity(data, classes, names), "graphs": graph_scores(data, classes, names),
              "machine": machine(), "seconds": round(time.perf_counter() - began, 1)}
     graphs = {key: value for key, value in found["graphs"].items() if "acc" in value}

@@ -21,8 +21,8 @@ than the K=10 one at all? For a pair of labels tables (K=10 and K=30 runs of one
 writes the leave-one-out 20-NN accuracy of the embeddings and the ACC / NMI of k-means (k = classes) on them into
 ``merge_representation``: what a re-clustering of the over-clustered embeddings could start from.
 
-    python bench/merge_objectives.py NAME=INDEX [NAME=INDEX ...]   # indexes of K=30 runs (bench/merge.py made them)
-    python bench/merge_objectives.py --representation NAME K10_LABELS.csv K30_LABELS.csv
+    python -m bench.merge_objectives NAME=INDEX [NAME=INDEX ...]   # indexes of K=30 runs (bench/merge.py made them)
+    python -m bench.merge_objectives --representation NAME K10_LABELS.csv K30_LABELS.csv
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import RESULTS, machine, save
-from merge import index_classes, score
 
+from bench.common import RESULTS, machine, save
+from bench.merge_setup import index_classes, score
 from twist_core.curate import merges
 from twist_core.curate.view_graph import open_model, view_probabilities
 from twist_core.data.folder import ground_truth_labels
@@ -162,7 +162,7 @@ def summary(runs: dict[str, Any]) -> dict[str, Any]:
 
 def representation(table: Path) -> dict[str, Any]:
     """20-NN accuracy and k-means (k = classes) ACC / NMI of the embeddings of one labels table."""
-    from twist_core.index.build import load_labels
+    from twist_core.label.table import load_labels
 
     rows, embeddings, _ = load_labels(table)
     names, classes = ground_truth_labels([row["path"] for row in rows])

@@ -15,13 +15,14 @@ Scoring: the fine-tuned checkpoint in eval mode on cifar10-test (as the exported
 against the class folders. Results are added to bench/results/merge.json under ``k30_merged_selftrained``,
 ``k10_selftrained`` and ``selftrain`` (the other keys are kept). Run it serialised with other timed work:
 
-    flock /tmp/bench.lock python bench/merge_selftrain.py --k10-run RUN10 --k30-run RUN30 --indexes MERGE_WORK \\
+    flock /tmp/bench.lock python -m bench.merge_selftrain --k10-run RUN10 --k30-run RUN30 --indexes MERGE_WORK \\
         --data CIFAR_TEST --work WORK --epochs 12 [--seeds 0 1] [--keep 1.0 0.5]
 
 The recorded figures came from ``--epochs 12 --seeds 0 --keep 1.0 0.5``, ``--epochs 12 --seeds 1 --keep 1.0`` and
 ``--epochs 36 --seeds 0 --keep 1.0 --arms k30_merged`` (about 2.5 minutes per 12 epochs on an idle 2-core CPU).
-With ``--pair patches_conv_seedS`` (run from the folder the pair was trained in, ``--indexes`` the folder of
-``bench/merge.py --another-seed``) the same is done for that pair, recorded under ``other_seeds[PAIR].selftrain``;
+With ``--pair patches_conv_seedS`` (run from the folder the pair was trained in, ``--indexes`` the folder
+of ``python -m bench.merge --another-seed``) the same is done for that pair, recorded under
+``other_seeds[PAIR].selftrain``;
 the ``patches-conv`` seeds 2-4 were run with ``--epochs 12 --seeds 0`` (about 4.7 minutes per 12 epochs).
 """
 
@@ -39,13 +40,11 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from bench.common import RESULTS, machine, run_clusters, save
+from bench.merge_setup import score
 from twist_core.curate import merges
 from twist_core.evaluation.evaluate import load_eval_images
-from twist_core.evaluation.metrics import cluster_report
-from twist_core.index.store import META_FILE, MetaStore, read_manifest
+from twist_core.index.store import MetaStore, meta_path
 
 ARMS = ("k30_merged", "k10")
 TARGET = 10
@@ -63,7 +62,7 @@ CONDITIONS = {
 
 def index_paths(index: Path, ids: np.ndarray) -> list[str]:
     """Each id's image path as the index stores it (relative to the data folder)."""
-    store = MetaStore(index / read_manifest(index)["dir"] / META_FILE)
+    store = MetaStore(meta_path(index))
     try:
         paths = dict(store.all_paths())
     finally:
@@ -116,13 +115,6 @@ def write_table(path: Path, rows: tuple[list[str], np.ndarray, np.ndarray, np.nd
             status = "merged" if label[i] != own[i] else "confirmed"
             writer.writerow([paths[i], int(label[i]), status, int(own[i])])
     return len(chosen)
-
-
-def score(clusters: np.ndarray, classes: np.ndarray, class_names: list[str]) -> dict[str, float]:
-    values, dense = np.unique(clusters, return_inverse=True)
-    report = cluster_report(dense, classes, len(values), class_names)
-    return {"acc": round(report["acc"], 4), "nmi": round(report["nmi"], 4), "ari": round(report["ari"], 4),
-            "clusters": len(values)}
 
 
 def finetune(run: Path, table: Path, out: Path, epochs: int, seed: int) -> dict[str, Any]:

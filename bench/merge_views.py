@@ -8,8 +8,8 @@ seeds of the views, and scores them against the class folders (labels used only 
 ``view_graph`` and ``view_graph_summary`` of bench/results/merge.json (or ``SECTION`` and ``SECTION_summary``),
 with the K=10 result of ``other_seeds.NAME`` beside each run when bench/merge.py --another-seed NAME scored one.
 
-    python bench/merge_views.py NAME OVER_RUN --data CIFAR_TEST [--work FOLDER] [--pairs 4] [--view-seeds 0 1]
-    python bench/merge_views.py digits_k30 RUN --data DIGITS --section view_graph_digits   # another data set
+    python -m bench.merge_views NAME OVER_RUN --data CIFAR_TEST [--work FOLDER] [--pairs 4] [--view-seeds 0 1]
+    python -m bench.merge_views digits_k30 RUN --data DIGITS --section view_graph_digits   # another data set
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import RESULTS, machine, save
-from merge import index_classes, prepare_index, recipe, score
 
+from bench.common import RESULTS, machine, save
+from bench.merge_setup import index_classes, planned_labels, prepare_index, recipe, score
 from twist_core.curate import merges
 
 
@@ -32,14 +32,14 @@ def views_scores(index: Path, pairs: int, seeds: list[int]) -> dict[str, Any]:
     data = merges.data_from_index(index)
     classes, names = index_classes(index, data)
     knn = merges.plan_merges(data, merges.gather_evidence(data, merges.DEFAULT_MEASURE), len(names))
-    found: dict[str, Any] = {"plan_as_shipped": score(merges.planned_labels(data, knn), classes, names),
+    found: dict[str, Any] = {"plan_as_shipped": score(planned_labels(data, knn), classes, names),
                              "views": {}}
     for seed in seeds:
         began = time.perf_counter()
         views = merges.model_evidence(index, data, merges.VIEWS, pairs, seed=seed, progress=False)
         evidence = merges.gather_evidence(data, merges.VIEWS, model_graph=views)
         plan = merges.plan_merges(data, evidence, len(names))
-        found["views"][f"seed{seed}"] = {**score(merges.planned_labels(data, plan), classes, names),
+        found["views"][f"seed{seed}"] = {**score(planned_labels(data, plan), classes, names),
                                          "view_seconds": round(time.perf_counter() - began, 1)}
         print(f"views seed {seed}: {found['views'][f'seed{seed}']}", flush=True)
     runs = list(found["views"].values())

@@ -9,13 +9,13 @@ of images whose cluster disagrees with most of their 20 neighbours; results go t
 under SECTION/VARIANT, with per-seed rows and means, and the gap to the kNN ceiling closed against the variant
 named `off`.
 
-    python bench/neighbours.py --data caltech20 --section caltech20_15m --budget 15m --seeds 0 \\
+    python -m bench.neighbours --data caltech20 --section caltech20_15m --budget 15m --seeds 0 \\
         --variant off="--neighbour-fraction 0" --variant default=""
 
 The over-clustering probe scores the K-way coarse head of runs trained with `--classes 3K --coarse-classes K`
 (the same layers and loss as `--overcluster 3K`, whose head is not exported) into SECTION/VARIANT:
 
-    python bench/neighbours.py --data caltech20 --section overcluster_probe --score-coarse k60_c20 RUN [...]
+    python -m bench.neighbours --data caltech20 --section overcluster_probe --score-coarse k60_c20 RUN [...]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import REPO, RESULTS, extract, machine, save
+from bench.common import REPO, RESULTS, extract, machine, save
 
 FOLDERS = {"cifar10-test": ("cifar10-test.tar.gz", 10), "caltech20": ("caltech20.tar.gz", 20), "digits": (None, 10)}
 SCORES = ("acc", "nmi", "ari", "kmeans_acc", "kmeans_nmi", "knn_acc", "ece", "neighbour_disagreement")

@@ -6,7 +6,7 @@ used only to score) and record each dictionary's residual (mean squared distance
 their projection on the best-matching unit-length atom, lower is a closer fit). Writes
 bench/results/patch_kmeans.json.
 
-    python bench/patch_kmeans.py --data caltech20=PHOTOS:64 --data cifar10-test=CIFAR_TEST:32
+    python -m bench.patch_kmeans --data caltech20=PHOTOS:64 --data cifar10-test=CIFAR_TEST:32
 """
 
 from __future__ import annotations
@@ -14,19 +14,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.common import machine, save  # noqa: E402
-from twist_core.data.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from twist_core.evaluation.evaluate import load_eval_images  # noqa: E402
-from twist_core.evaluation.metrics import knn_accuracy  # noqa: E402
-from twist_core.model import patches  # noqa: E402
+from bench.common import machine, save
+from twist_core.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from twist_core.evaluation.evaluate import load_eval_images
+from twist_core.evaluation.metrics import knn_accuracy
+from twist_core.model import patches
 
 ATOMS = 256
 SAMPLE_IMAGES = 2000

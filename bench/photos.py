@@ -8,7 +8,7 @@ Also measured: JPEG decoding with and without Pillow's draft mode (caltech20 and
 photo), `twist label` with the best run's model, and a short training run with and without the allocator
 setting of twist_core.train.allocator.
 
-Usage: python bench/photos.py [--runs DIR] [--data DIR] [--collect-only] [--budget 15m] [--only NAME,...]
+Usage: python -m bench.photos [--runs DIR] [--data DIR] [--collect-only] [--budget 15m] [--only NAME,...]
                               [--decode] [--label] [--allocator]
 """
 
@@ -29,7 +29,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from common import REPO, RESULTS, extract, machine, save
+
+from bench.common import REPO, RESULTS, extract, machine, save
 
 # name -> (what it is, `twist train` options); the names match the run folders of the benchmark queue.
 CONFIGS: dict[str, tuple[str, list[str]]] = {
@@ -152,7 +153,7 @@ def measure_allocator(data: Path, workdir: Path, lock: Path, seconds: int = 60) 
     for label, call in (("default allocator", ""), ("keep_freed_memory", "keep_freed_memory(); ")):
         run = workdir / f"allocator_{label.replace(' ', '_')}"
         code = (f"from twist_core.train.allocator import keep_freed_memory; {call}"
-                "from twist_core.train.loop import TrainConfig, train; "
+                "from twist_core.train.loop import train; from twist_core.train.options import TrainConfig; "
                 f"train(TrainConfig(data={str(data)!r}, out={str(run)!r}, classes=20, backbone='patches', "
                 f"image_size=64, time_budget='{seconds}s', progress=False))")
         subprocess.run(["rm", "-rf", str(run)], check=True)

@@ -3,7 +3,7 @@
 CPU default: the 10,000 images of cifar10-test (transductive, as clustering papers do), 20 minutes, K = 10,
 every other option left at its default. On a GPU (--gpu): train on cifar10-train (50,000) and evaluate on
 cifar10-test. Prints ACC / NMI / ARI beside k-means on raw pixels and writes bench/results/quality*.json.
-Usage: python bench/quality.py [--budget 20m] [--gpu] [--workdir DIR] [-- extra twist train options]
+Usage: python -m bench.quality [--budget 20m] [--gpu] [--workdir DIR] [-- extra twist train options]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, extract, machine, save
+from bench.common import REPO, extract, machine, save
 
 
 def main() -> None:

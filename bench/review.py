@@ -6,7 +6,7 @@ path; the folders are used for scoring only). The pipeline is the real one: ``tw
 scores). Every variant of the score (k, neighbour weighting, margin weight) is computed from the same table
 and embeddings with :mod:`twist_core.label.review`, so the shipped default is chosen by this measurement.
 
-    python bench/review.py --run RUN --data FOLDER --work DIR [--check-table OTHER_LABELS.csv]
+    python -m bench.review --run RUN --data FOLDER --work DIR [--check-table OTHER_LABELS.csv]
 """
 
 from __future__ import annotations
@@ -21,15 +21,12 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.common import machine, save  # noqa: E402
-from twist_core.index import review_table  # noqa: E402
-from twist_core.index.store import META_FILE, read_manifest  # noqa: E402
-from twist_core.label import review  # noqa: E402
-from twist_core.label.table import labels_paths, read_labels  # noqa: E402
-from twist_core.vectors import IndexPlan, build, normalized  # noqa: E402
+from bench.common import REPO, machine, save
+from twist_core.index import review_table
+from twist_core.index.store import meta_path
+from twist_core.label import review
+from twist_core.label.table import labels_paths, read_labels
+from twist_core.vectors import IndexPlan, build, normalized
 
 KS = (5, 10, 20, 50)
 NEIGHBOUR_WEIGHTS = (0.0, 0.1, 0.2, 0.33, 0.5, 0.75, 1.0)
@@ -117,7 +114,7 @@ def shipped(table: Table, index_dir: Path, tops: tuple[int, ...]) -> dict[str, A
     """The default as written by twist label (column) and by twist index (review table), and its suggestions."""
     import sqlite3
 
-    meta = index_dir / read_manifest(index_dir)["dir"] / META_FILE
+    meta = meta_path(index_dir)
     with sqlite3.connect(f"file:{meta}?mode=ro", uri=True) as db:
         stored = dict(db.execute("SELECT i.path, r.score FROM review r JOIN images i ON i.id = r.id").fetchall())
         suggestions = dict(db.execute("SELECT i.path, r.suggestion FROM review r JOIN images i ON i.id = r.id"))

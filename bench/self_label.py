@@ -1,11 +1,12 @@
 """The self-labelling stage on or off: trained runs that differ only in ``--self-label-fraction``, side by side.
 
-Each pair is a run with the stage (the default for patches: the last 10 % of the steps) and the same command
-with ``--self-label-fraction 0``; the script checks that the two configs differ in nothing else (output folder
-aside), reads each run's final evaluation (``twist train --eval-data``: ACC / NMI / ARI / kNN on the class
-folders) and the last evaluation before the stage began, and writes bench/results/self_label.json.
+Each pair is a run with the stage (``--self-label-fraction 0.1``: the last 10 % of the steps; the stage is off
+by default) and the same command with ``--self-label-fraction 0``; the script checks that the two configs differ
+in nothing else (output folder aside), reads each run's final evaluation (``twist train --eval-data``: ACC / NMI /
+ARI / kNN on the class folders) and the last evaluation before the stage began,
+and writes bench/results/self_label.json.
 
-    python bench/self_label.py --pair NAME RUN_WITH_STAGE RUN_WITHOUT [--pair ...]
+    python -m bench.self_label --pair NAME RUN_WITH_STAGE RUN_WITHOUT [--pair ...]
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common import machine, save
+from bench.common import machine, save
 
 SAME_EXCEPT = {"out", "self_label_fraction"}
 

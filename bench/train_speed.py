@@ -5,7 +5,7 @@ default for small images (frozen patch-dictionary stem, 256 atoms, MLP 1024) and
 stem. `twist train` pays for everything a real run does (batched augmentation of two views, the TWIST loss,
 metrics, checkpoints); the plain loop only crops/flips pre-decoded tensors and computes a simple loss: the
 ceiling for the data pipeline. Writes bench/results/train_speed.json.
-Usage: python bench/train_speed.py [--resnet-widths 32 16] [--batch 256] [--steps 15]
+Usage: python -m bench.train_speed [--resnet-widths 32 16] [--batch 256] [--steps 15]
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import REPO, extract, machine, save, subset_folder
 
-sys.path.insert(0, str(REPO))
+from bench.common import REPO, extract, machine, save, subset_folder
 
 
 def plain_loop_images_per_s(images: torch.Tensor, preset: dict, batch: int, steps: int) -> float:

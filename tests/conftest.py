@@ -74,7 +74,7 @@ def shapes_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tiny_train_config(data: Path, out: Path, **overrides):
     """A configuration that trains in seconds on the CPU: the default backbone, narrowed, small head, no workers."""
-    from twist_core.train.loop import TrainConfig
+    from twist_core.train.options import TrainConfig
 
     settings = dict(data=str(data), out=str(out), classes=4, width=8, hidden_dim=64, image_size=32, epochs=1,
                     batch_size=16, workers=0, progress=False, checkpoint_every=0, self_label_fraction=0.0)

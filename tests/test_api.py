@@ -15,7 +15,7 @@ from conftest import start_app_server, stop_app_server
 from PIL import Image
 
 from twist_core.deploy.infer import OnnxModel
-from twist_core.index.image_index import ImageIndex
+from twist_core.index.image_index import IndexReader
 
 USER, PASSWORD = "bo", "a long and careful password"
 
@@ -32,7 +32,7 @@ def servers(app_bundle: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
     except Exception:
         stop_app_server(open_process)
         raise
-    index = ImageIndex.open(app_bundle["index"], "cpu")
+    index = IndexReader.open(app_bundle["index"], "cpu")
     try:
         yield {"open": httpx.Client(base_url=open_url + "api/v1/", timeout=60),
                **app_bundle, "locked_url": locked_url, "ix": index, "open_state": base / "open-state"}

@@ -28,7 +28,7 @@ from conftest import (
 from PIL import Image
 
 from app.workspace import DISPLAY_SIDE
-from twist_core.index.image_index import ImageIndex
+from twist_core.index.image_index import IndexReader
 
 pytestmark = needs_chromium
 
@@ -50,7 +50,7 @@ def server(app_bundle: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="module")
 def clusters(server: dict) -> list[dict]:
     """The index's clusters, largest first (the Cluster view opens on the first)."""
-    index = ImageIndex.open(server["index"], "cpu")
+    index = IndexReader.open(server["index"], "cpu")
     try:
         return sorted(index.cluster_summary(), key=lambda c: (-c["size"], c["cluster"]))
     finally:
@@ -64,7 +64,7 @@ def test_every_view_opens_on_something_and_the_flow_works_in_chromium(server: di
 
     shots = tmp_path / "screenshots"
     shots.mkdir()
-    index = ImageIndex.open(server["index"], "cpu")
+    index = IndexReader.open(server["index"], "cpu")
     query = index.records(None, order_by="id", limit=1)[0].abs_path
     index.close()
     images = sum(c["size"] for c in clusters)

@@ -19,7 +19,7 @@ from conftest import REPO, start_app_server, stop_app_server
 from gradio_client import Client
 
 from twist_core.index.build import IndexConfig, build_index
-from twist_core.index.image_index import ImageIndex
+from twist_core.index.image_index import IndexReader, IndexWriter
 
 FIRST, ADDED = 8, 5  # images per class at first, images added by the update
 
@@ -74,7 +74,7 @@ def test_an_index_update_is_picked_up_without_a_restart_and_keeps_the_curation(
         assert after[moved["path"]]["id"] == moved["id"], "ids stay stable across an update"
         assert after[moved["path"]]["cluster"] == target and after[moved["path"]]["status"] == "moved"
         found = api.get(f"search/id/{new[0]['id']}", params={"k": 3}).json()["neighbours"]
-        updated = ImageIndex.open(index, "cpu")
+        updated = IndexReader.open(index, "cpu")
         assert [n["id"] for n in found] == [h.id for h in updated.search_id(new[0]["id"], 3)]  # new vectors
         updated.close()
         _, _, summary = client.predict("size", api_name="/overview")
@@ -100,7 +100,7 @@ def test_a_request_holding_a_generation_survives_two_updates_and_the_old_one_is_
         first = held.generation
         kept = held.get(0).id
         for gone in (1, 2):  # two updates commit, each seen by another request
-            writer = ImageIndex.open(index_dir, "cpu")
+            writer = IndexWriter.open(index_dir, "cpu")
             writer.remove([gone])
             writer.close()
             assert ws.index.generation > first

@@ -24,9 +24,11 @@ from twist_core.deploy.export import ExportConfig, ProbabilityModel, export_mode
 from twist_core.deploy.infer import OnnxModel
 from twist_core.index.build import IndexConfig, build_index
 from twist_core.label.labeller import LabelConfig, label_folder
-from twist_core.model.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from twist_core.layout import CHECKPOINT_FILE
+from twist_core.model.checkpoint import load_checkpoint, save_checkpoint
 from twist_core.model.network import TwistModel, checkpoint_spec, recalibrate_batchnorm
-from twist_core.train.loop import ConfigError, train
+from twist_core.train.loop import train
+from twist_core.train.options import ConfigError
 
 SPLIT = 0  # the fine cluster the planted model splits in two (the new cluster is the last)
 
@@ -78,7 +80,7 @@ def test_bad_coarse_classes_are_refused_before_training(value: str, message: str
                                                         tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=message):
         train(tiny_train_config(shapes_folder, tmp_path / "run", classes=4, coarse_classes=value))
-    assert not (tmp_path / "run" / CHECKPOINT_NAME).exists()
+    assert not (tmp_path / "run" / CHECKPOINT_FILE).exists()
 
 
 def test_export_adds_coarse_probabilities_that_match_pytorch(coarse_run: Path, app_bundle: dict[str, Path],
@@ -130,7 +132,7 @@ def planted_split_run(run: Path, images: Path, out: Path) -> Path:
     recalibrate_batchnorm(model, [centre_crop_normalise(torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2), 32)])
     state["model"] = model.state_dict()
     out.mkdir(parents=True)
-    save_checkpoint(out / CHECKPOINT_NAME, state)
+    save_checkpoint(out / CHECKPOINT_FILE, state)
     return out
 
 

@@ -86,7 +86,7 @@ def test_auto_is_one_word_and_old_sentinels_still_load(tmp_path: Path) -> None:
     from twist_core.config import AUTO, build_config
     from twist_core.index.build import IndexConfig
     from twist_core.label.labeller import LabelConfig
-    from twist_core.train.loop import TrainConfig
+    from twist_core.train.options import TrainConfig
 
     args = build_parser().parse_args(["photos", "--width", "auto", "--batch-size", "0", "--tau", "0.7"])
     config = build_config(TrainConfig, args)

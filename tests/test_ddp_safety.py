@@ -10,18 +10,18 @@ import pytest
 from conftest import draw_shapes_folder
 from test_distributed import torchrun
 
-from twist_core.distributed import pass_plan
+from twist_core.distributed import even_passes
 
 
 @pytest.mark.parametrize("batch_size", [2, 3, 16, 256])
 def test_batchnorm_pass_plan_is_equal_on_every_rank_with_batches_of_two_or_more(batch_size: int) -> None:
     for world in range(1, 9):
         for n in range(2, 10_001):
-            plan = pass_plan(n, world, batch_size)
-            sizes = plan.batch_sizes
+            passes = even_passes(n, world, batch_size)
+            sizes = passes.batch_sizes
             assert sizes and min(sizes) >= 2, (world, n, sizes)
-            assert max(sizes) <= max(batch_size, 3) or plan.shared, (world, n, sizes)  # 3 when 2s leave one over
-            if plan.shared:
+            assert max(sizes) <= max(batch_size, 3) or passes.shared, (world, n, sizes)  # 3 when 2s leave one over
+            if passes.shared:
                 assert n < 2 * world and sum(sizes) == n
             else:
                 assert sum(sizes) == n // world  # each rank's share, fully used; under `world` images left out
@@ -30,11 +30,11 @@ def test_batchnorm_pass_plan_is_equal_on_every_rank_with_batches_of_two_or_more(
 def test_pass_plan_batches_are_disjoint_and_equal_in_number() -> None:
     for world, n in [(2, 5_123), (3, 7), (8, 9), (8, 17), (5, 1_001)]:
         items = list(range(100, 100 + n))
-        per_rank = [pass_plan(n, world, 16).batches(items, rank, world) for rank in range(world)]
+        per_rank = [even_passes(n, world, 16).batches(items, rank, world) for rank in range(world)]
         assert len({len(batches) for batches in per_rank}) == 1
         used = [i for batches in per_rank for batch in batches for i in batch]
         assert set(used) <= set(items)
-        if not pass_plan(n, world, 16).shared:
+        if not even_passes(n, world, 16).shared:
             assert len(used) == len(set(used)) >= n - world + 1
 
 

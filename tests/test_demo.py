@@ -67,9 +67,9 @@ def test_app_without_arguments_serves_the_shipped_demo_on_loopback(tmp_path: Pat
         with urllib.request.urlopen(url, timeout=10) as response:
             assert response.status == 200 and b"gradio" in response.read().lower()
         index = tmp_path / "cache" / "twist" / "demo-app" / "index"
-        from twist_core.index.image_index import ImageIndex
+        from twist_core.index.image_index import IndexReader
 
-        opened = ImageIndex.open(index)
+        opened = IndexReader.open(index)
         assert opened.size == 1797
         opened.close()
         process.terminate()  # SIGTERM, as docker stop sends: the app stops and closes its index, no traceback

@@ -21,7 +21,8 @@ from twist_core.index.image_index import (
     find_duplicates,
     nearest_similarities,
 )
-from twist_core.index.store import CURATION_FILE, FAULT_ENV, IndexChangedError, IndexUserError, meta_path
+from twist_core.index.store import FAULT_ENV, IndexChangedError, IndexUserError, meta_path
+from twist_core.layout import CURATION_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -352,6 +353,7 @@ def test_index_a_folder_search_by_image_and_update_with_the_onnx_model(tmp_path:
 def test_search_and_duplicates_show_the_name_given_in_the_app(tmp_path: Path) -> None:
     """Names live in the model card and the app's curation store: a rename in the app reaches the commands."""
     from twist_core.curate.curation import CurationStore
+    from twist_core.curate.store_file import CuratedNames
 
     vectors, clusters = clustered(200, 16, 4)
     vectors[1], clusters[1] = vectors[0], clusters[0]  # one pair of duplicates
@@ -369,7 +371,8 @@ def test_search_and_duplicates_show_the_name_given_in_the_app(tmp_path: Path) ->
     assert json.loads((tmp_path / "hits.json").read_text())["hits"][0]["cluster_name"] == "retrievers"
     twins = run_cli("duplicates", str(index_dir), "--threshold", "0.9999", "--device", "cpu")
     assert twins.returncode == 0 and f"{cluster} retrievers" in twins.stdout, twins.stderr
-    reader = IndexReader.open(index_dir, "cpu")
+    assert IndexReader.open(index_dir, "cpu").cluster_names()[cluster] == f"class{cluster}", "the card's alone"
+    reader = IndexReader.open(index_dir, "cpu", CuratedNames(index_dir))  # the names a caller passes
     assert reader.cluster_names()[cluster] == "retrievers" and reader.get(0).cluster_name == "retrievers"
     store.undo()
     assert reader.get(0).cluster_name == f"class{cluster}"  # a running reader follows the store

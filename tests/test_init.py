@@ -19,7 +19,7 @@ from twist_core.config import AUTO
 from twist_core.io_utils import file_sha256
 from twist_core.model.init_weights import InitError, load_into, read_init
 from twist_core.model.network import ModelSpec, TwistModel
-from twist_core.train.loop import TrainConfig, follow_init
+from twist_core.train.options import TrainConfig, follow_init
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 REFERENCE_HEAD = {"mlp.0.": "projection_heads.projection_head.0.", "mlp.1.": "projection_heads.projection_head.1.",

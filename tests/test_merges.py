@@ -113,7 +113,8 @@ def test_a_model_that_was_not_over_clustered_keeps_its_k(tmp_path: Path) -> None
 
 def test_curated_merges_and_exclusions_are_respected(one_split: tuple[Path, dict[int, int]], tmp_path: Path) -> None:
     from twist_core.curate.curation import EXCLUDED, CurationStore
-    from twist_core.index.store import META_FILE, read_manifest
+    from twist_core.index.store import read_manifest
+    from twist_core.layout import META_FILE
 
     index, _ = one_split
     meta = index / read_manifest(index)["dir"] / META_FILE
@@ -123,17 +124,25 @@ def test_curated_merges_and_exclusions_are_respected(one_split: tuple[Path, dict
     store.move(excluded, EXCLUDED)
     store.close()
     data = merges.data_from_index(index, tmp_path)
-    result = merges.suggest(data, "topk", resamples=0)
+    result = merges.suggest(data, merges.DEFAULT_MEASURE, resamples=0)
     assert result.clusters == [0, 2, 3, 4, 5]
     assert result.sizes[0] == 120 and result.sizes[5] == 50
     assert not set(excluded) & set(data.ids.tolist())
     assert (data.topk_clusters != 1).all(), "top-k entries of a merged cluster count for the cluster it went into"
 
 
+def test_measures_the_guide_rejected_are_left_to_the_bench(one_split: tuple[Path, dict[int, int]]) -> None:
+    index, _ = one_split
+    for measure in ("knn", "knn-mean", "topk", "centroid"):
+        refused = twist(str(index), "--measure", measure)
+        assert refused.returncode == 2 and "invalid choice" in refused.stderr, refused.stderr
+    assert merges.MEASURES == ("modularity",)  # the app's dropdown offers these (and heads for a coarse model)
+
+
 def test_command_prints_pairs_and_k_and_writes_json(one_split: tuple[Path, dict[int, int]], tmp_path: Path) -> None:
     index, _ = one_split
     options = tmp_path / "merges.yaml"
-    options.write_text("measure: topk\nbootstrap: 10\ntop: 3\n")
+    options.write_text("measure: modularity\nbootstrap: 10\ntop: 3\n")
     out = tmp_path / "merges.json"
     done = twist(str(index), "--config", str(options), "--json", str(out), "--plot", str(tmp_path / "tree.png"))
     assert done.returncode == 0, done.stderr
@@ -144,7 +153,7 @@ def test_command_prints_pairs_and_k_and_writes_json(one_split: tuple[Path, dict[
     assert len(lines) == 5 and "0 c0 (60)" in lines[1] and "1 c1 (60)" in lines[1]
     assert lines[-1].startswith("K estimate: 5 ")
     written = json.loads(out.read_text())
-    assert written["measure"] == "topk" and written["k_estimate"]["resamples"] == 10
+    assert written["measure"] == "modularity" and written["k_estimate"]["resamples"] == 10
     assert {written["pairs"][0]["a"], written["pairs"][0]["b"]} == {0, 1}
     assert len(written["linkage"]) == 5 and (tmp_path / "tree.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -307,7 +316,8 @@ def test_past_the_natural_groups_the_least_harmful_merge_still_comes_first() -> 
 
 def test_command_suggests_over_the_apps_curation(one_split: tuple[Path, dict[int, int]], tmp_path: Path) -> None:
     from twist_core.curate.curation import CurationStore
-    from twist_core.index.store import META_FILE, read_manifest
+    from twist_core.index.store import read_manifest
+    from twist_core.layout import META_FILE
 
     index, _ = one_split
     store = CurationStore(tmp_path / "curation.sqlite", index / read_manifest(index)["dir"] / META_FILE,
@@ -347,8 +357,8 @@ def test_command_plans_merges_down_to_n_groups(tmp_path: Path) -> None:
                                                                                         enumerate([3, 2, 3, 2, 3, 2])]
     assert len(plan["merges"]) == 9 and plan["modularity"] >= plan["greedy_modularity"]
     data = merges.data_from_index(index)
-    applied = merges.planned_labels(data, merges.MergePlan(6, plan["groups"], [tuple(m) for m in plan["merges"]],
-                                                           0.0, 0.0))
+    into = dict(tuple(m) for m in plan["merges"])
+    applied = np.array([into.get(int(c), int(c)) for c in data.labels])
     truth = np.array([group_of[int(c)] for c in data.labels])
     assert all(len(np.unique(truth[applied == c])) == 1 for c in np.unique(applied))
     refused = twist(str(index), "--to", "15", "--bootstrap", "0")

@@ -23,20 +23,12 @@ import pytest
 from conftest import REPO, export_label_index, start_app_server, stop_app_server
 from gradio_client import Client
 
-from twist_core.curate.curation import EXCLUDED, CurationError, CurationStore
+from twist_core.curate.curation import EXCLUDED, CurationStore
+from twist_core.curate.store_file import ACTION_TIME_FORMAT, CurationError, curated_names, curation_path
 from twist_core.deploy.export import ExportConfig, export_model
 from twist_core.deploy.infer import OnnxModel
-from twist_core.index.image_index import ImageIndex
-from twist_core.index.store import (
-    ACTION_TIME_FORMAT,
-    FAULT_ENV,
-    UNKNOWN_MODEL,
-    curated_names,
-    meta_path,
-    model_at,
-    model_history,
-    read_manifest,
-)
+from twist_core.index.image_index import IndexReader
+from twist_core.index.store import FAULT_ENV, UNKNOWN_MODEL, meta_path, model_at, model_history, read_manifest
 from twist_core.io_utils import file_sha256
 from twist_core.vectors import normalized
 
@@ -48,7 +40,7 @@ def twist(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
 
 def index_state(index: Path) -> tuple[dict[str, tuple[int, int]], dict]:
     """path -> (id, cluster) of every indexed image, and the index's info."""
-    opened = ImageIndex.open(index, "cpu")
+    opened = IndexReader.open(index, "cpu")
     try:
         ids = opened.ids_for_paths(opened.paths())
         rows = {h.path: (h.id, h.cluster) for h in (opened.get(i) for i in ids.values())}
@@ -104,7 +96,7 @@ def test_update_with_a_finetuned_model_relabels_every_image_and_sets_old_curatio
     assert {c for _, c in after.values()} <= set(range(3)) == set(range(model.n_classes))
     probe = sorted(after)[:5]  # the stored vectors and clusters are the new model's
     probs, embeddings = model.predict([images / p for p in probe])
-    opened = ImageIndex.open(index, "cpu")
+    opened = IndexReader.open(index, "cpu")
     stored = np.stack([opened.vector(after[p][0]) for p in probe])
     opened.close()
     _, old_embeddings = OnnxModel(indexed["model"], device="cpu").predict([images / p for p in probe])
@@ -176,8 +168,8 @@ def test_a_store_that_never_recorded_its_model_is_set_aside_when_its_changes_pre
     _, info = index_state(index)
     assert [entry["model_sha256"] for entry in info["model_history"]] == [file_sha256(indexed["model"]),
                                                                          file_sha256(model2)]
-    assert curated_names(index, info) == {}, "the old model's names are not shown on the new model's clusters"
-    assert curated_names(later, info)[0] == "circles"
+    assert curated_names(curation_path(index), info) == {}, "the old model's names are not on the new model's clusters"
+    assert curated_names(curation_path(later), info)[0] == "circles"
     store = open_store(index, index, model2)
     try:
         assert "set aside" in (store.notice or "") and store.merges() == {}
@@ -211,7 +203,7 @@ def test_a_relabel_killed_before_it_commits_leaves_the_old_index_and_the_rerun_f
     after, info = index_state(index)
     assert info["model_sha256"] == file_sha256(indexed["model"]) and info["uid"] == info_before["uid"]
     assert {p: i for p, (i, _) in after.items()} == {p: i for p, (i, _) in before.items()}
-    opened = ImageIndex.open(index, "cpu")
+    opened = IndexReader.open(index, "cpu")
     assert set(opened.cluster_names().values()) <= {"w", "x", "y", "z"}
     opened.close()
     assert len(list(index.glob("labels-*.csv"))) == 1 and not list(index.glob("labels-*.parts"))

@@ -144,12 +144,12 @@ def test_training_pairs_images_with_neighbours_over_the_whole_folder(paired_run:
 
 def test_auto_neighbour_fraction_is_recorded_and_paper_recipe_turns_it_off(shapes_folder: Path,
                                                                             tmp_path: Path) -> None:
-    from twist_core.train.loop import DEFAULT_NEIGHBOUR_FRACTION, PAPER_RECIPE
+    from twist_core.train.options import DEFAULT_NEIGHBOUR_FRACTION, recipe_options
 
     train(tiny_train_config(shapes_folder, tmp_path / "auto", epochs=1))
     config = json.loads((tmp_path / "auto" / "config.json").read_text())
     assert config["neighbour_fraction"] == DEFAULT_NEIGHBOUR_FRACTION > 0
-    assert PAPER_RECIPE["neighbour_fraction"] == 0.0
+    assert recipe_options("paper")["neighbour_fraction"] == 0.0
 
 
 @pytest.mark.parametrize("option", [["--neighbour-share", "1.5"], ["--neighbour-fraction", "1"],

@@ -17,7 +17,8 @@ from test_train import ENV, train_command
 from twist_core.deploy.export import ExportConfig, export_model
 from twist_core.deploy.infer import OnnxModel
 from twist_core.model.checkpoint import load_checkpoint, save_checkpoint
-from twist_core.train.loop import TrainConfig, train
+from twist_core.train.loop import train
+from twist_core.train.options import TrainConfig
 
 
 @pytest.fixture(scope="module")

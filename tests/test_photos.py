@@ -124,7 +124,7 @@ def test_auto_choice_for_photos_on_a_cpu_and_with_pretrained_weights(tmp_path: P
     """Photos get the measured default; --init (ImageNet weights) keeps a ResNet at 224 px, as before."""
     import torch
 
-    from twist_core.train.loop import TrainConfig, resolve_auto
+    from twist_core.train.options import TrainConfig, resolve_auto
 
     for index in range(5):
         noisy_photo(300, 225).save(tmp_path / f"{index}.jpg")

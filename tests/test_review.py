@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,11 +19,12 @@ from app.workspace import AppUserError, Workspace
 from twist_core import vectors as index_faiss
 from twist_core.index import review_table
 from twist_core.index.build import IndexConfig, build_index, update_index
-from twist_core.index.image_index import ImageIndex
-from twist_core.index.store import META_FILE, read_manifest
+from twist_core.index.image_index import IndexWriter
+from twist_core.index.store import read_manifest
 from twist_core.label import review
 from twist_core.label.labeller import LabelConfig, label_folder, read_labels
 from twist_core.label.table import labels_paths
+from twist_core.layout import META_FILE
 from twist_core.vectors import IndexPlan, build, normalized, plan_index
 
 CENTRES, PER_CENTRE, DIM = 5, 40, 16
@@ -240,8 +242,8 @@ def test_an_index_without_scores_opens_and_update_adds_them(tmp_path: Path) -> N
     out = tmp_path / "old-index"
     info = {"root": str(tmp_path / "images"), "dim": DIM, "kind": "flat", "metric": "cosine", "nlist": 0,
             "nprobe": 0, "pq_m": 0, "model": None}
-    ImageIndex.create(out, faiss_index, rows, info, "cpu").close()  # what twist index wrote before the review
-    opened = ImageIndex.open(out, "cpu")
+    IndexWriter.create(out, faiss_index, rows, info, "cpu").close()  # what twist index wrote before the review
+    opened = IndexWriter.open(out, "cpu")
     assert opened.size == len(rows) and opened.search_id(0, 3)
     opened.close()
     meta = out / read_manifest(out)["dir"] / META_FILE
@@ -301,6 +303,19 @@ def test_review_of_an_index_without_scores_says_how_to_add_them(app_bundle: dict
         ws.close()
 
 
+def select_an_image_with_a_suggestion(page: Any) -> None:
+    """Click the first page's images after the first until one has a suggested cluster (the move needs one)."""
+    from playwright.sync_api import expect
+
+    gallery = page.locator("#review-gallery button.thumbnail-item")
+    for item in range(1, gallery.count()):
+        gallery.nth(item).click()
+        current = page.locator("#review-id input").input_value()
+        expect(page.locator("#review-details")).to_contain_text(f"#{current}")
+        if page.locator("#review-move-suggested").is_enabled():
+            return
+
+
 # ---- the Review view in a real browser
 @needs_chromium
 def test_review_view_in_chromium_keeps_moves_and_undoes(app_bundle: dict[str, Path], tmp_path: Path) -> None:
@@ -323,17 +338,15 @@ def test_review_view_in_chromium_keeps_moves_and_undoes(app_bundle: dict[str, Pa
             page.locator("#review-keep").click()
             expect(page.locator("#review-status")).to_contain_text("kept where they are")
             expect(info).to_contain_text(f"{total - 1:,} images to review")
-            page.locator("#review-gallery button.thumbnail-item").nth(1).click()
-            current = page.locator("#review-id input").input_value()
-            expect(page.locator("#review-details")).to_contain_text(f"#{current}")
             move = page.locator("#review-move-suggested")
-            if move.is_enabled():
-                move.click()
-                expect(page.locator("#review-status")).to_contain_text("moved to")
-                expect(info).to_contain_text(f"{total - 2:,} images to review")
-                after = page.locator("#review-id input").input_value()  # the next image became current
-                expect(page.locator("#review-details")).to_contain_text(f"#{after}")
-                expect(page.locator("#review-details")).to_contain_text("review score")
+            select_an_image_with_a_suggestion(page)
+            expect(move).to_be_enabled()
+            move.click()
+            expect(page.locator("#review-status")).to_contain_text("moved to")
+            expect(info).to_contain_text(f"{total - 2:,} images to review")
+            after = page.locator("#review-id input").input_value()  # the next image became current
+            expect(page.locator("#review-details")).to_contain_text(f"#{after}")
+            expect(page.locator("#review-details")).to_contain_text("review score")
             page.screenshot(path=shots / "2-after-keep-and-move.png", full_page=True)
             page.locator("#review-undo").click()
             expect(page.locator("#review-status")).to_contain_text("undone")
@@ -351,7 +364,7 @@ def test_review_follows_an_index_update_while_the_app_runs(app_bundle: dict[str,
     try:
         items, total = ws.review_page(0)
         gone = items[0].record.id
-        writer = ImageIndex.open(index_dir, "cpu")
+        writer = IndexWriter.open(index_dir, "cpu")
         writer.remove([gone])  # an update: a new generation, whose stale score the queue must not show
         writer.close()
         after, after_total = ws.review_page(0)

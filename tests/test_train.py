@@ -15,7 +15,8 @@ import torch
 from conftest import REPO, tiny_train_config
 
 from twist_core.commands.train import build_parser
-from twist_core.train.loop import TrainConfig, train
+from twist_core.train.loop import train
+from twist_core.train.options import TrainConfig
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
@@ -177,7 +178,7 @@ def test_multicrop_and_self_labelling_train(shapes_folder: Path, tmp_path: Path)
 @pytest.mark.parametrize("optimizer, lr", [("sgd", 0.1), ("lars", 0.5), ("adamw", 5e-4)])
 def test_learning_rate_default_follows_the_optimiser(shapes_folder: Path, optimizer: str, lr: float) -> None:
     from twist_core.data.folder import require_images
-    from twist_core.train.loop import resolve_auto
+    from twist_core.train.options import resolve_auto
 
     config = TrainConfig(data=str(shapes_folder), optimizer=optimizer, image_size=32)
     resolved = resolve_auto(config, shapes_folder, require_images(shapes_folder), torch.device("cpu"))
@@ -206,7 +207,7 @@ def test_head_runs_once_on_all_crops_so_logit_batchnorm_spans_crop_sizes() -> No
 
 
 def test_paper_recipe_fills_defaults_and_is_recorded(shapes_folder: Path, tmp_path: Path) -> None:
-    from twist_core.train.loop import apply_recipe
+    from twist_core.train.options import apply_recipe
 
     paper = apply_recipe(TrainConfig(recipe="paper", lr=0.3))
     assert (paper.backbone, paper.hidden_dim, paper.tau, paper.optimizer, paper.weight_decay, paper.local_crops,
@@ -218,6 +219,19 @@ def test_paper_recipe_fills_defaults_and_is_recorded(shapes_folder: Path, tmp_pa
                       progress=False))
     saved = json.loads((out / "config.json").read_text())
     assert (saved["recipe"], saved["optimizer"], saved["lr"], saved["tau"]) == ("paper", "lars", 0.5, 1.0)
+
+
+def test_the_paper_recipe_is_a_shipped_file_that_config_reads() -> None:
+    """``--config recipes/paper.yaml`` and ``--recipe paper`` give the same options: one file holds the recipe."""
+    from twist_core.commands.train import build_parser
+    from twist_core.config import build_config
+    from twist_core.train.options import RECIPES, apply_recipe
+
+    args = build_parser().parse_args(["DATA", "--config", str(RECIPES / "paper.yaml")])
+    from_file = build_config(TrainConfig, args, args.config)
+    assert from_file == apply_recipe(TrainConfig(data="DATA", recipe="paper"))
+    assert apply_recipe(from_file) == from_file
+    assert from_file.self_label_fraction == 50 / 850
 
 
 def test_self_labelling_stage_restarts_the_learning_rate_and_raises_the_kept_share() -> None:
@@ -236,7 +250,7 @@ def test_self_labelling_stage_restarts_the_learning_rate_and_raises_the_kept_sha
 
 def test_self_labelling_stage_is_off_by_default_since_it_was_measured_not_to_help(shapes_folder: Path) -> None:
     from twist_core.data.folder import require_images
-    from twist_core.train.loop import resolve_auto
+    from twist_core.train.options import resolve_auto
 
     files = require_images(shapes_folder)
     for backbone, fraction in (("patches", 0.0), ("resnet18", 0.0)):

@@ -16,7 +16,8 @@ from twist_core.curate.view_graph import ViewGraphError, view_graph
 from twist_core.deploy.export import ExportConfig, export_model
 from twist_core.deploy.infer import OnnxModel
 from twist_core.index.build import IndexConfig, build_index
-from twist_core.model.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from twist_core.layout import CHECKPOINT_FILE
+from twist_core.model.checkpoint import load_checkpoint, save_checkpoint
 
 TWIN_OF = 0
 
@@ -33,7 +34,7 @@ def twin_cluster_run(run: Path, out: Path, cluster: int) -> Path:
     state["model_spec"]["n_classes"] += 1
     state["config"]["classes"] += 1
     out.mkdir(parents=True)
-    save_checkpoint(out / CHECKPOINT_NAME, state)
+    save_checkpoint(out / CHECKPOINT_FILE, state)
     return out
 
 

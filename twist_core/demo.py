@@ -22,6 +22,7 @@ import numpy as np
 
 from twist_core.config import AutoConfig, option
 from twist_core.io_utils import atomic_write_text, file_sha256
+from twist_core.layout import CHECKPOINT_FILE, DONE_FILE
 
 DIGIT_SIZE = 16  # 2x the original 8 x 8: trains 4x faster than 32 px and loses nothing
 DEMO_EPOCHS = 30
@@ -96,7 +97,8 @@ def step(title: str) -> float:
 def run_demo(config: DemoConfig) -> dict:
     from twist_core.deploy.export import ExportConfig, export_model
     from twist_core.evaluation.evaluate import EvalConfig, evaluate, format_report
-    from twist_core.train.loop import TrainConfig, train
+    from twist_core.train.loop import train
+    from twist_core.train.options import TrainConfig
 
     workspace = Path(config.workspace).resolve()
     print(f"workspace: {workspace} (digits, run, model, labels, index; remove it with: rm -rf {workspace})")
@@ -113,11 +115,11 @@ def run_demo(config: DemoConfig) -> dict:
 
     began = step(f"2/5 twist train ({config.epochs} epochs)")
     run = workspace / "run"
-    if (run / "DONE").exists():  # a finished earlier demo: train again from scratch
+    if (run / DONE_FILE).exists():  # a finished earlier demo: train again from scratch
         shutil.rmtree(run)
     train(TrainConfig(data=str(digits), out=str(run), classes=config.classes, epochs=config.epochs,
                       backbone="patches", image_size=DIGIT_SIZE, precision="fp32", seed=config.seed,
-                      resume=(run / "last.pt").exists()))
+                      resume=(run / CHECKPOINT_FILE).exists()))
     timings["train"] = time.perf_counter() - began
 
     began = step("3/5 twist export")

@@ -121,10 +121,10 @@ def broadcast_int(ctx: Context, value: int) -> int:
 
 
 @dataclass(frozen=True)
-class PassPlan:
+class EvenPasses:
     """Batches for a pass over ``n`` items made by every rank in lockstep (BatchNorm re-estimation).
 
-    The plan depends only on the item count, the world size and the batch size, never on the rank, so every
+    The passes depend only on the item count, the world size and the batch size, never on the rank, so every
     rank makes the same number of forward passes (SyncBatchNorm waits on all ranks at each one) and every batch
     holds at least 2 items (BatchNorm in train mode needs 2). Each rank takes ``items[rank::world]``; with
     fewer than 2 items per rank, every rank takes the same items instead.
@@ -142,13 +142,13 @@ class PassPlan:
         return batches
 
 
-def pass_plan(n_items: int, world_size: int, batch_size: int) -> PassPlan:
+def even_passes(n_items: int, world_size: int, batch_size: int) -> EvenPasses:
     """Equal shares (the remainder, under ``world_size`` items, is left out) cut into nearly equal batches."""
     if n_items < 2:
-        return PassPlan()
+        return EvenPasses()
     share, shared = n_items // world_size, False
     if share < 2:  # too few to split: every rank sees the same images, which keeps the statistics right
         share, shared = n_items, True
     passes = max(1, min(math.ceil(share / max(batch_size, 2)), share // 2))
     base, extra = divmod(share, passes)
-    return PassPlan([base + 1] * extra + [base] * (passes - extra), shared)
+    return EvenPasses([base + 1] * extra + [base] * (passes - extra), shared)

@@ -34,6 +34,15 @@ from pathlib import Path
 from twist_core.errors import UserError
 from twist_core.io_utils import OUTPUT_MARKER, file_sha256
 from twist_core.label.table import FORMATS, labels_paths, skipped_path
+from twist_core.layout import (
+    CONFIG_FILE,
+    CURATION_FILE,
+    INFO_TABLE,
+    MANIFEST,
+    META_FILE,
+    RUN_FILES,
+    RUN_MARKERS,
+)
 
 REPORT = "report"  # a JSON or PNG a command writes on request (--json, --plot, --confusion)
 MODEL = "model"  # twist export: M.onnx and its card M.json
@@ -44,13 +53,6 @@ TREE = "tree"  # twist label --export-tree: a folder of links or copies
 WORKSPACE = "workspace"  # twist demo: a folder of its own (digits, run, model, labels, index)
 FOLDERS = (RUN, INDEX, TREE, WORKSPACE)
 
-INDEX_MANIFEST = "manifest.json"  # twist_core.index.store's names (not imported: that module loads FAISS)
-INDEX_META, INDEX_INFO = "meta.sqlite", "info"
-STATE_FILE = "curation.sqlite"
-RUN_CONFIG = "config.json"
-RUN_MARKERS = ("last.pt", "metrics.jsonl")
-RUN_FILES = frozenset({RUN_CONFIG, *RUN_MARKERS, "curves.png", "skipped.txt", "DONE", "summary.json", "class_names.txt",
-                       "finetune.json", "finetune-plan.json"})  # what train and finetune write into a run
 TABLE_SIDE_FILES = (".meta.json", ".embeddings.npy", ".skipped.txt")
 
 
@@ -108,10 +110,10 @@ def image_root(path: Path) -> str | None:
     input, or one too damaged to say: the command itself reports that)."""
     try:
         if is_index_folder(path):
-            generation = json.loads((path / INDEX_MANIFEST).read_text())["dir"]
-            meta = path / Path(str(generation)).name / INDEX_META
+            generation = json.loads((path / MANIFEST).read_text())["dir"]
+            meta = path / Path(str(generation)).name / META_FILE
             with contextlib.closing(sqlite3.connect(f"{meta.resolve().as_uri()}?mode=ro", uri=True)) as db:
-                row = db.execute(f"SELECT value FROM {INDEX_INFO} WHERE key = 'root'").fetchone()
+                row = db.execute(f"SELECT value FROM {INFO_TABLE} WHERE key = 'root'").fetchone()
             root = json.loads(row[0]) if row else None
         elif path.suffix in FORMATS and path.is_file():
             root = json.loads(labels_paths(path)[1].read_text()).get("root")
@@ -147,7 +149,7 @@ def _owner_reason(place: Path, kind: str) -> str | None:
     for folder in ([place] if kind in FOLDERS else []) + list(place.parents):
         if is_index_folder(folder) and not (kind == INDEX and folder == place):
             return f"it is in the index folder {folder}"
-        if (folder / STATE_FILE).is_file() and not (kind == INDEX and folder == place):
+        if (folder / CURATION_FILE).is_file() and not (kind == INDEX and folder == place):
             return f"it is in the app's state folder {folder}"
     if kind in FOLDERS:
         return f"{place} is a training run" if kind != RUN and is_run_folder(place) else None
@@ -189,11 +191,11 @@ def _same_checkpoint(source: Path, recorded: Path, recorded_sha256: object) -> b
 
 
 def is_index_folder(folder: Path) -> bool:
-    return (folder / INDEX_MANIFEST).is_file() and ((folder / OUTPUT_MARKER).exists() or any(folder.glob("gen-*")))
+    return (folder / MANIFEST).is_file() and ((folder / OUTPUT_MARKER).exists() or any(folder.glob("gen-*")))
 
 
 def is_run_folder(folder: Path) -> bool:
-    return (folder / RUN_CONFIG).is_file() and any((folder / name).is_file() for name in RUN_MARKERS)
+    return (folder / CONFIG_FILE).is_file() and any((folder / name).is_file() for name in RUN_MARKERS)
 
 
 def _is_model_file(path: Path) -> bool:

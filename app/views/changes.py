@@ -45,7 +45,8 @@ def cluster_names_by_file(source: Path) -> dict[str, str]:
     """Absolute file -> cluster name of every labelled image in an index folder or a labels table."""
     source = Path(source)
     if source.is_dir():
-        from twist_core.index.store import META_FILE, IndexUserError, MetaStore, read_manifest
+        from twist_core.index.store import IndexUserError, MetaStore, read_manifest
+        from twist_core.layout import META_FILE
 
         try:
             meta = MetaStore(source / read_manifest(source)["dir"] / META_FILE)

@@ -15,7 +15,7 @@ from conftest import start_app_server, stop_app_server
 from gradio_client import Client
 
 from twist_core.deploy.infer import OnnxModel
-from twist_core.index.image_index import ImageIndex
+from twist_core.index.image_index import IndexReader
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"]
@@ -26,7 +26,7 @@ DROPDOWNS = ("cluster-choice", "merge-sources", "move-target")
 @pytest.fixture(scope="module")
 def clusters(app_bundle: dict[str, Path]) -> list[int]:
     """Every cluster of the model, the largest first."""
-    index = ImageIndex.open(app_bundle["index"], "cpu")
+    index = IndexReader.open(app_bundle["index"], "cpu")
     sizes = {c["cluster"]: c["size"] for c in index.cluster_summary()}
     index.close()
     n_classes = OnnxModel(app_bundle["model"], device="cpu").n_classes
@@ -53,7 +53,7 @@ def test_a_cluster_unmerged_after_a_restart_can_be_used_again(app_bundle: dict[s
         fresh = Client(url, verbose=False)
         _, info, _ = fresh.predict(source, 0, False, 0, 1, api_name="/open_cluster")
         assert "images in the confidence range" in info
-        index = ImageIndex.open(app_bundle["index"], "cpu")
+        index = IndexReader.open(app_bundle["index"], "cpu")
         first = index.records(target, limit=1)[0].id
         index.close()
         status, *_ = fresh.predict(str(first), source, api_name="/move_images")

@@ -24,7 +24,7 @@ from conftest import REPO, export_label_index, start_app_server, stop_app_server
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from twist_core.index.image_index import ImageIndex
+from twist_core.index.image_index import IndexReader
 from twist_core.io_utils import OUTPUT_MARKER
 
 SCRIPT = "<script>fetch('/gradio_api/info').then(r => document.title = 'pwned')</script>"
@@ -105,7 +105,7 @@ def test_the_app_marks_the_folders_it_writes(hostile: dict) -> None:
 
 def test_images_the_app_hands_out_come_back_as_images_only(hostile: dict) -> None:
     client = Client(hostile["url"], verbose=False, download_files=False)
-    index = ImageIndex.open(hostile["index"], "cpu")
+    index = IndexReader.open(hostile["index"], "cpu")
     first = index.records(None, order_by="id", limit=1)[0]
     biggest = max(index.cluster_summary(), key=lambda c: c["size"])["cluster"]
     index.close()
@@ -124,7 +124,7 @@ def test_images_the_app_hands_out_come_back_as_images_only(hostile: dict) -> Non
 
 
 def test_an_image_linked_from_outside_every_served_folder_opens_in_the_detail_view(hostile: dict) -> None:
-    index = ImageIndex.open(hostile["index"], "cpu")
+    index = IndexReader.open(hostile["index"], "cpu")
     linked = next(r for r in index.records(None, order_by="id", limit=index.size) if r.path.endswith("linked.png"))
     index.close()
     picture, details, _, _ = Client(hostile["url"], verbose=False).predict(linked.id, api_name="/select_image")
@@ -147,7 +147,7 @@ def read_csv(path: str) -> list[dict[str, str]]:
 
 def test_exported_csvs_never_hold_a_formula_and_json_stays_faithful(hostile: dict, tmp_path: Path) -> None:
     client = Client(hostile["url"], verbose=False)
-    index = ImageIndex.open(hostile["index"], "cpu")
+    index = IndexReader.open(hostile["index"], "cpu")
     cluster = index.records(None, order_by="id", limit=1)[0].cluster
     index.close()
     client.predict(cluster, FORMULA_NAME, api_name="/rename_cluster")

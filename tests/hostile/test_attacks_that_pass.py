@@ -20,7 +20,7 @@ from conftest import start_app_server, stop_app_server
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from twist_core.index.image_index import ImageIndex
+from twist_core.index.image_index import IndexReader
 
 USER, PASSWORD = "ann", "correct horse battery staple"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -54,7 +54,7 @@ def logged_in(url: str) -> httpx.Client:
 
 
 def test_every_route_needs_the_login(guarded: dict) -> None:
-    index = ImageIndex.open(guarded["index"], "cpu")
+    index = IndexReader.open(guarded["index"], "cpu")
     image = index.records(None, order_by="id", limit=1)[0].abs_path
     index.close()
     routes = ["config", "gradio_api/info", f"gradio_api/file={image}", "gradio_api/queue/status",

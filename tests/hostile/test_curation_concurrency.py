@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from twist_core.curate.curation import EXCLUDED, CurationError, CurationStore
-from twist_core.index.image_index import ImageIndex
-from twist_core.index.store import META_FILE, read_manifest
+from twist_core.index.image_index import IndexWriter
+from twist_core.index.store import read_manifest
+from twist_core.layout import META_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 N_CLUSTERS = 7
@@ -82,7 +83,7 @@ def curated(tmp_path: Path) -> dict:
     rows = [{"path": f"img{i:02d}.png", "cluster": i % N_CLUSTERS, "cluster_name": f"c{i % N_CLUSTERS}",
              "confidence": 0.5 + i / 100} for i in range(N_IMAGES)]
     index_dir = tmp_path / "ix"
-    ImageIndex.create(index_dir, flat, rows, {"root": str(tmp_path), "dim": 8, "kind": "flat", "nprobe": 0},
+    IndexWriter.create(index_dir, flat, rows, {"root": str(tmp_path), "dim": 8, "kind": "flat", "nprobe": 0},
                       "cpu").close()
     meta = index_dir / read_manifest(index_dir)["dir"] / META_FILE
     return {"store": tmp_path / "curation.sqlite", "meta": meta}

@@ -20,10 +20,11 @@ from PIL import Image
 
 from app.thumbnails import ThumbnailCache
 from twist_core.curate.curation import CurationError, CurationStore
-from twist_core.index.image_index import ImageIndex
-from twist_core.index.store import META_FILE, read_manifest
+from twist_core.index.image_index import IndexReader
+from twist_core.index.store import read_manifest
 from twist_core.io_utils import OUTPUT_MARKER
 from twist_core.label.table import labels_paths, write_table
+from twist_core.layout import META_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTERS = ["red", "green", "blue"]
@@ -100,7 +101,7 @@ def thumbnail_colour(path: Path) -> np.ndarray:
 
 
 def assert_thumbnails_match_files(index_dir: Path, thumbs: ThumbnailCache, root: Path) -> None:
-    index = ImageIndex.open(index_dir, "cpu")
+    index = IndexReader.open(index_dir, "cpu")
     try:
         for path in index.paths():
             image_id = index.ids_for_paths([path])[path]
@@ -117,10 +118,10 @@ def test_rebuild_keeps_moves_and_thumbnails_on_the_same_files(dataset: dict) -> 
     assert built.returncode == 0, built.stderr
     store = open_store(index_dir, index_dir)
     moved_path, deleted_path = dataset["paths"][7], dataset["paths"][2]
-    moved_id = ImageIndex.open(index_dir, "cpu").ids_for_paths([moved_path])[moved_path]
+    moved_id = IndexReader.open(index_dir, "cpu").ids_for_paths([moved_path])[moved_path]
     store.move([moved_id], 0)
     store.rename(1, "leaves")
-    thumbs = ThumbnailCache(index_dir / "thumbnails", owner=ImageIndex.open(index_dir, "cpu").info["uid"])
+    thumbs = ThumbnailCache(index_dir / "thumbnails", owner=IndexReader.open(index_dir, "cpu").info["uid"])
     assert_thumbnails_match_files(index_dir, thumbs, dataset["root"])  # every thumbnail made once
     before = labels_by_path(store)
     store.close()
@@ -136,7 +137,7 @@ def test_rebuild_keeps_moves_and_thumbnails_on_the_same_files(dataset: dict) -> 
     assert after == {p: v for p, v in before.items() if p != deleted_path}
     assert store.name(1) == "leaves"
     store.close()
-    index = ImageIndex.open(index_dir, "cpu")
+    index = IndexReader.open(index_dir, "cpu")
     thumbs = ThumbnailCache(index_dir / "thumbnails", owner=index.info["uid"])
     assert_thumbnails_match_files(index_dir, thumbs, dataset["root"])
 
@@ -150,7 +151,7 @@ def test_rebuild_over_an_index_from_before_fingerprints_matches_by_path(dataset:
         db.execute("DELETE FROM info WHERE key IN ('uid', 'next_id')")
     store = open_store(index_dir, index_dir)
     path = dataset["paths"][9]
-    store.move([ImageIndex.open(index_dir, "cpu").ids_for_paths([path])[path]], 1)
+    store.move([IndexReader.open(index_dir, "cpu").ids_for_paths([path])[path]], 1)
     store.close()
     (dataset["root"] / dataset["paths"][0]).unlink()
     dataset["paths"].append(draw(dataset["root"], N_IMAGES))  # a new file needs an id no old one has
@@ -158,7 +159,7 @@ def test_rebuild_over_an_index_from_before_fingerprints_matches_by_path(dataset:
     assert rebuilt.returncode == 0, rebuilt.stderr
     store = open_store(index_dir, index_dir)
     assert [p for p, (_, status) in labels_by_path(store).items() if status == "moved"] == [path]
-    assert ImageIndex.open(index_dir, "cpu").ids_for_paths(dataset["paths"][-1:]) == {dataset["paths"][-1]: N_IMAGES}
+    assert IndexReader.open(index_dir, "cpu").ids_for_paths(dataset["paths"][-1:]) == {dataset["paths"][-1]: N_IMAGES}
     store.close()
 
 
@@ -168,15 +169,15 @@ def test_a_file_replaced_in_place_is_a_new_image(dataset: dict) -> None:
     assert build(dataset, index_dir, dataset["numbers"]).returncode == 0
     store = open_store(index_dir, index_dir)
     path = dataset["paths"][5]
-    old_id = ImageIndex.open(index_dir, "cpu").ids_for_paths([path])[path]
+    old_id = IndexReader.open(index_dir, "cpu").ids_for_paths([path])[path]
     store.move([old_id], 0)
-    thumbs = ThumbnailCache(index_dir / "thumbnails", owner=ImageIndex.open(index_dir, "cpu").info["uid"])
+    thumbs = ThumbnailCache(index_dir / "thumbnails", owner=IndexReader.open(index_dir, "cpu").info["uid"])
     thumbs.path(old_id, dataset["root"] / path)
     store.close()
     Image.new("RGB", (41, 30), colour_of(9)).save(dataset["root"] / path)  # another picture, same name
     os.utime(dataset["root"] / path, ns=(1, 1))
     assert build(dataset, index_dir, dataset["numbers"], table_dir="labels2").returncode == 0
-    new_id = ImageIndex.open(index_dir, "cpu").ids_for_paths([path])[path]
+    new_id = IndexReader.open(index_dir, "cpu").ids_for_paths([path])[path]
     assert new_id != old_id
     store = open_store(index_dir, index_dir)
     assert labels_by_path(store)[path] == (2, "predicted")
@@ -189,7 +190,7 @@ def test_update_takes_a_file_changed_in_place_as_a_new_image(dataset: dict) -> N
     index_dir = dataset["tmp"] / "ix"
     assert build(dataset, index_dir, dataset["numbers"]).returncode == 0
     path = dataset["paths"][4]
-    old_id = ImageIndex.open(index_dir, "cpu").ids_for_paths([path])[path]
+    old_id = IndexReader.open(index_dir, "cpu").ids_for_paths([path])[path]
     store = open_store(index_dir, index_dir)
     store.move([old_id], 0)
     store.close()
@@ -199,7 +200,7 @@ def test_update_takes_a_file_changed_in_place_as_a_new_image(dataset: dict) -> N
     table = label_table(dataset["tmp"] / "relabel", dataset["root"], dataset["paths"], embeddings(numbers))
     updated = twist("index", str(table), "--update", "--out", str(index_dir), "--device", "cpu")
     assert updated.returncode == 0 and "added 1, removed 0" in updated.stdout, updated.stderr
-    index = ImageIndex.open(index_dir, "cpu")
+    index = IndexReader.open(index_dir, "cpu")
     new_id = index.ids_for_paths([path])[path]
     assert new_id != old_id and index.size == N_IMAGES
     store = open_store(index_dir, index_dir)
@@ -216,14 +217,14 @@ def test_state_of_another_index_is_refused_and_its_thumbnails_dropped(dataset: d
     store = open_store(index_dir, state)
     store.move([3], 1)
     store.close()
-    thumbs = ThumbnailCache(state / "thumbnails", owner=ImageIndex.open(index_dir, "cpu").info["uid"])
+    thumbs = ThumbnailCache(state / "thumbnails", owner=IndexReader.open(index_dir, "cpu").info["uid"])
     thumbs.path(0, dataset["root"] / dataset["paths"][0])
     for child in sorted(index_dir.rglob("*"), reverse=True):
         child.unlink() if child.is_file() else child.rmdir()
     assert build(dataset, index_dir, dataset["numbers"][1:]).returncode == 0
     with pytest.raises(CurationError, match="another index"):
         open_store(index_dir, state)
-    thumbs = ThumbnailCache(state / "thumbnails", owner=ImageIndex.open(index_dir, "cpu").info["uid"])
+    thumbs = ThumbnailCache(state / "thumbnails", owner=IndexReader.open(index_dir, "cpu").info["uid"])
     got = thumbnail_colour(thumbs.path(0, dataset["root"] / dataset["paths"][1]))
     assert np.abs(got - colour_of(1)).max() < 12
 
@@ -334,6 +335,6 @@ def test_disk_full_names_the_problem_and_keeps_the_previous_index(dataset: dict,
     assert "free some space" in full.stderr and str(index_dir) in full.stderr
     assert read_manifest(index_dir) == before
     assert sorted(p.name for p in index_dir.iterdir() if p.name.startswith(("gen-", ".tmp"))) == [before["dir"]]
-    index = ImageIndex.open(index_dir, "cpu")
+    index = IndexReader.open(index_dir, "cpu")
     assert index.paths() == [dataset["paths"][n] for n in first]
     index.close()

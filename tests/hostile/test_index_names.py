@@ -18,7 +18,7 @@ import pytest
 
 from app.thumbnails import PLACEHOLDER, ThumbnailCache
 from twist_core.deploy.export import ExportConfig, export_model
-from twist_core.index.image_index import ImageIndex
+from twist_core.index.image_index import IndexReader
 from twist_core.io_utils import path_from_text, path_to_text
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,7 +65,7 @@ def indexed(tiny_run: Path, shapes_folder: Path, tmp_path_factory: pytest.TempPa
 
 
 def ids_by_path(index_dir: Path) -> dict[str, int]:
-    index = ImageIndex.open(index_dir, "cpu")
+    index = IndexReader.open(index_dir, "cpu")
     try:
         return index.ids_for_paths(index.paths())
     finally:
@@ -88,7 +88,7 @@ def test_update_changes_nothing(indexed: dict[str, Path], tmp_path: Path, with_t
 
 
 def test_every_indexed_file_opens_and_gets_its_thumbnail(indexed: dict[str, Path], tmp_path: Path) -> None:
-    index = ImageIndex.open(indexed["index"], "cpu")
+    index = IndexReader.open(indexed["index"], "cpu")
     try:
         cache = ThumbnailCache(tmp_path / "thumbnails", owner=index.info["uid"])
         for path, image_id in index.ids_for_paths(index.paths()).items():

@@ -17,7 +17,7 @@ import pytest
 from conftest import start_app_server, stop_app_server
 from PIL import Image
 
-from twist_core.index.image_index import ImageIndex
+from twist_core.index.image_index import IndexReader
 
 HUGE_SIDE = 6300  # 39.7 M pixels, under the default --max-pixels; a solid colour compresses to ~100 KB
 UPLOADS = 4
@@ -30,7 +30,7 @@ def api(app_bundle: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
     server_tmp.mkdir()
     process, url = start_app_server(app_bundle, base / "state", "--no-warm-thumbnails",
                                     env={"TMPDIR": str(server_tmp)})
-    index = ImageIndex.open(app_bundle["index"], "cpu")
+    index = IndexReader.open(app_bundle["index"], "cpu")
     try:
         yield {"http": httpx.Client(base_url=url + "api/v1/", timeout=120), "url": url, "tmp": server_tmp,
                "dim": index.dim, "process": process}

@@ -40,7 +40,7 @@ BAD = {  # case: (command, the file's options, the text the error names besides 
 def command_line(command: str, bundle: dict[str, Path], folder: Path, table: Path) -> list[str]:
     """Arguments that are right in every other way, so only the file's value can be the mistake."""
     return {
-        "suggest-merges": [str(bundle["index"]), "--measure", "topk", "--bootstrap", "0"],
+        "suggest-merges": [str(bundle["index"]), "--measure", "modularity", "--bootstrap", "0"],
         "label": [str(DEMO_MODEL), str(folder), "--out", str(table), "--workers", "0", "--no-progress"],
         "app": ["--model", str(bundle["model"]), "--index", str(bundle["index"]), "--port", str(free_port()),
                 "--state-dir", str(table.parent / "state")],
@@ -84,13 +84,13 @@ def test_right_types_still_load(tmp_path: Path) -> None:
     from twist_core.commands.suggest_merges import build_parser
     from twist_core.config import AUTO, build_config
     from twist_core.curate.merges import MergesConfig
-    from twist_core.train.loop import TrainConfig
+    from twist_core.train.options import TrainConfig
 
     config = tmp_path / "ok.yaml"
-    config.write_text("to: null\ntop: 3\nmeasure: knn\nplot: tree.png\n")
+    config.write_text("to: null\ntop: 3\nmeasure: heads\nplot: tree.png\n")
     args = build_parser().parse_args(["ix", "--config", str(config)])
     merges = build_config(MergesConfig, args, args.config)
-    assert (merges.to, merges.top, merges.measure, merges.plot, merges.source) == (None, 3, "knn", "tree.png", "ix")
+    assert (merges.to, merges.top, merges.measure, merges.plot, merges.source) == (None, 3, "heads", "tree.png", "ix")
     from twist_core.commands.train import build_parser as train_parser
 
     config.write_text("lr: 1\nworkers: auto\nweight_decay: null\ncompile: false\nwarmup_epochs: 2\n")

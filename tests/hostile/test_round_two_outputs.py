@@ -50,8 +50,8 @@ def snapshot(root: Path) -> dict[str, str]:
 TINY = ("--classes", "4", "--width", "8", "--hidden-dim", "64", "--image-size", "32", "--epochs", "1",
         "--workers", "0", "--no-progress", "--checkpoint-every", "0")
 REFUSED = {  # the issue's cases first, then one per command and kind of file
-    "merges-json-over-manifest": ("suggest-merges", "ix", "--measure", "topk", "--json", "ix/manifest.json"),
-    "merges-plot-over-model": ("suggest-merges", "ix", "--measure", "topk", "--plot", "model.onnx"),
+    "merges-json-over-manifest": ("suggest-merges", "ix", "--measure", "modularity", "--json", "ix/manifest.json"),
+    "merges-plot-over-model": ("suggest-merges", "ix", "--measure", "modularity", "--plot", "model.onnx"),
     "export-card-over-manifest": ("export", "run", "--out", "ix/manifest.onnx"),
     "export-card-over-run-config": ("export", "run", "--out", "run/config.onnx"),
     "export-card-over-table-meta": ("export", "run", "--out", "labels.meta.onnx"),
@@ -60,7 +60,7 @@ REFUSED = {  # the issue's cases first, then one per command and kind of file
     "train-out-inside-eval-data": ("train", "data/discs", "--eval-data", "data", "--out", "data/run", *TINY),
     "finetune-out-is-data": ("finetune", "run", "--labels", "curated.csv", "--data", "data", "--out", "data",
                              "--epochs", "1", "--workers", "0", "--no-progress"),
-    "merges-json-and-plot-same-file": ("suggest-merges", "ix", "--measure", "topk", "--json", "out.x",
+    "merges-json-and-plot-same-file": ("suggest-merges", "ix", "--measure", "modularity", "--json", "out.x",
                                        "--plot", "out.x"),
     "search-json-over-table-meta": ("search", "ix", "--id", "0", "--json", "labels.meta.json"),
     "duplicates-json-over-card": ("duplicates", "ix", "--json", "model.json"),
@@ -94,7 +94,7 @@ def test_a_link_at_an_output_path_is_replaced_not_written_through(workspace: Pat
     victim.write_text("keep me\n")
     (workspace / "tree.png").symlink_to("model.onnx")
     (workspace / "merges.json").symlink_to("notes.txt")
-    result = twist("suggest-merges", "ix", "--measure", "topk", "--bootstrap", "0", "--plot", "tree.png",
+    result = twist("suggest-merges", "ix", "--measure", "modularity", "--bootstrap", "0", "--plot", "tree.png",
                    "--json", "merges.json", cwd=workspace)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (workspace / "model.onnx").read_bytes() == model and victim.read_text() == "keep me\n"
@@ -106,7 +106,7 @@ def test_a_link_at_an_output_path_is_replaced_not_written_through(workspace: Pat
 def test_outputs_beside_the_inputs_still_work(workspace: Path) -> None:
     """The check refuses only what would be destroyed: a new report beside the index, a second export over the
     same model, and eval's confusion matrix in the run folder (its default) are written as before."""
-    result = twist("suggest-merges", "ix", "--measure", "topk", "--bootstrap", "0", "--json", "merges.json",
+    result = twist("suggest-merges", "ix", "--measure", "modularity", "--bootstrap", "0", "--json", "merges.json",
                    "--plot", "ix-tree.png", cwd=workspace)
     assert result.returncode == 0, result.stderr[-2000:]
     result = twist("export", "run", "--out", "model.onnx", "--no-verify", cwd=workspace)
@@ -137,11 +137,11 @@ def indexed_folder(app_bundle: dict[str, Path], tiny_run: Path, shapes_folder: P
 
 
 INTO_THE_INDEXED_IMAGES = {  # every command that reads an index (or a labels table) writes nothing among its images
-    "merges-plot-over-an-image": ("suggest-merges", "dix", "--measure", "topk", "--bootstrap", "0",
+    "merges-plot-over-an-image": ("suggest-merges", "dix", "--measure", "modularity", "--bootstrap", "0",
                                   "--plot", "data/discs/001.png"),
-    "merges-json-into-images": ("suggest-merges", "dix", "--measure", "topk", "--bootstrap", "0",
+    "merges-json-into-images": ("suggest-merges", "dix", "--measure", "modularity", "--bootstrap", "0",
                                 "--json", "data/merges.json"),
-    "merges-of-table-plot-into-images": ("suggest-merges", "labels.csv", "--measure", "topk", "--bootstrap", "0",
+    "merges-of-table-plot-into-images": ("suggest-merges", "labels.csv", "--measure", "modularity", "--bootstrap", "0",
                                          "--plot", "data/tree.png"),
     "search-json-over-an-image": ("search", "dix", "--id", "0", "--json", "data/discs/002.png"),
     "duplicates-json-into-images": ("duplicates", "dix", "--json", "data/stripes/dups.json"),

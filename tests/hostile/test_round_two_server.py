@@ -34,7 +34,7 @@ from test_round_two_front_door import (
     start,
 )
 
-from twist_core.index.image_index import ImageIndex
+from twist_core.index.image_index import IndexReader
 
 UPLOAD_MB = 20  # the default --max-upload-mb: a vector search body used to be allowed all of it
 OFFERED_BYTES = 96 << 20  # what a hostile client streams to a route that does not read it
@@ -127,7 +127,7 @@ def test_a_huge_vector_body_is_refused_at_once_and_delays_nobody(server: dict) -
 
 
 def test_a_vector_of_the_index_dimension_still_finds_itself(server: dict, app_bundle: dict[str, Path]) -> None:
-    index = ImageIndex.open(app_bundle["index"], "cpu")
+    index = IndexReader.open(app_bundle["index"], "cpu")
     try:
         vector = index.vector(0).tolist()
     finally:

@@ -21,10 +21,11 @@ import pytest
 from conftest import REPO, draw_shapes_folder, free_port
 
 from twist_core.curate.curation import EXCLUDED, CurationStore
+from twist_core.curate.store_file import curated_names, curation_path
 from twist_core.deploy.export import ExportConfig, export_model
 from twist_core.deploy.infer import OnnxModel
 from twist_core.index.build import IndexConfig, build_index
-from twist_core.index.store import MetaStore, curated_names, meta_path
+from twist_core.index.store import MetaStore, meta_path
 from twist_core.io_utils import file_sha256
 from twist_core.label.labeller import LabelConfig, label_folder
 
@@ -115,8 +116,8 @@ def test_suggest_merges_refuses_a_state_folder_of_another_index_and_changes_noth
     assert_refused(result, "suggest-merges", indexes[other], NO_MOVES)
     assert snapshot(state) == before, "the store and its folder are untouched byte for byte"
     assert twist("suggest-merges", str(indexes["A"]), "--state-dir", str(state)).returncode == 0, "its own index"
-    assert curated_names(state, index_info(indexes["A"]))[0] == "round things"
-    assert curated_names(state, index_info(indexes[other])) == {}, "search shows no names of another index"
+    assert curated_names(curation_path(state), index_info(indexes["A"]))[0] == "round things"
+    assert curated_names(curation_path(state), index_info(indexes[other])) == {}, "no names of another index"
 
 
 def test_finetune_import_labels_and_the_app_refuse_it_too(indexes: dict[str, Path], tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from gradio_client import Client
 from markdown_it import MarkdownIt
 
 from app.views.shared import literal
-from twist_core.index.image_index import ImageIndex
+from twist_core.index.image_index import IndexReader
 
 HOSTILE_TEXTS = ["![t](http://127.0.0.1:17999/x.png)", "<img src=http://127.0.0.1:17999/y.png>",
                  "[link](javascript:alert(1)) <a href=x>a</a> www.example.org a@b.co http://127.0.0.1/z",
@@ -56,7 +56,7 @@ def listener() -> Iterator[list[str]]:
 def served(app_bundle: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     state = tmp_path_factory.mktemp("round_two_views") / "state"
     process, url = start_app_server(app_bundle, state)
-    index = ImageIndex.open(app_bundle["index"], "cpu")
+    index = IndexReader.open(app_bundle["index"], "cpu")
     sizes = sorted(index.cluster_summary(), key=lambda c: (-c["size"], c["cluster"]))
     first = {c["cluster"]: [r.id for r in index.records(c["cluster"], limit=3)] for c in sizes}
     index.close()
@@ -103,7 +103,7 @@ def test_merge_plan_counts_clusters_without_the_excluded_images(served: dict) ->
     client.predict(str(served["ids"][served["clusters"][0]][0]), api_name="/exclude_images")
     try:
         with pytest.raises(Exception, match=rf"from 1 to {clusters - 1} \(there are {clusters} clusters now\)"):
-            client.predict(clusters, "centroid", api_name="/preview_plan")
+            client.predict(clusters, "modularity", api_name="/preview_plan")
         _, _, summary = client.predict("size", api_name="/overview")
         assert f"in {clusters} non-empty clusters" in summary
     finally:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from twist_core.commands import run_command
 from twist_core.config import AUTO, AutoConfig, auto_option, command_parser, option
+from twist_core.curate.store_file import CuratedNames
 from twist_core.index.image_index import (
     AUTO_THRESHOLD_RULE,
     IndexReader,
@@ -49,7 +50,7 @@ def duplicates(config: DuplicatesConfig) -> int:
     check_outputs([Output("--json", config.json)], inputs=[config.index, config.state_dir])
     if config.threshold != AUTO and not -1.0 <= float(config.threshold) <= 1.0:
         raise IndexUserError(f"--threshold is a cosine similarity in [-1, 1] or auto, got {config.threshold}")
-    index = IndexReader.open(config.index, config.device, config.state_dir)
+    index = IndexReader.open(config.index, config.device, CuratedNames(config.index, config.state_dir))
     try:
         if config.threshold == AUTO:
             threshold, stats = auto_threshold(nearest_similarities(index))

@@ -11,7 +11,7 @@ from twist_core.commands import run_command
 from twist_core.config import command_parser
 from twist_core.deploy.export import ExportConfig, ExportError, export_model
 from twist_core.deploy.export import __doc__ as DOC
-from twist_core.model.checkpoint import CHECKPOINT_NAME
+from twist_core.layout import CHECKPOINT_FILE
 from twist_core.outputs import MODEL, Output, check_outputs
 from twist_core.report import print_written
 
@@ -24,7 +24,7 @@ def export_and_print(config: ExportConfig) -> int:
     if not config.run:
         raise ExportError("give the run folder or checkpoint to export (RUN)")
     run = Path(config.run)
-    checkpoint = run / CHECKPOINT_NAME if run.is_dir() else run  # what the card will name, as export_model finds it
+    checkpoint = run / CHECKPOINT_FILE if run.is_dir() else run  # what the card will name, as export_model finds it
     check_outputs([Output("--out", config.out, MODEL, source=checkpoint)], inputs=[config.run, config.class_names])
     out = export_model(config)
     card = json.loads(out.with_suffix(".json").read_text())

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from twist_core.commands import run_command
 from twist_core.config import command_parser
-from twist_core.curate.finetune import NAMES_FILE, PLAN_FILE, REPORT_FILE, FinetuneConfig, finetune
+from twist_core.curate.finetune import FinetuneConfig, finetune
 from twist_core.curate.finetune import __doc__ as DOC
+from twist_core.layout import CLASS_NAMES_FILE, CONFIG_FILE, FINETUNE_PLAN_FILE, FINETUNE_REPORT_FILE
 from twist_core.outputs import RUN, Output, check_outputs
 from twist_core.train.summary import print_run_end
 
@@ -22,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_data(run: str | None) -> str | None:
     """The image folder RUN was trained on (None when RUN has no readable config: finetune says why)."""
     try:
-        return json.loads((Path(str(run)) / "config.json").read_text()).get("data")
+        return json.loads((Path(str(run)) / CONFIG_FILE).read_text()).get("data")
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -36,9 +37,9 @@ def finetune_and_print(config: FinetuneConfig) -> int:
     out = Path(report["options"]["out"])
     print(f"{out}: fine-tuned on {report['labelled_images']} labelled images "
           f"({report['excluded_images']} excluded), K {report['classes_before']} -> {report['classes_after']}")
-    print_run_end(out, [(out / NAMES_FILE, "the clusters' names, which twist export picks up"),
-                        (out / PLAN_FILE, "the labels this fine-tune started with (a rerun resumes with them)"),
-                        (out / REPORT_FILE, "what was learned from: labels, exclusions, clusters kept")])
+    print_run_end(out, [(out / CLASS_NAMES_FILE, "the clusters' names, which twist export picks up"),
+                        (out / FINETUNE_PLAN_FILE, "the labels this fine-tune started with (a rerun resumes them)"),
+                        (out / FINETUNE_REPORT_FILE, "what was learned from: labels, exclusions, clusters kept")])
     print(f"then: twist index --update --out INDEX --model {out.name}.onnx (relabels every image, keeps their "
           "ids; the app follows)")
     return 0

@@ -8,6 +8,7 @@ import sys
 
 from twist_core.commands import run_command
 from twist_core.config import command_parser
+from twist_core.curate.store_file import CuratedNames
 from twist_core.index.search import SearchConfig, format_hits, hit_dict, no_hits_reason, search
 from twist_core.index.search import __doc__ as DOC
 from twist_core.index.store import IndexUserError
@@ -28,7 +29,7 @@ def search_and_print(config: SearchConfig) -> int:
         raise IndexUserError("give the INDEX folder")
     check_outputs([Output("--json", config.json)], inputs=[config.index, config.image, config.state_dir,
                                                          config.model])
-    hits = search(config)
+    hits = search(config, CuratedNames(config.index, config.state_dir))
     if not hits:
         print(f"twist search: {no_hits_reason(config)}", file=sys.stderr)
         return 1

@@ -15,10 +15,12 @@ from pathlib import Path
 from twist_core.commands import run_command
 from twist_core.config import command_parser
 from twist_core.errors import UserError
+from twist_core.layout import CONFIG_FILE
 from twist_core.outputs import RUN, Output, check_outputs
 from twist_core.train.allocator import keep_freed_memory
-from twist_core.train.loop import TrainConfig, train
 from twist_core.train.loop import __doc__ as DOC
+from twist_core.train.loop import train
+from twist_core.train.options import TrainConfig
 from twist_core.train.summary import print_run_end
 
 
@@ -30,7 +32,7 @@ def resumed_data(config: TrainConfig) -> TrainConfig:
     """``--resume`` without DATA: the folder the run was started on, from its config.json."""
     if config.data or not config.resume:
         return config
-    saved_config = Path(config.out) / "config.json"
+    saved_config = Path(config.out) / CONFIG_FILE
     if not saved_config.is_file():
         raise UserError(f"--resume found no run in {config.out} (no config.json): give --out of an existing run, "
                         "or the image folder (DATA) to start one")

@@ -35,12 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twist_core.errors import UserError
-from twist_core.index.store import ACTION_TIME_FORMAT, IMAGES, INFO_TABLE, chunked_in, store_model
+from twist_core.curate.set_aside import SET_ASIDE_FILE, UNDO_TABLES, SetAside, describe_held
+from twist_core.curate.store_file import ACTION_TIME_FORMAT, CurationError, curation_path, store_model
+from twist_core.index.store import IMAGES, chunked_in, meta_path
 from twist_core.io_utils import atomic_write_text, mark_output_folder
+from twist_core.layout import INFO_TABLE
 
 EXCLUDED = -1  # the label of an image taken out of the dataset
-SET_ASIDE_FILE = "curation-set-aside-{model}-{time}.json"  # curation made for a model the index no longer uses
 ORDERS = (IMAGES.confidence, IMAGES.id, IMAGES.path)
 HELD = ("name(s)", "merge(s)", "move(s)", "exclusion(s)", "confirmation(s)", "undo step(s)")  # see held()
 
@@ -54,8 +55,6 @@ CREATE TABLE IF NOT EXISTS undo_log (seq INTEGER PRIMARY KEY AUTOINCREMENT, acti
 CREATE TABLE IF NOT EXISTS binding (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS confirmed (image_id INTEGER PRIMARY KEY, cluster INTEGER NOT NULL);
 """
-UNDO_TABLES = {"names": ("cluster", "name"), "merges": ("cluster", "into_cluster"),
-               "overrides": ("image_id", "cluster"), "confirmed": ("image_id", "cluster")}
 
 # The effective label as an SQL expression over the index's images i (attached as idx), overrides o, merges m.
 LABEL_SQL = f"COALESCE(o.cluster, m.into_cluster, i.{IMAGES.cluster})"
@@ -64,92 +63,6 @@ JOINS = (f"FROM idx.{IMAGES.name} i LEFT JOIN overrides o ON o.image_id = i.{IMA
 # One image as a Record: its effective label, whether it was moved, whether it was confirmed.
 RECORD_SQL = (f"SELECT i.{IMAGES.id}, i.{IMAGES.path}, i.{IMAGES.cluster}, i.{IMAGES.confidence}, i.{IMAGES.topk}, "
               f"{LABEL_SQL}, o.cluster, c.image_id {JOINS}")
-
-
-def describe_held(held: Mapping[str, int]) -> str:
-    """``3 name(s), 1 merge(s), ...``: the kinds a store holds, empty when it holds nothing."""
-    return ", ".join(f"{n} {kind}" for kind, n in held.items() if n)
-
-
-class CurationError(UserError):
-    """A curation request that cannot be applied (unknown cluster, nothing to undo, ...); says why."""
-
-
-@dataclass(frozen=True)
-class SetAside:
-    """A set-aside file (``curation-set-aside-*.json``) read back and checked: what :meth:`CurationStore.restore`
-    puts back, keyed as the store keys it."""
-
-    model_sha256: str
-    index_uid: str | None
-    names: dict[int, str]
-    merges: dict[int, int]
-    moves: dict[int, int]  # image id -> cluster
-    confirmed: dict[int, int]
-    undo_log: list[tuple[str, str, dict[str, dict[str, Any]]]]  # action, at, previous
-    learned_by: list[Any]
-
-    def describe(self) -> str:
-        return describe_held({"name(s)": len(self.names), "merge(s)": len(self.merges), "move(s)": len(self.moves),
-                              "confirmation(s)": len(self.confirmed), "undo step(s)": len(self.undo_log)})
-
-
-def read_set_aside(path: Path) -> SetAside:
-    """The set-aside file at ``path``; anything else (not JSON, a field of the wrong kind, an id SQLite cannot
-    hold) is refused in one line naming the file."""
-    try:
-        saved = json.loads(Path(path).read_text(encoding="utf-8"))
-        if not isinstance(saved, dict) or not isinstance(saved.get("model_sha256"), str):
-            raise ValueError("no model_sha256: it was not written by a curation store")
-        uid = saved.get("index_uid")
-        return SetAside(
-            saved["model_sha256"], uid if isinstance(uid, str) else None,
-            {_key(c): _typed(n, str) for c, n in _field(saved, "names", dict).items()},
-            {_key(c): _typed(t, int) for c, t in _field(saved, "merges", dict).items()},
-            _image_rows(_field(saved, "moves", list)), _image_rows(_field(saved, "confirmed", list)),
-            [_undo_entry(entry) for entry in _field(saved, "undo_log", list)],
-            saved.get("learned_by") if isinstance(saved.get("learned_by"), list) else [])
-    except FileNotFoundError:
-        raise CurationError(f"no file {path}") from None
-    except KeyError as error:
-        raise CurationError(f"{path} is not a set-aside curation file (an entry lacks {error}); nothing was "
-                            "changed") from None
-    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError, RecursionError) as error:
-        raise CurationError(f"{path} is not a set-aside curation file ({error}); nothing was changed") from None
-
-
-def _field(saved: dict[str, Any], name: str, kind: type) -> Any:
-    return _typed(saved.get(name), kind, name)
-
-
-def _typed(value: Any, kind: type, what: str = "a value") -> Any:
-    """``value`` if it is a ``kind`` (an int SQLite can hold; never a bool), else ValueError."""
-    if type(value) is not kind or (kind is int and not -(2**63) <= value < 2**63):
-        raise ValueError(f"{what} is {str(value)[:40]!r}, not {kind.__name__}" + (" of 64 bits" if kind is int else ""))
-    return value
-
-
-def _key(text: str) -> int:
-    """A JSON object key holding a cluster number or an image id."""
-    return _typed(int(text) if text.lstrip("-").isdigit() else text, int, "a key")
-
-
-def _image_rows(rows: list[Any]) -> dict[int, int]:
-    return {_typed(row["image_id"], int, "an image id"): _typed(row["cluster"], int, "a cluster") for row in rows}
-
-
-def _undo_entry(entry: dict[str, Any]) -> tuple[str, str, dict[str, dict[str, Any]]]:
-    """An undo-log entry: what it restores must name tables and values the store has."""
-    previous = _typed(entry["previous"], dict, "an undo entry")
-    for table, values in previous.items():
-        if table not in UNDO_TABLES:
-            raise ValueError(f"an undo entry names no table of the store ({table[:40]!r})")
-        kind = str if table == "names" else int
-        for key, value in _typed(values, dict, "an undo entry").items():
-            _key(key)
-            if value is not None:
-                _typed(value, kind, "an undo entry's value")
-    return _typed(entry["action"], str, "an action"), _typed(entry["at"], str, "a time"), previous
 
 
 @dataclass(frozen=True)
@@ -175,6 +88,13 @@ def _record(row: tuple) -> Record:
 
 class CurationStore:
     """Read and change the curated labels of one index; every change is one transaction plus an undo entry."""
+
+    @classmethod
+    def for_index(cls, index_dir: str | Path, state_dir: str | Path | None = None,
+                  default_names: Sequence[str] = (), metadata: Path | None = None) -> CurationStore:
+        """The store of the index in ``index_dir``: its file in the state folder (the index folder unless
+        given), over the metadata of the index's current generation unless ``metadata`` names the one served."""
+        return cls(curation_path(index_dir, state_dir), metadata or meta_path(Path(index_dir)), default_names)
 
     def __init__(self, path: Path, meta_path: Path, default_names: Sequence[str]) -> None:
         self.path = Path(path)
@@ -507,11 +427,11 @@ class CurationStore:
                     self._db.execute("ROLLBACK")
                 raise
 
-    def _change(self, plan: Callable[[], tuple[str, dict[str, dict[str, Any]], list[tuple[str, Sequence]]]]
+    def _change(self, prepare: Callable[[], tuple[str, dict[str, dict[str, Any]], list[tuple[str, Sequence]]]]
                 ) -> None:
-        """Read with ``plan()`` (action, what will be overwritten, statements), write and log it: one transaction."""
+        """Read with ``prepare()`` (action, what will be overwritten, statements), write and log it: one transaction."""
         with self._transaction():
-            action, previous, statements = plan()
+            action, previous, statements = prepare()
             for sql, params in statements:
                 self._db.execute(sql, params)
             self._db.execute("INSERT INTO undo_log (action, at, previous) VALUES (?, ?, ?)",
@@ -527,7 +447,7 @@ class CurationStore:
         if not name:
             raise CurationError("a cluster name cannot be empty")
 
-        def plan() -> tuple[str, dict, list]:
+        def prepare() -> tuple[str, dict, list]:
             clash = [c for c, n in self.names().items() if n.lower() == name.lower() and c != cluster]
             if clash:
                 raise CurationError(f"cluster {clash[0]} is already called {name!r}")
@@ -535,7 +455,7 @@ class CurationStore:
                     {"names": self._previous("names", "cluster", "name", [cluster])},
                     [("INSERT OR REPLACE INTO names (cluster, name) VALUES (?, ?)", (cluster, name))])
 
-        self._change(plan)
+        self._change(prepare)
 
     def merge(self, sources: Sequence[int], target: int) -> None:
         """Merge ``sources`` into ``target``: their images (and anything moved into them) take its label.
@@ -557,7 +477,7 @@ class CurationStore:
         if len(every) != len(set(every)):
             raise CurationError("the merged groups share a cluster: each cluster may be in one group only")
 
-        def plan() -> tuple[str, dict, list]:
+        def prepare() -> tuple[str, dict, list]:
             actions, previous, statements = [], {"merges": {}, "overrides": {}}, []
             for wanted, target in checked:
                 described, before, more = self._merge_statements(wanted, target)
@@ -568,7 +488,7 @@ class CurationStore:
                 statements += more
             return action or "; ".join(actions), previous, statements
 
-        self._change(plan)
+        self._change(prepare)
 
     def _merge_statements(self, wanted: set[int], target: int) -> tuple[str, dict, list[tuple[str, Sequence]]]:
         """What merging ``wanted`` into ``target`` overwrites and writes (read inside the change's transaction)."""
@@ -596,7 +516,7 @@ class CurationStore:
         if not known:
             raise CurationError("no images selected (or none of the given ids is in the index)")
 
-        def plan() -> tuple[str, dict, list]:
+        def prepare() -> tuple[str, dict, list]:
             final = EXCLUDED if wanted == EXCLUDED else self.merged_into(wanted)
             statements = [("INSERT OR REPLACE INTO overrides (image_id, cluster) VALUES (?, ?)", (i, final))
                           for i in known]
@@ -604,7 +524,7 @@ class CurationStore:
             return (f"{verb}: {len(known)} image(s)",
                     {"overrides": self._previous("overrides", "image_id", "cluster", known)}, statements)
 
-        self._change(plan)
+        self._change(prepare)
         return len(known)
 
     def confirm(self, ids: Sequence[int]) -> int:
@@ -617,7 +537,7 @@ class CurationStore:
             raise CurationError("no images selected to confirm")
         labels: dict[int, int] = {}
 
-        def plan() -> tuple[str, dict, list]:
+        def prepare() -> tuple[str, dict, list]:
             labels.update({r.id: r.label for r in self.records(wanted).values()
                            if r.label is not None and r.label != EXCLUDED})
             if not labels:
@@ -629,7 +549,7 @@ class CurationStore:
                     [("INSERT OR REPLACE INTO confirmed (image_id, cluster) VALUES (?, ?)", (i, c))
                      for i, c in labels.items()])
 
-        self._change(plan)
+        self._change(prepare)
         return len(labels)
 
     def relabel(self, action: str, moves: Mapping[int, int], renames: Mapping[int, str]) -> None:
@@ -643,7 +563,7 @@ class CurationStore:
         if any(not name for name in renames.values()):
             raise CurationError("a cluster name cannot be empty")
 
-        def plan() -> tuple[str, dict, list]:
+        def prepare() -> tuple[str, dict, list]:
             final_names = {**self.names(), **renames}
             seen: dict[str, int] = {}
             for cluster, name in final_names.items():
@@ -659,7 +579,7 @@ class CurationStore:
                         "overrides": self._previous("overrides", "image_id", "cluster", list(moves))}
             return action, previous, statements
 
-        self._change(plan)
+        self._change(prepare)
 
     def undo(self) -> str:
         """Restore what the last change overwrote; returns its description."""

@@ -32,15 +32,22 @@ from typing import Any
 import torch
 
 from twist_core.config import AUTO, AutoConfig, auto_option, option
+from twist_core.curate.store_file import curation_path
 from twist_core.errors import UserError
 from twist_core.io_utils import atomic_write_text, file_sha256, path_from_text
-from twist_core.model.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from twist_core.layout import (
+    CHECKPOINT_FILE,
+    CLASS_NAMES_FILE,
+    DONE_FILE,
+    FINETUNE_PLAN_FILE,
+    FINETUNE_REPORT_FILE,
+)
+from twist_core.model.checkpoint import load_checkpoint
 from twist_core.train.budget import check_budget
-from twist_core.train.loop import Run, Supervision, TrainConfig, train
+from twist_core.train.loop import train
+from twist_core.train.options import TrainConfig
+from twist_core.train.run import Run, Supervision
 
-NAMES_FILE = "class_names.txt"
-REPORT_FILE = "finetune.json"
-PLAN_FILE = "finetune-plan.json"  # what a fine-tune learns from, written before it starts: its resume reads it
 CURATED_STATUSES = ("moved", "merged", "confirmed")  # rows of the app's CSV whose label a person set
 EXCLUDED_STATUS = "excluded"
 
@@ -91,20 +98,20 @@ class Curation:
 def curation_from_store(index_dir: Path, state_dir: Path | None, n_classes: int) -> tuple[Curation, Path]:
     """The curation store's decisions, with image paths absolute (the index root joined)."""
     from twist_core.curate.curation import EXCLUDED, CurationError, CurationStore
-    from twist_core.index.store import META_FILE, IndexUserError, MetaStore, read_manifest
+    from twist_core.index.store import IndexUserError, MetaStore, meta_path
 
-    store_path = (state_dir or index_dir) / "curation.sqlite"
+    store_path = curation_path(index_dir, state_dir)
     if not store_path.is_file():
         raise FinetuneError(f"no curation at {store_path}: open the index in the app (twist app --index "
                             f"{index_dir}), move or confirm some images, then run this again"
                             + ("" if state_dir else ", with --state-dir if the app used one"))
     try:
-        meta_path = index_dir / read_manifest(index_dir)["dir"] / META_FILE
-        meta = MetaStore(meta_path)
+        metadata = meta_path(index_dir)
+        meta = MetaStore(metadata)
         root, predicted_names = Path(meta.info()["root"]), {c["cluster"]: c["name"] for c in meta.cluster_summary()}
         meta.close()
         default = [predicted_names.get(c) or f"cluster_{c}" for c in range(n_classes)]
-        store = CurationStore(store_path, meta_path, default)
+        store = CurationStore.for_index(index_dir, state_dir, default, metadata)
     except (IndexUserError, CurationError) as error:
         raise FinetuneError(str(error)) from None
     try:
@@ -141,7 +148,7 @@ def check_index_model(index_dir: Path, run: Path) -> None:
         raise FinetuneError(f"--index {index_dir}: cannot tell which run its labels come from ({model} is gone or "
                             "changed, and so is the labels table it was built from): put that model back, or give "
                             "the labels as a CSV exported from the app (--labels); nothing was written")
-    ours = file_sha256(run / CHECKPOINT_NAME)
+    ours = file_sha256(run / CHECKPOINT_FILE)
     if exported_from != ours:
         raise FinetuneError(f"--index {index_dir} was labelled by {model}, which is not an export of {run} (checkpoint "
                             f"{exported_from[:12]}, not {ours[:12]}): fine-tune the run that model came from, or "
@@ -175,9 +182,8 @@ def record_learning(index_dir: Path, state_dir: Path | None, run: Path, images: 
     """Note in the app's curation store that ``run`` learned from it: when the index is relabelled by the
     new model, the curation set aside says it was learned from, not lost."""
     from twist_core.curate.curation import CurationStore
-    from twist_core.index.store import meta_path
 
-    store = CurationStore((state_dir or index_dir) / "curation.sqlite", meta_path(index_dir), [])
+    store = CurationStore.for_index(index_dir, state_dir)
     try:
         store.record_learning(str(run.resolve()), images)
     finally:
@@ -290,16 +296,16 @@ def check_options(config: FinetuneConfig) -> None:
         raise FinetuneError("give the run to fine-tune (RUN)")
     if bool(config.index) == bool(config.labels):
         raise FinetuneError("give the curated labels: --index INDEX (the app's curation) or --labels CSV, one of them")
-    if not (Path(config.run) / CHECKPOINT_NAME).is_file():
-        raise FinetuneError(f"no run at {config.run} (no {CHECKPOINT_NAME})")
+    if not (Path(config.run) / CHECKPOINT_FILE).is_file():
+        raise FinetuneError(f"no run at {config.run} (no {CHECKPOINT_FILE})")
     if Path(config.out or "").resolve() == Path(config.run).resolve():
         raise FinetuneError("--out must be a new folder: fine-tuning never modifies RUN")
     out = Path(str(config.out))
-    if (out / CHECKPOINT_NAME).exists():
-        if (out / "DONE").exists():
+    if (out / CHECKPOINT_FILE).exists():
+        if (out / DONE_FILE).exists():
             raise FinetuneError(f"{config.out} holds a finished fine-tune: export it (twist export {config.out}) or "
                                 "choose another --out (nothing was changed)")
-        if saved_plan(out, Path(config.run)) is None:
+        if saved_learning_set(out, Path(config.run)) is None:
             raise FinetuneError(f"{config.out} already holds a run: choose another --out (nothing was changed)")
     for name in ("epochs", "labelled_per_step", "eval_every"):
         if getattr(config, name) < 1:
@@ -313,7 +319,7 @@ def check_options(config: FinetuneConfig) -> None:
 
 
 @dataclass
-class Plan:
+class LearningSet:
     """What one fine-tune learns from, in positions of the run's file list and RUN's cluster numbers."""
 
     source_run: str
@@ -336,21 +342,22 @@ class Plan:
                            "missing": self.missing}) + "\n"
 
 
-def saved_plan(out: Path, run: Path) -> Plan | None:
-    """The plan of a fine-tune of ``run`` started in ``out`` (None: none, or one of another run)."""
+def saved_learning_set(out: Path, run: Path) -> LearningSet | None:
+    """What a fine-tune of ``run`` started in ``out`` learns from (None: none, or one of another run)."""
     try:
-        saved = json.loads((out / PLAN_FILE).read_text())
+        saved = json.loads((out / FINETUNE_PLAN_FILE).read_text())
     except (OSError, ValueError):
         return None
     if saved.get("source_run") != str(run.resolve()):
         return None
-    return Plan(saved["source_run"], {int(c): n for c, n in saved["names"].items()},
+    return LearningSet(saved["source_run"], {int(c): n for c, n in saved["names"].items()},
                 {int(i): int(c) for i, c in saved["labelled"]}, {int(i) for i in saved["excluded"]},
                 int(saved["missing"]))
 
 
-def new_plan(config: FinetuneConfig, n_classes: int, data: Path) -> Plan:
-    """The curation's decisions (the app's store or a CSV) as a plan; refused when nothing is labelled."""
+def new_learning_set(config: FinetuneConfig, n_classes: int, data: Path) -> LearningSet:
+    """The curation's decisions (the app's store or a CSV) as what the fine-tune learns from; refused when nothing
+    is labelled."""
     from twist_core.data.folder import require_images
 
     if config.index:
@@ -366,7 +373,7 @@ def new_plan(config: FinetuneConfig, n_classes: int, data: Path) -> Plan:
                             "are in)")
     if missing:
         print(f"warning: {missing} curated image(s) are not in {data} and are left out", file=sys.stderr)
-    return Plan(str(Path(config.run).resolve()), curation.names, labelled, excluded, missing)
+    return LearningSet(str(Path(config.run).resolve()), curation.names, labelled, excluded, missing)
 
 
 def finetune(config: FinetuneConfig) -> dict[str, Any]:
@@ -377,38 +384,38 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     checkpoint = load_checkpoint(config.run)
     saved, n_classes = checkpoint["config"], int(checkpoint["model_spec"]["n_classes"])
     out = Path(str(config.out))
-    plan = saved_plan(out, Path(config.run)) if (out / CHECKPOINT_NAME).exists() else None
-    if plan is not None:
+    learning = saved_learning_set(out, Path(config.run)) if (out / CHECKPOINT_FILE).exists() else None
+    if learning is not None:
         print(f"resuming the stopped fine-tune in {out} from its checkpoint, with the labels it started with",
               file=sys.stderr)
     else:
-        plan = new_plan(config, n_classes, Path(config.data or saved["data"]))
+        learning = new_learning_set(config, n_classes, Path(config.data or saved["data"]))
         out.mkdir(parents=True, exist_ok=True)  # names first: a checkpoint of a run killed later exports with them
-        atomic_write_text(out / NAMES_FILE, "".join(plan.names[c] + "\n" for c in plan.keep))
-        atomic_write_text(out / PLAN_FILE, plan.to_json())
-    keep = plan.keep
-    new_cluster = plan.new_cluster()
-    settings = dataclasses.replace(train_config(config, saved, len(keep)), resume=(out / CHECKPOINT_NAME).exists())
+        atomic_write_text(out / CLASS_NAMES_FILE, "".join(learning.names[c] + "\n" for c in learning.keep))
+        atomic_write_text(out / FINETUNE_PLAN_FILE, learning.to_json())
+    keep = learning.keep
+    new_cluster = learning.new_cluster()
+    settings = dataclasses.replace(train_config(config, saved, len(keep)), resume=(out / CHECKPOINT_FILE).exists())
 
     def attach(run: Run) -> None:
-        run.supervision = Supervision(labelled_draws(run, plan.labelled, new_cluster, config.labelled_per_step,
-                                                     config.seed), config.supervised_weight)
+        run.supervise(Supervision(labelled_draws(run, learning.labelled, new_cluster, config.labelled_per_step,
+                                                 config.seed), config.supervised_weight))
         if run.resumed:  # the checkpoint holds the exclusions and the length
             return
-        run.skipped.update({i: "excluded in the curation" for i in plan.excluded})
-        run.steps_per_epoch = max(1, (len(run.files) - len(run.skipped)) // (run.batch_size * run.ctx.world_size))
+        run.skipped.update({i: "excluded in the curation" for i in learning.excluded})
+        run.count_steps_per_epoch()
         run.total_steps = 0
         run.fit_length(0)
 
     metrics = train(settings, start_from=None if settings.resume else head_rows(checkpoint["model"], keep),
                     prepare=attach)
-    report = {"source_run": plan.source_run, "labels_from": str(config.index or config.labels),
+    report = {"source_run": learning.source_run, "labels_from": str(config.index or config.labels),
               "classes_before": n_classes, "classes_after": len(keep),
-              "clusters": [{"cluster": new_cluster[c], "from": c, "name": plan.names[c]} for c in keep],
-              "labelled_images": len(plan.labelled), "excluded_images": len(plan.excluded),
-              "not_found": plan.missing, "options": dataclasses.asdict(config), "final": metrics}
-    atomic_write_text(out / REPORT_FILE, json.dumps(report, indent=2) + "\n")
+              "clusters": [{"cluster": new_cluster[c], "from": c, "name": learning.names[c]} for c in keep],
+              "labelled_images": len(learning.labelled), "excluded_images": len(learning.excluded),
+              "not_found": learning.missing, "options": dataclasses.asdict(config), "final": metrics}
+    atomic_write_text(out / FINETUNE_REPORT_FILE, json.dumps(report, indent=2) + "\n")
     if config.index:
         record_learning(Path(config.index), Path(config.state_dir) if config.state_dir else None, out,
-                        len(plan.labelled))
+                        len(learning.labelled))
     return report

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twist_core.config import AutoConfig, option
-from twist_core.curate.curation import CurationError, CurationStore, SetAside, read_set_aside
-from twist_core.index.store import CURATION_FILE, MetaStore, meta_path
+from twist_core.curate.curation import CurationError, CurationStore
+from twist_core.curate.set_aside import SetAside, read_set_aside
+from twist_core.index.store import MetaStore, meta_path
 from twist_core.io_utils import file_sha256
 
 
@@ -40,11 +41,11 @@ def restore_state(config: RestoreConfig) -> Restored:
     if not config.file or not config.index:
         raise CurationError("give the set-aside file and the index: twist restore-state SET_ASIDE.json --index INDEX")
     saved = read_set_aside(Path(config.file))  # checked before the store is opened: a bad file changes nothing
-    store_path = Path(config.state_dir or Path(config.file).parent) / CURATION_FILE
     metadata = meta_path(Path(config.index))
-    store = CurationStore(store_path, metadata, class_names(metadata))
+    store = CurationStore.for_index(config.index, config.state_dir or Path(config.file).parent,
+                                    class_names(metadata), metadata)
     try:
-        return Restored(saved, store_path, store.restore(saved))
+        return Restored(saved, store.path, store.restore(saved))
     finally:
         store.close()
 

@@ -3,8 +3,9 @@
 TWIST trains the two augmented views of an image to land in the same cluster. On a model with more clusters than
 classes, the disagreements left over are mostly between clusters that split one class, so the joint distribution
 of the clusters of two views (``sum_i p(view 1 of i) p(view 2 of i)^T``, IIC's joint) is a cluster graph that
-needs no embeddings. Planning on its modularity beat the kNN graph of the embeddings on six of seven over-clustered
-cifar10-test runs and lost on the digits (bench/results/merge.json, ``view_graph*``), so it is an option. It needs
+needs no embeddings. Planning on its modularity beat the kNN graph of the embeddings on most over-clustered
+cifar10-test runs and lost on the digits (guide section 6; bench/results/merge.json, ``view_graph*``), so it is an
+option. It needs
 the model and the images, which an index names, and costs two forward passes per image and view pair.
 
 A model trained with ``--coarse-classes`` says it more directly: its coarse heads cluster the same layer more
@@ -24,10 +25,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from twist_core.data.augment import BatchAugment, policy_for_size
+from twist_core.data.dataset import DecodedCrops, collate
 from twist_core.deploy.infer import OnnxModel
 from twist_core.errors import UserError
 from twist_core.io_utils import file_sha256
-from twist_core.label.labeller import DecodedCrops, collate
 
 BATCH = 256
 

@@ -56,8 +56,8 @@ class AugmentPolicy:
 TWO_VIEW_SCALE = (0.08, 1.0)  # the reference's two-view recipe
 MULTI_CROP_GLOBAL_SCALE = (0.4, 1.0)  # only together with local crops, which cover the small scales
 LOCAL_SCALE = (0.05, 0.4)
-# The patches backbones train only above a frozen stem; their defaults were measured with these crops
-# (CIFAR-10 ACC 0.48, caltech20 ACC 0.74), not with the ResNet recipe's smaller ones.
+# The patches backbones train only above a frozen stem; their defaults were measured with these crops (the
+# guide, section 1; bench/results/photos.json), not with the ResNet recipe's smaller ones.
 FIXED_STEM_SCALE = (0.4, 1.0)
 SELF_LABEL_GLOBAL_SCALE = (0.14, 1.0)  # the reference's self-labelling stage: harder crops
 SELF_LABEL_LOCAL_SCALE = (0.05, 0.14)

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from twist_core.data.folder import DEFAULT_MAX_PIXELS, ImageReadError, decode_image, resize_center_crop
+from twist_core.data.preprocess import Preprocess
 
 
 class FolderImages(Dataset):
@@ -148,3 +149,28 @@ def _shared_memory_free() -> int:
     except OSError:
         return 0
     return stats.f_bavail * stats.f_frsize
+
+
+class DecodedCrops(Dataset):
+    """``dataset[i] -> (i, uint8 H x W x 3 crop, error or "")``; one bad file never stops the run."""
+
+    def __init__(self, root: Path, files: list[str], transform: Preprocess):
+        self.root, self.files, self.transform = root, files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str]:
+        try:
+            return index, self.transform.crop(self.transform.load(self.root / self.files[index])), ""
+        except ImageReadError as error:
+            return index, None, str(error)
+        except Exception as error:
+            return index, None, f"{type(error).__name__}: {error}"
+
+
+def collate(items: list[tuple[int, np.ndarray | None, str]]) -> tuple[list[int], torch.Tensor, list[str]]:
+    """Good crops stacked into one tensor (shared memory between processes), errors kept by position."""
+    crops = [crop for _, crop, _ in items if crop is not None]
+    stacked = torch.from_numpy(np.stack(crops)) if crops else torch.zeros(0, dtype=torch.uint8)
+    return [i for i, _, _ in items], stacked, [error for _, _, error in items]

@@ -15,6 +15,7 @@ from PIL import Image, ImageOps
 
 from twist_core.errors import UserError
 from twist_core.io_utils import OUTPUT_MARKER
+from twist_core.layout import CHECKPOINT_FILE, CONFIG_FILE, CURATION_FILE, META_FILE
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 SYSTEM_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx", "@eadir", "$recycle.bin", "lost+found"})
@@ -45,8 +46,8 @@ def is_project_output(names: Iterable[str]) -> bool:
     (thumbnails, curves, exported copies) must never be taken for new images of the dataset around them.
     """
     present = set(names)
-    return (bool(present & {OUTPUT_MARKER, TREE_MARKER, "meta.sqlite", "curation.sqlite"})
-            or {"last.pt", "config.json"} <= present)
+    return (bool(present & {OUTPUT_MARKER, TREE_MARKER, META_FILE, CURATION_FILE})
+            or {CHECKPOINT_FILE, CONFIG_FILE} <= present)
 
 
 def scan_folder(root: str | Path, unreadable: dict[str, str] | None = None) -> list[str]:

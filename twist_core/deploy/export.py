@@ -30,7 +30,8 @@ from twist_core.data.preprocess import Preprocess, card_fields
 from twist_core.deploy.infer import CARD_KEY, create_session
 from twist_core.errors import UserError
 from twist_core.io_utils import atomic_write, atomic_write_text, file_sha256
-from twist_core.model.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from twist_core.layout import CHECKPOINT_FILE, CLASS_NAMES_FILE
+from twist_core.model.checkpoint import load_checkpoint
 from twist_core.model.network import PATCH_BACKBONES, ModelSpec, TwistModel, checkpoint_spec
 
 N_VERIFY_IMAGES = 16
@@ -184,14 +185,14 @@ def export_model(config: ExportConfig) -> Path:
     import onnx
 
     run = Path(config.run)
-    checkpoint_path = run / CHECKPOINT_NAME if run.is_dir() else run
+    checkpoint_path = run / CHECKPOINT_FILE if run.is_dir() else run
     checkpoint = load_checkpoint(checkpoint_path)
     spec = dataclasses.replace(checkpoint_spec(checkpoint), overcluster=0)  # a training-only head: not exported
     model = TwistModel(spec)
     model.load_state_dict({name: value for name, value in checkpoint["model"].items()
                            if not name.startswith("overcluster.")})
     module = ProbabilityModel(model).eval()
-    curated = run / "class_names.txt" if run.is_dir() else None  # written by twist finetune
+    curated = run / CLASS_NAMES_FILE if run.is_dir() else None  # written by twist finetune
     names = parse_class_names(config.class_names or (str(curated) if curated and curated.is_file() else None),
                               spec.n_classes)
     card = build_card(checkpoint, checkpoint_path.resolve(), names, config.opset, model.embedding_dim)

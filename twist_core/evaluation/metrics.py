@@ -1,6 +1,6 @@
 """Cluster-quality metrics against ground truth: ACC (Hungarian), NMI, AMI, ARI, purity, kNN accuracy.
 
-K (clusters) may differ from C (classes): ACC matches at most min(K, C) cluster-class pairs, and every
+K (clusters) may differ from C (true classes): ACC matches at most min(K, C) cluster-class pairs, and every
 image in an unmatched cluster counts as an error.
 """
 
@@ -12,9 +12,9 @@ import numpy as np
 # run without --eval-data and every quick CLI error would otherwise pay.
 
 
-def contingency(clusters: np.ndarray, classes: np.ndarray, n_clusters: int, n_classes: int) -> np.ndarray:
+def contingency(clusters: np.ndarray, true_classes: np.ndarray, n_clusters: int, n_classes: int) -> np.ndarray:
     """K x C table of counts, built with one bincount (no Python loop over cells)."""
-    flat = clusters.astype(np.int64) * n_classes + classes.astype(np.int64)
+    flat = clusters.astype(np.int64) * n_classes + true_classes.astype(np.int64)
     return np.bincount(flat, minlength=n_clusters * n_classes).reshape(n_clusters, n_classes)
 
 
@@ -28,12 +28,12 @@ def hungarian_accuracy(table: np.ndarray) -> tuple[float, dict[int, int]]:
                                                                                   strict=True))
 
 
-def cluster_report(clusters: np.ndarray, classes: np.ndarray, n_clusters: int,
+def cluster_report(clusters: np.ndarray, true_classes: np.ndarray, n_clusters: int,
                    class_names: list[str]) -> dict:
     """ACC/NMI/AMI/ARI plus per-cluster size, purity and majority class."""
     from sklearn import metrics as skm
 
-    table = contingency(clusters, classes, n_clusters, len(class_names))
+    table = contingency(clusters, true_classes, n_clusters, len(class_names))
     acc, mapping = hungarian_accuracy(table)
     sizes = table.sum(1)
     per_cluster = []
@@ -45,9 +45,9 @@ def cluster_report(clusters: np.ndarray, classes: np.ndarray, n_clusters: int,
                             "matched_class": class_names[mapping[k]] if k in mapping else None})
     return {
         "acc": acc,
-        "nmi": float(skm.normalized_mutual_info_score(classes, clusters)),
-        "ami": float(skm.adjusted_mutual_info_score(classes, clusters)),
-        "ari": float(skm.adjusted_rand_score(classes, clusters)),
+        "nmi": float(skm.normalized_mutual_info_score(true_classes, clusters)),
+        "ami": float(skm.adjusted_mutual_info_score(true_classes, clusters)),
+        "ari": float(skm.adjusted_rand_score(true_classes, clusters)),
         "purity": float(table.max(1).sum() / max(1, table.sum())),
         "n_images": len(clusters),
         "clusters_in_use": int((sizes > 0).sum()),
@@ -105,7 +105,7 @@ def neighbour_disagreement(embeddings: np.ndarray, clusters: np.ndarray, k: int 
     return float((votes[rows, clusters] < votes.max(1)).mean())
 
 
-def expected_calibration_error(probs: np.ndarray, clusters: np.ndarray, classes: np.ndarray,
+def expected_calibration_error(probs: np.ndarray, clusters: np.ndarray, true_classes: np.ndarray,
                                mapping: dict[int, int], bins: int = 15) -> float:
     """ECE of the head's confidence: an image counts as right when its cluster is matched (Hungarian) to its class.
 
@@ -114,7 +114,7 @@ def expected_calibration_error(probs: np.ndarray, clusters: np.ndarray, classes:
     """
     confidence = probs.max(1)
     matched = np.array([mapping.get(int(c), -1) for c in range(probs.shape[1])])
-    correct = matched[clusters] == classes
+    correct = matched[clusters] == true_classes
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
     error = 0.0

@@ -33,18 +33,11 @@ from twist_core.config import AutoConfig, auto_option, option
 from twist_core.data.folder import scan_folder
 from twist_core.index import review_table
 from twist_core.index.image_index import IndexWriter, embed_and_add
-from twist_core.index.store import (
-    MANIFEST,
-    META_FILE,
-    IndexUserError,
-    MetaStore,
-    file_fingerprint,
-    model_history,
-    read_manifest,
-)
+from twist_core.index.store import IndexUserError, MetaStore, file_fingerprint, model_history, read_manifest
 from twist_core.index.store import meta_path as index_meta_path
 from twist_core.io_utils import file_sha256, mark_output_folder, path_from_text, path_to_text
-from twist_core.label.table import FORMATS, labels_paths, read_labels, read_labels_meta, skipped_path
+from twist_core.label.table import labels_paths, load_labels, read_labels_meta, skipped_path
+from twist_core.layout import MANIFEST, META_FILE
 from twist_core.vectors import (
     ADD_CHUNK,
     KINDS,
@@ -72,30 +65,6 @@ class IndexConfig(AutoConfig):
     update: bool = option(False, "update the index at --out instead of rebuilding: drop deleted files, "
                                  "add new rows of the table (no source: label new files under its root)")
     seed: int = option(0, "seed of the k-means training sample")
-
-
-def load_labels(table: Path) -> tuple[list[dict[str, Any]], np.ndarray, dict[str, Any]]:
-    """Usable rows, their embeddings (memory-mapped, same order) and the table's metadata."""
-    if not table.is_file():
-        raise IndexUserError(f"labels table {table} not found")
-    if table.suffix.lower() not in FORMATS:
-        raise IndexUserError(f"{table}: expected a labels table ({', '.join(FORMATS)}) or a folder")
-    embeddings_path, meta_path = labels_paths(table)
-    if not embeddings_path.is_file():
-        raise IndexUserError(f"{embeddings_path} not found: index needs the embeddings twist label saves "
-                             "beside the table")
-    rows, meta = read_labels(table)
-    embeddings = np.load(embeddings_path, mmap_mode="r")
-    if embeddings.ndim != 2 or len(embeddings) != len(rows):
-        raise IndexUserError(f"{embeddings_path} has shape {embeddings.shape}, expected one row per table "
-                             f"row ({len(rows)})")
-    valid = np.array([i for i, row in enumerate(rows) if not row.get("error")], dtype=np.int64)
-    if not len(valid):
-        raise IndexUserError(f"{table} has no successfully labelled images")
-    if "root" not in meta:
-        raise IndexUserError(f"{meta_path} (with the folder root) is missing; label the folder again")
-    usable = embeddings[valid] if len(valid) < len(rows) else embeddings
-    return [rows[i] for i in valid], usable, meta
 
 
 def require_finite(vectors: np.ndarray, positions: np.ndarray, rows: list[dict[str, Any]]) -> None:

@@ -6,13 +6,13 @@ searches. An :class:`IndexWriter` also adds and removes: every update writes a n
 atomically, and if anything fails the object reloads the last committed state. :func:`find_duplicates` and
 :func:`embed_and_add` work on them. Build one with :func:`twist_core.index.build.build_index` (``twist index``).
 
-Hits show each cluster's current name: the app's (its curation store in the state folder, by default the
-index folder) where it renamed the cluster, else the model card's the images were labelled with.
+Hits show each cluster's current name: the one the caller's name source gives (``names``: the app's curation
+store, ``twist_core.curate.store_file.CuratedNames``) where the person renamed it, else the model card's the
+images were labelled with.
 """
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 import time
@@ -29,19 +29,16 @@ from scipy.sparse.csgraph import connected_components
 
 from twist_core.data.folder import ImageReadError, decode_image
 from twist_core.index.store import (
-    CURATION_FILE,
-    INDEX_FILE,
-    META_FILE,
     IndexUserError,
     MetaStore,
     commit_generation,
-    curated_names,
     file_fingerprint,
     new_uid,
     read_manifest,
 )
 from twist_core.io_utils import path_from_text
 from twist_core.label.table import label_rows
+from twist_core.layout import INDEX_FILE, META_FILE
 from twist_core.vectors import normalized, resolve_device, search_params, set_nprobe, to_device
 
 Opened = TypeVar("Opened", bound="IndexReader")
@@ -64,20 +61,16 @@ class Hit:
     confidence: float | None
 
 
-def _stat(path: Path) -> os.stat_result | None:
-    try:
-        return os.stat(path)
-    except OSError:
-        return None
+NameSource = Callable[[dict[str, Any]], dict[int, str]]  # the index's info -> names a person gave its clusters
 
 
 class IndexReader:
     """A FAISS index plus its metadata, loaded from one committed generation of ``index_dir``: look-ups, search."""
 
     def __init__(self, index_dir: Path, generation: int, cpu_index: faiss.Index, store: MetaStore,
-                 device: str, state_dir: Path | None = None) -> None:
+                 device: str, names: NameSource | None = None) -> None:
         self.index_dir = Path(index_dir)
-        self.state_dir = Path(state_dir) if state_dir else self.index_dir
+        self.names = names
         self.generation = generation
         self.device = device
         self._cpu = cpu_index
@@ -89,14 +82,13 @@ class IndexReader:
                                  f"{store.count()} images; rebuild it with twist index")
         set_nprobe(self._cpu, self.nprobe)
         self._search = to_device(self._cpu, device)
-        self._curated: tuple[tuple, dict[int, str]] = ((), {})  # (store files' stat, names) read last
 
     @classmethod
     def open(cls: type[Opened], index_dir: str | Path, device: str = "auto",
-             state_dir: str | Path | None = None) -> Opened:
+             names: NameSource | None = None) -> Opened:
         """The generation named by the manifest; retried if a writer swaps generations while we read.
 
-        ``state_dir`` is the app's state folder whose cluster names hits show (default: the index folder).
+        ``names``: where hits take the names a person gave clusters (None: the card's names only).
         """
         index_dir = Path(index_dir)
         device = resolve_device(device)
@@ -112,8 +104,7 @@ class IndexReader:
                     continue
                 reason = str(error).splitlines()[0]
                 raise IndexUserError(f"index in {index_dir} cannot be read ({reason})") from error
-            return cls(index_dir, manifest["generation"], cpu_index, store, device,
-                       Path(state_dir) if state_dir else None)
+            return cls(index_dir, manifest["generation"], cpu_index, store, device, names)
         raise IndexUserError(f"{index_dir} keeps changing under us; try again")
 
     # ---- properties
@@ -152,13 +143,8 @@ class IndexReader:
         return {**stored, **self._renamed()}
 
     def _renamed(self) -> dict[int, str]:
-        """The app's names, read again only when its store's files changed (a stat per call, not a query)."""
-        path = self.state_dir / CURATION_FILE
-        stamp = tuple((s.st_mtime_ns, s.st_size) if (s := _stat(f)) else None
-                      for f in (path, path.with_name(path.name + "-wal")))
-        if stamp != self._curated[0]:
-            self._curated = (stamp, curated_names(self.state_dir, self._info))
-        return self._curated[1]
+        """The names the caller's source gives (a person's renames), none without one."""
+        return self.names(self._info) if self.names else {}
 
     # ---- lookups
     def _hit(self, row: dict[str, Any], similarity: float | None, names: dict[int, str]) -> Hit:
@@ -184,8 +170,17 @@ class IndexReader:
 
     def paths(self) -> list[str]:
         """Every indexed path, relative to ``root``, as table text (open it with :meth:`file_of`)."""
+        return list(self.paths_by_id().values())
+
+    def paths_by_id(self) -> dict[int, str]:
+        """Every image id -> its path (as :meth:`paths` gives it), ids ascending."""
         with self._lock:
-            return [path for _, path in self._store.all_paths()]
+            return dict(self._store.all_paths())
+
+    @property
+    def metadata_path(self) -> Path:
+        """The metadata file of the generation this reader holds (what the curation store attaches)."""
+        return self._store.path
 
     def vector(self, image_id: int) -> np.ndarray:
         """The stored unit vector (approximate for an IVF-PQ index)."""
@@ -194,6 +189,15 @@ class IndexReader:
                 return self._cpu.reconstruct(int(image_id))
             except (RuntimeError, OverflowError):  # OverflowError: past FAISS's 64-bit ids
                 raise IndexUserError(f"no image with id {image_id} in the index") from None
+
+    def everything(self) -> tuple[np.ndarray, dict[int, dict[str, Any]], np.ndarray]:
+        """Every image's id (ascending), metadata row and stored vector (in id order): for a whole-index analysis
+        such as ``twist suggest-merges``."""
+        with self._lock:
+            ids = self._store.all_ids()
+            rows = self._store.rows(ids.tolist())
+            vectors = self._cpu.reconstruct_batch(ids) if len(ids) else np.zeros((0, self.dim), np.float32)
+        return ids, rows, vectors
 
     def cluster_ids(self) -> list[int]:
         """The clusters that have at least one image."""
@@ -351,7 +355,7 @@ class IndexWriter(IndexReader):
             self._search = to_device(self._cpu, self.device)
 
     def _reload(self) -> None:
-        fresh = IndexWriter.open(self.index_dir, self.device, self.state_dir)
+        fresh = IndexWriter.open(self.index_dir, self.device, self.names)
         fresh._release.detach()  # its store is ours now
         self.__dict__.update({k: v for k, v in fresh.__dict__.items() if k not in ("_lock", "_release", "_store")})
         self._hold(fresh._store)
@@ -407,7 +411,6 @@ class IndexWriter(IndexReader):
         return self.remove(gone)
 
 
-ImageIndex = IndexWriter  # the name the app and older callers use: an index that reads and writes
 
 
 AUTO_THRESHOLD_RULE = ("an outlier among the nearest-neighbour distances 1 - cosine: at most the median distance times "

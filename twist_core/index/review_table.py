@@ -13,8 +13,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from twist_core.index.store import IMAGES, INDEX_FILE, META_FILE, MetaStore, commit_generation, read_manifest
+from twist_core.index.store import IMAGES, MetaStore, commit_generation, meta_path, read_manifest
 from twist_core.label.review import ReviewScores, ReviewSettings, score_index
+from twist_core.layout import INDEX_FILE, META_FILE
 
 VERSION = 1  # of the ``review`` table; an index whose table has another version is treated as having none
 INFO_KEY = "review"
@@ -92,7 +93,7 @@ def refresh_index(index_dir: str | Path, settings: ReviewSettings = DEFAULT_SETT
 
 def index_has_scores(index_dir: str | Path) -> bool:
     """Whether the current generation of an index holds review scores of this version."""
-    meta = Path(index_dir) / read_manifest(Path(index_dir))["dir"] / META_FILE
+    meta = meta_path(index_dir)
     db = sqlite3.connect(f"file:{meta}?mode=ro", uri=True)
     try:
         return has_scores(db)

@@ -13,7 +13,7 @@ import numpy as np
 from twist_core.config import AutoConfig, option
 from twist_core.data.folder import decode_image
 from twist_core.deploy.infer import finite_rows
-from twist_core.index.image_index import Hit, IndexReader
+from twist_core.index.image_index import Hit, IndexReader, NameSource
 from twist_core.index.store import IndexUserError
 from twist_core.io_utils import path_to_text
 
@@ -54,10 +54,11 @@ def format_hits(hits: list[Hit]) -> str:
     return printable("\n".join(lines))
 
 
-def search(config: SearchConfig) -> list[Hit]:
+def search(config: SearchConfig, names: NameSource | None = None) -> list[Hit]:
+    """The query's nearest images; ``names`` gives hits the names a person gave clusters (see IndexReader)."""
     if config.k < 1:  # FAISS would answer nothing, and "no images found" would blame the index
         raise IndexUserError(f"k (-k, --k) is how many neighbours to return: at least 1, got {config.k}")
-    index = IndexReader.open(config.index, config.device, config.state_dir)
+    index = IndexReader.open(config.index, config.device, names)
     try:
         if config.id is not None:
             return index.search_id(config.id, config.k, config.cluster)

@@ -31,7 +31,6 @@ import os
 import shutil
 import sqlite3
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -43,11 +42,8 @@ import numpy as np
 
 from twist_core.errors import UserError
 from twist_core.io_utils import atomic_write_text, mark_output_folder
+from twist_core.layout import INDEX_FILE, INFO_TABLE, MANIFEST, META_FILE
 
-MANIFEST = "manifest.json"
-INDEX_FILE = "index.faiss"
-META_FILE = "meta.sqlite"
-CURATION_FILE = "curation.sqlite"  # the app's curation store, in its state folder (by default the index folder)
 FAULT_ENV = "TWIST_INDEX_FAULT"  # stage name at which an update kills its own process (crash tests)
 SQL_CHUNK = 900  # values per ``IN (...)``: below SQLite's bound-parameter limit
 
@@ -68,7 +64,6 @@ class ImagesTable:
 
 
 IMAGES = ImagesTable()
-INFO_TABLE = "info"  # key -> JSON value: root, model, dim, kind, uid, generation, next_id, ...
 RECORD_ORDER = (IMAGES.confidence, IMAGES.margin, IMAGES.path, IMAGES.id, IMAGES.cluster)
 COLUMNS = (IMAGES.id, IMAGES.path, IMAGES.cluster, IMAGES.cluster_name, IMAGES.confidence, IMAGES.margin,
            IMAGES.topk)
@@ -351,7 +346,6 @@ class MetaStore:
         return [{"cluster": c, "name": n, "size": s, "mean_confidence": m} for c, n, s, m in rows]
 
 
-ACTION_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"  # when a change was made, in the curation store's undo log (local time)
 UNKNOWN_MODEL = "unknown"
 
 
@@ -377,40 +371,3 @@ def model_at(info: dict[str, Any], moment: float | None) -> str | None:
         return UNKNOWN_MODEL
     before = [entry for entry in history if entry["since"] is None or entry["since"] <= moment]
     return (before[-1] if before else history[0])["model_sha256"]
-
-
-def last_action_time(db: sqlite3.Connection) -> float | None:
-    """When the newest change still in a curation store's undo log was made (None: none is logged)."""
-    newest = db.execute("SELECT MAX(at) FROM undo_log").fetchone()[0]
-    if newest is None:
-        return None
-    try:
-        return time.mktime(time.strptime(newest, ACTION_TIME_FORMAT))
-    except ValueError:
-        return None
-
-
-def store_model(db: sqlite3.Connection, info: dict[str, Any]) -> str | None:
-    """The model a curation store's names, merges and moves refer to: the one it recorded, else (a store
-    written before stores recorded it) the index's model when its last change was made."""
-    bound = db.execute("SELECT value FROM binding WHERE key = 'model_sha256'").fetchall()
-    return bound[0][0] if bound else model_at(info, last_action_time(db))
-
-
-def curated_names(state_dir: Path, info: dict[str, Any]) -> dict[int, str]:
-    """Cluster names given in the app (its curation store in ``state_dir``); none when it has no store, or
-    when its names were given to the clusters of another model than the index's (``info``), or of another index."""
-    path = Path(state_dir) / CURATION_FILE
-    if not path.is_file():
-        return {}
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True, timeout=30)) as db:
-            current = info.get("model_sha256")
-            if current and store_model(db, info) not in (current, None):
-                return {}
-            bound = db.execute("SELECT value FROM binding WHERE key = 'index_uid'").fetchall()
-            if bound and info.get("uid") and bound[0][0] != info["uid"]:
-                return {}
-            return {int(c): str(n) for c, n in db.execute("SELECT cluster, name FROM names")}
-    except sqlite3.Error:  # a store being created, or not the app's: the card's names stand
-        return {}

@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from twist_core import __version__, distributed
 from twist_core.config import AUTO, AutoConfig, auto_option, option
-from twist_core.data.folder import DEFAULT_MAX_PIXELS, ImageReadError, NoImagesError, require_images, skipped_lines
-from twist_core.data.preprocess import Preprocess
+from twist_core.data.dataset import DecodedCrops, collate
+from twist_core.data.folder import DEFAULT_MAX_PIXELS, NoImagesError, require_images, skipped_lines
 from twist_core.deploy.infer import ModelOutputError, OnnxModel, finite_rows, physical_cores
 from twist_core.errors import UserError
 from twist_core.io_utils import StagedWrites, atomic_write, atomic_write_text, file_sha256, path_to_text
@@ -128,31 +127,6 @@ def prepare_work(config: LabelConfig, model_sha: str, root: Path, topk: int) -> 
     atomic_write_text(work / FILES, json.dumps(files))
     atomic_write_text(work / UNREADABLE, json.dumps(unreadable))
     atomic_write_text(work / STATE, json.dumps(state, indent=2) + "\n")
-
-
-class DecodedCrops(Dataset):
-    """``dataset[i] -> (i, uint8 H x W x 3 crop, error or "")``; one bad file never stops the run."""
-
-    def __init__(self, root: Path, files: list[str], transform: Preprocess):
-        self.root, self.files, self.transform = root, files, transform
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str]:
-        try:
-            return index, self.transform.crop(self.transform.load(self.root / self.files[index])), ""
-        except ImageReadError as error:
-            return index, None, str(error)
-        except Exception as error:
-            return index, None, f"{type(error).__name__}: {error}"
-
-
-def collate(items: list[tuple[int, np.ndarray | None, str]]) -> tuple[list[int], torch.Tensor, list[str]]:
-    """Good crops stacked into one tensor (shared memory between processes), errors kept by position."""
-    crops = [crop for _, crop, _ in items if crop is not None]
-    stacked = torch.from_numpy(np.stack(crops)) if crops else torch.zeros(0, dtype=torch.uint8)
-    return [i for i, _, _ in items], stacked, [error for _, _, error in items]
 
 
 def chunk_batches(chunks: list[int], chunk_size: int, batch_size: int, n_files: int) -> list[list[int]]:

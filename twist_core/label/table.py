@@ -65,6 +65,10 @@ def error_row(path: str, error: str) -> Row:
             "error": error}
 
 
+class LabelsTableError(UserError):
+    """A labels table a later stage cannot use (missing, not a table, no embeddings beside it); says why."""
+
+
 class WriterUnavailable(UserError):
     """The table format asked for cannot be written here (Parquet without pyarrow)."""
 
@@ -184,6 +188,30 @@ def iter_labels(path: str | Path) -> Iterator[Row]:
                               for key, value in row.items()})
         else:
             yield from (_typed(json.loads(line)) for line in handle if line.strip())
+
+
+def load_labels(table: Path) -> tuple[list[dict[str, Any]], np.ndarray, dict[str, Any]]:
+    """Usable rows, their embeddings (memory-mapped, same order) and the table's metadata."""
+    if not table.is_file():
+        raise LabelsTableError(f"labels table {table} not found")
+    if table.suffix.lower() not in FORMATS:
+        raise LabelsTableError(f"{table}: expected a labels table ({', '.join(FORMATS)}) or a folder")
+    embeddings_path, meta_path = labels_paths(table)
+    if not embeddings_path.is_file():
+        raise LabelsTableError(f"{embeddings_path} not found: index needs the embeddings twist label saves "
+                             "beside the table")
+    rows, meta = read_labels(table)
+    embeddings = np.load(embeddings_path, mmap_mode="r")
+    if embeddings.ndim != 2 or len(embeddings) != len(rows):
+        raise LabelsTableError(f"{embeddings_path} has shape {embeddings.shape}, expected one row per table "
+                             f"row ({len(rows)})")
+    valid = np.array([i for i, row in enumerate(rows) if not row.get("error")], dtype=np.int64)
+    if not len(valid):
+        raise LabelsTableError(f"{table} has no successfully labelled images")
+    if "root" not in meta:
+        raise LabelsTableError(f"{meta_path} (with the folder root) is missing; label the folder again")
+    usable = embeddings[valid] if len(valid) < len(rows) else embeddings
+    return [rows[i] for i in valid], usable, meta
 
 
 def read_labels_meta(table: str | Path) -> dict[str, Any]:

@@ -11,8 +11,8 @@ import torch
 
 from twist_core.errors import UserError
 from twist_core.io_utils import atomic_write
+from twist_core.layout import CHECKPOINT_FILE
 
-CHECKPOINT_NAME = "last.pt"
 REQUIRED_KEYS = ("config", "model", "epoch", "global_step", "history")
 
 
@@ -32,7 +32,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if path.is_dir():
-        path = path / CHECKPOINT_NAME
+        path = path / CHECKPOINT_FILE
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:

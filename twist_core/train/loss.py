@@ -10,10 +10,12 @@ DDP's 1/world_size gradient averaging brings back to exactly the single-process 
 from __future__ import annotations
 
 from itertools import product
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 EPS = 1e-5
 
@@ -144,3 +146,51 @@ def supervised_loss(view_logits: list[torch.Tensor], targets: torch.Tensor, tau:
     losses = [global_mean(F.cross_entropy(logits / tau, safe_targets, reduction="none"), labelled.to(logits.dtype))
               for logits in view_logits]
     return torch.stack(losses).mean()
+
+
+class HeadLogits(NamedTuple):
+    """One step's logits, one list of views per head: the K-way head, each coarse head, the over-clustering head."""
+
+    main: list[torch.Tensor]
+    coarse: list[list[torch.Tensor]]
+    overcluster: list[list[torch.Tensor]]
+
+
+class TwistObjective(nn.Module):
+    """The whole loss of a step, configured once from the run's options and called once per step.
+
+    TWIST on the K-way head (in the self-labelling stage the pseudo-label cross-entropy replaces it, and TWIST is
+    still computed for the log), each coarse head and the over-clustering head by TWIST with weight 1, and, for
+    ``twist finetune``, ``supervised_weight`` times the cross-entropy of the labelled images.
+    """
+
+    def __init__(self, tau: float, lam1: float, lam2: float, supervised_weight: float = 0.0, n_global: int = 2
+                 ) -> None:
+        super().__init__()
+        self.tau, self.lam1, self.lam2 = tau, lam1, lam2
+        self.supervised_weight, self.n_global = supervised_weight, n_global
+
+    def twist(self, view_logits: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return twist_multicrop_loss(view_logits, self.n_global, self.tau, self.lam1, self.lam2)
+
+    def forward(self, logits: HeadLogits, self_label_keep: float | None = None,
+                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss to minimise and its logged parts. ``self_label_keep``: the self-labelling stage's kept share
+        (None: the TWIST stage); ``targets``: each image's class, -1 for the unlabelled ones (None: no labels)."""
+        if self_label_keep is not None:  # the stage's cross-entropy replaces the TWIST loss, still logged as "loss"
+            with torch.no_grad():
+                parts = self.twist(logits.main)
+            loss = parts["self_label"] = self_label_loss(logits.main, self.n_global, self.tau, self_label_keep)
+        else:
+            parts = self.twist(logits.main)
+            loss = parts["loss"]
+        if logits.coarse:
+            parts["coarse"] = torch.stack([self.twist(head)["loss"] for head in logits.coarse]).mean()
+            loss = loss + parts["coarse"]
+        if logits.overcluster:
+            parts["overcluster"] = self.twist(logits.overcluster[0])["loss"]
+            loss = loss + parts["overcluster"]
+        if targets is not None:
+            parts["supervised"] = supervised_loss(logits.main, targets, self.tau)
+            loss = loss + self.supervised_weight * parts["supervised"]
+        return loss, parts

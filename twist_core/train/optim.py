@@ -80,7 +80,7 @@ def cosine_warmup(step: int, steps: int, warmup_steps: int, peak_lr: float, fina
 
 
 @dataclass(frozen=True)
-class StepPlan:
+class StepSettings:
     """What one training step does: its learning rate, whether (and how selectively) it self-labels, and whether
     its second views may come from mined neighbours."""
 
@@ -129,12 +129,12 @@ class Schedule:
             return start
         return max(self.warmup_end, start - max(1, round(self.neighbour_fraction * start)))
 
-    def at(self, step: int) -> StepPlan:
+    def at(self, step: int) -> StepSettings:
         start = self.self_label_start
         if step < start:
-            return StepPlan(cosine_warmup(step, start, self.warmup_end, self.peak_lr), False, self.keep,
+            return StepSettings(cosine_warmup(step, start, self.warmup_end, self.peak_lr), False, self.keep,
                             step >= self.neighbour_start)
         length = max(1, self.total_steps - start)
         into = step - start
         lr = cosine_warmup(into, length, max(1, round(0.1 * length)), self.restart * self.peak_lr)
-        return StepPlan(lr, True, self.keep + self.keep_rise * min(1.0, into / length))
+        return StepSettings(lr, True, self.keep + self.keep_rise * min(1.0, into / length))

@@ -11,10 +11,9 @@ import torch
 from twist_core.data.preprocess import is_small
 
 PHOTO_SIDE = 64  # a folder whose median shorter side is above this (px) is a photo folder
-# The winner on caltech20 in 15 minutes on a 2-core CPU: the frozen stem + MLP head at 64 px, ACC 0.681 /
-# NMI 0.683 / ARI 0.561, kNN of its embedding (the head's hidden layer) rising from 0.711 to 0.790 (0.737 / 0.724
-# with the final code of its release, bench/results/photos.json: cal_default_final). The frozen stem +
-# trainable conv stage (patches-conv) reached 0.662 / 0.662 at 166 images/s against 264; ResNet-18 at 112 px 0.345.
+# The winner on caltech20 in 15 minutes on a 2-core CPU: the frozen stem + MLP head at 64 px, ahead of
+# patches-conv and a ResNet-18 from scratch (the guide's table in section 1, "Photo folders";
+# bench/results/photos.json).
 PHOTO_BACKBONE = "patches"
 PHOTO_IMAGE_SIZE = 64
 PATCH_MAX_SIZE = 128  # auto never puts the patch stem on larger training images

@@ -16,18 +16,26 @@ from typing import Any
 
 from twist_core.evaluation.evaluate import summary_line
 from twist_core.io_utils import atomic_write_text
+from twist_core.layout import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    CURVES_FILE,
+    DONE_FILE,
+    METRICS_FILE,
+    SKIPPED_FILE,
+    SUMMARY_FILE,
+)
 from twist_core.report import Written, print_written
 from twist_core.train.budget import format_duration
 
-SUMMARY_NAME = "summary.json"
 RUN_FILES = (
-    ("config.json", "the options as given, every auto resolved (twist train --config reproduces the recipe)"),
-    ("metrics.jsonl", "one row of losses and scores per epoch"),
-    ("curves.png", "the training curves"),
-    ("last.pt", "the checkpoint that twist export and --resume read"),
-    ("skipped.txt", "images and folders that could not be read (empty: none)"),
-    (SUMMARY_NAME, "what ran: epochs, steps, images seen, time, final metrics"),
-    ("DONE", "the final epoch's metrics: the run is complete"),
+    (CONFIG_FILE, "the options as given, every auto resolved (twist train --config reproduces the recipe)"),
+    (METRICS_FILE, "one row of losses and scores per epoch"),
+    (CURVES_FILE, "the training curves"),
+    (CHECKPOINT_FILE, "the checkpoint that twist export and --resume read"),
+    (SKIPPED_FILE, "images and folders that could not be read (empty: none)"),
+    (SUMMARY_FILE, "what ran: epochs, steps, images seen, time, final metrics"),
+    (DONE_FILE, "the final epoch's metrics: the run is complete"),
 )
 
 
@@ -41,7 +49,7 @@ def run_summary(config: Any, metrics: dict[str, Any], steps: int, global_batch: 
 
 
 def write_run_summary(out: Path, summary: dict[str, Any]) -> None:
-    atomic_write_text(out / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
@@ -63,7 +71,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
 
 def print_run_end(out: Path, extra: Iterable[Written] = ()) -> None:
     """The summary of the run in ``out`` (from its summary.json), its files, and the command to export it."""
-    summary = json.loads((out / SUMMARY_NAME).read_text())
+    summary = json.loads((out / SUMMARY_FILE).read_text())
     print("\n".join([*summary_lines(summary), f"run folder: {out}"]), flush=True)
     print_written([*((out / name, what) for name, what in RUN_FILES), *extra],
                   next_step=f"twist export {out} --out {out.name}.onnx")
