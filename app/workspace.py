@@ -10,8 +10,8 @@ import contextlib
 import csv
 import hashlib
 import logging
+import os
 import shutil
-import sqlite3
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -23,6 +23,9 @@ from PIL import Image
 
 from app import exporters, projection
 from app.batch import BatchItem, BatchUserError, batch_items, check_pixel_budget, decode_small
+from app.generations import ServedIndex
+from app.label_changes import Changes, curated_labelling, model_changes
+from app.merging import MergeAdvisor
 from app.results import AppUserError, Neighbour, Prediction, Progress, ReviewItem, throttled
 from app.review_queue import ReviewQueue
 from app.thumbnails import ThumbnailCache
@@ -30,11 +33,9 @@ from twist_core.curate.curation import EXCLUDED, CurationError, CurationStore, R
 from twist_core.data.folder import ImageReadError, decode_image
 from twist_core.deploy.infer import OnnxModel
 from twist_core.index.image_index import IndexReader
-from twist_core.index.store import IndexUserError, read_manifest
-from twist_core.index.store import meta_path as index_meta_path
-from twist_core.io_utils import csv_safe, file_sha256, mark_output_folder
+from twist_core.index.store import IndexUserError
+from twist_core.io_utils import csv_safe, mark_output_folder, path_to_text
 from twist_core.label.table import label_rows, read_labels_meta
-from twist_core.layout import MANIFEST, META_FILE
 
 log = logging.getLogger("twist.app")
 PAGE_SIZE = 60
@@ -47,169 +48,76 @@ WARMUP_STOP_SECONDS = 10.0  # close() waits this long for the thumbnail warm-up 
 DISPLAY_SIDE = 400  # smaller pictures are enlarged to about this in the detail view (see Workspace.display)
 
 
-def file_stamp(path: Path) -> tuple[int, int, int] | None:
-    """Inode, modification time and size: any of them changes when a file is rewritten or replaced."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return stat.st_ino, stat.st_mtime_ns, stat.st_size
-
-
-def check_whole(meta_path: Path) -> None:
-    """Refuse a metadata file that is not whole (cut short, overwritten): SQLite's quick check reads every page.
-
-    Run when the app follows a change of the index's files, so a damaged file is said, not served.
-    """
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{meta_path.resolve()}?mode=ro", uri=True)) as db:
-            verdict = str(db.execute("PRAGMA quick_check(1)").fetchone()[0])
-    except sqlite3.Error as error:
-        verdict = str(error)
-    if verdict != "ok":
-        raise IndexUserError(f"{meta_path} is damaged ({verdict}): restore it, or build the index again with "
-                             f"twist index --out {meta_path.parent.parent}")
-
-
 class Workspace:
     """A model, its index, the curation store and the thumbnail cache, opened once per server."""
 
     def __init__(self, model_path: Path, index_dir: Path, state_dir: Path | None = None,
                  max_pixels: int = 50_000_000, device: str = "cpu") -> None:
-        model_path, index_dir = Path(model_path), Path(index_dir)
-        self.device = device
-        self.model_path, self.index_dir = model_path, index_dir
-        manifest_stamp = file_stamp(index_dir / MANIFEST)  # before opening: a change meanwhile is followed
+        self.index_dir = Path(index_dir)
         try:
-            self.model = OnnxModel(model_path, device=device)
-            self._model_sha = file_sha256(model_path)
-            self._index, meta_path = self._open_generation()
-            self._model_for(self._index, follow=False)
+            self._served = ServedIndex(Path(model_path), self.index_dir, device)
         except (ValueError, OSError, IndexUserError) as error:
             raise AppUserError(str(error)) from None
         self.max_pixels = max_pixels
-        self.state_dir = Path(state_dir) if state_dir else index_dir
-        self._meta_path = meta_path  # of the generation served, for the review queue
+        self.state_dir = Path(state_dir) if state_dir else self.index_dir
         try:
-            self._store = CurationStore.for_index(index_dir, self.state_dir, self.model.class_names, meta_path)
+            self._store = CurationStore.for_index(self.index_dir, self.state_dir, self.model.class_names,
+                                                  self._served.meta_path)
         except CurationError as error:
             raise AppUserError(str(error)) from None
-        self._files_stamp = (manifest_stamp, file_stamp(meta_path))  # the index's files as last seen: keep_up()
-        self.index_problem: str | None = None  # what is wrong with the index's files now, for the page
-        self._switch_lock = threading.Lock()
         self.thumbnails = ThumbnailCache(self.state_dir / "thumbnails", max_pixels=max_pixels,
-                                         owner=self._index.info.get("uid"))
+                                         owner=self._served.index.info.get("uid"))
         self.covers_dir = self.state_dir / "thumbnails" / "covers"
         self.covers_dir.mkdir(parents=True, exist_ok=True)
         self.exports_dir = Path(tempfile.mkdtemp(prefix="twist-app-exports-"))
         for folder in (self.state_dir, self.thumbnails.folder, self.exports_dir):
             mark_output_folder(folder)
+        self.merging = MergeAdvisor(self)
         self._stop = threading.Event()
         self._warmups: list[threading.Thread] = []
 
-    # ---- following index updates
-    def _open_generation(self) -> tuple[IndexReader, Path]:
-        """The index generation the manifest names and its metadata file, checked against the model."""
-        for _ in range(3):
-            index = IndexReader.open(self.index_dir, self.device)
-            manifest = read_manifest(self.index_dir)
-            if manifest["generation"] != index.generation:  # a writer committed meanwhile: open that one
-                index.close()
-                continue
-            return index, self.index_dir / manifest["dir"] / META_FILE
-        raise AppUserError(f"{self.index_dir} keeps changing while the app opens it; try again")
-
-    def _model_for(self, index: IndexReader, follow: bool) -> tuple[OnnxModel, str]:
-        """The model to serve ``index`` with, and its fingerprint: the one open, or (``follow``, after
-        ``twist index --update`` relabelled the index with another model) the model the index names.
-
-        At start the index must come from the model given: its clusters are that model's.
-        """
-        recorded, model, sha = index.info.get("model_sha256"), self.model, self._model_sha
-        if recorded is not None and recorded != sha:
-            path = index.info.get("model")
-            if not follow:
-                index.close()
-                raise AppUserError(f"the labels in {self.index_dir} come from another model ({path}) than "
-                                   f"{self.model_path}: start the app with --model {path}, or relabel the index with "
-                                   f"twist index --update --out {self.index_dir} --model {self.model_path}")
-            if not path or not Path(path).is_file() or file_sha256(path) != recorded:
-                raise AppUserError(f"{self.index_dir} was relabelled by a model that is no longer at {path}")
-            model, sha = OnnxModel(path, device=self.device), recorded
-        if index.dim != model.embedding_dim:
-            index.close()
-            raise AppUserError(f"the model gives {model.embedding_dim}-d embeddings but the index holds "
-                               f"{index.dim}-d vectors; use the model the index was built with")
-        return model, sha
-
+    # ---- following index updates (app.generations)
     def keep_up(self) -> None:
-        """Follow the index's files while serving: ``twist index --update``, and damage and its repair.
+        """Follow the index's files while serving (``twist index --update``, damage and its repair).
 
-        Called on every access to :attr:`index` and :attr:`store`, so the next request after a change sees
-        it; a check is one ``stat`` of the manifest and one of the served metadata file. When either changed,
-        what the manifest names now is opened afresh and served (a newer generation, or the same one whose file
-        was replaced); if it cannot be read, the generation open goes on being served and
-        :attr:`index_problem` says why until the files are whole again. Ids are stable across updates and the
-        curation store is re-attached to the new generation, so every name, merge and move still applies; the
-        map is cached per generation, thumbnails per id.
+        Called on every access to :attr:`index` and :attr:`store`, so the next request after a change sees it.
+        Ids are stable across updates and the curation store is re-attached to the new generation, so every
+        name, merge and move still applies; the map is cached per generation, thumbnails per id.
         """
-        manifest = file_stamp(self.index_dir / MANIFEST)
-        if (manifest, file_stamp(self._meta_path)) == self._files_stamp:
-            return
-        with self._switch_lock:
-            if (manifest, file_stamp(self._meta_path)) != self._files_stamp:
-                self._switch_generation()
-                self._files_stamp = (manifest, file_stamp(self._meta_path))
+        if self._served.keep_up(self._attach):
+            for stale in self.state_dir.glob("projection-gen*.npz"):
+                if stale.name != self._projection_cache().name:
+                    stale.unlink(missing_ok=True)
 
-    def _problem(self, message: str) -> None:
-        """Say what is wrong with the index's files: in the log once, and on the page while it lasts."""
-        if message != self.index_problem:
-            log.warning(message)
-        self.index_problem = message
-
-    def _switch_generation(self) -> None:
-        current = self._index
-        try:
-            check_whole(index_meta_path(self.index_dir))  # before FAISS loads a generation that cannot be served
-            fresh, meta_path = self._open_generation()
-        except (AppUserError, IndexUserError, OSError, ValueError, RuntimeError, sqlite3.Error) as error:
-            self._problem(f"the index cannot be read: {error}; still serving generation {current.generation} as "
-                          "far as it can be read (the app follows the files again once they are whole)")
-            return
-        if fresh.info.get("uid") != current.info.get("uid"):
-            fresh.close()
-            self._problem(f"{self.index_dir} now holds another index (a new build, not an update): its ids name "
-                          "other images; restart the app to open it")
-            return
-        try:
-            model, sha = self._model_for(fresh, follow=True)
-            self._store.reattach(meta_path)
-        except (AppUserError, CurationError, sqlite3.Error, ValueError, OSError) as error:
-            fresh.close()
-            self._problem(f"{error}; still serving generation {current.generation}")
-            return
-        if sha != self._model_sha:  # relabelled by another model: serve it, with its clusters' names
-            self.model, self._model_sha, self.model_path = model, sha, Path(model.path)
+    def _attach(self, metadata: Path, model: OnnxModel | None) -> None:
+        """The curation store follows a new generation (and a new model's cluster names) before it is served."""
+        self._store.reattach(metadata)
+        if model is not None:
             self._store.default_names = list(model.class_names)
-            log.warning("%s was relabelled by another model: now serving %s", self.index_dir, model.path)
             if self._store.notice:
                 log.warning(self._store.notice)
-        self._meta_path = meta_path
-        # not closed here: requests in flight may still hold the generation retired now (an export, a
-        # batch), and two more updates may commit before they finish; it closes once none holds it
-        self._index = fresh
-        for stale in self.state_dir.glob("projection-gen*.npz"):
-            if stale.name != self._projection_cache().name:
-                stale.unlink(missing_ok=True)
-        if self.index_problem:
-            log.warning("the index's files are whole again")
-            self.index_problem = None
-        log.info("now serving generation %d of %s (%d images)", fresh.generation, self.index_dir, fresh.size)
+
+    @property
+    def model(self) -> OnnxModel:
+        return self._served.model
+
+    @property
+    def model_path(self) -> Path:
+        return self._served.model_path
+
+    @property
+    def index_problem(self) -> str | None:
+        """What is wrong with the index's files now (the generation open is still served), for the page."""
+        return self._served.problem
+
+    @property
+    def _meta_path(self) -> Path:
+        return self._served.meta_path
 
     @property
     def index(self) -> IndexReader:
         self.keep_up()
-        return self._index
+        return self._served.index
 
     @property
     def store(self) -> CurationStore:
@@ -261,7 +169,7 @@ class Workspace:
         for thread in self._warmups:
             thread.join(timeout=WARMUP_STOP_SECONDS)
         self._store.close()
-        self._index.close()
+        self._served.index.close()
         shutil.rmtree(self.exports_dir, ignore_errors=True)
 
     # ---- overview
@@ -474,6 +382,23 @@ class Workspace:
             raise AppUserError("choose an image to keep")
         return f"{self.store.confirm(ids)} image(s) kept where they are"
 
+    # ---- what a new model changed (app.label_changes)
+    def changes_since(self, previous: str | Path) -> Changes:
+        """The open index as curated now against ``previous`` (a labels table or index folder beside the index,
+        in the image folder or in the state folder: the app reads no other place)."""
+        files, aliases = curated_labelling(self)
+        return model_changes(previous, self.index_dir, [self.index_dir.parent, self.root, self.state_dir],
+                             files, aliases)
+
+    def changed_images(self, changes: Changes, limit: int) -> list[tuple[Record, str, str]]:
+        """The first ``limit`` changed images that the open index holds: record, name before, name now."""
+        shown = changes.changed[:limit]
+        keys = [path_to_text(os.path.relpath(file, self.root)) for file, _, _ in shown]
+        ids = self.index.ids_for_paths(keys)
+        records = self.store.records([ids[key] for key in keys if key in ids])
+        return [(records[ids[key]], before, after) for key, (_, before, after) in zip(keys, shown, strict=True)
+                if key in ids]
+
     # ---- export
     def _export_path(self, name: str) -> Path:
         folder = Path(tempfile.mkdtemp(dir=self.exports_dir))
@@ -521,7 +446,7 @@ class Workspace:
 
     def _projection_cache(self, index: IndexReader | None = None) -> Path:
         """The map's cache file: one per index generation, so an update draws a fresh map."""
-        return self.state_dir / f"projection-gen{(index or self._index).generation}.npz"
+        return self.state_dir / f"projection-gen{(index or self._served.index).generation}.npz"
 
     def _cluster_names(self, ids: np.ndarray, records: dict[int, Record]) -> list[str]:
         names = self.names()

@@ -241,18 +241,17 @@ def test_the_heads_plan_respects_the_apps_merges_and_picks_the_nearest_head() ->
 
 def test_the_app_offers_heads_first_and_plans_with_them(planted: dict, app_bundle: dict[str, Path],
                                                         tmp_path: Path) -> None:
-    from app.views import merges as merges_view
     from app.workspace import AppUserError, Workspace
 
     ws = Workspace(planted["model"], planted["index"], state_dir=tmp_path / "state")
-    assert merges_view.measures(ws)[0] == merges.HEADS
-    result = merges_view.suggestions(ws, merges.HEADS)
+    assert ws.merging.measures()[0] == merges.HEADS
+    result = ws.merging.suggestions(merges.HEADS)
     assert result.measure == merges.HEADS and {result.pairs[0][0], result.pairs[0][1]} == {SPLIT, 4}
-    _, plan = merges_view.merge_plan(ws, 4, merges.HEADS)
+    _, plan = ws.merging.plan(4, merges.HEADS)
     assert sorted([SPLIT, 4]) in [sorted(group) for group in plan.groups]
-    merges_view.apply_plan(ws, json.dumps(plan.groups))
+    ws.merging.apply_plan(json.dumps(plan.groups))
     assert len(ws.store.summary()) == 4
     plain = Workspace(app_bundle["model"], app_bundle["index"], state_dir=tmp_path / "plain")
-    assert merges.HEADS not in merges_view.measures(plain)
+    assert merges.HEADS not in plain.merging.measures()
     with pytest.raises(AppUserError, match="measure must be one of"):
-        merges_view.suggestions(plain, merges.HEADS)
+        plain.merging.suggestions(merges.HEADS)

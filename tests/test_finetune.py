@@ -192,7 +192,7 @@ def test_merge_lowers_k_and_exclusions_are_left_out(app_bundle: dict[str, Path],
     assert load_checkpoint(tiny_run)["model_spec"]["n_classes"] == 4
 
     # twist label + twist index carry the new model; the Changes view compares it with the previous labels
-    from app.views.changes import model_changes
+    from app.label_changes import model_changes
     from twist_core.demo import label_and_index
 
     _, new_index = label_and_index(tmp_path / "m.onnx", app_bundle["images"], tmp_path, progress=False)

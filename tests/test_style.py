@@ -45,6 +45,27 @@ def test_the_core_never_imports_the_app() -> None:
         ", ".join(offenders)
 
 
+VIEW_CORE_NAMES = {"twist_core.curate.curation.EXCLUDED", "twist_core.curate.curation.Record",
+                   "twist_core.curate.curation.CurationError", "twist_core.index.store.IndexUserError"}
+
+
+def test_app_views_only_render() -> None:
+    """A view takes its data from the workspace: from the core it may name only a constant, a record type and
+    the errors it turns into messages, never code that opens index files or computes (issue 38)."""
+    offenders = []
+    for path in sorted((REPO / "app" / "views").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                named = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                named = [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            offenders += [f"{path.relative_to(REPO)}: {name}" for name in named
+                          if name.startswith("twist_core") and name not in VIEW_CORE_NAMES]
+    assert not offenders, "move this behind app/workspace.py: " + ", ".join(offenders)
+
+
 STAGE_ORDER = ["data", "model", "deploy", "evaluation", "train", "label", "index", "curate"]  # docs/architecture.md
 
 
