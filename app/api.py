@@ -30,7 +30,7 @@ from app.guard import logged_in, vector_body_bytes
 from app.workspace import PAGE_SIZE, AppUserError, Neighbour, Workspace
 from twist_core.curate.curation import Record
 from twist_core.index.image_index import Hit
-from twist_core.index.store import IndexUserError
+from twist_core.index.metadata import IndexUserError
 
 PREFIX = "/api/v1"
 MAX_K = 200

@@ -20,7 +20,7 @@ from app.results import AppUserError
 from twist_core.curate.store_file import CurationError
 from twist_core.deploy.infer import OnnxModel
 from twist_core.index.image_index import IndexReader
-from twist_core.index.store import IndexUserError, meta_path, read_manifest
+from twist_core.index.metadata import IndexUserError, meta_path, read_manifest
 from twist_core.io_utils import file_sha256
 from twist_core.layout import MANIFEST, META_FILE
 

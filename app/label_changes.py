@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twist_core.curate.curation import EXCLUDED
-from twist_core.index.store import IndexUserError, MetaStore, meta_path
+from twist_core.index.metadata import IndexMetadata, IndexUserError, meta_path
 from twist_core.io_utils import path_from_text
 from twist_core.label.table import FORMATS, read_labels
 
@@ -44,7 +44,7 @@ def cluster_names_by_file(source: Path) -> dict[str, str]:
     source = Path(source)
     if source.is_dir():
         try:
-            meta = MetaStore(meta_path(source))
+            meta = IndexMetadata(meta_path(source))
         except IndexUserError as error:
             raise ChangesError(str(error)) from None
         try:

@@ -30,7 +30,7 @@ from twist_core.config import AutoConfig, command_parser, option
 from twist_core.curate.curation import EXCLUDED, CurationStore
 from twist_core.curate.store_file import curation_path
 from twist_core.errors import UserError, terminal_safe
-from twist_core.index.store import MetaStore, meta_path
+from twist_core.index.metadata import IndexMetadata, meta_path
 from twist_core.io_utils import file_sha256
 from twist_core.report import print_written
 
@@ -198,7 +198,7 @@ def task_image(task: Any) -> TaskImage:
     return TaskImage(url_file, as_id(data.get("twist_id")), named)
 
 
-def find_images(images: Sequence[TaskImage], meta: MetaStore, uid: str | None) -> list[tuple[int | None, str]]:
+def find_images(images: Sequence[TaskImage], meta: IndexMetadata, uid: str | None) -> list[tuple[int | None, str]]:
     """Each task's index id (None if it names no indexed image, or an id its URL disagrees with, or an id with
     no URL from a task that does not name this index) and how the summary names it."""
     ids = [i.twist_id for i in images if is_index_id(i.twist_id)]
@@ -263,7 +263,7 @@ def name_lookup(names: dict[int, str], renames: dict[int, str]) -> dict[str, int
     return lookup
 
 
-def read_choices(tasks: Sequence[Any], meta: MetaStore, from_name: str, uid: str | None
+def read_choices(tasks: Sequence[Any], meta: IndexMetadata, from_name: str, uid: str | None
                  ) -> list[Choice]:
     """Each task's choice; a task that cannot be read is a ``malformed`` choice naming it and why."""
     read: list[tuple[TaskImage, str | None, str]] = []
@@ -342,12 +342,12 @@ def summary_lines(plan: ImportPlan, applied: bool) -> list[str]:
     return [terminal_safe(line, limit=100_000) for line in lines]
 
 
-def open_index(config: ImportLabelsConfig) -> tuple[MetaStore, Path, list[str]]:
+def open_index(config: ImportLabelsConfig) -> tuple[IndexMetadata, Path, list[str]]:
     """The index's metadata, its path and the class names of the model that labelled it (--model must be that
     model: another one's clusters would be applied to this index's images)."""
     index_dir = Path(config.index or "")
     metadata = meta_path(index_dir)
-    meta = MetaStore(metadata)
+    meta = IndexMetadata(metadata)
     try:
         info = meta.info()
         model = config.model or info.get("model")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twist_core.index import review_table
-from twist_core.index.store import IMAGES
+from twist_core.index.metadata import IMAGES
 
 CHUNK = 900  # ids per IN (...) list: below SQLite's limit of bound parameters
 

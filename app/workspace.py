@@ -33,7 +33,7 @@ from twist_core.curate.curation import EXCLUDED, CurationError, CurationStore, R
 from twist_core.data.folder import ImageReadError, decode_image
 from twist_core.deploy.infer import OnnxModel
 from twist_core.index.image_index import IndexReader
-from twist_core.index.store import IndexUserError
+from twist_core.index.metadata import IndexUserError
 from twist_core.io_utils import csv_safe, mark_output_folder, path_to_text
 from twist_core.label.table import label_rows, read_labels_meta
 

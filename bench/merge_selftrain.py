@@ -44,7 +44,7 @@ from bench.common import RESULTS, machine, run_clusters, save
 from bench.merge_setup import score
 from twist_core.curate import merges
 from twist_core.evaluation.evaluate import load_eval_images
-from twist_core.index.store import MetaStore, meta_path
+from twist_core.index.metadata import IndexMetadata, meta_path
 
 ARMS = ("k30_merged", "k10")
 TARGET = 10
@@ -62,11 +62,11 @@ CONDITIONS = {
 
 def index_paths(index: Path, ids: np.ndarray) -> list[str]:
     """Each id's image path as the index stores it (relative to the data folder)."""
-    store = MetaStore(meta_path(index))
+    meta = IndexMetadata(meta_path(index))
     try:
-        paths = dict(store.all_paths())
+        paths = dict(meta.all_paths())
     finally:
-        store.close()
+        meta.close()
     return [paths[int(i)] for i in ids]
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from bench.common import REPO, machine, save
 from twist_core.index import review_table
-from twist_core.index.store import meta_path
+from twist_core.index.metadata import meta_path
 from twist_core.label import review
 from twist_core.label.table import labels_paths, read_labels
 from twist_core.vectors import IndexPlan, build, normalized

@@ -134,7 +134,7 @@ def test_review_route_pages_the_queue_most_likely_wrong_first_and_follows_the_cu
     import sqlite3
 
     from twist_core.curate.curation import CurationStore
-    from twist_core.index.store import meta_path
+    from twist_core.index.metadata import meta_path
 
     api, index = servers["open"], servers["ix"]
     with sqlite3.connect(f"file:{meta_path(servers['index'])}?mode=ro", uri=True) as db:

@@ -31,7 +31,7 @@ from app.workspace import DISPLAY_SIDE
 from twist_core.curate.curation import CurationStore
 from twist_core.deploy.infer import OnnxModel
 from twist_core.index.image_index import IndexReader
-from twist_core.index.store import read_manifest
+from twist_core.index.metadata import read_manifest
 from twist_core.label.tree import folder_names
 from twist_core.layout import META_FILE
 

@@ -137,11 +137,11 @@ def test_a_killed_finetune_resumes_from_its_checkpoint_when_run_again(tiny_run: 
 
 def open_store(index: Path, state: Path):
     from twist_core.curate.curation import CurationStore
-    from twist_core.index.store import MetaStore, read_manifest
+    from twist_core.index.metadata import IndexMetadata, read_manifest
     from twist_core.layout import META_FILE
 
     meta_path = index / read_manifest(index)["dir"] / META_FILE
-    meta = MetaStore(meta_path)
+    meta = IndexMetadata(meta_path)
     names = {c["cluster"]: c["name"] for c in meta.cluster_summary()}
     meta.close()
     return CurationStore(state / "curation.sqlite", meta_path, [names.get(c, f"cluster_{c}") for c in range(4)])

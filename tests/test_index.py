@@ -21,7 +21,7 @@ from twist_core.index.image_index import (
     find_duplicates,
     nearest_similarities,
 )
-from twist_core.index.store import FAULT_ENV, IndexChangedError, IndexUserError, meta_path
+from twist_core.index.metadata import FAULT_ENV, IndexChangedError, IndexUserError, meta_path
 from twist_core.layout import CURATION_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,7 +136,7 @@ def test_add_and_remove_keep_ids_and_metadata_consistent(tmp_path: Path, kind: s
     np.testing.assert_array_equal(new_ids, np.arange(2000, 2030))
     assert index.remove([0, "new/3.png", "not/there.png", 123456]) == 2
     for reopened in (index, IndexWriter.open(tmp_path / "index", "cpu")):
-        assert reopened.size == 2028 == reopened._store.count()
+        assert reopened.size == 2028 == reopened._meta.count()
         assert {i: reopened.get(i).path for i in (1, 500, 1999)} == {i: before[i] for i in (1, 500, 1999)}
         with pytest.raises(IndexUserError):
             reopened.get(0)
@@ -174,7 +174,7 @@ def test_crash_during_update_leaves_previous_index_usable(tmp_path: Path, stage:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 75, done.stderr  # killed at the fault point, mid-update
     after = IndexWriter.open(tmp_path / "index", "cpu")
-    assert after.size == 1000 == after._store.count() and after.generation == index.generation
+    assert after.size == 1000 == after._meta.count() and after.generation == index.generation
     assert [h.id for h in after.search_vectors(vectors[:1], k=20)[0]] == expected
     assert not after.ids_for_paths(["x/0.png"])
     after.remove([7])  # the next update succeeds and sweeps the half-written generation away
@@ -202,7 +202,7 @@ def test_concurrent_writer_is_refused_and_state_reloaded(tmp_path: Path) -> None
     first.remove([5])
     with pytest.raises(IndexChangedError):
         second.remove([6])
-    assert second.size == 299 and second._cpu.ntotal == second._store.count()  # memory matches disk again
+    assert second.size == 299 and second._cpu.ntotal == second._meta.count()  # memory matches disk again
     second.remove([6])
     assert IndexWriter.open(tmp_path / "index", "cpu").size == 298
 

@@ -29,7 +29,7 @@ from app.exporters import LABEL_STUDIO_PREFIX, image_url_prefix, label_studio_ta
 from app.labelstudio import url_path
 from twist_core.curate.curation import EXCLUDED, CurationError, CurationStore, Record
 from twist_core.deploy.infer import OnnxModel
-from twist_core.index.store import read_manifest
+from twist_core.index.metadata import read_manifest
 from twist_core.layout import META_FILE
 
 LS_VENV = Path(os.environ.get("TWIST_LABEL_STUDIO_VENV", "/opt/ls-venv"))

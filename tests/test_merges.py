@@ -113,7 +113,7 @@ def test_a_model_that_was_not_over_clustered_keeps_its_k(tmp_path: Path) -> None
 
 def test_curated_merges_and_exclusions_are_respected(one_split: tuple[Path, dict[int, int]], tmp_path: Path) -> None:
     from twist_core.curate.curation import EXCLUDED, CurationStore
-    from twist_core.index.store import read_manifest
+    from twist_core.index.metadata import read_manifest
     from twist_core.layout import META_FILE
 
     index, _ = one_split
@@ -316,7 +316,7 @@ def test_past_the_natural_groups_the_least_harmful_merge_still_comes_first() -> 
 
 def test_command_suggests_over_the_apps_curation(one_split: tuple[Path, dict[int, int]], tmp_path: Path) -> None:
     from twist_core.curate.curation import CurationStore
-    from twist_core.index.store import read_manifest
+    from twist_core.index.metadata import read_manifest
     from twist_core.layout import META_FILE
 
     index, _ = one_split

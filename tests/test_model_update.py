@@ -28,7 +28,7 @@ from twist_core.curate.store_file import ACTION_TIME_FORMAT, CurationError, cura
 from twist_core.deploy.export import ExportConfig, export_model
 from twist_core.deploy.infer import OnnxModel
 from twist_core.index.image_index import IndexReader
-from twist_core.index.store import FAULT_ENV, UNKNOWN_MODEL, meta_path, model_at, model_history, read_manifest
+from twist_core.index.metadata import FAULT_ENV, UNKNOWN_MODEL, meta_path, model_at, model_history, read_manifest
 from twist_core.io_utils import file_sha256
 from twist_core.vectors import normalized
 

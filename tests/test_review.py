@@ -20,7 +20,7 @@ from twist_core import vectors as index_faiss
 from twist_core.index import review_table
 from twist_core.index.build import IndexConfig, build_index, update_index
 from twist_core.index.image_index import IndexWriter
-from twist_core.index.store import read_manifest
+from twist_core.index.metadata import read_manifest
 from twist_core.label import review
 from twist_core.label.labeller import LabelConfig, label_folder, read_labels
 from twist_core.label.table import labels_paths

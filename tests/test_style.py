@@ -46,7 +46,7 @@ def test_the_core_never_imports_the_app() -> None:
 
 
 VIEW_CORE_NAMES = {"twist_core.curate.curation.EXCLUDED", "twist_core.curate.curation.Record",
-                   "twist_core.curate.curation.CurationError", "twist_core.index.store.IndexUserError"}
+                   "twist_core.curate.curation.CurationError", "twist_core.index.metadata.IndexUserError"}
 
 
 def test_app_views_only_render() -> None:

@@ -22,7 +22,7 @@ import pandas as pd
 
 from app.workspace import DISPLAY_SIDE, AppUserError, Neighbour, Prediction, Workspace
 from twist_core.curate.curation import EXCLUDED, CurationError, Record
-from twist_core.index.store import IndexUserError
+from twist_core.index.metadata import IndexUserError
 
 log = logging.getLogger("twist.app")
 TOP_CLASSES = 10  # bars in a class-distribution chart

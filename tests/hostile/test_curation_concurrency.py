@@ -19,7 +19,7 @@ import pytest
 
 from twist_core.curate.curation import EXCLUDED, CurationError, CurationStore
 from twist_core.index.image_index import IndexWriter
-from twist_core.index.store import read_manifest
+from twist_core.index.metadata import read_manifest
 from twist_core.layout import META_FILE
 
 REPO = Path(__file__).resolve().parents[2]

@@ -21,7 +21,7 @@ from PIL import Image
 from app.thumbnails import ThumbnailCache
 from twist_core.curate.curation import CurationError, CurationStore
 from twist_core.index.image_index import IndexReader
-from twist_core.index.store import read_manifest
+from twist_core.index.metadata import read_manifest
 from twist_core.io_utils import OUTPUT_MARKER
 from twist_core.label.table import labels_paths, write_table
 from twist_core.layout import META_FILE

@@ -19,7 +19,7 @@ import pytest
 from conftest import start_app_server, stop_app_server
 from gradio_client import Client
 
-from twist_core.index.store import read_manifest
+from twist_core.index.metadata import read_manifest
 from twist_core.layout import MANIFEST, META_FILE
 
 

@@ -21,7 +21,7 @@ from conftest import REPO, export_label_index
 from app.exporters import label_studio_tasks
 from twist_core.curate.curation import CurationStore
 from twist_core.deploy.infer import OnnxModel
-from twist_core.index.store import MetaStore, meta_path
+from twist_core.index.metadata import IndexMetadata, meta_path
 
 URL = "/data/local-files/?d=shapes/"
 
@@ -30,7 +30,7 @@ URL = "/data/local-files/?d=shapes/"
 def indexed(tiny_run: Path, shapes_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     base = tmp_path_factory.mktemp("import-tasks")
     model = export_label_index(tiny_run, shapes_folder, base / "m.onnx", base / "labels.csv", base / "ix")
-    meta = MetaStore(meta_path(base / "ix"))
+    meta = IndexMetadata(meta_path(base / "ix"))
     uid = meta.info()["uid"]
     meta.close()
     return {"index": base / "ix", "model": model, "uid": uid, "names": OnnxModel(model, device="cpu").class_names}

@@ -19,7 +19,7 @@ from conftest import REPO, export_label_index, tiny_train_config
 from twist_core.curate.curation import CurationStore
 from twist_core.deploy.export import ExportConfig, export_model
 from twist_core.deploy.infer import OnnxModel
-from twist_core.index.store import meta_path
+from twist_core.index.metadata import meta_path
 
 
 def twist(*args: str) -> subprocess.CompletedProcess:

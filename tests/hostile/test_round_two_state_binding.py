@@ -25,7 +25,7 @@ from twist_core.curate.store_file import curated_names, curation_path
 from twist_core.deploy.export import ExportConfig, export_model
 from twist_core.deploy.infer import OnnxModel
 from twist_core.index.build import IndexConfig, build_index
-from twist_core.index.store import MetaStore, meta_path
+from twist_core.index.metadata import IndexMetadata, meta_path
 from twist_core.io_utils import file_sha256
 from twist_core.label.labeller import LabelConfig, label_folder
 
@@ -77,7 +77,7 @@ def curate(index: Path, state: Path, model: Path, moves: bool = True) -> None:
 
 
 def index_info(index: Path) -> dict:
-    meta = MetaStore(meta_path(index))
+    meta = IndexMetadata(meta_path(index))
     try:
         return meta.info()
     finally:

@@ -21,8 +21,8 @@ from twist_core.index.image_index import (
     find_duplicates,
     nearest_similarities,
 )
+from twist_core.index.metadata import IndexUserError
 from twist_core.index.search import format_hits, hit_dict
-from twist_core.index.store import IndexUserError
 from twist_core.io_utils import atomic_write_text
 from twist_core.outputs import Output, check_outputs
 from twist_core.report import print_written

@@ -11,7 +11,7 @@ from twist_core.config import command_parser
 from twist_core.index.build import IndexConfig, build_index, update_index
 from twist_core.index.build import __doc__ as DOC
 from twist_core.index.image_index import IndexReader
-from twist_core.index.store import IndexUserError, write_failure
+from twist_core.index.metadata import IndexUserError, write_failure
 from twist_core.outputs import INDEX, Output, check_outputs
 from twist_core.report import Written, print_written
 

@@ -9,9 +9,9 @@ import sys
 from twist_core.commands import run_command
 from twist_core.config import command_parser
 from twist_core.curate.store_file import CuratedNames
+from twist_core.index.metadata import IndexUserError
 from twist_core.index.search import SearchConfig, format_hits, hit_dict, no_hits_reason, search
 from twist_core.index.search import __doc__ as DOC
-from twist_core.index.store import IndexUserError
 from twist_core.io_utils import atomic_write_text
 from twist_core.outputs import Output, check_outputs
 from twist_core.report import print_written

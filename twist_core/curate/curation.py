@@ -37,7 +37,7 @@ from typing import Any
 
 from twist_core.curate.set_aside import SET_ASIDE_FILE, UNDO_TABLES, SetAside, describe_held
 from twist_core.curate.store_file import ACTION_TIME_FORMAT, CurationError, curation_path, store_model
-from twist_core.index.store import IMAGES, chunked_in, meta_path
+from twist_core.index.metadata import IMAGES, chunked_in, meta_path
 from twist_core.io_utils import atomic_write_text, mark_output_folder
 from twist_core.layout import INFO_TABLE
 

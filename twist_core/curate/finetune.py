@@ -98,7 +98,7 @@ class Curation:
 def curation_from_store(index_dir: Path, state_dir: Path | None, n_classes: int) -> tuple[Curation, Path]:
     """The curation store's decisions, with image paths absolute (the index root joined)."""
     from twist_core.curate.curation import EXCLUDED, CurationError, CurationStore
-    from twist_core.index.store import IndexUserError, MetaStore, meta_path
+    from twist_core.index.metadata import IndexMetadata, IndexUserError, meta_path
 
     store_path = curation_path(index_dir, state_dir)
     if not store_path.is_file():
@@ -107,7 +107,7 @@ def curation_from_store(index_dir: Path, state_dir: Path | None, n_classes: int)
                             + ("" if state_dir else ", with --state-dir if the app used one"))
     try:
         metadata = meta_path(index_dir)
-        meta = MetaStore(metadata)
+        meta = IndexMetadata(metadata)
         root, predicted_names = Path(meta.info()["root"]), {c["cluster"]: c["name"] for c in meta.cluster_summary()}
         meta.close()
         default = [predicted_names.get(c) or f"cluster_{c}" for c in range(n_classes)]
@@ -132,10 +132,10 @@ def curation_from_store(index_dir: Path, state_dir: Path | None, n_classes: int)
 def check_index_model(index_dir: Path, run: Path) -> None:
     """Refuse an index that RUN's own export did not label, before anything is read or written: its cluster
     numbers would be another model's (a K that differs failed half-way; an equal K was learned silently)."""
-    from twist_core.index.store import IndexUserError, MetaStore, meta_path
+    from twist_core.index.metadata import IndexMetadata, IndexUserError, meta_path
 
     try:
-        meta = MetaStore(meta_path(index_dir))
+        meta = IndexMetadata(meta_path(index_dir))
     except IndexUserError as error:
         raise FinetuneError(str(error)) from None
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 from twist_core.config import AutoConfig, option
 from twist_core.curate.curation import CurationError, CurationStore
 from twist_core.curate.set_aside import SetAside, read_set_aside
-from twist_core.index.store import MetaStore, meta_path
+from twist_core.index.metadata import IndexMetadata, meta_path
 from twist_core.io_utils import file_sha256
 
 
@@ -55,7 +55,7 @@ def class_names(metadata: Path) -> list[str]:
     is gone or changed: the clusters are then not checked)."""
     from twist_core.deploy.infer import OnnxModel
 
-    meta = MetaStore(metadata)
+    meta = IndexMetadata(metadata)
     try:
         info = meta.info()
     finally:

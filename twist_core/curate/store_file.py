@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from twist_core.errors import UserError
-from twist_core.index.store import model_at
+from twist_core.index.metadata import model_at
 from twist_core.layout import CURATION_FILE
 
 ACTION_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"  # when a change was made, in the curation store's undo log (local time)

@@ -33,8 +33,8 @@ from twist_core.config import AutoConfig, auto_option, option
 from twist_core.data.folder import scan_folder
 from twist_core.index import review_table
 from twist_core.index.image_index import IndexWriter, embed_and_add
-from twist_core.index.store import IndexUserError, MetaStore, file_fingerprint, model_history, read_manifest
-from twist_core.index.store import meta_path as index_meta_path
+from twist_core.index.metadata import IndexMetadata, IndexUserError, file_fingerprint, model_history, read_manifest
+from twist_core.index.metadata import meta_path as index_meta_path
 from twist_core.io_utils import file_sha256, mark_output_folder, path_from_text, path_to_text
 from twist_core.label.table import labels_paths, load_labels, read_labels_meta, skipped_path
 from twist_core.layout import MANIFEST, META_FILE
@@ -103,11 +103,11 @@ def previous_lineage(out: Path) -> Lineage:
         return Lineage({}, {}, None)
     try:
         manifest = read_manifest(out)
-        store = MetaStore(out / manifest["dir"] / META_FILE)
+        meta = IndexMetadata(out / manifest["dir"] / META_FILE)
         try:
-            identities, info = store.identities(), store.info()
+            identities, info = meta.identities(), meta.info()
         finally:
-            store.close()
+            meta.close()
     except (ValueError, KeyError, OSError, sqlite3.Error) as error:
         raise IndexUserError(f"the index already in {out} cannot be read ({error}), so its ids cannot be kept "
                              "for its curation; move it away or choose another --out") from None
@@ -229,11 +229,11 @@ def model_change(config: IndexConfig) -> ModelChange:
 
 def index_contents(out: Path) -> tuple[dict[str, Any], set[str]]:
     """The info and indexed paths of the generation in ``out``, from its metadata alone (no vectors loaded)."""
-    store = MetaStore(index_meta_path(out))
+    meta = IndexMetadata(index_meta_path(out))
     try:
-        return store.info(), {path for _, path in store.all_paths()}
+        return meta.info(), {path for _, path in meta.all_paths()}
     finally:
-        store.close()
+        meta.close()
 
 
 @dataclass(frozen=True)

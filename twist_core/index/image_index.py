@@ -1,7 +1,7 @@
 """Query and update an image index: nearest neighbours by vector, id or image; add, remove, find duplicates.
 
 An :class:`IndexReader` pairs a FAISS index (vector id = image id) with the SQLite metadata of the same
-generation (see :mod:`twist_core.index.store`), so an id always resolves to its image; it looks images up and
+generation (see :mod:`twist_core.index.metadata`), so an id always resolves to its image; it looks images up and
 searches. An :class:`IndexWriter` also adds and removes: every update writes a new generation and swaps it in
 atomically, and if anything fails the object reloads the last committed state. :func:`find_duplicates` and
 :func:`embed_and_add` work on them. Build one with :func:`twist_core.index.build.build_index` (``twist index``).
@@ -28,9 +28,9 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from twist_core.data.folder import ImageReadError, decode_image
-from twist_core.index.store import (
+from twist_core.index.metadata import (
+    IndexMetadata,
     IndexUserError,
-    MetaStore,
     commit_generation,
     file_fingerprint,
     new_uid,
@@ -67,19 +67,19 @@ NameSource = Callable[[dict[str, Any]], dict[int, str]]  # the index's info -> n
 class IndexReader:
     """A FAISS index plus its metadata, loaded from one committed generation of ``index_dir``: look-ups, search."""
 
-    def __init__(self, index_dir: Path, generation: int, cpu_index: faiss.Index, store: MetaStore,
+    def __init__(self, index_dir: Path, generation: int, cpu_index: faiss.Index, meta: IndexMetadata,
                  device: str, names: NameSource | None = None) -> None:
         self.index_dir = Path(index_dir)
         self.names = names
         self.generation = generation
         self.device = device
         self._cpu = cpu_index
-        self._hold(store)
-        self._info = store.info()
+        self._hold(meta)
+        self._info = meta.info()
         self._lock = threading.RLock()  # reads never see an update half-applied (FAISS index or metadata)
-        if self._cpu.ntotal != store.count():
+        if self._cpu.ntotal != meta.count():
             raise IndexUserError(f"{index_dir}: index holds {self._cpu.ntotal} vectors but metadata "
-                                 f"{store.count()} images; rebuild it with twist index")
+                                 f"{meta.count()} images; rebuild it with twist index")
         set_nprobe(self._cpu, self.nprobe)
         self._search = to_device(self._cpu, device)
 
@@ -96,15 +96,15 @@ class IndexReader:
             manifest = read_manifest(index_dir)
             folder = index_dir / manifest["dir"]
             try:
-                store = MetaStore(folder / META_FILE)
-                store.count()
+                meta = IndexMetadata(folder / META_FILE)
+                meta.count()
                 cpu_index = faiss.read_index(str(folder / INDEX_FILE))
             except (RuntimeError, sqlite3.Error) as error:
                 if read_manifest(index_dir) != manifest:
                     continue
                 reason = str(error).splitlines()[0]
                 raise IndexUserError(f"index in {index_dir} cannot be read ({reason})") from error
-            return cls(index_dir, manifest["generation"], cpu_index, store, device, names)
+            return cls(index_dir, manifest["generation"], cpu_index, meta, device, names)
         raise IndexUserError(f"{index_dir} keeps changing under us; try again")
 
     # ---- properties
@@ -139,7 +139,7 @@ class IndexReader:
     def cluster_names(self) -> dict[int, str]:
         """Each cluster's current name: renamed in the app, else as the model card named it at indexing."""
         with self._lock:
-            stored = self._store.stored_names()
+            stored = self._meta.stored_names()
         return {**stored, **self._renamed()}
 
     def _renamed(self) -> dict[int, str]:
@@ -154,19 +154,19 @@ class IndexReader:
 
     def _hits(self, ids: np.ndarray, sims: np.ndarray | None) -> list[Hit]:
         keep = [int(i) for i in ids if i >= 0]
-        rows, names = self._store.rows(keep), self._renamed()
+        rows, names = self._meta.rows(keep), self._renamed()
         return [self._hit(rows[i], None if sims is None else float(sims[pos]), names) for pos, i in enumerate(keep)]
 
     def get(self, image_id: int) -> Hit:
         with self._lock:
-            if not self._store.rows([image_id]):
+            if not self._meta.rows([image_id]):
                 raise IndexUserError(f"no image with id {image_id} in the index")
             return self._hits(np.array([image_id]), None)[0]
 
     def ids_for_paths(self, paths: Sequence[str]) -> dict[str, int]:
         """Path (relative to ``root``) -> id, for the paths that are in the index."""
         with self._lock:
-            return self._store.ids_for_paths(list(paths))
+            return self._meta.ids_for_paths(list(paths))
 
     def paths(self) -> list[str]:
         """Every indexed path, relative to ``root``, as table text (open it with :meth:`file_of`)."""
@@ -175,12 +175,12 @@ class IndexReader:
     def paths_by_id(self) -> dict[int, str]:
         """Every image id -> its path (as :meth:`paths` gives it), ids ascending."""
         with self._lock:
-            return dict(self._store.all_paths())
+            return dict(self._meta.all_paths())
 
     @property
     def metadata_path(self) -> Path:
         """The metadata file of the generation this reader holds (what the curation store attaches)."""
-        return self._store.path
+        return self._meta.path
 
     def vector(self, image_id: int) -> np.ndarray:
         """The stored unit vector (approximate for an IVF-PQ index)."""
@@ -194,28 +194,28 @@ class IndexReader:
         """Every image's id (ascending), metadata row and stored vector (in id order): for a whole-index analysis
         such as ``twist suggest-merges``."""
         with self._lock:
-            ids = self._store.all_ids()
-            rows = self._store.rows(ids.tolist())
+            ids = self._meta.all_ids()
+            rows = self._meta.rows(ids.tolist())
             vectors = self._cpu.reconstruct_batch(ids) if len(ids) else np.zeros((0, self.dim), np.float32)
         return ids, rows, vectors
 
     def cluster_ids(self) -> list[int]:
         """The clusters that have at least one image."""
         with self._lock:
-            return self._store.clusters()
+            return self._meta.clusters()
 
     def records(self, cluster: int | None = None, order_by: str = "confidence", descending: bool = True,
                 offset: int = 0, limit: int = 60, min_conf: float = 0.0, max_conf: float = 1.0) -> list[Hit]:
         """One page of images, filtered and sorted in SQL so the app never loads a whole cluster."""
         with self._lock:
-            rows = self._store.records(cluster, order_by, descending, offset, limit, min_conf, max_conf)
+            rows = self._meta.records(cluster, order_by, descending, offset, limit, min_conf, max_conf)
         names = self._renamed()
         return [self._hit(row, None, names) for row in rows]
 
     def cluster_summary(self) -> list[dict[str, Any]]:
         """Size and mean confidence per predicted cluster, with its current name."""
         with self._lock:
-            summary = self._store.cluster_summary()
+            summary = self._meta.cluster_summary()
         names = self._renamed()
         return [{**row, "name": names.get(row["cluster"], row["name"])} for row in summary]
 
@@ -244,7 +244,7 @@ class IndexReader:
 
     def _search_cluster(self, queries: np.ndarray, k: int, cluster: int) -> tuple[np.ndarray, np.ndarray]:
         """Search restricted to a cluster; rows that an IVF probe leaves short are redone exactly."""
-        members = self._store.ids_in_cluster(cluster)
+        members = self._meta.ids_in_cluster(cluster)
         k = min(k, len(members))
         if k == 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
@@ -277,7 +277,7 @@ class IndexReader:
     def changed_paths(self) -> set[str]:
         """Indexed files that still exist but changed since they were indexed (another picture, same name)."""
         with self._lock:
-            identities = self._store.identities()
+            identities = self._meta.identities()
         changed = set()
         for path, (_, fingerprint) in identities.items():
             now = file_fingerprint(self.file_of(path)) if fingerprint is not None else None
@@ -285,15 +285,15 @@ class IndexReader:
                 changed.add(path)
         return changed
 
-    def _hold(self, store: MetaStore) -> None:
-        """Read ``store`` from now on (the one read before is closed); it closes with :meth:`close` or, never
+    def _hold(self, meta: IndexMetadata) -> None:
+        """Read ``meta`` from now on (the one read before is closed); it closes with :meth:`close` or, never
         closed, once nothing refers to this reader: the app lets a generation retired by an update go when the
         last request holding it ends.
         """
         if hasattr(self, "_release"):
             self._release()
-        self._store = store
-        self._release = weakref.finalize(self, store.close)
+        self._meta = meta
+        self._release = weakref.finalize(self, meta.close)
         self._release.atexit = False  # at exit the OS frees it; a daemon thread may still be reading
 
     def close(self) -> None:
@@ -306,7 +306,7 @@ class IndexWriter(IndexReader):
     @classmethod
     def create(cls, index_dir: str | Path, cpu_index: faiss.Index, rows: Sequence[dict[str, Any]],
                info: dict[str, Any], device: str = "auto", ids: Sequence[int] | None = None,
-               expected: int | None = None, extra: Callable[[MetaStore], None] | None = None) -> IndexWriter:
+               expected: int | None = None, extra: Callable[[IndexMetadata], None] | None = None) -> IndexWriter:
         """Publish a freshly built index (ids ``0..len(rows)-1`` unless given) as a new generation.
 
         ``expected`` is the generation a rebuild carried its ids from: it is refused if that one changed.
@@ -316,20 +316,20 @@ class IndexWriter(IndexReader):
         next_id = max(int(info.get("next_id", 0)), max(ids, default=-1) + 1)
 
         def write_meta(path: Path, generation: int) -> None:
-            store = MetaStore(path, readonly=False)
-            store.insert(ids, rows)
+            meta = IndexMetadata(path, readonly=False)
+            meta.insert(ids, rows)
             if extra:
-                extra(store)
-            store.set_info({"uid": new_uid(), **info, "generation": generation, "next_id": next_id,
+                extra(meta)
+            meta.set_info({"uid": new_uid(), **info, "generation": generation, "next_id": next_id,
                             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-            store.commit()
-            store.close()
+            meta.commit()
+            meta.close()
 
         commit_generation(Path(index_dir), cpu_index, write_meta, expected=expected)
         return cls.open(index_dir, device)
 
     # ---- updates
-    def _commit(self, mutate: Callable[[], Callable[[MetaStore], None]]) -> None:
+    def _commit(self, mutate: Callable[[], Callable[[IndexMetadata], None]]) -> None:
         """Apply ``mutate`` to the in-memory FAISS index, then publish it with the metadata change it returns.
 
         On any failure the object reloads the last committed generation, so memory matches disk again.
@@ -339,26 +339,26 @@ class IndexWriter(IndexReader):
                 change = mutate()
 
                 def write_meta(path: Path, generation: int) -> None:
-                    store = self._store.copy_to(path)
-                    change(store)
-                    store.set_info({"generation": generation, "next_id": self._info["next_id"]})
-                    store.commit()
-                    store.close()
+                    meta = self._meta.copy_to(path)
+                    change(meta)
+                    meta.set_info({"generation": generation, "next_id": self._info["next_id"]})
+                    meta.commit()
+                    meta.close()
 
                 folder = commit_generation(self.index_dir, self._cpu, write_meta, expected=self.generation)
             except BaseException:
                 self._reload()
                 raise
-            self._hold(MetaStore(folder / META_FILE))
-            self._info = self._store.info()
+            self._hold(IndexMetadata(folder / META_FILE))
+            self._info = self._meta.info()
             self.generation = self._info["generation"]
             self._search = to_device(self._cpu, self.device)
 
     def _reload(self) -> None:
         fresh = IndexWriter.open(self.index_dir, self.device, self.names)
-        fresh._release.detach()  # its store is ours now
-        self.__dict__.update({k: v for k, v in fresh.__dict__.items() if k not in ("_lock", "_release", "_store")})
-        self._hold(fresh._store)
+        fresh._release.detach()  # its meta is ours now
+        self.__dict__.update({k: v for k, v in fresh.__dict__.items() if k not in ("_lock", "_release", "_meta")})
+        self._hold(fresh._meta)
 
     def add(self, rows: Sequence[str | dict[str, Any]], embeddings: np.ndarray) -> np.ndarray:
         """Add images (relative paths, or label rows with ``path``, ``cluster``, ...) with their embeddings.
@@ -376,16 +376,16 @@ class IndexWriter(IndexReader):
             raise IndexUserError("the same path is given twice in one add")
         new_ids = np.arange(self._info["next_id"], self._info["next_id"] + len(records), dtype=np.int64)
 
-        def mutate() -> Callable[[MetaStore], None]:
-            replaced = np.array(list(self._store.ids_for_paths(paths).values()), dtype=np.int64)
+        def mutate() -> Callable[[IndexMetadata], None]:
+            replaced = np.array(list(self._meta.ids_for_paths(paths).values()), dtype=np.int64)
             if len(replaced):
                 self._cpu.remove_ids(replaced)
             self._cpu.add_with_ids(vectors, new_ids)
             self._info["next_id"] += len(records)
 
-            def change(store: MetaStore) -> None:
-                store.delete(replaced)
-                store.insert(new_ids, records)
+            def change(meta: IndexMetadata) -> None:
+                meta.delete(replaced)
+                meta.insert(new_ids, records)
             return change
 
         self._commit(mutate)
@@ -394,20 +394,20 @@ class IndexWriter(IndexReader):
     def remove(self, items: Iterable[int | str]) -> int:
         """Remove images given by id or relative path; unknown ones are ignored. Returns how many went."""
         items = list(items)
-        by_path = self._store.ids_for_paths([i for i in items if isinstance(i, str)])
+        by_path = self._meta.ids_for_paths([i for i in items if isinstance(i, str)])
         wanted = [int(i) for i in items if not isinstance(i, str)] + list(by_path.values())
-        ids = np.array(sorted(set(self._store.rows(wanted))), dtype=np.int64)
+        ids = np.array(sorted(set(self._meta.rows(wanted))), dtype=np.int64)
         if len(ids):
-            def mutate() -> Callable[[MetaStore], None]:
+            def mutate() -> Callable[[IndexMetadata], None]:
                 self._cpu.remove_ids(ids)
-                return lambda store: store.delete(ids)
+                return lambda meta: meta.delete(ids)
 
             self._commit(mutate)
         return len(ids)
 
     def remove_missing(self) -> int:
         """Drop entries whose files no longer exist under ``root``."""
-        gone = [i for i, path in self._store.all_paths() if not self.file_of(path).is_file()]
+        gone = [i for i, path in self._meta.all_paths() if not self.file_of(path).is_file()]
         return self.remove(gone)
 
 
@@ -420,7 +420,7 @@ AUTO_THRESHOLD_RULE = ("an outlier among the nearest-neighbour distances 1 - cos
 def nearest_similarities(index: IndexReader, batch: int = 4096) -> np.ndarray:
     """Each image's cosine to its nearest other image (one FAISS k=3 search per batch, the image itself dropped)."""
     with index._lock:
-        ids = index._store.all_ids()
+        ids = index._meta.all_ids()
         k = min(3, len(ids))
         nearest = np.full(len(ids), np.nan)
         if k < 2:  # no image has another to be near
@@ -466,7 +466,7 @@ def find_duplicates(index: IndexReader, threshold: float = 0.95, batch: int = 40
     Largest groups first; each hit's similarity is its closest link inside the group.
     """
     with index._lock:
-        ids = index._store.all_ids()
+        ids = index._meta.all_ids()
         rows: list[np.ndarray] = []
         cols: list[np.ndarray] = []
         sims: list[np.ndarray] = []

@@ -13,7 +13,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from twist_core.index.store import IMAGES, MetaStore, commit_generation, meta_path, read_manifest
+from twist_core.index.metadata import IMAGES, IndexMetadata, commit_generation, meta_path, read_manifest
 from twist_core.label.review import ReviewScores, ReviewSettings, score_index
 from twist_core.layout import INDEX_FILE, META_FILE
 
@@ -26,9 +26,9 @@ CREATE INDEX IF NOT EXISTS review_by_score ON review (score DESC, id);
 """
 
 
-def read_inputs(store: MetaStore) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_inputs(meta: IndexMetadata) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Ids (sorted), predicted clusters and margins of the images that have a cluster."""
-    found = store.query(f"SELECT {IMAGES.id}, {IMAGES.cluster}, {IMAGES.margin} FROM {IMAGES.name} "
+    found = meta.query(f"SELECT {IMAGES.id}, {IMAGES.cluster}, {IMAGES.margin} FROM {IMAGES.name} "
                         f"WHERE {IMAGES.cluster} IS NOT NULL ORDER BY {IMAGES.id}")
     ids = np.array([r[0] for r in found], np.int64)
     clusters = np.array([r[1] for r in found], np.int64)
@@ -36,19 +36,19 @@ def read_inputs(store: MetaStore) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ids, clusters, margins
 
 
-def write_table(store: MetaStore, scores: ReviewScores, settings: ReviewSettings) -> None:
+def write_table(meta: IndexMetadata, scores: ReviewScores, settings: ReviewSettings) -> None:
     """Replace the ``review`` table of a writable (unpublished) metadata copy."""
-    store.executescript(TABLE_SQL + "DELETE FROM review;")
-    store.executemany("INSERT INTO review (id, score, suggestion) VALUES (?, ?, ?)",
+    meta.executescript(TABLE_SQL + "DELETE FROM review;")
+    meta.executemany("INSERT INTO review (id, score, suggestion) VALUES (?, ?, ?)",
                       zip(scores.ids.tolist(), scores.score.astype(float).tolist(),
                           [None if s < 0 else s for s in scores.suggestion.tolist()], strict=True))
-    store.set_info({INFO_KEY: {"version": VERSION, "k": settings.k, "weighting": settings.weighting,
+    meta.set_info({INFO_KEY: {"version": VERSION, "k": settings.k, "weighting": settings.weighting,
                                "neighbour_weight": settings.neighbour_weight,
                                "cluster_share": settings.cluster_share}})
 
 
 def scorer(index: faiss.Index, ids: np.ndarray, rows: Sequence[dict[str, Any]],
-           settings: ReviewSettings = DEFAULT_SETTINGS) -> Callable[[MetaStore], None]:
+           settings: ReviewSettings = DEFAULT_SETTINGS) -> Callable[[IndexMetadata], None]:
     """What a fresh build adds to its metadata: the scores of its images (``rows`` aligned with ``ids``)."""
     order = np.argsort(ids, kind="stable")
     clusters = np.array([-1 if rows[i].get("cluster") is None else rows[i]["cluster"] for i in order], np.int64)
@@ -57,7 +57,7 @@ def scorer(index: faiss.Index, ids: np.ndarray, rows: Sequence[dict[str, Any]],
     scores = score_index(index, sorted_ids, clusters, margins, settings)
     labelled = clusters >= 0
     scores = ReviewScores(scores.ids[labelled], scores.score[labelled], scores.suggestion[labelled])
-    return lambda store: write_table(store, scores, settings)
+    return lambda meta: write_table(meta, scores, settings)
 
 
 def refresh_index(index_dir: str | Path, settings: ReviewSettings = DEFAULT_SETTINGS) -> int:
@@ -69,17 +69,17 @@ def refresh_index(index_dir: str | Path, settings: ReviewSettings = DEFAULT_SETT
     index_dir = Path(index_dir)
     manifest = read_manifest(index_dir)
     folder = index_dir / manifest["dir"]
-    store = MetaStore(folder / META_FILE)
+    meta = IndexMetadata(folder / META_FILE)
     try:
-        ids, clusters, margins = read_inputs(store)
+        ids, clusters, margins = read_inputs(meta)
         cpu_index = faiss.read_index(str(folder / INDEX_FILE))
-        nprobe = store.info().get("nprobe")
+        nprobe = meta.info().get("nprobe")
         if nprobe and hasattr(cpu_index, "nprobe"):
             cpu_index.nprobe = int(nprobe)
         scores = score_index(cpu_index, ids, clusters, margins, settings)
 
         def write_meta(path: Path, generation: int) -> None:
-            copy = store.copy_to(path)
+            copy = meta.copy_to(path)
             write_table(copy, scores, settings)
             copy.set_info({"generation": generation})
             copy.commit()
@@ -87,7 +87,7 @@ def refresh_index(index_dir: str | Path, settings: ReviewSettings = DEFAULT_SETT
 
         commit_generation(index_dir, cpu_index, write_meta, expected=manifest["generation"])
     finally:
-        store.close()
+        meta.close()
     return len(ids)
 
 

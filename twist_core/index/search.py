@@ -14,7 +14,7 @@ from twist_core.config import AutoConfig, option
 from twist_core.data.folder import decode_image
 from twist_core.deploy.infer import finite_rows
 from twist_core.index.image_index import Hit, IndexReader, NameSource
-from twist_core.index.store import IndexUserError
+from twist_core.index.metadata import IndexUserError
 from twist_core.io_utils import path_to_text
 
 

@@ -221,7 +221,7 @@ def commit_generation(index_dir: Path, index: faiss.Index, write_meta: Callable[
     return final
 
 
-class MetaStore:
+class IndexMetadata:
     """The SQLite side of one generation: id -> path, cluster, confidence; plus the index's ``info``."""
 
     def __init__(self, path: Path, readonly: bool = True) -> None:
@@ -246,9 +246,9 @@ class MetaStore:
         with self._lock:
             return self._db.execute(sql, params).fetchall()
 
-    def copy_to(self, path: Path) -> MetaStore:
+    def copy_to(self, path: Path) -> IndexMetadata:
         """A writable copy (SQLite's online backup) on which an update is prepared."""
-        target = MetaStore(path, readonly=False)
+        target = IndexMetadata(path, readonly=False)
         with self._lock:
             self._db.backup(target._db)
         target._add_fingerprints()
