@@ -342,6 +342,7 @@ def compare_with_the_labels(page, name: str, old_name: str) -> None:
     expect(page.locator("#changes-table")).to_contain_text(name)
     expect(page.locator("#changes-table")).not_to_contain_text(old_name)
     expect(page.locator("#changes-summary")).not_to_contain_text("first 0")
+    expect(page.locator("#changes-gallery")).to_be_hidden()  # no empty box when no image changed cluster
 
 
 def only_a_toast(page, mistake: Callable[[], None], message: str, close: bool = True) -> None:

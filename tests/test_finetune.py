@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -299,19 +300,11 @@ def test_confirm_marks_images_and_undo_takes_it_back(app_bundle: dict[str, Path]
     store.close()
 
 
-def test_app_confirms_a_selection_and_shows_what_a_new_labelling_changed(app_bundle: dict[str, Path],
-                                                                          tmp_path: Path) -> None:
-    """Through a real server: the Confirm button's endpoint (and undo), and the Changes view against a labels
-    table in which three images were given another cluster."""
-    import shutil
-
-    from gradio_client import Client
-
-    from tests.conftest import start_app_server, stop_app_server
-
+def previous_with_three_moved(app_bundle: dict[str, Path], tmp_path: Path) -> tuple[Path, list[dict[str, str]]]:
+    """A labels table beside the index (where the app may read it) in which three images had another cluster."""
     labels = app_bundle["index"].parent / "labels.csv"
     rows = list(csv.DictReader(labels.open(newline="")))
-    previous = app_bundle["index"].parent / f"previous-{tmp_path.name}.csv"  # beside the index: the app reads it
+    previous = app_bundle["index"].parent / f"previous-{tmp_path.name}.csv"
     shutil.copy(labels.with_suffix(".meta.json"), previous.with_suffix(".meta.json"))
     names = sorted({row["cluster_name"] for row in rows})
     for row in rows[:3]:
@@ -320,6 +313,18 @@ def test_app_confirms_a_selection_and_shows_what_a_new_labelling_changed(app_bun
         writer = csv.DictWriter(handle, list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    return previous, rows
+
+
+def test_app_confirms_a_selection_and_shows_what_a_new_labelling_changed(app_bundle: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    """Through a real server: the Confirm button's endpoint (and undo), and the Changes view against a labels
+    table in which three images were given another cluster."""
+    from gradio_client import Client
+
+    from tests.conftest import start_app_server, stop_app_server
+
+    previous, rows = previous_with_three_moved(app_bundle, tmp_path)
 
     process, url = start_app_server(app_bundle, tmp_path / "state")
     try:
@@ -364,6 +369,7 @@ def test_confirm_and_changes_in_chromium(app_bundle: dict[str, Path], tmp_path: 
 
     shots = tmp_path / "screenshots"
     shots.mkdir()
+    previous, _ = previous_with_three_moved(app_bundle, tmp_path)
     process, url = start_app_server(app_bundle, tmp_path / "state")
     try:
         with chromium_page() as page:
@@ -377,6 +383,13 @@ def test_confirm_and_changes_in_chromium(app_bundle: dict[str, Path], tmp_path: 
             page.locator("#changes-previous textarea").fill(str(app_bundle["index"].parent / "labels.csv"))
             page.locator("#changes-compare").click()
             expect(page.locator("#changes-summary")).to_contain_text("No image changed cluster")  # none moved
+            expect(page.locator("#changes-gallery")).to_be_hidden()  # no empty box
+            page.locator("#changes-previous textarea").fill(previous.name)  # three images had another cluster
+            page.locator("#changes-compare").click()
+            expect(page.locator("#changes-summary")).to_contain_text("3 of")
+            changed = page.locator("#changes-gallery button.thumbnail-item")
+            expect(changed).to_have_count(3)
+            assert changed.first.bounding_box()["width"] < 250  # thumbnails, not three images across the page
             page.screenshot(path=shots / "2-changes.png", full_page=True)
     finally:
         stop_app_server(process)

@@ -40,7 +40,7 @@ def build(ctx: ViewContext) -> None:
     import gradio as gr
     import pandas as pd
 
-    from app.views.shared import FIT, QUIET, friendly, literal
+    from app.views.shared import FIT, QUIET, WHOLE_CAPTIONS, friendly, literal
 
     ws = ctx.ws
 
@@ -69,8 +69,18 @@ def build(ctx: ViewContext) -> None:
         summary = gr.Markdown(elem_id="changes-summary")
         table = gr.Dataframe(pd.DataFrame(columns=COUNT_COLUMNS), label="Images per cluster, before and after",
                              interactive=False, elem_id="changes-table")
-        gallery = gr.Gallery(label="Images whose cluster changed (previous → now)", columns=10, allow_preview=False,
-                             height="auto", elem_id="changes-gallery", elem_classes=[FIT])
-    button.click(compare_models, [previous], [summary, table, gallery], api_name="compare_models", **QUIET)
-    previous.submit(compare_models, [previous], [summary, table, gallery], api_visibility="private", **QUIET)
-    tab.select(compare_again, [previous], [summary, table, gallery], api_visibility="private", **QUIET)
+        gallery = gr.Gallery(label="Images whose cluster changed (previous → now)", columns=10, fit_columns=False,
+                             allow_preview=False, height="auto", elem_id="changes-gallery",
+                             elem_classes=[FIT, WHOLE_CAPTIONS], visible=False)
+
+    def shown_if_any(items: list | None) -> gr.Gallery:
+        """No empty box when no image changed cluster (a step of its own: the API keeps the plain list)."""
+        return gr.Gallery(visible=bool(items))
+
+    for event in (button.click(compare_models, [previous], [summary, table, gallery], api_name="compare_models",
+                               **QUIET),
+                  previous.submit(compare_models, [previous], [summary, table, gallery], api_visibility="private",
+                                  **QUIET),
+                  tab.select(compare_again, [previous], [summary, table, gallery], api_visibility="private",
+                             **QUIET)):
+        event.then(shown_if_any, [gallery], [gallery], api_visibility="private", **QUIET)
