@@ -27,7 +27,8 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.background import BackgroundTask
 
 from app.guard import logged_in, vector_body_bytes
-from app.workspace import PAGE_SIZE, AppUserError, Neighbour, Workspace
+from app.results import AppUserError, Neighbour
+from app.workspace import PAGE_SIZE, Workspace
 from twist_core.curate.curation import Record
 from twist_core.index.image_index import Hit
 from twist_core.index.metadata import IndexUserError

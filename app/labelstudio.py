@@ -404,13 +404,9 @@ def import_and_print(config: ImportLabelsConfig) -> int:
     plan = import_labels(config)
     print("\n".join(summary_lines(plan, applied=not config.dry_run)))
     if not config.dry_run and (plan.moves or plan.renames):
-        print_written([(store_path(config), "the app's curation store: the import is one change, Undo takes it back")])
+        print_written([(curation_path(config.index, config.state_dir),
+                        "the app's curation store: the import is one change, Undo takes it back")])
     return 0
-
-
-def store_path(config: ImportLabelsConfig) -> Path:
-    """The curation store the import writes: in --state-dir, else in the index folder (as the app keeps it)."""
-    return curation_path(config.index, config.state_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,7 +107,8 @@ def draw_map(xy: np.ndarray, clusters: Sequence[int], names: Mapping[int, str], 
         cluster_array = np.asarray(clusters)
         for cluster in shown:
             chosen = cluster_array == cluster
-            axes.scatter(xy[chosen, 0], xy[chosen, 1], s=6, color=colours(cluster % colours.N), linewidths=0,
+            colour = "0.6" if cluster < 0 else colours(cluster % colours.N)  # excluded images grey, never a cluster's
+            axes.scatter(xy[chosen, 0], xy[chosen, 1], s=6, color=colour, linewidths=0,
                          label=names.get(cluster, f"cluster {cluster}"))
         axes.set_xlim(*geometry.x_range)
         axes.set_ylim(*geometry.y_range)

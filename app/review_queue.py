@@ -14,9 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twist_core.index import review_table
-from twist_core.index.metadata import IMAGES
-
-CHUNK = 900  # ids per IN (...) list: below SQLite's limit of bound parameters
+from twist_core.index.metadata import IMAGES, chunked_in
 
 
 @dataclass(frozen=True)
@@ -60,20 +58,18 @@ class ReviewQueue:
         """The scores of ``ids`` whether handled or not (an inspected image, a cluster sorted by doubt)."""
         if not self.available:
             return {}
-        found: dict[int, QueueEntry] = {}
         with self._lock:
-            for start in range(0, len(ids), CHUNK):
-                chunk = [int(i) for i in ids[start:start + CHUNK]]
-                rows = self._db.execute(f"SELECT id, score, suggestion FROM idx.review WHERE id IN "
-                                        f"({','.join('?' * len(chunk))})", chunk).fetchall()
-                found.update({int(i): QueueEntry(int(i), float(score), suggestion) for i, score, suggestion in rows})
-        return found
+            rows = chunked_in(lambda sql, values: self._db.execute(sql, values).fetchall(),
+                              "SELECT id, score, suggestion FROM idx.review WHERE id IN ({marks})",
+                              [int(i) for i in ids])
+        return {int(i): QueueEntry(int(i), float(score), suggestion) for i, score, suggestion in rows}
 
     def share_above(self, score: float) -> float:
         """The share of the index's images scored at least ``score`` (small: one of the most doubtful)."""
         with self._lock:
-            above, total = self._db.execute("SELECT SUM(score >= ?), COUNT(*) FROM idx.review", (float(score),)
-                                            ).fetchone()
+            # two counts, the first over the score index, not a pass over every row per inspected image
+            above, total = self._db.execute("SELECT (SELECT COUNT(*) FROM idx.review WHERE score >= ?), "
+                                            "(SELECT COUNT(*) FROM idx.review)", (float(score),)).fetchone()
         return float(above or 0) / max(1, int(total or 0))
 
     def close(self) -> None:

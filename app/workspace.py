@@ -173,6 +173,11 @@ class Workspace:
         shutil.rmtree(self.exports_dir, ignore_errors=True)
 
     # ---- overview
+    def largest_cluster(self) -> int | None:
+        """The cluster the views open on: the largest (the lowest number among equals), never the excluded images."""
+        sizes = [c for c in self.store.summary() if c["cluster"] != EXCLUDED]
+        return min(sizes, key=lambda c: (-c["size"], c["cluster"]))["cluster"] if sizes else None
+
     def overview(self, sort: str = "size") -> list[dict[str, Any]]:
         """One card per non-empty cluster: name, size, mean confidence and a cover of its best images."""
         keys = {"size": lambda c: (-c["size"], c["cluster"]), "confidence": lambda c: (-c["mean_confidence"],

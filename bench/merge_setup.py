@@ -14,6 +14,7 @@ import numpy as np
 from twist_core.curate import merges
 from twist_core.data.folder import ground_truth_labels
 from twist_core.evaluation.metrics import cluster_report
+from twist_core.layout import CONFIG_FILE, MANIFEST, METRICS_FILE
 
 
 def prepare_index(run: Path, data: Path, work: Path, name: str) -> Path:
@@ -23,7 +24,7 @@ def prepare_index(run: Path, data: Path, work: Path, name: str) -> Path:
     from twist_core.label.labeller import LabelConfig, label_folder
 
     index = work / f"{name}_index"
-    if (index / "manifest.json").is_file():
+    if (index / MANIFEST).is_file():
         return index
     model = export_model(ExportConfig(run=str(run), out=str(work / f"{name}.onnx")))
     labels = work / f"{name}_labels.csv"
@@ -62,13 +63,13 @@ def oracle_purity(data: merges.ClusterData, classes: np.ndarray, class_names: li
 
 
 def trained_classes(run: Path) -> int:
-    return int(json.loads((run / "config.json").read_text())["classes"])
+    return int(json.loads((run / CONFIG_FILE).read_text())["classes"])
 
 
 def recipe(run: Path) -> dict[str, Any]:
     """What a run was trained with, so that a pair in the JSON says which recipe it compares."""
-    config = json.loads((run / "config.json").read_text())
-    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    config = json.loads((run / CONFIG_FILE).read_text())
+    last = json.loads((run / METRICS_FILE).read_text().splitlines()[-1])
     return {"backbone": config["backbone"], "seed": config["seed"], "time_budget": config["time_budget"],
             "epochs_trained": last["epoch"], "self_label_fraction": config["self_label_fraction"]}
 

@@ -135,17 +135,22 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 def build_config(cls: type[C], args: argparse.Namespace, config_file: str | None = None) -> C:
     """File values first (each checked against its field's type), then every option given on the command
     line; unknown keys are an error."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values: dict[str, Any] = {}
-    if config_file:
-        values.update(load_config_file(config_file))
-    unknown = set(values) - set(fields)
-    if unknown:
-        raise ConfigError(f"unknown option(s) in {config_file}: {', '.join(sorted(unknown))}")
-    hints = typing.get_type_hints(cls)
-    values = {name: checked_value(fields[name], hints[name], value, str(config_file)) for name, value in values.items()}
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = checked_file_values(cls, config_file, str(config_file)) if config_file else {}
     values.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
     return cls(**values)
+
+
+def checked_file_values(cls: type, path: str | Path, source: str) -> dict[str, Any]:
+    """The options of a YAML/JSON file for the dataclass ``cls``: unknown keys refused, each value checked
+    against its field's type (``source`` names the file in messages)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = load_config_file(path)
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ConfigError(f"unknown option(s) in {path}: {', '.join(sorted(unknown))}")
+    hints = typing.get_type_hints(cls)
+    return {name: checked_value(fields[name], hints[name], value, source) for name, value in values.items()}
 
 
 def checked_value(field: dataclasses.Field, annotation: Any, value: Any, source: str) -> Any:

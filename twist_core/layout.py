@@ -19,6 +19,7 @@ RUN_FILES = frozenset({CONFIG_FILE, *RUN_MARKERS, CURVES_FILE, SKIPPED_FILE, DON
 
 # An index folder: MANIFEST names the current generation folder, which holds INDEX_FILE and META_FILE.
 MANIFEST = "manifest.json"
+FOLDER_LABELS_FILE = "labels.csv"  # the labels table twist index writes when it labels an image folder itself
 INDEX_FILE = "index.faiss"
 META_FILE = "meta.sqlite"
 INFO_TABLE = "info"  # the metadata's key -> JSON value table: root, model, dim, kind, uid, generation, ...

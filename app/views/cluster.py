@@ -134,9 +134,7 @@ class ClusterView:
     @friendly
     def opening_choices(self, cluster: Any, sources: Any, target: Any) -> tuple[Any, Any, Any]:
         """On each page load: the dropdowns as the store is now, the cluster on the largest one (its page opens)."""
-        sizes = [c for c in self.ws.store.summary() if c["cluster"] != EXCLUDED]
-        largest = min(sizes, key=lambda c: (-c["size"], c["cluster"]))["cluster"] if sizes else None
-        return fresh_choices(self.ws, largest, sources, target)
+        return fresh_choices(self.ws, self.ws.largest_cluster(), sources, target)
 
     def first_page(self, *values: Any) -> tuple:
         return self.open_cluster(values[0], 0, *values[2:])

@@ -17,17 +17,15 @@ import pandas as pd
 from app.views import ViewContext
 from app.views.shared import FIT, QUIET, WHOLE_CAPTIONS, friendly, prediction_outputs
 from app.workspace import AppUserError, Workspace
-from twist_core.curate.curation import EXCLUDED
 
 CSS = "#search-query { max-width: 240px; }"
 
 
 def first_query(ws: Workspace) -> int | None:
     """The largest cluster's most confident image: what the view searches from before anyone asked."""
-    sizes = [c for c in ws.store.summary() if c["cluster"] != EXCLUDED]
-    if not sizes:
+    largest = ws.largest_cluster()
+    if largest is None:
         return None
-    largest = min(sizes, key=lambda c: (-c["size"], c["cluster"]))["cluster"]
     found = ws.store.page(largest, limit=1)
     return found[0].id if found else None
 

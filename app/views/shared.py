@@ -139,7 +139,8 @@ def fresh_choices(ws: Workspace, cluster: Any, sources: Any, target: Any) -> tup
     Move target, and the Cluster dropdown follows it into the cluster it joined. (A choices-only Dropdown put
     the first cluster's bare number in the Move box, and left chips of merged clusters in Merge.)
     """
-    every, clusters = cluster_choices(ws, True), cluster_choices(ws, False)
+    every = cluster_choices(ws, True)
+    clusters = every[:-1]  # the same list without its last entry, the excluded images (one summary query, not two)
     current = {c for _, c in clusters}
     shown = current_cluster(ws, cluster)
     kept = [c for c in map(as_cluster, sources or []) if c in current and c != shown]

@@ -12,6 +12,7 @@ from twist_core.index.build import IndexConfig, build_index, update_index
 from twist_core.index.build import __doc__ as DOC
 from twist_core.index.image_index import IndexReader
 from twist_core.index.metadata import IndexUserError, write_failure
+from twist_core.layout import FOLDER_LABELS_FILE
 from twist_core.outputs import INDEX, Output, check_outputs
 from twist_core.report import Written, print_written
 
@@ -46,7 +47,7 @@ def index_and_print(config: IndexConfig) -> int:
 def index_files(out: str | Path) -> list[Written]:
     """The index folder, and the labels table twist index wrote there when it labelled an image folder."""
     return [(out, "the index: FAISS vectors and image metadata (manifest.json names the current files)"),
-            (Path(out) / "labels.csv", "the labels table made from the image folder")]
+            (Path(out) / FOLDER_LABELS_FILE, "the labels table made from the image folder")]
 
 
 def explain(error: BaseException, config: IndexConfig | None) -> str | None:

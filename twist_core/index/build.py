@@ -37,7 +37,7 @@ from twist_core.index.metadata import IndexMetadata, IndexUserError, file_finger
 from twist_core.index.metadata import meta_path as index_meta_path
 from twist_core.io_utils import file_sha256, mark_output_folder, path_from_text, path_to_text
 from twist_core.label.table import labels_paths, load_labels, read_labels_meta, skipped_path
-from twist_core.layout import MANIFEST, META_FILE
+from twist_core.layout import FOLDER_LABELS_FILE, MANIFEST, META_FILE
 from twist_core.vectors import (
     ADD_CHUNK,
     KINDS,
@@ -140,7 +140,7 @@ def _label_folder(folder: Path, config: IndexConfig) -> Path:
         raise IndexUserError("indexing a folder needs --model to compute its embeddings")
     from twist_core.label.labeller import LabelConfig, label_folder
 
-    table = Path(config.out) / "labels.csv"
+    table = Path(config.out) / FOLDER_LABELS_FILE
     mark_output_folder(config.out)  # an index inside the folder it labels is never taken for images
     label_folder(LabelConfig(model=config.model, folder=str(folder), out=str(table)))
     return table

@@ -65,9 +65,10 @@ def train(config: TrainConfig, start_from: dict[str, torch.Tensor] | None = None
             from twist_core.train.plots import plot_training_curves
 
             plot_training_curves(run.history, run.out / CURVES_FILE)
-            atomic_write_text(run.out / DONE_FILE, json.dumps(metrics) + "\n")
+            # the summary first: DONE marks a finished run, and a kill between the two must not leave one without it
             write_run_summary(run.out, run_summary(run.config, metrics, run.global_step,
                                                    run.batch_size * ctx.world_size, run.run_seconds()))
+            atomic_write_text(run.out / DONE_FILE, json.dumps(metrics) + "\n")
         return metrics
 
 

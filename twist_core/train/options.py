@@ -10,14 +10,13 @@ import contextlib
 import dataclasses
 import os
 import sys
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from twist_core.config import AUTO, AutoConfig, auto_option, checked_value, load_config_file, option
+from twist_core.config import AUTO, AutoConfig, auto_option, checked_file_values, option
 from twist_core.data.folder import DEFAULT_MAX_PIXELS, NoImagesError
 from twist_core.data.preprocess import is_small
 from twist_core.errors import UserError
@@ -133,10 +132,7 @@ RECIPES = Path(__file__).with_name("recipes")  # shipped option files: --recipe 
 
 def recipe_options(name: str) -> dict[str, Any]:
     """The options of the shipped recipe ``name`` (``recipes/NAME.yaml``), each checked as ``--config`` checks it."""
-    values = load_config_file(RECIPES / f"{name}.yaml")
-    fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
-    hints = typing.get_type_hints(TrainConfig)
-    return {key: checked_value(fields[key], hints[key], value, f"recipe {name}") for key, value in values.items()}
+    return checked_file_values(TrainConfig, RECIPES / f"{name}.yaml", f"recipe {name}")
 
 
 def apply_recipe(config: TrainConfig) -> TrainConfig:

@@ -148,7 +148,7 @@ class Run:
     def supervise(self, supervision: Supervision) -> None:
         """Mix labelled images into every step, their cross-entropy weighted in the loss (``twist finetune``)."""
         self.supervision = supervision
-        self.objective = TwistObjective(self.config.tau, self.config.lam1, self.config.lam2, supervision.weight)
+        self.objective.supervised_weight = supervision.weight
 
     @property
     def out(self) -> Path:
@@ -443,7 +443,7 @@ def load_images(config: TrainConfig, ctx: distributed.Context, files: list[str],
         raise NoImagesError(f"none of the {len(files)} image files in {root} could be decoded")
     if len(files) == len(skipped):
         raise NoImagesError(f"none of the {len(files)} image files in {root} could be decoded; see the reasons in "
-                            f"{Path(config.out) / 'skipped.txt'}")
+                            f"{Path(config.out) / SKIPPED_FILE}")
     return dataset, cache
 
 

@@ -87,7 +87,6 @@ __all__ = [
     "model_evidence",
     "nearest_neighbours",
     "plan_merges",
-    "planned_labels",
     "positions",
     "refine_groups",
     "register_measure",
