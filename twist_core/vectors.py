@@ -3,6 +3,13 @@
 Vectors are L2-normalised and compared by inner product, i.e. cosine similarity. Ids are chosen by the
 caller (the SQLite row ids) and survive removals: a flat index is wrapped in ``IndexIDMap2``, an IVF index
 takes ids directly and keeps a hash-table direct map so any id can be reconstructed or removed.
+
+The compressed kind ``pcasq`` (auto past ``COMPRESSED_MIN_VECTORS``) stores a projection onto the top
+eigenvectors of the vectors' second-moment matrix (not the covariance: without centring, inner products in
+the reduced space stay cosines of the originals) inside the index (``IndexPreTransform``, so queries and
+``reconstruct`` go through it), then IVF with 8-bit scalar quantisation: 128 B per image instead of 4 KB
+(``bench/index_layout.py``, ``bench/results/index_layout.json``). Every reader path works on it; a
+reconstructed vector is its projection back into the original space.
 """
 
 from __future__ import annotations
@@ -18,12 +25,13 @@ import numpy as np
 from twist_core.config import AUTO
 
 FLAT_MAX_VECTORS = 50_000  # exact search stays under a few ms up to here on a laptop CPU
-FLAT_MAX_BYTES = 4 << 30  # beyond this, full-precision vectors no longer fit comfortably in RAM: use PQ
+COMPRESSED_MIN_VECTORS = 500_000  # past this, full 1,024-d float vectors cost GBs of RAM: project and quantise
+PCA_DIM = 128  # kept dimensions of the compressed kind (recall@10 >= 0.95, bench/results/index_layout.json)
 TRAIN_POINTS_PER_LIST = 50  # k-means sample size per coarse centroid (FAISS asks for at least 39)
 PQ_TRAIN_POINTS = 39 * 256  # each 8-bit PQ codebook has 256 centroids
 KMEANS_ITERATIONS = 10  # the coarse quantizer barely improves after ~10 iterations; build time halves
 ADD_CHUNK = 100_000
-KINDS = ("auto", "flat", "ivf", "ivfpq")
+KINDS = ("auto", "flat", "ivf", "ivfpq", "pcasq")
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,7 @@ class IndexPlan:
     nlist: int = 0
     nprobe: int = 0
     pq_m: int = 0
+    pca_dim: int = 0
 
 
 def default_nlist(n: int) -> int:
@@ -59,19 +68,21 @@ def pq_subquantizers(dim: int, wanted: int) -> int:
 
 
 def plan_index(n: int, dim: int, kind: str = AUTO, nlist: int | str = AUTO, nprobe: int | str = AUTO,
-               pq_m: int | str = AUTO) -> IndexPlan:
-    """Flat (exact) for small collections, IVF above ``FLAT_MAX_VECTORS``, IVF-PQ when RAM would not do."""
+               pq_m: int | str = AUTO, flat_max: int = FLAT_MAX_VECTORS,
+               compressed_min: int = COMPRESSED_MIN_VECTORS) -> IndexPlan:
+    """Flat (exact) up to ``flat_max``, IVF above, the compressed ``pcasq`` from ``compressed_min``."""
     if kind not in KINDS:
         raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
     if kind == AUTO:
-        kind = "flat" if n <= FLAT_MAX_VECTORS else "ivfpq" if n * dim * 4 > FLAT_MAX_BYTES else "ivf"
+        kind = "flat" if n <= flat_max else "pcasq" if n >= compressed_min and dim > PCA_DIM else "ivf"
     if kind == "flat":
         return IndexPlan("flat")
     nlist = default_nlist(n) if nlist == AUTO else int(nlist)
     if n < nlist:
         raise ValueError(f"an IVF index with {nlist} lists needs at least {nlist} vectors to train, got {n}")
     return IndexPlan(kind, nlist, min(default_nprobe(nlist) if nprobe == AUTO else int(nprobe), nlist),
-                     pq_subquantizers(dim, max(1, dim // 8) if pq_m == AUTO else int(pq_m)) if kind == "ivfpq" else 0)
+                     pq_subquantizers(dim, max(1, dim // 8) if pq_m == AUTO else int(pq_m)) if kind == "ivfpq" else 0,
+                     min(PCA_DIM, dim) if kind == "pcasq" else 0)
 
 
 def gpu_available() -> bool:
@@ -121,12 +132,29 @@ def drop_self(queries: np.ndarray, found: np.ndarray, sims: np.ndarray, k: int) 
     return found[keep].reshape(len(queries), k), sims[keep].reshape(len(queries), k)
 
 
+def projection(sample: np.ndarray, out_dim: int) -> faiss.LinearTransform:
+    """The top ``out_dim`` eigenvectors of the sample's second moment as an orthonormal map (no centring, so
+    inner products of unit vectors stay their cosines up to the energy left out)."""
+    moment = sample.T.astype(np.float64) @ sample.astype(np.float64) / max(1, len(sample))
+    _, vectors = np.linalg.eigh(moment)
+    matrix = np.ascontiguousarray(vectors[:, ::-1][:, :out_dim].T, dtype=np.float32)
+    transform = faiss.LinearTransform(sample.shape[1], out_dim, False)
+    faiss.copy_array_to_vector(matrix.ravel(), transform.A)
+    transform.is_trained = True
+    transform.set_is_orthonormal()
+    return transform
+
+
 def empty_index(plan: IndexPlan, dim: int) -> faiss.Index:
     if plan.kind == "flat":
         return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    quantizer = faiss.IndexFlatIP(dim)
+    inner_dim = plan.pca_dim or dim
+    quantizer = faiss.IndexFlatIP(inner_dim)
     if plan.kind == "ivf":
         index = faiss.IndexIVFFlat(quantizer, dim, plan.nlist, faiss.METRIC_INNER_PRODUCT)
+    elif plan.kind == "pcasq":
+        index = faiss.IndexIVFScalarQuantizer(quantizer, inner_dim, plan.nlist, faiss.ScalarQuantizer.QT_8bit,
+                                              faiss.METRIC_INNER_PRODUCT)
     else:
         index = faiss.IndexIVFPQ(quantizer, dim, plan.nlist, plan.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
     index.own_fields = True
@@ -144,14 +172,28 @@ def build(plan: IndexPlan, dim: int, n: int, chunks: Callable[[], Iterator[tuple
     """
     index = empty_index(plan, dim)
     if plan.kind != "flat":
+        transform = projection(sample, plan.pca_dim) if plan.pca_dim else None
+        if transform is not None:
+            sample = transform.apply(sample)
         trained = to_device(index, device)
         trained.train(sample)
         index = faiss.index_gpu_to_cpu(trained) if trained is not index else index
         index.nprobe = plan.nprobe
         index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        if transform is not None:
+            index = with_transform(transform, index)
     for ids, vectors in chunks():
         index.add_with_ids(vectors, ids)
     return index
+
+
+def with_transform(transform: faiss.VectorTransform, index: faiss.Index) -> faiss.IndexPreTransform:
+    """``index`` behind ``transform``, owning both (SWIG would otherwise free them with their Python names)."""
+    wrapped = faiss.IndexPreTransform(transform, index)
+    wrapped.own_fields = True
+    index.this.disown()
+    transform.this.disown()
+    return wrapped
 
 
 def set_nprobe(index: faiss.Index, nprobe: int) -> None:
@@ -166,6 +208,15 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
 
 def search_params(index: faiss.Index, selector: faiss.IDSelector | None,
                   nprobe: int) -> faiss.SearchParameters:
+    """Parameters for ``index.search``; behind a projection they go to the inner index (the caller keeps
+    ``selector`` alive while searching)."""
     if faiss.try_extract_index_ivf(index) is not None:
-        return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
-    return faiss.SearchParameters(sel=selector)
+        params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
+    else:
+        params = faiss.SearchParameters(sel=selector)
+    if isinstance(index, faiss.IndexPreTransform):
+        outer = faiss.SearchParametersPreTransform()
+        outer.index_params = params
+        outer.referenced = params  # keeps the inner parameters alive as long as the outer ones
+        return outer
+    return params

@@ -32,22 +32,23 @@ import numpy as np
 from twist_core.config import AutoConfig, auto_option, option
 from twist_core.data.folder import scan_folder
 from twist_core.index import review_table
-from twist_core.index.image_index import IndexWriter, embed_and_add
-from twist_core.index.metadata import IndexMetadata, IndexUserError, file_fingerprint, model_history, read_manifest
-from twist_core.index.metadata import meta_path as index_meta_path
-from twist_core.io_utils import file_sha256, mark_output_folder, path_from_text, path_to_text
-from twist_core.label.table import labels_paths, load_labels, read_labels_meta, skipped_path
-from twist_core.layout import FOLDER_LABELS_FILE, MANIFEST, META_FILE
-from twist_core.vectors import (
-    ADD_CHUNK,
-    KINDS,
-    PQ_TRAIN_POINTS,
-    TRAIN_POINTS_PER_LIST,
-    build,
-    normalized,
-    plan_index,
-    resolve_device,
+from twist_core.index.image_index import IndexWriter, embed_rows
+from twist_core.index.metadata import (
+    IndexMetadata,
+    IndexUserError,
+    commit_generation,
+    model_history,
+    new_uid,
+    read_manifest,
 )
+from twist_core.index.metadata import meta_path as index_meta_path
+from twist_core.index.progress import Stages
+from twist_core.index.recall import recall_at_10
+from twist_core.index.stream import open_table, scan_table, usable_chunks, vector_chunks, vectors_at
+from twist_core.io_utils import file_sha256, mark_output_folder, path_to_text
+from twist_core.label.table import labels_paths, read_labels_meta, skipped_path
+from twist_core.layout import FOLDER_LABELS_FILE, MANIFEST, META_FILE
+from twist_core.vectors import KINDS, PQ_TRAIN_POINTS, TRAIN_POINTS_PER_LIST, build, plan_index, resolve_device
 
 
 @dataclass
@@ -62,18 +63,10 @@ class IndexConfig(AutoConfig):
                                        "nlist/128)")
     pq_m: int | str = auto_option(0, "IVF-PQ bytes per vector (sub-quantizers, divides the dimension); auto: dim/8")
     device: str = option("auto", "where FAISS trains and searches", choices=["auto", "cpu", "cuda"])
-    update: bool = option(False, "update the index at --out instead of rebuilding: drop deleted files, "
-                                 "add new rows of the table (no source: label new files under its root)")
+    update: bool = option(False, "update the index at --out instead of rebuilding: with a table, add its rows "
+                                 "not yet indexed (nothing is removed, no other file looked at); with no source, "
+                                 "label new or changed files under its root and drop deleted ones (a stat per file)")
     seed: int = option(0, "seed of the k-means training sample")
-
-
-def require_finite(vectors: np.ndarray, positions: np.ndarray, rows: list[dict[str, Any]]) -> None:
-    """Refuse NaN or infinite embeddings (a corrupted model): they would make every search return nothing."""
-    bad = ~np.isfinite(vectors).all(axis=1)
-    if bad.any():
-        first = int(positions[np.flatnonzero(bad)[0]])
-        raise IndexUserError(f"the embeddings hold non-finite values (NaN or inf), first for {rows[first]['path']}; "
-                             "check the model and label the folder again")
 
 
 def require_model_dim(dim: int, config: IndexConfig, meta: dict[str, Any]) -> None:
@@ -115,24 +108,29 @@ def previous_lineage(out: Path) -> Lineage:
     return Lineage(identities, {k: info[k] for k in kept if k in info}, manifest["generation"])
 
 
-def assign_ids(rows: list[dict[str, Any]], root: Path, lineage: Lineage) -> np.ndarray:
+class IdAssigner:
     """An unchanged file (same path and fingerprint) keeps its id; anything else gets a never-used one.
 
-    Entries of an index that predates fingerprints match by path, but only in the same folder.
+    Entries of an index that predates fingerprints match by path, but only in the same folder. Called on
+    chunks of rows (with their ``fingerprint`` set), in table order.
     """
-    next_id = max([int(lineage.info.get("next_id", 0)), *(i + 1 for i, _ in lineage.identities.values())])
-    unknown_matches = lineage.info.get("root") == str(root.resolve())
-    ids = np.empty(len(rows), dtype=np.int64)
-    for position, row in enumerate(rows):
-        row["fingerprint"] = file_fingerprint(root / path_from_text(row["path"]))
-        old = lineage.identities.get(row["path"])
-        if old is not None and row["fingerprint"] is not None and (
-                old[1] == row["fingerprint"] or (old[1] is None and unknown_matches)):
-            ids[position] = old[0]
-        else:
-            ids[position] = next_id
-            next_id += 1
-    return ids
+
+    def __init__(self, root: Path, lineage: Lineage) -> None:
+        self.lineage = lineage
+        self.next_id = max([int(lineage.info.get("next_id", 0)), *(i + 1 for i, _ in lineage.identities.values())])
+        self.unknown_matches = lineage.info.get("root") == str(root.resolve())
+
+    def __call__(self, rows: list[dict[str, Any]]) -> np.ndarray:
+        ids = np.empty(len(rows), dtype=np.int64)
+        for position, row in enumerate(rows):
+            old = self.lineage.identities.get(row["path"])
+            if old is not None and row["fingerprint"] is not None and (
+                    old[1] == row["fingerprint"] or (old[1] is None and self.unknown_matches)):
+                ids[position] = old[0]
+            else:
+                ids[position] = self.next_id
+                self.next_id += 1
+        return ids
 
 
 def _label_folder(folder: Path, config: IndexConfig) -> Path:
@@ -149,44 +147,66 @@ def _label_folder(folder: Path, config: IndexConfig) -> Path:
 def build_index(config: IndexConfig) -> Path:
     """Build the index described by ``config`` and publish it in ``config.out``; returns that folder.
 
-    Over an existing index, unchanged files keep their ids (see :func:`assign_ids`).
+    Over an existing index, unchanged files keep their ids (see :class:`IdAssigner`). The table is streamed:
+    memory holds the index, a chunk of vectors and a few arrays per image, never a row dict per image.
     """
     out = Path(config.out)
+    stages = Stages()
+    stages.start("read table")
     lineage = previous_lineage(out)
     source = Path(config.source)
     table = _label_folder(source, config) if source.is_dir() else source
-    rows, embeddings, meta = load_labels(table)
-    n, dim = embeddings.shape
-    require_model_dim(dim, config, meta)
-    ids = assign_ids(rows, Path(meta["root"]), lineage)
+    _, labels_meta = open_table(table)
+    scan = scan_table(table, IdAssigner(Path(labels_meta["root"]), lineage))
+    lineage = dataclasses.replace(lineage, identities={})  # 1M paths: not needed past the scan
+    n, dim = len(scan.positions), scan.embeddings.shape[1]
+    require_model_dim(dim, config, scan.meta)
     plan = plan_index(n, dim, config.kind, config.nlist, config.nprobe, config.pq_m)
     device = resolve_device(config.device)
-    rng = np.random.default_rng(config.seed)
-    sample_size = min(n, max(plan.nlist * TRAIN_POINTS_PER_LIST, PQ_TRAIN_POINTS * (plan.pq_m > 0)))
-    picked = np.sort(rng.choice(n, sample_size, replace=False))
+    stages.start("train")
     sample = None
     if plan.nlist:
-        sample = np.asarray(embeddings[picked])
-        require_finite(sample, picked, rows)  # before training, which NaN would silently spoil
-        sample = normalized(sample)
+        size = min(n, max(plan.nlist * TRAIN_POINTS_PER_LIST, PQ_TRAIN_POINTS * (plan.pq_m > 0)))
+        sample = vectors_at(scan.embeddings, np.sort(np.random.default_rng(config.seed).choice(n, size, replace=False)))
 
     def chunks():
-        for start in range(0, n, ADD_CHUNK):
-            stop = min(n, start + ADD_CHUNK)
-            vectors = np.asarray(embeddings[start:stop])
-            require_finite(vectors, np.arange(start, stop), rows)
-            yield ids[start:stop], normalized(vectors)
+        stages.start("add")
+        yield from stages.counted(vector_chunks(scan), n, lambda chunk: len(chunk[0]))
 
     index = build(plan, dim, n, chunks, sample, device)
-    model = config.model or meta.get("model")
-    sha = meta.get("model_sha256") or model_sha256(model)
-    info = {**lineage.info, "root": str(Path(meta["root"]).resolve()),  # uid and next id carried over
+    del sample
+    stages.start("recall")
+    recall, queries = recall_at_10(index, scan)
+    print(f"twist index: recall@10 {recall:.3f} against exact search ({queries} sampled queries, {plan.kind})",
+          file=sys.stderr)
+    stages.start("review score")
+    scores, means = review_table.score_scan(index, scan, stages)
+    stages.start("write")
+    model = config.model or scan.meta.get("model")
+    sha = scan.meta.get("model_sha256") or model_sha256(model)
+    info = {**lineage.info, "root": str(Path(scan.meta["root"]).resolve()),  # uid and next id carried over
             "model": str(Path(model).resolve()) if model else None, "model_sha256": sha,
             "model_history": model_history(lineage.info, sha, time.time()),
             "dim": dim, "kind": plan.kind, "metric": "cosine", "nlist": plan.nlist, "nprobe": plan.nprobe,
-            "pq_m": plan.pq_m, "source": str(table.resolve())}
-    IndexWriter.create(out, index, rows, info, device, ids=ids, expected=lineage.generation,
-                       extra=review_table.scorer(index, ids, rows)).close()
+            "pq_m": plan.pq_m, "pca_dim": plan.pca_dim, "recall_at_10": recall, "recall_queries": queries,
+            "source": str(table.resolve()), "uid": lineage.info.get("uid") or new_uid(),
+            "next_id": max(int(lineage.info.get("next_id", 0)), int(scan.ids.max()) + 1)}
+
+    def write_meta(path: Path, generation: int) -> None:
+        meta = IndexMetadata(path, readonly=False)
+        start = 0
+        for _, rows in usable_chunks(table):
+            for row, fingerprint in zip(rows, scan.fingerprints[start:start + len(rows)], strict=True):
+                row["fingerprint"] = fingerprint
+            meta.insert(scan.ids[start:start + len(rows)].tolist(), rows)
+            start += len(rows)
+        review_table.write_table(meta, scores, review_table.DEFAULT_SETTINGS, means)
+        meta.set_info({**info, "generation": generation, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                       "build_cpu_s": stages.finish()})
+        meta.commit()
+        meta.close()
+
+    commit_generation(out, index, write_meta, expected=lineage.generation)
     return out
 
 
@@ -300,37 +320,56 @@ def update_index(config: IndexConfig) -> UpdateResult:
 
 
 def _add_and_remove(config: IndexConfig) -> tuple[int, int]:
-    """The update of an index whose model is unchanged; returns (added, removed)."""
-    index = IndexWriter.open(config.out, config.device)
-    changed = index.changed_paths()
-    if config.source:
-        rows, embeddings, _ = load_labels(Path(config.source))
-        if embeddings.shape[1] != index.dim:
-            raise IndexUserError(f"the embeddings have dimension {embeddings.shape[1]} but the index holds "
-                                 f"{index.dim}-d vectors; label with the model the index was built with")
-        known = index.ids_for_paths([r["path"] for r in rows])
-        new = np.array([i for i, row in enumerate(rows) if (row["path"] not in known or row["path"] in changed)
-                        and index.file_of(row["path"]).is_file()], dtype=np.int64)
-        vectors = np.asarray(embeddings[new])
-        require_finite(vectors, new, rows)
-        removed = index.remove_missing()
-        added = len(index.add([rows[i] for i in new], vectors)) if len(new) else 0
-    else:
-        model_path = config.model or index.info.get("model")
-        if not model_path:
-            raise IndexUserError("no model recorded in the index; give --model to embed the new images")
-        from twist_core.deploy.infer import OnnxModel
+    """The update of an index whose model is unchanged, published as one generation; returns (added, removed).
 
-        model = OnnxModel(model_path, device=config.device)
-        removed = index.remove_missing()
-        known = set(index.paths()) - changed
-        scanned = (path_to_text(path) for path in scan_folder(index.root))  # table text, as the index holds names
-        new_paths = [path for path in scanned if path not in known]
-        added_ids, problems = embed_and_add(index, model, new_paths) if new_paths else (np.zeros(0), [])
-        for problem in problems:
-            print(f"skipped {problem}", file=sys.stderr)
-        added = len(added_ids)
-    index.close()
-    if added or removed or not review_table.index_has_scores(config.out):
-        review_table.refresh_index(config.out)  # new images change old images' neighbours: score them all again
-    return added, removed
+    A table source adds its rows not yet in the index and removes nothing (no file is looked at but the new
+    ones); a folder source drops the files that are gone and embeds the new or changed ones (a stat per file).
+    """
+    index = IndexWriter.open(config.out, config.device)
+    try:
+        if config.source:
+            rows, vectors = _new_table_rows(index, Path(config.source))
+            gone: list[int] = []
+        else:
+            rows, vectors, gone = _folder_changes(index, config)
+        added, removed = index.update(rows, vectors, gone) if len(rows) or gone else (np.zeros(0), 0)
+    finally:
+        index.close()
+    if not review_table.index_has_scores(config.out):
+        review_table.refresh_index(config.out)  # an index from before the table: score every image once
+    return len(added), removed
+
+
+def _new_table_rows(index: IndexWriter, table: Path) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """The labelled rows of ``table`` whose path the index does not hold (and whose file exists), with vectors."""
+    embeddings, _ = open_table(table)
+    if embeddings.shape[1] != index.dim:
+        raise IndexUserError(f"the embeddings have dimension {embeddings.shape[1]} but the index holds "
+                             f"{index.dim}-d vectors; label with the model the index was built with")
+    new_rows, vectors = [], []
+    for positions, rows in usable_chunks(table):
+        known = index.ids_for_paths([row["path"] for row in rows])
+        fresh = [i for i, row in enumerate(rows) if row["path"] not in known and index.file_of(row["path"]).is_file()]
+        if fresh:
+            new_rows += [rows[i] for i in fresh]
+            vectors.append(vectors_at(embeddings, positions[fresh]))
+    return new_rows, np.concatenate(vectors) if vectors else np.zeros((0, index.dim), np.float32)
+
+
+def _folder_changes(index: IndexWriter, config: IndexConfig) -> tuple[list[dict[str, Any]], np.ndarray, list[int]]:
+    """New and changed files under the index's root, labelled and embedded, and the ids of files that are gone."""
+    model_path = config.model or index.info.get("model")
+    if not model_path:
+        raise IndexUserError("no model recorded in the index; give --model to embed the new images")
+    from twist_core.deploy.infer import OnnxModel
+
+    model = OnnxModel(model_path, device=config.device)
+    gone = index.missing_ids()
+    changed = index.changed_paths()
+    known = set(index.paths()) - changed
+    scanned = (path_to_text(path) for path in scan_folder(index.root))  # table text, as the index holds names
+    new_paths = [path for path in scanned if path not in known]
+    rows, vectors, problems = embed_rows(index, model, new_paths)
+    for problem in problems:
+        print(f"skipped {problem}", file=sys.stderr)
+    return rows, vectors, gone

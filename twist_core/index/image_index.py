@@ -4,7 +4,7 @@ An :class:`IndexReader` pairs a FAISS index (vector id = image id) with the SQLi
 generation (see :mod:`twist_core.index.metadata`), so an id always resolves to its image; it looks images up and
 searches. An :class:`IndexWriter` also adds and removes: every update writes a new generation and swaps it in
 atomically, and if anything fails the object reloads the last committed state. :func:`find_duplicates` and
-:func:`embed_and_add` work on them. Build one with :func:`twist_core.index.build.build_index` (``twist index``).
+:func:`embed_rows` work on them. Build one with :func:`twist_core.index.build.build_index` (``twist index``).
 
 Hits show each cluster's current name: the one the caller's name source gives (``names``: the app's curation
 store, ``twist_core.curate.store_file.CuratedNames``) where the person renamed it, else the model card's the
@@ -28,6 +28,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from twist_core.data.folder import ImageReadError, decode_image
+from twist_core.index import review_table
 from twist_core.index.metadata import (
     IndexMetadata,
     IndexUserError,
@@ -405,10 +406,52 @@ class IndexWriter(IndexReader):
             self._commit(mutate)
         return len(ids)
 
+    def missing_ids(self) -> list[int]:
+        """Ids of entries whose files no longer exist under ``root`` (a stat per image)."""
+        return [i for i, path in self._meta.all_paths() if not self.file_of(path).is_file()]
+
     def remove_missing(self) -> int:
         """Drop entries whose files no longer exist under ``root``."""
-        gone = [i for i, path in self._meta.all_paths() if not self.file_of(path).is_file()]
-        return self.remove(gone)
+        return self.remove(self.missing_ids())
+
+    def update(self, rows: Sequence[dict[str, Any]], embeddings: np.ndarray,
+               gone: Iterable[int]) -> tuple[np.ndarray, int]:
+        """Add label rows with their embeddings (a path already indexed is replaced) and remove the ids ``gone``,
+        as one generation whose review scores are refreshed for what changed only (:func:`review_table.rescore`).
+        Returns (new ids, images removed)."""
+        records = [dict(r) for r in rows]
+        for record in records:
+            record.setdefault("fingerprint", file_fingerprint(self.file_of(record["path"])))
+        vectors = self._queries(embeddings) if len(records) else np.zeros((0, self.dim), np.float32)
+        new_ids = np.arange(self._info["next_id"], self._info["next_id"] + len(records), dtype=np.int64)
+        removed = [0]
+
+        def mutate() -> Callable[[IndexMetadata], None]:
+            replaced = self._meta.ids_for_paths([r["path"] for r in records]).values()
+            dropped = np.array(sorted(set(self._meta.rows([*gone, *replaced]))), dtype=np.int64)
+            scored = review_table.meta_has_scores(self._meta)
+            near = set()
+            if scored and len(dropped):  # their neighbours, searched before they leave
+                near |= review_table.affected(self._cpu, self._cpu.reconstruct_batch(dropped), self._meta,
+                                              set(dropped.tolist()))
+            if len(dropped):
+                self._cpu.remove_ids(dropped)
+            if len(records):
+                self._cpu.add_with_ids(vectors, new_ids)
+            self._info["next_id"] += len(records)
+            if scored and len(records):
+                near |= review_table.affected(self._cpu, vectors, self._meta, set(dropped.tolist()))
+            removed[0] = len(dropped) - len(replaced)
+
+            def change(meta: IndexMetadata) -> None:
+                meta.delete(dropped)
+                meta.insert(new_ids, records)
+                if scored:
+                    review_table.rescore(meta, self._cpu, [*new_ids.tolist(), *near], dropped.tolist())
+            return change
+
+        self._commit(mutate)
+        return new_ids, removed[0]
 
 
 
@@ -490,10 +533,9 @@ def find_duplicates(index: IndexReader, threshold: float = 0.95, batch: int = 40
     return sorted(result, key=lambda group: (-len(group), group[0].path))
 
 
-def embed_and_add(index: IndexWriter, model: Any, paths: Sequence[str],
-                  batch_size: int = 64) -> tuple[np.ndarray, list[str]]:
-    """Label and add images (table text paths relative to the index root); returns (new ids, why files were
-    skipped)."""
+def embed_rows(index: IndexReader, model: Any, paths: Sequence[str],
+               batch_size: int = 64) -> tuple[list[dict[str, Any]], np.ndarray, list[str]]:
+    """Label images (table text paths relative to the index root): (rows, embeddings, why files were skipped)."""
     images, kept, problems = [], [], []
     for path in paths:
         try:
@@ -502,6 +544,6 @@ def embed_and_add(index: IndexWriter, model: Any, paths: Sequence[str],
         except (ImageReadError, OSError) as error:
             problems.append(f"{path}: {error}")
     if not kept:
-        return np.zeros(0, np.int64), problems
+        return [], np.zeros((0, index.dim), np.float32), problems
     probs, embeddings = model.predict(images, batch_size=batch_size)
-    return index.add(label_rows(kept, probs, list(model.class_names)), embeddings), problems
+    return label_rows(kept, probs, list(model.class_names)), embeddings, problems

@@ -30,15 +30,17 @@ from typing import Any
 import faiss
 import numpy as np
 
-from twist_core.vectors import PQ_TRAIN_POINTS, TRAIN_POINTS_PER_LIST, build, drop_self, normalized, plan_index
+from twist_core.knn_join import self_neighbours
+from twist_core.vectors import PQ_TRAIN_POINTS, TRAIN_POINTS_PER_LIST, build, normalized, plan_index
 
+Progress = Callable[[Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]],
+                    Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]]  # passes blocks through, reporting
 K_NEIGHBOURS = 5
 WEIGHTING = "softmax"
 NEIGHBOUR_WEIGHT = 0.1
 CLUSTER_SHARE = 0.5
 WEIGHTINGS = ("uniform", "similarity", "softmax")
 SOFTMAX_TEMPERATURE = 0.07  # the kNN classifier's usual temperature (sharp: the closest neighbours decide)
-SEARCH_BATCH = 4096
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class Votes:
 
     agreement: np.ndarray
     suggestion: np.ndarray
+    kth: np.ndarray  # similarity of the k-th neighbour: a new image nearer than this changes the image's votes
 
 
 def neighbour_weights(similarities: np.ndarray, weighting: str) -> np.ndarray:
@@ -89,38 +92,58 @@ def vote_batch(own: np.ndarray, neighbour_clusters: np.ndarray, weights: np.ndar
 
 
 def neighbour_votes(index: faiss.Index, ids: np.ndarray, clusters: np.ndarray, k: int = K_NEIGHBOURS,
-                    weighting: str = WEIGHTING) -> Votes:
-    """Search every id's stored vector in ``index`` (vector ids = ``ids``, sorted) and tally its neighbours.
-
-    The image itself is dropped from its own result (an approximate index may not return it first).
-    """
+                    weighting: str = WEIGHTING, progress: Progress | None = None) -> Votes:
+    """Find every id's ``k`` nearest other stored vectors in ``index`` (vector ids = ``ids``, sorted) and tally
+    their clusters: a streaming pass (:func:`twist_core.knn_join.self_neighbours`), one block in memory."""
     ids = np.asarray(ids, np.int64)
     agreement = np.ones(len(ids), np.float32)
     suggestion = np.full(len(ids), -1, np.int64)
+    kth = np.full(len(ids), -np.inf, np.float32)
     k = min(k, len(ids) - 1)
     if k < 1:
-        return Votes(agreement, suggestion)
-    for start in range(0, len(ids), SEARCH_BATCH):
-        batch = ids[start:start + SEARCH_BATCH]
-        sims, found = index.search(normalized(index.reconstruct_batch(batch)), k + 1)
-        neighbours, neighbour_sims = drop_self(batch, found, sims, k)
-        positions = np.searchsorted(ids, neighbours).clip(0, len(ids) - 1)
-        neighbour_clusters = np.where((neighbours >= 0) & (ids[positions] == neighbours), clusters[positions], -1)
-        stop = start + len(batch)
-        agreement[start:stop], suggestion[start:stop] = vote_batch(
-            clusters[start:stop], neighbour_clusters, neighbour_weights(neighbour_sims, weighting))
-    return Votes(agreement, suggestion)
+        return Votes(agreement, suggestion, kth)
+    blocks = self_neighbours(index, ids, k)
+    for batch, neighbours, neighbour_sims in progress(blocks) if progress else blocks:
+        rows = np.searchsorted(ids, batch)
+        agreement[rows], suggestion[rows] = tally(ids, clusters, clusters[rows], neighbours, neighbour_sims,
+                                                  weighting)
+        kth[rows] = neighbour_sims[:, -1]
+    return Votes(agreement, suggestion, kth)
+
+
+def tally(ids: np.ndarray, clusters: np.ndarray, own: np.ndarray, neighbours: np.ndarray, sims: np.ndarray,
+          weighting: str) -> tuple[np.ndarray, np.ndarray]:
+    """Agreement and suggestion of queries of cluster ``own`` from their neighbours (ids among sorted ``ids``)."""
+    positions = np.searchsorted(ids, neighbours).clip(0, len(ids) - 1)
+    neighbour_clusters = np.where((neighbours >= 0) & (ids[positions] == neighbours), clusters[positions], -1)
+    return vote_batch(own, neighbour_clusters, neighbour_weights(np.where(neighbours >= 0, sims, 0.0), weighting))
+
+
+def doubts(margins: np.ndarray) -> np.ndarray:
+    """1 - margin, clipped to [0, 1]; a missing margin counts as 0 (no sign of confidence)."""
+    return 1.0 - np.nan_to_num(np.asarray(margins, np.float64), nan=0.0).clip(0.0, 1.0)
+
+
+def cluster_doubts(margins: np.ndarray, clusters: np.ndarray) -> dict[int, float]:
+    """Each cluster's mean doubt (the cluster term of the score)."""
+    clusters = np.asarray(clusters, np.int64)
+    known = clusters >= 0
+    sums = np.bincount(clusters[known], weights=doubts(margins)[known], minlength=1)
+    counts = np.bincount(clusters[known], minlength=1)
+    return {int(c): float(sums[c] / counts[c]) for c in np.flatnonzero(counts)}
 
 
 def combine(agreement: np.ndarray, margins: np.ndarray, clusters: np.ndarray,
-            settings: ReviewSettings = ReviewSettings()) -> np.ndarray:
-    """The "likely wrong" score in [0, 1] (see the module); a missing margin counts as 0 (no sign of confidence)."""
-    doubt = 1.0 - np.nan_to_num(np.asarray(margins, np.float64), nan=0.0).clip(0.0, 1.0)
+            settings: ReviewSettings = ReviewSettings(), means: dict[int, float] | None = None) -> np.ndarray:
+    """The "likely wrong" score in [0, 1] (see the module); ``means``: each cluster's mean doubt, computed from
+    these images when not given (an update scores a few images against the whole index's means)."""
+    doubt = doubts(margins)
     clusters = np.asarray(clusters, np.int64)
-    known = clusters >= 0
-    sums = np.bincount(clusters[known], weights=doubt[known], minlength=1)
-    counts = np.bincount(clusters[known], minlength=1)
-    cluster_doubt = np.where(known, (sums / np.maximum(counts, 1))[clusters.clip(0, None)], doubt)
+    means = cluster_doubts(margins, clusters) if means is None else means
+    table = np.full(max([int(clusters.max(initial=0)), *means]) + 1, np.nan)
+    table[list(means)] = list(means.values())
+    cluster_doubt = table[clusters.clip(0)]
+    cluster_doubt = np.where((clusters >= 0) & np.isfinite(cluster_doubt), cluster_doubt, doubt)
     uncertainty = (1.0 - settings.cluster_share) * doubt + settings.cluster_share * cluster_doubt
     score = settings.neighbour_weight * (1.0 - agreement) + (1.0 - settings.neighbour_weight) * uncertainty
     return score.astype(np.float32)
@@ -131,13 +154,14 @@ class ReviewScores:
     ids: np.ndarray
     score: np.ndarray
     suggestion: np.ndarray
+    kth: np.ndarray  # each image's k-th neighbour similarity (what an update compares new images against)
 
 
 def score_index(index: faiss.Index, ids: np.ndarray, clusters: np.ndarray, margins: np.ndarray,
-                settings: ReviewSettings = ReviewSettings()) -> ReviewScores:
+                settings: ReviewSettings = ReviewSettings(), progress: Progress | None = None) -> ReviewScores:
     """Scores of the images ``ids`` (sorted, all in ``index``) from their neighbours and margins."""
-    votes = neighbour_votes(index, ids, clusters, settings.k, settings.weighting)
-    return ReviewScores(ids, combine(votes.agreement, margins, clusters, settings), votes.suggestion)
+    votes = neighbour_votes(index, ids, clusters, settings.k, settings.weighting, progress)
+    return ReviewScores(ids, combine(votes.agreement, margins, clusters, settings), votes.suggestion, votes.kth)
 
 
 # ---- twist label: the score of every row, from the run's chunks
