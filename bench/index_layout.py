@@ -29,20 +29,25 @@ K = 10
 RESULTS = Path(__file__).parent / "results" / "index_layout.json"
 
 
-def synthetic(n: int, seed: int = 0, dim: int = DIM, clusters: int = 10, sub: int = 100) -> np.ndarray:
-    """Unit float16 embeddings of ``n`` images: cluster + sub-centre offsets in a latent space, mapped up, noise."""
+def synthetic(n: int, seed: int = 0, dim: int = DIM, clusters: int = 10, sub: int = 100,
+              out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Unit float16 embeddings of ``n`` images (into ``out`` when given, e.g. a memory map) and their clusters:
+    cluster + sub-centre offsets in a latent space, mapped up, plus noise."""
     fixed = np.random.default_rng(12345)
     mapping = fixed.standard_normal((LATENT, dim), dtype=np.float32) / np.sqrt(LATENT)
     centres = fixed.standard_normal((clusters, LATENT), dtype=np.float32)
     subs = centres[:, None] + 0.6 * fixed.standard_normal((clusters, sub, LATENT), dtype=np.float32)
     rng = np.random.default_rng(seed)
-    out = np.empty((n, dim), np.float16)
+    out = np.empty((n, dim), np.float16) if out is None else out
+    labels = np.empty(n, np.int64)
     for start in range(0, n, 50_000):
         m = min(n, start + 50_000) - start
-        picked = subs.reshape(-1, LATENT)[rng.integers(0, clusters * sub, m)]
+        chosen = rng.integers(0, clusters * sub, m)
+        labels[start:start + m] = chosen // sub
+        picked = subs.reshape(-1, LATENT)[chosen]
         latent = picked + 0.35 * rng.standard_normal((m, LATENT), dtype=np.float32)
         out[start:start + m] = normalized(latent @ mapping + 0.02 * rng.standard_normal((m, dim), dtype=np.float32))
-    return out
+    return out, labels
 
 
 def cpu() -> float:
@@ -88,7 +93,7 @@ def main() -> None:
     parser.add_argument("--kinds", default="ivf,ivfpq,pcasq")
     parser.add_argument("--real", help="a twist label .embeddings.npy to measure too")
     args = parser.parse_args()
-    data = {"synthetic": synthetic(args.n)}
+    data = {"synthetic": synthetic(args.n)[0]}
     if args.real:
         data["real"] = np.load(args.real, mmap_mode="r")
     rows = []

@@ -430,24 +430,20 @@ class IndexWriter(IndexReader):
             replaced = self._meta.ids_for_paths([r["path"] for r in records]).values()
             dropped = np.array(sorted(set(self._meta.rows([*gone, *replaced]))), dtype=np.int64)
             scored = review_table.meta_has_scores(self._meta)
-            near = set()
-            if scored and len(dropped):  # their neighbours, searched before they leave
-                near |= review_table.affected(self._cpu, self._cpu.reconstruct_batch(dropped), self._meta,
-                                              set(dropped.tolist()))
+            lost = review_table.near_removed(self._cpu, dropped, self._meta) if scored else set()
             if len(dropped):
                 self._cpu.remove_ids(dropped)
             if len(records):
                 self._cpu.add_with_ids(vectors, new_ids)
             self._info["next_id"] += len(records)
-            if scored and len(records):
-                near |= review_table.affected(self._cpu, vectors, self._meta, set(dropped.tolist()))
+            changes = review_table.search_new(self._cpu, vectors, new_ids, lost) if scored else None
             removed[0] = len(dropped) - len(replaced)
 
             def change(meta: IndexMetadata) -> None:
                 meta.delete(dropped)
                 meta.insert(new_ids, records)
-                if scored:
-                    review_table.rescore(meta, self._cpu, [*new_ids.tolist(), *near], dropped.tolist())
+                if changes is not None:
+                    review_table.rescore(meta, self._cpu, changes, dropped.tolist())
             return change
 
         self._commit(mutate)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from twist_core.index.stream import TableScan
 from twist_core.knn_join import self_neighbours
 from twist_core.label.review import ReviewScores, ReviewSettings, cluster_doubts, combine, score_index, tally
 from twist_core.layout import INDEX_FILE, META_FILE
-from twist_core.vectors import normalized
+from twist_core.vectors import drop_self, normalized
 
 VERSION = 2  # of the ``review`` table; an index whose table has another version is treated as having none
 AFFECT_K = 50  # neighbours of a new or removed image examined for old images whose lists it enters or leaves
@@ -33,7 +34,8 @@ MEAN_TOLERANCE = 0.005
 INFO_KEY = "review"
 DEFAULT_SETTINGS = ReviewSettings()  # the measured weights
 TABLE_SQL = """
-CREATE TABLE IF NOT EXISTS review (id INTEGER PRIMARY KEY, score REAL NOT NULL, suggestion INTEGER, kth REAL);
+CREATE TABLE IF NOT EXISTS review (id INTEGER PRIMARY KEY, score REAL NOT NULL, suggestion INTEGER, kth REAL,
+                                   neighbours BLOB);
 CREATE INDEX IF NOT EXISTS review_by_score ON review (score DESC, id);
 """
 
@@ -48,16 +50,34 @@ def read_inputs(meta: IndexMetadata) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return ids, clusters, margins
 
 
+def packed(neighbours: np.ndarray, sims: np.ndarray) -> list[bytes]:
+    """Each row's neighbour ids (int64) then similarities (float32), as one blob."""
+    return [n.tobytes() + m.tobytes() for n, m in zip(neighbours.astype(np.int64), sims.astype(np.float32),
+                                                       strict=True)]
+
+
+def unpacked(blob: bytes, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.frombuffer(blob[:8 * k], np.int64), np.frombuffer(blob[8 * k:], np.float32)
+
+
+def insert_scores(meta: IndexMetadata, scores: ReviewScores) -> None:
+    """Insert (or replace) rows of the ``review`` table, 100k at a time."""
+    for start in range(0, len(scores.ids), 100_000):
+        part = slice(start, start + 100_000)
+        kth = scores.sims[part, -1] if scores.sims.shape[1] else np.full(len(scores.ids[part]), -np.inf)
+        meta.executemany("INSERT OR REPLACE INTO review (id, score, suggestion, kth, neighbours) "
+                         "VALUES (?, ?, ?, ?, ?)",
+                         zip(scores.ids[part].tolist(), scores.score[part].astype(float).tolist(),
+                             [None if s < 0 else s for s in scores.suggestion[part].tolist()],
+                             kth.astype(float).tolist(), packed(scores.neighbours[part], scores.sims[part]),
+                             strict=True))
+
+
 def write_table(meta: IndexMetadata, scores: ReviewScores, settings: ReviewSettings,
                 means: dict[int, float] | None = None) -> None:
     """Replace the ``review`` table of a writable (unpublished) metadata copy; ``means`` as the scores used."""
     meta.executescript("DROP TABLE IF EXISTS review;" + TABLE_SQL)
-    for start in range(0, len(scores.ids), 100_000):
-        part = slice(start, start + 100_000)
-        meta.executemany("INSERT INTO review (id, score, suggestion, kth) VALUES (?, ?, ?, ?)",
-                         zip(scores.ids[part].tolist(), scores.score[part].astype(float).tolist(),
-                             [None if s < 0 else s for s in scores.suggestion[part].tolist()],
-                             scores.kth[part].astype(float).tolist(), strict=True))
+    insert_scores(meta, scores)
     set_settings(meta, settings, means or {})
 
 
@@ -81,26 +101,40 @@ def score_scan(index: faiss.Index, scan: TableScan, stages: Stages | None = None
 
 
 # ---- an update: what changed, scored again
+@dataclass
+class Changes:
+    """What an update's searches found: neighbours of the removed images (searched before they left) that must
+    be searched again, and the ``AFFECT_K`` nearest of each new image (searched after it was added)."""
+
+    lost: set[int]
+    new_ids: np.ndarray
+    found: np.ndarray
+    found_sims: np.ndarray
+
+
 def kth_of(meta: IndexMetadata, ids: Sequence[int]) -> dict[int, float]:
     """The stored k-th neighbour similarity of some images (those that have one)."""
     return dict(chunked_in(meta.query, "SELECT id, kth FROM review WHERE kth IS NOT NULL AND id IN ({marks})",
                            [int(i) for i in ids]))
 
 
-def affected(index: faiss.Index, vectors: np.ndarray, meta: IndexMetadata,
-             skip: set[int]) -> set[int]:
-    """Old images (not in ``skip``) whose k nearest a vector of ``vectors`` enters or leaves: sim >= their kth."""
-    if not len(vectors) or not index.ntotal:
+def near_removed(index: faiss.Index, dropped: np.ndarray, meta: IndexMetadata) -> set[int]:
+    """Images whose neighbour list holds one of ``dropped`` (sim >= their kth): they are searched again."""
+    if not len(dropped):
         return set()
+    sims, found = index.search(normalized(index.reconstruct_batch(dropped)), min(AFFECT_K, index.ntotal))
+    kth = kth_of(meta, np.unique(found[found >= 0]).tolist())
+    gone = set(dropped.tolist())
+    return {i for i, sim in zip(found.ravel().tolist(), sims.ravel().tolist(), strict=True)
+            if i in kth and i not in gone and sim >= kth[i] - 1e-6}
+
+
+def search_new(index: faiss.Index, vectors: np.ndarray, new_ids: np.ndarray, lost: set[int]) -> Changes:
+    """The nearest stored images of each new vector (the index already holds them)."""
+    if not len(vectors):
+        return Changes(lost, new_ids, np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32))
     sims, found = index.search(normalized(vectors), min(AFFECT_K, index.ntotal))
-    candidates = sorted({int(i) for i in found.ravel() if i >= 0} - skip)
-    kth = kth_of(meta, candidates)
-    near: dict[int, float] = {}
-    for row_sims, row_ids in zip(sims, found, strict=True):
-        for sim, image in zip(row_sims.tolist(), row_ids.tolist(), strict=True):
-            if image in kth and sim > near.get(image, -np.inf):
-                near[image] = sim
-    return {image for image, sim in near.items() if sim >= kth[image] - 1e-6}
+    return Changes(lost, new_ids, found, sims)
 
 
 def stored_settings(meta: IndexMetadata) -> tuple[ReviewSettings, dict[int, float]]:
@@ -111,51 +145,76 @@ def stored_settings(meta: IndexMetadata) -> tuple[ReviewSettings, dict[int, floa
     return settings, {int(c): float(m) for c, m in info.get("cluster_doubt", {}).items()}
 
 
-def rescore(meta: IndexMetadata, index: faiss.Index, ids: Sequence[int], removed: Sequence[int]) -> int:
-    """Bring the review table of a writable metadata copy (images already updated) up to date after an update:
-    drop ``removed``, move cluster means that drifted, score ``ids`` again. Returns how many were scored."""
-    settings, means = stored_settings(meta)
-    chunked_in(meta.query, "DELETE FROM review WHERE id IN ({marks})", [int(i) for i in removed])
-    current = {int(c): float(m) for c, m in meta.query(
-        f"SELECT {IMAGES.cluster}, AVG(1.0 - MIN(MAX(COALESCE({IMAGES.margin}, 0.0), 0.0), 1.0)) FROM {IMAGES.name} "
-        f"WHERE {IMAGES.cluster} IS NOT NULL GROUP BY {IMAGES.cluster}")}
+def _move_means(meta: IndexMetadata, settings: ReviewSettings, means: dict[int, float]) -> None:
+    """Clusters whose mean doubt drifted past the tolerance: every score of theirs shifted, the mean recorded."""
+    current = meta.query(f"SELECT {IMAGES.cluster}, AVG(1.0 - MIN(MAX(COALESCE({IMAGES.margin}, 0.0), 0.0), 1.0)) "
+                         f"FROM {IMAGES.name} WHERE {IMAGES.cluster} IS NOT NULL GROUP BY {IMAGES.cluster}")
     weight = (1.0 - settings.neighbour_weight) * settings.cluster_share
-    for cluster, mean in current.items():
+    for cluster, mean in current:
         if cluster in means and abs(mean - means[cluster]) > MEAN_TOLERANCE:
             meta.query(f"UPDATE review SET score = score + ? WHERE id IN (SELECT {IMAGES.id} FROM {IMAGES.name} "
                        f"WHERE {IMAGES.cluster} = ?)", (weight * (mean - means[cluster]), cluster))
         if cluster not in means or abs(mean - means[cluster]) > MEAN_TOLERANCE:
-            means[cluster] = mean
-    rows = meta.rows(sorted({int(i) for i in ids}))
-    wanted = np.array([i for i, row in sorted(rows.items()) if row[IMAGES.cluster] is not None], np.int64)
-    if len(wanted):
-        scores = _score_few(meta, index, wanted, rows, settings, means)
-        meta.executemany("INSERT OR REPLACE INTO review (id, score, suggestion, kth) VALUES (?, ?, ?, ?)",
-                         zip(scores.ids.tolist(), scores.score.astype(float).tolist(),
-                             [None if s < 0 else s for s in scores.suggestion.tolist()],
-                             scores.kth.astype(float).tolist(), strict=True))
-    set_settings(meta, settings, means)
-    return len(wanted)
+            means[int(cluster)] = float(mean)
 
 
-def _score_few(meta: IndexMetadata, index: faiss.Index, ids: np.ndarray, rows: dict[int, dict[str, Any]],
-               settings: ReviewSettings, means: dict[int, float]) -> ReviewScores:
-    """Scores of a few images from a search of their stored vectors (their neighbours' clusters from ``meta``)."""
+def _merged_lists(meta: IndexMetadata, changes: Changes, k: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Neighbour lists after the update: a new image's from its search; an old image a new one entered, its
+    stored list with the newcomers merged in (no search); ``lost`` images are left to a search."""
+    lists: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    if not len(changes.new_ids):
+        return lists
+    own, own_sims = drop_self(changes.new_ids, changes.found[:, :k + 1], changes.found_sims[:, :k + 1], k)
+    lists.update({int(i): (n, m) for i, n, m in zip(changes.new_ids, own, own_sims, strict=True)})
+    new = set(changes.new_ids.tolist())
+    entering: dict[int, list[tuple[int, float]]] = {}
+    old = np.unique(changes.found[(changes.found >= 0) & ~np.isin(changes.found, changes.new_ids)])
+    kth = kth_of(meta, old.tolist())
+    for y, row, row_sims in zip(changes.new_ids.tolist(), changes.found.tolist(), changes.found_sims.tolist(),
+                                strict=True):
+        for x, sim in zip(row, row_sims, strict=True):
+            if x in kth and x not in new and x not in changes.lost and sim >= kth[x] - 1e-6:
+                entering.setdefault(x, []).append((y, sim))
+    stored = dict(chunked_in(meta.query, "SELECT id, neighbours FROM review WHERE id IN ({marks})", list(entering)))
+    for x, newcomers in entering.items():
+        ids, sims = unpacked(stored[x], k) if stored.get(x) is not None else (np.zeros(0, np.int64), np.zeros(0))
+        ids = np.concatenate([ids, [y for y, _ in newcomers]])
+        sims = np.concatenate([sims, [sim for _, sim in newcomers]]).astype(np.float32)
+        best = np.argsort(-sims, kind="stable")[:k]
+        lists[x] = ids[best], sims[best]
+    return lists
+
+
+def rescore(meta: IndexMetadata, index: faiss.Index, changes: Changes, removed: Sequence[int]) -> int:
+    """Bring the review table of a writable metadata copy (images already updated) up to date after an update:
+    drop ``removed``, move cluster means that drifted, score the new images and the old ones whose neighbour
+    list changed. Returns how many were scored."""
+    settings, means = stored_settings(meta)
+    chunked_in(meta.query, "DELETE FROM review WHERE id IN ({marks})", [int(i) for i in removed])
+    _move_means(meta, settings, means)
     k = min(settings.k, index.ntotal - 1)
-    if k < 1:
-        return ReviewScores(ids, np.zeros(len(ids), np.float32), np.full(len(ids), -1), np.full(len(ids), -np.inf))
-    blocks = list(self_neighbours(index, ids, k))
-    neighbours, sims = (np.concatenate([block[part] for block in blocks]) for part in (1, 2))
-    known = np.unique(neighbours[neighbours >= 0])
-    cluster_of = {i: c for i, c in chunked_in(meta.query, f"SELECT {IMAGES.id}, {IMAGES.cluster} FROM "
-                                              f"{IMAGES.name} WHERE {IMAGES.id} IN ({{marks}})", known.tolist())}
-    all_ids = np.union1d(known, ids)
-    clusters = np.array([-1 if cluster_of.get(int(i)) is None else cluster_of[int(i)] for i in all_ids], np.int64)
-    own = np.array([rows[int(i)][IMAGES.cluster] for i in ids], np.int64)
-    margins = np.array([np.nan if rows[int(i)][IMAGES.margin] is None else rows[int(i)][IMAGES.margin]
-                        for i in ids], np.float32)
-    agreement, suggestion = tally(all_ids, clusters, own, neighbours, sims, settings.weighting)
-    return ReviewScores(ids, combine(agreement, margins, own, settings, means), suggestion, sims[:, -1])
+    lists = _merged_lists(meta, changes, k) if k >= 1 else {}
+    lost = np.array(sorted(changes.lost - set(lists)), np.int64)
+    for batch, found, sims in (self_neighbours(index, lost, k) if len(lost) and k >= 1 else ()):
+        lists.update({int(i): (n, m) for i, n, m in zip(batch, found, sims, strict=True)})
+    rows = meta.rows(sorted(lists))
+    ids = np.array([i for i, row in sorted(rows.items()) if row[IMAGES.cluster] is not None], np.int64)
+    if len(ids):
+        neighbours = np.array([lists[int(i)][0] for i in ids], np.int64).reshape(len(ids), k)
+        sims = np.array([lists[int(i)][1] for i in ids], np.float32).reshape(len(ids), k)
+        known = np.unique(neighbours[neighbours >= 0])
+        cluster_of = dict(chunked_in(meta.query, f"SELECT {IMAGES.id}, {IMAGES.cluster} FROM {IMAGES.name} "
+                                     f"WHERE {IMAGES.id} IN ({{marks}})", known.tolist()))
+        all_ids = np.union1d(known, ids)
+        clusters = np.array([-1 if cluster_of.get(int(i)) is None else cluster_of[int(i)] for i in all_ids])
+        own = np.array([rows[int(i)][IMAGES.cluster] for i in ids], np.int64)
+        margins = np.array([np.nan if rows[int(i)][IMAGES.margin] is None else rows[int(i)][IMAGES.margin]
+                            for i in ids], np.float32)
+        agreement, suggestion = tally(all_ids, clusters.astype(np.int64), own, neighbours, sims, settings.weighting)
+        insert_scores(meta, ReviewScores(ids, combine(agreement, margins, own, settings, means), suggestion,
+                                         neighbours, sims))
+    set_settings(meta, settings, means)
+    return len(ids)
 
 
 def refresh_index(index_dir: str | Path, settings: ReviewSettings = DEFAULT_SETTINGS) -> int:

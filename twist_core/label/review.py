@@ -64,7 +64,8 @@ class Votes:
 
     agreement: np.ndarray
     suggestion: np.ndarray
-    kth: np.ndarray  # similarity of the k-th neighbour: a new image nearer than this changes the image's votes
+    neighbours: np.ndarray  # (n, k) ids, -1: none; what an update merges a new image into
+    sims: np.ndarray  # (n, k) their similarities, best first
 
 
 def neighbour_weights(similarities: np.ndarray, weighting: str) -> np.ndarray:
@@ -98,17 +99,18 @@ def neighbour_votes(index: faiss.Index, ids: np.ndarray, clusters: np.ndarray, k
     ids = np.asarray(ids, np.int64)
     agreement = np.ones(len(ids), np.float32)
     suggestion = np.full(len(ids), -1, np.int64)
-    kth = np.full(len(ids), -np.inf, np.float32)
+    found = np.full((len(ids), max(0, min(k, len(ids) - 1))), -1, np.int64)
+    found_sims = np.full(found.shape, -np.inf, np.float32)
     k = min(k, len(ids) - 1)
     if k < 1:
-        return Votes(agreement, suggestion, kth)
+        return Votes(agreement, suggestion, found, found_sims)
     blocks = self_neighbours(index, ids, k)
     for batch, neighbours, neighbour_sims in progress(blocks) if progress else blocks:
         rows = np.searchsorted(ids, batch)
         agreement[rows], suggestion[rows] = tally(ids, clusters, clusters[rows], neighbours, neighbour_sims,
                                                   weighting)
-        kth[rows] = neighbour_sims[:, -1]
-    return Votes(agreement, suggestion, kth)
+        found[rows], found_sims[rows] = neighbours, neighbour_sims
+    return Votes(agreement, suggestion, found, found_sims)
 
 
 def tally(ids: np.ndarray, clusters: np.ndarray, own: np.ndarray, neighbours: np.ndarray, sims: np.ndarray,
@@ -154,14 +156,16 @@ class ReviewScores:
     ids: np.ndarray
     score: np.ndarray
     suggestion: np.ndarray
-    kth: np.ndarray  # each image's k-th neighbour similarity (what an update compares new images against)
+    neighbours: np.ndarray  # (n, k) each image's neighbours and their similarities: what an update builds on
+    sims: np.ndarray
 
 
 def score_index(index: faiss.Index, ids: np.ndarray, clusters: np.ndarray, margins: np.ndarray,
                 settings: ReviewSettings = ReviewSettings(), progress: Progress | None = None) -> ReviewScores:
     """Scores of the images ``ids`` (sorted, all in ``index``) from their neighbours and margins."""
     votes = neighbour_votes(index, ids, clusters, settings.k, settings.weighting, progress)
-    return ReviewScores(ids, combine(votes.agreement, margins, clusters, settings), votes.suggestion, votes.kth)
+    return ReviewScores(ids, combine(votes.agreement, margins, clusters, settings), votes.suggestion, votes.neighbours,
+                        votes.sims)
 
 
 # ---- twist label: the score of every row, from the run's chunks
