@@ -10,8 +10,7 @@ from twist_core.commands import run_command
 from twist_core.config import command_parser
 from twist_core.index.build import IndexConfig, build_index, update_index
 from twist_core.index.build import __doc__ as DOC
-from twist_core.index.image_index import IndexReader
-from twist_core.index.metadata import IndexUserError, write_failure
+from twist_core.index.metadata import IndexMetadata, IndexUserError, meta_path, write_failure
 from twist_core.layout import FOLDER_LABELS_FILE
 from twist_core.outputs import INDEX, Output, check_outputs
 from twist_core.report import Written, print_written
@@ -36,12 +35,26 @@ def index_and_print(config: IndexConfig) -> int:
     if not config.source:
         raise IndexUserError("give the labels table or image folder to index (or --update)")
     out = build_index(config)
-    index = IndexReader.open(out, "cpu")
-    print(f"{out}: {index.size} images, {index.dim}-d, {index.kind} index"
-          + (f" (nlist {index.info['nlist']}, nprobe {index.nprobe})" if index.kind != "flat" else ""))
-    index.close()
+    print(summary(out))
     print_written(index_files(out), next_step=f"twist app --model {config.model or 'MODEL.onnx'} --index {out}")
     return 0
+
+
+def summary(out: Path) -> str:
+    """What was built, from the metadata alone (the vectors are not loaded again): kind, size, recall, CPU."""
+    meta = IndexMetadata(meta_path(out))
+    try:
+        info, size = meta.info(), meta.count()
+    finally:
+        meta.close()
+    layout = f"{info['kind']} index, {info['dim']}-d"
+    if info.get("pca_dim"):
+        layout += f" stored as {info['pca_dim']}-d"
+    if info["kind"] != "flat":
+        layout += f" (nlist {info['nlist']}, nprobe {info['nprobe']})"
+    stages = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in info.get("build_cpu_s", {}).items())
+    return (f"{out}: {size} images, {layout}; recall@10 {info.get('recall_at_10')} against exact search on "
+            f"{info.get('recall_queries')} queries\nCPU seconds: {stages}")
 
 
 def index_files(out: str | Path) -> list[Written]:
