@@ -26,6 +26,9 @@ DIM = 1024
 LATENT = 64
 QUERIES = 200
 K = 10
+CHOICE = ("pcasq past 500k images: a 128-d projection stored in the index + IVF with 8-bit codes keeps recall@10 "
+          "0.956 (synthetic 100k) and 0.955 (caltech20's real embedding) at 160 B per image and a review join 4x "
+          "cheaper than IVF-flat's; IVF-PQ at 128 B per image keeps only 0.57 on the synthetic set")
 RESULTS = Path(__file__).parent / "results" / "index_layout.json"
 
 
@@ -103,8 +106,7 @@ def main() -> None:
             row = {"data": name, **measure(embeddings, kind, nlist)}
             print(json.dumps(row), flush=True)
             rows.append(row)
-    RESULTS.write_text(json.dumps({"rows": rows, "choice": "pcasq past 500k: 128-d projection + IVF-SQ8"}, indent=1)
-                       + "\n")
+    RESULTS.write_text(json.dumps({"rows": rows, "choice": CHOICE}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
