@@ -7,9 +7,10 @@ takes ids directly and keeps a hash-table direct map so any id can be reconstruc
 The compressed kind ``pcasq`` (auto past ``COMPRESSED_MIN_VECTORS``) stores a projection onto the top
 eigenvectors of the vectors' second-moment matrix (not the covariance: without centring, inner products in
 the reduced space stay cosines of the originals) inside the index (``IndexPreTransform``, so queries and
-``reconstruct`` go through it), then IVF with 8-bit scalar quantisation: 128 B per image instead of 4 KB
-(``bench/index_layout.py``, ``bench/results/index_layout.json``). Every reader path works on it; a
-reconstructed vector is its projection back into the original space.
+``reconstruct`` go through it), then IVF with 16-bit float codes: 256 B per image instead of 4 KB
+(``bench/index_layout.py``, ``bench/results/index_layout.json``: 8-bit codes lost 5 % of recall@10 on
+clustered data, whose nearest neighbours are close together; the projection itself lost 0.05 %). Every reader
+path works on it; a reconstructed vector is its projection back into the original space.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def empty_index(plan: IndexPlan, dim: int) -> faiss.Index:
     if plan.kind == "ivf":
         index = faiss.IndexIVFFlat(quantizer, dim, plan.nlist, faiss.METRIC_INNER_PRODUCT)
     elif plan.kind == "pcasq":
-        index = faiss.IndexIVFScalarQuantizer(quantizer, inner_dim, plan.nlist, faiss.ScalarQuantizer.QT_8bit,
+        index = faiss.IndexIVFScalarQuantizer(quantizer, inner_dim, plan.nlist, faiss.ScalarQuantizer.QT_fp16,
                                               faiss.METRIC_INNER_PRODUCT)
     else:
         index = faiss.IndexIVFPQ(quantizer, dim, plan.nlist, plan.pq_m, 8, faiss.METRIC_INNER_PRODUCT)

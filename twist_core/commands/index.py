@@ -47,11 +47,11 @@ def summary(out: Path) -> str:
         info, size = meta.info(), meta.count()
     finally:
         meta.close()
-    layout = f"{info['kind']} index, {info['dim']}-d"
-    if info.get("pca_dim"):
-        layout += f" stored as {info['pca_dim']}-d"
+    layout = f"{info['dim']}-d, {info['kind']} index"
     if info["kind"] != "flat":
         layout += f" (nlist {info['nlist']}, nprobe {info['nprobe']})"
+    if info.get("pca_dim"):
+        layout += f", stored as {info['pca_dim']}-d"
     stages = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in info.get("build_cpu_s", {}).items())
     return (f"{out}: {size} images, {layout}; recall@10 {info.get('recall_at_10')} against exact search on "
             f"{info.get('recall_queries')} queries\nCPU seconds: {stages}")

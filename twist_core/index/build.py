@@ -1,10 +1,10 @@
 """``twist index LABELS_OR_FOLDER --out INDEX``: build (or update) an image index from ``twist label`` output.
 
 A labels table brings its row-aligned embeddings (``T.embeddings.npy``) and the folder root (``T.meta.json``);
-a folder is labelled first with ``--model``. Rows that failed to label are skipped. The table is streamed (rows
-read in chunks, vectors from the memory-mapped embeddings), so memory is the index plus a chunk: at 1M images
-the compressed kind (``pcasq``, see :mod:`twist_core.vectors`) holds 128 B per image. Recall@10 against exact
-search is measured on 200 sampled images, printed and kept in the index's info with the CPU seconds per stage.
+a folder is labelled first with ``--model``. Rows that failed to label are skipped. The table is streamed
+(rows and vectors read chunk by chunk), so memory is the index plus a chunk: at 1M images the compressed kind
+(``pcasq``, see :mod:`twist_core.vectors`) holds 256 B per image. Recall@10 against exact search is measured
+on 200 sampled images, printed and kept in the index's info with the CPU seconds per stage.
 
 A rebuild over an existing index keeps the id of every unchanged file (path, size and modification time;
 one ``stat`` per file), so the app's curation and thumbnails, keyed by id, stay on their images. Embeddings
@@ -46,7 +46,7 @@ from twist_core.index.metadata import (
 from twist_core.index.metadata import meta_path as index_meta_path
 from twist_core.index.progress import Stages
 from twist_core.index.recall import recall_at_10
-from twist_core.index.stream import open_table, scan_table, usable_chunks, vector_chunks, vectors_at
+from twist_core.index.stream import new_rows, open_table, scan_table, usable_chunks, vector_chunks, vectors_at
 from twist_core.io_utils import file_sha256, mark_output_folder, path_to_text
 from twist_core.label.table import labels_paths, read_labels_meta, skipped_path
 from twist_core.layout import FOLDER_LABELS_FILE, MANIFEST, META_FILE
@@ -59,7 +59,7 @@ class IndexConfig(AutoConfig):
     model: str | None = option(None, "ONNX model: labels a folder source, embeds new images; search default")
     out: str = option("index", "index folder (a new build replaces what is there atomically)")
     kind: str = option("auto", "index type: auto = flat (exact) up to 50k images, IVF above, pcasq (128-d "
-                       "projection + IVF with 8-bit codes) from 500k", choices=list(KINDS))
+                       "projection + IVF with 16-bit codes) from 500k", choices=list(KINDS))
     nlist: int | str = auto_option(0, "IVF coarse lists; auto: about 2 sqrt(N)")
     nprobe: int | str = auto_option(0, "IVF lists searched per query (speed/recall trade-off); auto: max(16, "
                                        "nlist/128)")
@@ -235,7 +235,11 @@ def model_change(config: IndexConfig) -> ModelChange:
 
     An index built before fingerprints were recorded counts as changed only when another model file is given.
     """
-    info, _ = index_contents(Path(config.out))
+    meta = IndexMetadata(index_meta_path(Path(config.out)))
+    try:
+        info = meta.info()
+    finally:
+        meta.close()
     if config.source:
         meta = read_labels_meta(Path(config.source))
         path, sha = meta.get("model"), meta.get("model_sha256")
@@ -348,14 +352,13 @@ def _new_table_rows(index: IndexWriter, table: Path) -> tuple[list[dict[str, Any
     if embeddings.shape[1] != index.dim:
         raise IndexUserError(f"the embeddings have dimension {embeddings.shape[1]} but the index holds "
                              f"{index.dim}-d vectors; label with the model the index was built with")
-    new_rows, vectors = [], []
-    for positions, rows in usable_chunks(table):
-        known = index.ids_for_paths([row["path"] for row in rows])
-        fresh = [i for i, row in enumerate(rows) if row["path"] not in known and index.file_of(row["path"]).is_file()]
-        if fresh:
-            new_rows += [rows[i] for i in fresh]
-            vectors.append(vectors_at(embeddings, positions[fresh]))
-    return new_rows, np.concatenate(vectors) if vectors else np.zeros((0, index.dim), np.float32)
+    found, vectors = [], []
+    for positions, rows in new_rows(table, index.ids_for_paths):
+        present = [i for i, row in enumerate(rows) if index.file_of(row["path"]).is_file()]
+        if present:
+            found += [rows[i] for i in present]
+            vectors.append(vectors_at(embeddings, positions[present]))
+    return found, np.concatenate(vectors) if vectors else np.zeros((0, index.dim), np.float32)
 
 
 def _folder_changes(index: IndexWriter, config: IndexConfig) -> tuple[list[dict[str, Any]], np.ndarray, list[int]]:

@@ -1,5 +1,5 @@
 """Recall@10 of an index against exact search in the original space, measured at build time on a sample of
-queries: the exact answer is a chunked matrix product over the memory-mapped embeddings, so a compressed
+queries: the exact answer is a chunked matrix product over the embeddings file, so a compressed
 layout (projection, quantisation, IVF probing) states what it costs in found neighbours."""
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """The labels table read as a stream, for an index of millions of images: one pass keeps only arrays (row
 positions, ids, clusters, margins, fingerprints), never a dict per row; the rows are read again in chunks when
-the metadata is written, and the vectors come from the memory-mapped embeddings chunk by chunk."""
+the metadata is written, and the vectors are read from the embeddings file chunk by chunk."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -14,10 +14,46 @@ import numpy as np
 
 from twist_core.index.metadata import IndexUserError, file_fingerprint
 from twist_core.io_utils import path_from_text
-from twist_core.label.table import LabelsTableError, iter_labels, labels_paths, read_labels_meta
+from twist_core.label.table import (
+    LabelsTableError,
+    csv_row,
+    csv_text,
+    iter_csv_cells,
+    iter_labels,
+    labels_paths,
+    read_labels_meta,
+    table_format,
+)
 from twist_core.vectors import normalized
 
 CHUNK = 50_000  # rows per chunk: a chunk of float32 1,024-d vectors is 200 MB
+
+
+class EmbeddingRows:
+    """Rows of a ``.npy`` matrix read with ``pread``: unlike a memory map, pages read once do not stay in the
+    process's RSS (a 1M-image float16 table is 2 GB)."""
+
+    def __init__(self, path: Path) -> None:
+        mapped = np.load(path, mmap_mode="r")
+        if mapped.ndim != 2 or not mapped.flags.c_contiguous:
+            raise LabelsTableError(f"{path} has shape {mapped.shape}, expected one row per table row")
+        self.path, self.shape, self.dtype, self.offset = path, mapped.shape, mapped.dtype, mapped.offset
+        self.row_bytes = self.shape[1] * self.dtype.itemsize
+        del mapped
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def rows(self, positions: np.ndarray) -> np.ndarray:
+        """The rows at ``positions`` (ascending), one read per run of consecutive rows."""
+        out = np.empty((len(positions), self.shape[1]), self.dtype)
+        breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+        with open(self.path, "rb") as handle:
+            for run in np.split(np.arange(len(positions)), breaks):
+                if len(run):
+                    handle.seek(self.offset + int(positions[run[0]]) * self.row_bytes)
+                    handle.readinto(memoryview(out[run[0]:run[-1] + 1]).cast("B"))
+        return out
 
 
 @dataclass
@@ -26,7 +62,7 @@ class TableScan:
 
     table: Path
     meta: dict[str, Any]
-    embeddings: np.ndarray  # memory-mapped, one row per table row (error rows included)
+    embeddings: EmbeddingRows  # one row per table row (error rows included)
     positions: np.ndarray  # table rows that were labelled
     ids: np.ndarray
     clusters: np.ndarray  # -1: none
@@ -34,8 +70,8 @@ class TableScan:
     fingerprints: list[str | None]
 
 
-def open_table(table: Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """The memory-mapped embeddings and the ``.meta.json`` of a labels table, checked to exist."""
+def open_table(table: Path) -> tuple[EmbeddingRows, dict[str, Any]]:
+    """The embeddings and the ``.meta.json`` of a labels table, checked to exist."""
     if not table.is_file():
         raise LabelsTableError(f"labels table {table} not found")
     embeddings_path, meta_path = labels_paths(table)
@@ -45,10 +81,7 @@ def open_table(table: Path) -> tuple[np.ndarray, dict[str, Any]]:
     meta = read_labels_meta(table)
     if "root" not in meta:
         raise LabelsTableError(f"{meta_path} (with the folder root) is missing; label the folder again")
-    embeddings = np.load(embeddings_path, mmap_mode="r")
-    if embeddings.ndim != 2:
-        raise LabelsTableError(f"{embeddings_path} has shape {embeddings.shape}, expected one row per table row")
-    return embeddings, meta
+    return EmbeddingRows(embeddings_path), meta
 
 
 def usable_chunks(table: Path, chunk: int = CHUNK) -> Iterator[tuple[np.ndarray, list[dict[str, Any]]]]:
@@ -58,6 +91,29 @@ def usable_chunks(table: Path, chunk: int = CHUNK) -> Iterator[tuple[np.ndarray,
     while block := list(islice(rows, chunk)):
         good = [i for i, row in enumerate(block) if not row.get("error")]
         yield np.array(good, np.int64) + start, [block[i] for i in good]
+        start += len(block)
+
+
+def new_rows(table: Path, known: Callable[[list[str]], Container[str]],
+             chunk: int = CHUNK) -> Iterator[tuple[np.ndarray, list[dict[str, Any]]]]:
+    """(table positions, rows) of the labelled rows whose path ``known`` (asked a chunk of paths at a time) does
+    not hold; a CSV table is read cell by cell and only these rows typed (a full 1M-row table: seconds)."""
+    if table_format(table) != ".csv":
+        for positions, rows in usable_chunks(table, chunk):
+            found = known([row["path"] for row in rows])
+            fresh = [i for i, row in enumerate(rows) if row["path"] not in found]
+            yield positions[fresh], [rows[i] for i in fresh]
+        return
+    cells = iter_csv_cells(table)
+    start = 0
+    while block := list(islice(cells, chunk)):
+        header = block[0][0]
+        at_path, at_error = header.index("path"), header.index("error") if "error" in header else None
+        good = [i for i, (_, row) in enumerate(block) if at_error is None or not row[at_error]]
+        paths = [csv_text(block[i][1][at_path]) for i in good]
+        found = known(paths)
+        fresh = [i for i, path in zip(good, paths, strict=True) if path not in found]
+        yield np.array(fresh, np.int64) + start, [csv_row(header, block[i][1]) for i in fresh]
         start += len(block)
 
 
@@ -85,13 +141,9 @@ def scan_table(table: Path, assign: Callable[[list[dict[str, Any]]], np.ndarray]
     return scan
 
 
-def vectors_at(embeddings: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """Unit float32 vectors of some table rows (a slice when contiguous: no fancy-index copy of the map)."""
-    if len(positions) and positions[-1] - positions[0] == len(positions) - 1:
-        block = embeddings[positions[0]:positions[-1] + 1]
-    else:
-        block = embeddings[positions]
-    vectors = normalized(block)
+def vectors_at(embeddings: EmbeddingRows | np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Unit float32 vectors of some table rows (ascending positions)."""
+    vectors = normalized(embeddings.rows(positions) if isinstance(embeddings, EmbeddingRows) else embeddings[positions])
     bad = ~np.isfinite(vectors).all(axis=1)
     if bad.any():
         raise IndexUserError(f"the embeddings hold non-finite values (NaN or inf), first in table row "

@@ -183,11 +183,26 @@ def iter_labels(path: str | Path) -> Iterator[Row]:
         return
     with open(path, newline="", encoding="utf-8") as handle:
         if kind == ".csv":
-            for row in csv.DictReader(handle):
-                yield _typed({key: csv_text(value) if key in TEXT_COLUMNS and value else value
-                              for key, value in row.items()})
+            cells = csv.reader(handle)
+            header = next(cells, [])
+            yield from (csv_row(header, row) for row in cells)
         else:
             yield from (_typed(json.loads(line)) for line in handle if line.strip())
+
+
+def csv_row(header: Sequence[str], cells: Sequence[str]) -> Row:
+    """One CSV row (its cells under ``header``) typed as :func:`_typed` describes."""
+    return _typed({key: csv_text(value) if key in TEXT_COLUMNS and value else value
+                   for key, value in zip(header, cells, strict=False)})
+
+
+def iter_csv_cells(path: str | Path) -> Iterator[tuple[list[str], list[str]]]:
+    """(header, cells) of each row of a CSV table, untyped: a reader that needs one column of a million rows
+    (``twist index --update`` looking for new paths) types only the rows it keeps (:func:`csv_row`)."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        cells = csv.reader(handle)
+        header = next(cells, [])
+        yield from ((header, row) for row in cells)
 
 
 def load_labels(table: Path) -> tuple[list[dict[str, Any]], np.ndarray, dict[str, Any]]:
