@@ -182,7 +182,7 @@ def build_index(config: IndexConfig) -> Path:
     print(f"twist index: recall@10 {recall:.3f} against exact search ({queries} sampled queries, {plan.kind})",
           file=sys.stderr)
     stages.start("review score")
-    scores, means = review_table.score_scan(index, scan, stages)
+    scores, stats = review_table.score_scan(index, scan, stages)
     stages.start("write")
     model = config.model or scan.meta.get("model")
     sha = scan.meta.get("model_sha256") or model_sha256(model)
@@ -202,7 +202,7 @@ def build_index(config: IndexConfig) -> Path:
                 row["fingerprint"] = fingerprint
             meta.insert(scan.ids[start:start + len(rows)].tolist(), rows)
             start += len(rows)
-        review_table.write_table(meta, scores, review_table.DEFAULT_SETTINGS, means)
+        review_table.write_table(meta, scores, review_table.DEFAULT_SETTINGS, stats)
         meta.set_info({**info, "generation": generation, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                        "build_cpu_s": stages.finish()})
         meta.commit()

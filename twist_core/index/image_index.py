@@ -440,10 +440,11 @@ class IndexWriter(IndexReader):
             removed[0] = len(dropped) - len(replaced)
 
             def change(meta: IndexMetadata) -> None:
+                gone_rows = meta.rows(dropped.tolist()) if changes is not None else {}
                 meta.delete(dropped)
                 meta.insert(new_ids, records)
                 if changes is not None:
-                    review_table.rescore(meta, self._cpu, changes, dropped.tolist())
+                    review_table.rescore(meta, self._cpu, changes, gone_rows)
             return change
 
         self._commit(mutate)

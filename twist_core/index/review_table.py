@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,13 +23,23 @@ from twist_core.index.metadata import IMAGES, IndexMetadata, chunked_in, commit_
 from twist_core.index.progress import Stages
 from twist_core.index.stream import TableScan
 from twist_core.knn_join import self_neighbours
-from twist_core.label.review import ReviewScores, ReviewSettings, cluster_doubts, combine, score_index, tally
+from twist_core.label.review import (
+    ReviewScores,
+    ReviewSettings,
+    Stats,
+    cluster_stats,
+    combine,
+    doubts,
+    score_index,
+    tally,
+)
 from twist_core.layout import INDEX_FILE, META_FILE
 from twist_core.vectors import drop_self, normalized
 
 VERSION = 2  # of the ``review`` table; an index whose table has another version is treated as having none
 AFFECT_K = 50  # neighbours of a new or removed image examined for old images whose lists it enters or leaves
 MEAN_TOLERANCE = 0.005
+FULL_READ = 20_000  # ids past which their k-th similarities are read in one pass over the review table
 INFO_KEY = "review"
 DEFAULT_SETTINGS = ReviewSettings()  # the measured weights
 TABLE_SQL = """
@@ -73,31 +82,29 @@ def insert_scores(meta: IndexMetadata, scores: ReviewScores) -> None:
                              strict=True))
 
 
-def write_table(meta: IndexMetadata, scores: ReviewScores, settings: ReviewSettings,
-                means: dict[int, float] | None = None) -> None:
-    """Replace the ``review`` table of a writable (unpublished) metadata copy; ``means`` as the scores used."""
+def write_table(meta: IndexMetadata, scores: ReviewScores, settings: ReviewSettings, stats: Stats) -> None:
+    """Replace the ``review`` table of a writable (unpublished) metadata copy; ``stats`` as the scores used."""
     meta.executescript("DROP TABLE IF EXISTS review;" + TABLE_SQL)
     insert_scores(meta, scores)
-    set_settings(meta, settings, means or {})
+    set_settings(meta, settings, stats)
 
 
-def set_settings(meta: IndexMetadata, settings: ReviewSettings, means: dict[int, float]) -> None:
+def set_settings(meta: IndexMetadata, settings: ReviewSettings, stats: Stats) -> None:
     meta.set_info({INFO_KEY: {"version": VERSION, "k": settings.k, "weighting": settings.weighting,
                               "neighbour_weight": settings.neighbour_weight,
                               "cluster_share": settings.cluster_share,
-                              "cluster_doubt": {str(c): m for c, m in means.items()}}})
+                              "cluster_doubt": {str(c): v for c, v in stats.items()}}})
 
 
 def score_scan(index: faiss.Index, scan: TableScan, stages: Stages | None = None,
-               settings: ReviewSettings = DEFAULT_SETTINGS) -> tuple[ReviewScores, dict[int, float]]:
+               settings: ReviewSettings = DEFAULT_SETTINGS) -> tuple[ReviewScores, Stats]:
     """The scores of a fresh build's labelled images (ids sorted) and the cluster means they used."""
     order = np.argsort(scan.ids, kind="stable")
     labelled = order[scan.clusters[order] >= 0]
     ids, clusters, margins = scan.ids[labelled], scan.clusters[labelled], scan.margins[labelled]
     progress = (lambda blocks: stages.counted(blocks, len(ids), lambda block: len(block[0]))) if stages else None
-    means = cluster_doubts(margins, clusters)
     scores = score_index(index, ids, clusters, margins, settings, progress)
-    return scores, means
+    return scores, cluster_stats(margins, clusters)
 
 
 # ---- an update: what changed, scored again
@@ -112,10 +119,24 @@ class Changes:
     found_sims: np.ndarray
 
 
-def kth_of(meta: IndexMetadata, ids: Sequence[int]) -> dict[int, float]:
-    """The stored k-th neighbour similarity of some images (those that have one)."""
-    return dict(chunked_in(meta.query, "SELECT id, kth FROM review WHERE kth IS NOT NULL AND id IN ({marks})",
-                           [int(i) for i in ids]))
+def kth_of(meta: IndexMetadata, ids: np.ndarray) -> np.ndarray:
+    """The stored k-th neighbour similarity of each of ``ids`` (any shape; NaN: none). Many ids are read in one
+    pass over the table (one query instead of hundreds of ``IN`` lists)."""
+    wanted = np.unique(ids[ids >= 0])
+    sql = "SELECT id, kth FROM review WHERE kth IS NOT NULL"
+    found = meta.query(sql + " ORDER BY id") if len(wanted) > FULL_READ else \
+        sorted(chunked_in(meta.query, sql + " AND id IN ({marks})", wanted.tolist()))
+    if not found:
+        return np.full(np.shape(ids), np.nan)
+    known = np.array([row[0] for row in found], np.int64)
+    values = np.array([row[1] for row in found], np.float64)
+    at = np.searchsorted(known, ids).clip(0, len(known) - 1)
+    return np.where(known[at] == ids, values[at], np.nan)
+
+
+def entered(found: np.ndarray, sims: np.ndarray, kth: np.ndarray) -> np.ndarray:
+    """Where a search result sits in the image's own k nearest: similarity at least its stored k-th."""
+    return (found >= 0) & np.isfinite(kth) & (sims >= kth - 1e-6)
 
 
 def near_removed(index: faiss.Index, dropped: np.ndarray, meta: IndexMetadata) -> set[int]:
@@ -123,10 +144,8 @@ def near_removed(index: faiss.Index, dropped: np.ndarray, meta: IndexMetadata) -
     if not len(dropped):
         return set()
     sims, found = index.search(normalized(index.reconstruct_batch(dropped)), min(AFFECT_K, index.ntotal))
-    kth = kth_of(meta, np.unique(found[found >= 0]).tolist())
-    gone = set(dropped.tolist())
-    return {i for i, sim in zip(found.ravel().tolist(), sims.ravel().tolist(), strict=True)
-            if i in kth and i not in gone and sim >= kth[i] - 1e-6}
+    hit = entered(found, sims, kth_of(meta, found)) & ~np.isin(found, dropped)
+    return set(found[hit].tolist())
 
 
 def search_new(index: faiss.Index, vectors: np.ndarray, new_ids: np.ndarray, lost: set[int]) -> Changes:
@@ -137,25 +156,33 @@ def search_new(index: faiss.Index, vectors: np.ndarray, new_ids: np.ndarray, los
     return Changes(lost, new_ids, found, sims)
 
 
-def stored_settings(meta: IndexMetadata) -> tuple[ReviewSettings, dict[int, float]]:
+def stored_settings(meta: IndexMetadata) -> tuple[ReviewSettings, Stats]:
     info = meta.info().get(INFO_KEY, {})
     settings = ReviewSettings(info.get("k", DEFAULT_SETTINGS.k), info.get("weighting", DEFAULT_SETTINGS.weighting),
                               info.get("neighbour_weight", DEFAULT_SETTINGS.neighbour_weight),
                               info.get("cluster_share", DEFAULT_SETTINGS.cluster_share))
-    return settings, {int(c): float(m) for c, m in info.get("cluster_doubt", {}).items()}
+    return settings, {int(c): list(v) for c, v in info.get("cluster_doubt", {}).items()}
 
 
-def _move_means(meta: IndexMetadata, settings: ReviewSettings, means: dict[int, float]) -> None:
-    """Clusters whose mean doubt drifted past the tolerance: every score of theirs shifted, the mean recorded."""
-    current = meta.query(f"SELECT {IMAGES.cluster}, AVG(1.0 - MIN(MAX(COALESCE({IMAGES.margin}, 0.0), 0.0), 1.0)) "
-                         f"FROM {IMAGES.name} WHERE {IMAGES.cluster} IS NOT NULL GROUP BY {IMAGES.cluster}")
+def _move_means(meta: IndexMetadata, settings: ReviewSettings, stats: Stats, added: list[dict[str, Any]],
+                removed: list[dict[str, Any]]) -> None:
+    """Move each cluster's sum and count by the images added and removed; where its mean drifted past the
+    tolerance, shift every score of the cluster (SQL) and record the new mean."""
     weight = (1.0 - settings.neighbour_weight) * settings.cluster_share
-    for cluster, mean in current:
-        if cluster in means and abs(mean - means[cluster]) > MEAN_TOLERANCE:
+    for rows, sign in ((added, 1.0), (removed, -1.0)):
+        for row in rows:
+            if row[IMAGES.cluster] is not None:
+                entry = stats.setdefault(int(row[IMAGES.cluster]), [np.nan, 0.0, 0.0])
+                entry[1] += sign * float(doubts(np.array([np.nan if row[IMAGES.margin] is None
+                                                          else row[IMAGES.margin]]))[0])
+                entry[2] += sign
+    for cluster, (mean, total, count) in stats.items():
+        now = total / count if count > 0 else mean
+        if np.isfinite(mean) and abs(now - mean) > MEAN_TOLERANCE:
             meta.query(f"UPDATE review SET score = score + ? WHERE id IN (SELECT {IMAGES.id} FROM {IMAGES.name} "
-                       f"WHERE {IMAGES.cluster} = ?)", (weight * (mean - means[cluster]), cluster))
-        if cluster not in means or abs(mean - means[cluster]) > MEAN_TOLERANCE:
-            means[int(cluster)] = float(mean)
+                       f"WHERE {IMAGES.cluster} = ?)", (weight * (now - mean), cluster))
+        if not np.isfinite(mean) or abs(now - mean) > MEAN_TOLERANCE:
+            stats[cluster][0] = now
 
 
 def _merged_lists(meta: IndexMetadata, changes: Changes, k: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -166,32 +193,31 @@ def _merged_lists(meta: IndexMetadata, changes: Changes, k: int) -> dict[int, tu
         return lists
     own, own_sims = drop_self(changes.new_ids, changes.found[:, :k + 1], changes.found_sims[:, :k + 1], k)
     lists.update({int(i): (n, m) for i, n, m in zip(changes.new_ids, own, own_sims, strict=True)})
-    new = set(changes.new_ids.tolist())
+    found, sims = changes.found, changes.found_sims
+    hit = entered(found, sims, kth_of(meta, found)) & ~np.isin(found, changes.new_ids)
+    hit &= ~np.isin(found, np.fromiter(changes.lost, np.int64, len(changes.lost)))
+    newcomers = np.broadcast_to(changes.new_ids[:, None], found.shape)[hit]
     entering: dict[int, list[tuple[int, float]]] = {}
-    old = np.unique(changes.found[(changes.found >= 0) & ~np.isin(changes.found, changes.new_ids)])
-    kth = kth_of(meta, old.tolist())
-    for y, row, row_sims in zip(changes.new_ids.tolist(), changes.found.tolist(), changes.found_sims.tolist(),
-                                strict=True):
-        for x, sim in zip(row, row_sims, strict=True):
-            if x in kth and x not in new and x not in changes.lost and sim >= kth[x] - 1e-6:
-                entering.setdefault(x, []).append((y, sim))
+    for x, y, sim in zip(found[hit].tolist(), newcomers.tolist(), sims[hit].tolist(), strict=True):
+        entering.setdefault(x, []).append((y, sim))
     stored = dict(chunked_in(meta.query, "SELECT id, neighbours FROM review WHERE id IN ({marks})", list(entering)))
-    for x, newcomers in entering.items():
-        ids, sims = unpacked(stored[x], k) if stored.get(x) is not None else (np.zeros(0, np.int64), np.zeros(0))
-        ids = np.concatenate([ids, [y for y, _ in newcomers]])
-        sims = np.concatenate([sims, [sim for _, sim in newcomers]]).astype(np.float32)
-        best = np.argsort(-sims, kind="stable")[:k]
-        lists[x] = ids[best], sims[best]
+    for x, joining in entering.items():
+        ids, near = unpacked(stored[x], k) if stored.get(x) is not None else (np.zeros(0, np.int64), np.zeros(0))
+        ids = np.concatenate([ids, [y for y, _ in joining]])
+        near = np.concatenate([near, [sim for _, sim in joining]]).astype(np.float32)
+        best = np.argsort(-near, kind="stable")[:k]
+        lists[x] = ids[best], near[best]
     return lists
 
 
-def rescore(meta: IndexMetadata, index: faiss.Index, changes: Changes, removed: Sequence[int]) -> int:
+def rescore(meta: IndexMetadata, index: faiss.Index, changes: Changes, removed: dict[int, dict[str, Any]]) -> int:
     """Bring the review table of a writable metadata copy (images already updated) up to date after an update:
-    drop ``removed``, move cluster means that drifted, score the new images and the old ones whose neighbour
-    list changed. Returns how many were scored."""
-    settings, means = stored_settings(meta)
-    chunked_in(meta.query, "DELETE FROM review WHERE id IN ({marks})", [int(i) for i in removed])
-    _move_means(meta, settings, means)
+    drop the ``removed`` rows, move cluster means that drifted, score the new images and the old ones whose
+    neighbour list changed. Returns how many were scored."""
+    settings, stats = stored_settings(meta)
+    chunked_in(meta.query, "DELETE FROM review WHERE id IN ({marks})", list(removed))
+    _move_means(meta, settings, stats, list(meta.rows(changes.new_ids.tolist()).values()), list(removed.values()))
+    means = {c: v[0] for c, v in stats.items()}
     k = min(settings.k, index.ntotal - 1)
     lists = _merged_lists(meta, changes, k) if k >= 1 else {}
     lost = np.array(sorted(changes.lost - set(lists)), np.int64)
@@ -213,7 +239,7 @@ def rescore(meta: IndexMetadata, index: faiss.Index, changes: Changes, removed: 
         agreement, suggestion = tally(all_ids, clusters.astype(np.int64), own, neighbours, sims, settings.weighting)
         insert_scores(meta, ReviewScores(ids, combine(agreement, margins, own, settings, means), suggestion,
                                          neighbours, sims))
-    set_settings(meta, settings, means)
+    set_settings(meta, settings, stats)
     return len(ids)
 
 
@@ -237,7 +263,7 @@ def refresh_index(index_dir: str | Path, settings: ReviewSettings = DEFAULT_SETT
 
         def write_meta(path: Path, generation: int) -> None:
             copy = meta.copy_to(path)
-            write_table(copy, scores, settings, cluster_doubts(margins, clusters))
+            write_table(copy, scores, settings, cluster_stats(margins, clusters))
             copy.set_info({"generation": generation})
             copy.commit()
             copy.close()

@@ -126,13 +126,16 @@ def doubts(margins: np.ndarray) -> np.ndarray:
     return 1.0 - np.nan_to_num(np.asarray(margins, np.float64), nan=0.0).clip(0.0, 1.0)
 
 
-def cluster_doubts(margins: np.ndarray, clusters: np.ndarray) -> dict[int, float]:
-    """Each cluster's mean doubt (the cluster term of the score)."""
+Stats = dict[int, list[float]]  # cluster -> [mean doubt the scores use, sum of doubts, images]
+
+
+def cluster_stats(margins: np.ndarray, clusters: np.ndarray) -> Stats:
+    """Each cluster's mean doubt (the cluster term of the score), with the sum and count an update moves."""
     clusters = np.asarray(clusters, np.int64)
     known = clusters >= 0
     sums = np.bincount(clusters[known], weights=doubts(margins)[known], minlength=1)
     counts = np.bincount(clusters[known], minlength=1)
-    return {int(c): float(sums[c] / counts[c]) for c in np.flatnonzero(counts)}
+    return {int(c): [float(sums[c] / counts[c]), float(sums[c]), float(counts[c])] for c in np.flatnonzero(counts)}
 
 
 def combine(agreement: np.ndarray, margins: np.ndarray, clusters: np.ndarray,
@@ -141,7 +144,7 @@ def combine(agreement: np.ndarray, margins: np.ndarray, clusters: np.ndarray,
     these images when not given (an update scores a few images against the whole index's means)."""
     doubt = doubts(margins)
     clusters = np.asarray(clusters, np.int64)
-    means = cluster_doubts(margins, clusters) if means is None else means
+    means = {c: v[0] for c, v in cluster_stats(margins, clusters).items()} if means is None else means
     table = np.full(max([int(clusters.max(initial=0)), *means]) + 1, np.nan)
     table[list(means)] = list(means.values())
     cluster_doubt = table[clusters.clip(0)]
