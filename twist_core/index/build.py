@@ -353,7 +353,12 @@ def _new_table_rows(index: IndexWriter, table: Path) -> tuple[list[dict[str, Any
         raise IndexUserError(f"the embeddings have dimension {embeddings.shape[1]} but the index holds "
                              f"{index.dim}-d vectors; label with the model the index was built with")
     found, vectors = [], []
-    for positions, rows in new_rows(table, index.ids_for_paths):
+    if len(embeddings) > 50_000:  # a large table: every indexed path in one query beats thousands of IN lists
+        indexed = set(index.paths())
+        known = lambda paths: indexed  # noqa: E731
+    else:
+        known = index.ids_for_paths
+    for positions, rows in new_rows(table, known):
         present = [i for i, row in enumerate(rows) if index.file_of(row["path"]).is_file()]
         if present:
             found += [rows[i] for i in present]

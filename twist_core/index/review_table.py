@@ -22,7 +22,7 @@ import numpy as np
 from twist_core.index.metadata import IMAGES, IndexMetadata, chunked_in, commit_generation, meta_path, read_manifest
 from twist_core.index.progress import Stages
 from twist_core.index.stream import TableScan
-from twist_core.knn_join import self_neighbours
+from twist_core.knn_join import JOIN_NPROBE, self_neighbours
 from twist_core.label.review import (
     ReviewScores,
     ReviewSettings,
@@ -34,7 +34,7 @@ from twist_core.label.review import (
     tally,
 )
 from twist_core.layout import INDEX_FILE, META_FILE
-from twist_core.vectors import drop_self, normalized
+from twist_core.vectors import drop_self, normalized, search_params
 
 VERSION = 2  # of the ``review`` table; an index whose table has another version is treated as having none
 AFFECT_K = 50  # neighbours of a new or removed image examined for old images whose lists it enters or leaves
@@ -139,11 +139,17 @@ def entered(found: np.ndarray, sims: np.ndarray, kth: np.ndarray) -> np.ndarray:
     return (found >= 0) & np.isfinite(kth) & (sims >= kth - 1e-6)
 
 
+def _search(index: faiss.Index, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ``AFFECT_K`` nearest of each vector, probing as many lists as the build's join did."""
+    params = search_params(index, None, min(JOIN_NPROBE, int(getattr(faiss.try_extract_index_ivf(index), "nprobe", 1))))
+    return index.search(normalized(vectors), min(AFFECT_K, index.ntotal), params=params)
+
+
 def near_removed(index: faiss.Index, dropped: np.ndarray, meta: IndexMetadata) -> set[int]:
     """Images whose neighbour list holds one of ``dropped`` (sim >= their kth): they are searched again."""
     if not len(dropped):
         return set()
-    sims, found = index.search(normalized(index.reconstruct_batch(dropped)), min(AFFECT_K, index.ntotal))
+    sims, found = _search(index, index.reconstruct_batch(dropped))
     hit = entered(found, sims, kth_of(meta, found)) & ~np.isin(found, dropped)
     return set(found[hit].tolist())
 
@@ -152,7 +158,7 @@ def search_new(index: faiss.Index, vectors: np.ndarray, new_ids: np.ndarray, los
     """The nearest stored images of each new vector (the index already holds them)."""
     if not len(vectors):
         return Changes(lost, new_ids, np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32))
-    sims, found = index.search(normalized(vectors), min(AFFECT_K, index.ntotal))
+    sims, found = _search(index, vectors)
     return Changes(lost, new_ids, found, sims)
 
 

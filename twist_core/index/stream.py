@@ -17,8 +17,6 @@ from twist_core.io_utils import path_from_text
 from twist_core.label.table import (
     LabelsTableError,
     csv_row,
-    csv_text,
-    iter_csv_cells,
     iter_labels,
     labels_paths,
     read_labels_meta,
@@ -97,23 +95,26 @@ def usable_chunks(table: Path, chunk: int = CHUNK) -> Iterator[tuple[np.ndarray,
 def new_rows(table: Path, known: Callable[[list[str]], Container[str]],
              chunk: int = CHUNK) -> Iterator[tuple[np.ndarray, list[dict[str, Any]]]]:
     """(table positions, rows) of the labelled rows whose path ``known`` (asked a chunk of paths at a time) does
-    not hold; a CSV table is read cell by cell and only these rows typed (a full 1M-row table: seconds)."""
+    not hold; a CSV table is read column-wise and only these rows typed (a full 1M-row table: seconds)."""
     if table_format(table) != ".csv":
         for positions, rows in usable_chunks(table, chunk):
             found = known([row["path"] for row in rows])
             fresh = [i for i, row in enumerate(rows) if row["path"] not in found]
             yield positions[fresh], [rows[i] for i in fresh]
         return
-    cells = iter_csv_cells(table)
+    import pandas as pd  # its C reader: a 1M-row table in about a second, the csv module takes five
+
     start = 0
-    while block := list(islice(cells, chunk)):
-        header = block[0][0]
-        at_path, at_error = header.index("path"), header.index("error") if "error" in header else None
-        good = [i for i, (_, row) in enumerate(block) if at_error is None or not row[at_error]]
-        paths = [csv_text(block[i][1][at_path]) for i in good]
-        found = known(paths)
-        fresh = [i for i, path in zip(good, paths, strict=True) if path not in found]
-        yield np.array(fresh, np.int64) + start, [csv_row(header, block[i][1]) for i in fresh]
+    for block in pd.read_csv(table, dtype=str, keep_default_na=False, chunksize=chunk):
+        raw = block["path"]
+        paths = raw.where(~raw.str.startswith("'"), raw.str[1:])  # csv_text, on the whole column
+        good = (block["error"] == "") if "error" in block else pd.Series(True, index=block.index)
+        listed = paths.tolist()
+        found = known([path for path, ok in zip(listed, good.tolist(), strict=True) if ok])
+        indexed = np.fromiter((path in found for path in listed), bool, len(listed))
+        fresh = np.flatnonzero(good.to_numpy() & ~indexed)
+        header = list(block.columns)
+        yield fresh + start, [csv_row(header, block.iloc[i].tolist()) for i in fresh]
         start += len(block)
 
 

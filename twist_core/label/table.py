@@ -196,15 +196,6 @@ def csv_row(header: Sequence[str], cells: Sequence[str]) -> Row:
                    for key, value in zip(header, cells, strict=False)})
 
 
-def iter_csv_cells(path: str | Path) -> Iterator[tuple[list[str], list[str]]]:
-    """(header, cells) of each row of a CSV table, untyped: a reader that needs one column of a million rows
-    (``twist index --update`` looking for new paths) types only the rows it keeps (:func:`csv_row`)."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        cells = csv.reader(handle)
-        header = next(cells, [])
-        yield from ((header, row) for row in cells)
-
-
 def load_labels(table: Path) -> tuple[list[dict[str, Any]], np.ndarray, dict[str, Any]]:
     """Usable rows, their embeddings (memory-mapped, same order) and the table's metadata."""
     if not table.is_file():
