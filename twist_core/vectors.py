@@ -31,7 +31,6 @@ PCA_DIM = 128  # kept dimensions of the compressed kind (recall@10 >= 0.95, benc
 TRAIN_POINTS_PER_LIST = 50  # k-means sample size per coarse centroid (FAISS asks for at least 39)
 PQ_TRAIN_POINTS = 39 * 256  # each 8-bit PQ codebook has 256 centroids
 KMEANS_ITERATIONS = 10  # the coarse quantizer barely improves after ~10 iterations; build time halves
-ADD_CHUNK = 100_000
 KINDS = ("auto", "flat", "ivf", "ivfpq", "pcasq")
 
 
