@@ -71,6 +71,10 @@ RECORD_SQL = f"{RECORD_COLUMNS} {JOINS}"
 OVERRIDDEN = f"FROM overrides o CROSS JOIN idx.{IMAGES.name} i ON i.{IMAGES.id} = o.image_id"
 MOVED_SQL = (f"{RECORD_COLUMNS} {OVERRIDDEN} "
              f"LEFT JOIN merges m ON m.cluster = i.{IMAGES.cluster} LEFT JOIN confirmed c ON c.image_id = o.image_id")
+# Only the (confidence, id) of the same images: passing many of them (a jump to a page by number) stays light.
+KEYS_SQL = (f"SELECT i.{IMAGES.confidence}, i.{IMAGES.id} FROM idx.{IMAGES.name} i "
+            f"LEFT JOIN overrides o ON o.image_id = i.{IMAGES.id}")
+KEYS_MOVED_SQL = f"SELECT i.{IMAGES.confidence}, i.{IMAGES.id} {OVERRIDDEN}"
 Cursor = tuple[float | None, int]  # (confidence, id) of the last image of a page: the next page starts after it
 
 
@@ -435,27 +439,31 @@ class CurationStore:
         """The cursor after the first ``offset`` images (a jump to a page by number; costs the rows passed)."""
         if offset <= 0:
             return None
-        passed = self._ordered(int(label), int(offset), descending, False, float(min_conf), float(max_conf), None)
-        return cursor_of(passed[-1]) if len(passed) == offset else None
+        passed = self._ordered(int(label), int(offset), descending, False, float(min_conf), float(max_conf), None,
+                               keys=True)
+        return passed[-1] if len(passed) == offset else None
 
     def _ordered(self, label: int, limit: int, descending: bool, id_descending: bool, low: float, high: float,
-                 after: Cursor | None) -> list[Record]:
+                 after: Cursor | None, keys: bool = False) -> list[Any]:
+        """The first ``limit`` images after the cursor, as Records (or, ``keys``, only their cursors: light rows
+        without the joins a Record needs, for passing many)."""
         key = order_key(descending, id_descending)
-        streams = [self._predicted(source, limit, descending, id_descending, low, high, after)
+        streams = [self._predicted(source, limit, descending, id_descending, low, high, after, keys)
                    for source in self._sources(label)]
-        streams.append(self._moved_in(label, limit, descending, id_descending, low, high, after))
-        merged = heapq.merge(*streams, key=lambda r: key(r.confidence, r.id))
+        streams.append(self._moved_in(label, limit, descending, id_descending, low, high, after, keys))
+        merged = heapq.merge(*streams, key=(lambda r: key(*r)) if keys else (lambda r: key(r.confidence, r.id)))
         return list(itertools.islice(merged, limit))
 
     def _predicted(self, source: int, limit: int, descending: bool, id_descending: bool, low: float, high: float,
-                   after: Cursor | None) -> list[Record]:
+                   after: Cursor | None, keys: bool) -> list[Any]:
         """Images predicted into ``source`` and not overridden, in page order after the cursor: the known
         confidences over the index (cluster, confidence), then the unknown ones (as 0) by id, or the reverse."""
         conf_dir, id_dir = ("DESC" if descending else "ASC"), ("DESC" if id_descending else "ASC")
         later = "<" if id_descending else ">"
-        base = f"{RECORD_SQL} WHERE i.{IMAGES.cluster} = ? AND o.image_id IS NULL AND "
-        known: list[Record] = []
-        unknown: list[Record] = []
+        base = f"{KEYS_SQL if keys else RECORD_SQL} WHERE i.{IMAGES.cluster} = ? AND o.image_id IS NULL AND "
+        row = tuple if keys else _record
+        known: list[Any] = []
+        unknown: list[Any] = []
         after_unknown = after is not None and after[0] is None
         if not (after_unknown and descending):  # unknowns come last when descending: a cursor there passed these
             lo, hi, tie = low, high, ""
@@ -466,7 +474,7 @@ class CurationStore:
             params += [lo, hi]
             if tie:
                 params += [after[0], after[1]]  # type: ignore[index]
-            known = [_record(r) for r in self._query(
+            known = [row(r) for r in self._query(
                 f"{base}i.{IMAGES.confidence} BETWEEN ? AND ?{tie} ORDER BY i.{IMAGES.confidence} {conf_dir}, "
                 f"i.{IMAGES.id} {id_dir} LIMIT ?", [*params, limit])]
         if low <= 0.0 <= high and not (after is not None and after[0] is not None and not descending):
@@ -475,7 +483,7 @@ class CurationStore:
             if after_unknown:
                 tie = f" AND i.{IMAGES.id} {later} ?"
                 params.append(after[1])  # type: ignore[index]
-            unknown = [_record(r) for r in self._query(
+            unknown = [row(r) for r in self._query(
                 f"{base}i.{IMAGES.confidence} IS NULL{tie} ORDER BY i.{IMAGES.id} {id_dir} LIMIT ?", [*params, limit])]
         return known + unknown if descending else unknown + known
 
@@ -513,7 +521,7 @@ class CurationStore:
                 [*sources, label, low, high])
 
     def _moved_in(self, label: int, limit: int, descending: bool, id_descending: bool, low: float, high: float,
-                  after: Cursor | None) -> list[Record]:
+                  after: Cursor | None, keys: bool) -> list[Any]:
         """Images moved into ``label`` (or excluded), in page order after the cursor (sorted: there are few)."""
         unknown, value = f"i.{IMAGES.confidence} IS NULL", f"COALESCE(i.{IMAGES.confidence}, 0)"
         id_term = f"-i.{IMAGES.id}" if id_descending else f"i.{IMAGES.id}"
@@ -522,8 +530,9 @@ class CurationStore:
         if after is not None:
             where += f" AND ({', '.join(terms)}) > (?, ?, ?)"
             params += list(order_key(descending, id_descending)(*after))
-        return [_record(r) for r in self._query(f"{MOVED_SQL} WHERE {where} ORDER BY {', '.join(terms)} LIMIT ?",
-                                                [*params, limit])]
+        rows = self._query(f"{KEYS_MOVED_SQL if keys else MOVED_SQL} WHERE {where} ORDER BY {', '.join(terms)} "
+                           "LIMIT ?", [*params, limit])
+        return [tuple(r) for r in rows] if keys else [_record(r) for r in rows]
 
     def records(self, ids: Sequence[int]) -> dict[int, Record]:
         found = chunked_in(self._query, f"{RECORD_SQL} WHERE i.{IMAGES.id} IN ({{marks}})", [int(i) for i in ids])
