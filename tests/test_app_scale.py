@@ -152,3 +152,31 @@ def test_doubtful_pages_follow_the_review_scores(store: CurationStore) -> None:
         pages = [[r.id for r in store.doubtful_page(label, k * 40, 40, 0.2, 0.9)]
                  for k in range(-(-len(members) // 40) + 1)]
         assert [i for page in pages for i in page] == ranked and pages[-1] == [], label
+
+
+def test_the_cluster_views_next_and_previous_pages_are_the_numbered_pages(app_bundle: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    """The Cluster view steps by the cursors of the page shown; the pages are those a page number gives."""
+    from app.workspace import PAGE_SIZE, Workspace
+
+    ws = Workspace(app_bundle["model"], app_bundle["index"], state_dir=tmp_path / "state")
+    try:
+        cluster = ws.largest_cluster()
+        assert cluster is not None
+        total = ws.store.count(cluster)
+        assert total > PAGE_SIZE  # several pages to step through
+        for lowest_first in (False, True):
+            numbered = [[r.id for r, _ in ws.cluster_page(cluster, k, lowest_first, thumbnails=False)[0]]
+                        for k in range(-(-total // PAGE_SIZE))]
+            shown, stepped = ws.cluster_page(cluster, 0, lowest_first, thumbnails=False)[0], []
+            for k in range(len(numbered)):
+                stepped.append([r.id for r, _ in shown])
+                if k + 1 < len(numbered):
+                    shown = ws.cluster_page(cluster, k + 1, lowest_first, after=cursor_of(shown[-1][0]),
+                                            thumbnails=False)[0]
+            assert stepped == numbered
+            back = ws.cluster_page(cluster, len(numbered) - 2, lowest_first, before=cursor_of(shown[0][0]),
+                                   thumbnails=False)[0]
+            assert [r.id for r, _ in back] == numbered[-2]
+    finally:
+        ws.close()
