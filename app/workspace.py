@@ -387,9 +387,14 @@ class Workspace:
         return items, total
 
     def review_scores(self, ids: Sequence[int]) -> dict[int, tuple[float, float]]:
-        """(review score, share of the index scored as high or higher) of each of ``ids`` that has one."""
-        with contextlib.closing(ReviewQueue(self.store.path, self._meta_path)) as queue:
-            return {i: (e.score, queue.share_above(e.score)) for i, e in queue.scores(list(ids)).items()}
+        """(review score, share of the index scored as high or higher) of each of ``ids`` that has one: read off
+        the generation's kept score quantiles (counting the scores above took a pass over most of the index)."""
+        store = self.store
+        with contextlib.closing(ReviewQueue(store.path, self._meta_path)) as queue:
+            scores = queue.scores(list(ids))
+            shares = {i: store.derived.share_at_least(e.score) for i, e in scores.items()}
+            return {i: (e.score, queue.share_above(e.score) if shares[i] is None else shares[i])
+                    for i, e in scores.items()}
 
     def keep(self, ids: Sequence[int]) -> str:
         """Confirm images in the cluster they are in: they leave the review queue (one undo entry brings them back)."""

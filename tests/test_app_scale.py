@@ -180,3 +180,12 @@ def test_the_cluster_views_next_and_previous_pages_are_the_numbered_pages(app_bu
             assert [r.id for r, _ in back] == numbered[-2]
     finally:
         ws.close()
+
+
+def test_the_kept_score_quantiles_give_the_share_of_images_scored_higher(store: CurationStore) -> None:
+    scores = sorted((r[0] for r in store._query("SELECT score FROM idx.review")), reverse=True)
+    for rank in (0, 1, 30, 700, 1500, N - 1):
+        exact = sum(s >= scores[rank] for s in scores) / len(scores)
+        kept = store.derived.share_at_least(scores[rank])
+        assert kept is not None and abs(kept - exact) <= 2 / len(scores) + 1e-3, rank
+    assert store.derived.share_at_least(scores[0]) == 1 / N  # the most doubtful image: one of N, never none

@@ -28,6 +28,7 @@ log = logging.getLogger("twist.index")
 VERSION = 1  # of the derived tables; another version is computed in memory at open, as if absent
 SAMPLE_SIZE = 20_000  # ids in the sample, in random order: any prefix is itself a random sample
 SAMPLE_SEED = 0
+QUANTILES = 1000  # of the review scores: a shown share ("higher than 97 % of the images") without counting them
 CLUSTERS_TABLE = "derived_clusters"
 SAMPLE_TABLE = "derived_sample"
 INFO_KEY = "derived"
@@ -58,6 +59,16 @@ class Derived:
     clusters: dict[int, ClusterStats] = field(default_factory=dict)
     sample: tuple[int, ...] = ()  # ids in random order
     review_rows: int | None = None  # scored images still in the index; None without a review table
+    review_quantiles: tuple[float, ...] = ()  # their scores at shares 0, 1/QUANTILES, ..., 1 (ascending)
+
+    def share_at_least(self, score: float) -> float | None:
+        """The share of the scored images whose score is ``score`` or more, read off the quantiles (to about
+        1/QUANTILES; never below one image); None without them."""
+        if not self.review_quantiles or not self.review_rows:
+            return None
+        below = float(np.interp(score, self.review_quantiles, np.linspace(0.0, 1.0, len(self.review_quantiles)),
+                                left=0.0, right=1.0))
+        return max(1.0 / self.review_rows, 1.0 - below)
 
 
 def compute(db: sqlite3.Connection, schema: str = "main") -> Derived:
@@ -68,11 +79,15 @@ def compute(db: sqlite3.Connection, schema: str = "main") -> Derived:
     ids = np.fromiter((r[0] for r in db.execute(f"SELECT {IMAGES.id} FROM {schema}.{IMAGES.name}")), np.int64)
     rng = np.random.default_rng(SAMPLE_SEED)
     sample = rng.choice(ids, min(SAMPLE_SIZE, len(ids)), replace=False) if len(ids) else ids
-    review = None
+    review, quantiles = None, ()
     if _has_table(db, schema, "review") and _info(db, schema, REVIEW_INFO_KEY) is not None:
-        review = int(db.execute(f"SELECT COUNT(*) FROM {schema}.review r JOIN {schema}.{IMAGES.name} i "
-                                f"ON i.{IMAGES.id} = r.id").fetchone()[0])
-    return Derived(clusters, tuple(int(i) for i in sample), review)
+        scores = np.fromiter((r[0] for r in db.execute(
+            f"SELECT r.score FROM {schema}.review r JOIN {schema}.{IMAGES.name} i ON i.{IMAGES.id} = r.id")),
+            np.float64)
+        review = len(scores)
+        if review:
+            quantiles = tuple(float(q) for q in np.quantile(scores, np.linspace(0.0, 1.0, QUANTILES + 1)))
+    return Derived(clusters, tuple(int(i) for i in sample), review, quantiles)
 
 
 def write_derived(db: sqlite3.Connection) -> None:
@@ -83,7 +98,8 @@ def write_derived(db: sqlite3.Connection) -> None:
                    [(c, s.size, s.conf_sum, s.conf_n) for c, s in derived.clusters.items()])
     db.executemany(f"INSERT INTO {SAMPLE_TABLE} (rank, id) VALUES (?, ?)", enumerate(derived.sample))
     db.execute(f"INSERT OR REPLACE INTO {INFO_TABLE} (key, value) VALUES (?, ?)",
-               (INFO_KEY, json.dumps({"version": VERSION, "review_rows": derived.review_rows})))
+               (INFO_KEY, json.dumps({"version": VERSION, "review_rows": derived.review_rows,
+                                      "review_quantiles": derived.review_quantiles})))
     db.commit()
 
 
@@ -97,7 +113,7 @@ def read_derived(db: sqlite3.Connection, schema: str = "main") -> Derived:
     clusters = {int(c): ClusterStats(int(n), float(s), int(k)) for c, n, s, k in db.execute(
         f"SELECT cluster, size, conf_sum, conf_n FROM {schema}.{CLUSTERS_TABLE}")}
     sample = tuple(r[0] for r in db.execute(f"SELECT id FROM {schema}.{SAMPLE_TABLE} ORDER BY rank"))
-    return Derived(clusters, sample, info.get("review_rows"))
+    return Derived(clusters, sample, info.get("review_rows"), tuple(info.get("review_quantiles") or ()))
 
 
 def _has_table(db: sqlite3.Connection, schema: str, name: str) -> bool:
