@@ -1,8 +1,10 @@
 """The curation store: cluster names, merges, per-image moves and exclusions, with an undo log.
 
 It lives in one SQLite file beside the index (``curation.sqlite``) so a restart or a second browser tab
-sees the same state. The index's own metadata is attached read-only, so every page, count and export is
-one SQL query over (images LEFT JOIN overrides LEFT JOIN merges): nothing loads a whole cluster.
+sees the same state. The index's own metadata is attached read-only. A cluster's page is read by keyset over
+the (cluster, confidence) indexes, one ordered query per predicted cluster feeding it plus one over the images
+moved in, merged; sizes are the generation's kept per-cluster figures (:mod:`twist_core.index.derived`)
+adjusted by the merges and overrides. No request reads every image, whatever N.
 
 Effective label of an image = its override (a move, or ``EXCLUDED``), else the cluster its predicted
 cluster was merged into, else its predicted cluster. Merges never chain: a merge re-points whatever was
