@@ -31,7 +31,7 @@ from app.views.shared import (
     parse_ids,
 )
 from app.workspace import PAGE_SIZE, AppUserError, Workspace
-from twist_core.curate.curation import EXCLUDED, Cursor, cursor_of
+from twist_core.curate.curation import EXCLUDED
 
 
 def build(ctx: ViewContext) -> None:
@@ -133,7 +133,7 @@ class ClusterView:
         info = (f"**{literal(self.ws.store.name(cluster))}**: {total:,} images in the confidence range · page "
                 f"{page + 1} of {pages} · {order}")
         gallery = [(str(thumb), f"#{r.id} · {r.confidence or 0:.2f}") for r, thumb in items]
-        keys = [list(cursor_of(items[0][0])), list(cursor_of(items[-1][0]))] if items else []
+        keys = [[r.confidence, r.id] for r in (items[0][0], items[-1][0])] if items else []  # (confidence, id)
         return gallery, info, [r.id for r, _ in items], page, keys
 
     def next_or_previous(self, step: int, *values: Any) -> tuple:
@@ -279,8 +279,8 @@ class ClusterView:
         return ", ".join(map(str, dict.fromkeys([*parse_ids(chosen), int(image_id)])))
 
 
-def as_cursor(value: Any) -> Cursor | None:
-    """A cursor kept in the page's state (a JSON list) as the store takes it."""
+def as_cursor(value: Any) -> tuple[float | None, int] | None:
+    """A cursor kept in the page's state (a JSON list) as the workspace takes it: (confidence, id)."""
     if not value:
         return None
     confidence, image_id = value
