@@ -18,6 +18,7 @@ A step that fails is recorded as ``error`` for that N and the rest goes on. Resu
 ``before``, the figures later runs are compared with.
 
     nice -n 5 python -m bench.scale --sizes 10k,100k --as-before
+    python -m bench.scale --sizes 1m --generate-only   # the 1M files and tables alone (~2.5 GB, minutes)
     python -m bench.scale --sizes 1m --cache /data/scale-cache
 """
 
@@ -269,20 +270,29 @@ def measure_app(index: Path, work: Path, hits: int, gradio_hits: int) -> dict[st
             child.wait()
 
 
-def measure_size(name: str, n: int, cache: Path, skip_app: bool = False, hits: int = 50) -> dict[str, Any]:
-    """Every figure of one N; a failing step records its ``error`` and the next steps still run when they can."""
+def prepare(name: str, n: int, cache: Path) -> tuple[Path, Path, dict[str, Any]]:
+    """The files, the table of N rows and the table of the N/100 new rows (made once, then reused)."""
     new = max(1, n // 100)
-    root = ensure_files(cache, n + new)
     start = time.perf_counter()
+    root = ensure_files(cache, n + new)
+    links_s = time.perf_counter() - start
     tables = cache / "tables" / name
     table = write_synthetic_table(tables / "labels.csv", root, Spec(n, seed=0))
     new_table = write_synthetic_table(tables / "new.csv", root, Spec(new, seed=1, first=n))
+    figures = {"n": n, "new_rows": new, "links_s": round(links_s, 1),
+               "tables_s": round(time.perf_counter() - start - links_s, 1),
+               "table_disk_mb": disk_mb(table, table.with_name("labels.embeddings.npy"))}
+    print(f"[{name}] files and tables ready: {figures}", flush=True)
+    return table, new_table, figures
+
+
+def measure_size(name: str, n: int, cache: Path, skip_app: bool = False, hits: int = 50) -> dict[str, Any]:
+    """Every figure of one N; a failing step records its ``error`` and the next steps still run when they can."""
+    table, new_table, figures = prepare(name, n, cache)
     work = cache / "runs" / name
     work.mkdir(parents=True, exist_ok=True)
     index = work / "index"
-    result: dict[str, Any] = {"n": n, "new_rows": new, "tables_s": round(time.perf_counter() - start, 1),
-                              "table_disk_mb": disk_mb(table, table.with_name("labels.embeddings.npy")),
-                              "errors": {}}
+    result: dict[str, Any] = {**figures, "errors": {}}
     steps = [("index", lambda: measure_index(table, index, work)),
              ("update", lambda: measure_update(new_table, index, work))]
     if not skip_app:
@@ -348,7 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hits", type=int, default=50, help="requests per API route")
     parser.add_argument("--out", default=str(RESULTS / "scale.json"), help="results file (merged with its sizes)")
     parser.add_argument("--as-before", action="store_true", help="store these figures under 'before'")
+    parser.add_argument("--generate-only", action="store_true", help="only make the files and tables (timed)")
     args = parser.parse_args(argv)
+    if args.generate_only:
+        for name in args.sizes.split(","):
+            prepare(name, SIZES.get(name) or int(name), Path(args.cache))
+        return 0
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.is_file() else {}
     entries = result.get("before", {}) if args.as_before else size_entries(result)

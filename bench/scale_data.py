@@ -141,6 +141,8 @@ def write_synthetic_table(out: Path, root: Path, spec: Spec) -> Path:
     if meta_path.is_file() and spec_path.is_file() and json.loads(spec_path.read_text()) == asdict(spec):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"writing {out} ({spec.rows:,} rows, {spec.rows * DIM * 2 / 2**30:.2f} GB of float16 embeddings)",
+          flush=True)
     meta_path.unlink(missing_ok=True)  # the meta is the commit: no meta, no table
     card = json.loads(MODEL.with_suffix(".json").read_text())
     names = card["class_names"]
