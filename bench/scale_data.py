@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tarfile
 import time
 from dataclasses import asdict, dataclass
@@ -36,6 +37,7 @@ MODEL = REPO / "models" / "demo" / "model.onnx"
 DIM, LATENT, CLUSTERS, SUBCENTRES = 1024, 64, 10, 100
 CHUNK = 50_000  # rows generated at once: ~200 MB of float32 vectors
 PER_FOLDER = 1000
+LINKS_PER_SOURCE = 100_000  # files numbered alike share a source copy: 12,500 links each
 VERSION = 1  # bump when the generator changes: cached tables of another version are made again
 
 
@@ -94,8 +96,12 @@ def ensure_files(cache: Path, count: int) -> Path:
         target = root / file_name(number)
         if number % PER_FOLDER == 0 or number == done:
             target.parent.mkdir(parents=True, exist_ok=True)
+        base = sources[number % len(sources)]
+        source = base.with_name(f"{base.stem}-{number // LINKS_PER_SOURCE}.png")  # ext4 allows 65,000 links a file
+        if not source.is_file():
+            shutil.copyfile(base, source)
         with contextlib.suppress(FileExistsError):  # a run killed midway made it already
-            os.link(sources[number % len(sources)], target)
+            os.link(source, target)
         if (number + 1) % 100_000 == 0:
             print(f"  {number + 1:,} files ({time.perf_counter() - start:.0f} s)", flush=True)
             done_path.write_text(str(number + 1))
