@@ -109,7 +109,7 @@ def exact_recall(index: str, table: str, queries: int = QUERIES, seed: int = 0) 
         best, best_rows = np.take_along_axis(sims, top, 1), np.take_along_axis(found, top, 1)
     reader = IndexReader.open(index, "cpu")
     try:
-        id_of = reader.ids_for_paths([row["path"] for row in rows])
+        id_of = reader.ids_for_paths([rows[r]["path"] for r in np.unique(best_rows)])
         truth = [{id_of[rows[r]["path"]] for r in row} for row in best_rows]
         hits = reader.search_vectors(query, K)
     finally:

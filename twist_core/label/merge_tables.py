@@ -4,7 +4,7 @@ node or per subfolder), for one ``twist index``.
 The shards must come from the same model (fingerprint), with the same embedding size and clusters; their
 folders must be one root, or lie under ``--root`` (each shard's paths then get its subfolder in front). A path
 in two shards is refused before anything is written (shards that overlap, or one labelled twice). Rows,
-embeddings and the skipped list are streamed shard by shard, so memory stays at one chunk plus 8 bytes a row
+embeddings and the skipped list are streamed shard by shard, so memory stays at one chunk plus 16 bytes a row
 (the duplicate check); the outputs appear together, the meta last. Each shard's ``review_score`` is kept as it
 was scored within its shard; ``twist index`` scores every image again over the whole index.
 """
