@@ -45,7 +45,7 @@ class MergeConfig:
     tables: list[str] = option([], "the shards' tables, in the order their rows are wanted",  # noqa: RUF009
                                cli=False)  # option() gives a list a default_factory
     root: str | None = option(None, "folder holding every shard's folder (default: the shards' one shared root)")
-    overwrite: bool = option(False, "replace an existing table at --out")
+    overwrite: bool = option(False, "replace an existing table at OUT")
 
 
 class MergeError(UserError):
