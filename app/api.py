@@ -29,7 +29,7 @@ from starlette.background import BackgroundTask
 from app.guard import logged_in, vector_body_bytes
 from app.results import AppUserError, Neighbour
 from app.workspace import PAGE_SIZE, Workspace
-from twist_core.curate.curation import Record
+from twist_core.curate.curation import Cursor, Record, cursor_of
 from twist_core.index.image_index import Hit
 from twist_core.index.metadata import IndexUserError
 
@@ -37,6 +37,10 @@ PREFIX = "/api/v1"
 MAX_K = 200
 UPLOAD_CHUNK = 1 << 20
 MAX_ID = 2**63 - 1  # SQLite's largest integer
+LABELS_PAGE, MAX_LABELS_PAGE = 1000, 10_000  # images per JSON page of /labels
+CLUSTER_IMAGES = ("a page of a cluster's images, most confident first; the answer's `after` fetches the next page "
+                  "(null at the end); a page number past the end is empty")
+AFTER = "the `after` of the previous page's answer: the page just after it, at any depth"
 
 
 class VectorQuery(BaseModel):
@@ -83,6 +87,23 @@ def known_id(image_id: int) -> int:
     if not 0 <= image_id <= MAX_ID:
         raise HTTPException(404, f"no image with id {image_id} in the index")
     return image_id
+
+
+def format_cursor(cursor: Cursor) -> str:
+    """A page cursor as the API hands it out: ``confidence:id`` (``null:id`` for an unknown confidence)."""
+    confidence, image_id = cursor
+    return f"{'null' if confidence is None else repr(float(confidence))}:{image_id}"
+
+
+def parse_cursor(text: str | None) -> Cursor | None:
+    """The cursor of :func:`format_cursor` back; 400 for anything else."""
+    if text is None:
+        return None
+    confidence, _, image_id = text.rpartition(":")
+    try:
+        return (None if confidence == "null" else float(confidence)), known_id(int(image_id))
+    except (ValueError, HTTPException):
+        raise HTTPException(400, f"{text!r} is not a page cursor: give the `after` of the previous answer") from None
 
 
 def unit_query(values: list[float], dim: int) -> np.ndarray:
@@ -163,6 +184,26 @@ def _top_classes(probs: np.ndarray, names: dict[int, str], k: int = 5) -> list[d
             for c in order]
 
 
+def _cluster_images(ws: Workspace, cluster: int, page: int, lowest_first: bool, cursor: Cursor | None
+                    ) -> dict[str, Any]:
+    """A page of a cluster as the API answers it: by cursor when given (any depth costs the same), else by number."""
+    items, total = ws.cluster_page(cluster, 0 if cursor else page, lowest_first, after=cursor, thumbnails=False)
+    names = ws.names()
+    shown = [] if cursor is None and page * PAGE_SIZE >= total else [record for record, _ in items]
+    more = len(shown) == PAGE_SIZE
+    return {"cluster": cluster, "page": None if cursor else page, "page_size": PAGE_SIZE, "total": total,
+            "after": format_cursor(cursor_of(shown[-1])) if more else None,
+            "images": [_record_json(record, names) for record in shown]}
+
+
+def _labels_page(ws: Workspace, after: int, limit: int) -> dict[str, Any]:
+    """The labels of the first ``limit`` images whose id is above ``after``, and the next page's ``after``."""
+    names = ws.names()
+    records = ws.store.records_after(after, limit)
+    return {"labels": [_record_json(record, names) for record in records],
+            "after": records[-1].id if len(records) == limit else None}
+
+
 def build_router(ws: Workspace, max_upload_bytes: int, concurrency: int) -> APIRouter:
     """The ``/api/v1`` routes over one workspace; every route requires the UI's login and runs in ``Workers``."""
     router = APIRouter(prefix=PREFIX, dependencies=[Depends(require_login)], tags=["twist"])
@@ -179,17 +220,14 @@ def build_router(ws: Workspace, max_upload_bytes: int, concurrency: int) -> APIR
                  "mean_confidence": round(float(c["mean_confidence"]), 6)}
                 for c in sorted(ws.store.summary(), key=lambda c: (-c["size"], c["cluster"]))]
 
-    @router.get("/clusters/{cluster}/images", summary="a page of a cluster's images, most confident first; a page "
-                                                      "past the end is empty")
+    @router.get("/clusters/{cluster}/images", summary=CLUSTER_IMAGES)
     @workers.route
-    def cluster_images(cluster: int, page: int = Query(0, ge=0), lowest_first: bool = False) -> dict[str, Any]:
+    def cluster_images(cluster: int, page: int = Query(0, ge=0), lowest_first: bool = False,
+                       after: str | None = Query(None, description=AFTER)) -> dict[str, Any]:
         try:
-            items, total = ws.cluster_page(cluster, page, lowest_first)
+            return _cluster_images(ws, cluster, page, lowest_first, parse_cursor(after))
         except AppUserError as error:
             raise user_error(error) from None
-        names = ws.names()
-        return {"cluster": cluster, "page": page, "page_size": PAGE_SIZE, "total": total,
-                "images": [] if page * PAGE_SIZE >= total else [_record_json(record, names) for record, _ in items]}
 
     @router.get("/review", summary="the review queue, most likely wrong first: a page of images no person moved, "
                                    "excluded or kept, each with its score and the cluster its neighbours suggest")
@@ -272,14 +310,15 @@ def build_router(ws: Workspace, max_upload_bytes: int, concurrency: int) -> APIR
         body = await capped_body(request, vector_limit)
         return await workers.run("search_by_vector", functools.partial(vector_search, body))
 
-    @router.get("/labels", summary="the current (curated) labels of every image, as JSON or CSV")
+    @router.get("/labels", summary="the current (curated) labels of every image: CSV in one answer, or JSON by "
+                                   "pages in id order (the answer's `after` fetches the next page, null at the end)")
     @workers.route
-    def labels(format: str = Query("json", pattern="^(json|csv)$")) -> Any:
+    def labels(format: str = Query("json", pattern="^(json|csv)$"), after: int = Query(-1, ge=-1, le=MAX_ID),
+               limit: int = Query(LABELS_PAGE, ge=1, le=MAX_LABELS_PAGE)) -> Any:
         if format == "csv":
             path, remove = _temporary_csv(ws)
             return FileResponse(path, media_type="text/csv", filename="labels.csv", background=remove,
                                 headers={"X-Content-Type-Options": "nosniff"})
-        names = ws.names()
-        return [_record_json(record, names) for record in ws.store.iter_records()]
+        return _labels_page(ws, after, limit)
 
     return router

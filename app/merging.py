@@ -1,9 +1,9 @@
 """Suggested merges over the clusters as curated now, for the app: the measures, the plan, and applying them.
 
-The suggestions are computed over the current clusters (:func:`twist_core.curate.merges.data_from_index` with
-the workspace's store), so a merge made anywhere in the app is respected, and a merge goes through the curation
-store like any other: the app's "Undo last change" takes it back. A plan down to N clusters
-(``twist suggest-merges --to N``) is applied as one change of the store, so one Undo takes it back.
+The suggestions are computed over the current clusters of a fixed random sample of the images (the index
+generation's, at most ``SAMPLE_IMAGES``: the view says so), so a merge made anywhere in the app is respected,
+and a merge goes through the curation store like any other: the app's "Undo last change" takes it back. A plan
+down to N clusters (``twist suggest-merges --to N``) is applied as one change of the store, so one Undo takes it back.
 
 A model trained with ``--coarse-classes`` adds the measure ``heads`` and starts with it: the fine clusters are
 grouped the way the model's coarse heads group them (one pass of the model over the images, kept per model).
@@ -30,6 +30,7 @@ __all__ = ["BOOTSTRAP", "DEFAULT_MEASURE", "MergeAdvisor", "MergePlan", "Suggest
 
 BOOTSTRAP = 100  # resamples for the K estimate's range (the command's default is 200)
 COVER_IMAGES = 4  # most confident images under each leaf of the dendrogram
+SAMPLE_IMAGES = 20_000  # images the suggestions are computed on: the generation's fixed random sample
 
 
 class MergeAdvisor:
@@ -57,9 +58,27 @@ class MergeAdvisor:
                                                           progress=False)
         return merges.gather_evidence(data, merges.HEADS, coarse_shares=self._shares[key])
 
+    def sample_note(self) -> str:
+        """Which images the suggestions are computed on, for the view (a sample beyond ``SAMPLE_IMAGES``)."""
+        total = self.ws.index.size
+        if total <= SAMPLE_IMAGES:
+            return f"computed on all {total:,} images"
+        return (f"computed on a fixed random sample of {SAMPLE_IMAGES:,} of the {total:,} images (the sizes are the "
+                "sample's; the clusters' own sizes are on the Clusters tab)")
+
+    def _data(self) -> merges.ClusterData:
+        """The sample's current labels, stored vectors and top clusters (excluded images left out): memory and
+        time stay those of ``SAMPLE_IMAGES`` images at any N, where every image's vector used to be read."""
+        store, index = self.ws.store, self.ws.index
+        records = store.records(store.sample(SAMPLE_IMAGES))
+        kept = sorted(i for i, r in records.items() if r.label is not None and r.label != EXCLUDED)
+        vectors = np.stack([index.vector(i) for i in kept]) if kept else np.zeros((0, index.dim), np.float32)
+        return merges.cluster_data(np.array(kept, np.int64), np.array([records[i].label for i in kept], np.int64),
+                                   vectors, [records[i].topk for i in kept], store.names(), store.merges())
+
     def _suggest(self, measure: str, **options: Any) -> Suggestions:
         try:
-            data = merges.data_from_index(self.ws.index_dir, store=self.ws.store)
+            data = self._data()
             return merges.suggest(data, measure, evidence=self._evidence(data, measure), **options)
         except merges.MergeUserError as error:
             raise AppUserError(str(error)) from None

@@ -40,11 +40,19 @@ class ReviewQueue:
             "LEFT JOIN overrides o ON o.image_id = r.id LEFT JOIN confirmed c ON c.image_id = r.id "
             "WHERE o.image_id IS NULL AND c.image_id IS NULL")
 
-    def count(self) -> int:
+    def count(self, scored: int | None = None) -> int:
+        """Unhandled scored images: ``scored`` (the generation's kept figure) less the handled ones among them,
+        so the cost follows the moves and confirmations; counted over every score when it is not known."""
         if not self.available:
             return 0
         with self._lock:
-            return int(self._db.execute(f"SELECT COUNT(*) {self.FROM}").fetchone()[0])
+            if scored is None:
+                return int(self._db.execute(f"SELECT COUNT(*) {self.FROM}").fetchone()[0])
+            handled = self._db.execute(
+                "SELECT COUNT(*) FROM (SELECT image_id FROM overrides UNION SELECT image_id FROM confirmed) h "
+                f"CROSS JOIN idx.review r ON r.id = h.image_id CROSS JOIN idx.{IMAGES.name} i ON i.{IMAGES.id} = r.id"
+            ).fetchone()[0]
+            return int(scored) - int(handled)
 
     def page(self, offset: int, limit: int) -> list[QueueEntry]:
         if not self.available:

@@ -29,7 +29,7 @@ from app.merging import MergeAdvisor
 from app.results import AppUserError, Neighbour, Prediction, Progress, ReviewItem, throttled
 from app.review_queue import ReviewQueue
 from app.thumbnails import ThumbnailCache
-from twist_core.curate.curation import EXCLUDED, CurationError, CurationStore, Record
+from twist_core.curate.curation import EXCLUDED, CurationError, CurationStore, Cursor, Record
 from twist_core.data.folder import ImageReadError, decode_image
 from twist_core.deploy.infer import OnnxModel
 from twist_core.index.image_index import IndexReader
@@ -185,9 +185,10 @@ class Workspace:
                 "cluster": lambda c: c["cluster"]}
         if sort not in keys:
             raise AppUserError(f"sort by one of: {', '.join(keys)}")
-        cards = sorted(self.store.summary(), key=keys[sort])
+        store = self.store
+        cards = sorted(store.summary(), key=keys[sort])
         for card in cards:
-            card["cover"] = self.cover(self.store.page(card["cluster"], limit=COVER_IMAGES))
+            card["cover"] = self.cover(store.page(card["cluster"], limit=COVER_IMAGES))
         return cards
 
     def cover(self, records: Sequence[Record]) -> Path:
@@ -225,38 +226,47 @@ class Workspace:
 
     # ---- one cluster
     def cluster_page(self, cluster: int, page: int = 0, lowest_first: bool = False, min_conf: float = 0.0,
-                     max_conf: float = 1.0, doubtful_first: bool = False) -> tuple[list[tuple[Record, Path]], int]:
+                     max_conf: float = 1.0, doubtful_first: bool = False, after: Cursor | None = None,
+                     before: Cursor | None = None, thumbnails: bool = True
+                     ) -> tuple[list[tuple[Record, Path | None]], int]:
         """A page of ``PAGE_SIZE`` images of a cluster (with thumbnails) and the cluster's filtered size.
 
+        The page starts just after ``after`` (or ends just before ``before``): the cursor of the page next to it,
+        which the views and the API hand back, so a page deep into a large cluster costs what the first does.
+        Without a cursor, page number ``page`` is found by passing the images before it (a jump by number).
         ``doubtful_first`` orders by the review score (neighbours in another cluster, hesitation) instead of
-        the confidence: a confident mistake comes first there and last by confidence.
+        the confidence: a confident mistake comes first there and last by confidence. ``thumbnails=False``
+        leaves them unmade (the API never shows them).
         """
         cluster = int(cluster)
         if cluster != EXCLUDED and not 0 <= cluster < self.model.n_classes:
             raise AppUserError(f"there is no cluster {cluster}")
         if min_conf > max_conf:
             raise AppUserError("the lowest confidence must not exceed the highest")
-        total = self.store.count(cluster, min_conf, max_conf)
-        page = max(0, min(int(page), max(0, (total - 1) // PAGE_SIZE)))
+        store = self.store
+        total = store.count(cluster, min_conf, max_conf)
+        last = max(0, (total - 1) // PAGE_SIZE)
+        wanted = max(0, int(page))
+        page = min(wanted, last)
         if doubtful_first:
-            records = self._doubtful_page(cluster, page, total, min_conf, max_conf)
+            records = self._doubtful_page(cluster, page, min_conf, max_conf)
         else:
-            records = self.store.page(cluster, page * PAGE_SIZE, PAGE_SIZE, "confidence", not lowest_first,
-                                      min_conf, max_conf)
-        return [(r, self.thumbnail(r)) for r in records], total
+            descending = not lowest_first
+            if before is not None and wanted == page:
+                records = store.page(cluster, PAGE_SIZE, descending, min_conf, max_conf, before=before)
+            else:
+                if after is None or wanted != page:
+                    after = store.seek(cluster, page * PAGE_SIZE, descending, min_conf, max_conf)
+                records = store.page(cluster, PAGE_SIZE, descending, min_conf, max_conf, after=after)
+        return [(r, self.thumbnail(r) if thumbnails else None) for r in records], total
 
-    def _doubtful_page(self, cluster: int, page: int, total: int, min_conf: float, max_conf: float) -> list[Record]:
-        """A page of the cluster by descending review score (the scores of its members, sorted here)."""
-        members = [r.id for r in self.store.page(cluster, 0, total, "id", False, min_conf, max_conf)]
+    def _doubtful_page(self, cluster: int, page: int, min_conf: float, max_conf: float) -> list[Record]:
+        """A page of the cluster by descending review score (the store walks the scores' index)."""
         with contextlib.closing(ReviewQueue(self.store.path, self._meta_path)) as queue:
             if not queue.available:
                 raise AppUserError(f"this index has no review scores (an older twist built it); add them with "
                                    f"twist index --update --out {self.index_dir}")
-            scores = queue.scores(members)
-        ranked = sorted(members, key=lambda i: (-(scores[i].score if i in scores else 0.0), i))
-        shown = ranked[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
-        records = self.store.records(shown)
-        return [records[i] for i in shown if i in records]
+        return self.store.doubtful_page(cluster, page * PAGE_SIZE, PAGE_SIZE, min_conf, max_conf)
 
     def record(self, image_id: int) -> Record:
         found = self.store.records([int(image_id)])
@@ -362,7 +372,7 @@ class Workspace:
             if not queue.available:
                 raise AppUserError(f"this index has no review scores (an older twist built it); add them with "
                                    f"twist index --update --out {self.index_dir}")
-            total = queue.count()
+            total = queue.count(store.derived.review_rows)
             page = max(0, min(int(page), max(0, (total - 1) // PAGE_SIZE)))
             entries = queue.page(page * PAGE_SIZE, PAGE_SIZE)
         records = store.records([e.id for e in entries])
@@ -377,9 +387,14 @@ class Workspace:
         return items, total
 
     def review_scores(self, ids: Sequence[int]) -> dict[int, tuple[float, float]]:
-        """(review score, share of the index scored as high or higher) of each of ``ids`` that has one."""
-        with contextlib.closing(ReviewQueue(self.store.path, self._meta_path)) as queue:
-            return {i: (e.score, queue.share_above(e.score)) for i, e in queue.scores(list(ids)).items()}
+        """(review score, share of the index scored as high or higher) of each of ``ids`` that has one: read off
+        the generation's kept score quantiles (counting the scores above took a pass over most of the index)."""
+        store = self.store
+        with contextlib.closing(ReviewQueue(store.path, self._meta_path)) as queue:
+            scores = queue.scores(list(ids))
+            shares = {i: store.derived.share_at_least(e.score) for i, e in scores.items()}
+            return {i: (e.score, queue.share_above(e.score) if shares[i] is None else shares[i])
+                    for i, e in scores.items()}
 
     def keep(self, ids: Sequence[int]) -> str:
         """Confirm images in the cluster they are in: they leave the review queue (one undo entry brings them back)."""
@@ -443,7 +458,8 @@ class Workspace:
         The geometry comes from every cached point, so it stays put while images are curated or removed.
         """
         index = self.index
-        ids, xy = projection.load_or_compute(self._projection_cache(index), self.store.all_ids(), index.vector)
+        ids, xy = projection.load_or_compute(self._projection_cache(index), self.store.sample(projection.MAX_POINTS),
+                                             index.vector)
         geometry = projection.MapGeometry.around(xy)
         records = self.store.records(ids.tolist())
         keep = np.array([int(i) in records for i in ids], dtype=bool)

@@ -56,6 +56,19 @@ def test_clusters_pages_and_records_match_the_index(servers: dict) -> None:
     confidences = [image["confidence"] for image in page["images"]]
     assert confidences == sorted(confidences, reverse=True) and len(page["images"]) == min(60, biggest["size"])
 
+    walked, cursor, by_number = [], None, []
+    while True:  # the cursor walks the cluster to its end, as the page numbers do
+        answer = api.get(f"clusters/{biggest['id']}/images", params={"after": cursor} if cursor else {}).json()
+        walked += [image["id"] for image in answer["images"]]
+        cursor = answer["after"]
+        if cursor is None:
+            break
+    for number in range(-(-biggest["size"] // 60)):
+        by_number += [i["id"] for i in api.get(f"clusters/{biggest['id']}/images", params={"page": number}).json()[
+            "images"]]
+    assert walked == by_number and len(walked) == biggest["size"]
+    assert api.get(f"clusters/{biggest['id']}/images", params={"after": "x:1"}).status_code == 400
+
     first = page["images"][0]
     record = api.get(f"images/{first['id']}", params={"k": 5}).json()
     hit = index.get(first["id"])
@@ -100,8 +113,14 @@ def test_search_by_id_upload_and_vector_agree_with_the_index(servers: dict) -> N
 
 def test_labels_follow_the_curation_in_json_and_csv(servers: dict) -> None:
     api, index = servers["open"], servers["ix"]
-    before = api.get("labels").json()
+    before, after = [], -1
+    while after is not None:  # pages by id, each after the last id of the one before
+        answer = api.get("labels", params={"after": after, "limit": 7}).json()
+        before += answer["labels"]
+        after = answer["after"]
+        assert after is None or after == answer["labels"][-1]["id"]
     assert len(before) == index.size and {r["path"] for r in before} == set(index.paths())
+    assert [r["id"] for r in before] == sorted(r["id"] for r in before)
     as_csv = list(csv.DictReader(io.StringIO(api.get("labels", params={"format": "csv"}).text)))
     assert len(as_csv) == index.size
     assert api.get("labels", params={"format": "xml"}).status_code == 422

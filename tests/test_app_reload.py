@@ -46,7 +46,7 @@ def test_an_index_update_is_picked_up_without_a_restart_and_keeps_the_curation(
     process, url = start_app_server({"model": app_bundle["model"], "index": index}, tmp_path / "state")
     try:
         api, client = httpx.Client(base_url=url + "api/v1/", timeout=60), Client(url, verbose=False)
-        before = api.get("labels").json()
+        before = api.get("labels", params={"limit": 10_000}).json()["labels"]
         assert len(before) == 2 * FIRST
         moved = before[0]
         target = next(c for c in range(4) if c != moved["cluster"])
@@ -67,7 +67,7 @@ def test_an_index_update_is_picked_up_without_a_restart_and_keeps_the_curation(
         assert update.returncode == 0 and f"added {ADDED}" in update.stdout, update.stderr
         assert statuses and set(statuses) == {200}, statuses
 
-        after = {r["path"]: r for r in api.get("labels").json()}
+        after = {r["path"]: r for r in api.get("labels", params={"limit": 10_000}).json()["labels"]}
         new = [r for path, r in after.items() if path.startswith("later/")]
         assert len(after) == 2 * FIRST + ADDED and len(new) == ADDED
         assert sum(c["size"] for c in api.get("clusters").json()) == 2 * FIRST + ADDED
@@ -96,7 +96,10 @@ def test_a_request_holding_a_generation_survives_two_updates_and_the_old_one_is_
     shutil.copytree(app_bundle["index"], index_dir)
     ws = Workspace(app_bundle["model"], index_dir, state_dir=tmp_path / "state")
     try:
+        opened = ws._served.index
         held = ws.index  # what a request in flight holds
+        assert held is opened  # the index is loaded once at start (the first access used to load it again)
+        del opened
         first = held.generation
         kept = held.get(0).id
         for gone in (1, 2):  # two updates commit, each seen by another request
@@ -105,6 +108,8 @@ def test_a_request_holding_a_generation_survives_two_updates_and_the_old_one_is_
             writer.close()
             assert ws.index.generation > first
         assert ws.index.size == held.size - 2
+        kept_sizes = {c["cluster"]: c["size"] for c in ws.store.summary()}  # the new generation's derived tables
+        assert kept_sizes == {c["cluster"]: c["size"] for c in ws.index.cluster_summary()}
         assert held.get(kept).id == kept and held.search_id(kept, 3)  # the request in flight finishes
         released = weakref.ref(held)
         del held

@@ -29,6 +29,7 @@ def config_cases(tmp_path: Path) -> dict[str, tuple[list[str], dict, str]]:
         "finetune": ([missing], {"index": str(tmp_path)}, missing),  # without the file: "give the labels"
         "label": ([str(DEMO_MODEL), str(tmp_path)], {"topk": 0}, "topk"),
         "index": ([], {"source": missing + ".csv"}, missing),
+        "merge-tables": ([str(tmp_path / "merged.csv"), str(tmp_path / "shard.csv")], {"root": missing}, missing),
         "search": ([], {"index": missing, "id": 1}, missing),
         "duplicates": ([str(tmp_path)], {"threshold": 2.0}, "--threshold"),
         "suggest-merges": ([str(tmp_path)], {"top": 0}, "--top"),

@@ -216,7 +216,7 @@ def test_the_running_app_follows_a_relabel_with_the_new_model_and_says_what_it_s
     process, url = start_app_server({"model": indexed["model"], "index": indexed["index"]}, state)
     try:
         api, client = httpx.Client(base_url=url + "api/v1/", timeout=60), Client(url, verbose=False)
-        moved = api.get("labels").json()[0]
+        moved = api.get("labels").json()["labels"][0]
         target = next(c for c in range(4) if c != moved["cluster"])
         client.predict(str(moved["id"]), target, api_name="/move_images")
         assert api.get(f"images/{moved['id']}").json()["status"] == "moved"

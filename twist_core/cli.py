@@ -35,6 +35,8 @@ CORE_COMMANDS = {
                     "score clusters against class folders (ACC/NMI/AMI/ARI, kNN, baselines)"),
     "export": Command("twist_core.commands.export", "export a run to one ONNX file with its model card"),
     "label": Command("twist_core.commands.label", "label every image of a folder with an exported model"),
+    "merge-tables": Command("twist_core.commands.merge_tables",
+                            "merge labels tables of shards labelled apart into one table for twist index"),
     "index": Command("twist_core.commands.index", "build or update a FAISS similarity index from labels + embeddings"),
     "search": Command("twist_core.commands.search", "find the images most similar to an image (or an indexed id)"),
     "duplicates": Command("twist_core.commands.duplicates", "list groups of near-identical images in an index"),

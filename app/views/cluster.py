@@ -50,7 +50,7 @@ class ClusterView:
         self.choices = [self.cluster, self.merge_sources, self.move_target]
         self.page_inputs = [self.cluster, self.page, self.lowest_first, self.min_conf, self.max_conf,
                             self.doubtful_first]
-        self.page_outputs = [self.gallery, self.page_info, self.page_ids, self.page]
+        self.page_outputs = [self.gallery, self.page_info, self.page_ids, self.page, self.page_keys]
         self.refresh = {"fn": self.first_page, "inputs": self.page_inputs, "outputs": self.page_outputs,
                         "api_visibility": "private"}
         self.refresh_choices = {"fn": friendly(lambda *values: fresh_choices(self.ws, *values)),
@@ -83,6 +83,7 @@ class ClusterView:
         self.gallery = gr.Gallery(label="Images (click one to inspect it)", columns=10, allow_preview=False,
                                   height="auto", elem_id="cluster-gallery")
         self.page_ids = gr.State([])
+        self.page_keys = gr.State([])  # the cursors of the page's first and last images: previous and next pages
         self.inspected = image_panel("inspect", "Nearest neighbours (click to search from one)")
 
     def _curate(self) -> None:
@@ -118,10 +119,13 @@ class ClusterView:
     # ---- handlers
     @friendly
     def open_cluster(self, cluster: int, page: int, lowest_first: bool, min_conf: float, max_conf: float,
-                     doubtful_first: bool = False) -> tuple[list, str, list[int], int]:
+                     doubtful_first: bool = False, after: Any = None, before: Any = None
+                     ) -> tuple[list, str, list[int], int, list]:
+        """A page by number, or (``after``/``before``: the next or previous page's cursor) by keyset."""
         cluster = cluster_number(cluster, "choose a cluster first")
         items, total = self.ws.cluster_page(cluster, int(page or 0), bool(lowest_first), float(min_conf),
-                                            float(max_conf), bool(doubtful_first))
+                                            float(max_conf), bool(doubtful_first), as_cursor(after),
+                                            as_cursor(before))
         pages = max(1, -(-total // PAGE_SIZE))
         page = min(max(0, int(page or 0)), pages - 1)
         order = ("most doubtful first (review score)" if doubtful_first
@@ -129,7 +133,17 @@ class ClusterView:
         info = (f"**{literal(self.ws.store.name(cluster))}**: {total:,} images in the confidence range · page "
                 f"{page + 1} of {pages} · {order}")
         gallery = [(str(thumb), f"#{r.id} · {r.confidence or 0:.2f}") for r, thumb in items]
-        return gallery, info, [r.id for r, _ in items], page
+        keys = [[r.confidence, r.id] for r in (items[0][0], items[-1][0])] if items else []  # (confidence, id)
+        return gallery, info, [r.id for r, _ in items], page, keys
+
+    def next_or_previous(self, step: int, *values: Any) -> tuple:
+        """The page next to the one shown, from its first or last image's cursor (by number in doubt order)."""
+        *inputs, keys = values
+        cluster, page, *rest = inputs
+        target = max(0, int(page or 0) + step)
+        if not keys or rest[-1] or target == int(page or 0):
+            return self.open_cluster(cluster, target, *rest)
+        return self.open_cluster(cluster, target, *rest, **({"after": keys[1]} if step > 0 else {"before": keys[0]}))
 
     @friendly
     def opening_choices(self, cluster: Any, sources: Any, target: Any) -> tuple[Any, Any, Any]:
@@ -205,9 +219,9 @@ class ClusterView:
                         self.min_conf.release, self.max_conf.release):
             trigger(self.first_page, inputs, outputs, api_visibility="private", **QUIET).then(**first)
         self.page.submit(self.open_cluster, inputs, outputs, api_name="open_cluster", **QUIET).then(**first)
-        self.previous_page.click(lambda *v: self.open_cluster(v[0], max(0, int(v[1] or 0) - 1), *v[2:]), inputs,
-                                 outputs, api_visibility="private", **QUIET).then(**first)
-        self.next_page.click(lambda *v: self.open_cluster(v[0], int(v[1] or 0) + 1, *v[2:]), inputs, outputs,
+        self.previous_page.click(lambda *v: self.next_or_previous(-1, *v), [*inputs, self.page_keys], outputs,
+                                 api_visibility="private", **QUIET).then(**first)
+        self.next_page.click(lambda *v: self.next_or_previous(1, *v), [*inputs, self.page_keys], outputs,
                              api_visibility="private", **QUIET).then(**first)
         # one order at a time: checking one unchecks the other
         self.lowest_first.input(lambda on: gr.skip() if not on else False, [self.lowest_first], [self.doubtful_first],
@@ -263,3 +277,11 @@ class ClusterView:
         if image_id in (None, ""):
             raise AppUserError("inspect an image first: click one in the gallery")
         return ", ".join(map(str, dict.fromkeys([*parse_ids(chosen), int(image_id)])))
+
+
+def as_cursor(value: Any) -> tuple[float | None, int] | None:
+    """A cursor kept in the page's state (a JSON list) as the workspace takes it: (confidence, id)."""
+    if not value:
+        return None
+    confidence, image_id = value
+    return (None if confidence is None else float(confidence)), int(image_id)

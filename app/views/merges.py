@@ -26,13 +26,14 @@ def plan_text(result: Suggestions, plan: MergePlan) -> str:
     return "  \n".join(literal(line) for line in MergeAdvisor.plan_lines(result, plan))
 
 
-def estimate_text(result: Suggestions) -> str:
+def estimate_text(result: Suggestions, sample: str) -> str:
+    """The K estimate, and which images the suggestions were computed on (``sample``)."""
     estimate = result.k_estimate
     if estimate is None:
-        return f"{len(result.clusters)} clusters: too few to estimate how many groups there are."
+        return f"{len(result.clusters)} clusters: too few to estimate how many groups there are ({sample})."
     return (f"**Estimated number of groups: {estimate.k}** (range {estimate.low}-{estimate.high} over "
             f"{estimate.resamples} bootstrap resamples of the images; {estimate.support:.0%} of them gave "
-            f"{estimate.k}) from {len(result.clusters)} current clusters. Measure: {result.measure}.")
+            f"{estimate.k}) from {len(result.clusters)} current clusters. Measure: {result.measure}; {sample}.")
 
 
 PAIR_COLUMNS = ["rank", "cluster A", "size A", "cluster B", "size B", "similarity"]
@@ -73,7 +74,7 @@ def build(ctx: ViewContext) -> None:
         choices = pair_choices(result)
         first = choices[0][1] if choices else None
         gallery = pair_gallery(ws, *parse_pair(first)) if first else []
-        return (estimate_text(result), ws.merging.dendrogram(result), pairs_table(result),
+        return (estimate_text(result, ws.merging.sample_note()), ws.merging.dendrogram(result), pairs_table(result),
                 gr.Dropdown(choices=choices, value=first), gallery, literal(message))
 
     @friendly

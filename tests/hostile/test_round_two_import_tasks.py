@@ -71,7 +71,7 @@ def test_an_id_without_an_image_url_is_applied_only_when_the_task_names_this_ind
                                                                                    tmp_path: Path) -> None:
     state = tmp_path / "state"
     store = open_store(indexed, state)
-    first, second = store.all_ids()[:2]
+    first, second = [r.id for r in store.iter_records()][:2]
     to_first, to_second = other_cluster(indexed, store, first), other_cluster(indexed, store, second)
     result = import_labels([task(1, {"twist_id": first}, to_first[1]),
                             task(2, {"twist_id": second, "twist_index": indexed["uid"]}, to_second[1])], indexed, state)
@@ -86,7 +86,7 @@ def test_an_id_without_an_image_url_is_applied_only_when_the_task_names_this_ind
 def test_an_export_of_another_index_is_refused_and_changes_nothing(indexed: dict[str, Any], tmp_path: Path) -> None:
     state = tmp_path / "state"
     store = open_store(indexed, state)
-    first = store.all_ids()[0]
+    first = next(r.id for r in store.iter_records())
     tasks = [task(1, {"image": URL + store.records([first])[first].path, "twist_id": first,
                       "twist_index": "0123456789abcdef0123456789abcdef"}, other_cluster(indexed, store, first)[1])]
     result = import_labels(tasks, indexed, state)
@@ -101,7 +101,7 @@ def test_malformed_tasks_are_named_and_left_out_while_the_rest_is_applied(indexe
                                                                         tmp_path: Path) -> None:
     state = tmp_path / "state"
     store = open_store(indexed, state)
-    good = store.all_ids()[0]
+    good = next(r.id for r in store.iter_records())
     path = store.records([good])[good].path
     cluster, name = other_cluster(indexed, store, good)
     tasks = [

@@ -43,7 +43,7 @@ def setting(tiny_run: Path, shapes_folder: Path, tmp_path_factory: pytest.TempPa
     model = export_label_index(tiny_run, shapes_folder, base / "m.onnx", base / "labels.csv", base / "ix")
     store = CurationStore(base / "ix" / "curation.sqlite", meta_path(base / "ix"),
                           OnnxModel(model, device="cpu").class_names)
-    store.confirm(store.all_ids()[:10])
+    store.confirm([r.id for r in store.iter_records()][:10])
     store.close()
     k6_model = export_model(ExportConfig(run=str(runs["k6"]), out=str(base / "m6.onnx"),
                                          class_names="discs,stripes,animals,vehicles,extra one,extra two"))
@@ -75,7 +75,7 @@ def test_finetune_accepts_the_index_of_its_own_export(setting: dict[str, Path], 
 def test_import_labels_refuses_a_model_that_did_not_label_the_index(setting: dict[str, Path], tmp_path: Path) -> None:
     """K = 6 names against a K = 4 index used to move an image to cluster 5, which exists nowhere else."""
     store = CurationStore(setting["index"] / "curation.sqlite", meta_path(setting["index"]), [])
-    first = store.records(store.all_ids()[:1])
+    first = store.records([r.id for r in store.iter_records()][:1])
     store.close()
     (image_id, record), = first.items()
     export = tmp_path / "export.json"

@@ -65,7 +65,7 @@ def curate(index: Path, state: Path, model: Path, moves: bool = True) -> None:
     """Names, a merge, confirmations and (``moves``) moves and an exclusion: what a store keys by cluster or image."""
     store = CurationStore(state / "curation.sqlite", meta_path(index), OnnxModel(model, device="cpu").class_names)
     try:
-        ids = store.all_ids()
+        ids = [r.id for r in store.iter_records()]
         store.rename(0, "round things")
         store.merge([1], 2)
         if moves:

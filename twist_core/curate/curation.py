@@ -1,8 +1,10 @@
 """The curation store: cluster names, merges, per-image moves and exclusions, with an undo log.
 
 It lives in one SQLite file beside the index (``curation.sqlite``) so a restart or a second browser tab
-sees the same state. The index's own metadata is attached read-only, so every page, count and export is
-one SQL query over (images LEFT JOIN overrides LEFT JOIN merges): nothing loads a whole cluster.
+sees the same state. The index's own metadata is attached read-only. A cluster's page is read by keyset over
+the (cluster, confidence) indexes, one ordered query per predicted cluster feeding it plus one over the images
+moved in, merged; sizes are the generation's kept per-cluster figures (:mod:`twist_core.index.derived`)
+adjusted by the merges and overrides. No request reads every image, whatever N.
 
 Effective label of an image = its override (a move, or ``EXCLUDED``), else the cluster its predicted
 cluster was merged into, else its predicted cluster. Merges never chain: a merge re-points whatever was
@@ -26,6 +28,8 @@ was made (the index keeps a history of its models with the time each came in).
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import json
 import sqlite3
 import threading
@@ -37,12 +41,12 @@ from typing import Any
 
 from twist_core.curate.set_aside import SET_ASIDE_FILE, UNDO_TABLES, SetAside, describe_held
 from twist_core.curate.store_file import ACTION_TIME_FORMAT, CurationError, curation_path, store_model
+from twist_core.index.derived import Derived, read_derived
 from twist_core.index.metadata import IMAGES, chunked_in, meta_path
 from twist_core.io_utils import atomic_write_text, mark_output_folder
 from twist_core.layout import INFO_TABLE
 
 EXCLUDED = -1  # the label of an image taken out of the dataset
-ORDERS = (IMAGES.confidence, IMAGES.id, IMAGES.path)
 HELD = ("name(s)", "merge(s)", "move(s)", "exclusion(s)", "confirmation(s)", "undo step(s)")  # see held()
 
 SCHEMA = """
@@ -61,8 +65,19 @@ LABEL_SQL = f"COALESCE(o.cluster, m.into_cluster, i.{IMAGES.cluster})"
 JOINS = (f"FROM idx.{IMAGES.name} i LEFT JOIN overrides o ON o.image_id = i.{IMAGES.id} "
          f"LEFT JOIN merges m ON m.cluster = i.{IMAGES.cluster} LEFT JOIN confirmed c ON c.image_id = i.{IMAGES.id}")
 # One image as a Record: its effective label, whether it was moved, whether it was confirmed.
-RECORD_SQL = (f"SELECT i.{IMAGES.id}, i.{IMAGES.path}, i.{IMAGES.cluster}, i.{IMAGES.confidence}, i.{IMAGES.topk}, "
-              f"{LABEL_SQL}, o.cluster, c.image_id {JOINS}")
+RECORD_COLUMNS = (f"SELECT i.{IMAGES.id}, i.{IMAGES.path}, i.{IMAGES.cluster}, i.{IMAGES.confidence}, "
+                  f"i.{IMAGES.topk}, {LABEL_SQL}, o.cluster, c.image_id")
+RECORD_SQL = f"{RECORD_COLUMNS} {JOINS}"
+# The images moved into a cluster, found from the overrides (their number, never N, sets the cost).
+# CROSS JOIN: the overrides drive the loop (the planner, knowing no sizes, would rather scan every image).
+OVERRIDDEN = f"FROM overrides o CROSS JOIN idx.{IMAGES.name} i ON i.{IMAGES.id} = o.image_id"
+MOVED_SQL = (f"{RECORD_COLUMNS} {OVERRIDDEN} "
+             f"LEFT JOIN merges m ON m.cluster = i.{IMAGES.cluster} LEFT JOIN confirmed c ON c.image_id = o.image_id")
+# Only the (confidence, id) of the same images: passing many of them (a jump to a page by number) stays light.
+KEYS_SQL = (f"SELECT i.{IMAGES.confidence}, i.{IMAGES.id} FROM idx.{IMAGES.name} i "
+            f"LEFT JOIN overrides o ON o.image_id = i.{IMAGES.id}")
+KEYS_MOVED_SQL = f"SELECT i.{IMAGES.confidence}, i.{IMAGES.id} {OVERRIDDEN}"
+Cursor = tuple[float | None, int]  # (confidence, id) of the last image of a page: the next page starts after it
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,22 @@ class Record:
     topk: str | None
     label: int | None
     status: str  # predicted, merged, confirmed, moved or excluded
+
+
+def order_key(descending: bool, id_descending: bool = False) -> Callable[[float | None, int], tuple]:
+    """The sort key of a cluster's pages: by confidence (an unknown one as the lowest), then by id."""
+    def key(confidence: float | None, image_id: int) -> tuple:
+        unknown = confidence is None
+        value = 0.0 if unknown else float(confidence)
+        return (unknown, -value, -image_id if id_descending else image_id) if descending else \
+            (not unknown, value, -image_id if id_descending else image_id)
+
+    return key
+
+
+def cursor_of(record: Record) -> Cursor:
+    """Where the page after ``record`` starts."""
+    return record.confidence, record.id
 
 
 def _record(row: tuple) -> Record:
@@ -113,6 +144,7 @@ class CurationStore:
     def _attach(self, meta_path: Path) -> None:
         uri = f"file:{Path(meta_path).resolve()}?mode=ro"
         self._db.execute("ATTACH DATABASE ? AS idx", (uri,))
+        self.derived: Derived = read_derived(self._db, "idx")
         self._bind_to_index()
 
     def reattach(self, meta_path: Path) -> None:
@@ -128,6 +160,7 @@ class CurationStore:
             except (sqlite3.Error, CurationError):
                 with contextlib.suppress(sqlite3.Error):  # back to the generation it read before, if still there
                     self._db.execute("ATTACH DATABASE ? AS idx", (f"file:{previous}?mode=ro",))
+                    self.derived = read_derived(self._db, "idx")
                 raise
 
     def _index_value(self, key: str) -> Any:
@@ -331,57 +364,193 @@ class CurationStore:
         return found[0][0] if found else int(cluster)
 
     def summary(self) -> list[dict[str, Any]]:
-        """Size and mean confidence per effective label (non-empty ones), excluded images as ``EXCLUDED``."""
-        rows = self._query(f"SELECT {LABEL_SQL} AS label, COUNT(*), AVG(i.{IMAGES.confidence}) {JOINS} "
-                           f"WHERE i.{IMAGES.cluster} IS NOT NULL OR o.cluster IS NOT NULL "
-                           "GROUP BY label ORDER BY label")
+        """Size and mean confidence per effective label (non-empty ones), excluded images as ``EXCLUDED``.
+
+        The generation's per-cluster figures (:mod:`twist_core.index.derived`) moved by the merges, then by the
+        overrides, grouped by (predicted, now): the cost follows the number of overrides, never N.
+        """
+        merged = self.merges()
+        totals: dict[int, list[float]] = {}
+
+        def add(label: int, n: int, conf_sum: float, conf_n: int, sign: int = 1) -> None:
+            entry = totals.setdefault(label, [0, 0.0, 0])
+            entry[0] += sign * n
+            entry[1] += sign * conf_sum
+            entry[2] += sign * conf_n
+
+        for cluster, stats in self.derived.clusters.items():
+            add(merged.get(cluster, cluster), stats.size, stats.conf_sum, stats.conf_n)
+        for predicted, label, n, conf_sum, conf_n in self._query(
+                f"SELECT i.{IMAGES.cluster}, o.cluster, COUNT(*), TOTAL(i.{IMAGES.confidence}), "
+                f"COUNT(i.{IMAGES.confidence}) {OVERRIDDEN} GROUP BY i.{IMAGES.cluster}, o.cluster"):
+            if predicted is not None:
+                add(merged.get(predicted, predicted), n, conf_sum, conf_n, -1)
+            add(label, n, conf_sum, conf_n)
         names = self.names()
         return [{"cluster": c, "name": "excluded" if c == EXCLUDED else names.get(c, f"cluster {c}"),
-                 "size": n, "mean_confidence": m} for c, n, m in rows]
+                 "size": int(n), "mean_confidence": total / known if known else None}
+                for c, (n, total, known) in sorted(totals.items()) if n > 0]
 
-    def _where(self, label: int, min_conf: float, max_conf: float) -> tuple[str, list[Any]]:
-        """Members of ``label``: predicted into one of its source clusters and not overridden, or moved in.
-
-        Written as a union of two index-friendly conditions rather than a test on the computed label.
-        """
-        sources = [label] if label == EXCLUDED else [
-            label, *[r[0] for r in self._query("SELECT cluster FROM merges WHERE into_cluster = ?", (label,))]]
-        if label != EXCLUDED and self.merged_into(label) != label:
-            sources.remove(label)
-        marks = ",".join("?" * len(sources))
-        where = (f"((i.{IMAGES.cluster} IN ({marks}) AND o.cluster IS NULL) OR o.cluster = ?) "
-                 f"AND COALESCE(i.{IMAGES.confidence}, 0) BETWEEN ? AND ?")
-        return where, [*sources, label, float(min_conf), float(max_conf)]
+    def _sources(self, label: int) -> list[int]:
+        """The predicted clusters whose images (not overridden) have the effective label ``label``."""
+        if label == EXCLUDED:
+            return []
+        merged_here = [r[0] for r in self._query("SELECT cluster FROM merges WHERE into_cluster = ?", (label,))]
+        return merged_here if self.merged_into(label) != label else [label, *merged_here]
 
     def count(self, label: int, min_conf: float = 0.0, max_conf: float = 1.0) -> int:
-        where, params = self._where(label, min_conf, max_conf)
-        return self._query(f"SELECT COUNT(*) {JOINS} WHERE {where}", params)[0][0]
+        """Images with the effective label ``label`` whose confidence (unknown: 0) lies in the range.
 
-    def page(self, label: int, offset: int = 0, limit: int = 60, order_by: str = "confidence",
-             descending: bool = True, min_conf: float = 0.0, max_conf: float = 1.0) -> list[Record]:
-        """One page of a cluster, filtered and sorted in SQL (a 100k cluster opens as fast as a small one)."""
-        if order_by not in ORDERS:
-            raise CurationError(f"cannot order by {order_by!r}; choose one of {', '.join(ORDERS)}")
-        where, params = self._where(label, min_conf, max_conf)
-        direction = "DESC" if descending else "ASC"
-        rows = self._query(f"{RECORD_SQL} WHERE {where} ORDER BY i.{order_by} {direction}, i.{IMAGES.id} "
-                           "LIMIT ? OFFSET ?",
-                           [*params, int(limit), int(offset)])
-        return [_record(row) for row in rows]
+        The whole range is the summary's figure; a narrower one counts index ranges of the predicted clusters,
+        less the overridden, plus the moved in.
+        """
+        label, low, high = int(label), float(min_conf), float(max_conf)
+        if low <= 0.0 and high >= 1.0:
+            return next((c["size"] for c in self.summary() if c["cluster"] == label), 0)
+        total = 0
+        for source in self._sources(label):
+            total += self._query(f"SELECT COUNT(*) FROM idx.{IMAGES.name} WHERE {IMAGES.cluster} = ? AND "
+                                 f"{IMAGES.confidence} BETWEEN ? AND ?", (source, low, high))[0][0]
+            if low <= 0.0 <= high:
+                total += self._query(f"SELECT COUNT(*) FROM idx.{IMAGES.name} WHERE {IMAGES.cluster} = ? AND "
+                                     f"{IMAGES.confidence} IS NULL", (source,))[0][0]
+        in_range = f"COALESCE(i.{IMAGES.confidence}, 0) BETWEEN ? AND ?"
+        sources = self._sources(label)
+        if sources:
+            total -= chunked_in(self._query, f"SELECT COUNT(*) {OVERRIDDEN} WHERE {in_range} AND "
+                                f"i.{IMAGES.cluster} IN ({{marks}})", sources, (low, high))[0][0]
+        return total + self._query(f"SELECT COUNT(*) {OVERRIDDEN} WHERE o.cluster = ? AND {in_range}",
+                                   (label, low, high))[0][0]
+
+    def page(self, label: int, limit: int = 60, descending: bool = True, min_conf: float = 0.0,
+             max_conf: float = 1.0, after: Cursor | None = None, before: Cursor | None = None) -> list[Record]:
+        """A page of a cluster by confidence (then id), the first one or the one just after (before) a cursor.
+
+        Keyset paging: each predicted cluster feeding the label and the images moved in are read in index
+        order from the cursor on, ``limit`` rows each, and merged; a page deep into a large cluster costs what
+        the first does. ``before`` reads the opposite order from the cursor, then turns the page round.
+        """
+        if before is not None:
+            rows = self._ordered(int(label), int(limit), not descending, True, float(min_conf), float(max_conf),
+                                 before)
+            return rows[::-1]
+        return self._ordered(int(label), int(limit), descending, False, float(min_conf), float(max_conf), after)
+
+    def seek(self, label: int, offset: int, descending: bool = True, min_conf: float = 0.0,
+             max_conf: float = 1.0) -> Cursor | None:
+        """The cursor after the first ``offset`` images (a jump to a page by number; costs the rows passed)."""
+        if offset <= 0:
+            return None
+        passed = self._ordered(int(label), int(offset), descending, False, float(min_conf), float(max_conf), None,
+                               keys=True)
+        return passed[-1] if len(passed) == offset else None
+
+    def _ordered(self, label: int, limit: int, descending: bool, id_descending: bool, low: float, high: float,
+                 after: Cursor | None, keys: bool = False) -> list[Any]:
+        """The first ``limit`` images after the cursor, as Records (or, ``keys``, only their cursors: light rows
+        without the joins a Record needs, for passing many)."""
+        key = order_key(descending, id_descending)
+        streams = [self._predicted(source, limit, descending, id_descending, low, high, after, keys)
+                   for source in self._sources(label)]
+        streams.append(self._moved_in(label, limit, descending, id_descending, low, high, after, keys))
+        merged = heapq.merge(*streams, key=(lambda r: key(*r)) if keys else (lambda r: key(r.confidence, r.id)))
+        return list(itertools.islice(merged, limit))
+
+    def _predicted(self, source: int, limit: int, descending: bool, id_descending: bool, low: float, high: float,
+                   after: Cursor | None, keys: bool) -> list[Any]:
+        """Images predicted into ``source`` and not overridden, in page order after the cursor: the known
+        confidences over the index (cluster, confidence), then the unknown ones (as 0) by id, or the reverse."""
+        conf_dir, id_dir = ("DESC" if descending else "ASC"), ("DESC" if id_descending else "ASC")
+        later = "<" if id_descending else ">"
+        base = f"{KEYS_SQL if keys else RECORD_SQL} WHERE i.{IMAGES.cluster} = ? AND o.image_id IS NULL AND "
+        row = tuple if keys else _record
+        known: list[Any] = []
+        unknown: list[Any] = []
+        after_unknown = after is not None and after[0] is None
+        if not (after_unknown and descending):  # unknowns come last when descending: a cursor there passed these
+            lo, hi, tie = low, high, ""
+            params: list[Any] = [source]
+            if after is not None and after[0] is not None:
+                lo, hi = (lo, min(hi, after[0])) if descending else (max(lo, after[0]), hi)
+                tie = f" AND (i.{IMAGES.confidence} != ? OR i.{IMAGES.id} {later} ?)"
+            params += [lo, hi]
+            if tie:
+                params += [after[0], after[1]]  # type: ignore[index]
+            known = [row(r) for r in self._query(
+                f"{base}i.{IMAGES.confidence} BETWEEN ? AND ?{tie} ORDER BY i.{IMAGES.confidence} {conf_dir}, "
+                f"i.{IMAGES.id} {id_dir} LIMIT ?", [*params, limit])]
+        if low <= 0.0 <= high and not (after is not None and after[0] is not None and not descending):
+            params = [source]
+            tie = ""
+            if after_unknown:
+                tie = f" AND i.{IMAGES.id} {later} ?"
+                params.append(after[1])  # type: ignore[index]
+            unknown = [row(r) for r in self._query(
+                f"{base}i.{IMAGES.confidence} IS NULL{tie} ORDER BY i.{IMAGES.id} {id_dir} LIMIT ?", [*params, limit])]
+        return known + unknown if descending else unknown + known
+
+    def doubtful_page(self, label: int, offset: int, limit: int, min_conf: float = 0.0,
+                      max_conf: float = 1.0) -> list[Record]:
+        """A page of a cluster by descending review score (then id), images without a score last by id.
+
+        The scores are walked in their index's order and each image's membership is tested by its keys, so a
+        page costs the scores passed to reach it (its rank divided by the cluster's share), never a whole
+        cluster; the unscored images (added since the scores) are read only once the scored ones ran out.
+        """
+        member, params = self._member_sql(int(label), float(min_conf), float(max_conf))
+        scored = [_record(r) for r in self._query(
+            f"{RECORD_COLUMNS} FROM idx.review r CROSS JOIN idx.{IMAGES.name} i ON i.{IMAGES.id} = r.id "
+            f"LEFT JOIN overrides o ON o.image_id = r.id LEFT JOIN merges m ON m.cluster = i.{IMAGES.cluster} "
+            f"LEFT JOIN confirmed c ON c.image_id = r.id WHERE {member} ORDER BY r.score DESC, r.id LIMIT ? OFFSET ?",
+            [*params, int(limit), int(offset)])]
+        if len(scored) == limit:
+            return scored
+        passed = offset + len(scored) if scored or offset == 0 else self._query(
+            f"SELECT COUNT(*) FROM idx.review r CROSS JOIN idx.{IMAGES.name} i ON i.{IMAGES.id} = r.id "
+            f"LEFT JOIN overrides o ON o.image_id = r.id WHERE {member}", params)[0][0]
+        unscored = [_record(r) for r in self._query(
+            f"{RECORD_SQL} WHERE {member} AND NOT EXISTS (SELECT 1 FROM idx.review r WHERE r.id = i.{IMAGES.id}) "
+            f"ORDER BY i.{IMAGES.id} LIMIT ? OFFSET ?", [*params, limit - len(scored), max(0, offset - passed)])]
+        return scored + unscored
+
+    def _member_sql(self, label: int, low: float, high: float) -> tuple[str, list[Any]]:
+        """Membership of ``label`` as a test on one image's keys (predicted into a source and not overridden, or
+        moved in) with its confidence (unknown: 0) in the range."""
+        sources = self._sources(label)
+        marks = ",".join("?" * len(sources))
+        predicted = f"(i.{IMAGES.cluster} IN ({marks}) AND o.image_id IS NULL) OR " if sources else ""
+        return (f"({predicted}o.cluster = ?) AND COALESCE(i.{IMAGES.confidence}, 0) BETWEEN ? AND ?",
+                [*sources, label, low, high])
+
+    def _moved_in(self, label: int, limit: int, descending: bool, id_descending: bool, low: float, high: float,
+                  after: Cursor | None, keys: bool) -> list[Any]:
+        """Images moved into ``label`` (or excluded), in page order after the cursor (sorted: there are few)."""
+        unknown, value = f"i.{IMAGES.confidence} IS NULL", f"COALESCE(i.{IMAGES.confidence}, 0)"
+        id_term = f"-i.{IMAGES.id}" if id_descending else f"i.{IMAGES.id}"
+        terms = (unknown, f"-{value}", id_term) if descending else (f"NOT {unknown}", value, id_term)
+        where, params = f"o.cluster = ? AND {value} BETWEEN ? AND ?", [label, low, high]
+        if after is not None:
+            where += f" AND ({', '.join(terms)}) > (?, ?, ?)"
+            params += list(order_key(descending, id_descending)(*after))
+        rows = self._query(f"{KEYS_MOVED_SQL if keys else MOVED_SQL} WHERE {where} ORDER BY {', '.join(terms)} "
+                           "LIMIT ?", [*params, limit])
+        return [tuple(r) for r in rows] if keys else [_record(r) for r in rows]
 
     def records(self, ids: Sequence[int]) -> dict[int, Record]:
         found = chunked_in(self._query, f"{RECORD_SQL} WHERE i.{IMAGES.id} IN ({{marks}})", [int(i) for i in ids])
         return {row[0]: _record(row) for row in found}
 
+    def records_after(self, after: int, limit: int) -> list[Record]:
+        """The first ``limit`` images whose id is above ``after``, in id order (a keyset page of every image)."""
+        rows = self._query(f"{RECORD_SQL} WHERE i.{IMAGES.id} > ? ORDER BY i.{IMAGES.id} LIMIT ?", (after, limit))
+        return [_record(row) for row in rows]
+
     def iter_records(self, batch: int = 10_000) -> Iterator[Record]:
         """Every image in id order, streamed in batches (exports of any size)."""
         last = -1
-        while True:
-            rows = self._query(f"{RECORD_SQL} WHERE i.{IMAGES.id} > ? ORDER BY i.{IMAGES.id} LIMIT ?", (last, batch))
-            if not rows:
-                return
-            yield from (_record(row) for row in rows)
-            last = rows[-1][0]
+        while rows := self.records_after(last, batch):
+            yield from rows
+            last = rows[-1].id
 
     def curated_records(self) -> Iterator[Record]:
         """Every image a person decided about: moved, excluded, confirmed, or in a cluster merged away."""
@@ -399,8 +568,9 @@ class CurationStore:
         """Every cluster merged away -> the cluster it went into."""
         return dict(self._query("SELECT cluster, into_cluster FROM merges"))
 
-    def all_ids(self) -> list[int]:
-        return [r[0] for r in self._query(f"SELECT {IMAGES.id} FROM idx.{IMAGES.name} ORDER BY {IMAGES.id}")]
+    def sample(self, size: int) -> list[int]:
+        """At most ``size`` ids drawn at random once per generation (the map, the merge suggestions)."""
+        return list(self.derived.sample[:size])
 
     def history(self, limit: int = 10) -> list[str]:
         """The latest changes, newest first, as short sentences."""

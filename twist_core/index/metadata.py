@@ -74,6 +74,7 @@ CREATE TABLE IF NOT EXISTS {IMAGES.name} (
     {IMAGES.cluster_name} TEXT, {IMAGES.confidence} REAL, {IMAGES.margin} REAL, {IMAGES.topk} TEXT,
     {IMAGES.fingerprint} TEXT);
 CREATE INDEX IF NOT EXISTS images_cluster ON {IMAGES.name} ({IMAGES.cluster}, {IMAGES.confidence});
+CREATE INDEX IF NOT EXISTS images_cluster_desc ON {IMAGES.name} ({IMAGES.cluster}, {IMAGES.confidence} DESC);
 CREATE TABLE IF NOT EXISTS {INFO_TABLE} (key TEXT PRIMARY KEY, value TEXT);
 """
 
@@ -174,6 +175,15 @@ def writer_lock(index_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _finish_meta(path: Path) -> None:
+    """Every generation gets the current indexes (an update's copy keeps an older index's) and its derived tables."""
+    from twist_core.index.derived import write_derived  # it reads this module's table names
+
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(SCHEMA)
+        write_derived(db)
+
+
 def commit_generation(index_dir: Path, index: faiss.Index, write_meta: Callable[[Path, int], None],
                       expected: int | None) -> Path:
     """Write ``index`` and the metadata made by ``write_meta(path, generation)`` as the next generation.
@@ -196,6 +206,7 @@ def commit_generation(index_dir: Path, index: faiss.Index, write_meta: Callable[
         try:
             tmp.mkdir()
             write_meta(tmp / META_FILE, generation)
+            _finish_meta(tmp / META_FILE)
             fault_point("meta-written")
             faiss.write_index(index, str(tmp / INDEX_FILE))
             for name in (META_FILE, INDEX_FILE):

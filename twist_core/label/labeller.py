@@ -10,7 +10,6 @@ Run with ``twist label ...`` or ``torchrun --nproc_per_node N -m twist_core.labe
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import os
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader
 
-from twist_core import __version__, distributed
+from twist_core import distributed
 from twist_core.config import AUTO, AutoConfig, auto_option, option
 from twist_core.data.dataset import DecodedCrops, collate
 from twist_core.data.folder import DEFAULT_MAX_PIXELS, NoImagesError, require_images, skipped_lines
@@ -33,11 +32,11 @@ from twist_core.errors import UserError
 from twist_core.io_utils import StagedWrites, atomic_write, atomic_write_text, file_sha256, path_to_text
 from twist_core.label import review
 from twist_core.label.table import (
-    COLUMNS,
     TOPK,
     Row,
     error_row,
     iter_labels,
+    labels_meta,
     labels_paths,
     read_labels,
     require_writer,
@@ -279,14 +278,9 @@ def merge(config: LabelConfig, model: OnnxModel, model_sha: str, root: Path, fil
             skipped.extend(f"{row['path']}\t{row['error']}" for row in chunk_table if row["error"])
             yield chunk_table
 
-    meta = {"format": 1, "root": str(root), "model": str(Path(config.model).resolve()), "model_sha256": model_sha,
-            "checkpoint_sha256": model.card.get("checkpoint_sha256"), "table": out.name,
-            "embeddings": embeddings_path.name, "embedding_dtype": config.embedding_dtype,
-            "embedding_dim": model.embedding_dim, "columns": COLUMNS, "rows": len(files), "topk": topk,
-            "class_names": model.class_names, "processes": processes, "skipped": skipped_path(out).name,
-            "unreadable_folders": sorted(unreadable),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "twist_version": __version__}
+    meta = labels_meta(out, root, config.model, model_sha, model.card.get("checkpoint_sha256"),
+                       config.embedding_dtype, model.embedding_dim, len(files), topk, model.class_names, processes,
+                       sorted(unreadable))
     with StagedWrites() as stage:
         stage(embeddings_path, write_embeddings)
         stage(out, lambda tmp: write_table(tmp, rows(), table_format(out)))

@@ -12,6 +12,7 @@ cell that a spreadsheet would run as a formula, or that starts with ``'``, gets 
 from __future__ import annotations
 
 import csv
+import datetime
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from twist_core import __version__
 from twist_core.errors import UserError
 from twist_core.io_utils import csv_safe
 
@@ -63,6 +65,21 @@ def error_row(path: str, error: str) -> Row:
     """The row of an image that could not be labelled: only its path and why."""
     return {"path": path, "cluster": None, "cluster_name": None, "confidence": None, "margin": None, "topk": None,
             "error": error}
+
+
+def labels_meta(out: Path, root: Path, model: str | Path, model_sha: str | None, checkpoint_sha: str | None,
+                embedding_dtype: str, embedding_dim: int, rows: int, topk: int, class_names: Sequence[str],
+                processes: int, unreadable_folders: Sequence[str]) -> dict[str, Any]:
+    """The ``T.meta.json`` of a table at ``out`` (before its counts: labelled, errors, cluster_sizes), the one
+    place its keys are named (``twist label``, ``twist merge-tables``, the scale bench's synthetic tables)."""
+    embeddings_path = labels_paths(out)[0]
+    return {"format": 1, "root": str(root), "model": str(Path(model).resolve()), "model_sha256": model_sha,
+            "checkpoint_sha256": checkpoint_sha, "table": out.name, "embeddings": embeddings_path.name,
+            "embedding_dtype": embedding_dtype, "embedding_dim": embedding_dim, "columns": COLUMNS, "rows": rows,
+            "topk": topk, "class_names": list(class_names), "processes": processes,
+            "skipped": skipped_path(out).name, "unreadable_folders": list(unreadable_folders),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "twist_version": __version__}
 
 
 class LabelsTableError(UserError):

@@ -1,0 +1,126 @@
+"""Per-generation derived tables: what the app's first screens need, computed once when a generation is written.
+
+A generation's metadata never changes once published, so per predicted cluster its size and confidence sum, a
+fixed-size random sample of ids (the map, the merge suggestions) and the number of scored images (the review
+queue) are written beside the images by :func:`write_derived`, which ``commit_generation`` calls on every new
+generation. A request then reads a few dozen rows instead of grouping all N images. The curated figures are
+these adjusted by the curation store's overrides and merges (:mod:`twist_core.curate.curation`), whose cost
+follows the number of overrides.
+
+An index written before these tables existed still opens: :func:`read_derived` computes the same figures in
+memory once (one pass over the images) and says so in the log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from twist_core.index.metadata import IMAGES
+from twist_core.layout import INFO_TABLE
+
+log = logging.getLogger("twist.index")
+
+VERSION = 1  # of the derived tables; another version is computed in memory at open, as if absent
+SAMPLE_SIZE = 20_000  # ids in the sample, in random order: any prefix is itself a random sample
+SAMPLE_SEED = 0
+QUANTILES = 1000  # of the review scores: a shown share ("higher than 97 % of the images") without counting them
+CLUSTERS_TABLE = "derived_clusters"
+SAMPLE_TABLE = "derived_sample"
+INFO_KEY = "derived"
+REVIEW_INFO_KEY = "review"  # twist_core.index.review_table's info key: the review table is there when it is set
+
+TABLES_SQL = f"""
+DROP TABLE IF EXISTS {CLUSTERS_TABLE};
+DROP TABLE IF EXISTS {SAMPLE_TABLE};
+CREATE TABLE {CLUSTERS_TABLE} (cluster INTEGER PRIMARY KEY, size INTEGER NOT NULL, conf_sum REAL NOT NULL,
+                               conf_n INTEGER NOT NULL);
+CREATE TABLE {SAMPLE_TABLE} (rank INTEGER PRIMARY KEY, id INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class ClusterStats:
+    """One predicted cluster: its images, and the sum and number of their known confidences (mean = sum / n)."""
+
+    size: int
+    conf_sum: float
+    conf_n: int
+
+
+@dataclass(frozen=True)
+class Derived:
+    """The derived figures of one generation, held in memory by whoever serves it (a few kB)."""
+
+    clusters: dict[int, ClusterStats] = field(default_factory=dict)
+    sample: tuple[int, ...] = ()  # ids in random order
+    review_rows: int | None = None  # scored images still in the index; None without a review table
+    review_quantiles: tuple[float, ...] = ()  # their scores at shares 0, 1/QUANTILES, ..., 1 (ascending)
+
+    def share_at_least(self, score: float) -> float | None:
+        """The share of the scored images whose score is ``score`` or more, read off the quantiles (to about
+        1/QUANTILES; never below one image); None without them."""
+        if not self.review_quantiles or not self.review_rows:
+            return None
+        below = float(np.interp(score, self.review_quantiles, np.linspace(0.0, 1.0, len(self.review_quantiles)),
+                                left=0.0, right=1.0))
+        return max(1.0 / self.review_rows, 1.0 - below)
+
+
+def compute(db: sqlite3.Connection, schema: str = "main") -> Derived:
+    """The figures from the images themselves: one grouped pass and one read of the ids (at build time)."""
+    clusters = {int(c): ClusterStats(int(n), float(s or 0.0), int(k)) for c, n, s, k in db.execute(
+        f"SELECT {IMAGES.cluster}, COUNT(*), TOTAL({IMAGES.confidence}), COUNT({IMAGES.confidence}) "
+        f"FROM {schema}.{IMAGES.name} WHERE {IMAGES.cluster} IS NOT NULL GROUP BY {IMAGES.cluster}")}
+    ids = np.fromiter((r[0] for r in db.execute(f"SELECT {IMAGES.id} FROM {schema}.{IMAGES.name}")), np.int64)
+    rng = np.random.default_rng(SAMPLE_SEED)
+    sample = rng.choice(ids, min(SAMPLE_SIZE, len(ids)), replace=False) if len(ids) else ids
+    review, quantiles = None, ()
+    if _has_table(db, schema, "review") and _info(db, schema, REVIEW_INFO_KEY) is not None:
+        scores = np.fromiter((r[0] for r in db.execute(
+            f"SELECT r.score FROM {schema}.review r JOIN {schema}.{IMAGES.name} i ON i.{IMAGES.id} = r.id")),
+            np.float64)
+        review = len(scores)
+        if review:
+            quantiles = tuple(float(q) for q in np.quantile(scores, np.linspace(0.0, 1.0, QUANTILES + 1)))
+    return Derived(clusters, tuple(int(i) for i in sample), review, quantiles)
+
+
+def write_derived(db: sqlite3.Connection) -> None:
+    """Write the derived tables of a new (unpublished) generation's metadata, replacing any copied from the last."""
+    derived = compute(db)
+    db.executescript(TABLES_SQL)
+    db.executemany(f"INSERT INTO {CLUSTERS_TABLE} (cluster, size, conf_sum, conf_n) VALUES (?, ?, ?, ?)",
+                   [(c, s.size, s.conf_sum, s.conf_n) for c, s in derived.clusters.items()])
+    db.executemany(f"INSERT INTO {SAMPLE_TABLE} (rank, id) VALUES (?, ?)", enumerate(derived.sample))
+    db.execute(f"INSERT OR REPLACE INTO {INFO_TABLE} (key, value) VALUES (?, ?)",
+               (INFO_KEY, json.dumps({"version": VERSION, "review_rows": derived.review_rows,
+                                      "review_quantiles": derived.review_quantiles})))
+    db.commit()
+
+
+def read_derived(db: sqlite3.Connection, schema: str = "main") -> Derived:
+    """The derived figures of an open generation: read from its tables, or computed once for an older index."""
+    info = _info(db, schema, INFO_KEY)
+    if not info or info.get("version") != VERSION:
+        log.warning("the index's metadata has no derived tables (an older twist wrote it): counting its images "
+                    "once now; twist index --update writes them")
+        return compute(db, schema)
+    clusters = {int(c): ClusterStats(int(n), float(s), int(k)) for c, n, s, k in db.execute(
+        f"SELECT cluster, size, conf_sum, conf_n FROM {schema}.{CLUSTERS_TABLE}")}
+    sample = tuple(r[0] for r in db.execute(f"SELECT id FROM {schema}.{SAMPLE_TABLE} ORDER BY rank"))
+    return Derived(clusters, sample, info.get("review_rows"), tuple(info.get("review_quantiles") or ()))
+
+
+def _has_table(db: sqlite3.Connection, schema: str, name: str) -> bool:
+    return db.execute(f"SELECT 1 FROM {schema}.sqlite_master WHERE type = 'table' AND name = ?",
+                      (name,)).fetchone() is not None
+
+
+def _info(db: sqlite3.Connection, schema: str, key: str) -> dict | None:
+    found = db.execute(f"SELECT value FROM {schema}.{INFO_TABLE} WHERE key = ?", (key,)).fetchall()
+    return json.loads(found[0][0]) if found else None
