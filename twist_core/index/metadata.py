@@ -277,7 +277,11 @@ class IndexMetadata:
               r.get("margin"), r.get("topk"), r.get("fingerprint")) for i, r in zip(ids, rows, strict=True)])
 
     def delete(self, ids: Iterable[int]) -> None:
-        self._db.executemany(f"DELETE FROM {IMAGES.name} WHERE {IMAGES.id} = ?", [(int(i),) for i in ids])
+        """Drop images, and their review scores with them (the kept count of scored images is that table's)."""
+        gone = [(int(i),) for i in ids]
+        self._db.executemany(f"DELETE FROM {IMAGES.name} WHERE {IMAGES.id} = ?", gone)
+        if self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'review'").fetchone():
+            self._db.executemany("DELETE FROM review WHERE id = ?", gone)
 
     def commit(self) -> None:
         self._db.commit()

@@ -114,7 +114,7 @@ def new_rows(table: Path, known: Callable[[list[str]], Container[str]],
         indexed = np.fromiter((path in found for path in listed), bool, len(listed))
         fresh = np.flatnonzero(good.to_numpy() & ~indexed)
         header = list(block.columns)
-        yield fresh + start, [csv_row(header, block.iloc[i].tolist()) for i in fresh]
+        yield fresh + start, [csv_row(header, cells) for cells in block.iloc[fresh].to_numpy().tolist()]
         start += len(block)
 
 
