@@ -29,6 +29,7 @@ from scipy.sparse.csgraph import connected_components
 
 from twist_core.data.folder import ImageReadError, decode_image
 from twist_core.index import review_table
+from twist_core.index.delta import Step, read_index
 from twist_core.index.metadata import (
     IndexMetadata,
     IndexUserError,
@@ -39,7 +40,7 @@ from twist_core.index.metadata import (
 )
 from twist_core.io_utils import path_from_text
 from twist_core.label.table import label_rows
-from twist_core.layout import INDEX_FILE, META_FILE
+from twist_core.layout import META_FILE
 from twist_core.vectors import normalized, resolve_device, search_params, set_nprobe, to_device
 
 Opened = TypeVar("Opened", bound="IndexReader")
@@ -99,7 +100,7 @@ class IndexReader:
             try:
                 meta = IndexMetadata(folder / META_FILE)
                 meta.count()
-                cpu_index = faiss.read_index(str(folder / INDEX_FILE))
+                cpu_index = read_index(folder)
             except (RuntimeError, sqlite3.Error) as error:
                 if read_manifest(index_dir) != manifest:
                     continue
@@ -330,14 +331,15 @@ class IndexWriter(IndexReader):
         return cls.open(index_dir, device)
 
     # ---- updates
-    def _commit(self, mutate: Callable[[], Callable[[IndexMetadata], None]]) -> None:
-        """Apply ``mutate`` to the in-memory FAISS index, then publish it with the metadata change it returns.
+    def _commit(self, mutate: Callable[[], tuple[Callable[[IndexMetadata], None], Step]]) -> None:
+        """Apply ``mutate`` to the in-memory FAISS index, then publish it with the metadata change and the FAISS
+        step it returns (the step is what the generation stores beside the previous base).
 
         On any failure the object reloads the last committed generation, so memory matches disk again.
         """
         with self._lock:
             try:
-                change = mutate()
+                change, step = mutate()
 
                 def write_meta(path: Path, generation: int) -> None:
                     meta = self._meta.copy_to(path)
@@ -346,7 +348,8 @@ class IndexWriter(IndexReader):
                     meta.commit()
                     meta.close()
 
-                folder = commit_generation(self.index_dir, self._cpu, write_meta, expected=self.generation)
+                folder = commit_generation(self.index_dir, self._cpu, write_meta, expected=self.generation,
+                                           step=step)
             except BaseException:
                 self._reload()
                 raise
@@ -377,17 +380,16 @@ class IndexWriter(IndexReader):
             raise IndexUserError("the same path is given twice in one add")
         new_ids = np.arange(self._info["next_id"], self._info["next_id"] + len(records), dtype=np.int64)
 
-        def mutate() -> Callable[[IndexMetadata], None]:
+        def mutate() -> tuple[Callable[[IndexMetadata], None], Step]:
             replaced = np.array(list(self._meta.ids_for_paths(paths).values()), dtype=np.int64)
-            if len(replaced):
-                self._cpu.remove_ids(replaced)
-            self._cpu.add_with_ids(vectors, new_ids)
+            step = Step.of(self.dim, replaced, new_ids, vectors)
+            step.apply(self._cpu)
             self._info["next_id"] += len(records)
 
             def change(meta: IndexMetadata) -> None:
                 meta.delete(replaced)
                 meta.insert(new_ids, records)
-            return change
+            return change, step
 
         self._commit(mutate)
         return new_ids
@@ -399,9 +401,10 @@ class IndexWriter(IndexReader):
         wanted = [int(i) for i in items if not isinstance(i, str)] + list(by_path.values())
         ids = np.array(sorted(set(self._meta.rows(wanted))), dtype=np.int64)
         if len(ids):
-            def mutate() -> Callable[[IndexMetadata], None]:
-                self._cpu.remove_ids(ids)
-                return lambda meta: meta.delete(ids)
+            def mutate() -> tuple[Callable[[IndexMetadata], None], Step]:
+                step = Step.of(self.dim, ids)
+                step.apply(self._cpu)
+                return lambda meta: meta.delete(ids), step
 
             self._commit(mutate)
         return len(ids)
@@ -426,15 +429,13 @@ class IndexWriter(IndexReader):
         new_ids = np.arange(self._info["next_id"], self._info["next_id"] + len(records), dtype=np.int64)
         removed = [0]
 
-        def mutate() -> Callable[[IndexMetadata], None]:
+        def mutate() -> tuple[Callable[[IndexMetadata], None], Step]:
             replaced = self._meta.ids_for_paths([r["path"] for r in records]).values()
             dropped = np.array(sorted(set(self._meta.rows([*gone, *replaced]))), dtype=np.int64)
             scored = review_table.meta_has_scores(self._meta)
             lost = review_table.near_removed(self._cpu, dropped, self._meta) if scored else set()
-            if len(dropped):
-                self._cpu.remove_ids(dropped)
-            if len(records):
-                self._cpu.add_with_ids(vectors, new_ids)
+            step = Step.of(self.dim, dropped, new_ids, vectors)
+            step.apply(self._cpu)
             self._info["next_id"] += len(records)
             changes = review_table.search_new(self._cpu, vectors, new_ids, lost) if scored else None
             removed[0] = len(dropped) - len(replaced)
@@ -445,7 +446,7 @@ class IndexWriter(IndexReader):
                 meta.insert(new_ids, records)
                 if changes is not None:
                     review_table.rescore(meta, self._cpu, changes, gone_rows)
-            return change
+            return change, step
 
         self._commit(mutate)
         return new_ids, removed[0]

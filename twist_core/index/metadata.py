@@ -3,7 +3,8 @@
 Layout of ``INDEX_DIR``::
 
     manifest.json          {"generation": N, "dir": "gen-00000N"}   (the only file ever overwritten)
-    gen-00000N/index.faiss the CPU form of the FAISS index (vector id = images.id)
+    gen-00000N/index.faiss the CPU form of the FAISS index (vector id = images.id): the base, maybe hard-linked
+    gen-00000N/delta-*.npz the updates applied to that base since it was written (:mod:`twist_core.index.delta`)
     gen-00000N/meta.sqlite images(id, path, cluster, ..., fingerprint) and info(key, value)
     .lock                  serialises writers
     curation.sqlite        the app's curation store (cluster names, merges, moves), unless it has another state dir
@@ -16,7 +17,8 @@ An image keeps its id for as long as its file is unchanged (same path, size and 
 across a rebuild over the same folder: the curation store and the thumbnail cache are keyed by that id.
 ``info["uid"]`` names the index's lineage; a fresh build in an emptied folder gets a new one.
 
-An update writes a complete new generation under a temporary name, fsyncs it, renames it into place and
+An update writes a complete new generation under a temporary name (the FAISS base linked, its change as a
+step beside it), fsyncs it, renames it into place and
 only then replaces the manifest, so a reader (or a crash at any moment) sees the old pair or the new one,
 never an index from one update with metadata from another.
 """
@@ -41,8 +43,9 @@ import faiss
 import numpy as np
 
 from twist_core.errors import UserError
+from twist_core.index.delta import Step, write_index
 from twist_core.io_utils import atomic_write_text, mark_output_folder
-from twist_core.layout import INDEX_FILE, INFO_TABLE, MANIFEST, META_FILE
+from twist_core.layout import INFO_TABLE, MANIFEST, META_FILE
 
 FAULT_ENV = "TWIST_INDEX_FAULT"  # stage name at which an update kills its own process (crash tests)
 SQL_CHUNK = 900  # values per ``IN (...)``: below SQLite's bound-parameter limit
@@ -185,11 +188,13 @@ def _finish_meta(path: Path) -> None:
 
 
 def commit_generation(index_dir: Path, index: faiss.Index, write_meta: Callable[[Path, int], None],
-                      expected: int | None) -> Path:
+                      expected: int | None, step: Step | None = None) -> Path:
     """Write ``index`` and the metadata made by ``write_meta(path, generation)`` as the next generation.
 
     ``expected`` is the generation the caller's state derives from (None for a fresh build); if another
     writer got there first the update is refused rather than silently dropping that writer's changes.
+    ``step``: what turned generation ``expected``'s index into ``index``; given, the FAISS side is written as
+    that step beside the previous base (:func:`twist_core.index.delta.write_index`).
     """
     index_dir = Path(index_dir)
     mark_output_folder(index_dir)
@@ -198,6 +203,7 @@ def commit_generation(index_dir: Path, index: faiss.Index, write_meta: Callable[
             if (index_dir / MANIFEST).is_file() else 0
         if expected is not None and current != expected:
             raise IndexChangedError(f"{index_dir} was updated by another process; open it again and retry")
+        previous = index_dir / read_manifest(index_dir)["dir"] if expected is not None and current else None
         existing = [int(p.name[4:]) for p in index_dir.glob("gen-*") if p.name[4:].isdigit()]
         generation = max([current, *existing]) + 1
         tmp = index_dir / f".tmp-gen-{generation:06d}-{os.getpid()}"
@@ -208,9 +214,9 @@ def commit_generation(index_dir: Path, index: faiss.Index, write_meta: Callable[
             write_meta(tmp / META_FILE, generation)
             _finish_meta(tmp / META_FILE)
             fault_point("meta-written")
-            faiss.write_index(index, str(tmp / INDEX_FILE))
-            for name in (META_FILE, INDEX_FILE):
-                _fsync_path(tmp / name)
+            write_index(tmp, index, previous, step, generation)
+            for path in [*tmp.iterdir(), tmp]:
+                _fsync_path(path)
             fault_point("index-written")
             os.rename(tmp, final)
             _fsync_path(index_dir)

@@ -19,6 +19,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from twist_core.index.delta import Step, read_index
 from twist_core.index.metadata import IMAGES, IndexMetadata, chunked_in, commit_generation, meta_path, read_manifest
 from twist_core.index.progress import Stages
 from twist_core.index.stream import TableScan
@@ -33,7 +34,7 @@ from twist_core.label.review import (
     score_index,
     tally,
 )
-from twist_core.layout import INDEX_FILE, META_FILE
+from twist_core.layout import META_FILE
 from twist_core.vectors import drop_self, normalized, search_params
 
 VERSION = 2  # of the ``review`` table; an index whose table has another version is treated as having none
@@ -261,7 +262,7 @@ def refresh_index(index_dir: str | Path, settings: ReviewSettings = DEFAULT_SETT
     meta = IndexMetadata(folder / META_FILE)
     try:
         ids, clusters, margins = read_inputs(meta)
-        cpu_index = faiss.read_index(str(folder / INDEX_FILE))
+        cpu_index = read_index(folder)
         nprobe = meta.info().get("nprobe")
         if nprobe and hasattr(cpu_index, "nprobe"):
             cpu_index.nprobe = int(nprobe)
@@ -274,7 +275,8 @@ def refresh_index(index_dir: str | Path, settings: ReviewSettings = DEFAULT_SETT
             copy.commit()
             copy.close()
 
-        commit_generation(index_dir, cpu_index, write_meta, expected=manifest["generation"])
+        commit_generation(index_dir, cpu_index, write_meta, expected=manifest["generation"],
+                          step=Step.of(cpu_index.d))  # the vectors are unchanged: the FAISS files are linked
     finally:
         meta.close()
     return len(ids)
