@@ -20,7 +20,7 @@ from twist_core.index import delta, review_table
 from twist_core.index.build import IndexConfig, build_index
 from twist_core.index.image_index import IndexReader, IndexWriter
 from twist_core.index.metadata import FAULT_ENV, meta_path
-from twist_core.layout import INDEX_FILE
+from twist_core.layout import INDEX_FILE, META_FILE
 
 
 def built(tmp_path: Path, n: int = 600, kind: str = "ivf") -> tuple[Path, np.ndarray]:
@@ -73,6 +73,8 @@ def test_an_update_writes_a_step_beside_the_linked_base(tmp_path: Path, kind: st
     assert base_inode(out) == before and [p.name for p in delta.step_files(folder)] == \
         [f"delta-{writer.generation - 1:06d}.npz", f"delta-{writer.generation:06d}.npz"]
     assert os.stat(folder / INDEX_FILE).st_nlink == 1  # the older generations went, the base stayed
+    assert {p.name for p in folder.iterdir()} - {p.name for p in delta.step_files(folder)} == \
+        {INDEX_FILE, META_FILE}  # no journal beside the published metadata: the next update copies the file
     same_as_written(writer)
     reader = IndexReader.open(out, "cpu")
     found = [[(h.id, h.similarity) for h in row] for row in reader.search_vectors(vectors[600:620], k=5)]

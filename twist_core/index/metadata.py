@@ -264,12 +264,10 @@ class IndexMetadata:
             return self._db.execute(sql, params).fetchall()
 
     def copy_to(self, path: Path) -> IndexMetadata:
-        """A writable copy (SQLite's online backup) on which an update is prepared."""
-        target = IndexMetadata(path, readonly=False)
-        with self._lock:
-            self._db.backup(target._db)
-        target._add_fingerprints()
-        return target
+        """A writable copy on which an update is prepared: a plain file copy (in the kernel), since a published
+        generation's file is complete and never written again (committed and closed, so no journal beside it)."""
+        shutil.copyfile(self.path, path)
+        return IndexMetadata(path, readonly=False)
 
     # ---- writing (only on a copy that is not yet published)
     def set_info(self, values: dict[str, Any]) -> None:
