@@ -19,7 +19,9 @@ from conftest import REPO, start_app_server, stop_app_server
 from gradio_client import Client
 
 from twist_core.index.build import IndexConfig, build_index
+from twist_core.index.delta import step_files
 from twist_core.index.image_index import IndexReader, IndexWriter
+from twist_core.index.metadata import meta_path
 
 FIRST, ADDED = 8, 5  # images per class at first, images added by the update
 
@@ -108,6 +110,7 @@ def test_a_request_holding_a_generation_survives_two_updates_and_the_old_one_is_
             writer.close()
             assert ws.index.generation > first
         assert ws.index.size == held.size - 2
+        assert len(step_files(meta_path(index_dir).parent)) == 2  # both were steps beside the base, read as one
         kept_sizes = {c["cluster"]: c["size"] for c in ws.store.summary()}  # the new generation's derived tables
         assert kept_sizes == {c["cluster"]: c["size"] for c in ws.index.cluster_summary()}
         assert held.get(kept).id == kept and held.search_id(kept, 3)  # the request in flight finishes
