@@ -21,6 +21,7 @@ from twist_core.index.build import IndexConfig, build_index
 from twist_core.index.image_index import IndexReader, IndexWriter
 from twist_core.index.metadata import FAULT_ENV, meta_path
 from twist_core.layout import INDEX_FILE, META_FILE
+from twist_core.vectors import normalized
 
 
 def built(tmp_path: Path, n: int = 600, kind: str = "ivf") -> tuple[Path, np.ndarray]:
@@ -67,8 +68,11 @@ def test_an_update_writes_a_step_beside_the_linked_base(tmp_path: Path, kind: st
     out, vectors = built(tmp_path, kind=kind)
     writer = IndexWriter.open(out, "cpu")
     before = base_inode(out)
-    writer.add([f"new/{i}.png" for i in range(20)], vectors[600:620])
-    writer.remove([3, 4, 5, 605])  # a base image and one the step just added
+    full = faiss.read_index(str(generation(out) / INDEX_FILE))  # the same changes, each vector encoded anew
+    added = writer.add([f"new/{i}.png" for i in range(20)], vectors[600:620])
+    writer.remove([3, 4, 5, 605])  # base images and one the step just added
+    full.add_with_ids(normalized(vectors[600:620]), added)
+    full.remove_ids(np.array([3, 4, 5, 605], np.int64))
     folder = generation(out)
     assert base_inode(out) == before and [p.name for p in delta.step_files(folder)] == \
         [f"delta-{writer.generation - 1:06d}.npz", f"delta-{writer.generation:06d}.npz"]
@@ -77,6 +81,8 @@ def test_an_update_writes_a_step_beside_the_linked_base(tmp_path: Path, kind: st
         {INDEX_FILE, META_FILE}  # no journal beside the published metadata: the next update copies the file
     same_as_written(writer)
     reader = IndexReader.open(out, "cpu")
+    (got, got_vectors), (want, want_vectors) = contents(reader._cpu), contents(full)
+    assert got == want and np.array_equal(got_vectors, want_vectors)
     found = [[(h.id, h.similarity) for h in row] for row in reader.search_vectors(vectors[600:620], k=5)]
     assert found == [[(h.id, h.similarity) for h in row] for row in writer.search_vectors(vectors[600:620], k=5)]
     assert found[10][0][0] == 610

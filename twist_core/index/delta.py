@@ -2,11 +2,14 @@
 
 A generation folder holds ``index.faiss`` (the base) and, after updates, ``delta-NNNNNN.npz`` files, one per
 update (N: the generation that wrote it), each holding the ids it removed, then the ids it added with their
-unit vectors. An update's generation hard-links the previous base and steps (files are never written in
-place, so a link is as good as a copy) and adds its own step: a 1 % update at 1M writes 20 MB, not the 284 MB
-base. Every reader goes through :func:`read_index`, which replays the steps in order exactly as the writer
-applied them (remove, then add), so it holds the very index a full write would have given. When the steps
-pass :data:`MERGE_SHARE` of the index's images, the update writes the whole index as a new base instead.
+codes: the index's own encoding of each vector (``sa_encode``: coarse list and 16-bit codes of the projection
+for ``pcasq``, 258 B an image; the unit vector itself for the flat kind). An update's generation hard-links
+the previous base and steps (files are never written in place, so a link is as good as a copy) and adds its
+own step: a 1 % update at 1M writes 2.6 MB, not the 282 MB base. The writer and every reader
+(:func:`read_index`) apply a step the same way (remove, then add the codes), so a reader holds the very lists
+a full write would have given, and a replay costs a copy of codes (0.02 CPU-s for 10k images at 1M, where
+encoding them again took 0.16). When the steps pass :data:`MERGE_SHARE` of the index's images, the update
+writes the whole index as a new base instead.
 """
 
 from __future__ import annotations
@@ -25,32 +28,45 @@ MERGE_SHARE = 0.10  # steps holding more images (added or removed) than this sha
 STEP_GLOB = "delta-*.npz"
 
 
+def _coder(index: faiss.Index) -> faiss.Index | None:
+    """The IVF index that takes encoded vectors (``add_sa_codes``), inside a projection or not; None when flat."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+    return inner if isinstance(inner, faiss.IndexIVF) else None
+
+
 @dataclass(frozen=True)
 class Step:
-    """One update's change to the FAISS index: ``removed`` ids go first, then ``ids`` come with ``vectors``."""
+    """One update's change to the FAISS index: ``removed`` ids go first, then ``ids`` come with their ``codes``."""
 
     removed: np.ndarray
     ids: np.ndarray
-    vectors: np.ndarray
+    codes: np.ndarray
 
     @classmethod
-    def of(cls, dim: int, removed: np.ndarray | None = None, ids: np.ndarray | None = None,
-           vectors: np.ndarray | None = None) -> Step:
-        """A step with int64 ids and float32 vectors; what is not given is empty."""
-        return cls(np.asarray(removed if removed is not None else [], np.int64),
-                   np.asarray(ids if ids is not None else [], np.int64),
-                   np.asarray(vectors if vectors is not None else np.zeros((0, dim)), np.float32))
+    def encode(cls, index: faiss.Index, removed: np.ndarray | None = None, ids: np.ndarray | None = None,
+               vectors: np.ndarray | None = None) -> Step:
+        """The step that removes ``removed`` from ``index`` and adds unit ``vectors`` as ``ids``."""
+        ids = np.asarray(ids if ids is not None else [], np.int64)
+        codes = np.zeros((0, 0), np.uint8)
+        if len(ids):
+            codes = index.sa_encode(vectors) if _coder(index) is not None else np.asarray(vectors, np.float32)
+        return cls(np.asarray(removed if removed is not None else [], np.int64), ids, codes)
 
     @property
     def size(self) -> int:
         return len(self.removed) + len(self.ids)
 
     def apply(self, index: faiss.Index) -> None:
-        """Change ``index`` the way every writer does, so a replay gives the same inverted lists."""
+        """Change ``index`` as every writer and reader does, so they hold the same inverted lists."""
         if len(self.removed):
             index.remove_ids(self.removed)
         if len(self.ids):
-            index.add_with_ids(self.vectors, self.ids)
+            coder = _coder(index)
+            if coder is None:
+                index.add_with_ids(self.codes, self.ids)
+            else:
+                coder.add_sa_codes(self.codes, self.ids)
+                index.ntotal = coder.ntotal  # a projection's wrapper counts what its IVF holds
 
 
 def step_files(folder: Path) -> list[Path]:
@@ -60,11 +76,11 @@ def step_files(folder: Path) -> list[Path]:
 
 def load_step(path: Path) -> Step:
     with np.load(path) as data:
-        return Step(data["removed"], data["ids"], data["vectors"])
+        return Step(data["removed"], data["ids"], data["codes"])
 
 
 def _step_size(path: Path) -> int:
-    with np.load(path) as data:  # reads the two id arrays, not the vectors
+    with np.load(path) as data:  # reads the two id arrays, not the codes
         return len(data["removed"]) + len(data["ids"])
 
 
@@ -97,6 +113,6 @@ def write_index(folder: Path, index: faiss.Index, previous: Path | None, step: S
                 _link_or_copy(path, folder / path.name)
             if step.size:
                 with open(folder / f"delta-{generation:06d}.npz", "wb") as handle:
-                    np.savez(handle, removed=step.removed, ids=step.ids, vectors=step.vectors)
+                    np.savez(handle, removed=step.removed, ids=step.ids, codes=step.codes)
             return
     faiss.write_index(index, str(folder / INDEX_FILE))

@@ -382,7 +382,7 @@ class IndexWriter(IndexReader):
 
         def mutate() -> tuple[Callable[[IndexMetadata], None], Step]:
             replaced = np.array(list(self._meta.ids_for_paths(paths).values()), dtype=np.int64)
-            step = Step.of(self.dim, replaced, new_ids, vectors)
+            step = Step.encode(self._cpu, replaced, new_ids, vectors)
             step.apply(self._cpu)
             self._info["next_id"] += len(records)
 
@@ -402,7 +402,7 @@ class IndexWriter(IndexReader):
         ids = np.array(sorted(set(self._meta.rows(wanted))), dtype=np.int64)
         if len(ids):
             def mutate() -> tuple[Callable[[IndexMetadata], None], Step]:
-                step = Step.of(self.dim, ids)
+                step = Step.encode(self._cpu, ids)
                 step.apply(self._cpu)
                 return lambda meta: meta.delete(ids), step
 
@@ -434,7 +434,7 @@ class IndexWriter(IndexReader):
             dropped = np.array(sorted(set(self._meta.rows([*gone, *replaced]))), dtype=np.int64)
             scored = review_table.meta_has_scores(self._meta)
             lost = review_table.near_removed(self._cpu, dropped, self._meta) if scored else set()
-            step = Step.of(self.dim, dropped, new_ids, vectors)
+            step = Step.encode(self._cpu, dropped, new_ids, vectors)
             step.apply(self._cpu)
             self._info["next_id"] += len(records)
             changes = review_table.search_new(self._cpu, vectors, new_ids, lost) if scored else None

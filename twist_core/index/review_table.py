@@ -276,7 +276,7 @@ def refresh_index(index_dir: str | Path, settings: ReviewSettings = DEFAULT_SETT
             copy.close()
 
         commit_generation(index_dir, cpu_index, write_meta, expected=manifest["generation"],
-                          step=Step.of(cpu_index.d))  # the vectors are unchanged: the FAISS files are linked
+                          step=Step.encode(cpu_index))  # the vectors are unchanged: the FAISS files are linked
     finally:
         meta.close()
     return len(ids)
