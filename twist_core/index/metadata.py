@@ -18,9 +18,8 @@ across a rebuild over the same folder: the curation store and the thumbnail cach
 ``info["uid"]`` names the index's lineage; a fresh build in an emptied folder gets a new one.
 
 An update writes a complete new generation under a temporary name (the FAISS base linked, its change as a
-step beside it), fsyncs it, renames it into place and
-only then replaces the manifest, so a reader (or a crash at any moment) sees the old pair or the new one,
-never an index from one update with metadata from another.
+step beside it), fsyncs it, renames it into place and only then replaces the manifest, so a reader (or a crash
+at any moment) sees the old pair or the new one, never an index from one update with metadata from another.
 """
 
 from __future__ import annotations
