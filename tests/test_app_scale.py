@@ -12,7 +12,7 @@ import pytest
 from helpers.synthetic_meta import CLUSTERS, write_meta
 
 from twist_core.curate.curation import EXCLUDED, RECORD_SQL, CurationStore, Record, _record, cursor_of
-from twist_core.index.derived import SAMPLE_SIZE, compute, read_derived
+from twist_core.index.derived import SAMPLE_SIZE, compute, read_derived, write_derived
 
 N = 3000
 
@@ -81,6 +81,101 @@ def test_keyset_pages_equal_the_offset_pages(store: CurationStore, descending: b
         if len(pages) > 2:  # back one page from the third, as the view's "previous page" does
             assert store.page(label, 37, descending, low, high, before=cursor_of(pages[2][0])) == pages[1]
             assert store.seek(label, 2 * 37, descending, low, high) == cursor_of(pages[1][-1])
+
+
+SPACING = 50  # images between two checkpoints here (CHECKPOINT is 1,000): many checkpoints in N = 3,000
+
+
+@pytest.fixture()
+def spaced(tmp_path: Path) -> Iterator[CurationStore]:
+    """A store over metadata whose checkpoints are ``SPACING`` images apart."""
+    meta = write_meta(tmp_path / "gen-000001" / "meta.sqlite", N, derived=False)
+    with contextlib.closing(sqlite3.connect(meta)) as db:
+        write_derived(db, SPACING)
+    opened = CurationStore(tmp_path / "curation.sqlite", meta, [f"c{c}" for c in range(CLUSTERS)])
+    yield opened
+    opened.close()
+
+
+def check_jumps(store: CurationStore, label: int, low: float = 0.0, high: float = 1.0) -> None:
+    """Every page number's cursor (and a few offsets past the end) is the last image before it by OFFSET."""
+    for descending in (True, False):
+        every = offset_page(store, label, 0, N, descending, low, high)
+        for offset in [*range(1, len(every) + 3, 7), len(every) - 1, len(every)]:
+            expected = cursor_of(every[offset - 1]) if 0 < offset <= len(every) else None
+            assert store.seek(label, offset, descending, low, high) == expected, (label, descending, offset)
+
+
+def test_page_number_jumps_start_at_a_checkpoint_and_equal_the_walk(spaced: CurationStore) -> None:
+    store = spaced
+    assert store.derived.checkpoints
+    big = store.page(0, limit=N)
+    steps = [lambda: store.move([r.id for r in big[5:400:4]], 2),  # out of 0, before and after checkpoints
+             lambda: store.move([r.id for r in store.page(3, limit=200)][::3], 0),  # into 0
+             lambda: store.move([r.id for r in store.page(0, limit=N, descending=False)][:30], EXCLUDED),
+             lambda: store.move([r.id for r in big[2:12]], 0)]  # moved back where they were predicted
+    for step in steps:
+        step()
+        overrides = store._query("SELECT COUNT(*) FROM overrides")[0][0]
+        for descending in (True, False):
+            start, passed = store._checkpoint(0, 900, descending)  # deep: near a checkpoint, not the start
+            assert start is not None and 900 - SPACING - overrides <= passed < 900, (descending, passed)
+        for label in (0, 2, 3, EXCLUDED):
+            check_jumps(store, label)
+    for _ in steps:
+        store.undo()
+        check_jumps(store, 0)
+
+
+def test_page_number_jumps_of_merged_labels_and_filters_walk_and_stay_exact(spaced: CurationStore) -> None:
+    store = spaced
+    store.move([r.id for r in store.page(0, limit=300)][::5], 4)
+    store.merge([4], 0)  # 0 is fed by two predicted clusters: walked
+    check_jumps(store, 0)
+    check_jumps(store, 2, 0.3, 0.71)  # a confidence filter: walked
+    store.undo()
+    check_jumps(store, 0)
+    check_jumps(store, 4)
+
+
+def test_the_api_page_number_equals_the_cursor_walk(app_bundle: dict[str, Path], tmp_path: Path) -> None:
+    """``GET /clusters/{id}/images?page=k`` on an index whose checkpoints lie a few images apart."""
+    import shutil
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from app.api import build_router
+    from app.workspace import PAGE_SIZE, Workspace
+    from twist_core.index.metadata import meta_path
+
+    index = tmp_path / "index"
+    shutil.copytree(app_bundle["index"], index)
+    with contextlib.closing(sqlite3.connect(meta_path(index))) as db:
+        write_derived(db, 7)
+    ws = Workspace(app_bundle["model"], index, state_dir=tmp_path / "state")
+    try:
+        cluster = ws.largest_cluster()
+        assert cluster is not None and ws.store.derived.checkpoints
+        ws.store.move([r.id for r in ws.store.page(cluster, 40)][::4], EXCLUDED)
+        api = FastAPI()
+        api.include_router(build_router(ws, 1 << 20, 2))
+        client = TestClient(api)
+        url = f"/api/v1/clusters/{cluster}/images"
+        for lowest_first in (False, True):
+            walked, after = [], None
+            while True:
+                answer = client.get(url, params={"lowest_first": lowest_first, **({"after": after} if after else {})})
+                walked.append([i["id"] for i in answer.json()["images"]])
+                after = answer.json()["after"]
+                if after is None:
+                    break
+            numbered = [[i["id"] for i in client.get(url, params={"page": k, "lowest_first": lowest_first}).json()[
+                "images"]] for k in range(len(walked))]
+            assert len(walked) >= 2 and numbered == walked
+            assert ws.store._checkpoint(cluster, PAGE_SIZE, not lowest_first)[1] > PAGE_SIZE - 7 - 10  # jumped
+    finally:
+        ws.close()
 
 
 def test_kept_counts_equal_recomputed_ones_after_moves_merges_and_undo(store: CurationStore) -> None:

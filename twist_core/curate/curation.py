@@ -27,6 +27,7 @@ was made (the index keeps a history of its models with the time each came in).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import heapq
 import itertools
@@ -41,7 +42,7 @@ from typing import Any
 
 from twist_core.curate.set_aside import SET_ASIDE_FILE, UNDO_TABLES, SetAside, describe_held
 from twist_core.curate.store_file import ACTION_TIME_FORMAT, CurationError, curation_path, store_model
-from twist_core.index.derived import Derived, read_derived
+from twist_core.index.derived import CHECKPOINTS_TABLE, Derived, read_derived
 from twist_core.index.metadata import IMAGES, chunked_in, meta_path
 from twist_core.io_utils import atomic_write_text, mark_output_folder
 from twist_core.layout import INFO_TABLE
@@ -438,12 +439,49 @@ class CurationStore:
 
     def seek(self, label: int, offset: int, descending: bool = True, min_conf: float = 0.0,
              max_conf: float = 1.0) -> Cursor | None:
-        """The cursor after the first ``offset`` images (a jump to a page by number; costs the rows passed)."""
+        """The cursor after the first ``offset`` images (a jump to a page by number).
+
+        From the generation's last checkpoint before the page (:meth:`_checkpoint`), walking fewer than
+        ``CHECKPOINT`` images plus the overrides: the cost no longer grows with the page number. A label fed by
+        merged clusters, a confidence filter or an index without checkpoints walk every image before the page:
+        each source's checkpoints rank only its own images, and a filter's ranks would need checkpoints per range.
+        """
+        label, offset, low, high = int(label), int(offset), float(min_conf), float(max_conf)
         if offset <= 0:
             return None
-        passed = self._ordered(int(label), int(offset), descending, False, float(min_conf), float(max_conf), None,
-                               keys=True)
-        return passed[-1] if len(passed) == offset else None
+        start, passed = None, 0
+        if self.derived.checkpoints and (low, high) == (0.0, 1.0) and self._sources(label) == [label]:
+            start, passed = self._checkpoint(label, offset, descending)
+        rest = self._ordered(label, offset - passed, descending, False, low, high, start, keys=True)
+        return rest[-1] if len(rest) == offset - passed else None
+
+    def _checkpoint(self, label: int, offset: int, descending: bool) -> tuple[Cursor | None, int]:
+        """The last checkpoint of predicted cluster ``label`` with fewer than ``offset`` members at or before it,
+        and that number (None, 0 when there is none).
+
+        A checkpoint ranks the cluster's predicted images; the members at or before it are that rank less its
+        images overridden out before it plus the images moved in before it, both read from the overrides (their
+        number, never N, sets the cost). The count never falls from one checkpoint to the next, so the search goes
+        down from the highest rank that can qualify and stops at the first that does.
+        """
+        key = order_key(descending)
+        out_keys: list[tuple] = []
+        in_keys: list[tuple] = []
+        for confidence, image_id, predicted_here in self._query(
+                f"SELECT i.{IMAGES.confidence}, i.{IMAGES.id}, i.{IMAGES.cluster} IS ? {OVERRIDDEN} "
+                f"WHERE (i.{IMAGES.cluster} IS ?) != (o.cluster IS ?) "
+                f"AND COALESCE(i.{IMAGES.confidence}, 0) BETWEEN 0 AND 1", (label, label, label)):
+            (out_keys if predicted_here else in_keys).append(key(confidence, image_id))
+        out_keys.sort()
+        in_keys.sort()
+        for rank, confidence, image_id in self._query(
+                f"SELECT rank, confidence, id FROM idx.{CHECKPOINTS_TABLE} WHERE cluster = ? AND descending = ? "
+                "AND rank < ? ORDER BY rank DESC", (label, int(descending), offset + len(out_keys))):
+            here = key(confidence, image_id)
+            members = rank - bisect.bisect_right(out_keys, here) + bisect.bisect_right(in_keys, here)
+            if members < offset:
+                return (confidence, image_id), members
+        return None, 0
 
     def _ordered(self, label: int, limit: int, descending: bool, id_descending: bool, low: float, high: float,
                  after: Cursor | None, keys: bool = False) -> list[Any]:

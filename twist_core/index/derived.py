@@ -1,8 +1,9 @@
 """Per-generation derived tables: what the app's first screens need, computed once when a generation is written.
 
 A generation's metadata never changes once published, so per predicted cluster its size and confidence sum, a
-fixed-size random sample of ids (the map, the merge suggestions) and the number of scored images (the review
-queue) are written beside the images by :func:`write_derived`, which ``commit_generation`` calls on every new
+fixed-size random sample of ids (the map, the merge suggestions), the number of scored images (the review
+queue) and the page-order checkpoints (a jump to a page by number) are written beside the images by
+:func:`write_derived`, which ``commit_generation`` calls on every new
 generation. A request then reads a few dozen rows instead of grouping all N images. The curated figures are
 these adjusted by the curation store's overrides and merges (:mod:`twist_core.curate.curation`), whose cost
 follows the number of overrides.
@@ -25,21 +26,39 @@ from twist_core.layout import INFO_TABLE
 
 log = logging.getLogger("twist.index")
 
-VERSION = 1  # of the derived tables; another version is computed in memory at open, as if absent
+VERSION = 2  # of the derived tables; another version is computed in memory at open, as if absent
 SAMPLE_SIZE = 20_000  # ids in the sample, in random order: any prefix is itself a random sample
 SAMPLE_SEED = 0
 QUANTILES = 1000  # of the review scores: a shown share ("higher than 97 % of the images") without counting them
+CHECKPOINT = 1000  # images between two checkpoints: a jump by page number walks fewer than this (plus overrides)
 CLUSTERS_TABLE = "derived_clusters"
 SAMPLE_TABLE = "derived_sample"
+CHECKPOINTS_TABLE = "derived_checkpoints"
 INFO_KEY = "derived"
 REVIEW_INFO_KEY = "review"  # twist_core.index.review_table's info key: the review table is there when it is set
 
 TABLES_SQL = f"""
 DROP TABLE IF EXISTS {CLUSTERS_TABLE};
 DROP TABLE IF EXISTS {SAMPLE_TABLE};
+DROP TABLE IF EXISTS {CHECKPOINTS_TABLE};
 CREATE TABLE {CLUSTERS_TABLE} (cluster INTEGER PRIMARY KEY, size INTEGER NOT NULL, conf_sum REAL NOT NULL,
                                conf_n INTEGER NOT NULL);
 CREATE TABLE {SAMPLE_TABLE} (rank INTEGER PRIMARY KEY, id INTEGER NOT NULL);
+CREATE TABLE {CHECKPOINTS_TABLE} (cluster INTEGER NOT NULL, descending INTEGER NOT NULL, rank INTEGER NOT NULL,
+                                  confidence REAL, id INTEGER NOT NULL, PRIMARY KEY (cluster, descending, rank));
+"""
+# Every ``CHECKPOINT``-th image of each predicted cluster in each page order, with its rank there (1-based), among
+# the images a page with no confidence filter reads (known confidences in [0, 1], unknown ones). SQLite sorts NULL
+# lowest: last by DESC, first by ASC, as the pages do; ties go by id, the order of the (cluster, confidence)
+# indexes, so the window reads an index in order rather than sorting N rows.
+CHECKPOINTS_SQL = f"""
+INSERT INTO {CHECKPOINTS_TABLE} (cluster, descending, rank, confidence, id)
+SELECT {IMAGES.cluster}, ?, rn, {IMAGES.confidence}, {IMAGES.id} FROM (
+    SELECT {IMAGES.cluster}, {IMAGES.confidence}, {IMAGES.id}, ROW_NUMBER() OVER (
+        PARTITION BY {IMAGES.cluster} ORDER BY {IMAGES.confidence} {{direction}}, {IMAGES.id}) AS rn
+    FROM {IMAGES.name} WHERE {IMAGES.cluster} IS NOT NULL
+    AND ({IMAGES.confidence} IS NULL OR {IMAGES.confidence} BETWEEN 0 AND 1))
+WHERE rn % ? = 0
 """
 
 
@@ -60,6 +79,7 @@ class Derived:
     sample: tuple[int, ...] = ()  # ids in random order
     review_rows: int | None = None  # scored images still in the index; None without a review table
     review_quantiles: tuple[float, ...] = ()  # their scores at shares 0, 1/QUANTILES, ..., 1 (ascending)
+    checkpoints: bool = False  # whether the generation holds CHECKPOINTS_TABLE (an older index: jumps walk)
 
     def share_at_least(self, score: float) -> float | None:
         """The share of the scored images whose score is ``score`` or more, read off the quantiles (to about
@@ -124,10 +144,13 @@ def draw_sample(db: sqlite3.Connection, schema: str = "main") -> np.ndarray:
     return np.array(found, np.int64)
 
 
-def write_derived(db: sqlite3.Connection) -> None:
-    """Write the derived tables of a new (unpublished) generation's metadata, replacing any copied from the last."""
+def write_derived(db: sqlite3.Connection, checkpoint: int = CHECKPOINT) -> None:
+    """Write the derived tables of a new (unpublished) generation's metadata, replacing any copied from the last
+    (``checkpoint``: images between two checkpoints; tests make it small)."""
     derived = compute(db)
     db.executescript(TABLES_SQL)
+    for descending, direction in ((1, "DESC"), (0, "ASC")):
+        db.execute(CHECKPOINTS_SQL.format(direction=direction), (descending, int(checkpoint)))
     db.executemany(f"INSERT INTO {CLUSTERS_TABLE} (cluster, size, conf_sum, conf_n) VALUES (?, ?, ?, ?)",
                    [(c, s.size, s.conf_sum, s.conf_n) for c, s in derived.clusters.items()])
     db.executemany(f"INSERT INTO {SAMPLE_TABLE} (rank, id) VALUES (?, ?)", enumerate(derived.sample))
@@ -147,7 +170,7 @@ def read_derived(db: sqlite3.Connection, schema: str = "main") -> Derived:
     clusters = {int(c): ClusterStats(int(n), float(s), int(k)) for c, n, s, k in db.execute(
         f"SELECT cluster, size, conf_sum, conf_n FROM {schema}.{CLUSTERS_TABLE}")}
     sample = tuple(r[0] for r in db.execute(f"SELECT id FROM {schema}.{SAMPLE_TABLE} ORDER BY rank"))
-    return Derived(clusters, sample, info.get("review_rows"), tuple(info.get("review_quantiles") or ()))
+    return Derived(clusters, sample, info.get("review_rows"), tuple(info.get("review_quantiles") or ()), True)
 
 
 def _has_table(db: sqlite3.Connection, schema: str, name: str) -> bool:
