@@ -109,6 +109,12 @@ def check_jumps(store: CurationStore, label: int, low: float = 0.0, high: float 
 def test_page_number_jumps_start_at_a_checkpoint_and_equal_the_walk(spaced: CurationStore) -> None:
     store = spaced
     assert store.derived.checkpoints
+    for cluster in range(CLUSTERS):  # every SPACING-th image in page order, unknown confidences included
+        for descending in (True, False):
+            order = [cursor_of(r) for r in offset_page(store, cluster, 0, N, descending, 0.0, 1.0)]
+            kept = store._query("SELECT rank, confidence, id FROM idx.derived_checkpoints WHERE cluster = ? "
+                                "AND descending = ? ORDER BY rank", (cluster, int(descending)))
+            assert kept == [(k, *order[k - 1]) for k in range(SPACING, len(order) + 1, SPACING)]
     big = store.page(0, limit=N)
     steps = [lambda: store.move([r.id for r in big[5:400:4]], 2),  # out of 0, before and after checkpoints
              lambda: store.move([r.id for r in store.page(3, limit=200)][::3], 0),  # into 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,19 +47,6 @@ CREATE TABLE {CLUSTERS_TABLE} (cluster INTEGER PRIMARY KEY, size INTEGER NOT NUL
 CREATE TABLE {SAMPLE_TABLE} (rank INTEGER PRIMARY KEY, id INTEGER NOT NULL);
 CREATE TABLE {CHECKPOINTS_TABLE} (cluster INTEGER NOT NULL, descending INTEGER NOT NULL, rank INTEGER NOT NULL,
                                   confidence REAL, id INTEGER NOT NULL, PRIMARY KEY (cluster, descending, rank));
-"""
-# Every ``CHECKPOINT``-th image of each predicted cluster in each page order, with its rank there (1-based), among
-# the images a page with no confidence filter reads (known confidences in [0, 1], unknown ones). SQLite sorts NULL
-# lowest: last by DESC, first by ASC, as the pages do; ties go by id, the order of the (cluster, confidence)
-# indexes, so the window reads an index in order rather than sorting N rows.
-CHECKPOINTS_SQL = f"""
-INSERT INTO {CHECKPOINTS_TABLE} (cluster, descending, rank, confidence, id)
-SELECT {IMAGES.cluster}, ?, rn, {IMAGES.confidence}, {IMAGES.id} FROM (
-    SELECT {IMAGES.cluster}, {IMAGES.confidence}, {IMAGES.id}, ROW_NUMBER() OVER (
-        PARTITION BY {IMAGES.cluster} ORDER BY {IMAGES.confidence} {{direction}}, {IMAGES.id}) AS rn
-    FROM {IMAGES.name} WHERE {IMAGES.cluster} IS NOT NULL
-    AND ({IMAGES.confidence} IS NULL OR {IMAGES.confidence} BETWEEN 0 AND 1))
-WHERE rn % ? = 0
 """
 
 
@@ -149,8 +137,8 @@ def write_derived(db: sqlite3.Connection, checkpoint: int = CHECKPOINT) -> None:
     (``checkpoint``: images between two checkpoints; tests make it small)."""
     derived = compute(db)
     db.executescript(TABLES_SQL)
-    for descending, direction in ((1, "DESC"), (0, "ASC")):
-        db.execute(CHECKPOINTS_SQL.format(direction=direction), (descending, int(checkpoint)))
+    db.executemany(f"INSERT INTO {CHECKPOINTS_TABLE} (cluster, descending, rank, confidence, id) "
+                   "VALUES (?, ?, ?, ?, ?)", checkpoints(db, derived.clusters, int(checkpoint)))
     db.executemany(f"INSERT INTO {CLUSTERS_TABLE} (cluster, size, conf_sum, conf_n) VALUES (?, ?, ?, ?)",
                    [(c, s.size, s.conf_sum, s.conf_n) for c, s in derived.clusters.items()])
     db.executemany(f"INSERT INTO {SAMPLE_TABLE} (rank, id) VALUES (?, ?)", enumerate(derived.sample))
@@ -158,6 +146,55 @@ def write_derived(db: sqlite3.Connection, checkpoint: int = CHECKPOINT) -> None:
                (INFO_KEY, json.dumps({"version": VERSION, "review_rows": derived.review_rows,
                                       "review_quantiles": derived.review_quantiles})))
     db.commit()
+
+
+def checkpoints(db: sqlite3.Connection, clusters: Iterable[int], spacing: int) -> list[tuple]:
+    """(cluster, descending, rank, confidence, id) of every ``spacing``-th image of each cluster in each page
+    order, ranked (from 1) among the images a page without a confidence filter reads: known confidences in
+    [0, 1] by confidence then id, the unknown ones by id, last when descending and first when ascending.
+
+    Each step skips ``spacing`` entries of a (cluster, confidence) index from the last checkpoint (OFFSET over
+    an index counts without reading rows): 0.28 CPU-s at 1M images, where a ROW_NUMBER() window took 1.1 s.
+    """
+    found = []
+    for cluster in clusters:
+        for descending in (1, 0):
+            rows, carried = [], 0
+            for known in ((True, False) if descending else (False, True)):
+                more, carried = _every(db, cluster, bool(descending), known, spacing, carried)
+                rows += more
+            found += [(cluster, descending, (k + 1) * spacing, conf, image_id)
+                      for k, (conf, image_id) in enumerate(rows)]
+    return found
+
+
+def _every(db: sqlite3.Connection, cluster: int, descending: bool, known: bool, spacing: int, carried: int
+           ) -> tuple[list[tuple], int]:
+    """The checkpoints in one part of a cluster's page order (its known or its unknown confidences), the first
+    ``spacing - carried`` images in; and how many images of the part follow its last checkpoint (plus
+    ``carried`` when it has none), which the next part carries."""
+    conf, ident = IMAGES.confidence, IMAGES.id
+    order = f"{conf} {'DESC' if descending else 'ASC'}, {ident}" if known else ident
+    cursor: tuple | None = None
+    found: list[tuple] = []
+    need = spacing - carried
+    while True:
+        if known:
+            low, high = (0.0, 1.0) if cursor is None else (0.0, cursor[0]) if descending else (cursor[0], 1.0)
+            where, params = f"{conf} BETWEEN ? AND ?", [low, high]
+            if cursor is not None:
+                where, params = f"{where} AND ({conf} != ? OR {ident} > ?)", [*params, *cursor]
+        else:
+            where, params = f"{conf} IS NULL", []
+            if cursor is not None:
+                where, params = f"{where} AND {ident} > ?", [cursor[1]]
+        part = f"FROM {IMAGES.name} WHERE {IMAGES.cluster} = ? AND {where} ORDER BY {order}"
+        row = db.execute(f"SELECT {conf}, {ident} {part} LIMIT 1 OFFSET ?", [cluster, *params, need - 1]).fetchone()
+        if row is None:
+            left = db.execute(f"SELECT COUNT(*) FROM (SELECT 1 {part} LIMIT ?)", [cluster, *params, need]).fetchone()
+            return found, spacing - need + left[0]
+        found.append(row)
+        cursor, need = row, spacing
 
 
 def read_derived(db: sqlite3.Connection, schema: str = "main") -> Derived:
