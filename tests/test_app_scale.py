@@ -133,11 +133,16 @@ def test_page_number_jumps_start_at_a_checkpoint_and_equal_the_walk(spaced: Cura
         check_jumps(store, 0)
 
 
-def test_page_number_jumps_of_merged_labels_and_filters_walk_and_stay_exact(spaced: CurationStore) -> None:
+def test_page_number_jumps_of_merged_labels_and_filtered_pages_are_exact(spaced: CurationStore) -> None:
     store = spaced
     store.move([r.id for r in store.page(0, limit=300)][::5], 4)
-    store.merge([4], 0)  # 0 is fed by two predicted clusters: walked
-    check_jumps(store, 0)
+    store.merge([4, 6], 0)  # 0 is fed by three predicted clusters, each ranked by its own checkpoints
+    for label in (0, 4):  # 4 merged away: empty
+        check_jumps(store, label)
+    overrides = store._query("SELECT COUNT(*) FROM overrides")[0][0]
+    for descending in (True, False):
+        passed = store._checkpoint(0, 1200, descending)[1]
+        assert 1200 - 3 * SPACING - overrides <= passed < 1200, (descending, passed)
     check_jumps(store, 2, 0.3, 0.71)  # a confidence filter: walked
     store.undo()
     check_jumps(store, 0)

@@ -67,7 +67,7 @@ class Derived:
     sample: tuple[int, ...] = ()  # ids in random order
     review_rows: int | None = None  # scored images still in the index; None without a review table
     review_quantiles: tuple[float, ...] = ()  # their scores at shares 0, 1/QUANTILES, ..., 1 (ascending)
-    checkpoints: bool = False  # whether the generation holds CHECKPOINTS_TABLE (an older index: jumps walk)
+    checkpoints: int = 0  # images between two of CHECKPOINTS_TABLE's checkpoints; 0: none (jumps walk)
 
     def share_at_least(self, score: float) -> float | None:
         """The share of the scored images whose score is ``score`` or more, read off the quantiles (to about
@@ -144,7 +144,8 @@ def write_derived(db: sqlite3.Connection, checkpoint: int = CHECKPOINT) -> None:
     db.executemany(f"INSERT INTO {SAMPLE_TABLE} (rank, id) VALUES (?, ?)", enumerate(derived.sample))
     db.execute(f"INSERT OR REPLACE INTO {INFO_TABLE} (key, value) VALUES (?, ?)",
                (INFO_KEY, json.dumps({"version": VERSION, "review_rows": derived.review_rows,
-                                      "review_quantiles": derived.review_quantiles})))
+                                      "review_quantiles": derived.review_quantiles,
+                                      "checkpoint": int(checkpoint)})))
     db.commit()
 
 
@@ -207,7 +208,8 @@ def read_derived(db: sqlite3.Connection, schema: str = "main") -> Derived:
     clusters = {int(c): ClusterStats(int(n), float(s), int(k)) for c, n, s, k in db.execute(
         f"SELECT cluster, size, conf_sum, conf_n FROM {schema}.{CLUSTERS_TABLE}")}
     sample = tuple(r[0] for r in db.execute(f"SELECT id FROM {schema}.{SAMPLE_TABLE} ORDER BY rank"))
-    return Derived(clusters, sample, info.get("review_rows"), tuple(info.get("review_quantiles") or ()), True)
+    return Derived(clusters, sample, info.get("review_rows"), tuple(info.get("review_quantiles") or ()),
+                   int(info["checkpoint"]))
 
 
 def _has_table(db: sqlite3.Connection, schema: str, name: str) -> bool:
