@@ -106,6 +106,23 @@ def test_an_update_rescores_only_what_changed_and_matches_a_full_rescore(tmp_pat
     assert sum(after[i][1] != again[i][1] for i in again) == 0
 
 
+def test_a_tiny_index_grows_past_k_and_every_score_follows(tmp_path: Path) -> None:
+    """Lists stored at 1 or 2 neighbours (an index of 2 or 3 images) are not read as k-long ones on an update:
+    the images are scored again, as a rebuild scores them."""
+    vectors, clusters = clustered(40, 16, 2, spread=0.3)
+    full = write_labels(tmp_path / "all", vectors, clusters, make_files=True)
+    for start in (1, 2, 3):
+        base = write_labels(tmp_path / f"base{start}", vectors[:start], clusters[:start])
+        (tmp_path / f"base{start}" / "labels.meta.json").write_text((tmp_path / "all" / "labels.meta.json").read_text())
+        out = tmp_path / f"ix{start}"
+        build_index(IndexConfig(source=str(base), out=str(out), device="cpu"))
+        assert update_index(IndexConfig(source=str(full), out=str(out), device="cpu", update=True)).added == 40 - start
+        build_index(IndexConfig(source=str(full), out=str(tmp_path / f"rebuilt{start}"), device="cpu"))
+        updated, rebuilt = review(out), review(tmp_path / f"rebuilt{start}")
+        assert updated.keys() == rebuilt.keys()
+        assert max(abs(updated[i][0] - rebuilt[i][0]) for i in rebuilt) <= 0.0025
+
+
 def test_a_killed_table_update_leaves_the_previous_generation(tmp_path: Path) -> None:
     vectors, clusters = clustered(420, 16, 4)
     full = write_labels(tmp_path / "all", vectors, clusters, make_files=True)
