@@ -140,3 +140,31 @@ def test_a_killed_table_update_leaves_the_previous_generation(tmp_path: Path) ->
         index.close()
     assert subprocess.run(command, cwd=REPO, capture_output=True, timeout=120).returncode == 0
     assert IndexWriter.open(tmp_path / "ix", "cpu").size == 420 and len(review(tmp_path / "ix")) == 420
+
+
+def test_a_path_in_two_rows_is_refused_before_any_work(tmp_path: Path) -> None:
+    """The index holds a path once: a repeated row is one line before training (at 1M the build took minutes to
+    fail on SQLite's UNIQUE constraint), and an update's repeated new row likewise, the index untouched."""
+    vectors, clusters = clustered(60, 16, 3)
+    table = write_labels(tmp_path / "t", vectors, clusters, make_files=True)
+    lines = table.read_text().splitlines(keepends=True)
+    twice = tmp_path / "t" / "twice.csv"
+    twice.write_text("".join([*lines[:6], lines[5], *lines[7:]]))  # row 6 repeats row 5's path (same row count)
+    for suffix in (".embeddings.npy", ".meta.json"):
+        shutil.copy(str(table).replace(".csv", suffix), str(twice).replace(".csv", suffix))
+    command = [sys.executable, "-m", "twist_core.cli", "index", str(twice), "--out", str(tmp_path / "ix")]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and "is in two rows" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "ix" / "manifest.json").exists()
+    base = write_labels(tmp_path / "base", vectors[:50], clusters[:50])
+    shutil.copy(str(table).replace(".csv", ".meta.json"), tmp_path / "base" / "labels.meta.json")
+    build_index(IndexConfig(source=str(base), out=str(tmp_path / "ix2"), device="cpu"))
+    before = (tmp_path / "ix2" / "manifest.json").read_text()
+    new = tmp_path / "t" / "new.csv"
+    new.write_text("".join([*lines[:1], *lines[52:55], lines[53]]))
+    np.save(str(new).replace(".csv", ".embeddings.npy"), np.concatenate([vectors[51:54], vectors[52:53]]))
+    shutil.copy(str(table).replace(".csv", ".meta.json"), str(new).replace(".csv", ".meta.json"))
+    update = subprocess.run([sys.executable, "-m", "twist_core.cli", "index", str(new), "--update", "--out",
+                             str(tmp_path / "ix2")], capture_output=True, text=True, cwd=REPO)
+    assert update.returncode == 2 and "is in two rows" in update.stderr and "Traceback" not in update.stderr
+    assert (tmp_path / "ix2" / "manifest.json").read_text() == before

@@ -25,6 +25,7 @@ import shutil
 import sqlite3
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -363,6 +364,10 @@ def _new_table_rows(index: IndexWriter, table: Path) -> tuple[list[dict[str, Any
         if present:
             found += [rows[i] for i in present]
             vectors.append(vectors_at(embeddings, positions[present]))
+    repeated = [path for path, times in Counter(row["path"] for row in found).items() if times > 1]
+    if repeated:
+        raise IndexUserError(f"{table}: {repeated[0]} is in two rows; a table lists each image once (label the "
+                             "folder again, or drop the repeated row)")
     return found, np.concatenate(vectors) if vectors else np.zeros((0, index.dim), np.float32)
 
 
