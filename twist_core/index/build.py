@@ -379,8 +379,7 @@ def _folder_changes(index: IndexWriter, config: IndexConfig) -> tuple[list[dict[
     from twist_core.deploy.infer import OnnxModel
 
     model = OnnxModel(model_path, device=config.device)
-    gone = index.missing_ids()
-    changed = index.changed_paths()
+    gone, changed = index.file_changes()
     known = set(index.paths()) - changed
     scanned = (path_to_text(path) for path in scan_folder(index.root))  # table text, as the index holds names
     new_paths = [path for path in scanned if path not in known]
