@@ -275,13 +275,16 @@ class IndexReader:
         _, embeddings = model.predict([image])
         return self.search_vectors(embeddings, k, cluster)[0]
 
+    def identities(self, paths: Sequence[str] | None = None) -> dict[str, tuple[int, str | None]]:
+        """Path -> (id, fingerprint when indexed) of every image, or of those of ``paths`` that are indexed."""
+        with self._lock:
+            return self._meta.identities(paths)
+
     def file_changes(self) -> tuple[list[int], set[str]]:
         """One stat per indexed file: the ids of files that are gone, and the paths of files that still exist but
         changed since they were indexed (another picture, same name)."""
-        with self._lock:
-            identities = self._meta.identities()
         gone, changed = [], set()
-        for path, (image_id, fingerprint) in identities.items():
+        for path, (image_id, fingerprint) in self.identities().items():
             now = file_fingerprint(self.file_of(path))
             if now is None:
                 gone.append(image_id)
