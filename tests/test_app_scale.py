@@ -8,11 +8,12 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers.synthetic_meta import CLUSTERS, write_meta
 
 from twist_core.curate.curation import EXCLUDED, RECORD_SQL, CurationStore, Record, _record, cursor_of
-from twist_core.index.derived import SAMPLE_SIZE, compute, read_derived, write_derived
+from twist_core.index.derived import QUANTILES, SAMPLE_SIZE, Derived, compute, read_derived, write_derived
 
 N = 3000
 
@@ -295,3 +296,13 @@ def test_the_kept_score_quantiles_give_the_share_of_images_scored_higher(store: 
         kept = store.derived.share_at_least(scores[rank])
         assert kept is not None and abs(kept - exact) <= 2 / len(scores) + 1e-3, rank
     assert store.derived.share_at_least(scores[0]) == 1 / N  # the most doubtful image: one of N, never none
+
+
+def test_a_tied_score_counts_every_image_at_it() -> None:
+    """Scores tie often (every image of a cluster whose neighbours all agree and whose margin is 1): the share at a
+    tied score counts all of them, not a point inside the tie."""
+    scores = np.array([0.1] * 40 + [0.45] * 120 + [0.9] * 40)
+    derived = Derived({}, (), len(scores), tuple(np.quantile(scores, np.linspace(0.0, 1.0, QUANTILES + 1))))
+    for score in (0.1, 0.45, 0.9):
+        exact = float(np.mean(scores >= score))
+        assert abs(derived.share_at_least(score) - exact) <= 1 / QUANTILES + 1 / len(scores), score

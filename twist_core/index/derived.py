@@ -74,8 +74,12 @@ class Derived:
         1/QUANTILES; never below one image); None without them."""
         if not self.review_quantiles or not self.review_rows:
             return None
-        below = float(np.interp(score, self.review_quantiles, np.linspace(0.0, 1.0, len(self.review_quantiles)),
-                                left=0.0, right=1.0))
+        quantiles = np.asarray(self.review_quantiles)
+        first = int(np.searchsorted(quantiles, score, "left"))
+        if first < len(quantiles) and quantiles[first] == score:  # a tie: every image at that score counts
+            below = first / (len(quantiles) - 1)
+        else:
+            below = float(np.interp(score, quantiles, np.linspace(0.0, 1.0, len(quantiles)), left=0.0, right=1.0))
         return max(1.0 / self.review_rows, 1.0 - below)
 
 
@@ -115,7 +119,7 @@ def draw_sample(db: sqlite3.Connection, schema: str = "main") -> np.ndarray:
     wanted = min(SAMPLE_SIZE, int(count))
     rng = np.random.default_rng(SAMPLE_SEED)
     span = int(high) - int(low) + 1
-    if wanted == count or span <= 4 * wanted:  # dense enough: every id once, shuffled, then kept in that order
+    if count <= 4 * wanted or span <= 4 * wanted:  # few or dense: every id once, shuffled, then kept in that order
         ids = np.array([r[0] for r in db.execute(f"SELECT {IMAGES.id} FROM {schema}.{IMAGES.name} "
                                                 f"ORDER BY {IMAGES.id}")], np.int64)
         return rng.permutation(ids)[:wanted]
