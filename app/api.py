@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
 import shutil
 import sqlite3
 import tempfile
@@ -101,7 +102,10 @@ def parse_cursor(text: str | None) -> Cursor | None:
         return None
     confidence, _, image_id = text.rpartition(":")
     try:
-        return (None if confidence == "null" else float(confidence)), known_id(int(image_id))
+        value = None if confidence == "null" else float(confidence)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(confidence)
+        return value, known_id(int(image_id))
     except (ValueError, HTTPException):
         raise HTTPException(400, f"{text!r} is not a page cursor: give the `after` of the previous answer") from None
 

@@ -52,11 +52,13 @@ def old_where(store: CurationStore, label: int) -> tuple[str, list]:
             "BETWEEN ? AND ?", [*sources, label, 0.0, 1.0])
 
 
-def before(store: CurationStore, label: int, middle: int) -> dict[str, Callable[[], object]]:
+def before(store: CurationStore, label: int, middle: int, merged: int, merged_middle: int
+           ) -> dict[str, Callable[[], object]]:
     where, params = old_where(store, label)
     joins = RECORD_SQL[RECORD_SQL.index(" FROM "):]
 
-    def page(offset: int) -> object:
+    def page(offset: int, label: int = label) -> object:
+        where, params = old_where(store, label)
         count = store._query(f"SELECT COUNT(*) {joins} WHERE {where}", params)
         rows = store._query(f"{RECORD_SQL} WHERE {where} ORDER BY i.confidence DESC, i.id LIMIT ? OFFSET ?",
                             [*params, PAGE, offset])
@@ -76,6 +78,7 @@ def before(store: CurationStore, label: int, middle: int) -> dict[str, Callable[
         "count, confidence 0.3-0.7": lambda: store._query(
             f"SELECT COUNT(*) {joins} WHERE {where.replace('BETWEEN ? AND ?', 'BETWEEN 0.3 AND 0.7')}", params[:-2]),
         "jump to the middle page by number": lambda: page(middle),
+        "jump to the middle page of a merged cluster by number": lambda: page(merged_middle, merged),
         "doubtful page 0": lambda: doubtful(store, label),
         "overview covers (page of 4 per cluster)": lambda: [
             store._query(f"{RECORD_SQL} WHERE {old_where(store, c)[0]} ORDER BY i.confidence DESC, i.id LIMIT 4",
@@ -91,7 +94,8 @@ def doubtful(store: CurationStore, label: int) -> list:
     return sorted(members, key=lambda i: (-scores.get(i, 0.0), i))[:PAGE]
 
 
-def after(store: CurationStore, meta: Path, label: int, middle: int) -> dict[str, Callable[[], object]]:
+def after(store: CurationStore, meta: Path, label: int, middle: int, merged: int, merged_middle: int
+          ) -> dict[str, Callable[[], object]]:
     from app.review_queue import ReviewQueue
 
     cursor = store.seek(label, middle)
@@ -105,6 +109,8 @@ def after(store: CurationStore, meta: Path, label: int, middle: int) -> dict[str
         "map ids": lambda: store.sample(5000),
         "count, confidence 0.3-0.7": lambda: store.count(label, 0.3, 0.7),
         "jump to the middle page by number": lambda: store.page(label, PAGE, after=store.seek(label, middle)),
+        "jump to the middle page of a merged cluster by number": lambda: store.page(
+            merged, PAGE, after=store.seek(merged, merged_middle)),
         "doubtful page 0": lambda: store.doubtful_page(label, 0, PAGE),
         "overview covers (page of 4 per cluster)": lambda: [store.page(c, 4) for c in range(CLUSTERS)
                                                             if store.merged_into(c) == c],
@@ -142,10 +148,14 @@ def measure(n: int, folder: Path) -> dict:
         store.move([r.id for r in store.page(3, 100)][::2], EXCLUDED)
         store.merge([5], 4)
         store.confirm([r.id for r in store.page(label, 50, descending=False)])
-        old, new = before(store, label, middle), after(store, meta, label, middle)
-        assert [r.id for r in store.page(label, PAGE, after=store.seek(label, middle))] == [
-            r[0] for r in store._query(f"{RECORD_SQL} WHERE {old_where(store, label)[0]} ORDER BY i.confidence DESC, "
-                                       "i.id LIMIT ? OFFSET ?", [*old_where(store, label)[1], PAGE, middle])]
+        merged_middle = (store.count(4) // 2) // PAGE * PAGE  # 4 holds 5
+        old = before(store, label, middle, 4, merged_middle)
+        new = after(store, meta, label, middle, 4, merged_middle)
+        for jumped, offset in ((label, middle), (4, merged_middle)):
+            assert [r.id for r in store.page(jumped, PAGE, after=store.seek(jumped, offset))] == [
+                r[0] for r in store._query(f"{RECORD_SQL} WHERE {old_where(store, jumped)[0]} ORDER BY "
+                                           "i.confidence DESC, i.id LIMIT ? OFFSET ?",
+                                           [*old_where(store, jumped)[1], PAGE, offset])]
         return {"images": n, "largest_cluster": largest["size"], "middle_offset": middle,
                 "write_derived_cpu_s": round(derived_s, 2),
                 "before_ms": {name: cpu_ms(work, 3 if n >= 1_000_000 else REPEATS) for name, work in old.items()},

@@ -67,7 +67,8 @@ def test_clusters_pages_and_records_match_the_index(servers: dict) -> None:
         by_number += [i["id"] for i in api.get(f"clusters/{biggest['id']}/images", params={"page": number}).json()[
             "images"]]
     assert walked == by_number and len(walked) == biggest["size"]
-    assert api.get(f"clusters/{biggest['id']}/images", params={"after": "x:1"}).status_code == 400
+    for hostile in ("x:1", "nan:0", "inf:3", "-inf:3", "0.5:", ":", "0.5:99999999999999999999999"):
+        assert api.get(f"clusters/{biggest['id']}/images", params={"after": hostile}).status_code == 400, hostile
 
     first = page["images"][0]
     record = api.get(f"images/{first['id']}", params={"k": 5}).json()

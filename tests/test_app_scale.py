@@ -8,11 +8,12 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers.synthetic_meta import CLUSTERS, write_meta
 
 from twist_core.curate.curation import EXCLUDED, RECORD_SQL, CurationStore, Record, _record, cursor_of
-from twist_core.index.derived import SAMPLE_SIZE, compute, read_derived
+from twist_core.index.derived import QUANTILES, SAMPLE_SIZE, Derived, compute, read_derived, write_derived
 
 N = 3000
 
@@ -81,6 +82,112 @@ def test_keyset_pages_equal_the_offset_pages(store: CurationStore, descending: b
         if len(pages) > 2:  # back one page from the third, as the view's "previous page" does
             assert store.page(label, 37, descending, low, high, before=cursor_of(pages[2][0])) == pages[1]
             assert store.seek(label, 2 * 37, descending, low, high) == cursor_of(pages[1][-1])
+
+
+SPACING = 50  # images between two checkpoints here (CHECKPOINT is 1,000): many checkpoints in N = 3,000
+
+
+@pytest.fixture()
+def spaced(tmp_path: Path) -> Iterator[CurationStore]:
+    """A store over metadata whose checkpoints are ``SPACING`` images apart."""
+    meta = write_meta(tmp_path / "gen-000001" / "meta.sqlite", N, derived=False)
+    with contextlib.closing(sqlite3.connect(meta)) as db:
+        write_derived(db, SPACING)
+    opened = CurationStore(tmp_path / "curation.sqlite", meta, [f"c{c}" for c in range(CLUSTERS)])
+    yield opened
+    opened.close()
+
+
+def check_jumps(store: CurationStore, label: int, low: float = 0.0, high: float = 1.0) -> None:
+    """Every page number's cursor (and a few offsets past the end) is the last image before it by OFFSET."""
+    for descending in (True, False):
+        every = offset_page(store, label, 0, N, descending, low, high)
+        for offset in [*range(1, len(every) + 3, 7), len(every) - 1, len(every)]:
+            expected = cursor_of(every[offset - 1]) if 0 < offset <= len(every) else None
+            assert store.seek(label, offset, descending, low, high) == expected, (label, descending, offset)
+
+
+def test_page_number_jumps_start_at_a_checkpoint_and_equal_the_walk(spaced: CurationStore) -> None:
+    store = spaced
+    assert store.derived.checkpoints
+    for cluster in range(CLUSTERS):  # every SPACING-th image in page order, unknown confidences included
+        for descending in (True, False):
+            order = [cursor_of(r) for r in offset_page(store, cluster, 0, N, descending, 0.0, 1.0)]
+            kept = store._query("SELECT rank, confidence, id FROM idx.derived_checkpoints WHERE cluster = ? "
+                                "AND descending = ? ORDER BY rank", (cluster, int(descending)))
+            assert kept == [(k, *order[k - 1]) for k in range(SPACING, len(order) + 1, SPACING)]
+    big = store.page(0, limit=N)
+    steps = [lambda: store.move([r.id for r in big[5:400:4]], 2),  # out of 0, before and after checkpoints
+             lambda: store.move([r.id for r in store.page(3, limit=200)][::3], 0),  # into 0
+             lambda: store.move([r.id for r in store.page(0, limit=N, descending=False)][:30], EXCLUDED),
+             lambda: store.move([r.id for r in big[2:12]], 0)]  # moved back where they were predicted
+    for step in steps:
+        step()
+        overrides = store._query("SELECT COUNT(*) FROM overrides")[0][0]
+        for descending in (True, False):
+            start, passed = store._checkpoint(0, 900, descending)  # deep: near a checkpoint, not the start
+            assert start is not None and 900 - SPACING - overrides <= passed < 900, (descending, passed)
+        for label in (0, 2, 3, EXCLUDED):
+            check_jumps(store, label)
+    for _ in steps:
+        store.undo()
+        check_jumps(store, 0)
+
+
+def test_page_number_jumps_of_merged_labels_and_filtered_pages_are_exact(spaced: CurationStore) -> None:
+    store = spaced
+    store.move([r.id for r in store.page(0, limit=300)][::5], 4)
+    store.merge([4, 6], 0)  # 0 is fed by three predicted clusters, each ranked by its own checkpoints
+    for label in (0, 4):  # 4 merged away: empty
+        check_jumps(store, label)
+    overrides = store._query("SELECT COUNT(*) FROM overrides")[0][0]
+    for descending in (True, False):
+        passed = store._checkpoint(0, 1200, descending)[1]
+        assert 1200 - 3 * SPACING - overrides <= passed < 1200, (descending, passed)
+    check_jumps(store, 2, 0.3, 0.71)  # a confidence filter: walked
+    store.undo()
+    check_jumps(store, 0)
+    check_jumps(store, 4)
+
+
+def test_the_api_page_number_equals_the_cursor_walk(app_bundle: dict[str, Path], tmp_path: Path) -> None:
+    """``GET /clusters/{id}/images?page=k`` on an index whose checkpoints lie a few images apart."""
+    import shutil
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from app.api import build_router
+    from app.workspace import PAGE_SIZE, Workspace
+    from twist_core.index.metadata import meta_path
+
+    index = tmp_path / "index"
+    shutil.copytree(app_bundle["index"], index)
+    with contextlib.closing(sqlite3.connect(meta_path(index))) as db:
+        write_derived(db, 7)
+    ws = Workspace(app_bundle["model"], index, state_dir=tmp_path / "state")
+    try:
+        cluster = ws.largest_cluster()
+        assert cluster is not None and ws.store.derived.checkpoints
+        ws.store.move([r.id for r in ws.store.page(cluster, 40)][::4], EXCLUDED)
+        api = FastAPI()
+        api.include_router(build_router(ws, 1 << 20, 2))
+        client = TestClient(api)
+        url = f"/api/v1/clusters/{cluster}/images"
+        for lowest_first in (False, True):
+            walked, after = [], None
+            while True:
+                answer = client.get(url, params={"lowest_first": lowest_first, **({"after": after} if after else {})})
+                walked.append([i["id"] for i in answer.json()["images"]])
+                after = answer.json()["after"]
+                if after is None:
+                    break
+            numbered = [[i["id"] for i in client.get(url, params={"page": k, "lowest_first": lowest_first}).json()[
+                "images"]] for k in range(len(walked))]
+            assert len(walked) >= 2 and numbered == walked
+            assert ws.store._checkpoint(cluster, PAGE_SIZE, not lowest_first)[1] > PAGE_SIZE - 7 - 10  # jumped
+    finally:
+        ws.close()
 
 
 def test_kept_counts_equal_recomputed_ones_after_moves_merges_and_undo(store: CurationStore) -> None:
@@ -189,3 +296,13 @@ def test_the_kept_score_quantiles_give_the_share_of_images_scored_higher(store: 
         kept = store.derived.share_at_least(scores[rank])
         assert kept is not None and abs(kept - exact) <= 2 / len(scores) + 1e-3, rank
     assert store.derived.share_at_least(scores[0]) == 1 / N  # the most doubtful image: one of N, never none
+
+
+def test_a_tied_score_counts_every_image_at_it() -> None:
+    """Scores tie often (every image of a cluster whose neighbours all agree and whose margin is 1): the share at a
+    tied score counts all of them, not a point inside the tie."""
+    scores = np.array([0.1] * 40 + [0.45] * 120 + [0.9] * 40)
+    derived = Derived({}, (), len(scores), tuple(np.quantile(scores, np.linspace(0.0, 1.0, QUANTILES + 1))))
+    for score in (0.1, 0.45, 0.9):
+        exact = float(np.mean(scores >= score))
+        assert abs(derived.share_at_least(score) - exact) <= 1 / QUANTILES + 1 / len(scores), score

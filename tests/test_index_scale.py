@@ -106,6 +106,23 @@ def test_an_update_rescores_only_what_changed_and_matches_a_full_rescore(tmp_pat
     assert sum(after[i][1] != again[i][1] for i in again) == 0
 
 
+def test_a_tiny_index_grows_past_k_and_every_score_follows(tmp_path: Path) -> None:
+    """Lists stored at 1 or 2 neighbours (an index of 2 or 3 images) are not read as k-long ones on an update:
+    the images are scored again, as a rebuild scores them."""
+    vectors, clusters = clustered(40, 16, 2, spread=0.3)
+    full = write_labels(tmp_path / "all", vectors, clusters, make_files=True)
+    for start in (1, 2, 3):
+        base = write_labels(tmp_path / f"base{start}", vectors[:start], clusters[:start])
+        (tmp_path / f"base{start}" / "labels.meta.json").write_text((tmp_path / "all" / "labels.meta.json").read_text())
+        out = tmp_path / f"ix{start}"
+        build_index(IndexConfig(source=str(base), out=str(out), device="cpu"))
+        assert update_index(IndexConfig(source=str(full), out=str(out), device="cpu", update=True)).added == 40 - start
+        build_index(IndexConfig(source=str(full), out=str(tmp_path / f"rebuilt{start}"), device="cpu"))
+        updated, rebuilt = review(out), review(tmp_path / f"rebuilt{start}")
+        assert updated.keys() == rebuilt.keys()
+        assert max(abs(updated[i][0] - rebuilt[i][0]) for i in rebuilt) <= 0.0025
+
+
 def test_a_killed_table_update_leaves_the_previous_generation(tmp_path: Path) -> None:
     vectors, clusters = clustered(420, 16, 4)
     full = write_labels(tmp_path / "all", vectors, clusters, make_files=True)
@@ -123,3 +140,31 @@ def test_a_killed_table_update_leaves_the_previous_generation(tmp_path: Path) ->
         index.close()
     assert subprocess.run(command, cwd=REPO, capture_output=True, timeout=120).returncode == 0
     assert IndexWriter.open(tmp_path / "ix", "cpu").size == 420 and len(review(tmp_path / "ix")) == 420
+
+
+def test_a_path_in_two_rows_is_refused_before_any_work(tmp_path: Path) -> None:
+    """The index holds a path once: a repeated row is one line before training (at 1M the build took minutes to
+    fail on SQLite's UNIQUE constraint), and an update's repeated new row likewise, the index untouched."""
+    vectors, clusters = clustered(60, 16, 3)
+    table = write_labels(tmp_path / "t", vectors, clusters, make_files=True)
+    lines = table.read_text().splitlines(keepends=True)
+    twice = tmp_path / "t" / "twice.csv"
+    twice.write_text("".join([*lines[:6], lines[5], *lines[7:]]))  # row 6 repeats row 5's path (same row count)
+    for suffix in (".embeddings.npy", ".meta.json"):
+        shutil.copy(str(table).replace(".csv", suffix), str(twice).replace(".csv", suffix))
+    command = [sys.executable, "-m", "twist_core.cli", "index", str(twice), "--out", str(tmp_path / "ix")]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and "is in two rows" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "ix" / "manifest.json").exists()
+    base = write_labels(tmp_path / "base", vectors[:50], clusters[:50])
+    shutil.copy(str(table).replace(".csv", ".meta.json"), tmp_path / "base" / "labels.meta.json")
+    build_index(IndexConfig(source=str(base), out=str(tmp_path / "ix2"), device="cpu"))
+    before = (tmp_path / "ix2" / "manifest.json").read_text()
+    new = tmp_path / "t" / "new.csv"
+    new.write_text("".join([*lines[:1], *lines[52:55], lines[53]]))
+    np.save(str(new).replace(".csv", ".embeddings.npy"), np.concatenate([vectors[51:54], vectors[52:53]]))
+    shutil.copy(str(table).replace(".csv", ".meta.json"), str(new).replace(".csv", ".meta.json"))
+    update = subprocess.run([sys.executable, "-m", "twist_core.cli", "index", str(new), "--update", "--out",
+                             str(tmp_path / "ix2")], capture_output=True, text=True, cwd=REPO)
+    assert update.returncode == 2 and "is in two rows" in update.stderr and "Traceback" not in update.stderr
+    assert (tmp_path / "ix2" / "manifest.json").read_text() == before

@@ -68,7 +68,12 @@ def test_refusals_are_one_line(shards: dict[str, Path], shapes_folder: Path, tmp
         (tmp_path / source.name.replace("discs", "other")).write_bytes(source.read_bytes())
     meta_path = labels_paths(other_model)[1]
     meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "model_sha256": "0" * 64}))
+    edited = tmp_path / "edited.csv"  # a row dropped after labelling: every later row would get another's vector
+    for source in (shards["stripes"], *labels_paths(shards["stripes"])):
+        (tmp_path / source.name.replace("stripes", "edited")).write_bytes(source.read_bytes())
+    edited.write_text("".join(edited.read_text().splitlines(keepends=True)[:-1]))
     cases = {"is in": [str(shards["discs"]), str(shards["discs"]), "--root", str(shapes_folder)],
+             "changed after labelling": [str(shards["discs"]), str(edited), "--root", str(shapes_folder)],
              "different folders": [str(shards["discs"]), str(shards["stripes"])],
              "model_sha256": [str(shards["stripes"]), str(other_model), "--root", str(shapes_folder)]}
     for expected, args in cases.items():

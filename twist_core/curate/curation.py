@@ -27,6 +27,7 @@ was made (the index keeps a history of its models with the time each came in).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import heapq
 import itertools
@@ -41,7 +42,7 @@ from typing import Any
 
 from twist_core.curate.set_aside import SET_ASIDE_FILE, UNDO_TABLES, SetAside, describe_held
 from twist_core.curate.store_file import ACTION_TIME_FORMAT, CurationError, curation_path, store_model
-from twist_core.index.derived import Derived, read_derived
+from twist_core.index.derived import CHECKPOINTS_TABLE, Derived, read_derived
 from twist_core.index.metadata import IMAGES, chunked_in, meta_path
 from twist_core.io_utils import atomic_write_text, mark_output_folder
 from twist_core.layout import INFO_TABLE
@@ -438,12 +439,77 @@ class CurationStore:
 
     def seek(self, label: int, offset: int, descending: bool = True, min_conf: float = 0.0,
              max_conf: float = 1.0) -> Cursor | None:
-        """The cursor after the first ``offset`` images (a jump to a page by number; costs the rows passed)."""
+        """The cursor after the first ``offset`` images (a jump to a page by number).
+
+        From the generation's last checkpoint before the page (:meth:`_checkpoint`), walking fewer than a
+        checkpoint spacing per merged cluster plus the overrides: the cost no longer grows with the page number.
+        A confidence filter, the excluded images and an index without checkpoints walk every image before the
+        page (the checkpoints rank the images a page without a filter reads; the excluded ones are overrides).
+        """
+        label, offset, low, high = int(label), int(offset), float(min_conf), float(max_conf)
         if offset <= 0:
             return None
-        passed = self._ordered(int(label), int(offset), descending, False, float(min_conf), float(max_conf), None,
-                               keys=True)
-        return passed[-1] if len(passed) == offset else None
+        start, passed = None, 0
+        if self.derived.checkpoints and (low, high) == (0.0, 1.0) and label != EXCLUDED:
+            start, passed = self._checkpoint(label, offset, descending)
+        rest = self._ordered(label, offset - passed, descending, False, low, high, start, keys=True)
+        return rest[-1] if len(rest) == offset - passed else None
+
+    def _checkpoint(self, label: int, offset: int, descending: bool) -> tuple[Cursor | None, int]:
+        """The last checkpoint of a cluster feeding ``label`` with fewer than ``offset`` members at or before
+        it, and that number (None, 0 when there is none).
+
+        The members at or before a key are, per feeding cluster, its last checkpoint's rank less its images
+        overridden up to that checkpoint plus its images not overridden between the checkpoint and the key (fewer
+        than a spacing, read by keyset), and the images moved into ``label`` up to the key; the overrides are read
+        once (their number, never N, sets the cost). The count never falls as the key goes on, so the checkpoints
+        of all the feeding clusters, in page order, are searched by halves.
+        """
+        sources = self._sources(label)
+        if not sources:
+            return None, 0
+        key = order_key(descending)
+        marks = ",".join("?" * len(sources))
+        out_keys: dict[int, list[tuple]] = {s: [] for s in sources}
+        in_keys: list[tuple] = []
+        for confidence, image_id, predicted, moved_in in self._query(  # one moved home is out, then in again
+                f"SELECT i.{IMAGES.confidence}, i.{IMAGES.id}, i.{IMAGES.cluster}, o.cluster = ? {OVERRIDDEN} "
+                f"WHERE (i.{IMAGES.cluster} IN ({marks}) OR o.cluster = ?) "
+                f"AND COALESCE(i.{IMAGES.confidence}, 0) BETWEEN 0 AND 1", [label, *sources, label]):
+            for keys in ([out_keys[predicted]] if predicted in out_keys else []) + ([in_keys] if moved_in else []):
+                keys.append(key(confidence, image_id))
+        for keys in (*out_keys.values(), in_keys):
+            keys.sort()
+        kept: dict[int, list[tuple[int, Cursor]]] = {s: [] for s in sources}
+        for cluster, rank, confidence, image_id in self._query(
+                f"SELECT cluster, rank, confidence, id FROM idx.{CHECKPOINTS_TABLE} WHERE cluster IN ({marks}) "
+                "AND descending = ? ORDER BY cluster, rank", [*sources, int(descending)]):
+            kept[cluster].append((rank, (confidence, image_id)))
+        spots = {s: [key(*cursor) for _, cursor in kept[s]] for s in sources}
+
+        def members(here: tuple) -> int:
+            total = bisect.bisect_right(in_keys, here)
+            for source in sources:
+                n = bisect.bisect_right(spots[source], here)
+                rank, cursor = kept[source][n - 1] if n else (0, None)
+                total += rank - (bisect.bisect_right(out_keys[source], key(*cursor)) if cursor else 0)
+                if cursor is None or key(*cursor) != here:  # the images left in between, by keyset
+                    between = self._predicted(source, self.derived.checkpoints, descending, False, 0.0, 1.0, cursor,
+                                              True)
+                    total += bisect.bisect_right([key(*r) for r in between], here)
+            return total
+
+        candidates = sorted((cursor for s in sources for _, cursor in kept[s]), key=lambda c: key(*c))
+        best: tuple[Cursor | None, int] = (None, 0)
+        low, high = 0, len(candidates)
+        while low < high:
+            middle = (low + high) // 2
+            count = members(key(*candidates[middle]))
+            if count < offset:
+                best, low = (candidates[middle], count), middle + 1
+            else:
+                high = middle
+        return best
 
     def _ordered(self, label: int, limit: int, descending: bool, id_descending: bool, low: float, high: float,
                  after: Cursor | None, keys: bool = False) -> list[Any]:

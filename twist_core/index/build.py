@@ -25,6 +25,7 @@ import shutil
 import sqlite3
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from twist_core.index.metadata import (
     IndexMetadata,
     IndexUserError,
     commit_generation,
+    file_fingerprint,
     model_history,
     new_uid,
     read_manifest,
@@ -178,9 +180,7 @@ def build_index(config: IndexConfig) -> Path:
     index = build(plan, dim, n, chunks, sample, device)
     del sample
     stages.start("recall")
-    recall, queries = recall_at_10(index, scan)
-    print(f"twist index: recall@10 {recall:.3f} against exact search ({queries} sampled queries, {plan.kind})",
-          file=sys.stderr)
+    recall, queries = recall_at_10(index, scan)  # printed in the summary (a line here doubled every error's output)
     stages.start("review score")
     scores, stats = review_table.score_scan(index, scan, stages)
     stages.start("write")
@@ -347,22 +347,29 @@ def _add_and_remove(config: IndexConfig) -> tuple[int, int]:
 
 
 def _new_table_rows(index: IndexWriter, table: Path) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """The labelled rows of ``table`` whose path the index does not hold (and whose file exists), with vectors."""
+    """The labelled rows of ``table`` that the index does not hold as they are, with vectors: paths it lacks, and
+    indexed paths whose file changed since (a stat per such row: a table of only the new rows stats only those)."""
     embeddings, _ = open_table(table)
     if embeddings.shape[1] != index.dim:
         raise IndexUserError(f"the embeddings have dimension {embeddings.shape[1]} but the index holds "
                              f"{index.dim}-d vectors; label with the model the index was built with")
     found, vectors = [], []
-    if len(embeddings) > 50_000:  # a large table: every indexed path in one query beats thousands of IN lists
-        indexed = set(index.paths())
-        known = lambda paths: indexed  # noqa: E731
-    else:
-        known = index.ids_for_paths
-    for positions, rows in new_rows(table, known):
+    every = index.identities() if len(embeddings) > 50_000 else None  # one query beats thousands of IN lists
+
+    def unchanged(paths: list[str]) -> set[str]:
+        held = every if every is not None else index.identities(paths)
+        return {path for path in paths if path in held
+                and held[path][1] in (None, file_fingerprint(index.file_of(path)))}
+
+    for positions, rows in new_rows(table, unchanged):
         present = [i for i, row in enumerate(rows) if index.file_of(row["path"]).is_file()]
         if present:
             found += [rows[i] for i in present]
             vectors.append(vectors_at(embeddings, positions[present]))
+    repeated = [path for path, times in Counter(row["path"] for row in found).items() if times > 1]
+    if repeated:
+        raise IndexUserError(f"{table}: {repeated[0]} is in two rows; a table lists each image once (label the "
+                             "folder again, or drop the repeated row)")
     return found, np.concatenate(vectors) if vectors else np.zeros((0, index.dim), np.float32)
 
 
@@ -374,8 +381,7 @@ def _folder_changes(index: IndexWriter, config: IndexConfig) -> tuple[list[dict[
     from twist_core.deploy.infer import OnnxModel
 
     model = OnnxModel(model_path, device=config.device)
-    gone = index.missing_ids()
-    changed = index.changed_paths()
+    gone, changed = index.file_changes()
     known = set(index.paths()) - changed
     scanned = (path_to_text(path) for path in scan_folder(index.root))  # table text, as the index holds names
     new_paths = [path for path in scanned if path not in known]

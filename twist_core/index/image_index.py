@@ -276,16 +276,22 @@ class IndexReader:
         _, embeddings = model.predict([image])
         return self.search_vectors(embeddings, k, cluster)[0]
 
-    def changed_paths(self) -> set[str]:
-        """Indexed files that still exist but changed since they were indexed (another picture, same name)."""
+    def identities(self, paths: Sequence[str] | None = None) -> dict[str, tuple[int, str | None]]:
+        """Path -> (id, fingerprint when indexed) of every image, or of those of ``paths`` that are indexed."""
         with self._lock:
-            identities = self._meta.identities()
-        changed = set()
-        for path, (_, fingerprint) in identities.items():
-            now = file_fingerprint(self.file_of(path)) if fingerprint is not None else None
-            if now is not None and now != fingerprint:
+            return self._meta.identities(paths)
+
+    def file_changes(self) -> tuple[list[int], set[str]]:
+        """One stat per indexed file: the ids of files that are gone, and the paths of files that still exist but
+        changed since they were indexed (another picture, same name)."""
+        gone, changed = [], set()
+        for path, (image_id, fingerprint) in self.identities().items():
+            now = file_fingerprint(self.file_of(path))
+            if now is None:
+                gone.append(image_id)
+            elif fingerprint is not None and now != fingerprint:
                 changed.add(path)
-        return changed
+        return gone, changed
 
     def _hold(self, meta: IndexMetadata) -> None:
         """Read ``meta`` from now on (the one read before is closed); it closes with :meth:`close` or, never
@@ -409,13 +415,9 @@ class IndexWriter(IndexReader):
             self._commit(mutate)
         return len(ids)
 
-    def missing_ids(self) -> list[int]:
-        """Ids of entries whose files no longer exist under ``root`` (a stat per image)."""
-        return [i for i, path in self._meta.all_paths() if not self.file_of(path).is_file()]
-
     def remove_missing(self) -> int:
         """Drop entries whose files no longer exist under ``root``."""
-        return self.remove(self.missing_ids())
+        return self.remove(self.file_changes()[0])
 
     def update(self, rows: Sequence[dict[str, Any]], embeddings: np.ndarray,
                gone: Iterable[int]) -> tuple[np.ndarray, int]:

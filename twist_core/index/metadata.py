@@ -315,11 +315,14 @@ class IndexMetadata:
         return dict(chunked_in(self._query, f"SELECT {IMAGES.path}, {IMAGES.id} FROM {IMAGES.name} "
                                f"WHERE {IMAGES.path} IN ({{marks}})", list(paths)))
 
-    def identities(self) -> dict[str, tuple[int, str | None]]:
-        """Path -> (id, fingerprint) of every image; the fingerprint is None in indexes that predate it."""
+    def identities(self, paths: Sequence[str] | None = None) -> dict[str, tuple[int, str | None]]:
+        """Path -> (id, fingerprint) of every image (of those of ``paths`` that are indexed, when given); the
+        fingerprint is None in indexes that predate it."""
         columns = {row[1] for row in self._query(f"PRAGMA table_info({IMAGES.name})")}
         fingerprint = IMAGES.fingerprint if IMAGES.fingerprint in columns else "NULL"
-        found = self._query(f"SELECT {IMAGES.id}, {IMAGES.path}, {fingerprint} FROM {IMAGES.name}")
+        sql = f"SELECT {IMAGES.id}, {IMAGES.path}, {fingerprint} FROM {IMAGES.name}"
+        found = self._query(sql) if paths is None else chunked_in(
+            self._query, sql + f" WHERE {IMAGES.path} IN ({{marks}})", list(paths))
         return {path: (i, fp) for i, path, fp in found}
 
     def all_ids(self) -> np.ndarray:

@@ -66,7 +66,9 @@ def packed(neighbours: np.ndarray, sims: np.ndarray) -> list[bytes]:
                                                        strict=True)]
 
 
-def unpacked(blob: bytes, k: int) -> tuple[np.ndarray, np.ndarray]:
+def unpacked(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """A row's neighbour ids and similarities; the list's length is the blob's (12 bytes a neighbour)."""
+    k = len(blob) // 12
     return np.frombuffer(blob[:8 * k], np.int64), np.frombuffer(blob[8 * k:], np.float32)
 
 
@@ -209,12 +211,19 @@ def _merged_lists(meta: IndexMetadata, changes: Changes, k: int) -> dict[int, tu
         entering.setdefault(x, []).append((y, sim))
     stored = dict(chunked_in(meta.query, "SELECT id, neighbours FROM review WHERE id IN ({marks})", list(entering)))
     for x, joining in entering.items():
-        ids, near = unpacked(stored[x], k) if stored.get(x) is not None else (np.zeros(0, np.int64), np.zeros(0))
+        ids, near = unpacked(stored[x]) if stored.get(x) is not None else (np.zeros(0, np.int64), np.zeros(0))
         ids = np.concatenate([ids, [y for y, _ in joining]])
         near = np.concatenate([near, [sim for _, sim in joining]]).astype(np.float32)
         best = np.argsort(-near, kind="stable")[:k]
         lists[x] = ids[best], near[best]
     return lists
+
+
+def _score_all(meta: IndexMetadata, index: faiss.Index, settings: ReviewSettings) -> int:
+    """Score every image of a writable metadata copy again (an index of a few images: cheap)."""
+    ids, clusters, margins = read_inputs(meta)
+    write_table(meta, score_index(index, ids, clusters, margins, settings), settings, cluster_stats(margins, clusters))
+    return len(ids)
 
 
 def rescore(meta: IndexMetadata, index: faiss.Index, changes: Changes, removed: dict[int, dict[str, Any]]) -> int:
@@ -226,6 +235,8 @@ def rescore(meta: IndexMetadata, index: faiss.Index, changes: Changes, removed: 
     _move_means(meta, settings, stats, list(meta.rows(changes.new_ids.tolist()).values()), list(removed.values()))
     means = {c: v[0] for c, v in stats.items()}
     k = min(settings.k, index.ntotal - 1)
+    if min(settings.k, index.ntotal - len(changes.new_ids) + len(removed) - 1) != k:
+        return _score_all(meta, index, settings)  # a small index passed k: its stored lists have another length
     lists = _merged_lists(meta, changes, k) if k >= 1 else {}
     lost = np.array(sorted(changes.lost - set(lists)), np.int64)
     for batch, found, sims in (self_neighbours(index, lost, k) if len(lost) and k >= 1 else ()):

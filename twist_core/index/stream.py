@@ -122,8 +122,10 @@ def scan_table(table: Path, assign: Callable[[list[dict[str, Any]]], np.ndarray]
     """One pass over ``table``: each labelled row's fingerprint (``assign`` sets it and returns the row's id)."""
     embeddings, meta = open_table(table)
     positions, ids, clusters, margins, fingerprints, total = [], [], [], [], [], 0
+    keys: list[np.ndarray] = []
     for chunk_positions, rows in usable_chunks(table):
         root = Path(meta["root"])
+        keys.append(np.fromiter((hash(row["path"]) for row in rows), np.int64, len(rows)))
         for row in rows:
             row["fingerprint"] = file_fingerprint(root / path_from_text(row["path"]))
         positions.append(chunk_positions)
@@ -136,10 +138,28 @@ def scan_table(table: Path, assign: Callable[[list[dict[str, Any]]], np.ndarray]
                                                  for a in (positions, ids, clusters, margins)), fingerprints)
     if not len(scan.positions):
         raise LabelsTableError(f"{table} has no successfully labelled images")
+    refuse_repeated_paths(table, np.concatenate(keys))
     if total > len(embeddings):
         raise LabelsTableError(f"{labels_paths(table)[0]} has shape {embeddings.shape}, expected one row per "
                                f"table row (at least {total})")
     return scan
+
+
+def refuse_repeated_paths(table: Path, keys: np.ndarray) -> None:
+    """One line before any training when a path is in two rows (the index holds a path once): ``keys`` are the
+    rows' path hashes in table order; equal hashes are checked on the paths themselves."""
+    ordered = np.sort(keys)
+    repeated = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
+    if not repeated:
+        return
+    seen: set[str] = set()
+    for _, rows in usable_chunks(table):
+        for row in rows:
+            if hash(row["path"]) in repeated:
+                if row["path"] in seen:
+                    raise LabelsTableError(f"{table}: {row['path']} is in two rows; a table lists each image "
+                                           "once (label the folder again, or drop the repeated row)")
+                seen.add(row["path"])
 
 
 def vectors_at(embeddings: EmbeddingRows | np.ndarray, positions: np.ndarray) -> np.ndarray:

@@ -101,8 +101,19 @@ def path_key(path: str) -> int:
 
 
 def refuse_duplicates(shards: list[Shard]) -> None:
-    """Refuse a path held by two rows: 8-byte keys of every path sorted, then the exact paths of equal keys."""
-    keys = np.fromiter((path_key(row["path"]) for shard in shards for row in shard.rows()), np.uint64)
+    """Refuse a path held by two rows: 8-byte keys of every path sorted, then the exact paths of equal keys.
+
+    The same pass counts each shard's rows: a table whose rows are not the ones its embeddings were written for
+    (edited in a spreadsheet) would pair every later row with another image's vector.
+    """
+    parts = []
+    for shard in shards:
+        part = np.fromiter((path_key(row["path"]) for row in shard.rows()), np.uint64)
+        if len(part) != int(shard.meta["rows"]):
+            raise MergeError(f"{shard.table} has {len(part)} rows but its meta file says {shard.meta['rows']}: the "
+                             "table was changed after labelling; label that folder again")
+        parts.append(part)
+    keys = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
     ordered = np.sort(keys)
     repeated = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
     if not repeated:
