@@ -3,6 +3,7 @@ every reader, recall is recorded at build time, and an update re-scores only wha
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sqlite3
@@ -14,6 +15,7 @@ import faiss
 import numpy as np
 
 from tests.test_index import REPO, clustered, exact_topk, write_labels
+from twist_core.index import build as build_module
 from twist_core.index import review_table
 from twist_core.index.build import IndexConfig, build_index, update_index
 from twist_core.index.image_index import IndexWriter, find_duplicates
@@ -168,3 +170,26 @@ def test_a_path_in_two_rows_is_refused_before_any_work(tmp_path: Path) -> None:
                              str(tmp_path / "ix2")], capture_output=True, text=True, cwd=REPO)
     assert update.returncode == 2 and "is in two rows" in update.stderr and "Traceback" not in update.stderr
     assert (tmp_path / "ix2" / "manifest.json").read_text() == before
+
+
+def test_an_index_grown_by_updates_past_flat_is_written_again_as_ivf(tmp_path: Path, monkeypatch) -> None:
+    """Updates that take a flat index past its range (here 100 images) write it again as a build would choose it:
+    the ids, metadata and scores stay, the kind, lists and recall are the new ones."""
+    monkeypatch.setattr(build_module, "plan_index", functools.partial(plan_index, flat_max=100))
+    vectors, clusters = low_rank(400, 64)
+    full = write_labels(tmp_path / "all", vectors, clusters, make_files=True)
+    base = write_labels(tmp_path / "base", vectors[:80], clusters[:80])
+    (tmp_path / "base" / "labels.meta.json").write_text((tmp_path / "all" / "labels.meta.json").read_text())
+    build_index(IndexConfig(source=str(base), out=str(tmp_path / "ix"), device="cpu"))
+    before = IndexWriter.open(tmp_path / "ix", "cpu")
+    assert before.kind == "flat" and before.info["kind_asked"] == "auto"
+    paths = before.paths_by_id()
+    before.close()
+    assert update_index(IndexConfig(source=str(full), out=str(tmp_path / "ix"), device="cpu", update=True)).added == 320
+    after = IndexWriter.open(tmp_path / "ix", "cpu")
+    info = after.info
+    assert after.kind == "ivf" and info["nlist"] == plan_index(400, 64, flat_max=100).nlist and after.size == 400
+    assert {i: p for i, p in after.paths_by_id().items() if i in paths} == paths  # ids kept
+    assert info["recall_at_10"] >= 0.9 and len(review(tmp_path / "ix")) == 400
+    assert after.search_id(5, k=1)[0].id != 5 and after.search_vectors(vectors[5:6], k=1)[0][0].path == paths[5]
+    after.close()

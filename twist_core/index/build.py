@@ -35,7 +35,7 @@ import numpy as np
 from twist_core.config import AutoConfig, auto_option, option
 from twist_core.data.folder import scan_folder
 from twist_core.index import review_table
-from twist_core.index.image_index import IndexWriter, embed_rows
+from twist_core.index.image_index import EXACT_KINDS, IndexWriter, embed_rows
 from twist_core.index.metadata import (
     IndexMetadata,
     IndexUserError,
@@ -191,6 +191,7 @@ def build_index(config: IndexConfig) -> Path:
             "model_history": model_history(lineage.info, sha, time.time()),
             "dim": dim, "kind": plan.kind, "metric": "cosine", "nlist": plan.nlist, "nprobe": plan.nprobe,
             "pq_m": plan.pq_m, "pca_dim": plan.pca_dim, "recall_at_10": recall, "recall_queries": queries,
+            "kind_asked": config.kind,
             "source": str(table.resolve()), "uid": lineage.info.get("uid") or new_uid(),
             "next_id": max(int(lineage.info.get("next_id", 0)), int(scan.ids.max()) + 1)}
 
@@ -285,7 +286,7 @@ def relabel_index(config: IndexConfig, change: ModelChange) -> UpdateResult:
     source = Path(config.source) if config.source else _relabel_folder(out, Path(info["root"]), change)
     settings = dataclasses.replace(config, source=str(source), update=False,
                                    model=config.model if config.source else change.path,
-                                   kind=info["kind"] if config.kind == "auto" else config.kind)
+                                   kind=info.get("kind_asked", info["kind"]) if config.kind == "auto" else config.kind)
     build_index(settings)
     drop_old_relabellings(out, source)
     _, new_paths = index_contents(out)
@@ -339,11 +340,27 @@ def _add_and_remove(config: IndexConfig) -> tuple[int, int]:
         else:
             rows, vectors, gone = _folder_changes(index, config)
         added, removed = index.update(rows, vectors, gone) if len(rows) or gone else (np.zeros(0), 0)
+        follow_size(index, config)
     finally:
         index.close()
     if not review_table.index_has_scores(config.out):
         review_table.refresh_index(config.out)  # an index from before the table: score every image once
     return len(added), removed
+
+
+def follow_size(index: IndexWriter, config: IndexConfig) -> None:
+    """An index that updates took past its kind's range (flat past 50k images, IVF past 500k or with lists grown 4x
+    too long, IVF back under 50k) is written again as a build would choose it, from its stored vectors. Not when a
+    kind was asked for, nor for the compressed kind (its vectors are approximate: rebuild from the table)."""
+    if config.kind != "auto" or index.info.get("kind_asked", "auto") != "auto" or index.kind not in EXACT_KINDS:
+        return
+    wanted = plan_index(index.size, index.dim)
+    grown = wanted.kind == index.kind == "ivf" and wanted.nlist > 2 * int(index.info.get("nlist") or 0)
+    if wanted.kind == index.kind and not grown:
+        return
+    print(f"{config.out}: {index.size} images now, past what its {index.kind} index was planned for: writing it "
+          f"again as {wanted.kind}" + (f" with {wanted.nlist} lists" if wanted.nlist else ""), file=sys.stderr)
+    index.rebuild_as(wanted, config.seed)
 
 
 def _new_table_rows(index: IndexWriter, table: Path) -> tuple[list[dict[str, Any]], np.ndarray]:

@@ -17,7 +17,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,10 +38,22 @@ from twist_core.index.metadata import (
     new_uid,
     read_manifest,
 )
+from twist_core.index.recall import QUERIES, K, exact_top
+from twist_core.index.stream import CHUNK
 from twist_core.io_utils import path_from_text
 from twist_core.label.table import label_rows
 from twist_core.layout import META_FILE
-from twist_core.vectors import normalized, resolve_device, search_params, set_nprobe, to_device
+from twist_core.vectors import (
+    PQ_TRAIN_POINTS,
+    TRAIN_POINTS_PER_LIST,
+    IndexPlan,
+    build,
+    normalized,
+    resolve_device,
+    search_params,
+    set_nprobe,
+    to_device,
+)
 
 Opened = TypeVar("Opened", bound="IndexReader")
 
@@ -308,6 +320,19 @@ class IndexReader:
         self._release()
 
 
+EXACT_KINDS = ("flat", "ivf")  # kinds whose stored vectors are the unit embeddings themselves
+
+
+class StoredVectors:
+    """The stored unit vectors of ``ids`` as an array indexed by position (what :func:`exact_top` reads)."""
+
+    def __init__(self, index: faiss.Index, ids: np.ndarray) -> None:
+        self.index, self.ids = index, ids
+
+    def __getitem__(self, positions: np.ndarray) -> np.ndarray:
+        return normalized(self.index.reconstruct_batch(self.ids[positions]))
+
+
 class IndexWriter(IndexReader):
     """An index that can also change: add and remove images, each change published as a new generation."""
 
@@ -337,7 +362,7 @@ class IndexWriter(IndexReader):
         return cls.open(index_dir, device)
 
     # ---- updates
-    def _commit(self, mutate: Callable[[], tuple[Callable[[IndexMetadata], None], Step]]) -> None:
+    def _commit(self, mutate: Callable[[], tuple[Callable[[IndexMetadata], None], Step | None]]) -> None:
         """Apply ``mutate`` to the in-memory FAISS index, then publish it with the metadata change and the FAISS
         step it returns (the step is what the generation stores beside the previous base).
 
@@ -363,6 +388,41 @@ class IndexWriter(IndexReader):
             self._info = self._meta.info()
             self.generation = self._info["generation"]
             self._search = to_device(self._cpu, self.device)
+
+    def rebuild_as(self, plan: IndexPlan, seed: int = 0) -> None:
+        """Write the index again as ``plan`` from its stored vectors, as one whole new generation (ids, metadata and
+        review scores unchanged): an index grown by updates past its kind's range gets what a build would choose.
+
+        Only for kinds that store vectors exactly (flat, IVF); recall@10 is measured again against exact search
+        over those vectors.
+        """
+        if self.kind not in EXACT_KINDS:
+            raise IndexUserError(f"a {self.kind} index keeps approximate vectors; rebuild it from its labels table")
+
+        def mutate() -> tuple[Callable[[IndexMetadata], None], None]:
+            ids = self._meta.all_ids()
+            stored = StoredVectors(self._cpu, ids)
+            size = min(len(ids), max(plan.nlist * TRAIN_POINTS_PER_LIST, PQ_TRAIN_POINTS * (plan.pq_m > 0)))
+            picked = np.sort(np.random.default_rng(seed).choice(len(ids), size, replace=False))
+
+            def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                for start in range(0, len(ids), CHUNK):
+                    yield ids[start:start + CHUNK], stored[np.arange(start, min(len(ids), start + CHUNK))]
+
+            rebuilt = build(plan, self.dim, len(ids), chunks, stored[picked] if plan.nlist else None)
+            count = min(QUERIES, len(ids))
+            queries = np.sort(np.random.default_rng(seed).choice(len(ids), count, replace=False))
+            k = min(K, len(ids))
+            truth = exact_top(stored, np.arange(len(ids)), ids, stored[queries], k)
+            _, found = rebuilt.search(stored[queries], k)
+            recall = round(sum(len(set(f.tolist()) & set(t.tolist())) for f, t in zip(found, truth, strict=True))
+                           / max(count * k, 1), 4)
+            self._cpu = rebuilt
+            layout = {"kind": plan.kind, "nlist": plan.nlist, "nprobe": plan.nprobe, "pq_m": plan.pq_m,
+                      "pca_dim": plan.pca_dim, "recall_at_10": recall, "recall_queries": count}
+            return (lambda meta: meta.set_info(layout)), None
+
+        self._commit(mutate)  # no step: the generation holds the whole index
 
     def _reload(self) -> None:
         fresh = IndexWriter.open(self.index_dir, self.device, self.names)
