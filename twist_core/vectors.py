@@ -85,6 +85,11 @@ def plan_index(n: int, dim: int, kind: str = AUTO, nlist: int | str = AUTO, npro
                      min(PCA_DIM, dim) if kind == "pcasq" else 0)
 
 
+def training_size(plan: IndexPlan, n: int) -> int:
+    """How many of ``n`` vectors train the plan's quantizers: enough points per coarse list, and per PQ codebook."""
+    return min(n, max(plan.nlist * TRAIN_POINTS_PER_LIST, PQ_TRAIN_POINTS * (plan.pq_m > 0)))
+
+
 def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 

@@ -52,7 +52,13 @@ from twist_core.index.stream import new_rows, open_table, scan_table, usable_chu
 from twist_core.io_utils import file_sha256, mark_output_folder, path_to_text
 from twist_core.label.table import labels_paths, read_labels_meta, skipped_path
 from twist_core.layout import FOLDER_LABELS_FILE, MANIFEST, META_FILE
-from twist_core.vectors import KINDS, PQ_TRAIN_POINTS, TRAIN_POINTS_PER_LIST, build, plan_index, resolve_device
+from twist_core.vectors import (
+    KINDS,
+    build,
+    plan_index,
+    resolve_device,
+    training_size,
+)
 
 
 @dataclass
@@ -170,7 +176,7 @@ def build_index(config: IndexConfig) -> Path:
     stages.start("train")
     sample = None
     if plan.nlist:
-        size = min(n, max(plan.nlist * TRAIN_POINTS_PER_LIST, PQ_TRAIN_POINTS * (plan.pq_m > 0)))
+        size = training_size(plan, n)
         sample = vectors_at(scan.embeddings, np.sort(np.random.default_rng(config.seed).choice(n, size, replace=False)))
 
     def chunks():

@@ -38,14 +38,12 @@ from twist_core.index.metadata import (
     new_uid,
     read_manifest,
 )
-from twist_core.index.recall import QUERIES, K, exact_top
+from twist_core.index.recall import measured_recall
 from twist_core.index.stream import CHUNK
 from twist_core.io_utils import path_from_text
 from twist_core.label.table import label_rows
 from twist_core.layout import META_FILE
 from twist_core.vectors import (
-    PQ_TRAIN_POINTS,
-    TRAIN_POINTS_PER_LIST,
     IndexPlan,
     build,
     normalized,
@@ -53,6 +51,7 @@ from twist_core.vectors import (
     search_params,
     set_nprobe,
     to_device,
+    training_size,
 )
 
 Opened = TypeVar("Opened", bound="IndexReader")
@@ -324,7 +323,7 @@ EXACT_KINDS = ("flat", "ivf")  # kinds whose stored vectors are the unit embeddi
 
 
 class StoredVectors:
-    """The stored unit vectors of ``ids`` as an array indexed by position (what :func:`exact_top` reads)."""
+    """The stored unit vectors of ``ids`` as an array indexed by position (rows that :func:`measured_recall` reads)."""
 
     def __init__(self, index: faiss.Index, ids: np.ndarray) -> None:
         self.index, self.ids = index, ids
@@ -402,7 +401,7 @@ class IndexWriter(IndexReader):
         def mutate() -> tuple[Callable[[IndexMetadata], None], None]:
             ids = self._meta.all_ids()
             stored = StoredVectors(self._cpu, ids)
-            size = min(len(ids), max(plan.nlist * TRAIN_POINTS_PER_LIST, PQ_TRAIN_POINTS * (plan.pq_m > 0)))
+            size = training_size(plan, len(ids))
             picked = np.sort(np.random.default_rng(seed).choice(len(ids), size, replace=False))
 
             def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -410,13 +409,7 @@ class IndexWriter(IndexReader):
                     yield ids[start:start + CHUNK], stored[np.arange(start, min(len(ids), start + CHUNK))]
 
             rebuilt = build(plan, self.dim, len(ids), chunks, stored[picked] if plan.nlist else None)
-            count = min(QUERIES, len(ids))
-            queries = np.sort(np.random.default_rng(seed).choice(len(ids), count, replace=False))
-            k = min(K, len(ids))
-            truth = exact_top(stored, np.arange(len(ids)), ids, stored[queries], k)
-            _, found = rebuilt.search(stored[queries], k)
-            recall = round(sum(len(set(f.tolist()) & set(t.tolist())) for f, t in zip(found, truth, strict=True))
-                           / max(count * k, 1), 4)
+            recall, count = measured_recall(rebuilt, stored, np.arange(len(ids)), ids, seed=seed)
             self._cpu = rebuilt
             layout = {"kind": plan.kind, "nlist": plan.nlist, "nprobe": plan.nprobe, "pq_m": plan.pq_m,
                       "pca_dim": plan.pca_dim, "recall_at_10": recall, "recall_queries": count}

@@ -4,6 +4,8 @@ layout (projection, quantisation, IVF probing) states what it costs in found nei
 
 from __future__ import annotations
 
+from typing import Any
+
 import faiss
 import numpy as np
 
@@ -30,12 +32,19 @@ def exact_top(embeddings: np.ndarray, positions: np.ndarray, ids: np.ndarray, qu
 
 
 def recall_at_10(index: faiss.Index, scan: TableScan, queries: int = QUERIES, seed: int = 0) -> tuple[float, int]:
-    """(recall@10, queries used): the share of each sampled image's exact 10 nearest that the index returns."""
-    count = min(queries, len(scan.positions))
-    picked = np.sort(np.random.default_rng(seed).choice(len(scan.positions), count, replace=False))
-    vectors = vectors_at(scan.embeddings, scan.positions[picked])
-    k = min(K, len(scan.positions))
-    truth = exact_top(scan.embeddings, scan.positions, scan.ids, vectors, k)
+    """(recall@10, queries used) of a fresh build, against its table's embeddings."""
+    return measured_recall(index, scan.embeddings, scan.positions, scan.ids, queries, seed)
+
+
+def measured_recall(index: faiss.Index, embeddings: Any, positions: np.ndarray, ids: np.ndarray,
+                    queries: int = QUERIES, seed: int = 0) -> tuple[float, int]:
+    """(recall@10, queries used): the share of each sampled row's exact 10 nearest (over ``embeddings[positions]``,
+    ids ``ids``) that ``index`` returns; ``embeddings`` is anything :func:`vectors_at` reads rows of."""
+    count = min(queries, len(positions))
+    picked = np.sort(np.random.default_rng(seed).choice(len(positions), count, replace=False))
+    vectors = vectors_at(embeddings, positions[picked])
+    k = min(K, len(positions))
+    truth = exact_top(embeddings, positions, ids, vectors, k)
     _, found = index.search(vectors, k)
     hits = sum(len(set(found[i].tolist()) & set(truth[i].tolist())) for i in range(count))
-    return round(hits / (count * k), 4), count
+    return round(hits / max(count * k, 1), 4), count

@@ -31,7 +31,7 @@ import faiss
 import numpy as np
 
 from twist_core.knn_join import self_neighbours
-from twist_core.vectors import PQ_TRAIN_POINTS, TRAIN_POINTS_PER_LIST, build, normalized, plan_index
+from twist_core.vectors import build, normalized, plan_index, training_size
 
 Progress = Callable[[Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]],
                     Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]]  # passes blocks through, reporting
@@ -201,7 +201,7 @@ def score_chunks(chunks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray, np.
     plan = plan_index(len(rows), dim)
     sample = None
     if plan.nlist:
-        size = min(len(rows), max(plan.nlist * TRAIN_POINTS_PER_LIST, PQ_TRAIN_POINTS * (plan.pq_m > 0)))
+        size = training_size(plan, len(rows))
         picked = np.sort(np.random.default_rng(seed).choice(rows, size, replace=False))
         sample = np.concatenate([vec[np.isin(pos, picked)] for pos, vec in vectors()])
     index = build(plan, dim, len(rows), vectors, sample)
