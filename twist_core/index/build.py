@@ -67,15 +67,17 @@ class IndexConfig(AutoConfig):
     model: str | None = option(None, "ONNX model: labels a folder source, embeds new images; search default")
     out: str = option("index", "index folder (a new build replaces what is there atomically)")
     kind: str = option("auto", "index type: auto = flat (exact) up to 50k images, IVF above, pcasq (128-d "
-                       "projection + IVF with 16-bit codes) from 500k", choices=list(KINDS))
+                       "projection + IVF with 16-bit codes) from 500k; an auto index that updates take past "
+                       "its type's range is written again as the type its size calls for", choices=list(KINDS))
     nlist: int | str = auto_option(0, "IVF coarse lists; auto: about 2 sqrt(N)")
     nprobe: int | str = auto_option(0, "IVF lists searched per query (speed/recall trade-off); auto: max(16, "
                                        "nlist/128)")
     pq_m: int | str = auto_option(0, "IVF-PQ bytes per vector (sub-quantizers, divides the dimension); auto: dim/8")
     device: str = option("auto", "where FAISS trains and searches", choices=["auto", "cpu", "cuda"])
     update: bool = option(False, "update the index at --out instead of rebuilding: with a table, add its rows "
-                                 "not yet indexed (nothing is removed, no other file looked at); with no source, "
-                                 "label new or changed files under its root and drop deleted ones (a stat per file)")
+                                 "not yet indexed and those whose file changed since (a stat per indexed row of "
+                                 "the table; nothing is removed); with no source, label new or changed files "
+                                 "under its root and drop deleted ones (a stat per file)")
     seed: int = option(0, "seed of the k-means training sample")
 
 
